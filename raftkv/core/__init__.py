@@ -1,0 +1,71 @@
+"""The Raft algorithm as a pure state machine: no IO, standard library only."""
+
+from raftkv.core.config import Config
+from raftkv.core.errors import ConfChangeRejected, NotLeader, ProposalDropped, RaftError
+from raftkv.core.messages import (
+    AppendRequest,
+    AppendResponse,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    Message,
+    ReadIndexRequest,
+    ReadIndexResponse,
+    SnapshotRequest,
+    SnapshotResponse,
+    TimeoutNow,
+    VoteRequest,
+    VoteResponse,
+)
+from raftkv.core.node import PeerStatus, RaftNode, Status
+from raftkv.core.ready import BootState, Ready
+from raftkv.core.types import (
+    ConfChange,
+    ConfChangeOp,
+    Entry,
+    EntryKind,
+    HardState,
+    Membership,
+    NodeId,
+    ReadState,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+    SoftState,
+)
+
+__all__ = [
+    "AppendRequest",
+    "AppendResponse",
+    "BootState",
+    "ConfChange",
+    "ConfChangeOp",
+    "ConfChangeRejected",
+    "Config",
+    "Entry",
+    "EntryKind",
+    "HardState",
+    "HeartbeatRequest",
+    "HeartbeatResponse",
+    "Membership",
+    "Message",
+    "NodeId",
+    "NotLeader",
+    "PeerStatus",
+    "ProposalDropped",
+    "RaftError",
+    "RaftNode",
+    "ReadIndexRequest",
+    "ReadIndexResponse",
+    "ReadState",
+    "Ready",
+    "Role",
+    "Snapshot",
+    "SnapshotMeta",
+    "SnapshotRequest",
+    "SnapshotResponse",
+    "SoftState",
+    "Status",
+    "TimeoutNow",
+    "VoteRequest",
+    "VoteResponse",
+]

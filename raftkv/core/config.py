@@ -1,0 +1,34 @@
+"""Settings of one Raft node. Units are last in names: ticks, bytes, counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raftkv.core.types import NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node_id: NodeId
+    election_timeout_ticks: int = 10
+    """A follower campaigns after a random timeout in [this, 2 * this) ticks."""
+    heartbeat_interval_ticks: int = 1
+    max_append_entries: int = 512
+    max_append_bytes: int = 1 << 20
+    max_inflight_appends: int = 64
+    """Window of AppendRequests in flight to one follower in the replicate state."""
+    snapshot_chunk_bytes: int = 1 << 20
+    pre_vote: bool = True
+    check_quorum: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ValueError("node_id must be a non-empty name")
+        if self.heartbeat_interval_ticks < 1:
+            raise ValueError("heartbeat_interval_ticks must be >= 1")
+        if self.election_timeout_ticks <= self.heartbeat_interval_ticks:
+            raise ValueError("election_timeout_ticks must exceed heartbeat_interval_ticks")
+        for name in ("max_append_entries", "max_append_bytes", "max_inflight_appends",
+                     "snapshot_chunk_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")

@@ -1,0 +1,25 @@
+"""Typed domain errors raised by the Raft core. Only raftkv/http maps them to statuses."""
+
+from __future__ import annotations
+
+from raftkv.core.types import NodeId
+
+
+class RaftError(Exception):
+    """Base class of everything the core raises on purpose."""
+
+
+class NotLeader(RaftError):
+    """This node cannot take the request; `leader` is who can, when known."""
+
+    def __init__(self, leader: NodeId | None) -> None:
+        super().__init__(f"not the leader (leader: {leader or 'unknown'})")
+        self.leader = leader
+
+
+class ProposalDropped(RaftError):
+    """The leader refused the proposal for now (e.g. a leadership transfer is under way)."""
+
+
+class ConfChangeRejected(RaftError):
+    """The membership change cannot be proposed (one is pending, or it is invalid)."""

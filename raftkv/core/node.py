@@ -1,0 +1,908 @@
+"""Raft as a pure state machine (etcd-io/raft's RawNode, in Python).
+
+Inputs: tick(), step(message), propose(data), propose_conf_change(change),
+read_index(request_id), transfer_leader(to), compact(snapshot, keep_from).
+Output: ready() -> Ready, handled by the driver, then advance(ready).
+
+No sockets, threads, clocks, files or third-party imports: time is tick(), randomness is an
+injected random.Random, and everything that must reach the disk first is in the Ready.
+Steps may be taken between ready() and advance() (the driver may persist asynchronously);
+at most one Ready is outstanding at a time.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from raftkv.core import quorum
+from raftkv.core.config import Config
+from raftkv.core.errors import ConfChangeRejected, NotLeader, ProposalDropped, RaftError
+from raftkv.core.log import RaftLog
+from raftkv.core.messages import (
+    AppendRequest,
+    AppendResponse,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    Message,
+    ReadIndexRequest,
+    ReadIndexResponse,
+    SnapshotRequest,
+    SnapshotResponse,
+    TimeoutNow,
+    VoteRequest,
+    VoteResponse,
+)
+from raftkv.core.progress import Progress, ProgressState
+from raftkv.core.ready import BootState, Ready
+from raftkv.core.types import (
+    ConfChange,
+    Entry,
+    EntryKind,
+    HardState,
+    Membership,
+    NodeId,
+    ReadState,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+    SoftState,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    match: int
+    next: int
+    state: str
+    recent_active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    node_id: NodeId
+    role: Role
+    term: int
+    vote: NodeId | None
+    leader: NodeId | None
+    commit_index: int
+    applied_index: int
+    last_index: int
+    stable_index: int
+    snapshot_index: int
+    membership: Membership
+    peers: dict[NodeId, PeerStatus]
+    transferring_to: NodeId | None
+
+
+@dataclass(slots=True)
+class _PendingRead:
+    request_id: int
+    origin: NodeId | None  # None: this node's own client
+    index: int
+    seq: int
+
+
+@dataclass(slots=True)
+class _IncomingSnapshot:
+    meta: SnapshotMeta
+    buffer: bytearray
+
+
+class RaftNode:
+    def __init__(self, config: Config, boot: BootState, rng: random.Random) -> None:
+        self.config = config
+        self.id: NodeId = config.node_id
+        self._rng = rng
+        hs = boot.hard_state
+        meta = boot.snapshot.meta
+        self.log = RaftLog(meta.index, meta.term, boot.entries, hs.commit, boot.applied)
+        self._snapshot = boot.snapshot
+        self.term = hs.term
+        self.vote: NodeId | None = hs.vote
+        self.role = Role.FOLLOWER
+        self.leader: NodeId | None = None
+        # Membership takes effect when its entry is appended (Raft dissertation §4.1):
+        # _base_membership holds at the snapshot; _conf_entries are changes after it.
+        self._base_membership = meta.membership
+        self._conf_entries: list[tuple[int, Membership]] = []
+        self.membership = meta.membership
+        self._scan_conf_entries(meta.index + 1)
+        self._pending_conf_index = 0
+
+        self._progress: dict[NodeId, Progress] = {}
+        self._votes: dict[NodeId, bool] = {}
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._randomized_election_timeout = config.election_timeout_ticks
+        self._lead_transferee: NodeId | None = None
+
+        self._outbox: list[Message] = []
+        self._after_persist: list[Message] = []
+        self._append_pending = False  # new entries or commit to broadcast (lazily, batched)
+        self._heartbeat_pending = False  # a read needs a fresh quorum confirmation
+
+        self._read_seq = 0
+        self._pending_reads: list[_PendingRead] = []
+        self._reads_waiting_for_term_commit: list[tuple[int, NodeId | None]] = []
+        self._forward_reads: list[int] = []
+        self._read_states: list[ReadState] = []
+        self._failed_reads: list[int] = []
+
+        self._incoming_snapshot: _IncomingSnapshot | None = None
+        self._snapshot_to_install: Snapshot | None = None
+
+        self._prev_hard_state = HardState(self.term, self.vote, self.log.commit)
+        self._prev_soft_state = SoftState(self.role, self.leader, self.term)
+        self._outstanding: int | None = None
+        self._ready_serial = 0
+        self._reset_election_timeout()
+
+    # =====================================================================================
+    # Inputs
+    # =====================================================================================
+    def tick(self) -> None:
+        """One unit of logical time has passed."""
+        if self.role is Role.LEADER:
+            self._tick_leader()
+        else:
+            self._tick_election()
+
+    def campaign(self) -> None:
+        """Start an election now (tests, or a single-node bootstrap)."""
+        if self.role is not Role.LEADER and self._promotable():
+            self._campaign(transfer=False)
+
+    def propose(self, data: bytes) -> int:
+        """Append client data to the leader's log; returns its index (not yet committed)."""
+        self._check_can_propose()
+        entry = Entry(self.log.last_index() + 1, self.term, EntryKind.NORMAL, data)
+        self._append_entry(entry)
+        return entry.index
+
+    def propose_conf_change(self, change: ConfChange) -> int:
+        """Propose a single-server membership change; returns its index."""
+        self._check_can_propose()
+        if self.log.term(self.log.commit) != self.term:
+            raise ConfChangeRejected("the leader has not committed an entry in its term yet")
+        if self._pending_conf_index > self.log.commit:
+            raise ConfChangeRejected("another membership change is still uncommitted")
+        try:
+            self.membership.apply(change)
+        except ValueError as e:
+            raise ConfChangeRejected(str(e)) from None
+        entry = Entry(self.log.last_index() + 1, self.term, EntryKind.CONF_CHANGE, change=change)
+        self._append_entry(entry)
+        return entry.index
+
+    def read_index(self, request_id: int) -> None:
+        """Ask for a linearizable read; a ReadState (or failed read) appears in a Ready."""
+        if self.role is Role.LEADER:
+            self._leader_read(request_id, None)
+        elif self.leader is not None:
+            self._forward_reads.append(request_id)
+        else:
+            self._failed_reads.append(request_id)
+
+    def transfer_leader(self, to: NodeId) -> None:
+        """Hand leadership to a caught-up voter (TimeoutNow, dissertation §3.10)."""
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.leader)
+        if to == self.id:
+            return
+        if to not in self.membership.voters:
+            raise RaftError(f"{to} is not a voter")
+        if self._lead_transferee == to:
+            return
+        self._lead_transferee = to
+        self._election_elapsed = 0
+        if self._progress[to].match == self.log.last_index():
+            self._send(TimeoutNow(self.term, self.id, to))
+        else:
+            self._send_append(to)
+
+    def compact(self, snapshot: Snapshot, keep_from: int) -> None:
+        """The application took `snapshot` (at or below applied); drop entries < keep_from."""
+        meta = snapshot.meta
+        if meta.index <= self._snapshot.meta.index:
+            return
+        self.log.compact(meta.index, meta.term, keep_from)
+        self._snapshot = snapshot
+        self._base_membership = self.membership_at(meta.index)
+        self._conf_entries = [(i, m) for i, m in self._conf_entries if i > meta.index]
+
+    def step(self, m: Message) -> None:
+        """Feed one message from a peer."""
+        if m.to != self.id:
+            return
+        if m.term > self.term:
+            if isinstance(m, VoteRequest):
+                in_lease = (
+                    self.config.check_quorum
+                    and self.leader is not None
+                    and self._election_elapsed < self.config.election_timeout_ticks
+                )
+                if in_lease and not m.transfer:
+                    return  # a live leader was heard recently: do not let it be disrupted
+            if isinstance(m, VoteRequest) and m.pre_vote:
+                pass  # a pre-vote never changes our term
+            elif isinstance(m, VoteResponse) and m.pre_vote and m.granted:
+                pass  # the term of our own pre-vote campaign (term + 1)
+            elif isinstance(m, AppendRequest | HeartbeatRequest | SnapshotRequest):
+                self._become_follower(m.term, m.frm)
+            else:
+                self._become_follower(m.term, None)
+        elif m.term < self.term:
+            if isinstance(m, AppendRequest | HeartbeatRequest) and (
+                self.config.check_quorum or self.config.pre_vote
+            ):
+                # A stale leader (e.g. after a partition): tell it the new term.
+                self._send(AppendResponse(self.term, self.id, m.frm, False, 0))
+            elif isinstance(m, VoteRequest) and m.pre_vote:
+                self._send_after_persist(
+                    VoteResponse(self.term, self.id, m.frm, granted=False, pre_vote=True)
+                )
+            return
+
+        if isinstance(m, VoteRequest):
+            self._step_vote_request(m)
+        elif isinstance(m, VoteResponse):
+            self._step_vote_response(m)
+        elif isinstance(m, AppendRequest):
+            self._follow(m.frm)
+            self._step_append_request(m)
+        elif isinstance(m, HeartbeatRequest):
+            self._follow(m.frm)
+            self._step_heartbeat_request(m)
+        elif isinstance(m, SnapshotRequest):
+            self._follow(m.frm)
+            self._step_snapshot_request(m)
+        elif isinstance(m, TimeoutNow):
+            if self.role is not Role.LEADER and self._promotable():
+                self._campaign(transfer=True)
+        elif isinstance(m, ReadIndexRequest):
+            if self.role is Role.LEADER:
+                for rid in m.request_ids:
+                    self._leader_read(rid, m.frm)
+            else:
+                self._send(ReadIndexResponse(self.term, self.id, m.frm, m.request_ids, -1))
+        elif isinstance(m, ReadIndexResponse):
+            if m.index < 0:
+                self._failed_reads.extend(m.request_ids)
+            else:
+                self._read_states.extend(ReadState(rid, m.index) for rid in m.request_ids)
+        elif self.role is Role.LEADER:
+            pr = self._progress.get(m.frm)
+            if pr is None:
+                return
+            pr.recent_active = True
+            if isinstance(m, AppendResponse):
+                self._step_append_response(m, pr)
+            elif isinstance(m, HeartbeatResponse):
+                self._step_heartbeat_response(m, pr)
+            else:
+                self._step_snapshot_response(m, pr)
+
+    # =====================================================================================
+    # Output
+    # =====================================================================================
+    def has_ready(self) -> bool:
+        if self._outstanding is not None:
+            return False
+        self._flush()
+        log = self.log
+        return bool(
+            self._outbox
+            or self._after_persist
+            or log.unstable_from <= log.last_index()
+            or self._snapshot_to_install is not None
+            or self._read_states
+            or self._failed_reads
+            or min(log.commit, log.stable_index) > log.applied
+            or self._hard_state() != self._prev_hard_state
+            or self._soft_state() != self._prev_soft_state
+        )
+
+    def ready(self) -> Ready:
+        if self._outstanding is not None:
+            raise RaftError("the previous Ready was not advanced")
+        self._flush()
+        log = self.log
+        hs = self._hard_state()
+        ss = self._soft_state()
+        entries = log.unstable_entries()
+        snapshot = self._snapshot_to_install
+        hi = min(log.commit, log.stable_index)
+        committed = tuple(log.slice(log.applied + 1, hi + 1)) if hi > log.applied else ()
+        prev = self._prev_hard_state
+        self._ready_serial += 1
+        rd = Ready(
+            soft_state=ss if ss != self._prev_soft_state else None,
+            hard_state=hs if hs != prev else None,
+            must_sync=bool(entries) or snapshot is not None
+            or hs.term != prev.term or hs.vote != prev.vote,
+            snapshot=snapshot,
+            entries=entries,
+            messages=tuple(self._outbox),
+            committed_entries=committed,
+            read_states=tuple(self._read_states),
+            failed_reads=tuple(self._failed_reads),
+            after_persist=tuple(self._after_persist),
+            serial=self._ready_serial,
+        )
+        self._outstanding = self._ready_serial
+        self._outbox = []
+        self._after_persist = []
+        self._read_states = []
+        self._failed_reads = []
+        self._snapshot_to_install = None
+        self._prev_hard_state = hs
+        self._prev_soft_state = ss
+        log.unstable_from = log.last_index() + 1
+        log.applied = max(log.applied, hi)
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The driver persisted, sent and applied `rd`."""
+        if self._outstanding != rd.serial:
+            raise RaftError("advance() got a Ready that is not the outstanding one")
+        self._outstanding = None
+        if rd.entries:
+            last = rd.entries[-1]
+            self.log.stable_to(last.index, last.term)
+        if self.role is Role.LEADER:
+            self._maybe_commit()
+        for m in rd.after_persist:
+            if m.to == self.id:
+                self.step(m)
+            else:
+                self._outbox.append(m)
+
+    # =====================================================================================
+    # Queries
+    # =====================================================================================
+    def membership_at(self, index: int) -> Membership:
+        """The configuration in force at log position `index` (for snapshot metadata)."""
+        current = self._base_membership
+        for i, m in self._conf_entries:
+            if i > index:
+                break
+            current = m
+        return current
+
+    @property
+    def snapshot_meta(self) -> SnapshotMeta:
+        return self._snapshot.meta
+
+    def status(self) -> Status:
+        peers = {
+            nid: PeerStatus(pr.match, pr.next, pr.state.value, pr.recent_active)
+            for nid, pr in self._progress.items()
+        }
+        return Status(
+            node_id=self.id,
+            role=self.role,
+            term=self.term,
+            vote=self.vote,
+            leader=self.leader,
+            commit_index=self.log.commit,
+            applied_index=self.log.applied,
+            last_index=self.log.last_index(),
+            stable_index=self.log.stable_index,
+            snapshot_index=self._snapshot.meta.index,
+            membership=self.membership,
+            peers=peers,
+            transferring_to=self._lead_transferee,
+        )
+
+    # =====================================================================================
+    # Roles
+    # =====================================================================================
+    def _reset(self, term: int) -> None:
+        if term != self.term:
+            self.term = term
+            self.vote = None
+        self.leader = None
+        self._election_elapsed = 0
+        self._heartbeat_elapsed = 0
+        self._reset_election_timeout()
+        self._votes = {}
+        self._lead_transferee = None
+        self._progress = {}
+        self._append_pending = False
+        self._heartbeat_pending = False
+        self._incoming_snapshot = None
+        self._fail_pending_reads()
+
+    def _reset_election_timeout(self) -> None:
+        et = self.config.election_timeout_ticks
+        self._randomized_election_timeout = self._rng.randrange(et, 2 * et)
+
+    def _become_follower(self, term: int, leader: NodeId | None) -> None:
+        self._reset(term)
+        self.role = Role.FOLLOWER
+        self.leader = leader
+
+    def _become_pre_candidate(self) -> None:
+        # Term and vote stay as they are: a pre-vote must not disturb anyone (§9.6).
+        self._reset(self.term)
+        self.role = Role.PRE_CANDIDATE
+
+    def _become_candidate(self) -> None:
+        self._reset(self.term + 1)
+        self.vote = self.id
+        self.role = Role.CANDIDATE
+
+    def _become_leader(self) -> None:
+        self._reset(self.term)
+        self.role = Role.LEADER
+        self.leader = self.id
+        self._sync_progress()
+        for pr in self._progress.values():
+            pr.recent_active = True
+        self._pending_conf_index = self.log.last_index()
+        # Commit a no-op of our own term before anything else (§8, Figure 8).
+        self._append_entry(Entry(self.log.last_index() + 1, self.term))
+
+    def _follow(self, leader: NodeId) -> None:
+        """A valid message from the leader of our term arrived."""
+        if self.role is not Role.FOLLOWER:
+            self._become_follower(self.term, leader)
+        self.leader = leader
+        self._election_elapsed = 0
+
+    def _promotable(self) -> bool:
+        return self.id in self.membership.voters
+
+    # =====================================================================================
+    # Elections
+    # =====================================================================================
+    def _tick_election(self) -> None:
+        self._election_elapsed += 1
+        if self._promotable() and self._election_elapsed >= self._randomized_election_timeout:
+            self._election_elapsed = 0
+            self._campaign(transfer=False)
+
+    def _campaign(self, transfer: bool) -> None:
+        pre_vote = self.config.pre_vote and not transfer
+        if pre_vote:
+            self._become_pre_candidate()
+            term = self.term + 1
+            self._votes[self.id] = True  # a pre-vote needs nothing persisted
+        else:
+            self._become_candidate()
+            term = self.term
+            # Our own vote counts only once term and vote are on disk.
+            self._send_after_persist(VoteResponse(term, self.id, self.id, granted=True))
+        if self._tally_votes():
+            return
+        last_index, last_term = self.log.last_index(), self.log.last_term()
+        for peer in sorted(self.membership.voters - {self.id}):
+            self._send(VoteRequest(term, self.id, peer, last_index, last_term,
+                                   pre_vote=pre_vote, transfer=transfer))
+
+    def _tally_votes(self) -> bool:
+        """Act on the votes so far; True if the campaign is over."""
+        result = quorum.vote_result(self.membership.voters, self._votes)
+        if result is quorum.VoteResult.WON:
+            if self.role is Role.PRE_CANDIDATE:
+                self._campaign_after_pre_vote()
+            else:
+                self._become_leader()
+            return True
+        if result is quorum.VoteResult.LOST:
+            self._become_follower(self.term, None)
+            return True
+        return False
+
+    def _campaign_after_pre_vote(self) -> None:
+        self._become_candidate()
+        self._send_after_persist(VoteResponse(self.term, self.id, self.id, granted=True))
+        last_index, last_term = self.log.last_index(), self.log.last_term()
+        for peer in sorted(self.membership.voters - {self.id}):
+            self._send(VoteRequest(self.term, self.id, peer, last_index, last_term))
+
+    def _step_vote_request(self, m: VoteRequest) -> None:
+        can_vote = (
+            self.vote == m.frm
+            or (self.vote is None and self.leader is None)
+            or (m.pre_vote and m.term > self.term)
+        )
+        if can_vote and self.log.is_up_to_date(m.last_log_index, m.last_log_term):
+            self._send_after_persist(
+                VoteResponse(m.term, self.id, m.frm, granted=True, pre_vote=m.pre_vote)
+            )
+            if not m.pre_vote:
+                self._election_elapsed = 0
+                self.vote = m.frm
+        else:
+            self._send_after_persist(
+                VoteResponse(self.term, self.id, m.frm, granted=False, pre_vote=m.pre_vote)
+            )
+
+    def _step_vote_response(self, m: VoteResponse) -> None:
+        if m.pre_vote:
+            if self.role is not Role.PRE_CANDIDATE or m.term != self.term + (1 if m.granted else 0):
+                return
+        elif self.role is not Role.CANDIDATE or m.term != self.term:
+            return
+        self._votes.setdefault(m.frm, m.granted)
+        self._tally_votes()
+
+    # =====================================================================================
+    # Leader
+    # =====================================================================================
+    def _tick_leader(self) -> None:
+        self._heartbeat_elapsed += 1
+        self._election_elapsed += 1
+        if self._election_elapsed >= self.config.election_timeout_ticks:
+            self._election_elapsed = 0
+            if self.config.check_quorum:
+                active = {nid for nid, pr in self._progress.items() if pr.recent_active}
+                active.add(self.id)
+                if not quorum.has_quorum(self.membership.voters, active):
+                    self._become_follower(self.term, None)
+                    return
+                for nid, pr in self._progress.items():
+                    pr.recent_active = nid == self.id
+            self._lead_transferee = None  # a transfer that took this long has failed
+        if self._heartbeat_elapsed >= self.config.heartbeat_interval_ticks:
+            self._heartbeat_elapsed = 0
+            self._heartbeat_pending = True
+
+    def _check_can_propose(self) -> None:
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.leader)
+        if self._lead_transferee is not None:
+            raise ProposalDropped(f"leadership is being transferred to {self._lead_transferee}")
+
+    def _append_entry(self, entry: Entry) -> None:
+        self.log.append(entry)
+        if entry.kind is EntryKind.CONF_CHANGE:
+            self._pending_conf_index = entry.index
+            self._note_conf_entry(entry)
+            self._rebuild_membership()
+        self._append_pending = True
+
+    def _leader_self_match(self) -> int:
+        """The leader counts itself only for entries on its own disk."""
+        return self.log.stable_index
+
+    def _may_commit_by_count(self, index: int) -> bool:
+        """Only entries of the current term commit by counting replicas (§5.4.2)."""
+        return self.log.term(index) == self.term
+
+    def _maybe_commit(self) -> bool:
+        me = self._progress.get(self.id)
+        if me is not None:
+            me.match = max(me.match, self._leader_self_match())
+        matches = {nid: pr.match for nid, pr in self._progress.items()}
+        index = quorum.quorum_index(self.membership.voters, matches)
+        if index > self.log.commit and self._may_commit_by_count(index):
+            self._on_commit(index)
+            return True
+        return False
+
+    def _on_commit(self, index: int) -> None:
+        self.log.commit_to(index)
+        self._append_pending = True  # tell followers
+        if self.role is Role.LEADER:
+            if self.id not in self.membership.voters and index >= self._pending_conf_index:
+                # Our own removal is committed: step down (dissertation §4.2.2).
+                self._become_follower(self.term, None)
+                return
+            if self._reads_waiting_for_term_commit and self.log.term(index) == self.term:
+                waiting, self._reads_waiting_for_term_commit = (
+                    self._reads_waiting_for_term_commit, [])
+                for rid, origin in waiting:
+                    self._leader_read(rid, origin)
+
+    def _sync_progress(self) -> None:
+        """Track exactly the current members."""
+        members = self.membership.members | {self.id}
+        for nid in list(self._progress):
+            if nid not in members:
+                del self._progress[nid]
+        for nid in members:
+            if nid not in self._progress:
+                pr = Progress(self.log.last_index() + 1, self.config.max_inflight_appends)
+                if nid == self.id:
+                    pr.match = self._leader_self_match()
+                    pr.state = ProgressState.REPLICATE
+                self._progress[nid] = pr
+
+    def _peers(self) -> list[NodeId]:
+        return sorted(nid for nid in self._progress if nid != self.id)
+
+    def _send_append(self, to: NodeId, allow_empty: bool = False) -> bool:
+        """Send the next AppendRequest to `to` if its progress allows; True if sent."""
+        pr = self._progress[to]
+        if pr.is_paused():
+            return False
+        prev_index = pr.next - 1
+        prev_term = self.log.term(prev_index)
+        if prev_term is None or pr.next < self.log.first_index():
+            self._start_snapshot(to, pr)
+            return False
+        entries: tuple[Entry, ...] = ()
+        if pr.next <= self.log.last_index():
+            entries = self.log.entries_from(
+                pr.next, self.config.max_append_entries, self.config.max_append_bytes)
+        if not entries and not allow_empty:
+            return False
+        self._send(AppendRequest(self.term, self.id, to, prev_index, prev_term, entries,
+                                 self.log.commit))
+        if entries:
+            if pr.state is ProgressState.REPLICATE:
+                pr.next = entries[-1].index + 1
+                pr.inflights.add(entries[-1].index)
+            else:
+                pr.probe_sent = True
+        elif pr.state is ProgressState.PROBE:
+            pr.probe_sent = True
+        return True
+
+    def _broadcast_appends(self) -> None:
+        for peer in self._peers():
+            pr = self._progress[peer]
+            sent = False
+            while self._send_append(peer):
+                sent = True
+            if not sent and pr.state is ProgressState.REPLICATE and not pr.is_paused():
+                self._send_append(peer, allow_empty=True)  # carries the new commit index
+
+    def _broadcast_heartbeats(self) -> None:
+        self._read_seq += 1
+        for peer in self._peers():
+            pr = self._progress[peer]
+            commit = min(pr.match, self.log.commit)
+            self._send(HeartbeatRequest(self.term, self.id, peer, commit, self._read_seq))
+
+    def _step_append_response(self, m: AppendResponse, pr: Progress) -> None:
+        if not m.success:
+            hint = m.hint_index
+            if m.hint_term > 0:
+                hint, _ = self.log.find_conflict_by_term(m.hint_index, m.hint_term)
+            if pr.maybe_decrease_to(m.index, hint):
+                if pr.state is ProgressState.REPLICATE:
+                    pr.become_probe()
+                self._send_append(m.frm, allow_empty=True)
+            return
+        was_paused = pr.is_paused()
+        if not pr.maybe_update(m.index):
+            return
+        if pr.state is ProgressState.PROBE:
+            pr.become_replicate()
+        elif pr.state is ProgressState.SNAPSHOT and pr.match >= pr.pending_snapshot:
+            pr.become_probe()
+            pr.become_replicate()
+        elif pr.state is ProgressState.REPLICATE:
+            pr.inflights.free_up_to(m.index)
+        if self._maybe_commit():
+            pass  # _flush() broadcasts the new commit index
+        elif was_paused:
+            self._send_append(m.frm)
+        while self._send_append(m.frm):
+            pass
+        if m.frm == self._lead_transferee and pr.match == self.log.last_index():
+            self._send(TimeoutNow(self.term, self.id, m.frm))
+
+    def _step_heartbeat_response(self, m: HeartbeatResponse, pr: Progress) -> None:
+        pr.probe_sent = False
+        if pr.state is ProgressState.REPLICATE and pr.inflights.full():
+            pr.inflights.free_first()  # an append may have been lost; keep the pipe moving
+        if pr.state is ProgressState.SNAPSHOT:
+            self._send_snapshot_chunk(m.frm, pr)
+        elif pr.match < self.log.last_index():
+            self._send_append(m.frm, allow_empty=True)
+        if m.read_seq > pr.read_seq:
+            pr.read_seq = m.read_seq
+            self._release_confirmed_reads()
+
+    # =====================================================================================
+    # Snapshots (leader side sends in chunks; follower assembles then installs)
+    # =====================================================================================
+    def _start_snapshot(self, to: NodeId, pr: Progress) -> None:
+        if not pr.recent_active:
+            return  # do not stream a snapshot to a peer that may be down
+        pr.become_snapshot(self._snapshot.meta.index)
+        self._send_snapshot_chunk(to, pr)
+
+    def _send_snapshot_chunk(self, to: NodeId, pr: Progress) -> None:
+        snap = self._snapshot
+        if snap.meta.index != pr.pending_snapshot:
+            pr.become_snapshot(snap.meta.index)  # a newer snapshot replaced the one in flight
+        off = pr.snapshot_offset
+        chunk = snap.data[off : off + self.config.snapshot_chunk_bytes]
+        done = off + len(chunk) >= len(snap.data)
+        self._send(SnapshotRequest(self.term, self.id, to, snap.meta, off, chunk, done))
+
+    def _step_snapshot_response(self, m: SnapshotResponse, pr: Progress) -> None:
+        if pr.state is not ProgressState.SNAPSHOT:
+            return
+        if m.next_offset < 0:
+            pr.become_probe()
+            return
+        if m.snapshot_index != self._snapshot.meta.index:
+            pr.become_snapshot(self._snapshot.meta.index)
+        elif m.done or m.next_offset == pr.snapshot_offset:
+            return  # finished (an AppendResponse follows the install) or a duplicate
+        else:
+            pr.snapshot_offset = m.next_offset
+        self._send_snapshot_chunk(m.frm, pr)
+
+    def _step_snapshot_request(self, m: SnapshotRequest) -> None:
+        inc = self._incoming_snapshot
+        if m.offset == 0:
+            inc = self._incoming_snapshot = _IncomingSnapshot(m.meta, bytearray())
+        if inc is None or inc.meta != m.meta or m.offset != len(inc.buffer):
+            expected = len(inc.buffer) if inc is not None and inc.meta == m.meta else 0
+            self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, expected))
+            return
+        inc.buffer += m.data
+        if not m.done:
+            self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, len(inc.buffer)))
+            return
+        self._incoming_snapshot = None
+        self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, len(inc.buffer),
+                                    done=True))
+        if m.meta.index <= self.log.commit:
+            ack = self.log.commit
+        else:
+            self._install_snapshot(Snapshot(m.meta, bytes(inc.buffer)))
+            ack = m.meta.index
+        self._send_after_persist(AppendResponse(self.term, self.id, m.frm, True, ack))
+
+    def _install_snapshot(self, snapshot: Snapshot) -> None:
+        meta = snapshot.meta
+        self.log.restore(meta.index, meta.term)
+        self._snapshot = snapshot
+        self._snapshot_to_install = snapshot
+        self._base_membership = meta.membership
+        self._conf_entries = []
+        self._scan_conf_entries(meta.index + 1)
+
+    # =====================================================================================
+    # Follower
+    # =====================================================================================
+    def _step_append_request(self, m: AppendRequest) -> None:
+        log = self.log
+        if m.prev_index < log.commit:
+            self._send_after_persist(AppendResponse(self.term, self.id, m.frm, True, log.commit))
+            return
+        last_new = log.maybe_append(m.prev_index, m.prev_term, m.entries)
+        if last_new is None:
+            hint_index = min(m.prev_index, log.last_index())
+            hint_index, hint_term = log.find_conflict_by_term(hint_index, m.prev_term)
+            self._send_after_persist(AppendResponse(
+                self.term, self.id, m.frm, False, m.prev_index, hint_index, hint_term))
+            return
+        if m.entries and (
+            any(e.kind is EntryKind.CONF_CHANGE for e in m.entries)
+            or (self._conf_entries and self._conf_entries[-1][0] >= m.entries[0].index)
+        ):
+            self._scan_conf_entries(m.entries[0].index)
+        if log.commit_to(min(m.commit, last_new)):
+            self._on_commit(log.commit)
+        self._send_after_persist(AppendResponse(self.term, self.id, m.frm, True, last_new))
+
+    def _step_heartbeat_request(self, m: HeartbeatRequest) -> None:
+        if self.log.commit_to(min(m.commit, self.log.last_index())):
+            self._on_commit(self.log.commit)
+        self._send(HeartbeatResponse(self.term, self.id, m.frm, m.read_seq))
+
+    # =====================================================================================
+    # Membership
+    # =====================================================================================
+    def _note_conf_entry(self, e: Entry) -> None:
+        if e.kind is EntryKind.CONF_CHANGE and e.change is not None:
+            current = self._conf_entries[-1][1] if self._conf_entries else self._base_membership
+            try:
+                self._conf_entries.append((e.index, current.apply(e.change)))
+            except ValueError:
+                self._conf_entries.append((e.index, current))  # invalid change: a no-op
+
+    def _scan_conf_entries(self, from_index: int) -> None:
+        """The log changed from `from_index` on: recompute the configurations after it."""
+        self._conf_entries = [(i, m) for i, m in self._conf_entries if i < from_index]
+        lo = max(from_index, self._snapshot.meta.index + 1, self.log.first_index())
+        for e in self.log.slice(lo, self.log.last_index() + 1):
+            self._note_conf_entry(e)
+        self._rebuild_membership()
+
+    def _rebuild_membership(self) -> None:
+        new = self._conf_entries[-1][1] if self._conf_entries else self._base_membership
+        if new != self.membership:
+            self.membership = new
+            if self.role is Role.LEADER:
+                self._sync_progress()
+                self._maybe_commit()
+
+    # =====================================================================================
+    # Reads (ReadIndex, dissertation §6.4)
+    # =====================================================================================
+    def _leader_read(self, request_id: int, origin: NodeId | None) -> None:
+        if self.log.term(self.log.commit) != self.term:
+            self._reads_waiting_for_term_commit.append((request_id, origin))
+            return
+        read = _PendingRead(request_id, origin, self.log.commit, self._read_seq + 1)
+        if self._read_needs_quorum_check():
+            self._pending_reads.append(read)
+            self._heartbeat_pending = True
+        else:
+            self._release_read(read)
+
+    def _read_needs_quorum_check(self) -> bool:
+        return self.membership.voters != {self.id}
+
+    def _release_confirmed_reads(self) -> None:
+        if not self._pending_reads:
+            return
+        acked = {nid: pr.read_seq for nid, pr in self._progress.items()}
+        acked[self.id] = self._read_seq
+        confirmed = quorum.quorum_index(self.membership.voters, acked)
+        keep: list[_PendingRead] = []
+        for read in self._pending_reads:
+            if read.seq <= confirmed:
+                self._release_read(read)
+            else:
+                keep.append(read)
+        self._pending_reads = keep
+
+    def _release_read(self, read: _PendingRead) -> None:
+        if read.origin is None:
+            self._read_states.append(ReadState(read.request_id, read.index))
+        else:
+            self._send(ReadIndexResponse(self.term, self.id, read.origin, (read.request_id,),
+                                         read.index))
+
+    def _fail_pending_reads(self) -> None:
+        pending = [(r.request_id, r.origin) for r in self._pending_reads]
+        pending += self._reads_waiting_for_term_commit
+        self._pending_reads = []
+        self._reads_waiting_for_term_commit = []
+        for rid, origin in pending:
+            if origin is None:
+                self._failed_reads.append(rid)
+            else:
+                self._send(ReadIndexResponse(self.term, self.id, origin, (rid,), -1))
+        if self._forward_reads:
+            self._failed_reads.extend(self._forward_reads)
+            self._forward_reads = []
+
+    # =====================================================================================
+    # Plumbing
+    # =====================================================================================
+    def _send(self, m: Message) -> None:
+        self._outbox.append(m)
+
+    def _send_after_persist(self, m: Message) -> None:
+        """Replies that reveal persisted state leave only after the next persist."""
+        self._after_persist.append(m)
+
+    def _flush(self) -> None:
+        """Turn lazily batched work into messages (called when a Ready is built)."""
+        if self.role is Role.LEADER:
+            if self._append_pending:
+                self._append_pending = False
+                self._broadcast_appends()
+            if self._heartbeat_pending:
+                self._heartbeat_pending = False
+                self._broadcast_heartbeats()
+        else:
+            self._append_pending = False
+            self._heartbeat_pending = False
+        if self._forward_reads:
+            if self.leader is not None and self.role is Role.FOLLOWER:
+                self._send(ReadIndexRequest(self.term, self.id, self.leader,
+                                            tuple(self._forward_reads)))
+            else:
+                self._failed_reads.extend(self._forward_reads)
+            self._forward_reads = []
+
+    def _hard_state(self) -> HardState:
+        return HardState(self.term, self.vote, self.log.commit)
+
+    def _soft_state(self) -> SoftState:
+        return SoftState(self.role, self.leader, self.term)
+

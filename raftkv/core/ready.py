@@ -1,0 +1,53 @@
+"""What the core hands its driver (Ready), and what the driver hands the core at boot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from raftkv.core.messages import Message
+from raftkv.core.types import Entry, HardState, ReadState, Snapshot, SoftState
+
+
+@dataclass(frozen=True, slots=True)
+class BootState:
+    """A node's durable state as loaded at start.
+
+    `snapshot` is the latest snapshot (for a brand-new cluster: index 0, term 0, the initial
+    membership, no data); `entries` are the stored log entries after it; `applied` is the
+    index the state machine already holds (normally snapshot.meta.index).
+    """
+
+    hard_state: HardState
+    snapshot: Snapshot
+    entries: tuple[Entry, ...] = ()
+    applied: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """One batch of work for the driver. Handle it in this order, then call advance():
+
+    1. send `messages` (they never depend on what this Ready persists);
+    2. persist: if `snapshot`, save it and drop the whole stored log; then save `entries`
+       (replacing any stored entry at or after entries[0].index) and `hard_state`, in one
+       transaction, synced when `must_sync`;
+    3. restore the state machine from `snapshot` if any, apply `committed_entries`, and
+       serve `read_states` once applied >= their index; fail `failed_reads`;
+    4. advance(ready).
+
+    Replies that depend on persisted state (vote and append acknowledgements) are released
+    by advance() into the next Ready, so they cannot leave before the persist.
+    """
+
+    soft_state: SoftState | None
+    hard_state: HardState | None
+    must_sync: bool
+    snapshot: Snapshot | None
+    entries: tuple[Entry, ...]
+    messages: tuple[Message, ...]
+    committed_entries: tuple[Entry, ...]
+    read_states: tuple[ReadState, ...]
+    failed_reads: tuple[int, ...]
+    after_persist: tuple[Message, ...] = field(default=(), repr=False)
+    """Held back by the core; released by advance(). Drivers must not send these."""
+    serial: int = field(default=0, repr=False)

@@ -1,0 +1,135 @@
+"""Values the Raft core works with: entries, hard state, membership, snapshots, reads.
+
+Everything here is an immutable value validated on construction (h11 style), so a
+bad value fails where it is made rather than deep inside the protocol.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+NodeId = str
+
+
+class Role(enum.Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre_candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+class EntryKind(enum.IntEnum):
+    NORMAL = 0
+    """Application data; empty data is the leader's no-op."""
+    CONF_CHANGE = 1
+    """A single-server membership change carried in `Entry.change`."""
+
+
+class ConfChangeOp(enum.IntEnum):
+    ADD_VOTER = 0
+    """Add a voter, or promote a learner to voter."""
+    ADD_LEARNER = 1
+    REMOVE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ConfChange:
+    op: ConfChangeOp
+    node_id: NodeId
+    address: str = ""
+    """Opaque to the core: where the runtime can reach the node."""
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ValueError("ConfChange needs a node id")
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    voters: frozenset[NodeId]
+    learners: frozenset[NodeId] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.voters & self.learners:
+            raise ValueError("a node cannot be both voter and learner")
+
+    @property
+    def members(self) -> frozenset[NodeId]:
+        return self.voters | self.learners
+
+    def apply(self, change: ConfChange) -> Membership:
+        """The membership after `change`; raises ValueError if it cannot apply."""
+        nid = change.node_id
+        if change.op is ConfChangeOp.ADD_VOTER:
+            return Membership(self.voters | {nid}, self.learners - {nid})
+        if change.op is ConfChangeOp.ADD_LEARNER:
+            if nid in self.voters:
+                raise ValueError(f"{nid} is a voter; demotion is not supported")
+            return Membership(self.voters, self.learners | {nid})
+        if nid not in self.members:
+            raise ValueError(f"{nid} is not a member")
+        voters = self.voters - {nid}
+        if not voters:
+            raise ValueError("cannot remove the last voter")
+        return Membership(voters, self.learners - {nid})
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    index: int
+    term: int
+    kind: EntryKind = EntryKind.NORMAL
+    data: bytes = b""
+    change: ConfChange | None = None
+
+    def __post_init__(self) -> None:
+        if self.index < 1 or self.term < 1:
+            raise ValueError(f"bad entry position index={self.index} term={self.term}")
+        if (self.kind is EntryKind.CONF_CHANGE) != (self.change is not None):
+            raise ValueError("a conf change entry carries a change and nothing else does")
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.data) + 16
+
+
+@dataclass(frozen=True, slots=True)
+class HardState:
+    """What must survive a crash: term, vote, and (lazily) the commit index."""
+
+    term: int = 0
+    vote: NodeId | None = None
+    commit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotMeta:
+    index: int
+    term: int
+    membership: Membership
+
+    def __post_init__(self) -> None:
+        if self.index < 0 or self.term < 0 or (self.index == 0) != (self.term == 0):
+            raise ValueError(f"bad snapshot position index={self.index} term={self.term}")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    meta: SnapshotMeta
+    data: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadState:
+    """A read that became safe: serve it once the state machine applied `index`."""
+
+    request_id: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class SoftState:
+    role: Role
+    leader: NodeId | None
+    term: int

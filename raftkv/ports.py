@@ -1,0 +1,147 @@
+"""The small interfaces between the Raft core's driver and the world (hashicorp/raft style).
+
+Implementations: `storage` (LMDB and in-memory log + hard state), `snapshots` (LMDB and
+in-memory snapshot store), `raftkv.kv` (the state machine), `raftkv.runtime` (transport).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from raftkv.core.messages import Message
+from raftkv.core.types import Entry, HardState, NodeId, SnapshotMeta
+
+
+class StorageError(Exception):
+    """The disk failed or holds something we cannot trust; the node must stop."""
+
+
+class StorageFull(StorageError):
+    """No room for more writes (LMDB map full / disk quota). Nothing was lost."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """Who owns a data dir. Written once when the data dir is created."""
+
+    node_id: NodeId
+    cluster_id: str
+    format_version: int
+
+
+class LogStore(Protocol):
+    """The durable Raft log. Indices are contiguous from first_index() to last_index()."""
+
+    def first_index(self) -> int:
+        """The first stored index; last_index() + 1 when the log is empty."""
+        ...
+
+    def last_index(self) -> int:
+        """The last stored index; 0 (or the compaction point) when empty."""
+        ...
+
+    def entries(self, lo: int, hi: int) -> list[Entry]:
+        """Entries with lo <= index < hi (all must be stored)."""
+        ...
+
+    def term(self, index: int) -> int | None:
+        """The term of the stored entry at `index`, None if not stored."""
+        ...
+
+    def compact(self, before_index: int) -> None:
+        """Delete stored entries with index < before_index (a snapshot covers them)."""
+        ...
+
+
+class HardStateStore(Protocol):
+    def hard_state(self) -> HardState:
+        """The last saved hard state; HardState() for a new node."""
+        ...
+
+
+class RaftStorage(LogStore, HardStateStore, Protocol):
+    """Log and hard state together, because one Ready is saved in ONE synced transaction."""
+
+    def save(
+        self,
+        hard_state: HardState | None,
+        entries: Sequence[Entry],
+        *,
+        reset_log: bool = False,
+        sync: bool = True,
+    ) -> None:
+        """Persist what one Ready asks for, atomically, in this order:
+        if reset_log, delete every stored entry (a snapshot replaced the log); delete stored
+        entries with index >= entries[0].index (a conflicting suffix); append `entries`;
+        write `hard_state` if given. With sync (the default), durable on return.
+        Raises StorageFull (nothing written) or StorageError.
+        """
+        ...
+
+    def identity(self) -> NodeIdentity | None:
+        """Who owns this store; None for a brand-new one."""
+        ...
+
+    def set_identity(self, identity: NodeIdentity) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SnapshotSink(Protocol):
+    """A snapshot being written. Invisible until close(); cancel() discards it."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def close(self) -> SnapshotMeta:
+        """Publish atomically (with its checksum) and return its meta."""
+        ...
+
+    def cancel(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSnapshot:
+    meta: SnapshotMeta
+    data: bytes
+    checksum: str
+
+
+class SnapshotStore(Protocol):
+    def create(self, meta: SnapshotMeta) -> SnapshotSink: ...
+
+    def latest(self) -> StoredSnapshot | None:
+        """The newest published snapshot whose checksum verifies; None if there is none."""
+        ...
+
+    def list(self) -> list[SnapshotMeta]:
+        """Published snapshots, newest first."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class StateMachine(Protocol):
+    """The replicated application: applies committed entries in order."""
+
+    @property
+    def applied_index(self) -> int: ...
+
+    def apply(self, entry: Entry) -> object:
+        """Apply one committed entry and return its result for the waiting client."""
+        ...
+
+    def snapshot(self) -> bytes:
+        """A consistent serialisation of the state at applied_index."""
+        ...
+
+    def restore(self, data: bytes, index: int) -> None:
+        """Replace the state with a snapshot taken at `index`."""
+        ...
+
+
+class Transport(Protocol):
+    def send(self, messages: Sequence[Message]) -> None:
+        """Queue messages to their `to` peers; never blocks on the network, may drop."""
+        ...

@@ -1,0 +1,101 @@
+"""How a Ready is handled: written once, used by the real runtime and by the simulator.
+
+    begin(rd)    send the messages that may leave before the persist
+    persist(rd)  snapshot, then entries + hard state in one synced transaction
+    finish(rd)   restore / apply committed entries, release reads, then advance()
+
+The runtime calls the three in a row on its loop thread; the simulator lets virtual time
+pass between persist() starting and finishing, and a crash in between loses the Ready.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+from raftkv.core.node import RaftNode
+from raftkv.core.ready import Ready
+from raftkv.core.types import Entry, HardState, ReadState
+from raftkv.ports import RaftStorage, SnapshotStore, StateMachine, Transport
+
+AppliedCallback = Callable[[Entry, object], None]
+ReadCallback = Callable[[int, int], None]
+"""(request_id, read_index) once the state machine applied up to read_index."""
+FailedReadCallback = Callable[[int], None]
+
+
+class ReadyHandler:
+    def __init__(
+        self,
+        *,
+        node: RaftNode,
+        storage: RaftStorage,
+        snapshots: SnapshotStore,
+        state_machine: StateMachine,
+        transport: Transport,
+        on_applied: AppliedCallback,
+        on_read: ReadCallback,
+        on_read_failed: FailedReadCallback,
+    ) -> None:
+        self.node = node
+        self.storage = storage
+        self.snapshots = snapshots
+        self.state_machine = state_machine
+        self.transport = transport
+        self._on_applied = on_applied
+        self._on_read = on_read
+        self._on_read_failed = on_read_failed
+        self._waiting_reads: list[tuple[int, int]] = []  # heap of (index, request_id)
+        self._unsynced_hard_state: HardState | None = None
+
+    def handle(self, rd: Ready) -> None:
+        """The whole cycle, for a driver whose persist is synchronous."""
+        self.begin(rd)
+        self.persist(rd)
+        self.finish(rd)
+
+    def begin(self, rd: Ready) -> None:
+        if rd.messages:
+            self.transport.send(rd.messages)
+
+    def persist(self, rd: Ready) -> None:
+        if rd.snapshot is not None:
+            sink = self.snapshots.create(rd.snapshot.meta)
+            try:
+                sink.write(rd.snapshot.data)
+            except BaseException:
+                sink.cancel()
+                raise
+            sink.close()
+        if rd.must_sync:
+            self.storage.save(rd.hard_state or self._unsynced_hard_state, rd.entries,
+                              reset_log=rd.snapshot is not None, sync=True)
+            self._unsynced_hard_state = None
+        elif rd.hard_state is not None:
+            # Only the commit index moved: it rides along with the next synced save
+            # (a lagging commit index on disk is safe: it is learned again).
+            self._unsynced_hard_state = rd.hard_state
+
+    def finish(self, rd: Ready) -> None:
+        sm = self.state_machine
+        if rd.snapshot is not None:
+            sm.restore(rd.snapshot.data, rd.snapshot.meta.index)
+        for entry in rd.committed_entries:
+            result = sm.apply(entry)
+            self._on_applied(entry, result)
+        for rs in rd.read_states:
+            self._wait_read(rs)
+        for rid in rd.failed_reads:
+            self._on_read_failed(rid)
+        self._release_reads()
+        self.node.advance(rd)
+
+    def _wait_read(self, rs: ReadState) -> None:
+        heapq.heappush(self._waiting_reads, (rs.index, rs.request_id))
+
+    def _release_reads(self) -> None:
+        applied = self.state_machine.applied_index
+        q = self._waiting_reads
+        while q and q[0][0] <= applied:
+            index, rid = heapq.heappop(q)
+            self._on_read(rid, index)

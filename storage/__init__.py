@@ -1,0 +1,1 @@
+"""Durable Raft log and hard state: LMDB (`storage.lmdb_store`) and an in-memory double."""
