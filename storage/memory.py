@@ -44,7 +44,7 @@ class MemoryRaftStorage:
         if drop:
             del self._entries[:drop]
             self._offset += drop
-        elif not self._entries and before_index > self._offset:
+        if not self._entries and before_index > self._offset:
             self._offset = before_index
         self._snapshot_durable()
 
@@ -61,6 +61,16 @@ class MemoryRaftStorage:
         sync: bool = True,
     ) -> None:
         self._check_open()
+        # Validate everything first: a rejected save writes nothing, like an aborted txn.
+        if entries:
+            first = entries[0].index
+            for expected, e in enumerate(entries, start=first):
+                if e.index != expected:
+                    raise StorageError("entries to save are not contiguous")
+            if (self._entries and not reset_log
+                    and (first < self._offset or first > self.last_index() + 1)):
+                raise StorageError(f"append at {first} leaves a gap or precedes the log "
+                                   f"[{self._offset}, {self.last_index()}]")
         if reset_log:
             self._entries = []
             if entries:
@@ -69,13 +79,7 @@ class MemoryRaftStorage:
             first = entries[0].index
             if not self._entries:
                 self._offset = first
-            elif first < self._offset or first > self.last_index() + 1:
-                raise StorageError(f"append at {first} leaves a gap or precedes the log "
-                                   f"[{self._offset}, {self.last_index()}]")
             del self._entries[first - self._offset :]
-            for expected, e in enumerate(entries, start=first):
-                if e.index != expected:
-                    raise StorageError("entries to save are not contiguous")
             self._entries.extend(entries)
         if hard_state is not None:
             self._hard_state = hard_state
