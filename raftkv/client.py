@@ -1,0 +1,540 @@
+"""A small typed client of the raftkv HTTP API (used by the CLI, the tests and the benchmarks).
+
+    with Client(["http://127.0.0.1:8001", "http://127.0.0.1:8002"]) as kv:
+        kv.put("greeting", {"hello": "world"})
+        kv.get("greeting").value
+
+Any node will do: followers forward writes. The client keeps one keep-alive connection per
+node and prefers the node that was last named as the leader (the `leader` hint of error
+bodies). Failures that are worth retrying are retried with jittered exponential backoff,
+bounded both in attempts (`retries`) and in total time (`retry_budget_s`):
+
+- connection errors, 503 (no leader yet, not leader, unavailable) and 504 `read_timeout`;
+- 504 `commit_timeout` ("outcome unknown") of key writes and batches. Every such write carries
+  an `Idempotency-Key` (a uuid4) that is the same for every retry of one call, so a write the
+  cluster already applied is not applied twice.
+
+Membership changes carry no key, so they are resent only when the request surely did not reach
+the server. When the client gives up on a write that may have reached the cluster it raises
+`OutcomeUnknown`, never a plain failure.
+
+A Client is NOT thread-safe: its connections and its leader preference belong to one thread at
+a time. Give each thread its own, e.g. `client.clone()`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import http.client
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import quote, urlencode, urlsplit
+
+from raftkv.service import (
+    BatchOp,
+    BatchResult,
+    Consistency,
+    DeleteResult,
+    KeyValue,
+    Member,
+    NodeStatus,
+    ReadResult,
+    WriteResult,
+)
+
+__all__ = [
+    "BadRequest",
+    "Client",
+    "ClientError",
+    "ConditionFailed",
+    "KeyNotFound",
+    "OutcomeUnknown",
+    "StorageFull",
+    "Unavailable",
+]
+
+MAX_SERVER_TIMEOUT_S: Final = 60.0
+"""The server refuses longer waits."""
+_SOCKET_SLACK_S: Final = 1.0
+"""How much longer than the server's wait the socket waits for the answer."""
+_MAX_NODES: Final = 64
+"""Leader hints may name nodes the client was not given; the list of known nodes is bounded."""
+_SEPARATORS: Final = (",", ":")
+
+
+# --------------------------------------------------------------------------- errors
+class ClientError(Exception):
+    """A request failed. `status` is the HTTP status (0 when no answer came), `code` the
+    server's stable error code (or the client's own, e.g. `connection_failed`), `body` the
+    decoded error body ({} when there was none)."""
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "client_error",
+                 body: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.body: dict[str, Any] = dict(body or {})
+
+    @property
+    def leader(self) -> str | None:
+        """The leader's HTTP address, as hinted by the server."""
+        leader = self.body.get("leader")
+        return leader if isinstance(leader, str) and leader else None
+
+    def __str__(self) -> str:
+        where = f"HTTP {self.status} " if self.status else ""
+        return f"{where}{self.code}: {self.message}"
+
+
+class BadRequest(ClientError):
+    """The request is wrong (400, 413, 415, or refused by the client before sending)."""
+
+
+class KeyNotFound(ClientError):
+    pass
+
+
+class ConditionFailed(ClientError):
+    """A compare-and-swap (prev_index) did not hold; `current_index` is the key's index."""
+
+    def __init__(self, message: str, *, current_index: int, status: int = 409,
+                 code: str = "condition_failed", body: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, status=status, code=code, body=body)
+        self.current_index = current_index
+
+
+class OutcomeUnknown(ClientError):
+    """A write may or may not have been applied (it was sent, and no answer said which)."""
+
+
+class Unavailable(ClientError):
+    """No node could serve the request in time: unreachable, no leader, or read timeout."""
+
+
+class StorageFull(ClientError):
+    pass
+
+
+def _error_from(status: int, body: Mapping[str, Any]) -> ClientError:
+    raw_code = body.get("error")
+    code = raw_code if isinstance(raw_code, str) else f"http_{status}"
+    raw_message = body.get("message")
+    message = raw_message if isinstance(raw_message, str) else f"HTTP {status}"
+    if code == "key_not_found":
+        return KeyNotFound(message, status=status, code=code, body=body)
+    if code == "condition_failed":
+        current = body.get("current_index")
+        return ConditionFailed(message, status=status, code=code, body=body,
+                               current_index=current if isinstance(current, int) else -1)
+    if status == 504 and (body.get("outcome") == "unknown" or code == "commit_timeout"):
+        return OutcomeUnknown(message, status=status, code=code, body=body)
+    if status in (503, 504):
+        return Unavailable(message, status=status, code=code, body=body)
+    if status == 507:
+        return StorageFull(message, status=status, code=code, body=body)
+    if status in (400, 413, 415):
+        return BadRequest(message, status=status, code=code, body=body)
+    return ClientError(message, status=status, code=code, body=body)
+
+
+def _bad_response(what: str) -> ClientError:
+    return ClientError(f"unexpected answer from the server: {what}", code="bad_response")
+
+
+# --------------------------------------------------------------------------- internals
+@dataclass(frozen=True, slots=True)
+class _Node:
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    @staticmethod
+    def parse(url: str) -> _Node:
+        parts = urlsplit(url if "//" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"not an http://host:port URL: {url!r}")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            raise ValueError(f"bad port in {url!r}") from None
+        return _Node(parts.hostname, port)
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    resend: bool
+    """The request may be sent again after it may have reached the server (idempotent)."""
+    write: bool
+    """A request that may have reached the server may have changed the state."""
+
+
+_READ: Final = _Policy(resend=True, write=False)
+_KEYED_WRITE: Final = _Policy(resend=True, write=True)
+_UNKEYED_WRITE: Final = _Policy(resend=False, write=True)
+
+
+class _NotSent(Exception):
+    """The request surely did not reach the server (the connection could not be opened)."""
+
+
+class _MaybeSent(Exception):
+    """The connection failed after the request started to go out."""
+
+
+def _json_bytes(body: object) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=_SEPARATORS,
+                      allow_nan=False).encode("utf-8")
+
+
+def _int(payload: Mapping[str, Any], name: str) -> int:
+    value = payload.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad_response(f"{name!r} is not an integer")
+    return value
+
+
+def _key_path(key: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise BadRequest("a key is a non-empty string", code="invalid_key")
+    if key.endswith("/"):
+        # The server treats a trailing slash as optional, so the path would name another key.
+        raise BadRequest("a key ending with '/' cannot be used in a path; use batch()",
+                         code="invalid_key")
+    return "/keys/" + quote(key, safe="")
+
+
+def _write_result(payload: Mapping[str, Any]) -> WriteResult | DeleteResult:
+    if "deleted" in payload:
+        return DeleteResult(bool(payload["deleted"]), _int(payload, "index"))
+    return WriteResult(payload.get("value"), _int(payload, "index"))
+
+
+def _member(raw: object) -> Member:
+    if not isinstance(raw, dict):
+        raise _bad_response("a member is not an object")
+    http_address = raw.get("http_address")
+    return Member(id=str(raw.get("id")), raft_address=str(raw.get("raft_address")),
+                  http_address=http_address if isinstance(http_address, str) else None,
+                  voter=bool(raw.get("voter")), leader=bool(raw.get("leader")))
+
+
+def _members(raw: object) -> builtins.list[Member]:
+    if not isinstance(raw, list):
+        raise _bad_response("'members' is not a list")
+    return [_member(m) for m in raw]
+
+
+# --------------------------------------------------------------------------- the client
+class Client:
+    """A raftkv client over keep-alive HTTP connections, one per node. Not thread-safe: use
+    one Client per thread (`clone()` makes another with the same settings)."""
+
+    def __init__(self, urls: Sequence[str], timeout_s: float = 5.0, retries: int = 6, *,
+                 retry_budget_s: float | None = None, backoff_base_s: float = 0.05,
+                 backoff_max_s: float = 1.0, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None) -> None:
+        """`urls`: nodes as `http://host:port` (or `host:port`). `timeout_s`: how long the
+        server may wait for a commit or a read (at most 60 s); the socket waits a little
+        longer. `retries`: extra attempts after the first. `retry_budget_s`: no new attempt
+        starts after this many seconds (default: 3 * timeout_s)."""
+        if isinstance(urls, str):
+            urls = [urls]
+        if not urls:
+            raise ValueError("give at least one node URL")
+        if not 0 < timeout_s <= MAX_SERVER_TIMEOUT_S:
+            raise ValueError(f"timeout_s must be in (0, {MAX_SERVER_TIMEOUT_S:g}]")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self._nodes: builtins.list[_Node] = []
+        for url in urls:
+            node = _Node.parse(url)
+            if node not in self._nodes:
+                self._nodes.append(node)
+        self._preferred = 0
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.retry_budget_s = 3 * timeout_s if retry_budget_s is None else retry_budget_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._connections: dict[_Node, http.client.HTTPConnection] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def urls(self) -> builtins.list[str]:
+        """Every known node, including those learned from leader hints."""
+        return [n.url for n in self._nodes]
+
+    @property
+    def preferred_url(self) -> str:
+        """The node tried first: the last hinted leader, or the last that answered."""
+        return self._nodes[self._preferred].url
+
+    def clone(self) -> Client:
+        """A new Client with the same settings and leader preference, and its own
+        connections (for another thread)."""
+        other = Client(self.urls, self.timeout_s, self.retries,
+                       retry_budget_s=self.retry_budget_s, backoff_base_s=self.backoff_base_s,
+                       backoff_max_s=self.backoff_max_s, sleep=self._sleep)
+        other._preferred = self._preferred
+        return other
+
+    def close(self) -> None:
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ keys
+    def get(self, key: str, consistency: str | Consistency = "linearizable") -> ReadResult:
+        """The value and index of `key`; raises KeyNotFound when it is absent."""
+        level = Consistency(consistency).value
+        payload = self._call("GET", _key_path(key), query={"consistency": level}, policy=_READ)
+        return ReadResult(payload.get("value"), _int(payload, "index"))
+
+    def put(self, key: str, value: object, prev_index: int | None = None) -> WriteResult:
+        """Committed and applied on return. `prev_index`: only if the key is still at that
+        index (0: only if absent), else ConditionFailed."""
+        body: dict[str, object] = {"value": value}
+        if prev_index is not None:
+            body["prev_index"] = prev_index
+        payload = self._call("PUT", _key_path(key), body=body, policy=_KEYED_WRITE,
+                             idempotency_key=str(uuid.uuid4()))
+        return WriteResult(payload.get("value"), _int(payload, "index"))
+
+    def delete(self, key: str, prev_index: int | None = None) -> DeleteResult:
+        query = {} if prev_index is None else {"prev_index": str(prev_index)}
+        payload = self._call("DELETE", _key_path(key), query=query, policy=_KEYED_WRITE,
+                             idempotency_key=str(uuid.uuid4()))
+        return DeleteResult(bool(payload.get("deleted")), _int(payload, "index"))
+
+    def batch(self, ops: Sequence[BatchOp]) -> BatchResult:
+        """All ops at one index, or none of them (ConditionFailed)."""
+        encoded: builtins.list[dict[str, object]] = []
+        for op in ops:
+            item: dict[str, object] = {"op": op.op, "key": op.key}
+            if op.op == "put":
+                item["value"] = op.value
+            if op.prev_index is not None:
+                item["prev_index"] = op.prev_index
+            encoded.append(item)
+        payload = self._call("POST", "/batch", body={"ops": encoded}, policy=_KEYED_WRITE,
+                             idempotency_key=str(uuid.uuid4()))
+        results = payload.get("results")
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise _bad_response("'results' is not a list of objects")
+        return BatchResult(_int(payload, "index"), tuple(_write_result(r) for r in results))
+
+    def list(self, prefix: str = "", limit: int = 1000,
+             consistency: str | Consistency = "linearizable") -> builtins.list[KeyValue]:
+        """Up to `limit` keys starting with `prefix`, in key order."""
+        query = {"prefix": prefix, "limit": str(limit),
+                 "consistency": Consistency(consistency).value}
+        payload = self._call("GET", "/keys", query=query, policy=_READ)
+        keys = payload.get("keys")
+        if not isinstance(keys, list):
+            raise _bad_response("'keys' is not a list")
+        return [KeyValue(str(kv.get("key")), kv.get("value"), _int(kv, "index"))
+                for kv in keys if isinstance(kv, dict)]
+
+    # ------------------------------------------------------------------ nodes and cluster
+    def status(self, url: str | None = None) -> NodeStatus:
+        """The status of the node at `url` (default: the preferred node)."""
+        node = None if url is None else _Node.parse(url)
+        p = self._call("GET", "/status", policy=_READ, node=node, wait=False)
+        extra = p.get("extra")
+        try:
+            return NodeStatus(
+                id=str(p["id"]), role=str(p["role"]), term=_int(p, "term"),
+                leader=p.get("leader") if isinstance(p.get("leader"), str) else None,
+                commit_index=_int(p, "commit_index"), applied_index=_int(p, "applied_index"),
+                last_index=_int(p, "last_index"), snapshot_index=_int(p, "snapshot_index"),
+                members=tuple(_members(p.get("members"))), cluster_id=str(p.get("cluster_id")),
+                extra=extra if isinstance(extra, dict) else {})
+        except KeyError as ex:
+            raise _bad_response(f"the status has no {ex.args[0]!r}") from None
+
+    def members(self) -> builtins.list[Member]:
+        return _members(self._call("GET", "/cluster", policy=_READ, wait=False).get("members"))
+
+    def join(self, node_id: str | None, address: str, voter: bool = True) -> int:
+        """Add the node listening for Raft at `address`; returns the index of the change."""
+        body: dict[str, object] = {"address": address, "voter": voter}
+        if node_id is not None:
+            body["id"] = node_id
+        return _int(self._call("POST", "/cluster/join", body=body, policy=_UNKEYED_WRITE),
+                    "index")
+
+    def remove(self, node_id: str) -> int:
+        path = "/cluster/members/" + quote(node_id, safe="")
+        return _int(self._call("DELETE", path, policy=_UNKEYED_WRITE), "index")
+
+    # ------------------------------------------------------------------ the retry loop
+    def _call(self, method: str, path: str, *, policy: _Policy,
+              query: Mapping[str, str] | None = None, body: object = None,
+              idempotency_key: str | None = None, node: _Node | None = None,
+              wait: bool = True) -> dict[str, Any]:
+        params = dict(query or {})
+        if wait:
+            params["timeout"] = format(self.timeout_s, "g")
+        target = path + (f"?{urlencode(params)}" if params else "")
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = _json_bytes(body)
+            headers["Content-Type"] = "application/json"
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+
+        deadline = time.monotonic() + self.retry_budget_s
+        maybe_applied = False
+        attempt = 0
+        while True:
+            to = node or self._nodes[self._preferred]
+            moved = False
+            try:
+                status, payload = self._exchange(to, method, target, data, headers,
+                                                 resend=policy.resend)
+            except _NotSent as ex:
+                error: ClientError = Unavailable(f"cannot connect to {to.address}: {ex}",
+                                                 code="connection_failed")
+                moved = self._rotate(to)
+            except _MaybeSent as ex:
+                kind = OutcomeUnknown if policy.write else Unavailable
+                error = kind(f"no answer from {to.address}: {ex}", code="no_answer")
+                maybe_applied = maybe_applied or policy.write
+                if not policy.resend:
+                    raise error from ex
+                moved = self._rotate(to)
+            else:
+                if status < 300:
+                    return payload
+                error = _error_from(status, payload)
+                moved = self._follow(error.leader) or (
+                    error.leader is None and isinstance(error, Unavailable) and self._rotate(to))
+                if not self._should_retry(error, policy):
+                    raise error
+                maybe_applied = maybe_applied or isinstance(error, OutcomeUnknown)
+
+            attempt += 1
+            # Following a fresh leader hint to another node is worth an immediate retry.
+            delay = 0.0 if moved and attempt == 1 else self._backoff_s(attempt)
+            if attempt > self.retries or time.monotonic() + delay >= deadline:
+                if maybe_applied and not isinstance(error, OutcomeUnknown):
+                    raise OutcomeUnknown(
+                        f"gave up after {attempt} attempts; an earlier attempt may have been "
+                        f"applied ({error.message})", status=error.status, code="outcome_unknown",
+                        body=error.body) from error
+                raise error
+            if delay > 0:
+                self._sleep(delay)
+
+    @staticmethod
+    def _should_retry(error: ClientError, policy: _Policy) -> bool:
+        if isinstance(error, OutcomeUnknown):
+            return policy.resend  # safe only when the server can recognise the retry
+        return isinstance(error, Unavailable)  # 503 (nothing applied), 504 read_timeout
+
+    def _backoff_s(self, attempt: int) -> float:
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2.0 ** (attempt - 1))
+        return ceiling * self._rng.uniform(0.5, 1.0)
+
+    def _rotate(self, failed: _Node) -> bool:
+        """Prefer the next node after `failed`; True when the preference changed."""
+        if failed in self._nodes and len(self._nodes) > 1:
+            self._preferred = (self._nodes.index(failed) + 1) % len(self._nodes)
+            return True
+        return False
+
+    def _follow(self, leader: str | None) -> bool:
+        """Prefer the hinted leader (learning its address if new); True when it changed."""
+        if leader is None:
+            return False
+        try:
+            node = _Node.parse(leader)
+        except ValueError:
+            return False
+        if node not in self._nodes:
+            if len(self._nodes) >= _MAX_NODES:
+                return False
+            self._nodes.append(node)
+        index = self._nodes.index(node)
+        changed = index != self._preferred
+        self._preferred = index
+        return changed
+
+    # ------------------------------------------------------------------ one exchange
+    def _connection(self, node: _Node) -> http.client.HTTPConnection:
+        connection = self._connections.get(node)
+        if connection is None:
+            connection = http.client.HTTPConnection(
+                node.host, node.port, timeout=self.timeout_s + _SOCKET_SLACK_S)
+            self._connections[node] = connection
+        return connection
+
+    def _drop(self, node: _Node) -> None:
+        connection = self._connections.pop(node, None)
+        if connection is not None:
+            connection.close()
+
+    def _exchange(self, node: _Node, method: str, target: str, data: bytes | None,
+                  headers: Mapping[str, str], *, resend: bool) -> tuple[int, dict[str, Any]]:
+        connection = self._connection(node)
+        reused = connection.sock is not None
+        if not reused:
+            try:
+                connection.connect()
+            except OSError as ex:
+                self._drop(node)
+                raise _NotSent(str(ex) or type(ex).__name__) from ex
+        try:
+            connection.request(method, target, body=data, headers=dict(headers))
+            response = connection.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as ex:
+            self._drop(node)
+            stale = isinstance(ex, http.client.RemoteDisconnected | ConnectionResetError
+                               | BrokenPipeError)
+            if reused and stale and resend:
+                # The server closed the idle keep-alive connection: once more on a fresh one.
+                return self._exchange(node, method, target, data, headers, resend=False)
+            raise _MaybeSent(str(ex) or type(ex).__name__) from ex
+        if response.will_close:
+            self._drop(node)
+        return response.status, self._decode(raw, response.status)
+
+    @staticmethod
+    def _decode(raw: bytes, status: int) -> dict[str, Any]:
+        if not raw:
+            return {}
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            if status < 300:
+                raise _bad_response("the body is not JSON") from None
+            return {}  # e.g. a proxy's HTML error page: the status says enough
+        if not isinstance(payload, dict):
+            raise _bad_response("the body is not a JSON object")
+        return payload

@@ -1,0 +1,656 @@
+"""The JSON HTTP API of a node: `create_app(service)` builds a Falcon app over a KVService.
+
+Resources are thin: they validate the request, call the service, and format the answer.
+Every failure, whether raised by validation, by the service or by Falcon itself (unknown route,
+wrong method), becomes a JSON body `{"error": code, "message": text, "leader": address|null}`
+through ONE table, `ERROR_TABLE`. Anything the table does not know is a bug: it is logged with
+its traceback and answered 500 `internal_error`, never with the traceback itself.
+
+Limits (every input is bounded): keys 1..MAX_KEY_BYTES bytes of UTF-8, values at most
+MAX_VALUE_BYTES once JSON-encoded, bodies at most `max_body_bytes`, batches 1..MAX_BATCH_OPS
+ops, lists 1..MAX_LIST_LIMIT keys, waits 0 < timeout <= MAX_TIMEOUT_S seconds.
+
+Keys live in the path (`/keys/a/b` is the key `a/b`). Because the trailing slash is optional
+everywhere, a key that ends with `/` cannot be addressed through the path; use `/batch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
+from urllib.parse import quote, unquote
+
+import falcon
+
+from raftkv.service import (
+    MAX_KEY_BYTES,
+    MAX_VALUE_BYTES,
+    BatchOp,
+    ConditionFailedError,
+    Consistency,
+    DeleteResult,
+    InvalidRequestError,
+    KeyNotFoundError,
+    KVService,
+    Member,
+    MembershipChangeError,
+    NoLeaderError,
+    NotLeaderError,
+    OutcomeUnknownError,
+    ReadTimeoutError,
+    ServiceError,
+    StorageFullError,
+    UnavailableError,
+    WriteResult,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "ERROR_TABLE",
+    "MAX_BATCH_OPS",
+    "MAX_LIST_LIMIT",
+    "MAX_TIMEOUT_S",
+    "ErrorRule",
+    "create_app",
+]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES: Final = MAX_VALUE_BYTES + 64 * 1024
+"""One maximal value plus room for the JSON around it."""
+MAX_BATCH_OPS: Final = 10_000
+MAX_LIST_LIMIT: Final = 10_000
+DEFAULT_LIST_LIMIT: Final = 1000
+MAX_TIMEOUT_S: Final = 60.0
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
+MAX_NODE_ID_CHARS: Final = 64
+MAX_ADDRESS_CHARS: Final = 255
+MAX_INDEX: Final = (1 << 63) - 1
+_MIN_JSON_INT: Final = -(1 << 63)
+_MAX_JSON_INT: Final = (1 << 64) - 1
+_SEPARATORS: Final = (",", ":")
+_RETRY_AFTER_S: Final = "1"
+
+
+# --------------------------------------------------------------------------- request errors
+class RequestError(Exception):
+    """The request is wrong. `message` is written for the caller and safe to show."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidJsonError(RequestError):
+    """The body is not a JSON object (syntax, encoding, NaN/Infinity, empty)."""
+
+
+class MissingFieldError(RequestError):
+    pass
+
+
+class InvalidFieldError(RequestError):
+    """A field, query parameter, path parameter or header has a wrong type or value."""
+
+
+class BodyTooLargeError(RequestError):
+    pass
+
+
+class ValueTooLargeError(RequestError):
+    pass
+
+
+class UnsupportedMediaTypeError(RequestError):
+    pass
+
+
+class NotReadyError(RequestError):
+    """Raised by /ready; not the caller's fault, but it carries a message the same way."""
+
+
+# --------------------------------------------------------------------------- the error table
+@dataclass(frozen=True, slots=True)
+class ErrorRule:
+    status: int
+    code: str
+    retry_after: bool = False
+
+
+ERROR_TABLE: Final[Mapping[type[Exception], ErrorRule]] = MappingProxyType({
+    # 400: the request is wrong
+    InvalidJsonError: ErrorRule(400, "invalid_json"),
+    MissingFieldError: ErrorRule(400, "missing_field"),
+    InvalidFieldError: ErrorRule(400, "invalid_field"),
+    InvalidRequestError: ErrorRule(400, "invalid_request"),
+    falcon.HTTPBadRequest: ErrorRule(400, "invalid_request"),  # e.g. a malformed Content-Length
+    # 404, 405: no such key, no such route, wrong method
+    KeyNotFoundError: ErrorRule(404, "key_not_found"),
+    falcon.HTTPNotFound: ErrorRule(404, "not_found"),
+    falcon.HTTPMethodNotAllowed: ErrorRule(405, "method_not_allowed"),
+    # 409: a condition or a membership change was refused
+    ConditionFailedError: ErrorRule(409, "condition_failed"),
+    MembershipChangeError: ErrorRule(409, "membership_change_rejected"),
+    # 413, 415: the body
+    BodyTooLargeError: ErrorRule(413, "body_too_large"),
+    falcon.HTTPContentTooLarge: ErrorRule(413, "body_too_large"),
+    ValueTooLargeError: ErrorRule(413, "value_too_large"),
+    UnsupportedMediaTypeError: ErrorRule(415, "unsupported_media_type"),
+    falcon.HTTPUnsupportedMediaType: ErrorRule(415, "unsupported_media_type"),
+    # 503: retry shortly (the leader hint says where)
+    NoLeaderError: ErrorRule(503, "no_leader", retry_after=True),
+    NotLeaderError: ErrorRule(503, "not_leader", retry_after=True),
+    UnavailableError: ErrorRule(503, "unavailable", retry_after=True),
+    NotReadyError: ErrorRule(503, "not_ready", retry_after=True),
+    # 504: a wait ran out; for a write the outcome is unknown
+    OutcomeUnknownError: ErrorRule(504, "commit_timeout"),
+    ReadTimeoutError: ErrorRule(504, "read_timeout"),
+    # 507
+    StorageFullError: ErrorRule(507, "storage_full"),
+})
+
+_INTERNAL_ERROR: Final = ErrorRule(500, "internal_error")
+
+
+def _rule_for(ex: Exception) -> ErrorRule | None:
+    for cls in type(ex).__mro__:
+        rule = ERROR_TABLE.get(cls)
+        if rule is not None:
+            return rule
+    if isinstance(ex, falcon.HTTPError):  # a Falcon error the table does not name
+        status = ex.status_code
+        return ErrorRule(status, "invalid_request" if status < 500 else "internal_error")
+    return None
+
+
+class _ErrorRenderer:
+    """Renders every exception as the one JSON error shape (registered for Exception)."""
+
+    def __init__(self, service: KVService) -> None:
+        self._service = service
+
+    def __call__(self, req: falcon.Request, resp: falcon.Response, ex: Exception,
+                 params: dict[str, Any]) -> None:
+        rule = _rule_for(ex)
+        if rule is None:
+            _log.error("event=http_internal_error method=%s route=%s error=%s",
+                       req.method, req.uri_template, type(ex).__name__, exc_info=ex)
+            rule, message = _INTERNAL_ERROR, "internal error"
+        else:
+            message = _message_of(ex, req)
+        body: dict[str, object] = {"error": rule.code, "message": message,
+                                   "leader": self._leader_hint(ex)}
+        if isinstance(ex, ConditionFailedError):
+            body["key"] = ex.key
+            body["current_index"] = ex.current_index
+        elif isinstance(ex, OutcomeUnknownError):
+            body["outcome"] = "unknown"
+        if isinstance(ex, falcon.HTTPError) and ex.headers:
+            resp.set_headers(ex.headers)  # e.g. Allow on a 405
+        if rule.retry_after:
+            resp.set_header("Retry-After", _RETRY_AFTER_S)
+        _send(resp, body, rule.status)
+
+    def _leader_hint(self, ex: Exception) -> str | None:
+        if isinstance(ex, ServiceError) and ex.leader is not None:
+            return ex.leader
+        try:
+            return self._service.leader_http_address()
+        except Exception:  # the hint is best effort; the error being rendered matters more
+            _log.debug("event=leader_hint_failed", exc_info=True)
+            return None
+
+
+def _message_of(ex: Exception, req: falcon.Request) -> str:
+    if isinstance(ex, RequestError | ServiceError):
+        return ex.message
+    if isinstance(ex, falcon.HTTPMethodNotAllowed):
+        allowed = (ex.headers or {}).get("Allow", "")  # type: ignore[union-attr]
+        return f"{req.method} is not allowed here; allowed: {allowed}"
+    if isinstance(ex, falcon.HTTPNotFound):
+        return f"no such resource: {req.method} {req.path}"
+    if isinstance(ex, falcon.HTTPError):
+        return ex.description or ex.title
+    return type(ex).__name__
+
+
+# --------------------------------------------------------------------------- JSON in and out
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return number
+
+
+def _bounded_int(text: str) -> int:
+    number = int(text)  # more than sys.get_int_max_str_digits() digits raises ValueError
+    if not _MIN_JSON_INT <= number <= _MAX_JSON_INT:
+        raise ValueError("an integer does not fit in 64 bits")
+    return number
+
+
+_DECODER: Final = json.JSONDecoder(parse_float=_finite_float, parse_int=_bounded_int,
+                                   parse_constant=_reject_constant)
+
+
+def _dumps(body: object) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=_SEPARATORS,
+                      allow_nan=False, default=str).encode("utf-8")
+
+
+def _send(resp: falcon.Response, body: object, status: int = 200) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = _dumps(body)
+
+
+def _check_media_type(req: falcon.Request) -> None:
+    content_type = req.content_type
+    if content_type is None or not content_type.strip():
+        return
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    # `curl -d '{"value": 1}'` (the original demo's session) labels its JSON body as a form:
+    # the body is read as JSON all the same.
+    if media_type in ("application/json", "application/x-www-form-urlencoded") or (
+            media_type.startswith("application/") and media_type.endswith("+json")):
+        return
+    raise UnsupportedMediaTypeError(
+        f"Content-Type {media_type[:100]!r} is not supported: send application/json")
+
+
+def _read_object(req: falcon.Request, max_body_bytes: int) -> dict[str, object]:
+    """The body as a JSON object, read without ever holding more than max_body_bytes + 1."""
+    _check_media_type(req)
+    length = req.content_length  # a malformed header raises HTTPInvalidHeader (400)
+    if length is not None:
+        if length > max_body_bytes:
+            raise BodyTooLargeError(
+                f"the body is {length} bytes; the limit is {max_body_bytes}")
+        data = req.bounded_stream.read()
+    elif req.env.get("wsgi.input_terminated"):  # chunked, and the server says where it ends
+        data = req.stream.read(max_body_bytes + 1)
+        if len(data) > max_body_bytes:
+            raise BodyTooLargeError(f"the body is over the limit of {max_body_bytes} bytes")
+    else:
+        data = b""
+    if not data.strip():
+        raise InvalidJsonError("the body is empty: send a JSON object")
+    try:
+        parsed = _DECODER.decode(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InvalidJsonError("the body is not valid UTF-8") from None
+    except ValueError as ex:  # JSONDecodeError, NaN/Infinity, out-of-range numbers
+        raise InvalidJsonError(f"the body is not valid JSON: {ex}") from None
+    except RecursionError:
+        raise InvalidJsonError("the body is nested too deeply") from None
+    if not isinstance(parsed, dict):
+        raise InvalidJsonError("the body must be a JSON object")
+    return parsed
+
+
+# --------------------------------------------------------------------------- field checks
+def _only_fields(obj: Mapping[str, object], allowed: frozenset[str], where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise InvalidFieldError(
+            f"unknown field '{where}{unknown[0]}'; expected: {', '.join(sorted(allowed))}")
+
+
+def _check_key(key: object, where: str = "key") -> str:
+    if not isinstance(key, str):
+        raise InvalidFieldError(f"{where} must be a string")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidFieldError(f"{where} is not valid Unicode") from None
+    if not 1 <= size <= MAX_KEY_BYTES:
+        raise InvalidFieldError(f"{where} must be 1..{MAX_KEY_BYTES} bytes of UTF-8; "
+                                f"it is {size}")
+    return key
+
+
+def _check_value(value: object, where: str = "value") -> object:
+    try:
+        size = len(json.dumps(value, ensure_ascii=False, separators=_SEPARATORS,
+                              allow_nan=False).encode("utf-8"))
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        raise InvalidFieldError(f"{where} is not encodable (lone surrogate?)") from None
+    if size > MAX_VALUE_BYTES:
+        raise ValueTooLargeError(
+            f"{where} is {size} bytes encoded; the limit is {MAX_VALUE_BYTES}")
+    return value
+
+
+def _check_prev_index(value: object, where: str = "prev_index") -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INDEX:
+        raise InvalidFieldError(f"{where} must be an integer >= 0")
+    return value
+
+
+def _required(obj: Mapping[str, object], name: str, where: str = "") -> object:
+    if name not in obj:
+        raise MissingFieldError(f"missing field '{where}{name}'")
+    return obj[name]
+
+
+def _check_node_id(value: object, where: str = "id") -> str:
+    if (not isinstance(value, str) or not 1 <= len(value) <= MAX_NODE_ID_CHARS
+            or not value.isprintable() or any(c.isspace() or c == "/" for c in value)):
+        raise InvalidFieldError(
+            f"{where} must be a node name of 1..{MAX_NODE_ID_CHARS} printable characters "
+            "without spaces or '/', like n1")
+    return value
+
+
+def _check_address(value: object, where: str = "address") -> str:
+    if isinstance(value, str) and 3 <= len(value) <= MAX_ADDRESS_CHARS:
+        host, sep, port = value.rpartition(":")
+        if sep and host and port.isdigit() and 1 <= int(port) <= 65535:
+            return value
+    raise InvalidFieldError(f"{where} must be 'host:port'")
+
+
+# --------------------------------------------------------------------------- query and headers
+def _param(req: falcon.Request, name: str) -> str | None:
+    value = req.params.get(name)
+    if isinstance(value, list):
+        raise InvalidFieldError(f"query parameter {name!r} is given more than once")
+    return value
+
+
+def _flag(req: falcon.Request, name: str) -> bool:
+    value = _param(req, name)
+    if value is None:
+        return False
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no", ""):
+        return False
+    raise InvalidFieldError(f"query parameter {name!r} must be true or false")
+
+
+def _consistency(req: falcon.Request) -> Consistency:
+    value = _param(req, "consistency")
+    if value is None:
+        return Consistency.LINEARIZABLE
+    try:
+        return Consistency(value)
+    except ValueError:
+        raise InvalidFieldError(
+            "query parameter 'consistency' must be linearizable, leader or stale") from None
+
+
+def _int_param(req: falcon.Request, name: str, low: int, high: int) -> int | None:
+    value = _param(req, name)
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or not low <= int(value) <= high:
+        raise InvalidFieldError(f"query parameter {name!r} must be an integer in {low}..{high}")
+    return int(value)
+
+
+def _request_id(req: falcon.Request) -> str | None:
+    value = req.get_header("Idempotency-Key")
+    if value is None:
+        return None
+    if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY_CHARS or not all(
+            " " <= c <= "~" for c in value):
+        raise InvalidFieldError(
+            f"header Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} printable "
+            "ASCII characters")
+    return value
+
+
+# --------------------------------------------------------------------------- the API context
+@dataclass(frozen=True, slots=True)
+class _Api:
+    """What every resource shares: the service and the request limits."""
+
+    service: KVService
+    max_body_bytes: int
+    default_timeout_s: float
+
+    def timeout_s(self, req: falcon.Request) -> float:
+        value = _param(req, "timeout")
+        if value is None:
+            return self.default_timeout_s
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_S):
+            raise InvalidFieldError(
+                f"query parameter 'timeout' must be seconds in (0, {MAX_TIMEOUT_S:g}]")
+        return seconds
+
+    def read_object(self, req: falcon.Request) -> dict[str, object]:
+        return _read_object(req, self.max_body_bytes)
+
+    def redirected(self, req: falcon.Request, resp: falcon.Response) -> bool:
+        """With ?redirect=true on a follower, answer 307 to the leader (and return True)."""
+        if not _flag(req, "redirect") or self.service.is_leader():
+            return False
+        leader = self.service.leader_http_address()
+        if leader is None:
+            raise NoLeaderError("no leader is known yet; retry shortly")
+        base = leader if leader.startswith(("http://", "https://")) else f"http://{leader}"
+        query = "&".join(part for part in req.query_string.split("&")
+                         if part and unquote(part.split("=", 1)[0]) != "redirect")
+        location = base + quote(req.root_path + req.path) + (f"?{query}" if query else "")
+        resp.set_header("Location", location)
+        _send(resp, {"leader": leader, "location": location}, 307)
+        return True
+
+
+def _write_json(key: str, result: WriteResult | DeleteResult) -> dict[str, object]:
+    if isinstance(result, DeleteResult):
+        return {"key": key, "deleted": result.deleted, "index": result.index}
+    return {"key": key, "value": result.value, "index": result.index}
+
+
+def _member_json(member: Member) -> dict[str, object]:
+    return dataclasses.asdict(member)
+
+
+# --------------------------------------------------------------------------- resources
+class _KeyResource:
+    _BODY_FIELDS: Final = frozenset({"value", "prev_index"})
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        result = self._api.service.get(_check_key(key), _consistency(req),
+                                       self._api.timeout_s(req))
+        _send(resp, {"value": result.value, "index": result.index})
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        key = _check_key(key)
+        timeout_s, request_id = self._api.timeout_s(req), _request_id(req)
+        if self._api.redirected(req, resp):
+            return
+        body = self._api.read_object(req)
+        _only_fields(body, self._BODY_FIELDS, "")
+        value = _check_value(_required(body, "value"))
+        prev_index = _check_prev_index(body.get("prev_index"))
+        result = self._api.service.put(key, value, prev_index=prev_index,
+                                       request_id=request_id, timeout_s=timeout_s)
+        _send(resp, {"value": result.value, "index": result.index})
+
+    on_post = on_put
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        key = _check_key(key)
+        timeout_s, request_id = self._api.timeout_s(req), _request_id(req)
+        prev_index = _int_param(req, "prev_index", 0, MAX_INDEX)
+        if self._api.redirected(req, resp):
+            return
+        result = self._api.service.delete(key, prev_index=prev_index, request_id=request_id,
+                                          timeout_s=timeout_s)
+        _send(resp, {"deleted": result.deleted, "index": result.index})
+
+
+class _KeysResource:
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        prefix = _param(req, "prefix") or ""
+        if prefix:
+            _check_key(prefix, "query parameter 'prefix'")
+        limit = _int_param(req, "limit", 1, MAX_LIST_LIMIT) or DEFAULT_LIST_LIMIT
+        found = self._api.service.list_keys(prefix, limit, _consistency(req),
+                                            self._api.timeout_s(req))
+        _send(resp, {"keys": [{"key": kv.key, "value": kv.value, "index": kv.index}
+                              for kv in found]})
+
+
+class _BatchResource:
+    _BODY_FIELDS: Final = frozenset({"ops"})
+    _PUT_FIELDS: Final = frozenset({"op", "key", "value", "prev_index"})
+    _DELETE_FIELDS: Final = frozenset({"op", "key", "prev_index"})
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        timeout_s, request_id = self._api.timeout_s(req), _request_id(req)
+        if self._api.redirected(req, resp):
+            return
+        body = self._api.read_object(req)
+        _only_fields(body, self._BODY_FIELDS, "")
+        raw_ops = _required(body, "ops")
+        if not isinstance(raw_ops, list) or not 1 <= len(raw_ops) <= MAX_BATCH_OPS:
+            raise InvalidFieldError(f"'ops' must be a list of 1..{MAX_BATCH_OPS} operations")
+        ops = [self._op(raw, f"ops[{i}].") for i, raw in enumerate(raw_ops)]
+        result = self._api.service.batch(ops, request_id=request_id, timeout_s=timeout_s)
+        _send(resp, {"index": result.index,
+                     "results": [_write_json(op.key, r)
+                                 for op, r in zip(ops, result.results, strict=True)]})
+
+    def _op(self, raw: object, where: str) -> BatchOp:
+        if not isinstance(raw, dict):
+            raise InvalidFieldError(f"{where[:-1]} must be an object")
+        kind = _required(raw, "op", where)
+        if kind not in ("put", "delete"):
+            raise InvalidFieldError(f"{where}op must be 'put' or 'delete'")
+        _only_fields(raw, self._PUT_FIELDS if kind == "put" else self._DELETE_FIELDS, where)
+        key = _check_key(_required(raw, "key", where), f"{where}key")
+        prev_index = _check_prev_index(raw.get("prev_index"), f"{where}prev_index")
+        if kind == "put":
+            value = _check_value(_required(raw, "value", where), f"{where}value")
+            return BatchOp("put", key, value, prev_index)
+        return BatchOp("delete", key, None, prev_index)
+
+
+class _StatusResource:
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        _send(resp, dataclasses.asdict(self._api.service.status()))
+
+
+class _HealthResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        _send(resp, {"status": "ok"})
+
+
+class _ReadyResource:
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        readiness = self._api.service.readiness()
+        if not readiness.ready:
+            raise NotReadyError(readiness.reason or "not ready")
+        _send(resp, {"status": "ready"})
+
+
+class _ClusterResource:
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        members = self._api.service.members()
+        leader = next((m.id for m in members if m.leader), None)
+        _send(resp, {"members": [_member_json(m) for m in members], "leader": leader})
+
+
+class _JoinResource:
+    _BODY_FIELDS: Final = frozenset({"id", "address", "voter"})
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        timeout_s = self._api.timeout_s(req)
+        if self._api.redirected(req, resp):
+            return
+        body = self._api.read_object(req)
+        _only_fields(body, self._BODY_FIELDS, "")
+        raw_id = body.get("id")
+        node_id = None if raw_id is None else _check_node_id(raw_id)
+        address = _check_address(_required(body, "address"))
+        voter = body.get("voter", True)
+        if not isinstance(voter, bool):
+            raise InvalidFieldError("voter must be true or false")
+        index = self._api.service.join(node_id, address, voter=voter, timeout_s=timeout_s)
+        _send(resp, {"index": index})
+
+
+class _MemberResource:
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, member_id: str) -> None:
+        node_id = _check_node_id(member_id)
+        timeout_s = self._api.timeout_s(req)
+        if self._api.redirected(req, resp):
+            return
+        index = self._api.service.remove(node_id, timeout_s=timeout_s)
+        _send(resp, {"index": index})
+
+
+# --------------------------------------------------------------------------- the factory
+def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               default_timeout_s: float = 5.0) -> falcon.App[falcon.Request, falcon.Response]:
+    """The WSGI app of one node. `service` is the only thing it calls."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, not {max_body_bytes}")
+    if not 0 < default_timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"default_timeout_s must be in (0, {MAX_TIMEOUT_S:g}]")
+    api = _Api(service, max_body_bytes, default_timeout_s)
+    app = falcon.App()
+    app.req_options.strip_url_path_trailing_slash = True  # /keys/a/ is /keys/a
+    app.req_options.auto_parse_qs_csv = False
+    app.req_options.keep_blank_qs_values = True
+
+    app.add_route("/keys", _KeysResource(api))
+    app.add_route("/keys/{key:path}", _KeyResource(api))
+    app.add_route("/batch", _BatchResource(api))
+    app.add_route("/status", _StatusResource(api))
+    app.add_route("/health", _HealthResource())
+    app.add_route("/ready", _ReadyResource(api))
+    app.add_route("/cluster", _ClusterResource(api))
+    app.add_route("/cluster/join", _JoinResource(api))
+    app.add_route("/cluster/members/{member_id}", _MemberResource(api))
+
+    # One renderer for everything: Falcon's own HTTPError (404, 405...) included.
+    renderer = _ErrorRenderer(service)
+    app.add_error_handler(Exception, renderer)
+    app.add_error_handler(falcon.HTTPError, renderer)
+    return app

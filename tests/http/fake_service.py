@@ -1,0 +1,181 @@
+"""An in-memory KVService for the HTTP layer's tests, with switches to raise every error.
+
+Thread-safe (the waitress tests call it from worker threads). Every operation is recorded in
+`calls` so a test can check what reached the service (request ids, timeouts, consistency).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from raftkv.service import (
+    BatchOp,
+    BatchResult,
+    ConditionFailedError,
+    Consistency,
+    DeleteResult,
+    KeyNotFoundError,
+    KeyValue,
+    Member,
+    MembershipChangeError,
+    NodeStatus,
+    Readiness,
+    ReadResult,
+    WriteResult,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    op: str
+    key: str | None = None
+    request_id: str | None = None
+    timeout_s: float | None = None
+    consistency: Consistency | None = None
+    prev_index: int | None = None
+
+
+class FakeService:
+    """Switches:
+    - `fail_next`: exceptions raised by the next operations, first in first out;
+    - `fail_with`: an exception raised by every operation while set;
+    - `leader`, `leader_address`: what is_leader() and leader_http_address() answer;
+    - `ready`: what readiness() answers.
+    """
+
+    def __init__(self, *, node_id: str = "n1", leader: bool = True,
+                 leader_address: str | None = None) -> None:
+        self.node_id = node_id
+        self.leader = leader
+        self.leader_address = leader_address
+        self.ready = Readiness(True, "")
+        self.fail_next: deque[Exception] = deque()
+        self.fail_with: Exception | None = None
+        self.calls: list[Call] = []
+        self._lock = threading.Lock()
+        self._data: dict[str, tuple[object, int]] = {}
+        self._index = 0
+        self._done: dict[str, object] = {}
+        self._members = [Member(node_id, "127.0.0.1:7001", leader_address, True, leader)]
+
+    # ------------------------------------------------------------------ helpers
+    def _enter(self, call: Call) -> None:
+        self.calls.append(call)
+        if self.fail_next:
+            raise self.fail_next.popleft()
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def calls_of(self, op: str) -> list[Call]:
+        with self._lock:
+            return [c for c in self.calls if c.op == op]
+
+    def _check(self, key: str, prev_index: int | None) -> None:
+        if prev_index is None:
+            return
+        current = self._data.get(key, (None, 0))[1]
+        if current != prev_index:
+            raise ConditionFailedError(f"{key!r} is at index {current}, not {prev_index}",
+                                       key=key, current_index=current)
+
+    # ------------------------------------------------------------------ KVService
+    def get(self, key: str, consistency: Consistency, timeout_s: float) -> ReadResult:
+        with self._lock:
+            self._enter(Call("get", key, timeout_s=timeout_s, consistency=consistency))
+            if key not in self._data:
+                raise KeyNotFoundError(f"no key {key!r}")
+            value, index = self._data[key]
+            return ReadResult(value, index)
+
+    def list_keys(self, prefix: str, limit: int, consistency: Consistency,
+                  timeout_s: float) -> list[KeyValue]:
+        with self._lock:
+            self._enter(Call("list", prefix, timeout_s=timeout_s, consistency=consistency))
+            keys = sorted(k for k in self._data if k.startswith(prefix))[:limit]
+            return [KeyValue(k, *self._data[k]) for k in keys]
+
+    def put(self, key: str, value: object, *, prev_index: int | None = None,
+            request_id: str | None = None, timeout_s: float) -> WriteResult:
+        with self._lock:
+            self._enter(Call("put", key, request_id, timeout_s, prev_index=prev_index))
+            if request_id is not None and request_id in self._done:
+                done = self._done[request_id]
+                assert isinstance(done, WriteResult)
+                return done
+            self._check(key, prev_index)
+            self._index += 1
+            self._data[key] = (value, self._index)
+            result = WriteResult(value, self._index)
+            if request_id is not None:
+                self._done[request_id] = result
+            return result
+
+    def delete(self, key: str, *, prev_index: int | None = None,
+               request_id: str | None = None, timeout_s: float) -> DeleteResult:
+        with self._lock:
+            self._enter(Call("delete", key, request_id, timeout_s, prev_index=prev_index))
+            self._check(key, prev_index)
+            self._index += 1
+            return DeleteResult(self._data.pop(key, None) is not None, self._index)
+
+    def batch(self, ops: list[BatchOp], *, request_id: str | None = None,
+              timeout_s: float) -> BatchResult:
+        with self._lock:
+            self._enter(Call("batch", None, request_id, timeout_s))
+            for op in ops:
+                self._check(op.key, op.prev_index)
+            self._index += 1
+            results: list[WriteResult | DeleteResult] = []
+            for op in ops:
+                if op.op == "put":
+                    self._data[op.key] = (op.value, self._index)
+                    results.append(WriteResult(op.value, self._index))
+                else:
+                    deleted = self._data.pop(op.key, None) is not None
+                    results.append(DeleteResult(deleted, self._index))
+            return BatchResult(self._index, tuple(results))
+
+    def is_leader(self) -> bool:
+        return self.leader
+
+    def leader_http_address(self) -> str | None:
+        return self.leader_address
+
+    def status(self) -> NodeStatus:
+        with self._lock:
+            self._enter(Call("status"))
+            return NodeStatus(
+                id=self.node_id, role="leader" if self.leader else "follower", term=3,
+                leader=self.node_id if self.leader else "n2", commit_index=self._index,
+                applied_index=self._index, last_index=self._index, snapshot_index=0,
+                members=tuple(self._members), cluster_id="c-test", extra={"pending": 0})
+
+    def readiness(self) -> Readiness:
+        return self.ready
+
+    def members(self) -> list[Member]:
+        with self._lock:
+            self._enter(Call("members"))
+            return list(self._members)
+
+    def join(self, node_id: str | None, raft_address: str, *, voter: bool = True,
+             timeout_s: float) -> int:
+        with self._lock:
+            self._enter(Call("join", node_id, timeout_s=timeout_s))
+            new_id = node_id or f"n{len(self._members) + 1}"
+            if any(m.id == new_id for m in self._members):
+                raise MembershipChangeError(f"{new_id} is already a member")
+            self._members.append(Member(new_id, raft_address, None, voter, False))
+            self._index += 1
+            return self._index
+
+    def remove(self, node_id: str, *, timeout_s: float) -> int:
+        with self._lock:
+            self._enter(Call("remove", node_id, timeout_s=timeout_s))
+            if not any(m.id == node_id for m in self._members):
+                raise MembershipChangeError(f"{node_id} is not a member")
+            self._members = [m for m in self._members if m.id != node_id]
+            self._index += 1
+            return self._index
