@@ -236,8 +236,9 @@ class RaftNode:
             if isinstance(m, AppendRequest | HeartbeatRequest) and (
                 self.config.check_quorum or self.config.pre_vote
             ):
-                # A stale leader (e.g. after a partition): tell it the new term.
-                self._send(AppendResponse(self.term, self.id, m.frm, False, 0))
+                # A stale leader (e.g. after a partition): tell it the new term, once that
+                # term is on disk (it may have been raised by a step not yet persisted).
+                self._send_after_persist(AppendResponse(self.term, self.id, m.frm, False, 0))
             elif isinstance(m, VoteRequest) and m.pre_vote:
                 self._send_after_persist(
                     VoteResponse(self.term, self.id, m.frm, granted=False, pre_vote=True)
@@ -679,9 +680,11 @@ class RaftNode:
         elif pr.state is ProgressState.REPLICATE:
             pr.inflights.free_up_to(m.index)
         if self._maybe_commit():
-            pass  # _flush() broadcasts the new commit index
+            if self.role is not Role.LEADER:
+                return  # that commit removed us from the configuration: we stepped down
+            # otherwise _flush() broadcasts the new commit index
         elif was_paused:
-            self._send_append(m.frm)
+            self._send_append(m.frm, allow_empty=True)  # at least carries the commit index
         while self._send_append(m.frm):
             pass
         if m.frm == self._lead_transferee and pr.match == self.log.last_index():
