@@ -1,0 +1,51 @@
+"""The key-value state machine (a dict), its commands, and its snapshots."""
+
+from raftkv.kv.commands import (
+    Batch,
+    Command,
+    CommandDecodeError,
+    Delete,
+    JSONValue,
+    Put,
+    decode_command,
+    encode_command,
+)
+from raftkv.kv.state_machine import (
+    ApplyResult,
+    BatchResult,
+    ConditionFailed,
+    DeleteResult,
+    InvalidCommand,
+    KVSnapshotView,
+    KVStateMachine,
+    PutResult,
+    SnapshotCorrupt,
+    StateMachineError,
+    iter_snapshot_chunks,
+    parse_snapshot,
+    serialize_snapshot,
+)
+
+__all__ = [
+    "ApplyResult",
+    "Batch",
+    "BatchResult",
+    "Command",
+    "CommandDecodeError",
+    "ConditionFailed",
+    "Delete",
+    "DeleteResult",
+    "InvalidCommand",
+    "JSONValue",
+    "KVSnapshotView",
+    "KVStateMachine",
+    "Put",
+    "PutResult",
+    "SnapshotCorrupt",
+    "StateMachineError",
+    "decode_command",
+    "encode_command",
+    "iter_snapshot_chunks",
+    "parse_snapshot",
+    "serialize_snapshot",
+]

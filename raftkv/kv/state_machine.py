@@ -1,0 +1,616 @@
+"""The key-value state machine: a dict of key -> (value, last-modified index).
+
+`KVStateMachine` implements `raftkv.ports.StateMachine`. It applies committed entries in
+order and returns a typed result for the waiting client. Retries are idempotent: the
+result for each of the last `max_request_ids` request ids is remembered (oldest forgotten
+first, so every replica forgets the same ones) and a retried command gets its first answer
+back without being applied again (PITFALLS.md #8).
+
+Snapshots are taken in two steps so writes stall only briefly: `snapshot_view()` takes a
+cheap consistent copy on the caller's (loop) thread, and the pure functions
+`iter_snapshot_chunks(view)` / `serialize_snapshot(view)` turn it into bytes on any thread.
+The bytes are a stream of msgpack objects: a header, then the data in segments of at most
+SEGMENT_KEYS keys (three columns: keys, values, last-modified indices), then the remembered
+answers in segments; each segment is packed by one C call, so a background serialiser gives
+the GIL back between segments. `parse_snapshot`
+(pure, too) and `restore_view` are the reverse; `restore(data, index)` does both.
+
+Values are shared, not copied: treat values returned by `get`, `items` and the results as
+read-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import itertools
+import logging
+import operator
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TypeAlias
+
+import msgpack  # type: ignore[import-untyped, unused-ignore]
+
+from raftkv.core.types import ConfChange, ConfChangeOp, Entry, EntryKind, NodeId
+from raftkv.kv.commands import (
+    Batch,
+    Command,
+    CommandDecodeError,
+    Delete,
+    JSONValue,
+    Put,
+    decode_command,
+)
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = "raftkv.kv"
+SNAPSHOT_VERSION = 1
+SEGMENT_KEYS = 8192
+SEGMENT_REQUESTS = 8192
+DEFAULT_MAX_REQUEST_IDS = 100_000
+MAX_ITEMS_LIMIT = 100_000
+_READ_SIZE_BYTES = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    index: int
+    value: JSONValue
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    index: int
+    deleted: bool
+    """False when the key was absent (the delete still succeeded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    index: int
+    results: tuple[PutResult | DeleteResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionFailed:
+    """A prev_index condition did not hold; nothing of the command was applied."""
+
+    index: int
+    key: str
+    current_index: int
+    """The key's last-modified index when the condition was checked; 0 if absent."""
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidCommand:
+    """The entry's data is not a command this version understands; nothing was applied."""
+
+    index: int
+    reason: str
+
+
+ApplyResult: TypeAlias = PutResult | DeleteResult | BatchResult | ConditionFailed | InvalidCommand
+Record: TypeAlias = tuple[JSONValue, int]
+"""(value, last-modified index)"""
+
+
+@dataclass(frozen=True, slots=True)
+class RememberedAnswer:
+    """The first answer to a request id, without the values: a retry carries them again.
+
+    Keeping values out keeps the memory and the snapshot small (a batch of 1,000 puts
+    would otherwise be remembered with all 1,000 values). `fingerprint` is a hash of the
+    entry data, so a request id reused for a different command is told apart from a retry.
+    """
+
+    fingerprint: bytes
+    index: int
+    kind: int
+    """_PUT, _DELETE, _BATCH or _FAILED."""
+    flags: tuple[bool | None, ...] = ()
+    """Per operation: None for a put, the `deleted` flag for a delete."""
+    key: str = ""
+    """For a failed condition: the key and its last-modified index."""
+    current_index: int = 0
+
+
+class StateMachineError(Exception):
+    """The state machine was driven wrongly (e.g. an entry skipped); the node must stop."""
+
+
+class SnapshotCorrupt(StateMachineError):
+    """Snapshot bytes that are not a valid key-value snapshot."""
+
+
+# ------------------------------------------------------------------------------ views
+@dataclass(frozen=True, slots=True)
+class KVSnapshotView:
+    """A consistent copy of the state at `applied_index`, owned by whoever holds it."""
+
+    applied_index: int
+    data: dict[str, Record]
+    requests: dict[str, RememberedAnswer]
+    """Remembered answers by request id, oldest first."""
+    addresses: dict[NodeId, str]
+
+
+# ------------------------------------------------------------------------------ the machine
+class KVStateMachine:
+    """The replicated dict. Not thread-safe: the runtime's loop thread owns it."""
+
+    def __init__(self, *, max_request_ids: int = DEFAULT_MAX_REQUEST_IDS) -> None:
+        if type(max_request_ids) is not int or max_request_ids < 0:
+            raise ValueError(f"max_request_ids must be an int >= 0, got {max_request_ids!r}")
+        self._max_request_ids = max_request_ids
+        self._applied_index = 0
+        self._data: dict[str, Record] = {}
+        # Remembered answers in insertion order; the deque says which to forget first (a
+        # dict alone cannot pop its oldest item in O(1), and an OrderedDict copies slowly).
+        self._requests: dict[str, RememberedAnswer] = {}
+        self._request_order: deque[str] = deque()
+        self._addresses: dict[NodeId, str] = {}
+        self._key_order = _KeyOrder()
+
+    # StateMachine
+    @property
+    def applied_index(self) -> int:
+        return self._applied_index
+
+    def apply(self, entry: Entry) -> ApplyResult | None:
+        """Apply the next committed entry; None for no-ops and membership changes.
+
+        Entries at or below applied_index (already covered by a restored snapshot) are
+        skipped and return None; a gap raises StateMachineError.
+        """
+        index = entry.index
+        if index <= self._applied_index:
+            logger.debug(
+                "event=kv_entry_skipped index=%d applied_index=%d", index, self._applied_index
+            )
+            return None
+        if index != self._applied_index + 1:
+            raise StateMachineError(
+                f"entry {index} applied after {self._applied_index}: entries were skipped"
+            )
+        self._applied_index = index
+        if entry.kind is EntryKind.CONF_CHANGE:
+            assert entry.change is not None  # Entry validates this
+            self._apply_change(entry.change, index)
+            return None
+        if not entry.data:
+            return None  # the leader's no-op
+        try:
+            cmd, request_id = decode_command(entry.data)
+        except CommandDecodeError as e:
+            logger.warning("event=kv_invalid_command index=%d reason=%s", index, e)
+            return InvalidCommand(index, str(e))
+        if request_id is None:
+            return self._execute(cmd, index)
+        fingerprint = _fingerprint(entry.data)
+        known = self._requests.get(request_id)
+        if known is not None:
+            answer = _replay(known, cmd) if known.fingerprint == fingerprint else None
+            if answer is None:
+                logger.warning(
+                    "event=kv_request_id_reused index=%d first_index=%d", index, known.index
+                )
+                return InvalidCommand(index, "request id already used for a different command")
+            logger.debug("event=kv_retry_answered index=%d first_index=%d", index, known.index)
+            return answer
+        result = self._execute(cmd, index)
+        if self._max_request_ids:
+            self._requests[request_id] = _remember(fingerprint, result)
+            self._request_order.append(request_id)
+            if len(self._request_order) > self._max_request_ids:
+                del self._requests[self._request_order.popleft()]
+        return result
+
+    def snapshot(self) -> bytes:
+        return serialize_snapshot(self.snapshot_view())
+
+    def restore(self, data: bytes, index: int) -> None:
+        """Replace the state with a snapshot taken at `index`; SnapshotCorrupt if it is bad.
+
+        On error the state is left as it was.
+        """
+        self.restore_view(parse_snapshot(data), index)
+
+    # Snapshots in two steps
+    def snapshot_view(self) -> KVSnapshotView:
+        """A consistent copy (C-speed shallow copies) for serialising on another thread."""
+        return KVSnapshotView(
+            applied_index=self._applied_index,
+            data=self._data.copy(),
+            requests=self._requests.copy(),
+            addresses=self._addresses.copy(),
+        )
+
+    def restore_view(self, view: KVSnapshotView, index: int) -> None:
+        if view.applied_index != index:
+            raise SnapshotCorrupt(
+                f"snapshot holds the state at index {view.applied_index}, "
+                f"but was restored as the snapshot at index {index}"
+            )
+        excess = max(0, len(view.requests) - self._max_request_ids)
+        requests = itertools.islice(view.requests.items(), excess, None)
+        self._data = view.data.copy()
+        self._requests = dict(requests)
+        self._request_order = deque(self._requests)
+        self._addresses = view.addresses.copy()
+        self._applied_index = view.applied_index
+        self._key_order.clear()
+        logger.info(
+            "event=kv_restored index=%d keys=%d request_ids=%d members=%d",
+            index, len(self._data), len(self._requests), len(self._addresses),
+        )
+
+    # Reads
+    def get(self, key: str) -> Record | None:
+        """(value, last-modified index), or None if the key is absent."""
+        return self._data.get(key)
+
+    def items(self, prefix: str = "", limit: int = 1000) -> list[tuple[str, JSONValue, int]]:
+        """Up to `limit` (key, value, last-modified index) with keys starting with `prefix`,
+        in key order."""
+        if type(limit) is not int or not 1 <= limit <= MAX_ITEMS_LIMIT:
+            raise ValueError(f"limit must be an int in [1, {MAX_ITEMS_LIMIT}]")
+        data = self._data
+        out: list[tuple[str, JSONValue, int]] = []
+        for key in itertools.islice(self._key_order.scan(data, prefix), limit):
+            value, mod_index = data[key]
+            out.append((key, value, mod_index))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def addresses(self) -> Mapping[NodeId, str]:
+        """node id -> address, from the applied membership changes (read-only)."""
+        return MappingProxyType(self._addresses)
+
+    @property
+    def max_request_ids(self) -> int:
+        return self._max_request_ids
+
+    # Internals
+    def _apply_change(self, change: ConfChange, index: int) -> None:
+        if change.op is ConfChangeOp.REMOVE:
+            self._addresses.pop(change.node_id, None)
+        elif change.address:
+            self._addresses[change.node_id] = change.address
+        logger.debug(
+            "event=kv_member_address index=%d op=%s node=%s",
+            index, change.op.name.lower(), change.node_id,
+        )
+
+    def _execute(
+        self, cmd: Command, index: int
+    ) -> PutResult | DeleteResult | BatchResult | ConditionFailed:
+        data = self._data
+        if isinstance(cmd, Put):
+            current = data.get(cmd.key)
+            if cmd.prev_index is not None and cmd.prev_index != _mod_index(current):
+                return ConditionFailed(index, cmd.key, _mod_index(current))
+            data[cmd.key] = (cmd.value, index)
+            if current is None:
+                self._key_order.inserted(cmd.key)
+            return PutResult(index, cmd.value)
+        if isinstance(cmd, Delete):
+            current = data.get(cmd.key)
+            if cmd.prev_index is not None and cmd.prev_index != _mod_index(current):
+                return ConditionFailed(index, cmd.key, _mod_index(current))
+            if current is None:
+                return DeleteResult(index, deleted=False)
+            del data[cmd.key]
+            self._key_order.removed(cmd.key)
+            return DeleteResult(index, deleted=True)
+        return self._execute_batch(cmd, index)
+
+    def _execute_batch(self, batch: Batch, index: int) -> BatchResult | ConditionFailed:
+        """Check and stage every operation in order, then commit all of them or none.
+
+        A condition sees the effect of the batch's earlier operations: after a Put of `k`
+        in the same batch, `k`'s last-modified index is this entry's index.
+        """
+        staged: dict[str, Record | None] = {}
+        results: list[PutResult | DeleteResult] = []
+        for op in batch.ops:
+            current = staged[op.key] if op.key in staged else self._data.get(op.key)
+            if op.prev_index is not None and op.prev_index != _mod_index(current):
+                return ConditionFailed(index, op.key, _mod_index(current))
+            if isinstance(op, Put):
+                staged[op.key] = (op.value, index)
+                results.append(PutResult(index, op.value))
+            else:
+                staged[op.key] = None
+                results.append(DeleteResult(index, deleted=current is not None))
+        data = self._data
+        for key, record in staged.items():
+            existed = key in data
+            if record is None:
+                if existed:
+                    del data[key]
+                    self._key_order.removed(key)
+            else:
+                data[key] = record
+                if not existed:
+                    self._key_order.inserted(key)
+        return BatchResult(index, tuple(results))
+
+
+def _mod_index(record: Record | None) -> int:
+    return 0 if record is None else record[1]
+
+
+_PUT, _DELETE, _BATCH, _FAILED = 0, 1, 2, 3
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_ANSWER_FIELDS = tuple(
+    operator.attrgetter(name)
+    for name in ("fingerprint", "index", "kind", "flags", "key", "current_index")
+)
+_FLAGS = {None: (None,), True: (True,), False: (False,)}  # shared, not one tuple per answer
+
+
+def _fingerprint(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def _remember(
+    fingerprint: bytes, result: PutResult | DeleteResult | BatchResult | ConditionFailed
+) -> RememberedAnswer:
+    if isinstance(result, PutResult):
+        return RememberedAnswer(fingerprint, result.index, _PUT, _FLAGS[None])
+    if isinstance(result, DeleteResult):
+        return RememberedAnswer(fingerprint, result.index, _DELETE, _FLAGS[result.deleted])
+    if isinstance(result, BatchResult):
+        flags = tuple(r.deleted if isinstance(r, DeleteResult) else None for r in result.results)
+        return RememberedAnswer(fingerprint, result.index, _BATCH, flags)
+    return RememberedAnswer(
+        fingerprint, result.index, _FAILED, key=result.key, current_index=result.current_index
+    )
+
+
+def _replay(known: RememberedAnswer, cmd: Command) -> ApplyResult | None:
+    """The first answer again, with the values from the retried command (None: no match)."""
+    index = known.index
+    if known.kind == _FAILED:
+        return ConditionFailed(index, known.key, known.current_index)
+    if known.kind == _PUT and isinstance(cmd, Put):
+        return PutResult(index, cmd.value)
+    if known.kind == _DELETE and isinstance(cmd, Delete) and known.flags[0] is not None:
+        return DeleteResult(index, known.flags[0])
+    if known.kind == _BATCH and isinstance(cmd, Batch) and len(cmd.ops) == len(known.flags):
+        results: list[PutResult | DeleteResult] = []
+        for op, flag in zip(cmd.ops, known.flags, strict=True):
+            if isinstance(op, Put) and flag is None:
+                results.append(PutResult(index, op.value))
+            elif isinstance(op, Delete) and flag is not None:
+                results.append(DeleteResult(index, flag))
+            else:
+                return None
+        return BatchResult(index, tuple(results))
+    return None
+
+
+class _KeyOrder:
+    """The keys in sorted order for prefix scans, maintained lazily so writes stay O(1).
+
+    A sorted list is built on the first scan. Afterwards new keys are only noted (and
+    deleted keys stay in the list, filtered out on scan); a scan merges the few new keys
+    in, and folds them into the list (O(n)) once they exceed 1/16 of it. If writes pile up
+    with no scan, the list is dropped (bounding memory) and rebuilt by the next scan.
+    """
+
+    _MIN_SLACK = 1024
+
+    def __init__(self) -> None:
+        self._sorted: list[str] | None = None
+        self._added: list[str] = []
+        self._removed = 0
+
+    def clear(self) -> None:
+        self._sorted = None
+        self._added = []
+        self._removed = 0
+
+    def inserted(self, key: str) -> None:
+        if self._sorted is not None:
+            self._added.append(key)
+            self._drop_if_stale()
+
+    def removed(self, key: str) -> None:
+        if self._sorted is not None:
+            self._removed += 1
+            self._drop_if_stale()
+
+    def scan(self, live: Mapping[str, object], prefix: str) -> Iterator[str]:
+        """Live keys starting with `prefix`, in order (do not mutate `live` meanwhile)."""
+        if self._sorted is None:
+            self._sorted = sorted(live)
+            self._added = []
+            self._removed = 0
+        elif len(self._added) + self._removed > self._slack():
+            added = set(self._added)
+            merged = [k for k in self._sorted if k in live and k not in added]
+            merged.extend(k for k in added if k in live)
+            merged.sort()
+            self._sorted = merged
+            self._added = []
+            self._removed = 0
+        extra = sorted({k for k in self._added if k.startswith(prefix)})
+        last: str | None = None
+        for key in heapq.merge(_prefixed(self._sorted, prefix), extra):
+            if key == last:
+                continue  # deleted, then added again: in both lists
+            last = key
+            if key in live:
+                yield key
+
+    def _slack(self) -> int:
+        return max(self._MIN_SLACK, len(self._sorted or ()) // 16)
+
+    def _drop_if_stale(self) -> None:
+        if len(self._added) + self._removed > 4 * self._slack():
+            self.clear()
+
+
+def _prefixed(keys: list[str], prefix: str) -> Iterator[str]:
+    i = bisect_left(keys, prefix)
+    n = len(keys)
+    while i < n:
+        key = keys[i]
+        if not key.startswith(prefix):
+            return
+        yield key
+        i += 1
+
+
+# ------------------------------------------------------------------------------ snapshot bytes
+def iter_snapshot_chunks(view: KVSnapshotView) -> Iterator[bytes]:
+    """The snapshot of `view` as a sequence of byte chunks (pure; run it on any thread).
+
+    Feed the chunks to a SnapshotSink; their concatenation is `serialize_snapshot(view)`.
+    """
+    packer = msgpack.Packer(use_bin_type=True)
+    yield packer.pack(
+        {
+            "format": SNAPSHOT_FORMAT,
+            "v": SNAPSHOT_VERSION,
+            "applied_index": view.applied_index,
+            "keys": len(view.data),
+            "requests": len(view.requests),
+            "addresses": view.addresses,
+        }
+    )
+    # Columns, built with map() over existing objects: no container per key, so the
+    # serialiser does not wake the garbage collector (a full collection of a big heap
+    # stalls every thread for tens of milliseconds).
+    keys, records = iter(view.data.keys()), iter(view.data.values())
+    while segment_keys := list(itertools.islice(keys, SEGMENT_KEYS)):
+        segment = list(itertools.islice(records, SEGMENT_KEYS))
+        yield packer.pack(
+            (segment_keys, list(map(_FIRST, segment)), list(map(_SECOND, segment)))
+        )
+    request_ids, answers = iter(view.requests.keys()), iter(view.requests.values())
+    while segment_ids := list(itertools.islice(request_ids, SEGMENT_REQUESTS)):
+        segment_answers = list(itertools.islice(answers, SEGMENT_REQUESTS))
+        yield packer.pack(
+            [segment_ids, *(list(map(get, segment_answers)) for get in _ANSWER_FIELDS)]
+        )
+
+
+def serialize_snapshot(view: KVSnapshotView) -> bytes:
+    """The snapshot of `view` as bytes (pure; run it on any thread)."""
+    return b"".join(iter_snapshot_chunks(view))
+
+
+def parse_snapshot(data: bytes) -> KVSnapshotView:
+    """The view serialised in `data` (pure); SnapshotCorrupt if `data` is not one."""
+    unpacker = msgpack.Unpacker(
+        io.BytesIO(data),
+        read_size=_READ_SIZE_BYTES,
+        max_buffer_size=max(len(data), _READ_SIZE_BYTES),
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+    )
+    try:
+        return _parse(unpacker)
+    except SnapshotCorrupt:
+        raise
+    except StopIteration as e:
+        raise SnapshotCorrupt("key-value snapshot is truncated") from e
+    except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
+        raise SnapshotCorrupt(f"key-value snapshot is malformed: {type(e).__name__}: {e}") from e
+
+
+def _parse(unpacker: msgpack.Unpacker) -> KVSnapshotView:
+    header = next(unpacker)
+    if type(header) is not dict or header.get("format") != SNAPSHOT_FORMAT:
+        raise SnapshotCorrupt("not a key-value snapshot (no format header)")
+    if header.get("v") != SNAPSHOT_VERSION:
+        raise SnapshotCorrupt(
+            f"key-value snapshot version {header.get('v')!r} is not supported "
+            f"(this build reads version {SNAPSHOT_VERSION})"
+        )
+    applied_index, n_keys, n_requests = (
+        header["applied_index"], header["keys"], header["requests"]
+    )
+    addresses = header["addresses"]
+    if not all(type(v) is int and v >= 0 for v in (applied_index, n_keys, n_requests)):
+        raise SnapshotCorrupt("key-value snapshot header has bad counts")
+    if type(addresses) is not dict or not all(
+        type(k) is str and type(v) is str for k, v in addresses.items()
+    ):
+        raise SnapshotCorrupt("key-value snapshot header has a bad address book")
+
+    data: dict[str, Record] = {}
+    while len(data) < n_keys:
+        segment = next(unpacker)
+        if type(segment) is not list or len(segment) != 3:
+            raise SnapshotCorrupt("key-value snapshot has a bad data segment")
+        keys, values, mod_indices = segment
+        if not (
+            type(keys) is list
+            and type(values) is list
+            and type(mod_indices) is list
+            and 0 < len(keys) == len(values) == len(mod_indices)
+            and set(map(type, keys)) == {str}
+            and set(map(type, mod_indices)) == {int}
+            and min(mod_indices) > 0
+            and max(mod_indices) <= applied_index
+        ):
+            raise SnapshotCorrupt("key-value snapshot has a bad data segment")
+        data.update(zip(keys, zip(values, mod_indices, strict=True), strict=True))
+    if len(data) != n_keys:
+        raise SnapshotCorrupt("key-value snapshot has more records than its header says")
+
+    requests: dict[str, RememberedAnswer] = {}
+    while len(requests) < n_requests:
+        segment = next(unpacker)
+        if type(segment) is not list or not segment:
+            raise SnapshotCorrupt("key-value snapshot has a bad request segment")
+        if len(segment) != 1 + len(_ANSWER_FIELDS) or not all(
+            type(column) is list and len(column) == len(segment[0]) for column in segment
+        ):
+            raise SnapshotCorrupt("key-value snapshot has a bad request segment")
+        for request_id, *fields in zip(*segment, strict=True):
+            if type(request_id) is not str:
+                raise SnapshotCorrupt("key-value snapshot has a bad request id")
+            requests[request_id] = _answer_from_wire(fields, applied_index)
+    if len(requests) != n_requests:
+        raise SnapshotCorrupt("key-value snapshot has more or repeated request ids")
+    try:
+        unpacker.unpack()
+    except msgpack.OutOfData:
+        return KVSnapshotView(applied_index, data, requests, addresses)
+    raise SnapshotCorrupt("key-value snapshot has trailing data")
+
+
+def _answer_from_wire(wire: list[object], applied_index: int) -> RememberedAnswer:
+    fingerprint, index, kind, flags, key, current_index = wire
+    if not (
+        type(fingerprint) is bytes
+        and type(index) is int
+        and 0 < index <= applied_index
+        and kind in (_PUT, _DELETE, _BATCH, _FAILED)
+        and type(kind) is int
+        and type(flags) is list
+        and all(f is None or type(f) is bool for f in flags)
+        and type(key) is str
+        and type(current_index) is int
+        and current_index >= 0
+    ):
+        raise SnapshotCorrupt("key-value snapshot has a bad remembered answer")
+    shared = _FLAGS.get(flags[0]) if len(flags) == 1 else None
+    return RememberedAnswer(
+        fingerprint, index, kind, shared or tuple(flags), key, current_index
+    )
