@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 SEEDS  ?= 1000
 PYTEST_ARGS ?=
 
-.PHONY: help venv test lint typecheck unit sim clean-venv
+.PHONY: help venv test lint typecheck unit sim run cluster clean-venv
 
 help:
 	@echo "make run        start a 3-node cluster (docker if available, else local processes)"
@@ -33,6 +33,11 @@ unit: $(STAMP)
 
 test: lint typecheck
 	RAFTKV_SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+run: cluster
+
+cluster: $(STAMP)
+	$(PY) -m raftkv cluster --nodes 3
 
 sim: $(STAMP)
 	RAFTKV_SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q -m sim tests/sim $(PYTEST_ARGS)

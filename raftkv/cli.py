@@ -1,0 +1,258 @@
+"""`raftkv serve | cluster | get | put | delete | status | members` — the composition root.
+
+Exit codes: 0 ok, 1 the request failed (e.g. key not found, conflict), 2 bad usage or
+settings, 3 the cluster is unavailable (no leader, timeout, unreachable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from raftkv.settings import SettingsError, add_arguments, from_sources
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+_COLORS = ("\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m", "\033[37m")
+_RESET = "\033[0m"
+
+
+def configure_logging(level: str, node_id: str | None = None) -> None:
+    prefix = f"{node_id} " if node_id else ""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s {prefix}%(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        settings = from_sources(args, os.environ)
+    except SettingsError as e:
+        print(f"raftkv serve: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_level, settings.node_id)
+    from raftkv.runtime.server import NodeServer, StartupError
+
+    try:
+        node = NodeServer(settings)
+        node.start()
+    except StartupError as e:
+        logging.getLogger("raftkv.node").error("event=startup_failed node=%s error=%s",
+                                               settings.node_id, e)
+        print(f"raftkv serve: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        threading.Thread(target=node.stop, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.wait()
+    if node.fatal is not None:
+        print(f"raftkv serve: stopped: {node.fatal}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- cluster
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """Run a local cluster of `raftkv serve` processes (HTTP 4001.., Raft 5001..)."""
+    n = args.nodes
+    if not 1 <= n <= 7:
+        print("raftkv cluster: --nodes must be 1..7", file=sys.stderr)
+        return EXIT_USAGE
+    base = Path(args.data_dir)
+    ids = [f"n{i}" for i in range(1, n + 1)]
+    peers = ",".join(f"{nid}={args.host}:{args.raft_port + i}" for i, nid in enumerate(ids))
+    procs: list[tuple[str, subprocess.Popen[str]]] = []
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    lock = threading.Lock()
+
+    def pump(nid: str, i: int, stream: TextIO) -> None:
+        tag = f"{_COLORS[i % len(_COLORS)]}{nid}{_RESET}" if color else nid
+        for line in stream:
+            with lock:
+                sys.stdout.write(f"{tag} | {line}")
+                sys.stdout.flush()
+
+    for i, nid in enumerate(ids):
+        env = dict(os.environ)
+        env.update({
+            "RAFTKV_ID": nid,
+            "RAFTKV_HTTP_ADDR": f"{args.host}:{args.http_port + i}",
+            "RAFTKV_RAFT_ADDR": f"{args.host}:{args.raft_port + i}",
+            "RAFTKV_PEERS": peers,
+            "RAFTKV_DATA_DIR": str(base / nid),
+        })
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raftkv", "serve"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, bufsize=1)
+        procs.append((nid, proc))
+        assert proc.stdout is not None
+        threading.Thread(target=pump, args=(nid, i, proc.stdout), daemon=True).start()
+    print(f"raftkv cluster: {n} nodes, HTTP on {args.host}:{args.http_port}.."
+          f"{args.http_port + n - 1}, data in {base} (kept for the next run); Ctrl-C stops",
+          flush=True)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stopping.is_set():
+        if all(p.poll() is not None for _, p in procs):
+            break
+        stopping.wait(0.5)
+    for _, p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    code = EXIT_OK
+    for nid, p in procs:
+        try:
+            rc = p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = p.wait()
+        if rc not in (0, -signal.SIGTERM):
+            print(f"raftkv cluster: {nid} exited with status {rc}", file=sys.stderr)
+            code = EXIT_FAILED
+    return code
+
+
+# ---------------------------------------------------------------------------- client commands
+def _client(args: argparse.Namespace) -> object:
+    from raftkv.client import Client
+
+    urls = [u if u.startswith("http") else f"http://{u}" for u in args.urls.split(",") if u]
+    return Client(urls, timeout_s=args.timeout)
+
+
+def _print(obj: object) -> None:
+    print(json.dumps(obj, indent=None, sort_keys=True))
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    from raftkv import client as c
+
+    cl = _client(args)
+    assert isinstance(cl, c.Client)
+    try:
+        if args.command == "get":
+            _print(_as_dict(cl.get(args.key, consistency=args.consistency)))
+        elif args.command == "put":
+            try:
+                value = json.loads(args.value)
+            except ValueError:
+                value = args.value  # a bare word is stored as a string
+            _print(_as_dict(cl.put(args.key, value, prev_index=args.prev_index)))
+        elif args.command == "delete":
+            _print(_as_dict(cl.delete(args.key, prev_index=args.prev_index)))
+        elif args.command == "status":
+            _print(cl.status())
+        elif args.command == "members":
+            if args.action == "list":
+                _print(cl.members())
+            elif args.action == "add":
+                if not args.address:
+                    print("raftkv members add: --address is required", file=sys.stderr)
+                    return EXIT_USAGE
+                _print(cl.join(args.id, args.address))
+            else:
+                _print(cl.remove(args.id))
+    except c.KeyNotFound as e:
+        _print({"error": e.code, "message": str(e)})
+        return EXIT_FAILED
+    except (c.Unavailable, c.OutcomeUnknown) as e:
+        print(f"raftkv {args.command}: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except c.ClientError as e:
+        print(f"raftkv {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _as_dict(obj: object) -> object:
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)  # type: ignore[call-overload]
+    return obj
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raftkv", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one node (settings as flags or RAFTKV_* env)")
+    add_arguments(serve)
+
+    cluster = sub.add_parser("cluster", help="run a local cluster of processes")
+    cluster.add_argument("--nodes", type=int, default=3)
+    cluster.add_argument("--host", default="127.0.0.1")
+    cluster.add_argument("--http-port", type=int, default=4001)
+    cluster.add_argument("--raft-port", type=int, default=5001)
+    cluster.add_argument("--data-dir", default="data/cluster")
+
+    def client_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--urls", default=os.environ.get(
+            "RAFTKV_URLS", "127.0.0.1:4001,127.0.0.1:4002,127.0.0.1:4003"),
+            help="comma-separated node HTTP addresses [RAFTKV_URLS]")
+        sp.add_argument("--timeout", type=float, default=5.0)
+
+    get = sub.add_parser("get", help="read a key")
+    get.add_argument("key")
+    get.add_argument("--consistency", default="linearizable",
+                     choices=["linearizable", "leader", "stale"])
+    client_args(get)
+    put = sub.add_parser("put", help="write a key (value as JSON, or a bare string)")
+    put.add_argument("key")
+    put.add_argument("value")
+    put.add_argument("--prev-index", type=int, default=None)
+    client_args(put)
+    delete = sub.add_parser("delete", help="delete a key")
+    delete.add_argument("key")
+    delete.add_argument("--prev-index", type=int, default=None)
+    client_args(delete)
+    status = sub.add_parser("status", help="node status")
+    client_args(status)
+    members = sub.add_parser("members", help="list, add or remove members")
+    members.add_argument("action", choices=["list", "add", "remove"], nargs="?", default="list")
+    members.add_argument("id", nargs="?")
+    members.add_argument("--address", help="raft address host:port of the new member")
+    client_args(members)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "cluster":
+        return cmd_cluster(args)
+    if args.command == "members" and args.action in ("add", "remove") and not args.id:
+        print(f"raftkv members {args.action}: a node id is required", file=sys.stderr)
+        return EXIT_USAGE
+    return _run_client(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

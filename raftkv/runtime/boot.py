@@ -1,0 +1,82 @@
+"""Boot: rebuild a node's durable Raft state from its stores (DESIGN: "On restart a node loads
+the latest snapshot, replays the log after it").
+
+Used by the real runtime at start and by the simulator when it restarts a crashed node. Pure
+over the ports: it only reads `storage` and `snapshots`.
+
+What storage may hold, and what is kept (Raft Figure 13, step 6):
+
+- no snapshot: the whole stored log, which must start at index 1;
+- a snapshot at index S and the stored entry at S has the snapshot's term: every stored entry,
+  including trailing entries before S kept for slow followers;
+- a snapshot at S and the stored log starts at S + 1 (a suffix kept when a snapshot from the
+  leader was installed): every stored entry;
+- otherwise (the entry at S has another term, or the stored log ends before S): nothing. This
+  is a crash between publishing a snapshot received from the leader and replacing the log: that
+  persist reset the log, so the old entries are not ours any more;
+- a stored log that starts after S + 1 has lost entries: StorageError, the node must not start.
+"""
+
+from __future__ import annotations
+
+from raftkv.core.ready import BootState
+from raftkv.core.types import Entry, Membership, Snapshot, SnapshotMeta
+from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StoredSnapshot
+
+__all__ = ["load_boot_state"]
+
+
+def load_boot_state(
+    storage: RaftStorage,
+    snapshots: SnapshotStore,
+    initial_membership: Membership | None,
+) -> tuple[BootState, StoredSnapshot | None]:
+    """The state a RaftNode starts from, and the stored snapshot to restore the state machine.
+
+    `initial_membership` is the configuration of a brand-new cluster (the membership "at index
+    0"); it applies whenever no snapshot was published yet. None means a node that joins an
+    existing cluster: it starts with no members and learns them from the leader.
+
+    `BootState.applied` is the snapshot's index: the caller restores its state machine from the
+    returned StoredSnapshot (nothing to restore when it is None) and the core re-applies the
+    committed entries after it.
+    """
+    stored = snapshots.latest()
+    if stored is not None:
+        snapshot = Snapshot(stored.meta, stored.data)
+    else:
+        membership = initial_membership if initial_membership is not None else Membership(
+            frozenset())
+        snapshot = Snapshot(SnapshotMeta(0, 0, membership))
+    entries = _entries_to_keep(storage, snapshot.meta)
+    hard_state = storage.hard_state()
+    last_index = entries[-1].index if entries else snapshot.meta.index
+    if hard_state.commit > last_index:
+        raise StorageError(
+            f"the stored commit index {hard_state.commit} is beyond the stored log "
+            f"(snapshot {snapshot.meta.index}, last entry {last_index})"
+        )
+    boot = BootState(
+        hard_state=hard_state,
+        snapshot=snapshot,
+        entries=tuple(entries),
+        applied=snapshot.meta.index,
+    )
+    return boot, stored
+
+
+def _entries_to_keep(storage: RaftStorage, meta: SnapshotMeta) -> list[Entry]:
+    first, last = storage.first_index(), storage.last_index()
+    if last < first:
+        return []
+    snap = meta.index
+    if first > snap + 1:
+        what = f"the snapshot at {snap}" if snap else "index 1 and there is no snapshot"
+        raise StorageError(f"the stored log starts at {first}, after {what}: entries are missing")
+    if first <= snap and (last < snap or storage.term(snap) != meta.term):
+        return []  # the snapshot replaced this log (Figure 13); the reset was not persisted
+    entries = storage.entries(first, last + 1)
+    for expected, e in enumerate(entries, start=first):
+        if e.index != expected:
+            raise StorageError(f"the stored log is not contiguous at index {expected}")
+    return entries

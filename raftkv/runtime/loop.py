@@ -1,0 +1,602 @@
+"""The loop thread: the only owner of the Raft core, the stores and the state machine.
+
+Each iteration drains everything queued (client proposals, reads, peer messages, forwarded
+writes), ticks on a monotonic clock, then handles every Ready: send, persist ONCE (one
+LMDB transaction and fsync however many writes arrived: group commit), apply, advance.
+Request threads talk to it only through `submit_*` methods and Waiters.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+from raftkv import codec
+from raftkv.core import (
+    BootState,
+    ConfChange,
+    ConfChangeOp,
+    ConfChangeRejected,
+    Entry,
+    EntryKind,
+    HardState,
+    NotLeader,
+    ProposalDropped,
+    RaftError,
+    RaftNode,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+    SoftState,
+)
+from raftkv.kv.state_machine import KVSnapshotView, KVStateMachine, serialize_snapshot
+from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StorageFull
+from raftkv.runtime.boot import load_boot_state
+from raftkv.runtime.ready_handler import ReadyHandler
+from raftkv.runtime.waiter import Waiter
+from raftkv.service import (
+    MembershipChangeError,
+    NoLeaderError,
+    OutcomeUnknownError,
+    ServiceError,
+    StorageFullError,
+    UnavailableError,
+)
+from snapshots.policy import SnapshotPolicy
+
+log = logging.getLogger("raftkv.node")
+
+FRAME_RAFT = 1
+FRAME_FORWARD = 2
+FRAME_FORWARD_RESULT = 3
+
+_EV_MESSAGE = 0
+_EV_PROPOSE = 1
+_EV_READ = 2
+_EV_CALL = 3
+_EV_FORWARD = 4
+_EV_FORWARD_RESULT = 5
+
+_RECENT_RESULTS = 4096
+_MAX_FORWARD_BATCH = 4096
+
+
+class FrameSender(Protocol):
+    """What the loop needs of the peer transport."""
+
+    def send(self, to: str, kind: int, payload: bytes) -> bool: ...
+
+    def set_peers(self, peers: Mapping[str, str]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReadGrant:
+    """A linearizable read may be served: the state machine has applied `index`."""
+
+    index: int
+
+
+class _Transport:
+    """Adapts the frame transport to the ports.Transport the ReadyHandler expects."""
+
+    def __init__(self, frames: FrameSender) -> None:
+        self._frames = frames
+
+    def send(self, messages: Any) -> None:
+        encode = codec.encode_message
+        for m in messages:
+            self._frames.send(m.to, FRAME_RAFT, encode(m))
+
+
+class RaftLoop:
+    def __init__(
+        self,
+        *,
+        core: RaftNode,
+        storage: RaftStorage,
+        snapshots: SnapshotStore,
+        state_machine: KVStateMachine,
+        frames: FrameSender,
+        addresses: Mapping[str, str],
+        tick_s: float,
+        snapshot_policy: SnapshotPolicy,
+        on_fatal: Callable[[str], None],
+        rng: random.Random,
+    ) -> None:
+        self._rng = rng
+        self.core = core
+        self.storage = storage
+        self.snapshots = snapshots
+        self.sm = state_machine
+        self.frames = frames
+        self._tick_s = tick_s
+        self._policy = snapshot_policy
+        self._on_fatal = on_fatal
+        self._addresses: dict[str, str] = dict(addresses)
+        self._addresses.update(state_machine.addresses)
+        self._handler = ReadyHandler(
+            node=core, storage=storage, snapshots=snapshots, state_machine=state_machine,
+            transport=_Transport(frames), on_applied=self._on_applied,
+            on_read=self._on_read, on_read_failed=self._on_read_failed)
+        self._inbox: collections.deque[tuple[int, Any]] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._proposals: dict[int, tuple[int, Waiter]] = {}  # index -> (term, waiter)
+        self._recent: collections.OrderedDict[int, tuple[int, object]] = (
+            collections.OrderedDict())
+        self._reads: dict[int, tuple[float, Waiter]] = {}
+        self._next_read_id = 1
+        self._forward_out: list[tuple[int, bytes]] = []
+        self._forwarded: dict[int, tuple[float, Waiter]] = {}
+        self._next_forward_id = 1
+        self._snapshot_in_progress = False
+        self._last_snapshot_index = core.snapshot_meta.index
+        self._soft = SoftState(core.role, core.leader, core.term)
+        self._members = core.membership
+        self.storage_full = False
+        self.fatal: str | None = None
+        self._ticks = 0
+        self.stopped = threading.Event()
+
+    # ------------------------------------------------------------------ thread-safe API
+    def start(self) -> None:
+        self._sync_peers()
+        self._thread = threading.Thread(target=self._run, name="raft-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def submit_proposal(self, data: bytes) -> Waiter:
+        w = Waiter()
+        self._post(_EV_PROPOSE, (data, w))
+        return w
+
+    def submit_read(self, deadline: float) -> Waiter:
+        w = Waiter()
+        self._post(_EV_READ, (deadline, w))
+        return w
+
+    def call(self, fn: Callable[[], object]) -> Waiter:
+        """Run fn on the loop thread; its result (or exception) lands in the Waiter."""
+        w = Waiter()
+        self._post(_EV_CALL, (fn, w))
+        return w
+
+    def deliver(self, frm: str, kind: int, payload: bytes) -> None:
+        """Transport callback (reader threads): decode and queue; never raises."""
+        try:
+            if kind == FRAME_RAFT:
+                self._post(_EV_MESSAGE, codec.decode_message(payload))
+            elif kind == FRAME_FORWARD:
+                self._post(_EV_FORWARD, (frm, _decode_forward(payload)))
+            elif kind == FRAME_FORWARD_RESULT:
+                self._post(_EV_FORWARD_RESULT, _decode_forward_result(payload))
+            else:
+                log.warning("event=frame_dropped peer=%s reason=unknown_kind kind=%d", frm, kind)
+        except Exception as e:  # nothing from the network may crash the node
+            log.warning("event=frame_dropped peer=%s reason=malformed error=%s", frm, e)
+
+    @property
+    def role(self) -> Role:
+        return self._soft.role
+
+    @property
+    def leader(self) -> str | None:
+        return self._soft.leader
+
+    def _post(self, ev: int, payload: Any) -> None:
+        if self.fatal is not None:
+            _fail_payload(ev, payload, UnavailableError(f"node stopped: {self.fatal}"))
+            return
+        self._inbox.append((ev, payload))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except StorageError as e:
+            self._die(f"storage failure: {e}")
+        except Exception as e:
+            log.exception("event=loop_crashed error=%s", e)
+            self._die(f"internal error in the Raft loop: {e}")
+        finally:
+            self._fail_everything(UnavailableError("node is stopping"))
+            self.stopped.set()
+
+    def _loop(self) -> None:
+        clock = time.monotonic
+        next_tick = clock() + self._tick_s
+        inbox = self._inbox
+        while not self._stop.is_set():
+            if not inbox:
+                self._wake.wait(max(0.0, next_tick - clock()))
+            self._wake.clear()
+            for _ in range(len(inbox)):
+                ev, payload = inbox.popleft()
+                self._dispatch(ev, payload)
+            now = clock()
+            if now >= next_tick:
+                self.core.tick()
+                self._ticks += 1
+                next_tick += self._tick_s
+                if now - next_tick > 5 * self._tick_s:
+                    next_tick = now + self._tick_s  # we were stalled: do not burst ticks
+                if self._ticks % 10 == 0:
+                    self._housekeeping(now)
+            self._handle_readies()
+            if self._forward_out:
+                self._flush_forwards()
+
+    def _dispatch(self, ev: int, payload: Any) -> None:
+        core = self.core
+        if ev == _EV_MESSAGE:
+            core.step(payload)
+        elif ev == _EV_PROPOSE:
+            data, w = payload
+            self._propose(data, w)
+        elif ev == _EV_READ:
+            deadline, w = payload
+            rid = self._next_read_id
+            self._next_read_id += 1
+            self._reads[rid] = (deadline, w)
+            core.read_index(rid)
+        elif ev == _EV_FORWARD:
+            frm, items = payload
+            self._serve_forwarded(frm, items)
+        elif ev == _EV_FORWARD_RESULT:
+            self._forward_results(payload)
+        else:
+            fn, w = payload
+            try:
+                w.set_result(fn())
+            except Exception as e:
+                w.set_error(e)
+
+    def _handle_readies(self) -> None:
+        core = self.core
+        while core.has_ready():
+            rd = core.ready()
+            if rd.soft_state is not None:
+                self._on_soft_state(rd.soft_state)
+            for e in rd.entries:
+                if e.kind is EntryKind.CONF_CHANGE and e.change is not None:
+                    self._note_address(e.change)
+            try:
+                self._handler.handle(rd)
+            except StorageFull as e:
+                self._on_storage_full(e)
+                return
+            if self.storage_full and rd.must_sync:
+                self.storage_full = False
+                log.warning("event=storage_writable node=%s", core.id)
+            if core.membership != self._members:
+                self._on_membership_change()
+        if not self._snapshot_in_progress and self._policy.should_snapshot(
+                self.sm.applied_index, self._last_snapshot_index):
+            self._start_snapshot()
+
+    # ------------------------------------------------------------------ writes
+    def _propose(self, data: bytes, w: Waiter) -> None:
+        core = self.core
+        if self.storage_full:
+            w.set_error(StorageFullError("the disk (LMDB map) is full: writes are refused; "
+                                         "reads still work"))
+            return
+        if core.role is Role.LEADER:
+            try:
+                index = core.propose(data)
+            except (NotLeader, ProposalDropped) as e:
+                w.set_error(NoLeaderError(str(e)))
+                return
+            self._proposals[index] = (core.term, w)
+        elif core.leader is not None:
+            fid = self._next_forward_id
+            self._next_forward_id += 1
+            self._forwarded[fid] = (time.monotonic(), w)
+            self._forward_out.append((fid, data))
+        else:
+            w.set_error(NoLeaderError("no leader is known yet"))
+
+    def _flush_forwards(self) -> None:
+        out, self._forward_out = self._forward_out, []
+        leader = self.core.leader
+        sent = False
+        if leader is not None and leader != self.core.id:
+            for i in range(0, len(out), _MAX_FORWARD_BATCH):
+                chunk = out[i : i + _MAX_FORWARD_BATCH]
+                sent = self.frames.send(leader, FRAME_FORWARD, msgpack.packb(chunk))
+                if not sent:
+                    break
+        if not sent:
+            for fid, _ in out:
+                entry = self._forwarded.pop(fid, None)
+                if entry is not None:
+                    entry[1].set_error(NoLeaderError("cannot reach the leader"))
+
+    def _serve_forwarded(self, frm: str, items: list[tuple[int, bytes]]) -> None:
+        core = self.core
+        results: list[tuple[int, int, int, str]] = []
+        for fid, data in items:
+            if self.storage_full:
+                results.append((fid, 0, 0, StorageFullError.code))
+                continue
+            try:
+                index = core.propose(data)
+            except (NotLeader, ProposalDropped):
+                results.append((fid, 0, 0, NoLeaderError.code))
+                continue
+            results.append((fid, index, core.term, ""))
+        self.frames.send(frm, FRAME_FORWARD_RESULT, msgpack.packb(results))
+
+    def _forward_results(self, results: list[tuple[int, int, int, str]]) -> None:
+        applied = self.sm.applied_index
+        for fid, index, term, err in results:
+            entry = self._forwarded.pop(fid, None)
+            if entry is None:
+                continue
+            w = entry[1]
+            if err:
+                exc: ServiceError = (StorageFullError("the leader's disk is full")
+                                     if err == StorageFullError.code
+                                     else NoLeaderError("the leader changed; retry"))
+                w.set_error(exc)
+            elif index <= applied:
+                got = self._recent.get(index)
+                if got is not None and got[0] == term:
+                    w.set_result(got[1])
+                else:
+                    w.set_error(OutcomeUnknownError("the write's outcome is unknown"))
+            else:
+                self._proposals[index] = (term, w)
+
+    def _on_applied(self, entry: Entry, result: object) -> None:
+        pending = self._proposals.pop(entry.index, None)
+        if pending is not None:
+            term, w = pending
+            if term == entry.term:
+                w.set_result(result)
+            else:
+                w.set_error(NoLeaderError("the write was overwritten by a new leader; retry"))
+        recent = self._recent
+        recent[entry.index] = (entry.term, result)
+        if len(recent) > _RECENT_RESULTS:
+            recent.popitem(last=False)
+        if entry.kind is EntryKind.CONF_CHANGE and entry.change is not None:
+            log.info("event=member_%s node=%s member=%s index=%d",
+                     "removed" if entry.change.op is ConfChangeOp.REMOVE else "added",
+                     self.core.id, entry.change.node_id, entry.index)
+
+    # ------------------------------------------------------------------ reads
+    def _on_read(self, request_id: int, index: int) -> None:
+        entry = self._reads.pop(request_id, None)
+        if entry is not None:
+            entry[1].set_result(ReadGrant(index))
+
+    def _on_read_failed(self, request_id: int) -> None:
+        entry = self._reads.pop(request_id, None)
+        if entry is not None:
+            entry[1].set_error(NoLeaderError("leadership could not be confirmed; retry"))
+
+    # ------------------------------------------------------------------ membership
+    def propose_conf_change(self, change: ConfChange) -> Waiter:
+        """Loop thread only (use call()): propose a membership change."""
+        w = Waiter()
+        if self.core.role is not Role.LEADER:
+            w.set_error(NoLeaderError("membership changes go to the leader"))
+            return w
+        try:
+            index = self.core.propose_conf_change(change)
+        except (ConfChangeRejected, ProposalDropped) as e:
+            w.set_error(MembershipChangeError(str(e)))
+            return w
+        except RaftError as e:
+            w.set_error(MembershipChangeError(str(e)))
+            return w
+        self._note_address(change)
+        self._proposals[index] = (self.core.term, w)
+        return w
+
+    def _note_address(self, change: ConfChange) -> None:
+        if change.op is not ConfChangeOp.REMOVE and change.address:
+            self._addresses[change.node_id] = change.address
+
+    def _on_membership_change(self) -> None:
+        self._members = self.core.membership
+        self._sync_peers()
+
+    def _sync_peers(self) -> None:
+        # A node that is joining knows no members yet: it accepts every known address.
+        members = self.core.membership.members or frozenset(self._addresses)
+        peers = {nid: self._addresses[nid] for nid in members
+                 if nid != self.core.id and nid in self._addresses}
+        self.frames.set_peers(peers)
+
+    def _promote_caught_up_learners(self) -> None:
+        core = self.core
+        if core.role is not Role.LEADER or not core.membership.learners:
+            return
+        status = core.status()
+        for nid in sorted(core.membership.learners):
+            peer = status.peers.get(nid)
+            if peer is not None and peer.match >= status.commit_index:
+                try:
+                    core.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, nid,
+                                                        self._addresses.get(nid, "")))
+                    log.info("event=learner_promoted node=%s member=%s", core.id, nid)
+                except RaftError:
+                    pass  # another change is pending; try again later
+                return
+
+    def learn_addresses(self, addresses: Mapping[str, str]) -> None:
+        """Loop thread only (use call()): peer addresses learned outside the log."""
+        for nid, addr in addresses.items():
+            if nid != self.core.id and addr:
+                self._addresses[nid] = addr
+        self._sync_peers()
+
+    def address_of(self, node_id: str) -> str | None:
+        return self._addresses.get(node_id)
+
+    # ------------------------------------------------------------------ snapshots
+    def _start_snapshot(self) -> None:
+        core = self.core
+        index = self.sm.applied_index
+        term = core.log.term(index)
+        if term is None or index <= core.snapshot_meta.index:
+            return
+        meta = SnapshotMeta(index, term, core.membership_at(index))
+        view = self.sm.snapshot_view()  # a cheap consistent copy, on this thread
+        self._snapshot_in_progress = True
+        threading.Thread(target=self._write_snapshot, args=(meta, view),
+                         name="snapshot-writer", daemon=True).start()
+
+    def _write_snapshot(self, meta: SnapshotMeta, view: KVSnapshotView) -> None:
+        started = time.monotonic()
+        try:
+            data = serialize_snapshot(view)
+            sink = self.snapshots.create(meta)
+            try:
+                sink.write(data)
+            except BaseException:
+                sink.cancel()
+                raise
+            sink.close()
+        except StorageError as e:
+            log.error("event=snapshot_failed node=%s index=%d error=%s", self.core.id,
+                      meta.index, e)
+            self.call(self._snapshot_done_failed)
+            return
+        seconds = time.monotonic() - started
+        self.call(lambda: self._snapshot_done(Snapshot(meta, data), seconds))
+
+    def _snapshot_done_failed(self) -> None:
+        self._snapshot_in_progress = False
+
+    def _snapshot_done(self, snapshot: Snapshot, seconds: float) -> None:
+        self._snapshot_in_progress = False
+        meta = snapshot.meta
+        keep_from = self._policy.compact_before(meta.index)
+        self.core.compact(snapshot, keep_from)
+        self.storage.compact(keep_from)
+        self._last_snapshot_index = meta.index
+        log.info("event=snapshot_taken node=%s index=%d term=%d bytes=%d seconds=%.3f",
+                 self.core.id, meta.index, meta.term, len(snapshot.data), seconds)
+
+    # ------------------------------------------------------------------ state changes
+    def _on_soft_state(self, ss: SoftState) -> None:
+        prev = self._soft
+        self._soft = ss
+        core = self.core
+        if ss.role is not prev.role or ss.term != prev.term:
+            log.info("event=became_%s node=%s term=%d leader=%s last_index=%d commit=%d",
+                     ss.role.value, core.id, ss.term, ss.leader or "-",
+                     core.log.last_index(), core.log.commit)
+        elif ss.leader != prev.leader:
+            log.info("event=leader_changed node=%s term=%d leader=%s", core.id, ss.term,
+                     ss.leader or "-")
+        if ss.term != prev.term or (prev.role is Role.LEADER and ss.role is not Role.LEADER):
+            # Leadership or term changed: writes in flight may or may not commit.
+            err = OutcomeUnknownError("leadership changed before the write was applied")
+            for _, w in self._proposals.values():
+                w.set_error(err)
+            self._proposals.clear()
+        if ss.leader != prev.leader:
+            for _, w in self._forwarded.values():
+                w.set_error(OutcomeUnknownError("the leader changed while forwarding"))
+            self._forwarded.clear()
+
+    def _housekeeping(self, now: float) -> None:
+        expired = [rid for rid, (deadline, _) in self._reads.items() if deadline < now]
+        for rid in expired:
+            self._reads.pop(rid)[1].set_error(NoLeaderError("read timed out"))
+        stale = [fid for fid, (t, _) in self._forwarded.items() if now - t > 60]
+        for fid in stale:
+            self._forwarded.pop(fid)[1].set_error(OutcomeUnknownError("no answer from leader"))
+        self._promote_caught_up_learners()
+
+    def _on_storage_full(self, e: StorageFull) -> None:
+        """Nothing of the failed Ready reached the disk. Forget it as a crash would, by
+        rebuilding the core from storage, and refuse writes until a save succeeds."""
+        if not self.storage_full:
+            log.error("event=storage_full node=%s error=%s action=refusing_writes", self.core.id,
+                      e)
+        self.storage_full = True
+        self._fail_everything(StorageFullError(
+            "the disk (LMDB map) is full: writes are refused; reads still work"))
+        self.core = self._reboot_core()
+        self._handler.node = self.core
+        self._soft = SoftState(self.core.role, self.core.leader, self.core.term)
+
+    def _reboot_core(self) -> RaftNode:
+        boot, _ = load_boot_state(self.storage, self.snapshots, None)
+        applied = self.sm.applied_index
+        hs = boot.hard_state
+        # Everything applied was committed and is on this disk (the core applies only
+        # persisted entries), so the commit index on disk may be raised to it.
+        boot = BootState(HardState(hs.term, hs.vote, max(hs.commit, applied)), boot.snapshot,
+                         boot.entries, applied)
+        return RaftNode(self.core.config, boot, self._rng)
+
+    def _fail_everything(self, err: ServiceError) -> None:
+        for _, w in self._proposals.values():
+            w.set_error(err)
+        self._proposals.clear()
+        for _, w in self._forwarded.values():
+            w.set_error(err)
+        self._forwarded.clear()
+        for _, w in self._reads.values():
+            w.set_error(err)
+        self._reads.clear()
+        while self._inbox:
+            ev, payload = self._inbox.popleft()
+            _fail_payload(ev, payload, err)
+
+    def _die(self, reason: str) -> None:
+        self.fatal = reason
+        log.critical("event=node_stopped node=%s reason=%s", self.core.id, reason)
+        self._on_fatal(reason)
+
+
+def _fail_payload(ev: int, payload: Any, err: BaseException) -> None:
+    if ev in (_EV_PROPOSE, _EV_READ, _EV_CALL):
+        payload[1].set_error(err)
+
+
+def _decode_forward(payload: bytes) -> list[tuple[int, bytes]]:
+    items = msgpack.unpackb(payload, raw=False)
+    if not isinstance(items, list):
+        raise ValueError("forward frame is not a list")
+    out = []
+    for item in items:
+        if (not isinstance(item, list) or len(item) != 2 or type(item[0]) is not int
+                or not isinstance(item[1], bytes)):
+            raise ValueError("bad forward item")
+        out.append((item[0], item[1]))
+    return out
+
+
+def _decode_forward_result(payload: bytes) -> list[tuple[int, int, int, str]]:
+    items = msgpack.unpackb(payload, raw=False)
+    if not isinstance(items, list):
+        raise ValueError("forward result frame is not a list")
+    out = []
+    for item in items:
+        if (not isinstance(item, list) or len(item) != 4
+                or not all(type(x) is int for x in item[:3]) or not isinstance(item[3], str)):
+            raise ValueError("bad forward result item")
+        out.append((item[0], item[1], item[2], item[3]))
+    return out

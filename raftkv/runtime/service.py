@@ -1,0 +1,292 @@
+"""NodeService: the KVService of a running node, on top of the Raft loop.
+
+Request threads call it; it hands work to the loop thread and waits on Waiters with a
+deadline. A write that was proposed but not seen applied in time is "outcome unknown".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+from raftkv.core import ConfChange, ConfChangeOp, Role
+from raftkv.kv.commands import Batch, Command, Delete, Put, encode_command
+from raftkv.kv.state_machine import (
+    BatchResult as KVBatchResult,
+)
+from raftkv.kv.state_machine import (
+    ConditionFailed,
+    InvalidCommand,
+    PutResult,
+)
+from raftkv.kv.state_machine import (
+    DeleteResult as KVDeleteResult,
+)
+from raftkv.runtime.loop import RaftLoop, ReadGrant
+from raftkv.runtime.waiter import Waiter
+from raftkv.service import (
+    BatchOp,
+    BatchResult,
+    ConditionFailedError,
+    Consistency,
+    DeleteResult,
+    InvalidRequestError,
+    KeyNotFoundError,
+    KeyValue,
+    Member,
+    MembershipChangeError,
+    NodeStatus,
+    NoLeaderError,
+    OutcomeUnknownError,
+    Readiness,
+    ReadResult,
+    ReadTimeoutError,
+    ServiceError,
+    UnavailableError,
+    WriteResult,
+)
+
+PeerHttpLookup = Callable[[str], str | None]
+PeerProbe = Callable[[str, float], str]
+"""(raft address, timeout) -> the node id listening there."""
+
+
+class NodeService:
+    def __init__(
+        self,
+        *,
+        loop: RaftLoop,
+        cluster_id: str,
+        http_address: str,
+        peer_http_address: PeerHttpLookup,
+        probe_node_id: PeerProbe,
+    ) -> None:
+        self._loop = loop
+        self._cluster_id = cluster_id
+        self._http_address = http_address
+        self._peer_http = peer_http_address
+        self._probe = probe_node_id
+
+    # ------------------------------------------------------------------ reads
+    def get(self, key: str, consistency: Consistency, timeout_s: float) -> ReadResult:
+        self._read_barrier(consistency, timeout_s)
+        record = self._loop.sm.get(key)
+        if record is None:
+            raise KeyNotFoundError(f"key {key!r} not found", leader=self.leader_http_address())
+        return ReadResult(record[0], record[1])
+
+    def list_keys(self, prefix: str, limit: int, consistency: Consistency,
+                  timeout_s: float) -> list[KeyValue]:
+        self._read_barrier(consistency, timeout_s)
+        sm = self._loop.sm
+        rows = self._wait(self._loop.call(lambda: sm.items(prefix, limit)), timeout_s,
+                          ReadTimeoutError("the read timed out"))
+        assert isinstance(rows, list)
+        return [KeyValue(k, v, i) for k, v, i in rows]
+
+    def _read_barrier(self, consistency: Consistency, timeout_s: float) -> None:
+        loop = self._loop
+        if consistency is Consistency.STALE:
+            return
+        if consistency is Consistency.LEADER and loop.role is Role.LEADER:
+            return
+        # LINEARIZABLE everywhere; LEADER on a follower is served as linearizable too.
+        deadline = time.monotonic() + timeout_s
+        grant = self._wait(loop.submit_read(deadline), timeout_s,
+                           ReadTimeoutError("leadership could not be confirmed in time",
+                                            leader=self.leader_http_address()))
+        assert isinstance(grant, ReadGrant)
+
+    # ------------------------------------------------------------------ writes
+    def put(self, key: str, value: object, *, prev_index: int | None = None,
+            request_id: str | None = None, timeout_s: float) -> WriteResult:
+        cmd = _command(lambda: Put(key, value, prev_index))  # type: ignore[arg-type]
+        result = self._write(cmd, request_id, timeout_s)
+        if isinstance(result, PutResult):
+            return WriteResult(result.value, result.index)
+        raise self._unexpected(result)
+
+    def delete(self, key: str, *, prev_index: int | None = None,
+               request_id: str | None = None, timeout_s: float) -> DeleteResult:
+        cmd = _command(lambda: Delete(key, prev_index))
+        result = self._write(cmd, request_id, timeout_s)
+        if isinstance(result, KVDeleteResult):
+            return DeleteResult(result.deleted, result.index)
+        raise self._unexpected(result)
+
+    def batch(self, ops: list[BatchOp], *, request_id: str | None = None,
+              timeout_s: float) -> BatchResult:
+        def build() -> Command:
+            return Batch(tuple(
+                Put(op.key, op.value, op.prev_index) if op.op == "put"  # type: ignore[arg-type]
+                else Delete(op.key, op.prev_index) for op in ops))
+
+        result = self._write(_command(build), request_id, timeout_s)
+        if isinstance(result, KVBatchResult):
+            return BatchResult(result.index, tuple(
+                WriteResult(r.value, r.index) if isinstance(r, PutResult)
+                else DeleteResult(r.deleted, r.index) for r in result.results))
+        raise self._unexpected(result)
+
+    def _write(self, cmd: Command, request_id: str | None, timeout_s: float) -> object:
+        try:
+            data = encode_command(cmd, request_id)
+        except (ValueError, TypeError) as e:
+            raise InvalidRequestError(str(e)) from None
+        w = self._loop.submit_proposal(data)
+        result = self._wait(w, timeout_s, OutcomeUnknownError(
+            "the write was not seen committed in time: it may or may not have been applied; "
+            "retry with the same Idempotency-Key", leader=self.leader_http_address()))
+        if isinstance(result, ConditionFailed):
+            raise ConditionFailedError(
+                f"condition failed for key {result.key!r}: its index is {result.current_index}",
+                key=result.key, current_index=result.current_index)
+        return result
+
+    def _unexpected(self, result: object) -> ServiceError:
+        if isinstance(result, InvalidCommand):
+            return InvalidRequestError(result.reason)
+        return UnavailableError(f"unexpected result {type(result).__name__}")
+
+    def _wait(self, w: Waiter, timeout_s: float, on_timeout: ServiceError) -> object:
+        if not w.wait(timeout_s):
+            raise on_timeout
+        if w.error is not None:
+            err = w.error
+            if isinstance(err, ServiceError) and err.leader is None:
+                err.leader = self.leader_http_address()
+            raise err
+        return w.result
+
+    # ------------------------------------------------------------------ cluster
+    def is_leader(self) -> bool:
+        return self._loop.role is Role.LEADER
+
+    def leader_http_address(self) -> str | None:
+        leader = self._loop.leader
+        if leader is None:
+            return None
+        if leader == self._loop.core.id:
+            return self._http_address
+        return self._peer_http(leader)
+
+    def status(self) -> NodeStatus:
+        loop = self._loop
+        st = self._wait(loop.call(loop.core.status), 2.0,
+                        UnavailableError("the node is busy; retry"))
+        from raftkv.core import Status
+
+        assert isinstance(st, Status)
+        return NodeStatus(
+            id=st.node_id, role=st.role.value, term=st.term, leader=st.leader,
+            commit_index=st.commit_index, applied_index=loop.sm.applied_index,
+            last_index=st.last_index, snapshot_index=st.snapshot_index,
+            members=tuple(self._members_from(st.membership.voters, st.membership.learners,
+                                             st.leader)),
+            cluster_id=self._cluster_id,
+            extra={
+                "leader_http_address": self.leader_http_address(),
+                "storage_full": loop.storage_full,
+                "peers": {nid: {"match": p.match, "next": p.next, "state": p.state,
+                                "recent_active": p.recent_active}
+                          for nid, p in st.peers.items() if nid != st.node_id},
+            },
+        )
+
+    def readiness(self) -> Readiness:
+        loop = self._loop
+        if loop.fatal is not None:
+            return Readiness(False, f"node stopped: {loop.fatal}")
+        if loop.leader is None:
+            return Readiness(False, "no leader is known yet")
+        commit = loop.core.log.commit
+        if loop.sm.applied_index < commit:
+            return Readiness(False, f"applying the log ({loop.sm.applied_index}/{commit})")
+        return Readiness(True, "ok")
+
+    def members(self) -> list[Member]:
+        m = self._loop.core.membership
+        return self._members_from(m.voters, m.learners, self._loop.leader)
+
+    def _members_from(self, voters: frozenset[str], learners: frozenset[str],
+                      leader: str | None) -> list[Member]:
+        out = []
+        me = self._loop.core.id
+        for nid in sorted(voters | learners):
+            http = self._http_address if nid == me else self._peer_http(nid)
+            out.append(Member(nid, self._loop.address_of(nid) or "", http, nid in voters,
+                              nid == leader))
+        return out
+
+    def join(self, node_id: str | None, raft_address: str, *, voter: bool = True,
+             timeout_s: float) -> int:
+        if not self.is_leader():
+            return self._forward_to_leader(
+                "/cluster/join", {"id": node_id, "address": raft_address, "voter": voter},
+                timeout_s)
+        if node_id is None:
+            try:
+                node_id = self._probe(raft_address, min(timeout_s, 5.0))
+            except (OSError, ValueError) as e:
+                raise MembershipChangeError(
+                    f"no raftkv node answered at {raft_address}: {e}") from None
+        membership = self._loop.core.membership
+        if node_id in membership.voters or (node_id in membership.learners and not voter):
+            if self._loop.address_of(node_id) == raft_address:
+                return self._loop.core.log.commit  # already a member: nothing to do
+            raise MembershipChangeError(f"{node_id} is already a member with another address; "
+                                        "remove it first")
+        # New members start as learners; the leader promotes them once caught up.
+        change = ConfChange(ConfChangeOp.ADD_LEARNER, node_id, raft_address)
+        return self._conf_change(change, timeout_s)
+
+    def remove(self, node_id: str, *, timeout_s: float) -> int:
+        if not self.is_leader():
+            return self._forward_to_leader(f"/cluster/members/{node_id}", None, timeout_s)
+        return self._conf_change(ConfChange(ConfChangeOp.REMOVE, node_id), timeout_s)
+
+    def _conf_change(self, change: ConfChange, timeout_s: float) -> int:
+        loop = self._loop
+        inner = self._wait(loop.call(lambda: loop.propose_conf_change(change)), timeout_s,
+                           OutcomeUnknownError("the membership change timed out"))
+        assert isinstance(inner, Waiter)
+        self._wait(inner, timeout_s, OutcomeUnknownError(
+            "the membership change was not seen committed in time"))
+        return loop.sm.applied_index
+
+    def _forward_to_leader(self, path: str, body: dict[str, object] | None,
+                           timeout_s: float) -> int:
+        leader = self.leader_http_address()
+        if leader is None:
+            raise NoLeaderError("no leader is known yet; retry")
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://{leader}{path}", data=data,
+                                     method="POST" if body is not None else "DELETE",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                answer = json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read()).get("message", str(e))
+            except ValueError:
+                detail = str(e)
+            raise MembershipChangeError(f"the leader refused: {detail}",
+                                        leader=leader) from None
+        except (OSError, ValueError) as e:
+            raise NoLeaderError(f"cannot reach the leader at {leader}: {e}",
+                                leader=leader) from None
+        index = answer.get("index") if isinstance(answer, dict) else None
+        if type(index) is not int:
+            raise UnavailableError("the leader gave an unexpected answer")
+        return index
+
+
+def _command(build: Callable[[], Command]) -> Command:
+    try:
+        return build()
+    except (ValueError, TypeError) as e:
+        raise InvalidRequestError(str(e)) from None

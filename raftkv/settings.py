@@ -1,0 +1,220 @@
+"""Node settings: every one has a flag and an environment variable, validated at start.
+
+A bad setting raises SettingsError with a message that says what to do; the CLI prints it
+and exits with status 2. Nothing here touches the network or the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+NODE_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names it and says how to fix it."""
+
+
+def parse_host_port(value: str, name: str) -> tuple[str, int]:
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise SettingsError(f"{name}={value!r}: expected host:port, e.g. 127.0.0.1:4001")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"{name}={value!r}: port must be 0..65535")
+    return host.strip("[]"), port
+
+
+def parse_peers(value: str) -> dict[str, str]:
+    """`n1=host:port,n2=host:port` -> {"n1": "host:port", ...} (raft addresses)."""
+    peers: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in value.split(","))):
+        nid, sep, addr = item.partition("=")
+        nid = nid.strip()
+        if not sep:
+            raise SettingsError(
+                f"RAFTKV_PEERS item {item!r}: expected id=host:port, e.g. n1=127.0.0.1:5001")
+        check_node_id(nid, "RAFTKV_PEERS")
+        parse_host_port(addr.strip(), f"RAFTKV_PEERS[{nid}]")
+        if nid in peers:
+            raise SettingsError(f"RAFTKV_PEERS names {nid} twice")
+        peers[nid] = addr.strip()
+    return peers
+
+
+def check_node_id(nid: str, name: str = "RAFTKV_ID") -> None:
+    if not NODE_ID_RE.match(nid):
+        raise SettingsError(
+            f"{name}: node id {nid!r} must be a name like n1 (a letter, then letters, digits, "
+            "'.', '_' or '-', at most 63), never an address")
+
+
+def derive_cluster_id(peers: Mapping[str, str]) -> str:
+    """The id of a statically bootstrapped cluster: the same on every member, different for
+    clusters with other members or addresses."""
+    text = ",".join(f"{k}={peers[k]}" for k in sorted(peers))
+    return hashlib.sha256(f"raftkv-cluster:{text}".encode()).hexdigest()[:16]
+
+
+def _meta(env: str, flag: str, help_text: str, **kw: Any) -> dict[str, Any]:
+    return {"env": env, "flag": flag, "help": help_text, **kw}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    node_id: str = field(metadata=_meta("RAFTKV_ID", "--id", "this node's name, e.g. n1"))
+    data_dir: str = field(metadata=_meta("RAFTKV_DATA_DIR", "--data-dir",
+                                         "where the node keeps its log and snapshots"))
+    http_addr: str = field(default="127.0.0.1:4001", metadata=_meta(
+        "RAFTKV_HTTP_ADDR", "--http-addr", "HTTP API listen address host:port"))
+    raft_addr: str = field(default="127.0.0.1:5001", metadata=_meta(
+        "RAFTKV_RAFT_ADDR", "--raft-addr", "peer (Raft) listen address host:port"))
+    http_advertise: str = field(default="", metadata=_meta(
+        "RAFTKV_HTTP_ADVERTISE", "--http-advertise",
+        "HTTP address others use to reach this node (default: --http-addr)"))
+    raft_advertise: str = field(default="", metadata=_meta(
+        "RAFTKV_RAFT_ADVERTISE", "--raft-advertise",
+        "peer address others use to reach this node (default: its entry in peers)"))
+    peers: str = field(default="", metadata=_meta(
+        "RAFTKV_PEERS", "--peers", "static members id=host:port,... (raft addresses, self too)"))
+    join: str = field(default="", metadata=_meta(
+        "RAFTKV_JOIN", "--join", "HTTP address of a member to join (empty data dir only)"))
+    cluster_token: str = field(default="", metadata=_meta(
+        "RAFTKV_CLUSTER_TOKEN", "--cluster-token", "shared secret for peer connections"))
+    tick_ms: int = field(default=50, metadata=_meta(
+        "RAFTKV_TICK_MS", "--tick-ms", "Raft tick interval in milliseconds", kind=int))
+    election_ticks: int = field(default=20, metadata=_meta(
+        "RAFTKV_ELECTION_TICKS", "--election-ticks", "election timeout in ticks", kind=int))
+    heartbeat_ticks: int = field(default=2, metadata=_meta(
+        "RAFTKV_HEARTBEAT_TICKS", "--heartbeat-ticks", "heartbeat interval in ticks", kind=int))
+    snapshot_entries: int = field(default=10_000, metadata=_meta(
+        "RAFTKV_SNAPSHOT_ENTRIES", "--snapshot-entries",
+        "take a snapshot every N applied entries", kind=int))
+    snapshot_trailing: int = field(default=5_000, metadata=_meta(
+        "RAFTKV_SNAPSHOT_TRAILING", "--snapshot-trailing",
+        "log entries kept behind a snapshot for slow followers", kind=int))
+    map_size_mb: int = field(default=1024, metadata=_meta(
+        "RAFTKV_MAP_SIZE_MB", "--map-size-mb", "initial LMDB map size (MiB)", kind=int))
+    max_map_size_mb: int = field(default=16384, metadata=_meta(
+        "RAFTKV_MAX_MAP_SIZE_MB", "--max-map-size-mb",
+        "LMDB map size cap (MiB): writes stop with 507 beyond it", kind=int))
+    http_threads: int = field(default=32, metadata=_meta(
+        "RAFTKV_HTTP_THREADS", "--http-threads", "HTTP worker threads", kind=int))
+    request_timeout_ms: int = field(default=5000, metadata=_meta(
+        "RAFTKV_REQUEST_TIMEOUT_MS", "--request-timeout-ms",
+        "default time a request waits for commit", kind=int))
+    unsafe_no_fsync: bool = field(default=False, metadata=_meta(
+        "RAFTKV_UNSAFE_NO_FSYNC", "--unsafe-no-fsync",
+        "UNSAFE: do not fsync (experiments only; acknowledged writes can be lost)", kind=bool))
+    log_level: str = field(default="INFO", metadata=_meta(
+        "RAFTKV_LOG_LEVEL", "--log-level", "DEBUG, INFO, WARNING or ERROR"))
+
+    def __post_init__(self) -> None:
+        check_node_id(self.node_id)
+        if not self.data_dir:
+            raise SettingsError("RAFTKV_DATA_DIR (--data-dir) is required: where this node "
+                                "keeps its data")
+        parse_host_port(self.http_addr, "RAFTKV_HTTP_ADDR")
+        parse_host_port(self.raft_addr, "RAFTKV_RAFT_ADDR")
+        for name in ("http_advertise", "raft_advertise"):
+            if getattr(self, name):
+                parse_host_port(getattr(self, name), f"RAFTKV_{name.upper()}")
+        peers = self.peer_map
+        if peers and self.node_id not in peers:
+            raise SettingsError(f"RAFTKV_PEERS must include this node ({self.node_id}=host:port)")
+        if self.join:
+            parse_host_port(self.join.removeprefix("http://"), "RAFTKV_JOIN")
+        if self.tick_ms < 1:
+            raise SettingsError("RAFTKV_TICK_MS must be >= 1")
+        if self.heartbeat_ticks < 1 or self.election_ticks <= self.heartbeat_ticks:
+            raise SettingsError("RAFTKV_ELECTION_TICKS must be greater than "
+                                "RAFTKV_HEARTBEAT_TICKS (>= 1)")
+        if self.snapshot_entries < 1 or self.snapshot_trailing < 0:
+            raise SettingsError("RAFTKV_SNAPSHOT_ENTRIES must be >= 1 and "
+                                "RAFTKV_SNAPSHOT_TRAILING >= 0")
+        if not 1 <= self.map_size_mb <= self.max_map_size_mb:
+            raise SettingsError("need 1 <= RAFTKV_MAP_SIZE_MB <= RAFTKV_MAX_MAP_SIZE_MB")
+        if not 1 <= self.http_threads <= 1024:
+            raise SettingsError("RAFTKV_HTTP_THREADS must be 1..1024")
+        if self.request_timeout_ms < 1:
+            raise SettingsError("RAFTKV_REQUEST_TIMEOUT_MS must be >= 1")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise SettingsError("RAFTKV_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def peer_map(self) -> dict[str, str]:
+        return parse_peers(self.peers)
+
+    @property
+    def raft_advertise_addr(self) -> str:
+        if self.raft_advertise:
+            return self.raft_advertise
+        return self.peer_map.get(self.node_id, self.raft_addr)
+
+    @property
+    def http_advertise_addr(self) -> str:
+        return self.http_advertise or self.http_addr
+
+    @property
+    def join_url(self) -> str:
+        j = self.join
+        return j if j.startswith("http://") else f"http://{j}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; each falls back to its environment variable."""
+    for f in fields(Settings):
+        meta = f.metadata
+        env = meta["env"]
+        if meta.get("kind") is bool:
+            parser.add_argument(meta["flag"], dest=f.name, action="store_true", default=None,
+                                help=f"{meta['help']} [{env}]")
+        else:
+            parser.add_argument(meta["flag"], dest=f.name, default=None,
+                                help=f"{meta['help']} [{env}]")
+
+
+def _convert(name: str, raw: str, kind: Callable[[str], object] | None, env: str) -> object:
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("", "0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{env}={raw!r}: expected true or false")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{env}={raw!r}: expected a whole number") from None
+    return raw
+
+
+def from_sources(args: argparse.Namespace | None, environ: Mapping[str, str]) -> Settings:
+    """Flags win over environment variables, which win over defaults."""
+    values: dict[str, object] = {}
+    missing: list[str] = []
+    for f in fields(Settings):
+        meta = f.metadata
+        raw: object = getattr(args, f.name, None) if args is not None else None
+        if raw is None and meta["env"] in environ:
+            raw = environ[meta["env"]]
+        if raw is None:
+            if f.default is MISSING:
+                missing.append(f"{meta['flag']} / {meta['env']}")
+            continue
+        values[f.name] = (_convert(f.name, raw, meta.get("kind"), meta["env"])
+                          if isinstance(raw, str) else raw)
+    if missing:
+        raise SettingsError("missing required settings: " + ", ".join(missing))
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def from_env() -> Settings:
+    return from_sources(None, os.environ)
