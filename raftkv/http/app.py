@@ -625,6 +625,24 @@ class _MemberResource:
         _send(resp, {"index": index})
 
 
+class _LeaderResource:
+    _BODY_FIELDS: Final = frozenset({"id"})
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        timeout_s = self._api.timeout_s(req)
+        target: str | None = None
+        if req.content_length:
+            body = self._api.read_object(req)
+            _only_fields(body, self._BODY_FIELDS, "")
+            raw_id = body.get("id")
+            target = None if raw_id is None else _check_node_id(raw_id)
+        leader = self._api.service.transfer_leadership(target, timeout_s=timeout_s)
+        _send(resp, {"leader": leader})
+
+
 # --------------------------------------------------------------------------- the factory
 def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                default_timeout_s: float = 5.0) -> falcon.App[falcon.Request, falcon.Response]:
@@ -648,6 +666,7 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     app.add_route("/cluster", _ClusterResource(api))
     app.add_route("/cluster/join", _JoinResource(api))
     app.add_route("/cluster/members/{member_id}", _MemberResource(api))
+    app.add_route("/cluster/leader", _LeaderResource(api))
 
     # One renderer for everything: Falcon's own HTTPError (404, 405...) included.
     renderer = _ErrorRenderer(service)

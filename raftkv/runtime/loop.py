@@ -441,6 +441,26 @@ class RaftLoop:
                     pass  # another change is pending; try again later
                 return
 
+    def transfer_leadership(self, target: str | None) -> str:
+        """Loop thread only (use call()): start handing leadership to `target`, or to the
+        most caught-up live voter; returns the chosen node."""
+        core = self.core
+        status = core.status()
+        if target is None:
+            voters = [nid for nid, p in status.peers.items()
+                      if nid != core.id and nid in status.membership.voters and p.recent_active]
+            if not voters:
+                raise MembershipChangeError("no live voter to hand leadership to")
+            target = max(voters, key=lambda nid: (status.peers[nid].match, nid))
+        if target == core.id:
+            return target
+        try:
+            core.transfer_leader(target)
+        except RaftError as e:
+            raise MembershipChangeError(str(e)) from None
+        log.info("event=leadership_transfer node=%s to=%s term=%d", core.id, target, core.term)
+        return target
+
     def learn_addresses(self, addresses: Mapping[str, str]) -> None:
         """Loop thread only (use call()): peer addresses learned outside the log."""
         for nid, addr in addresses.items():

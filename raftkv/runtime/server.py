@@ -36,6 +36,7 @@ from raftkv.runtime.boot import load_boot_state
 from raftkv.runtime.loop import RaftLoop
 from raftkv.runtime.service import NodeService
 from raftkv.runtime.transport import PeerTransport, probe
+from raftkv.service import ServiceError
 from raftkv.settings import Settings, derive_cluster_id, parse_host_port
 from snapshots.lmdb_store import LmdbSnapshotStore
 from snapshots.policy import SnapshotPolicy
@@ -220,17 +221,10 @@ class NodeServer:
             return
 
         def pick() -> str | None:
-            st = loop.core.status()
-            best = [nid for nid, p in st.peers.items()
-                    if nid != st.node_id and nid in st.membership.voters and p.recent_active]
-            best.sort(key=lambda nid: -st.peers[nid].match)
-            if not best:
-                return None
             try:
-                loop.core.transfer_leader(best[0])
-            except (NotLeader, RaftError):
+                return loop.transfer_leadership(None)
+            except (NotLeader, RaftError, ServiceError):
                 return None
-            return best[0]
 
         w = loop.call(pick)
         if not w.wait(1.0) or w.result is None:

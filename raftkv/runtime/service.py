@@ -40,6 +40,7 @@ from raftkv.service import (
     MembershipChangeError,
     NodeStatus,
     NoLeaderError,
+    NotLeaderError,
     OutcomeUnknownError,
     Readiness,
     ReadResult,
@@ -247,6 +248,23 @@ class NodeService:
         if not self.is_leader():
             return self._forward_to_leader(f"/cluster/members/{node_id}", None, timeout_s)
         return self._conf_change(ConfChange(ConfChangeOp.REMOVE, node_id), timeout_s)
+
+    def transfer_leadership(self, target: str | None, *, timeout_s: float) -> str:
+        loop = self._loop
+        if not self.is_leader():
+            leader = self.leader_http_address()
+            if leader is None:
+                raise NoLeaderError("no leader is known yet; retry")
+            raise NotLeaderError(f"ask the leader ({loop.leader}) at {leader}", leader=leader)
+        picked = self._wait(loop.call(lambda: loop.transfer_leadership(target)), timeout_s,
+                            OutcomeUnknownError("the leadership transfer timed out"))
+        assert isinstance(picked, str)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if loop.leader == picked and loop.role is not Role.LEADER:
+                return picked
+            time.sleep(0.01)
+        raise OutcomeUnknownError(f"leadership did not move to {picked} in time")
 
     def _conf_change(self, change: ConfChange, timeout_s: float) -> int:
         loop = self._loop

@@ -171,6 +171,20 @@ class FakeService:
             self._index += 1
             return self._index
 
+    def transfer_leadership(self, target: str | None, *, timeout_s: float) -> str:
+        with self._lock:
+            self._enter(Call("transfer_leadership", target, timeout_s=timeout_s))
+            others = [m.id for m in self._members if not m.leader and m.voter]
+            if target is None:
+                if not others:
+                    raise MembershipChangeError("no voter to hand leadership to")
+                target = others[0]
+            if target not in others:
+                raise MembershipChangeError(f"{target} is not a voter that can lead")
+            self._members = [Member(m.id, m.raft_address, m.http_address, m.voter,
+                                    m.id == target) for m in self._members]
+            return target
+
     def remove(self, node_id: str, *, timeout_s: float) -> int:
         with self._lock:
             self._enter(Call("remove", node_id, timeout_s=timeout_s))

@@ -688,3 +688,19 @@ def test_json_out_is_compact(client: TestClient) -> None:
 
     assert result.text == json.dumps({"value": {"a": [1, 2]}, "index": 1},
                                      separators=(",", ":"))
+
+
+def test_leader_transfer_names_the_new_leader(client: TestClient, fake: FakeService) -> None:
+    assert client.simulate_post("/cluster/join", json={"id": "n2", "address": "h:1"}).status_code \
+        == 200
+    before = client.simulate_get("/cluster").json["leader"]
+    result = client.simulate_post("/cluster/leader")
+    assert result.status_code == 200
+    after = client.simulate_get("/cluster").json["leader"]
+    assert result.json == {"leader": after} and after != before
+
+
+def test_leader_transfer_to_a_named_node_that_cannot_lead_is_409(client: TestClient) -> None:
+    result = client.simulate_post("/cluster/leader", json={"id": "nobody"})
+    assert result.status_code == 409
+    assert result.json["error"] == "membership_change_rejected"
