@@ -110,6 +110,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repetitions", type=int, default=5, help="runs per figure (median)")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where to create the temporary stores (default: system temp dir)")
+    parser.add_argument("--snapshot-keys", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--snapshot-repeats", type=int, default=3)
+    parser.add_argument("--no-snapshots", action="store_true", help="appends only")
     return parser.parse_args(argv)
 
 
@@ -119,7 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         print(f"data dir: {root}")
         print(run_append_benchmarks(args, root))
-        # Further sections (e.g. snapshot timings) go here: print(run_..._benchmarks(args, root))
+        if not args.no_snapshots:
+            from benchmarks import snapshot_bench
+
+            print(f"\nsnapshots of {snapshot_bench.VALUE_BYTES}-byte values "
+                  f"(median of {args.snapshot_repeats} repetitions)")
+            print(snapshot_bench.format_table(
+                snapshot_bench.run(args.snapshot_keys, args.snapshot_repeats, root)))
     return 0
 
 
