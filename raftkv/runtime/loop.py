@@ -122,6 +122,10 @@ class RaftLoop:
         self._on_fatal = on_fatal
         self._addresses: dict[str, str] = dict(addresses)
         self._addresses.update(state_machine.addresses)
+        log_view = core.log
+        for e in log_view.slice(log_view.first_index(), log_view.last_index() + 1):
+            if e.kind is EntryKind.CONF_CHANGE and e.change is not None:
+                self._note_address(e.change)
         self._handler = ReadyHandler(
             node=core, storage=storage, snapshots=snapshots, state_machine=state_machine,
             transport=_Transport(frames), on_applied=self._on_applied,
@@ -376,6 +380,7 @@ class RaftLoop:
         if len(recent) > _RECENT_RESULTS:
             recent.popitem(last=False)
         if entry.kind is EntryKind.CONF_CHANGE and entry.change is not None:
+            self._note_address(entry.change)
             log.info("event=member_%s node=%s member=%s index=%d",
                      "removed" if entry.change.op is ConfChangeOp.REMOVE else "added",
                      self.core.id, entry.change.node_id, entry.index)

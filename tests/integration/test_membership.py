@@ -1,0 +1,123 @@
+"""Membership with real processes: join as a learner, automatic promotion, removal of a live
+or dead node, replacing a failed node, and a removed node that cannot disrupt the cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import LocalCluster, NodeProc, http_json, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    c = LocalCluster(tmp_path, 3)
+    c.start_all()
+    try:
+        c.wait_for_leader()
+        yield c
+    finally:
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            print(c.dump_logs())
+        c.close()
+
+
+def write(c: LocalCluster, key: str, value: object) -> int:
+    def attempt() -> int | None:
+        for n in c.nodes:
+            if not n.running:
+                continue
+            try:
+                code, body, _ = http_json("PUT", f"{n.http}/keys/{key}", {"value": value},
+                                          timeout_s=3.0)
+            except OSError:
+                continue
+            if code == 200:
+                return int(body["index"])
+        return None
+
+    return wait_until(attempt, 20, f"write of {key}")
+
+
+def members(c: LocalCluster, node: NodeProc) -> dict[str, dict[str, object]]:
+    code, body, _ = http_json("GET", f"{node.http}/cluster")
+    assert code == 200, body
+    return {m["id"]: m for m in body["members"]}
+
+
+def test_new_node_joins_as_learner_is_promoted_and_serves_data(cluster: LocalCluster) -> None:
+    for i in range(20):
+        write(cluster, f"k{i}", i)
+    new = cluster.add_node()
+    leader = cluster.wait_for_leader()
+    cluster.start(new, join=leader.http)
+    wait_until(lambda: members(cluster, leader).get(new.node_id, {}).get("voter") is True, 30,
+               "the new node to be promoted to voter")
+    last = write(cluster, "after-join", "yes")
+    cluster.wait_applied(new, last)
+    for i in range(20):
+        code, body, _ = http_json("GET", f"{new.http}/keys/k{i}?consistency=stale")
+        assert code == 200 and body["value"] == i
+    code, body, _ = http_json("GET", f"{new.http}/keys/after-join")  # linearizable, forwarded
+    assert code == 200 and body["value"] == "yes"
+    # It rejoins with its identity after a restart, without asking to join again.
+    cluster.kill(new)
+    cluster.start(new, join=leader.http)
+    wait_until(lambda: cluster.status(new)["leader"] is not None, 20, "the node to rejoin")
+    assert "event=join_ignored" in new.log_text()
+
+
+def test_dead_node_is_removed_and_replaced_while_writes_continue(cluster: LocalCluster) -> None:
+    leader = cluster.wait_for_leader()
+    dead = next(n for n in cluster.nodes if n is not leader)
+    cluster.kill(dead)
+    write(cluster, "before", 1)
+    code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{dead.node_id}",
+                              timeout_s=10)
+    assert code == 200, body
+    assert dead.node_id not in members(cluster, leader)
+    write(cluster, "between", 2)
+    replacement = cluster.add_node()
+    cluster.start(replacement, join=leader.http)
+    wait_until(lambda: members(cluster, leader).get(replacement.node_id, {}).get("voter"), 30,
+               "the replacement to become a voter")
+    last = write(cluster, "after", 3)
+    cluster.wait_applied(replacement, last)
+    for key, value in (("before", 1), ("between", 2), ("after", 3)):
+        code, body, _ = http_json("GET", f"{replacement.http}/keys/{key}?consistency=stale")
+        assert code == 200 and body["value"] == value
+
+
+def test_removed_node_cannot_disrupt_the_cluster(cluster: LocalCluster) -> None:
+    leader = cluster.wait_for_leader()
+    victim = next(n for n in cluster.nodes if n is not leader)
+    code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{victim.node_id}",
+                              timeout_s=10)
+    assert code == 200, body
+    term = cluster.status(leader)["term"]
+    # The removed node keeps running, stops hearing from the leader and may campaign: the
+    # others must ignore it (pre-vote + leader lease), so the leader and term stay.
+    for i in range(30):
+        write(cluster, f"x{i}", i)
+    wait_until(lambda: cluster.status(victim)["role"] in ("follower", "pre_candidate",
+                                                          "candidate"), 5, "victim alive")
+    assert cluster.leader([n for n in cluster.nodes if n is not victim]) is leader
+    assert cluster.status(leader)["term"] == term
+
+
+def test_leadership_transfer_moves_the_leader_without_an_election_timeout(
+        cluster: LocalCluster) -> None:
+    leader = cluster.wait_for_leader()
+    write(cluster, "t", 1)
+    code, body, _ = http_json("POST", f"{leader.http}/cluster/leader", timeout_s=10)
+    assert code == 200, body
+    new_id = body["leader"]
+    assert new_id != leader.node_id
+    new = cluster.node(new_id)
+    assert cluster.status(new)["role"] == "leader"
+    write(cluster, "t", 2)
