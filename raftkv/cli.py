@@ -64,7 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node.wait()
+    while not node.wait(0.5):  # timed: lets the signal handlers above run
+        pass
     if node.fatal is not None:
         print(f"raftkv serve: stopped: {node.fatal}", file=sys.stderr)
         return EXIT_FAILED
@@ -146,7 +147,7 @@ def _client(args: argparse.Namespace) -> object:
 
 
 def _print(obj: object) -> None:
-    print(json.dumps(obj, indent=None, sort_keys=True))
+    print(json.dumps(_as_dict(obj), indent=None, sort_keys=True))
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -156,15 +157,15 @@ def _run_client(args: argparse.Namespace) -> int:
     assert isinstance(cl, c.Client)
     try:
         if args.command == "get":
-            _print(_as_dict(cl.get(args.key, consistency=args.consistency)))
+            _print(cl.get(args.key, consistency=args.consistency))
         elif args.command == "put":
             try:
                 value = json.loads(args.value)
             except ValueError:
                 value = args.value  # a bare word is stored as a string
-            _print(_as_dict(cl.put(args.key, value, prev_index=args.prev_index)))
+            _print(cl.put(args.key, value, prev_index=args.prev_index))
         elif args.command == "delete":
-            _print(_as_dict(cl.delete(args.key, prev_index=args.prev_index)))
+            _print(cl.delete(args.key, prev_index=args.prev_index))
         elif args.command == "status":
             _print(cl.status())
         elif args.command == "members":
@@ -190,10 +191,13 @@ def _run_client(args: argparse.Namespace) -> int:
 
 
 def _as_dict(obj: object) -> object:
-    if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
+    """Dataclasses (also inside lists) as plain JSON values."""
+    from dataclasses import asdict, is_dataclass
 
-        return asdict(obj)  # type: ignore[call-overload]
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    if isinstance(obj, list | tuple):
+        return [_as_dict(x) for x in obj]
     return obj
 
 

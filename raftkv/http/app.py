@@ -20,10 +20,11 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import quote, unquote
 
 import falcon
@@ -643,16 +644,53 @@ class _LeaderResource:
         _send(resp, {"leader": leader})
 
 
+class MetricsSink(Protocol):
+    """Where request latencies go and where /metrics comes from (raftkv.metrics)."""
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None: ...
+
+    def render(self) -> bytes: ...
+
+
+class _MetricsResource:
+    def __init__(self, sink: MetricsSink) -> None:
+        self._sink = sink
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        resp.data = self._sink.render()
+
+
+class _LatencyMiddleware:
+    """Times every request, labelled by its route template (not the raw path: bounded)."""
+
+    def __init__(self, sink: MetricsSink) -> None:
+        self._sink = sink
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         req_succeeded: bool) -> None:
+        started = getattr(req.context, "started", None)
+        if started is None:
+            return
+        route = req.uri_template or "unmatched"
+        status = resp.status if isinstance(resp.status, int) else int(str(resp.status)[:3])
+        self._sink.observe_http(route, req.method, status, time.perf_counter() - started)
+
+
 # --------------------------------------------------------------------------- the factory
 def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               default_timeout_s: float = 5.0) -> falcon.App[falcon.Request, falcon.Response]:
+               default_timeout_s: float = 5.0, metrics: MetricsSink | None = None,
+               ) -> falcon.App[falcon.Request, falcon.Response]:
     """The WSGI app of one node. `service` is the only thing it calls."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, not {max_body_bytes}")
     if not 0 < default_timeout_s <= MAX_TIMEOUT_S:
         raise ValueError(f"default_timeout_s must be in (0, {MAX_TIMEOUT_S:g}]")
     api = _Api(service, max_body_bytes, default_timeout_s)
-    app = falcon.App()
+    app = falcon.App(middleware=[_LatencyMiddleware(metrics)] if metrics is not None else [])
     app.req_options.strip_url_path_trailing_slash = True  # /keys/a/ is /keys/a
     app.req_options.auto_parse_qs_csv = False
     app.req_options.keep_blank_qs_values = True
@@ -667,6 +705,8 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     app.add_route("/cluster/join", _JoinResource(api))
     app.add_route("/cluster/members/{member_id}", _MemberResource(api))
     app.add_route("/cluster/leader", _LeaderResource(api))
+    if metrics is not None:
+        app.add_route("/metrics", _MetricsResource(metrics))
 
     # One renderer for everything: Falcon's own HTTPError (404, 405...) included.
     renderer = _ErrorRenderer(service)

@@ -33,9 +33,13 @@ def load_boot_state(
 ) -> tuple[BootState, StoredSnapshot | None]:
     """The state a RaftNode starts from, and the stored snapshot to restore the state machine.
 
-    `initial_membership` is the configuration of a brand-new cluster (the membership "at index
-    0"); it applies whenever no snapshot was published yet. None means a node that joins an
-    existing cluster: it starts with no members and learns them from the leader.
+    `initial_membership` is the cluster's configuration at index 0, the one its log's
+    membership changes apply to. It is used whenever no snapshot was published yet, and a node
+    that joins an existing cluster needs it too (the join must hand it over): replaying the
+    leader's log on top of any other configuration gives a membership that never existed, e.g.
+    voters = {itself} after its own ADD_VOTER, and the node would elect itself alone. None is
+    accepted only when a snapshot exists (its meta carries the membership); otherwise
+    ValueError.
 
     `BootState.applied` is the snapshot's index: the caller restores its state machine from the
     returned StoredSnapshot (nothing to restore when it is None) and the core re-applies the
@@ -44,10 +48,13 @@ def load_boot_state(
     stored = snapshots.latest()
     if stored is not None:
         snapshot = Snapshot(stored.meta, stored.data)
+    elif initial_membership is None:
+        raise ValueError(
+            "no snapshot and no initial membership: a node without a snapshot (a new or a "
+            "joining node) must be given the cluster's initial membership"
+        )
     else:
-        membership = initial_membership if initial_membership is not None else Membership(
-            frozenset())
-        snapshot = Snapshot(SnapshotMeta(0, 0, membership))
+        snapshot = Snapshot(SnapshotMeta(0, 0, initial_membership))
     entries = _entries_to_keep(storage, snapshot.meta)
     hard_state = storage.hard_state()
     last_index = entries[-1].index if entries else snapshot.meta.index

@@ -28,6 +28,7 @@ from raftkv.core import (
     Entry,
     EntryKind,
     HardState,
+    Membership,
     NotLeader,
     ProposalDropped,
     RaftError,
@@ -37,7 +38,9 @@ from raftkv.core import (
     SnapshotMeta,
     SoftState,
 )
+from raftkv.core.ready import Ready
 from raftkv.kv.state_machine import KVSnapshotView, KVStateMachine, serialize_snapshot
+from raftkv.metrics import NodeMetrics
 from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StorageFull
 from raftkv.runtime.boot import load_boot_state
 from raftkv.runtime.ready_handler import ReadyHandler
@@ -64,6 +67,11 @@ _EV_READ = 2
 _EV_CALL = 3
 _EV_FORWARD = 4
 _EV_FORWARD_RESULT = 5
+
+#: The configuration "at index 0" of every raftkv cluster: empty, because a cluster's first
+#: log entries add its initial members (see server._write_bootstrap_log), so replaying the log
+#: from the start (a restart without snapshot, or a node that joins) rebuilds the membership.
+BASE_MEMBERSHIP = Membership(frozenset())
 
 _RECENT_RESULTS = 4096
 _MAX_FORWARD_BATCH = 4096
@@ -110,8 +118,10 @@ class RaftLoop:
         snapshot_policy: SnapshotPolicy,
         on_fatal: Callable[[str], None],
         rng: random.Random,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self._rng = rng
+        self.metrics = metrics or NodeMetrics()
         self.core = core
         self.storage = storage
         self.snapshots = snapshots
@@ -149,6 +159,7 @@ class RaftLoop:
         self.storage_full = False
         self.fatal: str | None = None
         self._ticks = 0
+        self._reachable: dict[str, bool] = {}
         self.stopped = threading.Event()
 
     # ------------------------------------------------------------------ thread-safe API
@@ -280,7 +291,7 @@ class RaftLoop:
                 if e.kind is EntryKind.CONF_CHANGE and e.change is not None:
                     self._note_address(e.change)
             try:
-                self._handler.handle(rd)
+                self._handle(rd)
             except StorageFull as e:
                 self._on_storage_full(e)
                 return
@@ -293,18 +304,56 @@ class RaftLoop:
                 self.sm.applied_index, self._last_snapshot_index):
             self._start_snapshot()
 
+    def _handle(self, rd: Ready) -> None:
+        handler, metrics = self._handler, self.metrics
+        handler.begin(rd)
+        if rd.must_sync:
+            started = time.perf_counter()
+            handler.persist(rd)
+            metrics.fsync_seconds.observe(time.perf_counter() - started)
+            metrics.batch_entries.observe(len(rd.entries))
+        else:
+            handler.persist(rd)
+        if rd.committed_entries:
+            started = time.perf_counter()
+            handler.finish(rd)
+            metrics.apply_seconds.observe(time.perf_counter() - started)
+        else:
+            handler.finish(rd)
+        if rd.snapshot is not None:
+            metrics.snapshots.labels("installed").inc()
+            log.info("event=snapshot_installed node=%s index=%d term=%d bytes=%d",
+                     self.core.id, rd.snapshot.meta.index, rd.snapshot.meta.term,
+                     len(rd.snapshot.data))
+
+    def metrics_state(self) -> dict[str, object]:
+        """Scrape-time gauges (any thread: plain attribute reads)."""
+        core = self.core
+        return {
+            "term": self._soft.term, "role": self._soft.role.value,
+            "commit_index": core.log.commit, "applied_index": self.sm.applied_index,
+            "last_index": core.log.last_index(), "snapshot_index": self._last_snapshot_index,
+            "peers": dict(self._reachable),
+        }
+
+    def note_peer_state(self, peer: str, up: bool) -> None:
+        """Transport callback: a peer link went up or down."""
+        self._reachable[peer] = up
+
     # ------------------------------------------------------------------ writes
     def _propose(self, data: bytes, w: Waiter) -> None:
         core = self.core
         if self.storage_full:
             w.set_error(StorageFullError("the disk (LMDB map) is full: writes are refused; "
                                          "reads still work"))
+            self.metrics.proposals.labels("rejected").inc()
             return
         if core.role is Role.LEADER:
             try:
                 index = core.propose(data)
             except (NotLeader, ProposalDropped) as e:
                 w.set_error(NoLeaderError(str(e)))
+                self.metrics.proposals.labels("rejected").inc()
                 return
             self._proposals[index] = (core.term, w)
         elif core.leader is not None:
@@ -373,8 +422,10 @@ class RaftLoop:
             term, w = pending
             if term == entry.term:
                 w.set_result(result)
+                self.metrics.proposals.labels("committed").inc()
             else:
                 w.set_error(NoLeaderError("the write was overwritten by a new leader; retry"))
+                self.metrics.proposals.labels("dropped").inc()
         recent = self._recent
         recent[entry.index] = (entry.term, result)
         if len(recent) > _RECENT_RESULTS:
@@ -425,7 +476,13 @@ class RaftLoop:
 
     def _sync_peers(self) -> None:
         # A node that is joining knows no members yet: it accepts every known address.
-        members = self.core.membership.members or frozenset(self._addresses)
+        members = set(self.core.membership.members or self._addresses)
+        # A leader that is removing itself is no member in the configuration its followers
+        # appended, but it still replicates until that configuration commits: keep talking
+        # to the leader (dissertation §4.2.2), or its removal can only commit through an
+        # election.
+        if self.core.leader is not None:
+            members.add(self.core.leader)
         peers = {nid: self._addresses[nid] for nid in members
                  if nid != self.core.id and nid in self._addresses}
         self.frames.set_peers(peers)
@@ -506,6 +563,9 @@ class RaftLoop:
             self.call(self._snapshot_done_failed)
             return
         seconds = time.monotonic() - started
+        self.metrics.snapshot_seconds.observe(seconds)
+        self.metrics.snapshot_bytes.set(len(data))
+        self.metrics.snapshots.labels("taken").inc()
         self.call(lambda: self._snapshot_done(Snapshot(meta, data), seconds))
 
     def _snapshot_done_failed(self) -> None:
@@ -534,12 +594,20 @@ class RaftLoop:
             log.info("event=leader_changed node=%s term=%d leader=%s", core.id, ss.term,
                      ss.leader or "-")
         if ss.term != prev.term or (prev.role is Role.LEADER and ss.role is not Role.LEADER):
-            # Leadership or term changed: writes in flight may or may not commit.
+            # Leadership or term changed: writes in flight above the commit index may or may
+            # not commit. Those at or below it are decided (e.g. the entry whose commit made
+            # this leader step down: its own removal) and wait for their apply, where
+            # _on_applied compares terms.
             err = OutcomeUnknownError("leadership changed before the write was applied")
-            for _, w in self._proposals.values():
-                w.set_error(err)
-            self._proposals.clear()
+            undecided = [i for i in self._proposals if i > core.log.commit]
+            for index in undecided:
+                self._proposals.pop(index)[1].set_error(err)
+            self.metrics.proposals.labels("unknown").inc(len(undecided))
         if ss.leader != prev.leader:
+            self.metrics.leader_changes.inc()
+        if ss.leader != prev.leader:
+            if prev.leader is not None and prev.leader not in core.membership.members:
+                self._sync_peers()  # the link to a removed leader was kept only while it led
             for _, w in self._forwarded.values():
                 w.set_error(OutcomeUnknownError("the leader changed while forwarding"))
             self._forwarded.clear()
@@ -567,7 +635,7 @@ class RaftLoop:
         self._soft = SoftState(self.core.role, self.core.leader, self.core.term)
 
     def _reboot_core(self) -> RaftNode:
-        boot, _ = load_boot_state(self.storage, self.snapshots, None)
+        boot, _ = load_boot_state(self.storage, self.snapshots, BASE_MEMBERSHIP)
         applied = self.sm.applied_index
         hs = boot.hard_state
         # Everything applied was committed and is on this disk (the core applies only

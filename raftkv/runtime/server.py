@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import ipaddress
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from raftkv.core import (
 from raftkv.kv.state_machine import KVStateMachine, StateMachineError
 from raftkv.ports import NodeIdentity, StorageError
 from raftkv.runtime.boot import load_boot_state
-from raftkv.runtime.loop import RaftLoop
+from raftkv.runtime.loop import BASE_MEMBERSHIP, RaftLoop
 from raftkv.runtime.service import NodeService
 from raftkv.runtime.transport import PeerTransport, probe
 from raftkv.service import ServiceError
@@ -59,6 +60,7 @@ class NodeServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
         self._http: object | None = None
         self._http_thread: threading.Thread | None = None
         self.fatal: str | None = None
@@ -109,7 +111,7 @@ class NodeServer:
 
         self.sm = KVStateMachine()
         try:
-            boot, stored = load_boot_state(self.storage, self.snapshots, None)
+            boot, stored = load_boot_state(self.storage, self.snapshots, BASE_MEMBERSHIP)
             if stored is not None:
                 self.sm.restore(stored.data, stored.meta.index)
         except (StorageError, StateMachineError, ValueError) as e:
@@ -144,7 +146,8 @@ class NodeServer:
             token=token, bind_host=raft_host, bind_port=raft_port,
             http_address=settings.http_advertise_addr,
             on_frame=self._deliver,
-            on_peer_state=None)
+            on_peer_state=self._peer_state,
+            source_host=peer_source_host(raft_host))
         self.loop = RaftLoop(
             core=core, storage=self.storage, snapshots=self.snapshots, state_machine=self.sm,
             frames=self.transport, addresses=addresses, tick_s=settings.tick_ms / 1000,
@@ -159,6 +162,9 @@ class NodeServer:
 
     def _deliver(self, frm: str, kind: int, payload: bytes) -> None:
         self.loop.deliver(frm, kind, payload)
+
+    def _peer_state(self, peer: str, up: bool) -> None:
+        self.loop.note_peer_state(peer, up)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -178,7 +184,9 @@ class NodeServer:
         from raftkv.http.app import create_app
         from raftkv.http.server import serve
 
-        app = create_app(self.service, default_timeout_s=s.request_timeout_ms / 1000)
+        self.loop.metrics.watch_state(self.loop.metrics_state)
+        app = create_app(self.service, default_timeout_s=s.request_timeout_ms / 1000,
+                         metrics=self.loop.metrics)
         try:
             server = serve(app, self._http_bind[0], self._http_bind[1], threads=s.http_threads)
         except OSError as e:
@@ -192,23 +200,26 @@ class NodeServer:
         log.info("event=node_started node=%s http=%s raft=%s cluster=%s", s.node_id,
                  s.http_addr, s.raft_addr, self._cluster_id or "-")
 
-    def wait(self) -> None:
-        """Block until stop() or a fatal error."""
-        self._stopped.wait()
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until stop() or a fatal error (True), or until the timeout (False). The main
+        thread should wait with a timeout, in a loop: CPython runs signal handlers only there,
+        and an untimed wait may never wake for a signal the kernel gave another thread."""
+        return self._stopped.wait(timeout_s)
 
     def stop(self, transfer_leadership: bool = True) -> None:
-        if self._stopped.is_set():
-            return
-        if transfer_leadership and self.loop.fatal is None:
-            self._hand_over_leadership()
-        if self._http is not None:
-            self._http.close()  # type: ignore[attr-defined]
-        self.loop.stop()
-        self.transport.close()
-        self.storage.close()
-        self.snapshots.close()
-        log.info("event=node_stopped node=%s", self.settings.node_id)
-        self._stopped.set()
+        with self._stop_lock:  # one shutdown at a time: a second caller waits for the first
+            if self._stopped.is_set():
+                return
+            if transfer_leadership and self.loop.fatal is None:
+                self._hand_over_leadership()
+            if self._http is not None:
+                self._http.close()  # type: ignore[attr-defined]
+            self.loop.stop()
+            self.transport.close()
+            self.storage.close()
+            self.snapshots.close()
+            log.info("event=node_stopped node=%s", self.settings.node_id)
+            self._stopped.set()
 
     def _on_fatal(self, reason: str) -> None:
         self.fatal = reason
@@ -271,6 +282,18 @@ class NodeServer:
         self.transport.close()
         raise StartupError(f"could not join the cluster via {url}: {last_error}; check "
                            "RAFTKV_JOIN and that the cluster has a leader")
+
+
+def peer_source_host(raft_bind_host: str) -> str | None:
+    """The local address outgoing peer connections leave from: the raft bind host when it is
+    one IP address (the listener is bound to it, so it is local; each node's peer traffic then
+    carries its own address both ways), None for a wildcard or a host name (the kernel picks).
+    """
+    try:
+        ip = ipaddress.ip_address(raft_bind_host)
+    except ValueError:
+        return None
+    return None if ip.is_unspecified else str(ip)
 
 
 def _write_bootstrap_log(storage: LmdbRaftStorage, peers: dict[str, str]) -> None:

@@ -332,13 +332,19 @@ def _connect(
     *,
     wake: socket.socket | None = None,
     should_stop: Callable[[], bool] | None = None,
+    source_host: str | None = None,
 ) -> socket.socket:
-    """A blocking, tuned socket connected to host:port; a `wake` byte plus should_stop() aborts."""
+    """A blocking, tuned socket connected to host:port; a `wake` byte plus should_stop() aborts.
+
+    With `source_host`, the connection leaves from that local address (any free port), so a
+    firewall can tell which node's peer traffic it is."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     last_error: OSError = OSError(f"no address for {host}")
     for family, kind, proto, _, sockaddr in infos:
         sock = socket.socket(family, kind, proto)
         try:
+            if source_host is not None:
+                sock.bind((source_host, 0))
             sock.setblocking(False)
             err = sock.connect_ex(sockaddr)
             if err not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
@@ -643,7 +649,14 @@ class _OutboundLink:
             self._redial = False
         host, port = _parse_address(address)
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        sock = _connect(host, port, deadline, wake=self._wake_r, should_stop=self._is_stopped)
+        sock = _connect(
+            host,
+            port,
+            deadline,
+            wake=self._wake_r,
+            should_stop=self._is_stopped,
+            source_host=self._owner.source_host,
+        )
         with self._lock:
             if self._stopped:
                 sock.close()
@@ -748,7 +761,11 @@ class PeerTransport:
         max_frame_bytes: int = 64 << 20,
         queue_limit: int = 10_000,
         queue_limit_bytes: int | None = None,
+        source_host: str | None = None,
     ) -> None:
+        """`source_host`: the local address outgoing peer connections are bound to (None: the
+        kernel picks); a node passes its raft bind host so that its peer traffic comes from
+        its own address both ways."""
         if not node_id or len(node_id) > MAX_ID_CHARS:
             raise ValueError("node_id must be a non-empty name")
         if not token:
@@ -769,6 +786,7 @@ class PeerTransport:
         self._token = token.encode()
         self._bind_host = bind_host
         self._bind_port = bind_port
+        self.source_host = source_host or None
         self._http_address = http_address
         self._on_frame = on_frame
         self._on_peer_state = on_peer_state

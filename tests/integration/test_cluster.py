@@ -20,6 +20,8 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalClu
     c.start_all()
     try:
         c.wait_for_leader()
+        for n in c.nodes:
+            c.wait_for_ready(n)  # every node serves HTTP before the test talks to it
         yield c
     except BaseException:
         print(c.dump_logs())

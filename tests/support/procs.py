@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,10 +30,18 @@ FAST_TIMING = {
 }
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def node_raft_host(number: int) -> str:
+    """The loopback address of node number `number` (1-based) when each node gets its own:
+    127.0.0.11, 127.0.0.12, ... (all of 127.0.0.0/8 is loopback on Linux)."""
+    if not 1 <= number <= 200:
+        raise ValueError(f"node number {number} out of range 1..200")
+    return f"127.0.0.{10 + number}"
 
 
 def wait_until(cond: Callable[[], T | None], timeout_s: float, what: str,
@@ -87,14 +96,16 @@ class NodeProc:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    raft_host: str = "127.0.0.1"
+    http_host: str = "127.0.0.1"
 
     @property
     def http(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self.http_host}:{self.http_port}"
 
     @property
     def raft(self) -> str:
-        return f"127.0.0.1:{self.raft_port}"
+        return f"{self.raft_host}:{self.raft_port}"
 
     @property
     def running(self) -> bool:
@@ -109,17 +120,28 @@ class NodeProc:
 
 class LocalCluster:
     def __init__(self, base_dir: Path, n: int = 3, *, env: Mapping[str, str] | None = None,
-                 token: str = "test-token") -> None:
+                 token: str = "test-token", own_raft_ips: bool = False) -> None:
+        """own_raft_ips: node i listens (HTTP and peers) and dials peers on 127.0.0.(10+i)
+        instead of 127.0.0.1, so that firewall rules can tell the nodes' peer traffic apart
+        (and no client's ephemeral port on 127.0.0.1 can take a stopped node's port)."""
         self.base_dir = base_dir
         self.token = token
+        self.own_raft_ips = own_raft_ips
         self.extra_env = dict(FAST_TIMING)
         self.extra_env.update(env or {})
         self.nodes: list[NodeProc] = []
         for i in range(1, n + 1):
-            nid = f"n{i}"
-            d = base_dir / nid
-            self.nodes.append(NodeProc(nid, free_port(), free_port(), d, base_dir / f"{nid}.log"))
+            self.nodes.append(self._new_node(f"n{i}", i))
         self.peers = ",".join(f"{n.node_id}={n.raft}" for n in self.nodes)
+
+    def _new_node(self, nid: str, number: int) -> NodeProc:
+        host = node_raft_host(number) if self.own_raft_ips else "127.0.0.1"
+        http_port = free_port(host)
+        raft_port = free_port(host)
+        while raft_port == http_port:
+            raft_port = free_port(host)
+        return NodeProc(nid, http_port, raft_port, self.base_dir / nid,
+                        self.base_dir / f"{nid}.log", raft_host=host, http_host=host)
 
     # -------------------------------------------------------------- processes
     def node(self, node_id: str) -> NodeProc:
@@ -156,11 +178,15 @@ class LocalCluster:
             self.start(n)
 
     def add_node(self) -> NodeProc:
-        nid = f"n{len(self.nodes) + 1}"
-        node = NodeProc(nid, free_port(), free_port(), self.base_dir / nid,
-                        self.base_dir / f"{nid}.log")
+        number = len(self.nodes) + 1
+        node = self._new_node(f"n{number}", number)
         self.nodes.append(node)
         return node
+
+    def wipe(self, node: NodeProc) -> None:
+        """Delete a stopped node's data dir (an empty disk for a node that rejoins)."""
+        assert not node.running, f"{node.node_id} is running"
+        shutil.rmtree(node.data_dir, ignore_errors=True)
 
     def kill(self, node: NodeProc) -> None:
         """SIGKILL: no chance to flush anything."""
