@@ -119,7 +119,7 @@ def test_cluster_command_runs_three_nodes_and_recovers_its_data(tmp_path: Path) 
             if write:
                 wait_until(lambda: http_json("PUT", f"{node}/keys/kept", {"value": "yes"},
                                              timeout_s=2)[0] == 200, 30, "a write")
-            code, body, _ = wait_until(
+            _, body, _ = wait_until(
                 lambda: (r := http_json("GET", f"{node}/keys/kept", timeout_s=2))[0] == 200
                 and r, 30, "a read")
             assert body["value"] == "yes"
