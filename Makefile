@@ -7,12 +7,17 @@ STAMP  := $(VENV)/.installed
 SEEDS  ?= 1000
 PYTEST_ARGS ?=
 
-.PHONY: help venv test lint typecheck unit sim run cluster clean-venv
+.PHONY: help venv test lint typecheck unit sim run cluster clean-venv \
+	wheels image up down logs ps clean test-docker
 
 help:
 	@echo "make run        start a 3-node cluster (docker if available, else local processes)"
 	@echo "make test       lint, type-check and run the test suite"
 	@echo "make sim SEEDS=N   run N simulator seeds (RAFTKV_SIM_SEED=s replays one)"
+	@echo "make up | down | logs | ps   the docker-compose cluster: start detached, stop, follow, list"
+	@echo "make clean      remove the docker cluster WITH its volumes (all its data) and wheels/"
+	@echo "make image      build the image (make wheels: the wheelhouse it is built from)"
+	@echo "make test-docker   build the image and run the docker-compose test"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +34,20 @@ typecheck: $(STAMP)
 	$(PY) -m mypy --strict raftkv storage snapshots
 
 unit: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not docker" $(PYTEST_ARGS)
 
 test: lint typecheck
-	RAFTKV_SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q $(PYTEST_ARGS)
+	RAFTKV_SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q -m "not docker" $(PYTEST_ARGS)
 
-run: cluster
+run:
+	@if docker info >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory up && \
+	  echo "make run: following the logs; Ctrl-C stops following, the cluster keeps running (make down stops it)" && \
+	  $(COMPOSE) logs --follow; \
+	else \
+	  echo "make run: no Docker engine answers (docker info failed): running the 3-node cluster as local processes"; \
+	  $(MAKE) --no-print-directory cluster; \
+	fi
 
 cluster: $(STAMP)
 	$(PY) -m raftkv cluster --nodes 3
@@ -44,3 +57,65 @@ sim: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---------------------------------------------------------------------------- docker
+# The image is built offline (no registry, no network in `docker build`) from wheels/: a
+# wheelhouse made here for the base image's Python version and platform.
+DOCKER_SETUP  := ../shared/tools/docker-host-setup.sh
+UPSTREAM_BASE := python:3.12-slim
+RAFTKV_IMAGE  ?= raftkv:latest
+COMPOSE_PROJECT ?= raftkv
+export RAFTKV_IMAGE
+# BASE_IMAGE from the environment wins; else python:3.12-slim if present; else what the setup
+# script answers (it also starts the engine); both are computed once, and only when needed.
+BASE_IMAGE ?= $(eval BASE_IMAGE := $(or $(shell \
+	if docker image inspect $(UPSTREAM_BASE) >/dev/null 2>&1; then echo $(UPSTREAM_BASE); \
+	elif [ -f $(DOCKER_SETUP) ]; then bash $(DOCKER_SETUP); fi),$(UPSTREAM_BASE)))$(BASE_IMAGE)
+COMPOSE_CMD = $(eval COMPOSE_CMD := $(shell docker compose version >/dev/null 2>&1 \
+	&& echo "docker compose" || echo docker-compose))$(COMPOSE_CMD)
+COMPOSE = $(COMPOSE_CMD) -p $(COMPOSE_PROJECT) -f docker-compose.yml
+ARCH := $(shell uname -m)
+
+wheels: $(STAMP)
+	@base=$(BASE_IMAGE); \
+	docker info >/dev/null 2>&1 || { echo "make $@: no Docker engine answers (docker info failed)"; exit 1; }; \
+	pyv=$$(docker run --rm --entrypoint python3 $$base -c \
+	  'import sys; print("%d.%d" % sys.version_info[:2])') || { \
+	  echo "make $@: cannot run $$base to learn its Python version"; exit 1; }; \
+	echo "make $@: wheels/ for $$base (Python $$pyv, $(ARCH))"; \
+	rm -rf wheels build && mkdir wheels && \
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir wheels . && \
+	$(PY) -m pip download --quiet --only-binary=:all: --python-version $$pyv \
+	  --platform manylinux2014_$(ARCH) --platform manylinux_2_28_$(ARCH) \
+	  --dest wheels wheels/raftkv-*.whl
+
+image: wheels
+	docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) --tag $(RAFTKV_IMAGE) .
+
+up: image
+	$(COMPOSE) up --detach
+	@echo "make up: HTTP on 127.0.0.1:$${RAFTKV_HTTP_PORT_1:-4001}, $${RAFTKV_HTTP_PORT_2:-4002}, $${RAFTKV_HTTP_PORT_3:-4003}; make logs | ps | down (keeps the data) | clean (deletes it)"
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs --follow
+
+ps:
+	$(COMPOSE) ps
+
+clean:
+	@if docker info >/dev/null 2>&1; then \
+	  $(COMPOSE) down --volumes --remove-orphans && \
+	  echo "make clean: removed the docker cluster's containers, network AND volumes (its data)"; \
+	else echo "make clean: no Docker engine answers: no containers or volumes removed"; fi
+	rm -rf wheels build
+
+# The image is built first where an engine answers (finding BASE_IMAGE may start one);
+# elsewhere the test itself skips, or fails under RAFTKV_DOCKER_TESTS=1 (CI).
+test-docker: $(STAMP)
+	@base=$(BASE_IMAGE); if docker info >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory image BASE_IMAGE=$$base; \
+	else echo "make test-docker: no Docker engine answers: no image built"; fi
+	$(PY) -m pytest -q -m docker tests/docker $(PYTEST_ARGS)

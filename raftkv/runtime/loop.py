@@ -60,6 +60,7 @@ log = logging.getLogger("raftkv.node")
 FRAME_RAFT = 1
 FRAME_FORWARD = 2
 FRAME_FORWARD_RESULT = 3
+FRAME_FORWARD_CONF = 4
 
 _EV_MESSAGE = 0
 _EV_PROPOSE = 1
@@ -67,6 +68,7 @@ _EV_READ = 2
 _EV_CALL = 3
 _EV_FORWARD = 4
 _EV_FORWARD_RESULT = 5
+_EV_FORWARD_CONF = 6
 
 #: The configuration "at index 0" of every raftkv cluster: empty, because a cluster's first
 #: log entries add its initial members (see server._write_bootstrap_log), so replaying the log
@@ -197,6 +199,8 @@ class RaftLoop:
                 self._post(_EV_MESSAGE, codec.decode_message(payload))
             elif kind == FRAME_FORWARD:
                 self._post(_EV_FORWARD, (frm, _decode_forward(payload)))
+            elif kind == FRAME_FORWARD_CONF:
+                self._post(_EV_FORWARD_CONF, (frm, _decode_forward_conf(payload)))
             elif kind == FRAME_FORWARD_RESULT:
                 self._post(_EV_FORWARD_RESULT, _decode_forward_result(payload))
             else:
@@ -272,6 +276,9 @@ class RaftLoop:
         elif ev == _EV_FORWARD:
             frm, items = payload
             self._serve_forwarded(frm, items)
+        elif ev == _EV_FORWARD_CONF:
+            frm, items = payload
+            self._serve_forwarded_conf(frm, items)
         elif ev == _EV_FORWARD_RESULT:
             self._forward_results(payload)
         else:
@@ -395,6 +402,26 @@ class RaftLoop:
             results.append((fid, index, core.term, ""))
         self.frames.send(frm, FRAME_FORWARD_RESULT, msgpack.packb(results))
 
+    def _serve_forwarded_conf(self, frm: str,
+                              items: list[tuple[int, ConfChange | None]]) -> None:
+        core = self.core
+        results: list[tuple[int, int, int, str]] = []
+        for fid, change in items:
+            if change is None:
+                results.append((fid, 0, 0, f"{MembershipChangeError.code}:invalid change"))
+                continue
+            try:
+                index = core.propose_conf_change(change)
+            except (NotLeader, ProposalDropped):
+                results.append((fid, 0, 0, NoLeaderError.code))
+                continue
+            except RaftError as e:
+                results.append((fid, 0, 0, f"{MembershipChangeError.code}:{e}"))
+                continue
+            self._note_address(change)
+            results.append((fid, index, core.term, ""))
+        self.frames.send(frm, FRAME_FORWARD_RESULT, msgpack.packb(results))
+
     def _forward_results(self, results: list[tuple[int, int, int, str]]) -> None:
         applied = self.sm.applied_index
         for fid, index, term, err in results:
@@ -403,9 +430,14 @@ class RaftLoop:
                 continue
             w = entry[1]
             if err:
-                exc: ServiceError = (StorageFullError("the leader's disk is full")
-                                     if err == StorageFullError.code
-                                     else NoLeaderError("the leader changed; retry"))
+                code, _, message = err.partition(":")
+                exc: ServiceError
+                if code == StorageFullError.code:
+                    exc = StorageFullError("the leader's disk is full")
+                elif code == MembershipChangeError.code:
+                    exc = MembershipChangeError(message or "the leader refused the change")
+                else:
+                    exc = NoLeaderError("the leader changed; retry")
                 w.set_error(exc)
             elif index <= applied:
                 got = self._recent.get(index)
@@ -449,10 +481,22 @@ class RaftLoop:
 
     # ------------------------------------------------------------------ membership
     def propose_conf_change(self, change: ConfChange) -> Waiter:
-        """Loop thread only (use call()): propose a membership change."""
+        """Loop thread only (use call()): propose a membership change; a follower forwards
+        it to the leader over the peer transport."""
         w = Waiter()
-        if self.core.role is not Role.LEADER:
-            w.set_error(NoLeaderError("membership changes go to the leader"))
+        core = self.core
+        if core.role is not Role.LEADER:
+            leader = core.leader
+            if leader is None or leader == core.id:
+                w.set_error(NoLeaderError("no leader is known yet; retry"))
+                return w
+            fid = self._next_forward_id
+            self._next_forward_id += 1
+            item = [fid, int(change.op), change.node_id, change.address]
+            if self.frames.send(leader, FRAME_FORWARD_CONF, msgpack.packb([item])):
+                self._forwarded[fid] = (time.monotonic(), w)
+            else:
+                w.set_error(NoLeaderError("cannot reach the leader"))
             return w
         try:
             index = self.core.propose_conf_change(change)
@@ -679,6 +723,24 @@ def _decode_forward(payload: bytes) -> list[tuple[int, bytes]]:
                 or not isinstance(item[1], bytes)):
             raise ValueError("bad forward item")
         out.append((item[0], item[1]))
+    return out
+
+
+def _decode_forward_conf(payload: bytes) -> list[tuple[int, ConfChange | None]]:
+    items = msgpack.unpackb(payload, raw=False)
+    if not isinstance(items, list):
+        raise ValueError("forward conf frame is not a list")
+    out: list[tuple[int, ConfChange | None]] = []
+    for item in items:
+        if (not isinstance(item, list) or len(item) != 4 or type(item[0]) is not int
+                or type(item[1]) is not int or not isinstance(item[2], str)
+                or not isinstance(item[3], str)):
+            raise ValueError("bad forward conf item")
+        try:
+            change: ConfChange | None = ConfChange(ConfChangeOp(item[1]), item[2], item[3])
+        except ValueError:
+            change = None
+        out.append((item[0], change))
     return out
 
 

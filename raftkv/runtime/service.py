@@ -6,10 +6,7 @@ deadline. A write that was proposed but not seen applied in time is "outcome unk
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 from raftkv.core import ConfChange, ConfChangeOp, Role
@@ -224,10 +221,6 @@ class NodeService:
 
     def join(self, node_id: str | None, raft_address: str, *, voter: bool = True,
              timeout_s: float) -> int:
-        if not self.is_leader():
-            return self._forward_to_leader(
-                "/cluster/join", {"id": node_id, "address": raft_address, "voter": voter},
-                timeout_s)
         if node_id is None:
             try:
                 node_id = self._probe(raft_address, min(timeout_s, 5.0))
@@ -245,8 +238,6 @@ class NodeService:
         return self._conf_change(change, timeout_s)
 
     def remove(self, node_id: str, *, timeout_s: float) -> int:
-        if not self.is_leader():
-            return self._forward_to_leader(f"/cluster/members/{node_id}", None, timeout_s)
         return self._conf_change(ConfChange(ConfChangeOp.REMOVE, node_id), timeout_s)
 
     def transfer_leadership(self, target: str | None, *, timeout_s: float) -> str:
@@ -274,33 +265,6 @@ class NodeService:
         self._wait(inner, timeout_s, OutcomeUnknownError(
             "the membership change was not seen committed in time"))
         return loop.sm.applied_index
-
-    def _forward_to_leader(self, path: str, body: dict[str, object] | None,
-                           timeout_s: float) -> int:
-        leader = self.leader_http_address()
-        if leader is None:
-            raise NoLeaderError("no leader is known yet; retry")
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://{leader}{path}", data=data,
-                                     method="POST" if body is not None else "DELETE",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                answer = json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            try:
-                detail = json.loads(e.read()).get("message", str(e))
-            except ValueError:
-                detail = str(e)
-            raise MembershipChangeError(f"the leader refused: {detail}",
-                                        leader=leader) from None
-        except (OSError, ValueError) as e:
-            raise NoLeaderError(f"cannot reach the leader at {leader}: {e}",
-                                leader=leader) from None
-        index = answer.get("index") if isinstance(answer, dict) else None
-        if type(index) is not int:
-            raise UnavailableError("the leader gave an unexpected answer")
-        return index
 
 
 def _command(build: Callable[[], Command]) -> Command:

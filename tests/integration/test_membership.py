@@ -123,3 +123,20 @@ def test_leadership_transfer_moves_the_leader_without_an_election_timeout(
     new = cluster.node(new_id)
     assert cluster.status(new)["role"] == "leader"
     write(cluster, "t", 2)
+
+
+def test_membership_changes_sent_to_a_follower_go_to_the_leader_over_the_peer_link(
+        cluster: LocalCluster) -> None:
+    leader = cluster.wait_for_leader()
+    follower = next(n for n in cluster.nodes if n is not leader)
+    victim = next(n for n in cluster.nodes if n is not leader and n is not follower)
+    code, body, _ = http_json("DELETE", f"{follower.http}/cluster/members/{victim.node_id}",
+                              timeout_s=10)
+    assert code == 200, body
+    assert victim.node_id not in members(cluster, leader)
+    code, body, _ = http_json("DELETE", f"{follower.http}/cluster/members/nobody", timeout_s=10)
+    assert code == 409 and body["error"] == "membership_change_rejected", body
+    new = cluster.add_node()
+    cluster.start(new, join=follower.http)  # the joiner asks a follower
+    wait_until(lambda: members(cluster, leader).get(new.node_id, {}).get("voter"), 30,
+               "the new node to be promoted to voter")
