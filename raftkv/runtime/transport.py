@@ -529,6 +529,8 @@ class _OutboundLink:
         self._stopped = False
         self._redial = False
         self._sock: socket.socket | None = None
+        self._live: socket.socket | None = None  # handshaken: frames may be written to it
+        self._writing = False  # the sender thread is writing a batch outside the lock
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -564,6 +566,15 @@ class _OutboundLink:
                 self._last_drop_log = now
                 dropped, queued = self._dropped, len(self._queue)
             else:
+                if not self._queue and not self._writing and self._live is not None:
+                    # Fast path: nothing queued and nobody writing: write from the calling
+                    # thread (no wake-up of the sender thread), without blocking.
+                    sent = self._write_now(self._live, header + payload)
+                    if sent == size:
+                        return True
+                    if sent > 0:
+                        header, payload = b"", (header + payload)[sent:]
+                        size -= sent
                 if not self._queue:
                     self._wake_locked()
                 self._queue.append((header, payload))
@@ -594,6 +605,15 @@ class _OutboundLink:
             self._wake_locked()
             if self._sock is not None:  # closed under this lock too: never a reused fd
                 _shutdown(self._sock)
+
+    @staticmethod
+    def _write_now(sock: socket.socket, data: bytes) -> int:
+        """Bytes written without blocking; 0 when the socket would block or has failed (the
+        sender thread then finds out and redials)."""
+        try:
+            return sock.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            return 0
 
     def _wake_locked(self) -> None:
         with contextlib.suppress(OSError):  # full (a wake is already pending) or closed
@@ -703,6 +723,7 @@ class _OutboundLink:
                 pieces.append(header)
                 pieces.append(payload)
                 total += size
+            self._writing = bool(pieces)
             return pieces, total
 
     def _pump(self, sock: socket.socket) -> None:
@@ -711,6 +732,16 @@ class _OutboundLink:
         poller.register(sock, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         wake_fd = self._wake_r.fileno()
+        with self._lock:
+            self._live = sock
+        try:
+            self._pump_live(sock, poller, wake_fd)
+        finally:
+            with self._lock:
+                self._live = None
+                self._writing = False
+
+    def _pump_live(self, sock: socket.socket, poller: select.poll, wake_fd: int) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -722,6 +753,8 @@ class _OutboundLink:
                         sock.sendall(piece)
                 else:
                     sock.sendall(b"".join(pieces))
+                with self._lock:
+                    self._writing = False
                 continue
             for fd, _ in poller.poll():
                 if fd == wake_fd:
