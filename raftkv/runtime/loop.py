@@ -44,7 +44,7 @@ from raftkv.metrics import NodeMetrics
 from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StorageFull
 from raftkv.runtime.boot import load_boot_state
 from raftkv.runtime.ready_handler import ReadyHandler
-from raftkv.runtime.waiter import Waiter
+from raftkv.runtime.waiter import Waiter, WakeSignal
 from raftkv.service import (
     MembershipChangeError,
     NoLeaderError,
@@ -143,7 +143,7 @@ class RaftLoop:
             transport=_Transport(frames), on_applied=self._on_applied,
             on_read=self._on_read, on_read_failed=self._on_read_failed)
         self._inbox: collections.deque[tuple[int, Any]] = collections.deque()
-        self._wake = threading.Event()
+        self._wake = WakeSignal()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._proposals: dict[int, tuple[int, Waiter]] = {}  # index -> (term, waiter)
@@ -242,8 +242,7 @@ class RaftLoop:
         inbox = self._inbox
         while not self._stop.is_set():
             if not inbox:
-                self._wake.wait(max(0.0, next_tick - clock()))
-            self._wake.clear()
+                self._wake.wait(next_tick - clock())
             for _ in range(len(inbox)):
                 ev, payload = inbox.popleft()
                 self._dispatch(ev, payload)
@@ -672,8 +671,13 @@ class RaftLoop:
             log.error("event=storage_full node=%s error=%s action=refusing_writes", self.core.id,
                       e)
         self.storage_full = True
+        # Alone, this node's unsaved entries die with the failed Ready (and saved ones were
+        # committed and answered when saved): a pending write surely had no effect. With
+        # peers, the entries were sent to them before the save failed and may commit.
+        alone = not (self.core.membership.members - {self.core.id})
         self._fail_everything(StorageFullError(
-            "the disk (LMDB map) is full: writes are refused; reads still work"))
+            "the disk (LMDB map) is full: writes are refused; reads still work"),
+            proposed_may_apply=not alone)
         self.core = self._reboot_core()
         self._handler.node = self.core
         self._soft = SoftState(self.core.role, self.core.leader, self.core.term)
@@ -688,12 +692,20 @@ class RaftLoop:
                          boot.entries, applied)
         return RaftNode(self.core.config, boot, self._rng)
 
-    def _fail_everything(self, err: ServiceError) -> None:
+    def _fail_everything(self, err: ServiceError, *, proposed_may_apply: bool = True) -> None:
+        """Fail every waiter with `err`, except writes already handed to Raft (proposed
+        here, or forwarded to the leader): those may still commit whatever happens to this
+        node (their entries can be on the followers: ReadyHandler.begin sends before the
+        persist), so their outcome is unknown, unless the caller knows better."""
+        in_flight: ServiceError = err
+        if proposed_may_apply:
+            in_flight = OutcomeUnknownError(f"{err.message}; the write was already proposed "
+                                            "and may still be applied")
         for _, w in self._proposals.values():
-            w.set_error(err)
+            w.set_error(in_flight)
         self._proposals.clear()
         for _, w in self._forwarded.values():
-            w.set_error(err)
+            w.set_error(in_flight)
         self._forwarded.clear()
         for _, w in self._reads.values():
             w.set_error(err)
