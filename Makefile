@@ -8,7 +8,7 @@ SEEDS  ?= 1000
 PYTEST_ARGS ?=
 
 .PHONY: help venv test lint typecheck unit sim run cluster clean-venv \
-	wheels image up down logs ps clean test-docker
+	wheels image up down logs ps clean test-docker bench bench-storage faults
 
 help:
 	@echo "make run        start a 3-node cluster (docker if available, else local processes)"
@@ -18,6 +18,8 @@ help:
 	@echo "make clean      remove the docker cluster WITH its volumes (all its data) and wheels/"
 	@echo "make image      build the image (make wheels: the wheelhouse it is built from)"
 	@echo "make test-docker   build the image and run the docker-compose test"
+	@echo "make bench [ARGS='--compare etcd']   write throughput of a fresh local cluster (JSON + PNG in benchmarks/results/)"
+	@echo "make bench-storage   synced appends/s and snapshot save/load times"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +59,20 @@ sim: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---------------------------------------------------------------------------- benchmarks
+ARGS ?=
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.write_throughput $(ARGS)
+
+bench-storage: $(STAMP)
+	$(PY) -m benchmarks.bench_storage $(ARGS)
 
 # ---------------------------------------------------------------------------- docker
 # The image is built offline (no registry, no network in `docker build`) from wheels/: a

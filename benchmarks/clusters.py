@@ -1,0 +1,463 @@
+"""The systems under test: a raftkv or etcd cluster, started here on loopback or given by URL.
+
+A `Target` finds the current leader, preloads keys, reads every benchmark key back
+(linearizably) and, when it started the servers itself, reports their CPU time. Processes
+started here are killed by pid on close(); every wait is a condition polled against a deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol, TypeVar
+from urllib.parse import quote
+
+from benchmarks.loadgen import KEY_PREFIX, Endpoint, System, key_name, preload_value
+
+__all__ = [
+    "ETCD_INSTALL_HINT",
+    "ETCD_MAX_TXN_OPS",
+    "ClusterError",
+    "EtcdCluster",
+    "Leadership",
+    "RaftkvCluster",
+    "Target",
+    "etcd_binary",
+    "parse_endpoints",
+]
+
+T = TypeVar("T")
+
+ETCD_INSTALL_HINT: Final = ("etcd is not installed: run `apt-get install etcd-server` "
+                            "(Debian bookworm ships etcd 3.4) and try again")
+_START_TIMEOUT_S: Final = 60.0
+_LEADER_TIMEOUT_S: Final = 30.0
+_CONTROL_TIMEOUT_S: Final = 10.0
+_POLL_INTERVAL_S: Final = 0.05
+_RAFTKV_PRELOAD_OPS: Final = 1000
+ETCD_MAX_TXN_OPS: Final = 128
+"""etcd refuses transactions of more operations (its --max-txn-ops default)."""
+_ETCD_PRELOAD_OPS: Final = 100
+_RAFTKV_LIST_LIMIT: Final = 10_000
+_CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+
+
+class ClusterError(Exception):
+    """The cluster could not be started or does not answer as expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class Leadership:
+    endpoint: Endpoint
+    node: str
+    term: int
+
+
+class Target(Protocol):
+    system: System
+
+    @property
+    def endpoints(self) -> list[Endpoint]: ...
+
+    def leader(self) -> Leadership: ...
+
+    def preload(self, key_count: int, value_bytes: int) -> None: ...
+
+    def read_back(self, key_count: int) -> dict[int, str]:
+        """key id -> value of every benchmark key, read linearizably from the leader."""
+        ...
+
+    def read_one(self, key_id: int) -> str | None: ...
+
+    def server_cpu_s(self) -> dict[Endpoint, float] | None:
+        """CPU seconds used so far by each server process (by its client endpoint), if they
+        were started here."""
+        ...
+
+    def describe(self) -> dict[str, object]: ...
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- small helpers
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(cond: Callable[[], T | None], timeout_s: float, what: str) -> T:
+    """Poll cond() until it returns something truthy; raise ClusterError at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = cond()
+            if value:
+                return value
+        except (OSError, ValueError, KeyError, http.client.HTTPException, ClusterError) as e:
+            last_error = e
+        if time.monotonic() >= deadline:
+            raise ClusterError(f"timed out after {timeout_s:.0f}s waiting for {what}"
+                               + (f" (last error: {last_error})" if last_error else ""))
+        time.sleep(_POLL_INTERVAL_S)
+
+
+def http_json(endpoint: Endpoint, method: str, path: str, body: object | None = None,
+              timeout_s: float = _CONTROL_TIMEOUT_S) -> tuple[int, Any]:
+    """(status, decoded JSON body or None) of one request on a fresh connection."""
+    conn = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=timeout_s)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        payload = resp.read()
+        try:
+            return resp.status, json.loads(payload) if payload else None
+        except ValueError:
+            return resp.status, None
+    finally:
+        conn.close()
+
+
+def parse_endpoints(text: str) -> list[Endpoint]:
+    """`127.0.0.1:4001,127.0.0.1:4002` (or `127.0.0.1:4001,4002,4003`: a bare port reuses the
+    host before it; `http://` is optional)."""
+    endpoints: list[Endpoint] = []
+    host = "127.0.0.1"
+    for raw in filter(None, (part.strip() for part in text.split(","))):
+        item = raw.removeprefix("http://").rstrip("/")
+        if item.isdigit():
+            port_s = item
+        else:
+            host, sep, port_s = item.rpartition(":")
+            if not sep or not host or not port_s.isdigit():
+                raise ValueError(f"{raw!r} is not host:port")
+        port = int(port_s)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{raw!r}: the port must be 1..65535")
+        endpoints.append(Endpoint(host.strip("[]"), port))
+    if not endpoints:
+        raise ValueError("no addresses given")
+    return endpoints
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+
+
+class _Processes:
+    """Server processes started here: logs to files, killed by pid."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        self.endpoints: dict[str, Endpoint] = {}
+
+    def start(self, name: str, endpoint: Endpoint, argv: Sequence[str], env: Mapping[str, str],
+              log: Path) -> None:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(list(argv), env=dict(env), stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, proc, log))
+        self.endpoints[name] = endpoint
+
+    def check_alive(self) -> None:
+        for name, proc, log in self.procs:
+            if proc.poll() is not None:
+                raise ClusterError(f"{name} exited with status {proc.returncode}; its log "
+                                   f"is {log}:\n{_tail(log)}")
+
+    def cpu_s(self) -> dict[Endpoint, float]:
+        return {self.endpoints[name]: process_cpu_s(proc.pid) for name, proc, _ in self.procs}
+
+    def close(self) -> None:
+        for _, proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc, _ in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        self.procs = []
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+class _KeepAlive:
+    """One keep-alive connection for a sequence of control-plane requests."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._conn = http.client.HTTPConnection(endpoint.host, endpoint.port,
+                                                timeout=_CONTROL_TIMEOUT_S)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        self._conn.request(method, path, body=body, headers=headers)
+        resp = self._conn.getresponse()
+        payload = resp.read()
+        return resp.status, json.loads(payload) if payload else None
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+# --------------------------------------------------------------------------- raftkv
+class RaftkvCluster:
+    """3 local `raftkv serve` processes (durable, default timing) or the nodes at `urls`."""
+
+    system = System.RAFTKV
+
+    def __init__(self, endpoints: list[Endpoint], processes: _Processes | None = None,
+                 settings: Mapping[str, str] | None = None) -> None:
+        self._endpoints = endpoints
+        self._processes = processes
+        self._settings = dict(settings or {})
+
+    @classmethod
+    def start_local(cls, base_dir: Path, nodes: int = 3) -> RaftkvCluster:
+        ids = [f"n{i}" for i in range(1, nodes + 1)]
+        http_ports = {nid: free_port() for nid in ids}
+        raft_ports = {nid: free_port() for nid in ids}
+        peers = ",".join(f"{nid}=127.0.0.1:{raft_ports[nid]}" for nid in ids)
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTKV_")}
+        settings = {"RAFTKV_CLUSTER_TOKEN": secrets.token_hex(16),
+                    "RAFTKV_UNSAFE_NO_FSYNC": "false", "RAFTKV_LOG_LEVEL": "INFO"}
+        processes = _Processes()
+        cluster = cls([Endpoint("127.0.0.1", http_ports[nid]) for nid in ids], processes,
+                      {k: v for k, v in settings.items() if k != "RAFTKV_CLUSTER_TOKEN"})
+        try:
+            for nid in ids:
+                env = dict(base_env, **settings, RAFTKV_ID=nid, RAFTKV_PEERS=peers,
+                           RAFTKV_HTTP_ADDR=f"127.0.0.1:{http_ports[nid]}",
+                           RAFTKV_RAFT_ADDR=f"127.0.0.1:{raft_ports[nid]}",
+                           RAFTKV_DATA_DIR=str(base_dir / nid))
+                processes.start(nid, Endpoint("127.0.0.1", http_ports[nid]),
+                                [sys.executable, "-m", "raftkv", "serve"], env,
+                                base_dir / f"{nid}.log")
+            cluster.wait_ready(_START_TIMEOUT_S)
+        except BaseException:
+            processes.close()
+            raise
+        return cluster
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._endpoints)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        def all_ready() -> bool:
+            if self._processes is not None:
+                self._processes.check_alive()
+            return all(http_json(ep, "GET", "/ready", timeout_s=2.0)[0] == 200
+                       for ep in self._endpoints)
+
+        wait_until(all_ready, timeout_s, "every raftkv node to be ready")
+
+    def leader(self) -> Leadership:
+        def find() -> Leadership | None:
+            if self._processes is not None:
+                self._processes.check_alive()
+            for ep in self._endpoints:
+                code, st = http_json(ep, "GET", "/status", timeout_s=2.0)
+                if code == 200 and isinstance(st, dict) and st.get("role") == "leader":
+                    return Leadership(ep, str(st["id"]), int(st["term"]))
+            return None
+
+        return wait_until(find, _LEADER_TIMEOUT_S, "a raftkv leader")
+
+    def preload(self, key_count: int, value_bytes: int) -> None:
+        conn = _KeepAlive(self.leader().endpoint)
+        try:
+            for first in range(0, key_count, _RAFTKV_PRELOAD_OPS):
+                ops = [{"op": "put", "key": key_name(i), "value": preload_value(i, value_bytes)}
+                       for i in range(first, min(key_count, first + _RAFTKV_PRELOAD_OPS))]
+                code, body = conn.request("POST", "/batch", json.dumps({"ops": ops}).encode())
+                if code != 200:
+                    raise ClusterError(f"preloading raftkv failed: {code} {body}")
+        finally:
+            conn.close()
+
+    def read_back(self, key_count: int) -> dict[int, str]:
+        found: dict[int, str] = {}
+        leader = self.leader().endpoint
+        # The list answer holds at most 10,000 keys: one request per leading digit of the id.
+        for digit in range((key_count + _RAFTKV_LIST_LIMIT - 1) // _RAFTKV_LIST_LIMIT):
+            prefix = quote(f"{KEY_PREFIX}{digit}")
+            code, body = http_json(
+                leader, "GET",
+                f"/keys?prefix={prefix}&limit={_RAFTKV_LIST_LIMIT}&consistency=linearizable",
+                timeout_s=60.0)
+            if code != 200 or not isinstance(body, dict):
+                raise ClusterError(f"reading raftkv back failed: {code} {body}")
+            for row in body["keys"]:
+                found[int(row["key"].removeprefix(KEY_PREFIX))] = row["value"]
+        return found
+
+    def read_one(self, key_id: int) -> str | None:
+        code, body = http_json(self.leader().endpoint, "GET",
+                               f"/keys/{key_name(key_id)}?consistency=linearizable")
+        if code == 404:
+            return None
+        if code != 200 or not isinstance(body, dict):
+            raise ClusterError(f"reading {key_name(key_id)} failed: {code} {body}")
+        return str(body["value"])
+
+    def server_cpu_s(self) -> dict[Endpoint, float] | None:
+        return None if self._processes is None else self._processes.cpu_s()
+
+    def describe(self) -> dict[str, object]:
+        return {"system": "raftkv", "nodes": [str(ep) for ep in self._endpoints],
+                "started_here": self._processes is not None, "settings": self._settings}
+
+    def close(self) -> None:
+        if self._processes is not None:
+            self._processes.close()
+
+
+# --------------------------------------------------------------------------- etcd
+def etcd_binary() -> str | None:
+    return shutil.which("etcd")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+class EtcdCluster:
+    """3 local etcd members (default durability and timing) or the members at `urls`,
+    spoken to through the v3 JSON gateway."""
+
+    system = System.ETCD
+
+    def __init__(self, endpoints: list[Endpoint], processes: _Processes | None = None,
+                 version: str = "") -> None:
+        self._endpoints = endpoints
+        self._processes = processes
+        self._version = version
+
+    @classmethod
+    def start_local(cls, base_dir: Path, members: int = 3) -> EtcdCluster:
+        binary = etcd_binary()
+        if binary is None:
+            raise ClusterError(ETCD_INSTALL_HINT)
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                                 check=False).stdout.splitlines()[:1]
+        names = [f"e{i}" for i in range(1, members + 1)]
+        client_ports = {name: free_port() for name in names}
+        peer_ports = {name: free_port() for name in names}
+        initial = ",".join(f"{n}=http://127.0.0.1:{peer_ports[n]}" for n in names)
+        token = f"bench-{secrets.token_hex(4)}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        processes = _Processes()
+        cluster = cls([Endpoint("127.0.0.1", client_ports[n]) for n in names], processes,
+                      version[0] if version else "")
+        try:
+            for name in names:
+                client = f"http://127.0.0.1:{client_ports[name]}"
+                peer = f"http://127.0.0.1:{peer_ports[name]}"
+                processes.start(name, Endpoint("127.0.0.1", client_ports[name]), [
+                    binary, "--name", name, "--data-dir", str(base_dir / name),
+                    "--listen-client-urls", client, "--advertise-client-urls", client,
+                    "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                    "--initial-cluster", initial, "--initial-cluster-state", "new",
+                    "--initial-cluster-token", token,
+                    "--logger", "zap", "--log-level", "warn",
+                ], env, base_dir / f"{name}.log")
+            cluster.leader()
+        except BaseException:
+            processes.close()
+            raise
+        return cluster
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._endpoints)
+
+    def leader(self) -> Leadership:
+        def find() -> Leadership | None:
+            if self._processes is not None:
+                self._processes.check_alive()
+            for ep in self._endpoints:
+                code, st = http_json(ep, "POST", "/v3/maintenance/status", {}, timeout_s=2.0)
+                if code != 200 or not isinstance(st, dict):
+                    continue
+                header = st.get("header", {})
+                if st.get("leader") and header.get("member_id") == st["leader"]:
+                    return Leadership(ep, str(st["leader"]), int(st.get("raftTerm", 0)))
+            return None
+
+        return wait_until(find, _LEADER_TIMEOUT_S, "an etcd leader")
+
+    def preload(self, key_count: int, value_bytes: int) -> None:
+        conn = _KeepAlive(self.leader().endpoint)
+        try:
+            for first in range(0, key_count, _ETCD_PRELOAD_OPS):
+                puts = [{"request_put": {"key": _b64(key_name(i)),
+                                         "value": _b64(preload_value(i, value_bytes))}}
+                        for i in range(first, min(key_count, first + _ETCD_PRELOAD_OPS))]
+                code, body = conn.request("POST", "/v3/kv/txn",
+                                          json.dumps({"success": puts}).encode())
+                if code != 200:
+                    raise ClusterError(f"preloading etcd failed: {code} {body}")
+        finally:
+            conn.close()
+
+    def read_back(self, key_count: int) -> dict[int, str]:
+        end = KEY_PREFIX[:-1] + chr(ord(KEY_PREFIX[-1]) + 1)
+        code, body = http_json(self.leader().endpoint, "POST", "/v3/kv/range",
+                               {"key": _b64(KEY_PREFIX), "range_end": _b64(end)},
+                               timeout_s=60.0)
+        if code != 200 or not isinstance(body, dict):
+            raise ClusterError(f"reading etcd back failed: {code} {body}")
+        return {int(_unb64(kv["key"]).removeprefix(KEY_PREFIX)): _unb64(kv.get("value", ""))
+                for kv in body.get("kvs", [])}
+
+    def read_one(self, key_id: int) -> str | None:
+        code, body = http_json(self.leader().endpoint, "POST", "/v3/kv/range",
+                               {"key": _b64(key_name(key_id))})
+        if code != 200 or not isinstance(body, dict):
+            raise ClusterError(f"reading {key_name(key_id)} failed: {code} {body}")
+        kvs = body.get("kvs", [])
+        return _unb64(kvs[0].get("value", "")) if kvs else None
+
+    def server_cpu_s(self) -> dict[Endpoint, float] | None:
+        return None if self._processes is None else self._processes.cpu_s()
+
+    def describe(self) -> dict[str, object]:
+        return {"system": "etcd", "members": [str(ep) for ep in self._endpoints],
+                "started_here": self._processes is not None, "version": self._version}
+
+    def close(self) -> None:
+        if self._processes is not None:
+            self._processes.close()
