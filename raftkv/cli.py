@@ -1,4 +1,5 @@
-"""`raftkv serve | cluster | get | put | delete | status | members` — the composition root.
+"""`raftkv serve | cluster | get | put | delete | status | members | backup | restore` — the
+composition root.
 
 Exit codes: 0 ok, 1 the request failed (e.g. key not found, conflict), 2 bad usage or
 settings, 3 the cluster is unavailable (no leader, timeout, unreachable).
@@ -167,7 +168,10 @@ def _run_client(args: argparse.Namespace) -> int:
         elif args.command == "delete":
             _print(cl.delete(args.key, prev_index=args.prev_index))
         elif args.command == "status":
-            _print(cl.status())
+            if args.json:
+                _print(cl.status())
+            else:
+                print(_status_table(cl, args.timeout))
         elif args.command == "members":
             if args.action == "list":
                 _print(cl.members())
@@ -187,6 +191,90 @@ def _run_client(args: argparse.Namespace) -> int:
     except c.ClientError as e:
         print(f"raftkv {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _status_table(cl: object, timeout_s: float) -> str:
+    """The member table, through the leader's member list (raftkv.status_table)."""
+    from raftkv import client as c
+    from raftkv.service import NodeStatus
+    from raftkv.status_table import format_table, gather_rows
+
+    assert isinstance(cl, c.Client)
+    probe_timeout_s = min(timeout_s, 2.0)
+
+    def one(url: str) -> c.Client:
+        return c.Client([url], timeout_s=probe_timeout_s, retries=0)
+
+    members = cl.members()
+    leader = next((m for m in members if m.leader and m.http_address), None)
+    if leader is not None and leader.http_address:
+        try:
+            with one(leader.http_address) as at_leader:
+                members = at_leader.members()
+        except c.ClientError:
+            pass  # the first answer will do
+
+    def fetch(url: str) -> NodeStatus:
+        with one(url) as node:
+            return node.status()
+
+    return format_table(gather_rows(members, fetch))
+
+
+# ---------------------------------------------------------------------------- backup, restore
+def cmd_backup(args: argparse.Namespace) -> int:
+    import http.client
+
+    from raftkv import client as c
+    from raftkv.runtime.backup import BackupError, BackupHeader, utc_timestamp, write_backup
+
+    cl = _client(args)
+    assert isinstance(cl, c.Client)
+    try:
+        with cl.download_snapshot(args.consistency) as download:
+            header = BackupHeader(download.index, download.length_bytes, download.checksum,
+                                  download.checksum_algorithm, download.url, utc_timestamp())
+            write_backup(args.file, header, download.chunks)
+    except (c.Unavailable, c.OutcomeUnknown, http.client.HTTPException, ConnectionError,
+            TimeoutError) as e:
+        print(f"raftkv backup: {e}; nothing was written", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (c.ClientError, BackupError) as e:
+        print(f"raftkv backup: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        print(f"raftkv backup: cannot write {args.file}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"raftkv backup: wrote {args.file}: index {header.index}, {header.length_bytes} "
+          f"bytes, {header.checksum_algorithm} {header.checksum}, from {header.source}")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from raftkv.ports import StorageError
+    from raftkv.runtime.backup import BackupError, RestoreError, restore
+
+    if not args.id or not args.data_dir:
+        print("raftkv restore: --id and --data-dir are required (or RAFTKV_ID, "
+              "RAFTKV_DATA_DIR)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        r = restore(args.file, args.data_dir, args.id, args.raft_addr)
+    except RestoreError as e:
+        print(f"raftkv restore: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (BackupError, StorageError) as e:
+        print(f"raftkv restore: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        print(f"raftkv restore: {e.strerror or e}: {e.filename or args.data_dir}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"raftkv restore: {args.file} -> {r.data_dir}: node {r.node_id} (raft address "
+          f"{r.raft_address}) of a new cluster {r.cluster_id}, index {r.index}, {r.keys} keys.\n"
+          f"Start it with: raftkv serve --data-dir {r.data_dir} --id {r.node_id} --raft-addr "
+          f"{r.raft_address} --http-addr HOST:PORT; add nodes with RAFTKV_JOIN=HOST:PORT")
     return EXIT_OK
 
 
@@ -236,13 +324,31 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("key")
     delete.add_argument("--prev-index", type=int, default=None)
     client_args(delete)
-    status = sub.add_parser("status", help="node status")
+    status = sub.add_parser("status", help="a table of the members and their state")
+    status.add_argument("--json", action="store_true",
+                        help="print the status of one node (the first that answers) as JSON")
     client_args(status)
     members = sub.add_parser("members", help="list, add or remove members")
     members.add_argument("action", choices=["list", "add", "remove"], nargs="?", default="list")
     members.add_argument("id", nargs="?")
     members.add_argument("--address", help="raft address host:port of the new member")
     client_args(members)
+    backup = sub.add_parser("backup", help="download a consistent snapshot into FILE")
+    backup.add_argument("file", metavar="FILE")
+    backup.add_argument("--consistency", default="linearizable",
+                        choices=["linearizable", "leader", "stale"])
+    client_args(backup)
+    restore = sub.add_parser(
+        "restore", help="seed an empty data dir with a new one-node cluster from a backup")
+    restore.add_argument("file", metavar="FILE")
+    restore.add_argument("--data-dir", default=os.environ.get("RAFTKV_DATA_DIR"),
+                         help="the new node's data dir: absent or empty [RAFTKV_DATA_DIR]")
+    restore.add_argument("--id", default=os.environ.get("RAFTKV_ID"),
+                         help="the new node's name, e.g. n1 [RAFTKV_ID]")
+    restore.add_argument("--raft-addr", default=os.environ.get(
+        "RAFTKV_RAFT_ADVERTISE", os.environ.get("RAFTKV_RAFT_ADDR", "127.0.0.1:5001")),
+        help="the peer address the node will be reached at, as given to serve "
+             "[RAFTKV_RAFT_ADVERTISE, RAFTKV_RAFT_ADDR]")
     return p
 
 
@@ -252,6 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "cluster":
         return cmd_cluster(args)
+    if args.command == "backup":
+        return cmd_backup(args)
+    if args.command == "restore":
+        return cmd_restore(args)
     if args.command == "members" and args.action in ("add", "remove") and not args.id:
         print(f"raftkv members {args.action}: a node id is required", file=sys.stderr)
         return EXIT_USAGE

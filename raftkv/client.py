@@ -25,12 +25,13 @@ a time. Give each thread its own, e.g. `client.clone()`.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import http.client
 import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -55,6 +56,7 @@ __all__ = [
     "ConditionFailed",
     "KeyNotFound",
     "OutcomeUnknown",
+    "SnapshotDownload",
     "StorageFull",
     "Unavailable",
 ]
@@ -146,6 +148,20 @@ def _error_from(status: int, body: Mapping[str, Any]) -> ClientError:
 
 def _bad_response(what: str) -> ClientError:
     return ClientError(f"unexpected answer from the server: {what}", code="bad_response")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotDownload:
+    """An answer of GET /snapshot being received: iterate `chunks` once, inside the `with`.
+    Nothing here checks the bytes: compare their checksum with `checksum` (see
+    raftkv.runtime.backup.write_backup)."""
+
+    url: str
+    index: int
+    checksum: str
+    checksum_algorithm: str
+    length_bytes: int
+    chunks: Iterator[bytes]
 
 
 # --------------------------------------------------------------------------- internals
@@ -391,6 +407,47 @@ class Client:
         path = "/cluster/members/" + quote(node_id, safe="")
         return _int(self._call("DELETE", path, policy=_UNKEYED_WRITE), "index")
 
+    # ------------------------------------------------------------------ backups
+    @contextlib.contextmanager
+    def download_snapshot(self, consistency: str | Consistency = "linearizable",
+                          chunk_bytes: int = 1 << 20) -> Iterator[SnapshotDownload]:
+        """GET /snapshot, streamed: `with kv.download_snapshot() as d: for c in d.chunks`.
+        Retried (on another node when one is down) like a read until the body starts."""
+        query = urlencode({"consistency": Consistency(consistency).value,
+                           "timeout": format(self.timeout_s, "g")})
+        deadline = time.monotonic() + self.retry_budget_s
+        attempt = 0
+        while True:
+            to = self._nodes[self._preferred]
+            connection = http.client.HTTPConnection(to.host, to.port,
+                                                    timeout=self.timeout_s + _SOCKET_SLACK_S)
+            try:
+                try:
+                    connection.request("GET", f"/snapshot?{query}")
+                    response = connection.getresponse()
+                    if response.status != 200:
+                        raw = response.read()
+                except (OSError, http.client.HTTPException) as ex:
+                    error: ClientError = Unavailable(f"no snapshot from {to.address}: {ex}",
+                                                     code="connection_failed")
+                    self._rotate(to)
+                else:
+                    if response.status == 200:
+                        yield _snapshot_download(to, response, chunk_bytes)
+                        return
+                    error = _error_from(response.status, self._decode(raw, response.status))
+                    if not isinstance(error, Unavailable):
+                        raise error
+                    if not self._follow(error.leader):
+                        self._rotate(to)
+            finally:
+                connection.close()
+            attempt += 1
+            delay = self._backoff_s(attempt)
+            if attempt > self.retries or time.monotonic() + delay >= deadline:
+                raise error
+            self._sleep(delay)
+
     # ------------------------------------------------------------------ the retry loop
     def _call(self, method: str, path: str, *, policy: _Policy,
               query: Mapping[str, str] | None = None, body: object = None,
@@ -538,3 +595,21 @@ class Client:
         if not isinstance(payload, dict):
             raise _bad_response("the body is not a JSON object")
         return payload
+
+
+def _snapshot_download(node: _Node, response: http.client.HTTPResponse,
+                       chunk_bytes: int) -> SnapshotDownload:
+    def header_int(name: str) -> int:
+        value = response.getheader(name, "")
+        if not value.isdigit():
+            raise _bad_response(f"header {name} is missing or not a number")
+        return int(value)
+
+    checksum = response.getheader("X-Raftkv-Checksum")
+    if not checksum:
+        raise _bad_response("header X-Raftkv-Checksum is missing")
+    return SnapshotDownload(
+        url=node.url, index=header_int("X-Raftkv-Index"), checksum=checksum,
+        checksum_algorithm=response.getheader("X-Raftkv-Checksum-Algorithm", ""),
+        length_bytes=header_int("Content-Length"),
+        chunks=iter(lambda: response.read(chunk_bytes), b""))

@@ -7,11 +7,14 @@ statuses in one table. Nothing here knows about Raft internals or HTTP.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1 << 20
+MAX_BATCH_OPS = 1024
+"""Operations in one atomic batch (one log entry); raftkv.kv.commands enforces the same."""
 
 
 class Consistency(enum.Enum):
@@ -89,6 +92,37 @@ class NodeStatus:
     members: tuple[Member, ...]
     cluster_id: str
     extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchResult:
+    """How a watch of one key ended (GET /keys/<key>/?wait=true).
+
+    changed: the key changed at `index`, after the index the watch started from; or False:
+    the wait ran out and this is the key's current state. deleted: the key does not exist (for
+    a change, `index` is the delete's; otherwise the node's applied index), `value` is None.
+    """
+
+    key: str
+    value: object
+    index: int
+    deleted: bool
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Backup:
+    """A consistent snapshot of the state machine at `index`, as a stream of chunks.
+
+    `checksum` (hex, of `checksum_algorithm`) and `length_bytes` describe the concatenated
+    chunks. Iterate `chunks` once; closing it (if it has close()) frees what it holds.
+    """
+
+    index: int
+    checksum: str
+    length_bytes: int
+    chunks: Iterator[bytes]
+    checksum_algorithm: str = "blake2b-256"
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,4 +241,16 @@ class KVService(Protocol):
     def transfer_leadership(self, target: str | None, *, timeout_s: float) -> str:
         """Hand leadership to `target` (or the most caught-up voter); returns the new
         leader's id once it leads."""
+        ...
+
+    def backup(self, consistency: Consistency, timeout_s: float) -> Backup:
+        """A snapshot of this node's state machine, taken at its applied index after the
+        read barrier `consistency` asks for (linearizable: everything acknowledged before the
+        call is in it)."""
+        ...
+
+    def watch(self, key: str, after_index: int | None, timeout_s: float) -> WatchResult:
+        """Wait until `key` changes at an index > after_index (None: the node's applied
+        index now), or until timeout_s passes; see WatchResult. Served from this node's
+        applied state, whatever its role."""
         ...

@@ -29,6 +29,7 @@ from urllib.parse import quote, unquote
 
 import falcon
 
+from raftkv import service as service_limits
 from raftkv.service import (
     MAX_KEY_BYTES,
     MAX_VALUE_BYTES,
@@ -65,10 +66,12 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES: Final = MAX_VALUE_BYTES + 64 * 1024
 """One maximal value plus room for the JSON around it."""
-MAX_BATCH_OPS: Final = 10_000
+MAX_BATCH_OPS: Final = service_limits.MAX_BATCH_OPS
 MAX_LIST_LIMIT: Final = 10_000
 DEFAULT_LIST_LIMIT: Final = 1000
 MAX_TIMEOUT_S: Final = 60.0
+DEFAULT_WATCH_TIMEOUT_S: Final = 30.0
+SNAPSHOT_MEDIA_TYPE: Final = "application/octet-stream"
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
 MAX_NODE_ID_CHARS: Final = 64
 MAX_ADDRESS_CHARS: Final = 255
@@ -424,10 +427,10 @@ class _Api:
     max_body_bytes: int
     default_timeout_s: float
 
-    def timeout_s(self, req: falcon.Request) -> float:
+    def timeout_s(self, req: falcon.Request, default_s: float | None = None) -> float:
         value = _param(req, "timeout")
         if value is None:
-            return self.default_timeout_s
+            return self.default_timeout_s if default_s is None else default_s
         try:
             seconds = float(value)
         except ValueError:
@@ -474,9 +477,24 @@ class _KeyResource:
         self._api = api
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        if _flag(req, "wait"):
+            self._watch(req, resp, _check_key(key))
+            return
         result = self._api.service.get(_check_key(key), _consistency(req),
                                        self._api.timeout_s(req))
         _send(resp, {"value": result.value, "index": result.index})
+
+    def _watch(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
+        """?wait=true&index=n: 200 once the key changes after n (or after now), or with its
+        current state when the timeout (default 30 s) runs out; `changed` tells which."""
+        after_index = _int_param(req, "index", 0, MAX_INDEX)
+        timeout_s = self._api.timeout_s(req, DEFAULT_WATCH_TIMEOUT_S)
+        result = self._api.service.watch(key, after_index, timeout_s)
+        if result.deleted:
+            _send(resp, {"deleted": True, "index": result.index, "changed": result.changed})
+        else:
+            _send(resp, {"value": result.value, "index": result.index,
+                         "changed": result.changed})
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
         key = _check_key(key)
@@ -555,6 +573,23 @@ class _BatchResource:
             value = _check_value(_required(raw, "value", where), f"{where}value")
             return BatchOp("put", key, value, prev_index)
         return BatchOp("delete", key, None, prev_index)
+
+
+class _SnapshotResource:
+    """GET /snapshot: the state machine's snapshot as a stream, for backups."""
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        backup = self._api.service.backup(_consistency(req), self._api.timeout_s(req))
+        resp.status = 200
+        resp.content_type = SNAPSHOT_MEDIA_TYPE
+        resp.set_header("X-Raftkv-Index", str(backup.index))
+        resp.set_header("X-Raftkv-Checksum", backup.checksum)
+        resp.set_header("X-Raftkv-Checksum-Algorithm", backup.checksum_algorithm)
+        resp.content_length = backup.length_bytes
+        resp.stream = backup.chunks
 
 
 class _StatusResource:
@@ -698,6 +733,7 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     app.add_route("/keys", _KeysResource(api))
     app.add_route("/keys/{key:path}", _KeyResource(api))
     app.add_route("/batch", _BatchResource(api))
+    app.add_route("/snapshot", _SnapshotResource(api))
     app.add_route("/status", _StatusResource(api))
     app.add_route("/health", _HealthResource())
     app.add_route("/ready", _ReadyResource(api))

@@ -26,7 +26,7 @@ JSONValue: TypeAlias = (
 ENVELOPE_VERSION = 1
 MAX_KEY_BYTES = 1024
 MAX_REQUEST_ID_CHARS = 256
-MAX_BATCH_OPS = 1024
+MAX_BATCH_OPS = 1024  # = raftkv.service.MAX_BATCH_OPS, the HTTP limit
 MAX_VALUE_DEPTH = 64
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1  # msgpack's integer range

@@ -45,6 +45,7 @@ from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StorageFull
 from raftkv.runtime.boot import load_boot_state
 from raftkv.runtime.ready_handler import ReadyHandler
 from raftkv.runtime.waiter import Waiter, WakeSignal
+from raftkv.runtime.watch import WatchRegistry
 from raftkv.service import (
     MembershipChangeError,
     NoLeaderError,
@@ -158,6 +159,8 @@ class RaftLoop:
         self._last_snapshot_index = core.snapshot_meta.index
         self._soft = SoftState(core.role, core.leader, core.term)
         self._members = core.membership
+        self.watches = WatchRegistry(floor_index=state_machine.applied_index)
+        """Long polls on keys (raftkv.runtime.watch); loop thread only."""
         self.storage_full = False
         self.fatal: str | None = None
         self._ticks = 0
@@ -234,6 +237,7 @@ class RaftLoop:
             self._die(f"internal error in the Raft loop: {e}")
         finally:
             self._fail_everything(UnavailableError("node is stopping"))
+            self.watches.close(UnavailableError("node is stopping"))
             self.stopped.set()
 
     def _loop(self) -> None:
@@ -327,6 +331,7 @@ class RaftLoop:
         else:
             handler.finish(rd)
         if rd.snapshot is not None:
+            self.watches.restored(self.sm.applied_index, self.sm.get)
             metrics.snapshots.labels("installed").inc()
             log.info("event=snapshot_installed node=%s index=%d term=%d bytes=%d",
                      self.core.id, rd.snapshot.meta.index, rd.snapshot.meta.term,
@@ -457,6 +462,8 @@ class RaftLoop:
             else:
                 w.set_error(NoLeaderError("the write was overwritten by a new leader; retry"))
                 self.metrics.proposals.labels("dropped").inc()
+        if self.watches.wants(result, entry.index):
+            self.watches.applied(entry.index, entry.data, result, self.sm.get)
         recent = self._recent
         recent[entry.index] = (entry.term, result)
         if len(recent) > _RECENT_RESULTS:
@@ -640,9 +647,10 @@ class RaftLoop:
             # Leadership or term changed: writes in flight above the commit index may or may
             # not commit. Those at or below it are decided (e.g. the entry whose commit made
             # this leader step down: its own removal) and wait for their apply, where
-            # _on_applied compares terms.
+            # _on_applied compares terms; unless a snapshot already covered them.
             err = OutcomeUnknownError("leadership changed before the write was applied")
-            undecided = [i for i in self._proposals if i > core.log.commit]
+            applied = self.sm.applied_index
+            undecided = [i for i in self._proposals if i > core.log.commit or i <= applied]
             for index in undecided:
                 self._proposals.pop(index)[1].set_error(err)
             self.metrics.proposals.labels("unknown").inc(len(undecided))
@@ -671,13 +679,16 @@ class RaftLoop:
             log.error("event=storage_full node=%s error=%s action=refusing_writes", self.core.id,
                       e)
         self.storage_full = True
-        # Alone, this node's unsaved entries die with the failed Ready (and saved ones were
-        # committed and answered when saved): a pending write surely had no effect. With
-        # peers, the entries were sent to them before the save failed and may commit.
-        alone = not (self.core.membership.members - {self.core.id})
-        self._fail_everything(StorageFullError(
-            "the disk (LMDB map) is full: writes are refused; reads still work"),
-            proposed_may_apply=not alone)
+        full = StorageFullError("the disk (LMDB map) is full: writes are refused; reads "
+                                "still work")
+        # Only a node without peers knows that a write whose entry was not saved is lost
+        # (with peers, the entry was sent before the save failed and may commit there); a
+        # saved entry may commit in any case. _fail_everything answers the rest "unknown".
+        if not self.core.membership.members - {self.core.id}:
+            saved = self.core.log.stable_index
+            for index in [i for i in self._proposals if i > saved]:
+                self._proposals.pop(index)[1].set_error(full)
+        self._fail_everything(full)
         self.core = self._reboot_core()
         self._handler.node = self.core
         self._soft = SoftState(self.core.role, self.core.leader, self.core.term)
@@ -692,15 +703,13 @@ class RaftLoop:
                          boot.entries, applied)
         return RaftNode(self.core.config, boot, self._rng)
 
-    def _fail_everything(self, err: ServiceError, *, proposed_may_apply: bool = True) -> None:
+    def _fail_everything(self, err: ServiceError) -> None:
         """Fail every waiter with `err`, except writes already handed to Raft (proposed
         here, or forwarded to the leader): those may still commit whatever happens to this
-        node (their entries can be on the followers: ReadyHandler.begin sends before the
-        persist), so their outcome is unknown, unless the caller knows better."""
-        in_flight: ServiceError = err
-        if proposed_may_apply:
-            in_flight = OutcomeUnknownError(f"{err.message}; the write was already proposed "
-                                            "and may still be applied")
+        node (their entries can be on disk, or on the followers: ReadyHandler.begin sends
+        before the persist), so their outcome is unknown."""
+        in_flight = OutcomeUnknownError(f"{err.message}; the write was already proposed and "
+                                        "may still be applied")
         for _, w in self._proposals.values():
             w.set_error(in_flight)
         self._proposals.clear()

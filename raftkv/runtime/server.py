@@ -180,7 +180,7 @@ class NodeServer:
         self.service = NodeService(
             loop=self.loop, cluster_id=self._cluster_id, http_address=s.http_advertise_addr,
             peer_http_address=self.transport.peer_http_address,
-            probe_node_id=self._probe)
+            probe_node_id=self._probe, max_watches=max(1, s.http_threads // 2))
         from raftkv.http.app import create_app
         from raftkv.http.server import serve
 
@@ -213,6 +213,7 @@ class NodeServer:
             if transfer_leadership and self.loop.fatal is None:
                 self._hand_over_leadership()
             if self._http is not None:
+                self.service.end_watches()  # long polls answer now, not when HTTP gives up
                 self._http.close()  # type: ignore[attr-defined]
             self.loop.stop()
             self.transport.close()

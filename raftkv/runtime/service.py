@@ -6,8 +6,9 @@ deadline. A write that was proposed but not seen applied in time is "outcome unk
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from raftkv.core import ConfChange, ConfChangeOp, Role
 from raftkv.kv.commands import Batch, Command, Delete, Put, encode_command
@@ -17,14 +18,18 @@ from raftkv.kv.state_machine import (
 from raftkv.kv.state_machine import (
     ConditionFailed,
     InvalidCommand,
+    KVSnapshotView,
     PutResult,
+    iter_snapshot_chunks,
 )
 from raftkv.kv.state_machine import (
     DeleteResult as KVDeleteResult,
 )
 from raftkv.runtime.loop import RaftLoop, ReadGrant
 from raftkv.runtime.waiter import Waiter
+from raftkv.runtime.watch import KeyState, Watch
 from raftkv.service import (
+    Backup,
     BatchOp,
     BatchResult,
     ConditionFailedError,
@@ -44,12 +49,20 @@ from raftkv.service import (
     ReadTimeoutError,
     ServiceError,
     UnavailableError,
+    WatchResult,
     WriteResult,
 )
+from snapshots.checksum import CHECKSUM_ALGORITHM, new_hasher
 
 PeerHttpLookup = Callable[[str], str | None]
 PeerProbe = Callable[[str, float], str]
 """(raft address, timeout) -> the node id listening there."""
+
+DEFAULT_MAX_WATCHES = 16
+"""Each watch holds an HTTP worker thread while it waits: keep most of them for the rest."""
+MAX_BACKUPS = 2
+"""Backups streaming at once; each holds a copy of the state machine's dicts."""
+_LOOP_ANSWER_S = 5.0
 
 
 class NodeService:
@@ -61,12 +74,16 @@ class NodeService:
         http_address: str,
         peer_http_address: PeerHttpLookup,
         probe_node_id: PeerProbe,
+        max_watches: int = DEFAULT_MAX_WATCHES,
     ) -> None:
         self._loop = loop
         self._cluster_id = cluster_id
         self._http_address = http_address
         self._peer_http = peer_http_address
         self._probe = probe_node_id
+        self._max_watches = max_watches
+        self._watch_slots = threading.BoundedSemaphore(max_watches)
+        self._backup_slots = threading.BoundedSemaphore(MAX_BACKUPS)
 
     # ------------------------------------------------------------------ reads
     def get(self, key: str, consistency: Consistency, timeout_s: float) -> ReadResult:
@@ -97,6 +114,64 @@ class NodeService:
                            ReadTimeoutError("leadership could not be confirmed in time",
                                             leader=self.leader_http_address()))
         assert isinstance(grant, ReadGrant)
+
+    # ------------------------------------------------------------------ watches
+    def watch(self, key: str, after_index: int | None, timeout_s: float) -> WatchResult:
+        if not self._watch_slots.acquire(blocking=False):
+            raise UnavailableError(f"this node serves {self._max_watches} watches already; "
+                                   "retry later or watch through another node")
+        try:
+            return self._watch(key, after_index, timeout_s)
+        finally:
+            self._watch_slots.release()
+
+    def _watch(self, key: str, after_index: int | None, timeout_s: float) -> WatchResult:
+        loop = self._loop
+        sm, watches = loop.sm, loop.watches
+        watch = Watch(key, after_index)
+        started = loop.call(lambda: watches.add(watch, sm.get(key), sm.applied_index))
+        if watch.wait(timeout_s):
+            if watch.error is not None:
+                raise watch.error
+            change = watch.change
+            assert change is not None
+            return _watch_result(change, changed=True)
+        if started.error is not None:  # never filed: the node is stopping
+            raise started.error
+        ended = self._wait(
+            loop.call(lambda: watches.end(watch, sm.get(key), sm.applied_index)),
+            _LOOP_ANSWER_S, UnavailableError("the node is busy; retry"))
+        assert isinstance(ended, tuple)
+        state, changed = ended
+        assert isinstance(state, KeyState)
+        return _watch_result(state, changed=bool(changed))
+
+    def end_watches(self) -> None:
+        """Answer every watch now (503) and refuse new ones: the node is stopping."""
+        watches = self._loop.watches
+        self._loop.call(lambda: watches.close(UnavailableError("the node is stopping")))
+
+    # ------------------------------------------------------------------ backups
+    def backup(self, consistency: Consistency, timeout_s: float) -> Backup:
+        if not self._backup_slots.acquire(blocking=False):
+            raise UnavailableError(f"{MAX_BACKUPS} backups are streaming from this node "
+                                   "already; retry later")
+        try:
+            self._read_barrier(consistency, timeout_s)
+            view = self._wait(self._loop.call(self._loop.sm.snapshot_view), timeout_s,
+                              ReadTimeoutError("the node did not take the snapshot in time"))
+            assert isinstance(view, KVSnapshotView)
+            # The checksum goes in the headers, before the body: one pass to hash, one to
+            # stream, and the serialised bytes are never held whole.
+            hasher, length = new_hasher(), 0
+            for chunk in iter_snapshot_chunks(view):
+                hasher.update(chunk)
+                length += len(chunk)
+        except BaseException:
+            self._backup_slots.release()
+            raise
+        return Backup(view.applied_index, hasher.hexdigest(), length,
+                      _BackupStream(view, self._backup_slots), CHECKSUM_ALGORITHM)
 
     # ------------------------------------------------------------------ writes
     def put(self, key: str, value: object, *, prev_index: int | None = None,
@@ -188,6 +263,7 @@ class NodeService:
             extra={
                 "leader_http_address": self.leader_http_address(),
                 "storage_full": loop.storage_full,
+                "watches": len(loop.watches),
                 "peers": {nid: {"match": p.match, "next": p.next, "state": p.state,
                                 "recent_active": p.recent_active}
                           for nid, p in st.peers.items() if nid != st.node_id},
@@ -265,6 +341,36 @@ class NodeService:
         self._wait(inner, timeout_s, OutcomeUnknownError(
             "the membership change was not seen committed in time"))
         return loop.sm.applied_index
+
+
+def _watch_result(state: KeyState, *, changed: bool) -> WatchResult:
+    return WatchResult(state.key, state.value, state.index, state.deleted, changed)
+
+
+class _BackupStream:
+    """The chunks of a backup, once; gives its slot back when exhausted or closed (the WSGI
+    server closes it, also when the client goes away)."""
+
+    def __init__(self, view: KVSnapshotView, slots: threading.BoundedSemaphore) -> None:
+        self._chunks: Iterator[bytes] | None = iter_snapshot_chunks(view)
+        self._slots = slots
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._chunks is None:
+            raise StopIteration
+        try:
+            return next(self._chunks)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._chunks is not None:
+            self._chunks = None  # drops the view
+            self._slots.release()
 
 
 def _command(build: Callable[[], Command]) -> Command:

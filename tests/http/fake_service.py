@@ -6,11 +6,13 @@ Thread-safe (the waitress tests call it from worker threads). Every operation is
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from dataclasses import dataclass
 
 from raftkv.service import (
+    Backup,
     BatchOp,
     BatchResult,
     ConditionFailedError,
@@ -23,8 +25,10 @@ from raftkv.service import (
     NodeStatus,
     Readiness,
     ReadResult,
+    WatchResult,
     WriteResult,
 )
+from snapshots.checksum import checksum_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,7 @@ class Call:
     timeout_s: float | None = None
     consistency: Consistency | None = None
     prev_index: int | None = None
+    after_index: int | None = None
 
 
 class FakeService:
@@ -136,6 +141,24 @@ class FakeService:
                     deleted = self._data.pop(op.key, None) is not None
                     results.append(DeleteResult(deleted, self._index))
             return BatchResult(self._index, tuple(results))
+
+    def backup(self, consistency: Consistency, timeout_s: float) -> Backup:
+        """The sorted items as JSON, in chunks of 7 bytes (a stand-in for a snapshot)."""
+        with self._lock:
+            self._enter(Call("backup", timeout_s=timeout_s, consistency=consistency))
+            data = json.dumps(sorted(self._data.items())).encode()
+            chunks = [data[i:i + 7] for i in range(0, len(data), 7)]
+            return Backup(self._index, checksum_of(data), len(data), iter(chunks))
+
+    def watch(self, key: str, after_index: int | None, timeout_s: float) -> WatchResult:
+        """No waiting: the key's state, `changed` when it was written after after_index."""
+        with self._lock:
+            self._enter(Call("watch", key, timeout_s=timeout_s, after_index=after_index))
+            if key not in self._data:
+                return WatchResult(key, None, self._index, True, False)
+            value, index = self._data[key]
+            return WatchResult(key, value, index, False,
+                               after_index is not None and index > after_index)
 
     def is_leader(self) -> bool:
         return self.leader

@@ -68,7 +68,7 @@ def test_failed_condition_exits_1(cluster: LocalCluster) -> None:
 
 
 def test_status_and_members_print_json(cluster: LocalCluster) -> None:
-    status = raftkv("status", "--urls", cluster.nodes[0].http)
+    status = raftkv("status", "--json", "--urls", cluster.nodes[0].http)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["id"] == "n1"
     members = raftkv("members", "--urls", urls(cluster))

@@ -39,6 +39,8 @@ def test_metrics_move_with_writes_and_leader_changes(tmp_path: Path) -> None:
     c.start_all()
     try:
         leader = c.wait_for_leader()
+        for n in c.nodes:
+            c.wait_for_ready(n)
         before = scrape(leader.http)
         assert before['raftkv_role{role="leader"}'] == 1.0
         for i in range(20):

@@ -1,0 +1,175 @@
+"""Long-poll watches (GET /keys/<key>/?wait=true&index=n) against real processes: woken by
+writes on another node, answered at once for an old index, timing out with changed=false, and
+surviving the death of the leader and the isolation of the watched node."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.procs import LocalCluster, NodeProc, http_json, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def started(path: Path) -> LocalCluster:
+    c = LocalCluster(path, 3)
+    c.start_all()
+    c.wait_for_leader()
+    for n in c.nodes:
+        c.wait_for_ready(n)
+    return c
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = started(tmp_path_factory.mktemp("watch"))
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    c = started(tmp_path)
+    try:
+        yield c
+    finally:
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            print(c.dump_logs())
+        c.close()
+
+
+def write(c: LocalCluster, key: str, value: object) -> int:
+    """Through any live node (followers forward); retried until a leader takes it."""
+    def attempt() -> int | None:
+        for n in c.nodes:
+            if n.running:
+                code, body, _ = http_json("PUT", f"{n.http}/keys/{key}", {"value": value},
+                                          timeout_s=3.0)
+                if code == 200:
+                    return int(body["index"])
+        return None
+
+    return wait_until(attempt, 30, f"a write of {key}")
+
+
+def watches(c: LocalCluster, node: NodeProc) -> int:
+    return int(c.status(node)["extra"]["watches"])
+
+
+class BackgroundWatch:
+    """A watch request waiting in a thread of its own."""
+
+    def __init__(self, node: NodeProc, key: str, index: int, timeout_s: float) -> None:
+        self._answer: tuple[int, Any] | None = None
+        self._error: BaseException | None = None
+        url = f"{node.http}/keys/{key}?wait=true&index={index}&timeout={timeout_s}"
+        self._thread = threading.Thread(target=self._run, args=(url, timeout_s + 10),
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, socket_timeout_s: float) -> None:
+        try:
+            code, body, _ = http_json("GET", url, timeout_s=socket_timeout_s)
+            self._answer = (code, body)
+        except BaseException as e:  # handed to the test thread
+            self._error = e
+
+    def answer(self, timeout_s: float) -> tuple[int, Any]:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"the watch did not answer in {timeout_s}s"
+        if self._error is not None:
+            raise self._error
+        assert self._answer is not None
+        return self._answer
+
+
+def a_follower(c: LocalCluster) -> NodeProc:
+    leader = c.wait_for_leader()
+    return next(n for n in c.nodes if n is not leader)
+
+
+def test_watch_on_a_follower_returns_when_the_leader_writes(cluster: LocalCluster) -> None:
+    follower = a_follower(cluster)
+    leader = cluster.wait_for_leader()
+    start = write(cluster, "w1", "first")
+    watch = BackgroundWatch(follower, "w1", start, timeout_s=30)
+    wait_until(lambda: watches(cluster, follower) == 1, 10, "the watch to be filed")
+    code, body, _ = http_json("PUT", f"{leader.http}/keys/w1", {"value": "second"})
+    assert code == 200
+    assert watch.answer(15) == (200, {"value": "second", "index": body["index"],
+                                      "changed": True})
+    assert watches(cluster, follower) == 0
+
+
+def test_watch_from_an_index_older_than_the_key_returns_at_once(cluster: LocalCluster) -> None:
+    follower = a_follower(cluster)
+    older = write(cluster, "w2", "old")
+    newer = write(cluster, "w2", "new")
+    # The wait may last 30 s; the socket gives up after 10: an answer proves it did not wait.
+    code, body, _ = http_json("GET", f"{follower.http}/keys/w2?wait=true&index={older}",
+                              timeout_s=10)
+    assert (code, body) == (200, {"value": "new", "index": newer, "changed": True})
+
+
+def test_watch_times_out_with_the_current_value_and_changed_false(
+        cluster: LocalCluster) -> None:
+    follower = a_follower(cluster)
+    index = write(cluster, "w3", "still")
+    cluster.wait_applied(follower, index)
+    code, body, _ = http_json(
+        "GET", f"{follower.http}/keys/w3?wait=true&index={index}&timeout=0.3", timeout_s=10)
+    assert (code, body) == (200, {"value": "still", "index": index, "changed": False})
+    assert watches(cluster, follower) == 0
+
+
+def test_watch_wakes_on_a_delete_with_deleted_true(cluster: LocalCluster) -> None:
+    follower = a_follower(cluster)
+    start = write(cluster, "w4", "doomed")
+    watch = BackgroundWatch(follower, "w4", start, timeout_s=30)
+    wait_until(lambda: watches(cluster, follower) == 1, 10, "the watch to be filed")
+    code, body, _ = http_json("DELETE", f"{cluster.wait_for_leader().http}/keys/w4")
+    assert code == 200 and body["deleted"] is True
+    assert watch.answer(15) == (200, {"deleted": True, "index": body["index"],
+                                      "changed": True})
+
+
+def test_watch_on_a_follower_survives_the_leader_being_killed(
+        own_cluster: LocalCluster) -> None:
+    c = own_cluster
+    old_leader = c.wait_for_leader()
+    follower = a_follower(c)
+    start = write(c, "lk", "before")
+    watch = BackgroundWatch(follower, "lk", start, timeout_s=45)
+    wait_until(lambda: watches(c, follower) == 1, 10, "the watch to be filed")
+    c.kill(old_leader)
+    survivors = [n for n in c.nodes if n is not old_leader]
+    new_leader = c.wait_for_leader(among=survivors)
+    assert new_leader is not old_leader
+    assert watches(c, follower) == 1  # still waiting, across the change of leader
+    index = write(c, "lk", "after")
+    assert watch.answer(20) == (200, {"value": "after", "index": index, "changed": True})
+
+
+def test_watch_on_an_isolated_node_just_times_out(own_cluster: LocalCluster) -> None:
+    c = own_cluster
+    follower = a_follower(c)
+    index = write(c, "iso", "kept")
+    c.wait_applied(follower, index)
+    others = [n for n in c.nodes if n is not follower]
+    for n in others:
+        c.pause(n)
+    try:
+        code, body, _ = http_json(
+            "GET", f"{follower.http}/keys/iso?wait=true&index={index}&timeout=1", timeout_s=10)
+    finally:
+        for n in others:
+            c.resume(n)
+    assert (code, body) == (200, {"value": "kept", "index": index, "changed": False})
