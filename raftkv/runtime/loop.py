@@ -147,14 +147,18 @@ class RaftLoop:
         self._wake = WakeSignal()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._proposals: dict[int, tuple[int, Waiter]] = {}  # index -> (term, waiter)
-        self._recent: collections.OrderedDict[int, tuple[int, object]] = (
+        # index -> (term, waiter, what the entry must hold: command bytes or a ConfChange;
+        # None for our own proposals, whose (index, term) is unique to them)
+        self._proposals: dict[int, tuple[int, Waiter, _Expect]] = {}
+        self._recent: collections.OrderedDict[int, tuple[Entry, object]] = (
             collections.OrderedDict())
         self._reads: dict[int, tuple[float, Waiter]] = {}
         self._next_read_id = 1
         self._forward_out: list[tuple[int, bytes]] = []
-        self._forwarded: dict[int, tuple[float, Waiter]] = {}
-        self._next_forward_id = 1
+        self._forwarded: dict[int, tuple[float, Waiter, _Expect]] = {}
+        # Random start: an answer the leader queued for an earlier run of this node (before a
+        # restart) must not match a forward of this run.
+        self._next_forward_id = rng.getrandbits(52)
         self._snapshot_in_progress = False
         self._last_snapshot_index = core.snapshot_meta.index
         self._soft = SoftState(core.role, core.leader, core.term)
@@ -366,11 +370,11 @@ class RaftLoop:
                 w.set_error(NoLeaderError(str(e)))
                 self.metrics.proposals.labels("rejected").inc()
                 return
-            self._proposals[index] = (core.term, w)
+            self._proposals[index] = (core.term, w, None)
         elif core.leader is not None:
             fid = self._next_forward_id
             self._next_forward_id += 1
-            self._forwarded[fid] = (time.monotonic(), w)
+            self._forwarded[fid] = (time.monotonic(), w, data)
             self._forward_out.append((fid, data))
         else:
             w.set_error(NoLeaderError("no leader is known yet"))
@@ -432,7 +436,7 @@ class RaftLoop:
             entry = self._forwarded.pop(fid, None)
             if entry is None:
                 continue
-            w = entry[1]
+            _, w, expect = entry
             if err:
                 code, _, message = err.partition(":")
                 exc: ServiceError
@@ -445,27 +449,31 @@ class RaftLoop:
                 w.set_error(exc)
             elif index <= applied:
                 got = self._recent.get(index)
-                if got is not None and got[0] == term:
+                if got is not None and got[0].term == term and _holds(got[0], expect):
                     w.set_result(got[1])
                 else:
                     w.set_error(OutcomeUnknownError("the write's outcome is unknown"))
             else:
-                self._proposals[index] = (term, w)
+                self._proposals[index] = (term, w, expect)
 
     def _on_applied(self, entry: Entry, result: object) -> None:
         pending = self._proposals.pop(entry.index, None)
         if pending is not None:
-            term, w = pending
-            if term == entry.term:
+            term, w, expect = pending
+            if term == entry.term and _holds(entry, expect):
                 w.set_result(result)
                 self.metrics.proposals.labels("committed").inc()
+            elif term == entry.term:
+                # Never hand a client another write's answer (a mix-up of forwarded ids).
+                log.error("event=forward_mismatch node=%s index=%d", self.core.id, entry.index)
+                w.set_error(OutcomeUnknownError("the write's outcome is unknown"))
             else:
                 w.set_error(NoLeaderError("the write was overwritten by a new leader; retry"))
                 self.metrics.proposals.labels("dropped").inc()
         if self.watches.wants(result, entry.index):
             self.watches.applied(entry.index, entry.data, result, self.sm.get)
         recent = self._recent
-        recent[entry.index] = (entry.term, result)
+        recent[entry.index] = (entry, result)
         if len(recent) > _RECENT_RESULTS:
             recent.popitem(last=False)
         if entry.kind is EntryKind.CONF_CHANGE and entry.change is not None:
@@ -500,7 +508,7 @@ class RaftLoop:
             self._next_forward_id += 1
             item = [fid, int(change.op), change.node_id, change.address]
             if self.frames.send(leader, FRAME_FORWARD_CONF, msgpack.packb([item])):
-                self._forwarded[fid] = (time.monotonic(), w)
+                self._forwarded[fid] = (time.monotonic(), w, change)
             else:
                 w.set_error(NoLeaderError("cannot reach the leader"))
             return w
@@ -513,7 +521,7 @@ class RaftLoop:
             w.set_error(MembershipChangeError(str(e)))
             return w
         self._note_address(change)
-        self._proposals[index] = (self.core.term, w)
+        self._proposals[index] = (self.core.term, w, None)
         return w
 
     def _note_address(self, change: ConfChange) -> None:
@@ -659,15 +667,18 @@ class RaftLoop:
         if ss.leader != prev.leader:
             if prev.leader is not None and prev.leader not in core.membership.members:
                 self._sync_peers()  # the link to a removed leader was kept only while it led
-            for _, w in self._forwarded.values():
-                w.set_error(OutcomeUnknownError("the leader changed while forwarding"))
-            self._forwarded.clear()
+            if prev.leader is not None:
+                # Writes forwarded to the previous leader may or may not commit. (With no
+                # previous leader, anything forwarded went to the new one: leave it.)
+                for _, w, _ in self._forwarded.values():
+                    w.set_error(OutcomeUnknownError("the leader changed while forwarding"))
+                self._forwarded.clear()
 
     def _housekeeping(self, now: float) -> None:
         expired = [rid for rid, (deadline, _) in self._reads.items() if deadline < now]
         for rid in expired:
             self._reads.pop(rid)[1].set_error(NoLeaderError("read timed out"))
-        stale = [fid for fid, (t, _) in self._forwarded.items() if now - t > 60]
+        stale = [fid for fid, (t, _, _) in self._forwarded.items() if now - t > 60]
         for fid in stale:
             self._forwarded.pop(fid)[1].set_error(OutcomeUnknownError("no answer from leader"))
         self._promote_caught_up_learners()
@@ -710,10 +721,10 @@ class RaftLoop:
         before the persist), so their outcome is unknown."""
         in_flight = OutcomeUnknownError(f"{err.message}; the write was already proposed and "
                                         "may still be applied")
-        for _, w in self._proposals.values():
+        for _, w, _ in self._proposals.values():
             w.set_error(in_flight)
         self._proposals.clear()
-        for _, w in self._forwarded.values():
+        for _, w, _ in self._forwarded.values():
             w.set_error(in_flight)
         self._forwarded.clear()
         for _, w in self._reads.values():
@@ -727,6 +738,18 @@ class RaftLoop:
         self.fatal = reason
         log.critical("event=node_stopped node=%s reason=%s", self.core.id, reason)
         self._on_fatal(reason)
+
+
+_Expect = bytes | ConfChange | None
+
+
+def _holds(entry: Entry, expect: _Expect) -> bool:
+    """Does the applied entry hold what a forwarded proposal sent?"""
+    if expect is None:
+        return True
+    if isinstance(expect, ConfChange):
+        return entry.change == expect
+    return entry.data == expect
 
 
 def _fail_payload(ev: int, payload: Any, err: BaseException) -> None:

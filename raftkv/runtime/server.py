@@ -105,9 +105,6 @@ class NodeServer:
                     f"{settings.node_id!r}: use RAFTKV_ID={identity.node_id} or another "
                     "data dir")
             cluster_id = identity.cluster_id
-            if settings.join:
-                log.info("event=join_ignored node=%s reason=data_dir_has_state",
-                         settings.node_id)
 
         self.sm = KVStateMachine()
         try:
@@ -155,7 +152,17 @@ class NodeServer:
             on_fatal=self._on_fatal, rng=rng)
         self._cluster_id = cluster_id
         self._identity = identity
-        self._needs_join = identity is None and bool(settings.join)
+        # A node whose join finished but that stopped before anything came from the cluster
+        # (no snapshot, no log: no member, no address) would refuse every peer as unknown
+        # when restarted: it joins again (the leader answers for a known member at once).
+        self._needs_join = bool(settings.join) and (
+            identity is None or not core.membership.members)
+        if identity is not None and settings.join:
+            if self._needs_join:
+                log.info("event=join_resumed node=%s reason=no_member_known", settings.node_id)
+            else:
+                log.info("event=join_ignored node=%s reason=data_dir_has_state",
+                         settings.node_id)
         if identity is None and not self._needs_join:
             self.storage.set_identity(NodeIdentity(settings.node_id, cluster_id,
                                                    FORMAT_VERSION))
