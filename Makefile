@@ -20,6 +20,7 @@ help:
 	@echo "make test-docker   build the image and run the docker-compose test"
 	@echo "make bench [ARGS='--compare etcd']   write throughput of a fresh local cluster (JSON + PNG in benchmarks/results/)"
 	@echo "make bench-storage   synced appends/s and snapshot save/load times"
+	@echo "make faults SECONDS=300 SEED=n [NODES=5 MIX=all|kills|partitions|pauses|restarts]   a long fault-injection run"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +74,16 @@ bench: $(BENCH_STAMP)
 
 bench-storage: $(STAMP)
 	$(PY) -m benchmarks.bench_storage $(ARGS)
+
+# ---------------------------------------------------------------------------- fault injection
+SECONDS ?= 300
+SEED    ?= 1
+NODES   ?= 3
+MIX     ?= all
+
+faults: $(STAMP)
+	$(PY) -m tests.faults.run --seconds $(SECONDS) --seed $(SEED) --nodes $(NODES) --mix $(MIX) \
+	  --results results/faults/seed-$(SEED)
 
 # ---------------------------------------------------------------------------- docker
 # The image is built offline (no registry, no network in `docker build`) from wheels/: a

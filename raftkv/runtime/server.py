@@ -86,6 +86,12 @@ class NodeServer:
 
         identity = self.storage.identity()
         addresses = dict(settings.peer_map)
+        if identity is None and (self.storage.last_index() > 0
+                                 or self.storage.hard_state().term > 0):
+            raise StartupError(
+                f"the data dir {data} holds Raft state but no identity (a join that never "
+                "finished?): it is not bootstrapped again over that state. Start it with "
+                "RAFTKV_JOIN, or move the data dir away to start empty")
         if identity is None:
             if settings.peer_map and not settings.join:
                 cluster_id = derive_cluster_id(settings.peer_map)

@@ -1,0 +1,1 @@
+"""Fault injection against real `raftkv serve` processes: nemesis, clients, history checks."""

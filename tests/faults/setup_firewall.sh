@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the firewall tools that the partition faults of tests/faults need (nftables, with
+# iptables as the fallback). CI calls it before the tests; it never fails the build: without
+# the tools (not root, no apt) the partition faults are skipped with the reason printed.
+set -uo pipefail
+if command -v nft >/dev/null 2>&1 && command -v iptables >/dev/null 2>&1; then
+  echo "setup_firewall: nft and iptables present"
+  exit 0
+fi
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+  echo "setup_firewall: not root or no apt-get: partition faults will be skipped"
+  exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+if apt-get update -qq && apt-get install -y -qq --no-install-recommends nftables iptables; then
+  echo "setup_firewall: installed nftables and iptables"
+else
+  echo "setup_firewall: apt-get failed: partition faults will be skipped"
+fi
+exit 0
