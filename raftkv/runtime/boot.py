@@ -1,8 +1,8 @@
 """Boot: rebuild a node's durable Raft state from its stores (DESIGN: "On restart a node loads
 the latest snapshot, replays the log after it").
 
-Used by the real runtime at start and by the simulator when it restarts a crashed node. Pure
-over the ports: it only reads `storage` and `snapshots`.
+Used by the real runtime at start and by the simulator when it restarts a crashed node. It
+works through the ports only, and reads them, with one exception below.
 
 What storage may hold, and what is kept (Raft Figure 13, step 6):
 
@@ -13,7 +13,9 @@ What storage may hold, and what is kept (Raft Figure 13, step 6):
   leader was installed): every stored entry;
 - otherwise (the entry at S has another term, or the stored log ends before S): nothing. This
   is a crash between publishing a snapshot received from the leader and replacing the log: that
-  persist reset the log, so the old entries are not ours any more;
+  persist was resetting the log, so the old entries are not ours any more. Boot finishes that
+  reset (a synced save with reset_log=True), else the node's next save, which continues from
+  S + 1, would not line up with what storage still holds;
 - a stored log that starts after S + 1 has lost entries: StorageError, the node must not start.
 """
 
@@ -55,7 +57,9 @@ def load_boot_state(
         )
     else:
         snapshot = Snapshot(SnapshotMeta(0, 0, initial_membership))
-    entries = _entries_to_keep(storage, snapshot.meta)
+    entries, stale = _entries_to_keep(storage, snapshot.meta)
+    if stale:
+        storage.save(None, [], reset_log=True, sync=True)
     hard_state = storage.hard_state()
     last_index = entries[-1].index if entries else snapshot.meta.index
     if hard_state.commit > last_index:
@@ -72,18 +76,19 @@ def load_boot_state(
     return boot, stored
 
 
-def _entries_to_keep(storage: RaftStorage, meta: SnapshotMeta) -> list[Entry]:
+def _entries_to_keep(storage: RaftStorage, meta: SnapshotMeta) -> tuple[list[Entry], bool]:
+    """The stored entries to boot with, and whether storage holds a log to throw away."""
     first, last = storage.first_index(), storage.last_index()
     if last < first:
-        return []
+        return [], False
     snap = meta.index
     if first > snap + 1:
         what = f"the snapshot at {snap}" if snap else "index 1 and there is no snapshot"
         raise StorageError(f"the stored log starts at {first}, after {what}: entries are missing")
     if first <= snap and (last < snap or storage.term(snap) != meta.term):
-        return []  # the snapshot replaced this log (Figure 13); the reset was not persisted
+        return [], True  # the snapshot replaced this log (Figure 13); the reset was not saved
     entries = storage.entries(first, last + 1)
     for expected, e in enumerate(entries, start=first):
         if e.index != expected:
             raise StorageError(f"the stored log is not contiguous at index {expected}")
-    return entries
+    return entries, False

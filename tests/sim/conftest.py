@@ -1,0 +1,71 @@
+"""Simulator fixtures: the seed list from the environment, and the end-of-run summary.
+
+RAFTKV_SIM_SEEDS=N runs seeds 0..N-1 (default 1000); RAFTKV_SIM_SEED=s runs exactly seed s
+(and none of the other simulator tests).
+The summary line is printed at the end of the pytest run (whatever `-s`/`-q` say) and written
+to tests/sim/.last_summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.sim.cluster import SimSummary
+
+SUMMARY_KEY = pytest.StashKey[SimSummary]()
+SUMMARY_PATH = Path(__file__).with_name(".last_summary.json")
+
+
+def sim_seeds() -> list[int]:
+    one = os.environ.get("RAFTKV_SIM_SEED", "").strip()
+    if one:
+        return [int(one)]
+    return list(range(int(os.environ.get("RAFTKV_SIM_SEEDS", "1000"))))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Replaying one seed (RAFTKV_SIM_SEED) runs that seed and nothing else of the simulator."""
+    if not os.environ.get("RAFTKV_SIM_SEED", "").strip():
+        return
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        replay = isinstance(item, pytest.Function) and item.originalname == "test_seed"
+        (drop if item.get_closest_marker("sim") and not replay else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def sim_summary(request: pytest.FixtureRequest) -> SimSummary:
+    stash = request.config.stash
+    if SUMMARY_KEY not in stash:
+        stash[SUMMARY_KEY] = SimSummary()
+    return stash[SUMMARY_KEY]
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config
+) -> None:
+    summary = config.stash.get(SUMMARY_KEY, None)
+    if summary is None or not (summary.seeds or summary.injected_bugs):
+        return
+    terminalreporter.section("raftkv simulator")
+    if summary.seeds:
+        terminalreporter.write_line(summary.line())
+    for key, found in sorted(summary.injected_bugs.items()):
+        terminalreporter.write_line(
+            f"injected bug ({key}) {found['description']}: caught at seed {found['seed']} "
+            f"after {found['seeds_needed']} seed(s) [{found['profile']}]"
+            + (f"; end to end: {found['end_to_end']}" if "end_to_end" in found else "")
+        )
+    try:
+        SUMMARY_PATH.write_text(json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
+    except OSError as e:
+        terminalreporter.write_line(f"(could not write {SUMMARY_PATH}: {e})")
