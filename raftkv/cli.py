@@ -180,6 +180,12 @@ def _run_client(args: argparse.Namespace) -> int:
                     print("raftkv members add: --address is required", file=sys.stderr)
                     return EXIT_USAGE
                 _print(cl.join(args.id, args.address))
+            elif args.action == "promote":
+                member = next((m for m in cl.members() if m.id == args.id), None)
+                if member is None:
+                    print(f"raftkv members promote: {args.id} is not a member", file=sys.stderr)
+                    return EXIT_FAILED
+                _print(cl.join(args.id, member.raft_address, voter=True))
             else:
                 _print(cl.remove(args.id))
     except c.KeyNotFound as e:
@@ -329,7 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the status of one node (the first that answers) as JSON")
     client_args(status)
     members = sub.add_parser("members", help="list, add or remove members")
-    members.add_argument("action", choices=["list", "add", "remove"], nargs="?", default="list")
+    members.add_argument("action", choices=["list", "add", "promote", "remove"], nargs="?",
+                         default="list",
+                         help="add joins as a learner, promoted automatically once caught up; "
+                              "promote makes a learner a voter now")
     members.add_argument("id", nargs="?")
     members.add_argument("--address", help="raft address host:port of the new member")
     client_args(members)
@@ -362,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_backup(args)
     if args.command == "restore":
         return cmd_restore(args)
-    if args.command == "members" and args.action in ("add", "remove") and not args.id:
+    if args.command == "members" and args.action in ("add", "promote", "remove") and not args.id:
         print(f"raftkv members {args.action}: a node id is required", file=sys.stderr)
         return EXIT_USAGE
     return _run_client(args)

@@ -309,6 +309,11 @@ class NodeService:
                 return self._loop.core.log.commit  # already a member: nothing to do
             raise MembershipChangeError(f"{node_id} is already a member with another address; "
                                         "remove it first")
+        if node_id in membership.learners:
+            # Promote a learner now (the leader also promotes learners once caught up).
+            change = ConfChange(ConfChangeOp.ADD_VOTER, node_id,
+                                self._loop.address_of(node_id) or raft_address)
+            return self._conf_change(change, timeout_s)
         # New members start as learners; the leader promotes them once caught up.
         change = ConfChange(ConfChangeOp.ADD_LEARNER, node_id, raft_address)
         return self._conf_change(change, timeout_s)

@@ -140,3 +140,22 @@ def test_membership_changes_sent_to_a_follower_go_to_the_leader_over_the_peer_li
     cluster.start(new, join=follower.http)  # the joiner asks a follower
     wait_until(lambda: members(cluster, leader).get(new.node_id, {}).get("voter"), 30,
                "the new node to be promoted to voter")
+
+
+def test_cli_members_promote_makes_a_learner_a_voter(cluster: LocalCluster) -> None:
+    import subprocess
+    import sys
+
+    leader = cluster.wait_for_leader()
+    new = cluster.add_node()
+    cluster.start(new, join=leader.http)
+    wait_until(lambda: new.node_id in members(cluster, leader), 20, "the learner to be added")
+    result = subprocess.run([sys.executable, "-m", "raftkv", "members", "promote", new.node_id,
+                             "--urls", leader.http], capture_output=True, text=True, timeout=30,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert members(cluster, leader)[new.node_id]["voter"] is True
+    missing = subprocess.run([sys.executable, "-m", "raftkv", "members", "promote", "nobody",
+                              "--urls", leader.http], capture_output=True, text=True,
+                             timeout=30, check=False)
+    assert missing.returncode == 1 and "not a member" in missing.stderr
