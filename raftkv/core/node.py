@@ -589,7 +589,16 @@ class RaftNode:
         self._append_pending = True  # tell followers
         if self.role is Role.LEADER:
             if self.id not in self.membership.voters and index >= self._pending_conf_index:
-                # Our own removal is committed: step down (dissertation §4.2.2).
+                # Our own removal is committed: step down (dissertation §4.2.2). First tell
+                # the followers the new commit index, and hand leadership to the most
+                # caught-up voter, so the cluster does not wait out an election timeout.
+                self._broadcast_appends()
+                last = self.log.last_index()
+                caught_up = [nid for nid in self._peers()
+                             if nid in self.membership.voters
+                             and self._progress[nid].match == last]
+                if caught_up:
+                    self._send(TimeoutNow(self.term, self.id, caught_up[0]))
                 self._become_follower(self.term, None)
                 return
             if self._reads_waiting_for_term_commit and self.log.term(index) == self.term:

@@ -970,6 +970,20 @@ def test_removed_leader_steps_down_once_its_removal_commits() -> None:
     assert not any(isinstance(m, VoteRequest) for m in sent_by(net, "n1")[before:])
 
 
+def test_removed_leader_hands_over_without_an_election_timeout() -> None:
+    """Dissertation §4.2.2 and §3.10: once its removal commits, the leader tells the others
+    the commit index and sends TimeoutNow to a caught-up voter, so a new leader is elected at
+    once instead of after an election timeout."""
+    net = cluster()
+    net.elect("n1")
+    n1 = net.node("n1")
+    n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n1"))
+    net.stabilize()  # no ticks: only the hand-over can make a new leader
+    assert role_of(n1) is Role.FOLLOWER
+    assert any(isinstance(m, TimeoutNow) for m in sent_by(net, "n1"))
+    assert net.leader() in {"n2", "n3"}
+
+
 def test_removed_leader_does_not_count_itself_toward_committing_its_removal() -> None:
     """Dissertation §4.2.2: the removal commits on a majority of the new configuration."""
     net = cluster()
