@@ -180,7 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=f"{meta['help']} [{env}]")
 
 
-def _convert(name: str, raw: str, kind: Callable[[str], object] | None, env: str) -> object:
+def _convert(raw: str, kind: Callable[[str], object] | None, env: str) -> object:
     if kind is bool:
         low = raw.strip().lower()
         if low in ("1", "true", "yes", "on"):
@@ -209,7 +209,7 @@ def from_sources(args: argparse.Namespace | None, environ: Mapping[str, str]) ->
             if f.default is MISSING:
                 missing.append(f"{meta['flag']} / {meta['env']}")
             continue
-        values[f.name] = (_convert(f.name, raw, meta.get("kind"), meta["env"])
+        values[f.name] = (_convert(raw, meta.get("kind"), meta["env"])
                           if isinstance(raw, str) else raw)
     if missing:
         raise SettingsError("missing required settings: " + ", ".join(missing))

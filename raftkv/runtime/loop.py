@@ -142,7 +142,8 @@ class RaftLoop:
         self._handler = ReadyHandler(
             node=core, storage=storage, snapshots=snapshots, state_machine=state_machine,
             transport=_Transport(frames), on_applied=self._on_applied,
-            on_read=self._on_read, on_read_failed=self._on_read_failed)
+            on_read=self._on_read, on_read_failed=self._on_read_failed,
+            on_persist_timed=self._persist_timed, on_apply_timed=self._apply_timed)
         self._inbox: collections.deque[tuple[int, Any]] = collections.deque()
         self._wake = WakeSignal()
         self._stop = threading.Event()
@@ -319,27 +320,20 @@ class RaftLoop:
             self._start_snapshot()
 
     def _handle(self, rd: Ready) -> None:
-        handler, metrics = self._handler, self.metrics
-        handler.begin(rd)
-        if rd.must_sync:
-            started = time.perf_counter()
-            handler.persist(rd)
-            metrics.fsync_seconds.observe(time.perf_counter() - started)
-            metrics.batch_entries.observe(len(rd.entries))
-        else:
-            handler.persist(rd)
-        if rd.committed_entries:
-            started = time.perf_counter()
-            handler.finish(rd)
-            metrics.apply_seconds.observe(time.perf_counter() - started)
-        else:
-            handler.finish(rd)
+        self._handler.handle(rd)
         if rd.snapshot is not None:
             self.watches.restored(self.sm.applied_index, self.sm.get)
-            metrics.snapshots.labels("installed").inc()
+            self.metrics.snapshots.labels("installed").inc()
             log.info("event=snapshot_installed node=%s index=%d term=%d bytes=%d",
                      self.core.id, rd.snapshot.meta.index, rd.snapshot.meta.term,
                      len(rd.snapshot.data))
+
+    def _persist_timed(self, seconds: float, entries: int) -> None:
+        self.metrics.fsync_seconds.observe(seconds)
+        self.metrics.batch_entries.observe(entries)
+
+    def _apply_timed(self, seconds: float) -> None:
+        self.metrics.apply_seconds.observe(seconds)
 
     def metrics_state(self) -> dict[str, object]:
         """Scrape-time gauges (any thread: plain attribute reads)."""
@@ -382,15 +376,16 @@ class RaftLoop:
     def _flush_forwards(self) -> None:
         out, self._forward_out = self._forward_out, []
         leader = self.core.leader
-        sent = False
+        sent = 0  # items handed to the transport: they may commit whatever happens next
         if leader is not None and leader != self.core.id:
             for i in range(0, len(out), _MAX_FORWARD_BATCH):
                 chunk = out[i : i + _MAX_FORWARD_BATCH]
-                sent = self.frames.send(leader, FRAME_FORWARD, msgpack.packb(chunk))
-                if not sent:
+                if not self.frames.send(leader, FRAME_FORWARD, msgpack.packb(chunk)):
                     break
-        if not sent:
-            for fid, _ in out:
+                sent += len(chunk)
+        if sent < len(out):
+            # Only what never left this node surely has no effect.
+            for fid, _ in out[sent:]:
                 entry = self._forwarded.pop(fid, None)
                 if entry is not None:
                     entry[1].set_error(NoLeaderError("cannot reach the leader"))

@@ -11,6 +11,7 @@ pass between persist() starting and finishing, and a crash in between loses the 
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Callable
 
 from raftkv.core.node import RaftNode
@@ -22,6 +23,10 @@ AppliedCallback = Callable[[Entry, object], None]
 ReadCallback = Callable[[int, int], None]
 """(request_id, read_index) once the state machine applied up to read_index."""
 FailedReadCallback = Callable[[int], None]
+PersistTimer = Callable[[float, int], None]
+"""(seconds, entries) of each synced save."""
+ApplyTimer = Callable[[float], None]
+"""seconds to apply the committed entries of one Ready."""
 
 
 class ReadyHandler:
@@ -36,6 +41,8 @@ class ReadyHandler:
         on_applied: AppliedCallback,
         on_read: ReadCallback,
         on_read_failed: FailedReadCallback,
+        on_persist_timed: PersistTimer | None = None,
+        on_apply_timed: ApplyTimer | None = None,
     ) -> None:
         self.node = node
         self.storage = storage
@@ -45,14 +52,27 @@ class ReadyHandler:
         self._on_applied = on_applied
         self._on_read = on_read
         self._on_read_failed = on_read_failed
+        self._on_persist_timed = on_persist_timed
+        self._on_apply_timed = on_apply_timed
         self._waiting_reads: list[tuple[int, int]] = []  # heap of (index, request_id)
         self._unsynced_hard_state: HardState | None = None
 
     def handle(self, rd: Ready) -> None:
-        """The whole cycle, for a driver whose persist is synchronous."""
+        """The whole cycle, for a driver whose persist is synchronous (the runtime), timed
+        for the optional timers."""
         self.begin(rd)
-        self.persist(rd)
-        self.finish(rd)
+        if rd.must_sync and self._on_persist_timed is not None:
+            started = time.perf_counter()
+            self.persist(rd)
+            self._on_persist_timed(time.perf_counter() - started, len(rd.entries))
+        else:
+            self.persist(rd)
+        if rd.committed_entries and self._on_apply_timed is not None:
+            started = time.perf_counter()
+            self.finish(rd)
+            self._on_apply_timed(time.perf_counter() - started)
+        else:
+            self.finish(rd)
 
     def begin(self, rd: Ready) -> None:
         if rd.messages:

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from raftkv.core import ConfChange, ConfChangeOp, Role
+from raftkv.core import ConfChange, ConfChangeOp, Role, Status
 from raftkv.kv.commands import Batch, Command, Delete, Put, encode_command
 from raftkv.kv.state_machine import (
     BatchResult as KVBatchResult,
@@ -250,8 +250,6 @@ class NodeService:
         loop = self._loop
         st = self._wait(loop.call(loop.core.status), 2.0,
                         UnavailableError("the node is busy; retry"))
-        from raftkv.core import Status
-
         assert isinstance(st, Status)
         return NodeStatus(
             id=st.node_id, role=st.role.value, term=st.term, leader=st.leader,

@@ -133,3 +133,42 @@ def test_answer_meant_for_an_earlier_run_never_acknowledges_another_write(
     _append_from_leader(loop, encode_command(Put("k", "theirs")))
     assert waiter.wait(5.0)
     assert isinstance(waiter.error, OutcomeUnknownError)
+
+
+class RefusingFrames(FakeFrames):
+    """Takes `accept` frames, then refuses (a full queue)."""
+
+    def __init__(self, accept: int) -> None:
+        super().__init__()
+        self.accept = accept
+
+    def send(self, to: str, kind: int, payload: bytes) -> bool:
+        if self.accept <= 0:
+            return False
+        self.accept -= 1
+        return super().send(to, kind, payload)
+
+
+def test_only_forwards_that_never_left_fail_as_surely_without_effect(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward batch that could not be queued fails with 'no leader' (surely no effect);
+    batches already handed to the transport keep waiting: they may still commit."""
+    from raftkv.runtime import loop as loop_module
+    from raftkv.service import NoLeaderError
+
+    monkeypatch.setattr(loop_module, "_MAX_FORWARD_BATCH", 1)
+    storage = MemoryRaftStorage()
+    boot = BootState(HardState(), Snapshot(SnapshotMeta(0, 0, BASE_MEMBERSHIP)))
+    core = RaftNode(Config("n2"), boot, random.Random(2))
+    frames = RefusingFrames(accept=1)
+    loop = RaftLoop(core=core, storage=storage, snapshots=MemorySnapshotStore(),
+                    state_machine=KVStateMachine(), frames=frames, addresses=MEMBERS,
+                    tick_s=0.05, snapshot_policy=SnapshotPolicy(), on_fatal=lambda _: None,
+                    rng=random.Random(7))
+    core.leader = "n1"  # a follower that knows its leader (the loop thread is not running)
+    first, second = Waiter(), Waiter()
+    loop._propose(encode_command(Put("a", 1)), first)
+    loop._propose(encode_command(Put("b", 2)), second)
+    loop._flush_forwards()
+    assert isinstance(second.error, NoLeaderError)
+    assert not first.done
