@@ -3,7 +3,7 @@
 #   make image                       # or, by hand:
 #   docker build --build-arg BASE_IMAGE=python:3.12-slim -t raftkv:latest .
 # The base may be python:3.X-slim or any Debian image with python3 and python3-venv
-# (../shared/tools/docker-host-setup.sh builds one where no registry is reachable).
+# (scripts/docker-host-setup.sh builds one where no registry is reachable).
 ARG BASE_IMAGE=python:3.12-slim
 
 FROM ${BASE_IMAGE} AS install

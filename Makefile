@@ -8,7 +8,7 @@ SEEDS  ?= 1000
 PYTEST_ARGS ?=
 
 .PHONY: help venv test lint typecheck unit sim run cluster clean-venv \
-	wheels image up down logs ps clean test-docker bench bench-storage faults
+	wheels image up down logs ps clean test-docker docker-host bench bench-storage faults
 
 help:
 	@echo "make run        start a 3-node cluster (docker if available, else local processes)"
@@ -18,6 +18,7 @@ help:
 	@echo "make clean      remove the docker cluster WITH its volumes (all its data) and wheels/"
 	@echo "make image      build the image (make wheels: the wheelhouse it is built from)"
 	@echo "make test-docker   build the image and run the docker-compose test"
+	@echo "make docker-host   (root) install and start a Docker engine if need be; print the base image"
 	@echo "make bench [ARGS='--compare etcd']   write throughput of a fresh local cluster (JSON + PNG in benchmarks/results/)"
 	@echo "make bench-storage   synced appends/s and snapshot save/load times"
 	@echo "make faults SECONDS=300 SEED=n [NODES=5 MIX=all|kills|partitions|pauses|restarts]   a long fault-injection run"
@@ -88,20 +89,24 @@ faults: $(STAMP)
 # ---------------------------------------------------------------------------- docker
 # The image is built offline (no registry, no network in `docker build`) from wheels/: a
 # wheelhouse made here for the base image's Python version and platform.
-DOCKER_SETUP  := ../shared/tools/docker-host-setup.sh
+DOCKER_SETUP  := scripts/docker-host-setup.sh
 UPSTREAM_BASE := python:3.12-slim
 RAFTKV_IMAGE  ?= raftkv:latest
 COMPOSE_PROJECT ?= raftkv
 export RAFTKV_IMAGE
-# BASE_IMAGE from the environment wins; else python:3.12-slim if present; else what the setup
-# script answers (it also starts the engine); both are computed once, and only when needed.
+# BASE_IMAGE from the environment wins; else python:3.12-slim if present; else what
+# scripts/docker-host-setup.sh answers (as root it also installs and starts the engine and,
+# with no registry in reach, builds a local Debian + python3 base); computed once, when needed.
 BASE_IMAGE ?= $(eval BASE_IMAGE := $(or $(shell \
 	if docker image inspect $(UPSTREAM_BASE) >/dev/null 2>&1; then echo $(UPSTREAM_BASE); \
-	elif [ -f $(DOCKER_SETUP) ]; then bash $(DOCKER_SETUP); fi),$(UPSTREAM_BASE)))$(BASE_IMAGE)
+	else bash $(DOCKER_SETUP); fi),$(UPSTREAM_BASE)))$(BASE_IMAGE)
 COMPOSE_CMD = $(eval COMPOSE_CMD := $(shell docker compose version >/dev/null 2>&1 \
 	&& echo "docker compose" || echo docker-compose))$(COMPOSE_CMD)
 COMPOSE = $(COMPOSE_CMD) -p $(COMPOSE_PROJECT) -f docker-compose.yml
 ARCH := $(shell uname -m)
+
+docker-host:
+	bash $(DOCKER_SETUP)
 
 wheels: $(STAMP)
 	@base=$(BASE_IMAGE); \

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-SETUP_SCRIPT = ROOT.parent / "shared" / "tools" / "docker-host-setup.sh"
+SETUP_SCRIPT = ROOT / "scripts" / "docker-host-setup.sh"
 NODES = ("n1", "n2", "n3")
 KEYS = 1000
 KEYS_AFTER_FAILOVER = 200
