@@ -11,16 +11,15 @@ Layout (named databases):
   close() writes the record, and deletes the snapshots beyond `retain`, in ONE synced
   transaction. Chunks without a record (a crash mid-write) are deleted on open.
 
-"Newest" means the highest (index, term), then the latest created. LMDB's map size is a
-hard cap: it is doubled on MapFullError up to `max_map_size_bytes`, beyond which writes
-raise StorageFull (nothing is lost). Any other LMDB error raises StorageError naming the
-directory.
+"Newest" means the highest (index, term), then the latest created. The environment is
+storage.lmdb_env's: LMDB's map size is a hard cap, doubled on MapFullError up to
+`max_map_size_bytes`, beyond which writes raise StorageFull (nothing is lost), as they do when
+the disk is full. Any other LMDB error raises StorageError naming the directory.
 """
 
 from __future__ import annotations
 
 import builtins
-import errno
 import logging
 import os
 import struct
@@ -34,8 +33,9 @@ import lmdb
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from raftkv.core.types import Membership, SnapshotMeta
-from raftkv.ports import StorageError, StorageFull, StoredSnapshot
+from raftkv.ports import StorageError, StoredSnapshot
 from snapshots.checksum import CHECKSUM_ALGORITHM, checksum_of, new_hasher
+from storage.lmdb_env import LmdbEnvironment
 
 logger = logging.getLogger(__name__)
 
@@ -142,25 +142,27 @@ class LmdbSnapshotStore:
             raise ValueError(f"chunk_size_bytes must be in [1, 64 MiB], got {chunk_size_bytes}")
         self.path = Path(path)
         self._retain = retain
-        self._max_map_size_bytes = max_map_size_bytes
         self._chunk_size_bytes = chunk_size_bytes
-        # Every transaction runs under this lock: set_mapsize() needs none active in-process,
-        # and LMDB allows one writer at a time anyway.
-        self._lock = threading.Lock()
-        self._closed = False
+        self._ids = threading.Lock()  # guards _next_id; the environment has its own lock
         self._check_directory()
-        self._env = self._open_env(map_size_bytes)
+        self._lmdb = LmdbEnvironment(
+            self.path, what="the snapshot store", map_size_bytes=map_size_bytes,
+            max_map_size_bytes=max_map_size_bytes, max_dbs=4,
+            not_ours="it is not a raftkv snapshot store: move it away (the node then gets a "
+                     "snapshot from the leader)",
+            damaged="if the store is damaged, move the directory away and the node will get a "
+                    "snapshot from the leader")
         try:
             self._init_databases()
             self._next_id = self._discard_partial_snapshots() + 1
         except BaseException:
-            self._env.close()
+            self._lmdb.close()
             raise
 
     # ---------------------------------------------------------------- SnapshotStore
     def create(self, meta: SnapshotMeta) -> LmdbSnapshotSink:
-        with self._lock:
-            self._check_open()
+        self._check_open()
+        with self._ids:
             snapshot_id = self._next_id
             self._next_id += 1
         return LmdbSnapshotSink(self, snapshot_id, meta, self._chunk_size_bytes)
@@ -184,10 +186,7 @@ class LmdbSnapshotStore:
         return self._read(lambda txn: [r.meta for r in self._records(txn)])
 
     def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._env.close()
+        self._lmdb.close()
 
     # ---------------------------------------------------------------- introspection
     def chunk_count(self) -> int:
@@ -196,9 +195,7 @@ class LmdbSnapshotStore:
 
     @property
     def map_size_bytes(self) -> int:
-        with self._lock:
-            self._check_open()
-            return int(self._env.info()["map_size"])
+        return self._lmdb.map_size_bytes
 
     # ---------------------------------------------------------------- opening
     def _check_directory(self) -> None:
@@ -223,53 +220,32 @@ class LmdbSnapshotStore:
                     "(move that file away or choose another directory)"
                 )
 
-    def _open_env(self, map_size_bytes: int) -> lmdb.Environment:
-        try:
-            return lmdb.open(
-                str(self.path),
-                map_size=map_size_bytes,
-                subdir=True,
-                sync=True,
-                metasync=True,
-                max_dbs=4,
-                lock=True,
-            )
-        except lmdb.InvalidError as e:
-            raise StorageError(
-                f"{self.path / 'data.mdb'} is not an LMDB file ({e}); it is not a raftkv "
-                "snapshot store: move it away (the node then gets a snapshot from the leader)"
-            ) from e
-        except lmdb.Error as e:
-            raise StorageError(
-                f"cannot open the snapshot store at {self.path}: {e}; check the disk, the "
-                "permissions, and that no other process of this node has it open"
-            ) from e
-
     def _init_databases(self) -> None:
-        data_file = self.path / "data.mdb"
-        try:
-            with self._env.begin(write=True) as txn:
-                main_keys = list(txn.cursor().iternext(keys=True, values=False))
-                if not main_keys:  # a brand-new store
-                    meta_db = self._env.open_db(_DB_META, txn=txn)
-                    txn.put(b"format", FORMAT_MARKER, db=meta_db)
-                elif _DB_META not in main_keys:
+        data_file = self._lmdb.file
+        env = self._lmdb.env
+
+        def init(txn: lmdb.Transaction[bytes]) -> None:
+            main_keys = list(txn.cursor().iternext(keys=True, values=False))
+            if not main_keys:  # a brand-new store
+                meta_db = env.open_db(_DB_META, txn=txn)
+                txn.put(b"format", FORMAT_MARKER, db=meta_db)
+            elif _DB_META not in main_keys:
+                raise StorageError(
+                    f"{data_file} is an LMDB file but not a raftkv snapshot store (no format "
+                    "marker); point the snapshot store at a directory of its own"
+                )
+            else:
+                meta_db = env.open_db(_DB_META, txn=txn, create=False)
+                marker = txn.get(b"format", db=meta_db)
+                if marker != FORMAT_MARKER:
                     raise StorageError(
-                        f"{data_file} is an LMDB file but not a raftkv snapshot store (no format "
-                        "marker); point the snapshot store at a directory of its own"
+                        f"{data_file} has snapshot store format {marker!r}, this build reads "
+                        f"{FORMAT_MARKER!r}; upgrade raftkv or move the directory away"
                     )
-                else:
-                    meta_db = self._env.open_db(_DB_META, txn=txn, create=False)
-                    marker = txn.get(b"format", db=meta_db)
-                    if marker != FORMAT_MARKER:
-                        raise StorageError(
-                            f"{data_file} has snapshot store format {marker!r}, this build reads "
-                            f"{FORMAT_MARKER!r}; upgrade raftkv or move the directory away"
-                        )
-                self._catalog = self._env.open_db(_DB_CATALOG, txn=txn)
-                self._chunks = self._env.open_db(_DB_CHUNKS, txn=txn)
-        except lmdb.Error as e:
-            raise self._storage_error("open", e) from e
+            self._catalog = env.open_db(_DB_CATALOG, txn=txn)
+            self._chunks = env.open_db(_DB_CHUNKS, txn=txn)
+
+        self._lmdb.write(init)
 
     def _discard_partial_snapshots(self) -> int:
         """Delete chunks that no catalog record owns; return the highest snapshot id seen."""
@@ -385,58 +361,15 @@ class LmdbSnapshotStore:
         return data, None
 
     def _read(self, fn: Callable[[lmdb.Transaction[memoryview]], _T]) -> _T:
-        with self._lock:
-            self._check_open()
-            try:
-                with self._env.begin(buffers=True) as txn:
-                    return fn(txn)
-            except lmdb.Error as e:
-                raise self._storage_error("read", e) from e
+        with self._lmdb.reading_buffers() as txn:
+            return fn(txn)
 
     def _write(self, fn: Callable[[lmdb.Transaction[bytes]], _T]) -> _T:
-        """Run `fn` in a synced write transaction, growing the map when it is full."""
-        with self._lock:
-            self._check_open()
-            while True:
-                try:
-                    with self._env.begin(write=True) as txn:
-                        return fn(txn)
-                except lmdb.MapFullError:
-                    self._grow_map()
-                except lmdb.Error as e:
-                    raise self._storage_error("write", e) from e
-
-    def _grow_map(self) -> None:
-        current = int(self._env.info()["map_size"])
-        if current >= self._max_map_size_bytes:
-            raise StorageFull(
-                f"snapshot store {self.path} is full: its LMDB map reached max_map_size_bytes="
-                f"{self._max_map_size_bytes}; nothing was lost. Raise the limit or free disk space"
-            )
-        new_size = min(current * 2, self._max_map_size_bytes)
-        try:
-            self._env.set_mapsize(new_size)
-        except lmdb.Error as e:
-            raise self._storage_error("grow the map of", e) from e
-        logger.info(
-            "event=snapshot_store_grown path=%s map_size_bytes=%d max_map_size_bytes=%d",
-            self.path, new_size, self._max_map_size_bytes,
-        )
-
-    def _storage_error(self, action: str, e: lmdb.Error) -> StorageError:
-        if os.strerror(errno.ENOSPC) in str(e):
-            return StorageFull(
-                f"cannot {action} the snapshot store at {self.path}: the disk is full ({e}); "
-                "nothing was lost. Free disk space and restart the node"
-            )
-        return StorageError(
-            f"cannot {action} the snapshot store at {self.path}: {e}; the node must stop. "
-            "Check the disk; if the store is damaged, move the directory away and the node "
-            "will get a snapshot from the leader"
-        )
+        """Run `fn` in a synced write transaction (storage.lmdb_env: map growth, full)."""
+        return self._lmdb.write(fn)
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._lmdb.closed:
             raise StorageError(f"the snapshot store at {self.path} is closed")
 
 

@@ -9,31 +9,30 @@ Named databases:
                                            log was compacted or reset to)
                 b"node_id", b"cluster_id" (UTF-8), b"identity_format" (8-byte big-endian)
 
-Durability: the environment is opened with sync=True and metasync=True (never writemap or
-map_async), so every write transaction is fsynced when it commits; `save()` is one write
-transaction. `save(sync=False)` is therefore also durable: the protocol allows an unsynced save
-to survive a crash, and a separate unsynced path would buy little with LMDB.
+Durability: the environment is opened (storage.lmdb_env) with sync=True and metasync=True
+(never writemap or map_async), so every write transaction is fsynced when it commits; `save()`
+is one write transaction. `save(sync=False)` is therefore also durable: the protocol allows an
+unsynced save to survive a crash, and a separate unsynced path would buy little with LMDB.
 
-Threading: one thread (the runtime loop) owns the store. Growing the map replaces the memory
-map, so no other thread may read while that thread writes.
+Threading: one thread (the runtime loop) owns the store; storage.lmdb_env serialises the
+transactions anyway, so growing the map never races a reader.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Final
 
 import lmdb
 
 from raftkv import codec
 from raftkv.core.types import Entry, HardState
-from raftkv.ports import NodeIdentity, StorageError, StorageFull
+from raftkv.ports import NodeIdentity, StorageError
+from storage.lmdb_env import LmdbEnvironment
 
 __all__ = ["STORE_FORMAT_VERSION", "LmdbRaftStorage"]
 
@@ -51,11 +50,9 @@ _LOG_START: Final = b"log_start"
 _NODE_ID: Final = b"node_id"
 _CLUSTER_ID: Final = b"cluster_id"
 _IDENTITY_FORMAT: Final = b"identity_format"
-_FULL_ERRNOS: Final = (errno.ENOSPC, errno.EDQUOT)
 
-_T = TypeVar("_T")
 if TYPE_CHECKING:
-    _Txn: TypeAlias = lmdb.Transaction[bytes]
+    from storage.lmdb_env import WriteTxn as _Txn
 
 
 def _u64(n: int) -> bytes:
@@ -74,18 +71,14 @@ class LmdbRaftStorage:
         compact_chunk_entries: int = DEFAULT_COMPACT_CHUNK_ENTRIES,
         unsafe_no_fsync: bool = False,
     ) -> None:
-        if not 0 < map_size_bytes <= max_map_size_bytes:
-            raise ValueError("need 0 < map_size_bytes <= max_map_size_bytes")
         if compact_chunk_entries < 1:
             raise ValueError("compact_chunk_entries must be >= 1")
         self._dir = Path(data_dir)
         self._file = self._dir / "data.mdb"
-        self._max_map_size_bytes = max_map_size_bytes
         self._compact_chunk_entries = compact_chunk_entries
-        self._env = self._open_env(map_size_bytes, unsafe_no_fsync)
-        self._closed = False
+        self._lmdb = self._open_env(map_size_bytes, max_map_size_bytes, unsafe_no_fsync)
         try:
-            self._log, self._hard, self._meta = self._write(self._open_dbs)
+            self._log, self._hard, self._meta = self._lmdb.write(self._open_dbs)
         except BaseException:
             self.close()
             raise
@@ -96,15 +89,15 @@ class LmdbRaftStorage:
     # LogStore
 
     def first_index(self) -> int:
-        with self._reading() as txn:
+        with self._lmdb.reading() as txn:
             return self._first(txn)
 
     def last_index(self) -> int:
-        with self._reading() as txn:
+        with self._lmdb.reading() as txn:
             return self._last(txn)
 
     def entries(self, lo: int, hi: int) -> list[Entry]:
-        with self._reading() as txn:
+        with self._lmdb.reading() as txn:
             first, last = self._first(txn), self._last(txn)
             if lo < first or hi > last + 1 or lo > hi:
                 raise StorageError(f"entries [{lo}, {hi}) not stored (have [{first}, {last}])")
@@ -125,7 +118,7 @@ class LmdbRaftStorage:
     def term(self, index: int) -> int | None:
         if not 0 < index < 1 << 64:
             return None
-        with self._reading() as txn:
+        with self._lmdb.reading() as txn:
             value = txn.get(_u64(index), db=self._log)
             return None if value is None else self._decode(index, value).term
 
@@ -136,13 +129,13 @@ class LmdbRaftStorage:
         """
         if before_index <= self.first_index():
             return
-        while not self._write(lambda txn: self._compact_chunk(txn, before_index)):
+        while not self._lmdb.write(lambda txn: self._compact_chunk(txn, before_index)):
             pass
 
     # HardStateStore
 
     def hard_state(self) -> HardState:
-        with self._reading() as txn:
+        with self._lmdb.reading() as txn:
             value = txn.get(_HARD_STATE, db=self._hard)
         if value is None:
             return HardState()
@@ -180,10 +173,10 @@ class LmdbRaftStorage:
             if hs is not None:
                 txn.put(_HARD_STATE, hs, db=self._hard)
 
-        self._write(write)
+        self._lmdb.write(write)
 
     def identity(self) -> NodeIdentity | None:
-        with self._reading() as txn:
+        with self._lmdb.reading() as txn:
             node_id = txn.get(_NODE_ID, db=self._meta)
             cluster_id = txn.get(_CLUSTER_ID, db=self._meta)
             version = txn.get(_IDENTITY_FORMAT, db=self._meta)
@@ -203,12 +196,10 @@ class LmdbRaftStorage:
             txn.put(_CLUSTER_ID, identity.cluster_id.encode(), db=self._meta)
             txn.put(_IDENTITY_FORMAT, _u64(identity.format_version), db=self._meta)
 
-        self._write(write)
+        self._lmdb.write(write)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._env.close()
+        self._lmdb.close()
 
     def __enter__(self) -> LmdbRaftStorage:
         return self
@@ -218,48 +209,34 @@ class LmdbRaftStorage:
 
     # Opening
 
-    def _open_env(self, map_size_bytes: int, unsafe_no_fsync: bool) -> lmdb.Environment:
+    def _open_env(self, map_size_bytes: int, max_map_size_bytes: int,
+                  unsafe_no_fsync: bool) -> LmdbEnvironment:
         if self._dir.exists() and not self._dir.is_dir():
             raise StorageError(f"data dir {self._dir} is a file, not a directory; "
                                "point the data dir at a directory")
         if self._file.exists() and not self._file.is_file():
             raise StorageError(f"{self._file} is not a regular file; point the data dir at a "
                                "raftkv data dir or an empty directory")
-        try:
-            env = lmdb.open(str(self._dir), map_size=map_size_bytes, subdir=True, max_dbs=3,
-                            sync=not unsafe_no_fsync, metasync=not unsafe_no_fsync,
-                            writemap=False, map_async=False, max_spare_txns=1)
-        except lmdb.InvalidError as e:
-            raise StorageError(f"{self._file} is not an LMDB file ({e}); it is not a raftkv "
-                               "data dir: point the data dir elsewhere or move the file away"
-                               ) from e
-        except (lmdb.Error, OSError) as e:
-            raise StorageError(f"cannot open LMDB data dir {self._dir} ({e}); check that it "
-                               "exists, is writable and is not open in another process") from e
-        try:
-            size = self._file.stat().st_size
-            needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-        except (lmdb.Error, OSError) as e:
-            env.close()
-            raise StorageError(f"cannot inspect {self._file} ({e})") from e
-        if size < needed:
-            env.close()
-            raise StorageError(f"{self._file} is truncated ({size} bytes, LMDB needs {needed}); "
-                               "restore the data dir or rebuild this node from its peers")
-        return env
+        return LmdbEnvironment(
+            self._dir, what="the Raft log store", map_size_bytes=map_size_bytes,
+            max_map_size_bytes=max_map_size_bytes, max_dbs=3, sync=not unsafe_no_fsync,
+            not_ours="it is not a raftkv data dir: point the data dir elsewhere or move the "
+                     "file away",
+            damaged="if the file is damaged, rebuild this node from its peers or restore its "
+                    "data dir")
 
     def _open_dbs(self, txn: _Txn) -> tuple[lmdb._Database, lmdb._Database, lmdb._Database]:
         """Create our databases in an empty environment, or check that it is ours."""
         if not txn.cursor().first():
-            dbs = tuple(self._env.open_db(name, txn=txn) for name in (b"log", b"hard_state",
-                                                                       b"meta"))
+            env = self._lmdb.env
+            dbs = tuple(env.open_db(name, txn=txn) for name in (b"log", b"hard_state", b"meta"))
             txn.put(_FORMAT, _u64(STORE_FORMAT_VERSION), db=dbs[2])
             txn.put(_LOG_START, _u64(1), db=dbs[2])
             return dbs[0], dbs[1], dbs[2]
         foreign = (f"{self._file} is an LMDB environment but not a raftkv log store "
                    "(no format marker); point the data dir elsewhere")
         try:
-            meta = self._env.open_db(b"meta", txn=txn, create=False)
+            meta = self._lmdb.env.open_db(b"meta", txn=txn, create=False)
         except (lmdb.NotFoundError, lmdb.IncompatibleError) as e:
             raise StorageError(foreign) from e
         version = txn.get(_FORMAT, db=meta)
@@ -271,60 +248,11 @@ class LmdbRaftStorage:
                 f"{_U64.unpack(version)[0]}, this build reads up to {STORE_FORMAT_VERSION}); "
                 "upgrade raftkv to open it")
         try:
-            log_db = self._env.open_db(b"log", txn=txn, create=False)
-            hard_db = self._env.open_db(b"hard_state", txn=txn, create=False)
+            log_db = self._lmdb.env.open_db(b"log", txn=txn, create=False)
+            hard_db = self._lmdb.env.open_db(b"hard_state", txn=txn, create=False)
         except (lmdb.NotFoundError, lmdb.IncompatibleError) as e:
             raise self._corrupt("the log or hard_state database is missing") from e
         return log_db, hard_db, meta
-
-    # Transactions
-
-    @contextmanager
-    def _reading(self) -> Iterator[_Txn]:
-        self._check_open()
-        try:
-            with self._env.begin() as txn:
-                yield txn
-        except lmdb.Error as e:
-            raise self._failure("read", e) from e
-
-    def _write(self, body: Callable[[_Txn], _T]) -> _T:
-        """Run `body` in one write transaction; grow the map and retry when it is full."""
-        self._check_open()
-        while True:
-            try:
-                with self._env.begin(write=True) as txn:
-                    return body(txn)
-            except lmdb.MapFullError as e:
-                self._grow_map(e)
-            except lmdb.Error as e:
-                if e.code in _FULL_ERRNOS:
-                    raise StorageFull(f"no space left for {self._file} ({e}); nothing was "
-                                      "written: free disk space, then restart") from e
-                raise self._failure("write", e) from e
-
-    def _grow_map(self, cause: lmdb.MapFullError) -> None:
-        size = self._env.info()["map_size"]
-        if size >= self._max_map_size_bytes:
-            raise StorageFull(
-                f"LMDB map of {self._file} is full at {size} bytes (max_map_size_bytes="
-                f"{self._max_map_size_bytes}); nothing was written: raise max_map_size_bytes "
-                "(with the disk space to match) or compact the log") from cause
-        new_size = min(2 * size, self._max_map_size_bytes)
-        try:
-            self._env.set_mapsize(new_size)
-        except lmdb.Error as e:
-            raise self._failure("map resize", e) from e
-        log.info("event=storage_map_grown path=%s map_size_bytes=%d", self._file, new_size)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StorageError(f"storage {self._file} is closed")
-
-    def _failure(self, action: str, e: lmdb.Error) -> StorageError:
-        return StorageError(f"LMDB {action} failed in {self._file}: {e}. The node must stop: "
-                            "check the disk (space, permissions, I/O errors) and restart; if the "
-                            "file is damaged, rebuild this node from its peers")
 
     def _corrupt(self, what: str) -> StorageError:
         return StorageError(f"{self._file} is corrupt: {what}; rebuild this node from its peers "

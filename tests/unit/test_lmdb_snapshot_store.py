@@ -3,6 +3,7 @@ what it refuses to open, and how LMDB errors surface."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from raftkv.core.types import Membership, SnapshotMeta
 from raftkv.ports import StorageError, StorageFull
 from snapshots.lmdb_store import MIB, LmdbSnapshotStore
 from tests.contract.test_snapshot_store_contract import raw_chunk_count, write_and_die
+from tests.support.lmdb_faults import FailingEnv, lmdb_error
 
 MEMBERS = Membership(frozenset({"n1"}))
 
@@ -158,7 +160,8 @@ def test_map_grows_when_full(path: Path, caplog: pytest.LogCaptureFixture) -> No
     assert store.map_size_bytes >= 16 * MIB
     latest = store.latest()
     assert latest is not None and latest.data == data
-    assert any("event=snapshot_store_grown" in r.getMessage() for r in caplog.records)
+    assert any("event=lmdb_map_grown" in r.getMessage() and str(path) in r.getMessage()
+               for r in caplog.records)
     store.close()
 
 
@@ -233,36 +236,29 @@ def test_refuses_bad_settings(path: Path, kwargs: dict[str, int]) -> None:
 # LMDB errors
 
 
-class _FailingEnv:
-    def __init__(self, error: lmdb.Error) -> None:
-        self.error = error
-
-    def begin(self, **kwargs: object) -> object:
-        raise self.error
-
-    def close(self) -> None:
-        pass
+# The errors are shaped as py-lmdb raises them: the errno decides, not the message's text
+# (EIO is a plain lmdb.Error; ENOSPC is a DiskError with code ENOSPC).
 
 
 def test_lmdb_error_becomes_storage_error_naming_the_path(path: Path) -> None:
     store = LmdbSnapshotStore(path)
-    real_env = store._env
-    store._env = _FailingEnv(lmdb.DiskError("mdb_txn_begin: Input/output error"))  # type: ignore[assignment]
+    real_env = store._lmdb.env
+    store._lmdb.env = FailingEnv(lmdb_error(lmdb.Error, "mdb_txn_begin", errno.EIO))  # type: ignore[assignment]
 
     with pytest.raises(StorageError, match=re.escape(str(path))) as raised:
         store.list()
     assert not isinstance(raised.value, StorageFull)
     assert "Input/output error" in str(raised.value)
-    store._env = real_env
+    store._lmdb.env = real_env
     store.close()
 
 
 def test_disk_full_error_becomes_storage_full(path: Path) -> None:
     store = LmdbSnapshotStore(path)
-    real_env = store._env
-    store._env = _FailingEnv(lmdb.Error("mdb_txn_commit: No space left on device"))  # type: ignore[assignment]
+    real_env = store._lmdb.env
+    store._lmdb.env = FailingEnv(lmdb_error(lmdb.DiskError, "mdb_txn_commit", errno.ENOSPC))  # type: ignore[assignment]
 
     with pytest.raises(StorageFull, match=re.escape(str(path))):
         store.create(meta(1)).write(bytes(2 * MIB))
-    store._env = real_env
+    store._lmdb.env = real_env
     store.close()

@@ -1,0 +1,182 @@
+"""One LMDB environment as raftkv's stores use it: the Raft log (storage.lmdb_store) and the
+snapshot store (snapshots.lmdb_store) both open theirs through `LmdbEnvironment`.
+
+- Opening: `sync` and `metasync` on (every commit is fsynced), never `writemap` or
+  `map_async`; a file that is not LMDB, cannot be opened, or is shorter than LMDB's own page
+  count says becomes a StorageError naming it.
+- Writing: `write(body)` runs `body` in one write transaction. When the map is full
+  (MapFullError) the transaction is aborted, the map doubles, up to `max_map_size_bytes`, and
+  `body` runs again.
+- Full: a map at its maximum, or a disk without room (the errno of the LMDB error is ENOSPC
+  or EDQUOT; py-lmdb raises DiskError for ENOSPC and keeps the errno in `.code`), is the one
+  StorageFull error: the transaction was aborted, so nothing of it was written. This is
+  decided by the exception class and errno, never by the message's text. Every other LMDB
+  error is a StorageError naming the file: the node must stop.
+- Threads: every transaction, map resize and close holds one lock (set_mapsize needs no
+  transaction active in this process; LMDB allows one writer at a time anyway).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar
+
+import lmdb
+
+from raftkv.ports import StorageError, StorageFull
+
+__all__ = ["FULL_ERRNOS", "LmdbEnvironment", "is_disk_full"]
+
+log = logging.getLogger(__name__)
+
+FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+_T = TypeVar("_T")
+if TYPE_CHECKING:
+    WriteTxn: TypeAlias = lmdb.Transaction[bytes]
+    BufferTxn: TypeAlias = lmdb.Transaction[memoryview]
+
+
+def is_disk_full(e: lmdb.Error) -> bool:
+    """Whether LMDB failed for want of disk space (ENOSPC, EDQUOT), by errno alone."""
+    return isinstance(e, lmdb.DiskError) or getattr(e, "code", None) in FULL_ERRNOS
+
+
+class LmdbEnvironment:
+    """An open LMDB environment in directory `path` (its file is `path/data.mdb`).
+
+    `what` names the store in messages ("the Raft log store"); `not_ours` says what to do with
+    a file that is not LMDB, `damaged` what to do when LMDB fails on a file it opened.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        what: str,
+        map_size_bytes: int,
+        max_map_size_bytes: int,
+        max_dbs: int,
+        sync: bool = True,
+        not_ours: str,
+        damaged: str,
+    ) -> None:
+        if not 0 < map_size_bytes <= max_map_size_bytes:
+            raise ValueError("need 0 < map_size_bytes <= max_map_size_bytes")
+        self.path = path
+        self.file = path / "data.mdb"
+        self.max_map_size_bytes = max_map_size_bytes
+        self._what = what
+        self._damaged = damaged
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self.env = lmdb.open(str(path), map_size=map_size_bytes, subdir=True,
+                                 max_dbs=max_dbs, sync=sync, metasync=sync, writemap=False,
+                                 map_async=False, lock=True, max_spare_txns=1)
+        except lmdb.InvalidError as e:
+            raise StorageError(f"{self.file} is not an LMDB file ({e}); it is not {what}: "
+                               f"{not_ours}") from e
+        except (lmdb.Error, OSError) as e:
+            raise StorageError(f"cannot open {what} at {path} ({e}); check that it exists, is "
+                               "writable and is not open in another process") from e
+        try:
+            size = self.file.stat().st_size
+            needed = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        except (lmdb.Error, OSError) as e:
+            self.env.close()
+            raise StorageError(f"cannot inspect {self.file} ({e})") from e
+        if size < needed:
+            self.env.close()
+            raise StorageError(f"{self.file} is truncated ({size} bytes, LMDB needs {needed}); "
+                               f"{damaged}")
+
+    @property
+    def map_size_bytes(self) -> int:
+        with self._lock:
+            self._check_open()
+            return int(self.env.info()["map_size"])
+
+    @contextmanager
+    def reading(self) -> Iterator[WriteTxn]:
+        """A read transaction whose values are bytes."""
+        with self._lock:
+            self._check_open()
+            try:
+                with self.env.begin() as txn:
+                    yield txn
+            except lmdb.Error as e:
+                raise self.failure("read", e) from e
+
+    @contextmanager
+    def reading_buffers(self) -> Iterator[BufferTxn]:
+        """A read transaction whose values are memoryviews into the map (valid inside it)."""
+        with self._lock:
+            self._check_open()
+            try:
+                with self.env.begin(buffers=True) as txn:
+                    yield txn
+            except lmdb.Error as e:
+                raise self.failure("read", e) from e
+
+    def write(self, body: Callable[[WriteTxn], _T]) -> _T:
+        """Run `body` in one write transaction, committed (and fsynced) when it returns.
+
+        Raises StorageFull when the map is at its maximum or the disk is full (nothing of the
+        transaction was written), StorageError for any other LMDB failure. Errors that `body`
+        raises abort the transaction and pass through.
+        """
+        with self._lock:
+            self._check_open()
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        return body(txn)
+                except lmdb.MapFullError as e:
+                    self._grow_map(e)
+                except lmdb.Error as e:
+                    if is_disk_full(e):
+                        raise StorageFull(
+                            f"no space left on the disk for {self.file} ({e}); nothing was "
+                            "written: free disk space, then restart the node") from e
+                    raise self.failure("write", e) from e
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.env.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def failure(self, action: str, e: lmdb.Error) -> StorageError:
+        """The StorageError for an LMDB failure that is not a full map or disk."""
+        return StorageError(f"LMDB {action} failed in {self.file}: {e}. The node must stop: "
+                            "check the disk (space, permissions, I/O errors) and restart; "
+                            f"{self._damaged}")
+
+    def _grow_map(self, cause: lmdb.MapFullError) -> None:
+        size = int(self.env.info()["map_size"])
+        if size >= self.max_map_size_bytes:
+            raise StorageFull(
+                f"the LMDB map of {self.file} is full at {size} bytes (max_map_size_bytes="
+                f"{self.max_map_size_bytes}); nothing was written: raise max_map_size_bytes "
+                "(with the disk space to match)") from cause
+        new_size = min(2 * size, self.max_map_size_bytes)
+        try:
+            self.env.set_mapsize(new_size)
+        except lmdb.Error as e:
+            raise self.failure("map resize", e) from e
+        log.info("event=lmdb_map_grown path=%s map_size_bytes=%d max_map_size_bytes=%d",
+                 self.file, new_size, self.max_map_size_bytes)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"{self._what} at {self.path} is closed")
