@@ -1,8 +1,10 @@
 """The systems under test: a raftkv or etcd cluster, started here on loopback or given by URL.
 
 A `Target` finds the current leader, preloads keys, reads every benchmark key back
-(linearizably) and, when it started the servers itself, reports their CPU time. Processes
-started here are killed by pid on close(); every wait is a condition polled against a deadline.
+(linearizably) and, when it started the servers itself, reports their CPU time. A raftkv
+cluster is started by raftkv.localcluster (as `raftkv cluster` and the tests start theirs);
+etcd members by _Processes here. Processes started here are stopped by pid on close(); every
+wait is a condition polled against a deadline (raftkv.localcluster.wait_until).
 """
 
 from __future__ import annotations
@@ -14,17 +16,15 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol
 from urllib.parse import quote
 
 from benchmarks.loadgen import KEY_PREFIX, Endpoint, System, key_name, preload_value
+from raftkv.localcluster import ClusterError, LocalCluster, free_port, http_json, wait_until
 
 __all__ = [
     "ETCD_INSTALL_HINT",
@@ -38,24 +38,17 @@ __all__ = [
     "parse_endpoints",
 ]
 
-T = TypeVar("T")
-
 ETCD_INSTALL_HINT: Final = ("etcd is not installed: run `apt-get install etcd-server` "
                             "(Debian bookworm ships etcd 3.4) and try again")
 _START_TIMEOUT_S: Final = 60.0
 _LEADER_TIMEOUT_S: Final = 30.0
 _CONTROL_TIMEOUT_S: Final = 10.0
-_POLL_INTERVAL_S: Final = 0.05
 _RAFTKV_PRELOAD_OPS: Final = 1000
 ETCD_MAX_TXN_OPS: Final = 128
 """etcd refuses transactions of more operations (its --max-txn-ops default)."""
 _ETCD_PRELOAD_OPS: Final = 100
 _RAFTKV_LIST_LIMIT: Final = 10_000
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
-
-
-class ClusterError(Exception):
-    """The cluster could not be started or does not answer as expected."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,45 +85,11 @@ class Target(Protocol):
 
 
 # --------------------------------------------------------------------------- small helpers
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(cond: Callable[[], T | None], timeout_s: float, what: str) -> T:
-    """Poll cond() until it returns something truthy; raise ClusterError at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last_error: BaseException | None = None
-    while True:
-        try:
-            value = cond()
-            if value:
-                return value
-        except (OSError, ValueError, KeyError, http.client.HTTPException, ClusterError) as e:
-            last_error = e
-        if time.monotonic() >= deadline:
-            raise ClusterError(f"timed out after {timeout_s:.0f}s waiting for {what}"
-                               + (f" (last error: {last_error})" if last_error else ""))
-        time.sleep(_POLL_INTERVAL_S)
-
-
-def http_json(endpoint: Endpoint, method: str, path: str, body: object | None = None,
-              timeout_s: float = _CONTROL_TIMEOUT_S) -> tuple[int, Any]:
-    """(status, decoded JSON body or None) of one request on a fresh connection."""
-    conn = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=timeout_s)
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        payload = resp.read()
-        try:
-            return resp.status, json.loads(payload) if payload else None
-        except ValueError:
-            return resp.status, None
-    finally:
-        conn.close()
+def _request(endpoint: Endpoint, method: str, path: str, body: object | None = None,
+             timeout_s: float = _CONTROL_TIMEOUT_S) -> tuple[int, Any]:
+    """(status, body) of one request to `endpoint` (raftkv.localcluster.http_json)."""
+    code, answer, _ = http_json(method, f"{endpoint}{path}", body, timeout_s=timeout_s)
+    return code, answer
 
 
 def parse_endpoints(text: str) -> list[Endpoint]:
@@ -234,36 +193,23 @@ class RaftkvCluster:
 
     system = System.RAFTKV
 
-    def __init__(self, endpoints: list[Endpoint], processes: _Processes | None = None,
+    def __init__(self, endpoints: list[Endpoint], local: LocalCluster | None = None,
                  settings: Mapping[str, str] | None = None) -> None:
         self._endpoints = endpoints
-        self._processes = processes
+        self._local = local
         self._settings = dict(settings or {})
 
     @classmethod
     def start_local(cls, base_dir: Path, nodes: int = 3) -> RaftkvCluster:
-        ids = [f"n{i}" for i in range(1, nodes + 1)]
-        http_ports = {nid: free_port() for nid in ids}
-        raft_ports = {nid: free_port() for nid in ids}
-        peers = ",".join(f"{nid}=127.0.0.1:{raft_ports[nid]}" for nid in ids)
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTKV_")}
-        settings = {"RAFTKV_CLUSTER_TOKEN": secrets.token_hex(16),
-                    "RAFTKV_UNSAFE_NO_FSYNC": "false", "RAFTKV_LOG_LEVEL": "INFO"}
-        processes = _Processes()
-        cluster = cls([Endpoint("127.0.0.1", http_ports[nid]) for nid in ids], processes,
-                      {k: v for k, v in settings.items() if k != "RAFTKV_CLUSTER_TOKEN"})
+        settings = {"RAFTKV_UNSAFE_NO_FSYNC": "false", "RAFTKV_LOG_LEVEL": "INFO"}
+        local = LocalCluster(base_dir, nodes, env=settings)  # a random cluster token
+        cluster = cls([Endpoint(n.http_host, n.http_port) for n in local.nodes], local,
+                      settings)
         try:
-            for nid in ids:
-                env = dict(base_env, **settings, RAFTKV_ID=nid, RAFTKV_PEERS=peers,
-                           RAFTKV_HTTP_ADDR=f"127.0.0.1:{http_ports[nid]}",
-                           RAFTKV_RAFT_ADDR=f"127.0.0.1:{raft_ports[nid]}",
-                           RAFTKV_DATA_DIR=str(base_dir / nid))
-                processes.start(nid, Endpoint("127.0.0.1", http_ports[nid]),
-                                [sys.executable, "-m", "raftkv", "serve"], env,
-                                base_dir / f"{nid}.log")
+            local.start_all()
             cluster.wait_ready(_START_TIMEOUT_S)
         except BaseException:
-            processes.close()
+            local.stop_all()
             raise
         return cluster
 
@@ -273,19 +219,19 @@ class RaftkvCluster:
 
     def wait_ready(self, timeout_s: float) -> None:
         def all_ready() -> bool:
-            if self._processes is not None:
-                self._processes.check_alive()
-            return all(http_json(ep, "GET", "/ready", timeout_s=2.0)[0] == 200
+            if self._local is not None:
+                self._local.check_alive()
+            return all(_request(ep, "GET", "/ready", timeout_s=2.0)[0] == 200
                        for ep in self._endpoints)
 
         wait_until(all_ready, timeout_s, "every raftkv node to be ready")
 
     def leader(self) -> Leadership:
         def find() -> Leadership | None:
-            if self._processes is not None:
-                self._processes.check_alive()
+            if self._local is not None:
+                self._local.check_alive()
             for ep in self._endpoints:
-                code, st = http_json(ep, "GET", "/status", timeout_s=2.0)
+                code, st = _request(ep, "GET", "/status", timeout_s=2.0)
                 if code == 200 and isinstance(st, dict) and st.get("role") == "leader":
                     return Leadership(ep, str(st["id"]), int(st["term"]))
             return None
@@ -310,7 +256,7 @@ class RaftkvCluster:
         # The list answer holds at most 10,000 keys: one request per leading digit of the id.
         for digit in range((key_count + _RAFTKV_LIST_LIMIT - 1) // _RAFTKV_LIST_LIMIT):
             prefix = quote(f"{KEY_PREFIX}{digit}")
-            code, body = http_json(
+            code, body = _request(
                 leader, "GET",
                 f"/keys?prefix={prefix}&limit={_RAFTKV_LIST_LIMIT}&consistency=linearizable",
                 timeout_s=60.0)
@@ -321,7 +267,7 @@ class RaftkvCluster:
         return found
 
     def read_one(self, key_id: int) -> str | None:
-        code, body = http_json(self.leader().endpoint, "GET",
+        code, body = _request(self.leader().endpoint, "GET",
                                f"/keys/{key_name(key_id)}?consistency=linearizable")
         if code == 404:
             return None
@@ -330,15 +276,18 @@ class RaftkvCluster:
         return str(body["value"])
 
     def server_cpu_s(self) -> dict[Endpoint, float] | None:
-        return None if self._processes is None else self._processes.cpu_s()
+        if self._local is None:
+            return None
+        return {Endpoint(n.http_host, n.http_port): process_cpu_s(n.pid)
+                for n in self._local.nodes if n.pid is not None}
 
     def describe(self) -> dict[str, object]:
         return {"system": "raftkv", "nodes": [str(ep) for ep in self._endpoints],
-                "started_here": self._processes is not None, "settings": self._settings}
+                "started_here": self._local is not None, "settings": self._settings}
 
     def close(self) -> None:
-        if self._processes is not None:
-            self._processes.close()
+        if self._local is not None:
+            self._local.stop_all()
 
 
 # --------------------------------------------------------------------------- etcd
@@ -409,7 +358,7 @@ class EtcdCluster:
             if self._processes is not None:
                 self._processes.check_alive()
             for ep in self._endpoints:
-                code, st = http_json(ep, "POST", "/v3/maintenance/status", {}, timeout_s=2.0)
+                code, st = _request(ep, "POST", "/v3/maintenance/status", {}, timeout_s=2.0)
                 if code != 200 or not isinstance(st, dict):
                     continue
                 header = st.get("header", {})
@@ -435,7 +384,7 @@ class EtcdCluster:
 
     def read_back(self, key_count: int) -> dict[int, str]:
         end = KEY_PREFIX[:-1] + chr(ord(KEY_PREFIX[-1]) + 1)
-        code, body = http_json(self.leader().endpoint, "POST", "/v3/kv/range",
+        code, body = _request(self.leader().endpoint, "POST", "/v3/kv/range",
                                {"key": _b64(KEY_PREFIX), "range_end": _b64(end)},
                                timeout_s=60.0)
         if code != 200 or not isinstance(body, dict):
@@ -444,7 +393,7 @@ class EtcdCluster:
                 for kv in body.get("kvs", [])}
 
     def read_one(self, key_id: int) -> str | None:
-        code, body = http_json(self.leader().endpoint, "POST", "/v3/kv/range",
+        code, body = _request(self.leader().endpoint, "POST", "/v3/kv/range",
                                {"key": _b64(key_name(key_id))})
         if code != 200 or not isinstance(body, dict):
             raise ClusterError(f"reading {key_name(key_id)} failed: {code} {body}")

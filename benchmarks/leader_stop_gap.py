@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.support.procs import LocalCluster, NodeProc, http_json, wait_until
+from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
 
 DEFAULT_TIMING = {"RAFTKV_TICK_MS": "50", "RAFTKV_ELECTION_TICKS": "20",
                   "RAFTKV_HEARTBEAT_TICKS": "2", "RAFTKV_LOG_LEVEL": "WARNING"}

@@ -12,13 +12,11 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
 
 from raftkv.settings import SettingsError, add_arguments, from_sources
 
@@ -26,10 +24,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
-
-_COLORS = ("\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m", "\033[37m")
-_RESET = "\033[0m"
-
 
 def configure_logging(level: str, node_id: str | None = None) -> None:
     prefix = f"{node_id} " if node_id else ""
@@ -76,42 +70,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- cluster
 def cmd_cluster(args: argparse.Namespace) -> int:
     """Run a local cluster of `raftkv serve` processes (HTTP 4001.., Raft 5001..)."""
+    from raftkv.localcluster import ClusterError, LocalCluster
+
     n = args.nodes
     if not 1 <= n <= 7:
         print("raftkv cluster: --nodes must be 1..7", file=sys.stderr)
         return EXIT_USAGE
     base = Path(args.data_dir)
-    ids = [f"n{i}" for i in range(1, n + 1)]
-    peers = ",".join(f"{nid}={args.host}:{args.raft_port + i}" for i, nid in enumerate(ids))
-    procs: list[tuple[str, subprocess.Popen[str]]] = []
-    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    lock = threading.Lock()
-
-    def pump(nid: str, i: int, stream: TextIO) -> None:
-        tag = f"{_COLORS[i % len(_COLORS)]}{nid}{_RESET}" if color else nid
-        for line in stream:
-            with lock:
-                sys.stdout.write(f"{tag} | {line}")
-                sys.stdout.flush()
-
-    for i, nid in enumerate(ids):
-        env = dict(os.environ)
-        env.update({
-            "RAFTKV_ID": nid,
-            "RAFTKV_HTTP_ADDR": f"{args.host}:{args.http_port + i}",
-            "RAFTKV_RAFT_ADDR": f"{args.host}:{args.raft_port + i}",
-            "RAFTKV_PEERS": peers,
-            "RAFTKV_DATA_DIR": str(base / nid),
-        })
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "raftkv", "serve"], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, bufsize=1)
-        procs.append((nid, proc))
-        assert proc.stdout is not None
-        threading.Thread(target=pump, args=(nid, i, proc.stdout), daemon=True).start()
-    print(f"raftkv cluster: {n} nodes, HTTP on {args.host}:{args.http_port}.."
-          f"{args.http_port + n - 1}, data in {base} (kept for the next run); Ctrl-C stops",
-          flush=True)
+    cluster = LocalCluster(
+        base, n, host=args.host, http_port=args.http_port, raft_port=args.raft_port,
+        token=os.environ.get("RAFTKV_CLUSTER_TOKEN", ""), inherit_settings=True,
+        output="terminal", color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -119,20 +88,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    while not stopping.is_set():
-        if all(p.poll() is not None for _, p in procs):
-            break
+    try:
+        cluster.start_all()
+    except (ClusterError, OSError) as e:
+        print(f"raftkv cluster: {e}", file=sys.stderr)
+        cluster.stop_all()
+        return EXIT_FAILED
+    print(f"raftkv cluster: {n} nodes, HTTP on {args.host}:{args.http_port}.."
+          f"{args.http_port + n - 1}, data in {base} (kept for the next run); Ctrl-C stops",
+          flush=True)
+    while not stopping.is_set() and any(node.running for node in cluster.nodes):
         stopping.wait(0.5)
-    for _, p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
     code = EXIT_OK
-    for nid, p in procs:
-        try:
-            rc = p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            rc = p.wait()
+    for nid, rc in cluster.stop_all().items():
         if rc not in (0, -signal.SIGTERM):
             print(f"raftkv cluster: {nid} exited with status {rc}", file=sys.stderr)
             code = EXIT_FAILED

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.procs import free_port, http_json, wait_until
+from raftkv.localcluster import free_port, http_json, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 

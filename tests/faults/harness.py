@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json
 from tests.faults.nemesis import (
     MIXES,
     PARTITION_FAULTS,
@@ -56,7 +57,6 @@ from tests.support.linearizability import (
     check_history,
     format_violation,
 )
-from tests.support.procs import LocalCluster, NodeProc, http_json
 
 __all__ = [
     "NemesisEvent",
@@ -535,7 +535,7 @@ def run_faults(cfg: RunConfig, work_dir: Path,
         if firewall is not None:
             firewall_note = firewall.backend
     (work_dir / "cluster").mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(work_dir / "cluster", cfg.nodes, env=NODE_ENV, own_raft_ips=True,
+    cluster = LocalCluster(work_dir / "cluster", cfg.nodes, env={**FAST_TIMING, **NODE_ENV},
                            token=f"faults-{cfg.seed}")
     recorder = Recorder()
     problems: list[str] = []

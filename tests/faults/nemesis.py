@@ -10,7 +10,7 @@ healed before the next one starts and before the nemesis returns.
 Partitions use firewall rules in a table (nftables) or chain (iptables) of our own, named
 after this process's pid (raftkv_faults_<pid>_<n>, RAFTKV_FAULTS_<pid>_<n>), that only ever
 match the source IP, destination IP and raft port of the cluster's nodes (each node has its
-own loopback address, see LocalCluster(own_raft_ips)). The table is removed by close(), by an
+own loopback address, see raftkv.localcluster). The table is removed by close(), by an
 atexit hook, and, if this process was killed, by the next run (stale tables whose pid is
 gone). No other rule is touched. When neither nft nor iptables works here, `open_firewall`
 says why and the partition faults are skipped.
@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tests.support.procs import LocalCluster, NodeProc, http_json
+from raftkv.localcluster import LocalCluster, NodeProc, http_json
 
 __all__ = [
     "MIXES",

@@ -16,6 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from raftkv.localcluster import (
+    FAST_TIMING,
+    LocalCluster,
+    NodeProc,
+    free_port,
+    http_json,
+    wait_until,
+)
 from raftkv.runtime.server import peer_source_host
 from raftkv.runtime.transport import PeerTransport
 from tests.faults import harness
@@ -36,7 +44,6 @@ from tests.faults.nemesis import (
     remove_stale_nft_tables,
 )
 from tests.support.linearizability import Outcome, check_history
-from tests.support.procs import LocalCluster, NodeProc, free_port, http_json, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -166,7 +173,7 @@ def test_peer_connections_leave_from_the_raft_bind_host() -> None:
 # --------------------------------------------------------------------------- real partitions
 @pytest.fixture
 def own_ip_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path, 3, own_raft_ips=True)
+    c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
     c.start_all()
     try:
         c.wait_for_leader(timeout_s=30)

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from raftkv.localcluster import FAST_TIMING, LocalCluster, http_json, wait_until
 from tests.faults.nemesis import PeerEndpoint, open_firewall
-from tests.support.procs import LocalCluster, http_json, wait_until
 
 pytestmark = pytest.mark.faults
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path, 3, own_raft_ips=True)
+    c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
     c.start_all()
     try:
         c.wait_for_leader(timeout_s=30)
@@ -83,8 +83,8 @@ def test_a_write_answered_507_never_takes_effect(tmp_path: Path, nodes: int) -> 
     not; concurrent writers fill it; any write answered 507 that is readable afterwards was
     a wrong answer (it must be 504 "outcome unknown"). Alone, a node may answer 507 for the
     writes of the Ready whose save failed (nobody else has them), not for saved ones."""
-    c = LocalCluster(tmp_path, nodes, own_raft_ips=True,
-                     env={"RAFTKV_SNAPSHOT_ENTRIES": "1000000"})
+    c = LocalCluster(tmp_path, nodes,
+                     env={**FAST_TIMING, "RAFTKV_SNAPSHOT_ENTRIES": "1000000"})
     small = c.nodes[0]
     small.env.update({"RAFTKV_MAP_SIZE_MB": "1", "RAFTKV_MAX_MAP_SIZE_MB": "2"})
     c.start_all()
@@ -146,7 +146,7 @@ def test_a_node_killed_right_after_its_join_catches_up_when_restarted(
     fw, why = open_firewall()
     if fw is None:
         pytest.skip(why)
-    c = LocalCluster(tmp_path, 3, own_raft_ips=True)
+    c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
     c.start_all()
     try:
         leader = c.wait_for_leader(timeout_s=30)

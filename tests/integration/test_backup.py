@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from raftkv.client import Client
+from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json, wait_until
 from raftkv.service import BatchOp
-from tests.support.procs import LocalCluster, NodeProc, http_json, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def check_every_key(node: NodeProc, consistency: str) -> None:
 def test_backup_restores_into_a_new_cluster_with_every_key_that_grows_by_a_join(
         tmp_path: Path, clusters: list[LocalCluster]) -> None:
     # A 3-node cluster with 100,000 keys, written 1,000 per batch.
-    source = LocalCluster(tmp_path / "source", 3)
+    source = LocalCluster(tmp_path / "source", 3, env=FAST_TIMING)
     clusters.append(source)
     (tmp_path / "source").mkdir()
     source.start_all()
@@ -101,7 +101,7 @@ def test_backup_restores_into_a_new_cluster_with_every_key_that_grows_by_a_join(
 
     # Restore into a new data dir and start it: a new one-node cluster with every key.
     (tmp_path / "restored").mkdir()
-    restored = LocalCluster(tmp_path / "restored", 0)
+    restored = LocalCluster(tmp_path / "restored", 0, env=FAST_TIMING)
     clusters.append(restored)
     n1 = restored.add_node()
     done = raftkv("restore", str(backup), "--data-dir", str(n1.data_dir), "--id", "n1",
@@ -138,7 +138,7 @@ def test_backup_restores_into_a_new_cluster_with_every_key_that_grows_by_a_join(
 def test_backups_give_their_slot_back_when_finished_or_abandoned(
         tmp_path: Path, clusters: list[LocalCluster]) -> None:
     # Two backups may stream at once; a leaked slot would make the later ones fail with 503.
-    c = LocalCluster(tmp_path, 1)
+    c = LocalCluster(tmp_path, 1, env=FAST_TIMING)
     clusters.append(c)
     c.start_all()
     c.wait_for_leader()

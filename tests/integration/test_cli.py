@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import LocalCluster, http_json, wait_until
+from raftkv.localcluster import FAST_TIMING, LocalCluster, http_json, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ def raftkv(*args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[s
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("cli"), 3)
+    c = LocalCluster(tmp_path_factory.mktemp("cli"), 3, env=FAST_TIMING)
     c.start_all()
     try:
         c.wait_for_leader()

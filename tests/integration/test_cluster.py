@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import LocalCluster, NodeProc, http_json, wait_until
+from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     env = getattr(request, "param", None) or {}
-    c = LocalCluster(tmp_path, 3, env=env)
+    c = LocalCluster(tmp_path, 3, env={**FAST_TIMING, **env})
     c.start_all()
     try:
         c.wait_for_leader()
@@ -190,7 +190,7 @@ def test_bad_input_gets_json_error_with_stable_code(
 
 def test_wrong_token_and_garbage_on_peer_port_are_refused(cluster: LocalCluster) -> None:
     leader = cluster.wait_for_leader()
-    with socket.create_connection(("127.0.0.1", leader.raft_port), timeout=5) as s:
+    with socket.create_connection((leader.raft_host, leader.raft_port), timeout=5) as s:
         s.sendall(b"\x00\x00\x00\x05GARBAGE-GARBAGE" * 10)
         s.settimeout(5)
         try:

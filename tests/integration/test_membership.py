@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import LocalCluster, NodeProc, http_json, wait_until
+from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path, 3)
+    c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
     c.start_all()
     try:
         c.wait_for_leader()

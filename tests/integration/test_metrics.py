@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import LocalCluster, http_json, wait_until
+from raftkv.localcluster import FAST_TIMING, LocalCluster, http_json, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def scrape(addr: str) -> dict[str, float]:
 
 
 def test_metrics_move_with_writes_and_leader_changes(tmp_path: Path) -> None:
-    c = LocalCluster(tmp_path, 3)
+    c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
     c.start_all()
     try:
         leader = c.wait_for_leader()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import LocalCluster, http_json, wait_until
+from raftkv.localcluster import FAST_TIMING, LocalCluster, http_json, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def test_corrupt_log_file_is_refused_naming_the_file(tmp_path: Path) -> None:
 
 
 def test_data_dir_of_another_node_is_refused(tmp_path: Path) -> None:
-    c = LocalCluster(tmp_path, 1)
+    c = LocalCluster(tmp_path, 1, env=FAST_TIMING)
     c.start_all()
     try:
         c.wait_for_leader()
@@ -86,7 +86,8 @@ def test_data_dir_of_another_node_is_refused(tmp_path: Path) -> None:
 
 
 def test_full_disk_refuses_writes_with_507_keeps_reads_and_loses_nothing(tmp_path: Path) -> None:
-    c = LocalCluster(tmp_path, 1, env={"RAFTKV_MAP_SIZE_MB": "1", "RAFTKV_MAX_MAP_SIZE_MB": "2",
+    c = LocalCluster(tmp_path, 1, env={**FAST_TIMING, "RAFTKV_MAP_SIZE_MB": "1",
+                                       "RAFTKV_MAX_MAP_SIZE_MB": "2",
                                        "RAFTKV_SNAPSHOT_ENTRIES": "1000000"})
     c.start_all()
     try:

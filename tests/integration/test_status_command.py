@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import LocalCluster, http_json
+from raftkv.localcluster import FAST_TIMING, LocalCluster, http_json
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ def raftkv(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path, 3)
+    c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
     c.start_all()
     try:
         c.wait_for_leader()

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from tests.support.procs import LocalCluster, NodeProc, http_json, wait_until
+from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def started(path: Path) -> LocalCluster:
-    c = LocalCluster(path, 3)
+    c = LocalCluster(path, 3, env=FAST_TIMING)
     c.start_all()
     c.wait_for_leader()
     for n in c.nodes:

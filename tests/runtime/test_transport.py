@@ -15,6 +15,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
+from raftkv.localcluster import free_port
 from raftkv.runtime import transport as transport_module
 from raftkv.runtime.transport import (
     HandshakeRejected,
@@ -172,12 +173,6 @@ def make_node() -> Iterator[MakeNode]:
 def mesh(*nodes: Node) -> None:
     for node in nodes:
         node.transport.set_peers({o.node_id: o.address for o in nodes if o is not node})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def read_until_closed(sock: socket.socket, timeout_s: float = WAIT_S) -> bytes:
