@@ -10,8 +10,9 @@ import logging
 import threading
 from typing import Any, Final
 
-import waitress
 from waitress import trigger, wasyncore
+
+from raftkv.http.waitress_errors import create_server
 
 __all__ = ["ServerHandle", "serve"]
 
@@ -106,7 +107,8 @@ def serve(app: Any, host: str, port: int, *, threads: int = 32, connection_limit
     # Waitress warns "Task queue depth is N" once per queued request under load: not news.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     socket_map: dict[Any, Any] = {}
-    server = waitress.create_server(
+    # Waitress's own errors (400, 413, 431, ...) in the JSON shape: raftkv.http.waitress_errors.
+    server = create_server(
         app,
         map=socket_map,
         host=host,
