@@ -20,6 +20,8 @@ from types import FrameType
 
 from raftkv.settings import SettingsError, add_arguments, from_sources
 
+log = logging.getLogger(__name__)
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -49,8 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node = NodeServer(settings)
         node.start()
     except StartupError as e:
-        logging.getLogger("raftkv.node").error("event=startup_failed node=%s error=%s",
-                                               settings.node_id, e)
+        log.error("event=startup_failed node=%s error=%s", settings.node_id, e)
         print(f"raftkv serve: {e}", file=sys.stderr)
         return EXIT_USAGE
 
