@@ -14,7 +14,7 @@ import pytest
 from raftkv.core.types import Membership, SnapshotMeta
 from raftkv.ports import StorageError, StorageFull
 from snapshots.lmdb_store import MIB, LmdbSnapshotStore
-from tests.contract.test_snapshot_store_contract import raw_chunk_count, write_and_die
+from tests.snapshots.test_contract import raw_chunk_count, write_and_die
 from tests.support.lmdb_faults import FailingEnv, lmdb_error
 
 MEMBERS = Membership(frozenset({"n1"}))

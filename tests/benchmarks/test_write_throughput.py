@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 90
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(RUN_TIMEOUT_S + 30)]

@@ -1,4 +1,4 @@
-"""Tests for the per-key register linearizability checker (tests/support)."""
+"""Tests for the per-key register linearizability checker (tests/support/linearizability.py)."""
 
 from __future__ import annotations
 

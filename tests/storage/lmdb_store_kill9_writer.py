@@ -1,6 +1,6 @@
-"""The writer process of test_kill9: persists steps through LmdbRaftStorage, forever.
+"""The writer process of test_lmdb_store_kill9: persists steps through LmdbRaftStorage, forever.
 
-    python -m tests.storage.kill9_writer DATA_DIR START_STEP
+    python -m tests.storage.lmdb_store_kill9_writer DATA_DIR START_STEP
 
 It prints "synced <n>" after step n returned. Step n is a pure function of n and the state after
 step n - 1 (`plan`), so the test knows the exact state after every step (`Model`) and can check

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUR_PACKAGES = ("raftkv", "storage", "snapshots", "benchmarks")
 # raftkv/runtime is being rewritten; its two "raftkv.node" loggers go with that rewrite.
 NOT_YET = ("raftkv/runtime/",)

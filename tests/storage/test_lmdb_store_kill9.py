@@ -1,10 +1,10 @@
 """SIGKILL a writer process at random moments: every save it reported synced survives.
 
-The writer (tests/storage/kill9_writer.py) prints "synced <n>" after step n returned. After each
-kill the test reopens the data dir and requires the exact state after the last reported step, or
-after the step that was in flight (it may have committed before the kill); a compaction in
-flight may have removed part of the prefix. The next writer resumes from what is on disk.
-Replay a run with RAFTKV_KILL9_SEED=<seed>.
+The writer (tests/storage/lmdb_store_kill9_writer.py) prints "synced <n>" after step n
+returned. After each kill the test reopens the data dir and requires the exact state after the
+last reported step, or after the step that was in flight (it may have committed before the
+kill); a compaction in flight may have removed part of the prefix. The next writer resumes
+from what is on disk. Replay a run with RAFTKV_KILL9_SEED=<seed>.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from storage.lmdb_store import LmdbRaftStorage
-from tests.storage.kill9_writer import MAP_SIZE_BYTES, Compact, Model, State, plan
+from tests.storage.lmdb_store_kill9_writer import MAP_SIZE_BYTES, Compact, Model, State, plan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ITERATIONS = 30
@@ -94,7 +94,8 @@ def run_writer_and_kill(data_dir: Path, start: int, lines_before_kill: int,
     line (or after start when that is 0). Returns the last step it reported synced."""
     with stderr_path.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.storage.kill9_writer", str(data_dir), str(start)],
+            [sys.executable, "-m", "tests.storage.lmdb_store_kill9_writer", str(data_dir),
+             str(start)],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
     assert proc.stdout is not None
     reader = LineReader(proc.stdout)

@@ -2,7 +2,7 @@
 
 Each test quotes the section it checks. "Paper" is "In Search of an Understandable Consensus
 Algorithm (Extended Version)"; "dissertation" is "Consensus: Bridging Theory and Practice".
-Most tests drive a `Network` (tests/unit/core_harness.py) whose Ready cycle also checks, on
+Most tests drive a `Network` (tests/core/harness.py) whose Ready cycle also checks, on
 every Ready, that no vote or append reply leaves before what it reveals is on disk.
 """
 
@@ -44,7 +44,7 @@ from raftkv.core import (
     VoteRequest,
     VoteResponse,
 )
-from tests.unit.core_harness import Network, between, boot_state, log_of_terms
+from tests.core.harness import Network, between, boot_state, log_of_terms
 
 ET = 10  # election_timeout_ticks everywhere
 M = TypeVar("M")
