@@ -446,6 +446,28 @@ class LocalCluster:
         for n in self.nodes:
             self.wait_for_ready(n, max(0.0, deadline - time.monotonic()))
 
+    def put(self, key: str, value: object, timeout_s: float = 20.0) -> int:
+        """Write `key` through whichever running node answers (followers forward), retried
+        until one acknowledges, with one Idempotency-Key so that a retry applies once; the
+        write's index."""
+        idempotency_key = f"localcluster-{secrets.token_hex(8)}"
+
+        def attempt() -> int | None:
+            for n in self.nodes:
+                if not n.running:
+                    continue
+                try:
+                    code, body, _ = http_json("PUT", f"{n.http}/keys/{key}", {"value": value},
+                                              timeout_s=3.0,
+                                              headers={"Idempotency-Key": idempotency_key})
+                except (OSError, http.client.HTTPException):
+                    continue
+                if code == 200:
+                    return int(body["index"])
+            return None
+
+        return wait_until(attempt, timeout_s, f"the write of {key}")
+
     def wait_applied(self, node: NodeProc, index: int, timeout_s: float = 20.0) -> None:
         wait_until(lambda: self.status(node, 1.0)["applied_index"] >= index, timeout_s,
                    f"{node.node_id} to apply index {index}")

@@ -197,6 +197,9 @@ def test_a_cluster_starts_elects_and_each_node_stops_restarts_and_pauses_by_pid(
         c.wait_all_ready()
         leader = c.wait_for_leader()
         assert all(n.pid is not None for n in c.nodes)
+        index = c.put("k", "v")  # through any node
+        code, body, _ = http_json("GET", f"{leader.http}/keys/k")
+        assert (code, body) == (200, {"value": "v", "index": index})
 
         follower = next(n for n in c.nodes if n is not leader)
         old_pid = follower.pid

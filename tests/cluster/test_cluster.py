@@ -46,24 +46,6 @@ def get(node: NodeProc, key: str, consistency: str = "linearizable") -> tuple[in
     return code, body
 
 
-def put_with_retry(c: LocalCluster, key: str, value: object, timeout_s: float = 20.0) -> int:
-    """Write through whichever node answers, retrying while a leader is being elected."""
-    def attempt() -> int | None:
-        for n in c.nodes:
-            if not n.running:
-                continue
-            try:
-                code, body, _ = http_json("PUT", f"{n.http}/keys/{key}", {"value": value},
-                                          timeout_s=3.0,
-                                          headers={"Idempotency-Key": f"k-{key}-{value}"})
-            except OSError:
-                continue
-            if code == 200:
-                return int(body["index"])
-        return None
-
-    return wait_until(attempt, timeout_s, f"write of {key}")
-
 
 def followers(c: LocalCluster, leader: NodeProc) -> list[NodeProc]:
     return [n for n in c.nodes if n is not leader]
@@ -92,12 +74,12 @@ def test_missing_key_is_404_on_every_node(cluster: LocalCluster) -> None:
 def test_leader_killed_new_leader_elected_and_writes_continue(cluster: LocalCluster) -> None:
     old = cluster.wait_for_leader()
     for i in range(20):
-        put_with_retry(cluster, f"k{i}", i)
+        cluster.put(f"k{i}", i)
     cluster.kill(old)
     new = cluster.wait_for_leader(timeout_s=10)
     assert new is not old
     for i in range(20, 40):
-        put_with_retry(cluster, f"k{i}", i)
+        cluster.put(f"k{i}", i)
     for i in range(40):
         code, body = get(new, f"k{i}")
         assert code == 200 and body["value"] == i
@@ -109,14 +91,14 @@ def test_restarted_leader_rejoins_as_follower_with_all_data_after_compaction(
         cluster: LocalCluster) -> None:
     old = cluster.wait_for_leader()
     for i in range(10):
-        put_with_retry(cluster, f"a{i}", i)
+        cluster.put(f"a{i}", i)
     cluster.kill(old)
     cluster.wait_for_leader(timeout_s=10)
     # Enough writes that the others snapshot and compact past the old leader's log: it can
     # only catch up by InstallSnapshot.
     last = 0
     for i in range(120):
-        last = put_with_retry(cluster, f"b{i}", i)
+        last = cluster.put(f"b{i}", i)
     cluster.start(old)
     wait_until(lambda: cluster.status(old)["applied_index"] >= last, 30,
                "the restarted node to catch up")
@@ -133,7 +115,7 @@ def test_restarted_leader_rejoins_as_follower_with_all_data_after_compaction(
 
 
 def test_whole_cluster_restart_keeps_every_acknowledged_write(cluster: LocalCluster) -> None:
-    acked = {f"w{i}": put_with_retry(cluster, f"w{i}", f"v{i}") for i in range(30)}
+    acked = {f"w{i}": cluster.put(f"w{i}", f"v{i}") for i in range(30)}
     for n in cluster.nodes:
         cluster.kill(n)
     cluster.start_all()
@@ -148,7 +130,7 @@ def test_whole_cluster_restart_keeps_every_acknowledged_write(cluster: LocalClus
 def test_leader_cut_off_never_serves_linearizable_read_and_steps_down(
         cluster: LocalCluster) -> None:
     leader = cluster.wait_for_leader()
-    put_with_retry(cluster, "x", 1)
+    cluster.put("x", 1)
     others = followers(cluster, leader)
     for n in others:
         cluster.pause(n)
@@ -204,5 +186,5 @@ def test_wrong_token_and_garbage_on_peer_port_are_refused(cluster: LocalCluster)
         probe(leader.raft, cluster_id="whatever", token="wrong-token", node_id="intruder",
               timeout_s=5)
     # The node is unharmed.
-    put_with_retry(cluster, "still", "alive")
+    cluster.put("still", "alive")
     assert "event=peer_rejected" in leader.log_text()

@@ -29,22 +29,6 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalClu
         c.close()
 
 
-def write(c: LocalCluster, key: str, value: object) -> int:
-    def attempt() -> int | None:
-        for n in c.nodes:
-            if not n.running:
-                continue
-            try:
-                code, body, _ = http_json("PUT", f"{n.http}/keys/{key}", {"value": value},
-                                          timeout_s=3.0)
-            except OSError:
-                continue
-            if code == 200:
-                return int(body["index"])
-        return None
-
-    return wait_until(attempt, 20, f"write of {key}")
-
 
 def members(c: LocalCluster, node: NodeProc) -> dict[str, dict[str, object]]:
     code, body, _ = http_json("GET", f"{node.http}/cluster")
@@ -54,13 +38,13 @@ def members(c: LocalCluster, node: NodeProc) -> dict[str, dict[str, object]]:
 
 def test_new_node_joins_as_learner_is_promoted_and_serves_data(cluster: LocalCluster) -> None:
     for i in range(20):
-        write(cluster, f"k{i}", i)
+        cluster.put(f"k{i}", i)
     new = cluster.add_node()
     leader = cluster.wait_for_leader()
     cluster.start(new, join=leader.http)
     wait_until(lambda: members(cluster, leader).get(new.node_id, {}).get("voter") is True, 30,
                "the new node to be promoted to voter")
-    last = write(cluster, "after-join", "yes")
+    last = cluster.put("after-join", "yes")
     cluster.wait_applied(new, last)
     for i in range(20):
         code, body, _ = http_json("GET", f"{new.http}/keys/k{i}?consistency=stale")
@@ -78,17 +62,17 @@ def test_dead_node_is_removed_and_replaced_while_writes_continue(cluster: LocalC
     leader = cluster.wait_for_leader()
     dead = next(n for n in cluster.nodes if n is not leader)
     cluster.kill(dead)
-    write(cluster, "before", 1)
+    cluster.put("before", 1)
     code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{dead.node_id}",
                               timeout_s=10)
     assert code == 200, body
     assert dead.node_id not in members(cluster, leader)
-    write(cluster, "between", 2)
+    cluster.put("between", 2)
     replacement = cluster.add_node()
     cluster.start(replacement, join=leader.http)
     wait_until(lambda: members(cluster, leader).get(replacement.node_id, {}).get("voter"), 30,
                "the replacement to become a voter")
-    last = write(cluster, "after", 3)
+    last = cluster.put("after", 3)
     cluster.wait_applied(replacement, last)
     for key, value in (("before", 1), ("between", 2), ("after", 3)):
         code, body, _ = http_json("GET", f"{replacement.http}/keys/{key}?consistency=stale")
@@ -105,7 +89,7 @@ def test_removed_node_cannot_disrupt_the_cluster(cluster: LocalCluster) -> None:
     # The removed node keeps running, stops hearing from the leader and may campaign: the
     # others must ignore it (pre-vote + leader lease), so the leader and term stay.
     for i in range(30):
-        write(cluster, f"x{i}", i)
+        cluster.put(f"x{i}", i)
     wait_until(lambda: cluster.status(victim)["role"] in ("follower", "pre_candidate",
                                                           "candidate"), 5, "victim alive")
     assert cluster.leader([n for n in cluster.nodes if n is not victim]) is leader
@@ -115,14 +99,14 @@ def test_removed_node_cannot_disrupt_the_cluster(cluster: LocalCluster) -> None:
 def test_leadership_transfer_moves_the_leader_without_an_election_timeout(
         cluster: LocalCluster) -> None:
     leader = cluster.wait_for_leader()
-    write(cluster, "t", 1)
+    cluster.put("t", 1)
     code, body, _ = http_json("POST", f"{leader.http}/cluster/leader", timeout_s=10)
     assert code == 200, body
     new_id = body["leader"]
     assert new_id != leader.node_id
     new = cluster.node(new_id)
     assert cluster.status(new)["role"] == "leader"
-    write(cluster, "t", 2)
+    cluster.put("t", 2)
 
 
 def test_membership_changes_sent_to_a_follower_go_to_the_leader_over_the_peer_link(

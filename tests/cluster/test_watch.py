@@ -46,19 +46,6 @@ def own_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Loca
         c.close()
 
 
-def write(c: LocalCluster, key: str, value: object) -> int:
-    """Through any live node (followers forward); retried until a leader takes it."""
-    def attempt() -> int | None:
-        for n in c.nodes:
-            if n.running:
-                code, body, _ = http_json("PUT", f"{n.http}/keys/{key}", {"value": value},
-                                          timeout_s=3.0)
-                if code == 200:
-                    return int(body["index"])
-        return None
-
-    return wait_until(attempt, 30, f"a write of {key}")
-
 
 def watches(c: LocalCluster, node: NodeProc) -> int:
     return int(c.status(node)["extra"]["watches"])
@@ -99,7 +86,7 @@ def a_follower(c: LocalCluster) -> NodeProc:
 def test_watch_on_a_follower_returns_when_the_leader_writes(cluster: LocalCluster) -> None:
     follower = a_follower(cluster)
     leader = cluster.wait_for_leader()
-    start = write(cluster, "w1", "first")
+    start = cluster.put("w1", "first", timeout_s=30)
     watch = BackgroundWatch(follower, "w1", start, timeout_s=30)
     wait_until(lambda: watches(cluster, follower) == 1, 10, "the watch to be filed")
     code, body, _ = http_json("PUT", f"{leader.http}/keys/w1", {"value": "second"})
@@ -111,8 +98,8 @@ def test_watch_on_a_follower_returns_when_the_leader_writes(cluster: LocalCluste
 
 def test_watch_from_an_index_older_than_the_key_returns_at_once(cluster: LocalCluster) -> None:
     follower = a_follower(cluster)
-    older = write(cluster, "w2", "old")
-    newer = write(cluster, "w2", "new")
+    older = cluster.put("w2", "old", timeout_s=30)
+    newer = cluster.put("w2", "new", timeout_s=30)
     # The wait may last 30 s; the socket gives up after 10: an answer proves it did not wait.
     code, body, _ = http_json("GET", f"{follower.http}/keys/w2?wait=true&index={older}",
                               timeout_s=10)
@@ -122,7 +109,7 @@ def test_watch_from_an_index_older_than_the_key_returns_at_once(cluster: LocalCl
 def test_watch_times_out_with_the_current_value_and_changed_false(
         cluster: LocalCluster) -> None:
     follower = a_follower(cluster)
-    index = write(cluster, "w3", "still")
+    index = cluster.put("w3", "still", timeout_s=30)
     cluster.wait_applied(follower, index)
     code, body, _ = http_json(
         "GET", f"{follower.http}/keys/w3?wait=true&index={index}&timeout=0.3", timeout_s=10)
@@ -132,7 +119,7 @@ def test_watch_times_out_with_the_current_value_and_changed_false(
 
 def test_watch_wakes_on_a_delete_with_deleted_true(cluster: LocalCluster) -> None:
     follower = a_follower(cluster)
-    start = write(cluster, "w4", "doomed")
+    start = cluster.put("w4", "doomed", timeout_s=30)
     watch = BackgroundWatch(follower, "w4", start, timeout_s=30)
     wait_until(lambda: watches(cluster, follower) == 1, 10, "the watch to be filed")
     code, body, _ = http_json("DELETE", f"{cluster.wait_for_leader().http}/keys/w4")
@@ -146,7 +133,7 @@ def test_watch_on_a_follower_survives_the_leader_being_killed(
     c = own_cluster
     old_leader = c.wait_for_leader()
     follower = a_follower(c)
-    start = write(c, "lk", "before")
+    start = c.put("lk", "before", timeout_s=30)
     watch = BackgroundWatch(follower, "lk", start, timeout_s=45)
     wait_until(lambda: watches(c, follower) == 1, 10, "the watch to be filed")
     c.kill(old_leader)
@@ -154,14 +141,14 @@ def test_watch_on_a_follower_survives_the_leader_being_killed(
     new_leader = c.wait_for_leader(among=survivors)
     assert new_leader is not old_leader
     assert watches(c, follower) == 1  # still waiting, across the change of leader
-    index = write(c, "lk", "after")
+    index = c.put("lk", "after", timeout_s=30)
     assert watch.answer(20) == (200, {"value": "after", "index": index, "changed": True})
 
 
 def test_watch_on_an_isolated_node_just_times_out(own_cluster: LocalCluster) -> None:
     c = own_cluster
     follower = a_follower(c)
-    index = write(c, "iso", "kept")
+    index = c.put("iso", "kept", timeout_s=30)
     c.wait_applied(follower, index)
     others = [n for n in c.nodes if n is not follower]
     for n in others:
