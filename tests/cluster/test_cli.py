@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from raftkv.localcluster import FAST_TIMING, LocalCluster, http_json, wait_until
+from raftkv.localcluster import LocalCluster, http_json, wait_until
+from tests.support.clusters import running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +27,8 @@ def raftkv(*args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[s
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("cli"), 3, env=FAST_TIMING)
-    c.start_all()
-    try:
-        c.wait_for_leader()
-        for n in c.nodes:
-            c.wait_for_ready(n)  # every node serves HTTP before the test talks to it
+    with running_cluster(tmp_path_factory.mktemp("cli")) as c:
         yield c
-    finally:
-        c.close()
 
 
 def urls(c: LocalCluster) -> str:

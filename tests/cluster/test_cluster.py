@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json, wait_until
+from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
+from tests.support.clusters import running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -16,20 +17,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     env = getattr(request, "param", None) or {}
-    c = LocalCluster(tmp_path, 3, env={**FAST_TIMING, **env})
-    c.start_all()
-    try:
-        c.wait_for_leader()
-        for n in c.nodes:
-            c.wait_for_ready(n)  # every node serves HTTP before the test talks to it
+    with running_cluster(tmp_path, request=request, env=env) as c:
         yield c
-    except BaseException:
-        print(c.dump_logs())
-        raise
-    finally:
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            print(c.dump_logs())
         c.close()
 
 

@@ -8,25 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json, wait_until
+from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
+from tests.support.clusters import running_cluster
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
-    c.start_all()
-    try:
-        c.wait_for_leader()
-        for n in c.nodes:
-            c.wait_for_ready(n)  # every node serves HTTP before the test talks to it
+    with running_cluster(tmp_path, request=request) as c:
         yield c
-    finally:
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            print(c.dump_logs())
-        c.close()
 
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from raftkv.localcluster import FAST_TIMING, LocalCluster, http_json
+from raftkv.localcluster import LocalCluster, http_json
+from tests.support.clusters import running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -23,15 +24,8 @@ def raftkv(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
-    c.start_all()
-    try:
-        c.wait_for_leader()
-        for n in c.nodes:
-            c.wait_for_ready(n)
+    with running_cluster(tmp_path) as c:
         yield c
-    finally:
-        c.close()
 
 
 def table(output: str) -> dict[str, list[str]]:

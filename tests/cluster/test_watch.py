@@ -11,39 +11,22 @@ from typing import Any
 
 import pytest
 
-from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json, wait_until
+from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
+from tests.support.clusters import running_cluster
 
 pytestmark = pytest.mark.integration
 
 
-def started(path: Path) -> LocalCluster:
-    c = LocalCluster(path, 3, env=FAST_TIMING)
-    c.start_all()
-    c.wait_for_leader()
-    for n in c.nodes:
-        c.wait_for_ready(n)
-    return c
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = started(tmp_path_factory.mktemp("watch"))
-    try:
+    with running_cluster(tmp_path_factory.mktemp("watch")) as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture
 def own_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
-    c = started(tmp_path)
-    try:
+    with running_cluster(tmp_path, request=request) as c:
         yield c
-    finally:
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            print(c.dump_logs())
-        c.close()
 
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from raftkv.localcluster import (
-    FAST_TIMING,
     LocalCluster,
     NodeProc,
     free_port,
@@ -43,6 +42,7 @@ from tests.faults.nemesis import (
     open_firewall,
     remove_stale_nft_tables,
 )
+from tests.support.clusters import running_cluster
 from tests.support.linearizability import Outcome, check_history
 
 pytestmark = pytest.mark.faults
@@ -173,16 +173,8 @@ def test_peer_connections_leave_from_the_raft_bind_host() -> None:
 # --------------------------------------------------------------------------- real partitions
 @pytest.fixture
 def own_ip_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
-    c.start_all()
-    try:
-        c.wait_for_leader(timeout_s=30)
+    with running_cluster(tmp_path, request=request, ready=False, timeout_s=30) as c:
         yield c
-    finally:
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            print(c.dump_logs())
-        c.close()
 
 
 def _put(node: NodeProc, key: str, value: str) -> int:

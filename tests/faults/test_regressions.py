@@ -13,24 +13,15 @@ import pytest
 
 from raftkv.localcluster import FAST_TIMING, LocalCluster, http_json, wait_until
 from tests.faults.nemesis import PeerEndpoint, open_firewall
+from tests.support.clusters import running_cluster
 
 pytestmark = pytest.mark.faults
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
-    c.start_all()
-    try:
-        c.wait_for_leader(timeout_s=30)
-        for n in c.nodes:
-            c.wait_for_ready(n, timeout_s=30)
+    with running_cluster(tmp_path, request=request, timeout_s=30) as c:
         yield c
-    finally:
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            print(c.dump_logs())
-        c.close()
 
 
 def _remove(c: LocalCluster, node_id: str) -> None:
