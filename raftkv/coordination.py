@@ -191,9 +191,17 @@ class _Holder:
         return session is not None and session.wait_lost(timeout_s)
 
     def _acquire(self, value: object, timeout_s: float | None) -> int:
-        """Create the key on a lease if absent, waiting with watches; the acquiring index."""
+        """Create the key on a lease if absent, waiting with watches; the acquiring index.
+        On any failure the session is closed (its lease revoked)."""
         if self.fencing_token is not None:
             raise RuntimeError(f"{self.key!r} is held already")
+        try:
+            return self._try_acquire(value, timeout_s)
+        except BaseException:
+            self._close_session()
+            raise
+
+    def _try_acquire(self, value: object, timeout_s: float | None) -> int:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         client = self._client
         maybe_ours = False
@@ -228,7 +236,6 @@ class _Holder:
             if deadline is not None:
                 wait_s = min(wait_s, deadline - time.monotonic())
                 if wait_s <= 0:
-                    self._close_session()
                     raise LockTimeout(f"{self.key!r} is held by someone else",
                                       code="lock_timeout")
             client.watch(self.key, current, timeout_s=wait_s)  # changed or not: try again
