@@ -543,3 +543,10 @@ def test_an_old_entry_applies_as_before(kv: Feeder) -> None:
     data = msgpack.packb([1, "rid", [0, "k", 1, None]], use_bin_type=True)
     assert kv.machine.apply(Entry(1, 1, data=data)) == PutResult(1, 1)
     assert kv.machine.lease_of("k") is None
+
+
+def test_the_service_s_lease_limits_are_the_commands_limits() -> None:
+    from raftkv import service
+
+    assert (service.MIN_LEASE_TTL_S, service.MAX_LEASE_TTL_S, service.MAX_LEASE_ID) == (
+        MIN_LEASE_TTL_S, MAX_LEASE_TTL_S, MAX_LEASE_ID)
