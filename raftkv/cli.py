@@ -1,8 +1,11 @@
-"""`raftkv serve | cluster | get | put | delete | status | members | backup | restore` — the
-composition root.
+"""`raftkv serve | cluster | get | put | delete | status | members | backup | restore | lease |
+lock` — the composition root.
 
-Exit codes: 0 ok, 1 the request failed (e.g. key not found, conflict), 2 bad usage or
-settings, 3 the cluster is unavailable (no leader, timeout, unreachable).
+Exit codes: 0 ok, 1 the request failed (e.g. key or lease not found, conflict), 2 bad usage or
+settings, 3 the cluster is unavailable (no leader, timeout, unreachable). `raftkv lock NAME --
+command...` exits with the command's status (128 + N if a signal N ended it), or 4 if the
+lock was lost while the command ran (the command is then stopped: SIGTERM, SIGKILL after
+LOCK_LOST_GRACE_S).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -26,6 +30,9 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_LOCK_LOST = 4
+LOCK_LOST_GRACE_S = 5.0
+"""How long a command whose lock was lost gets to stop after SIGTERM, before SIGKILL."""
 
 def configure_logging(level: str, node_id: str | None = None) -> None:
     prefix = f"{node_id} " if node_id else ""
@@ -133,7 +140,8 @@ def _run_client(args: argparse.Namespace) -> int:
                 value = json.loads(args.value)
             except ValueError:
                 value = args.value  # a bare word is stored as a string
-            _print(cl.put(args.key, value, prev_index=args.prev_index))
+            _print(cl.put(args.key, value, prev_index=args.prev_index, lease=args.lease,
+                          ttl=args.ttl))
         elif args.command == "delete":
             _print(cl.delete(args.key, prev_index=args.prev_index))
         elif args.command == "status":
@@ -157,7 +165,9 @@ def _run_client(args: argparse.Namespace) -> int:
                 _print(cl.join(args.id, member.raft_address, voter=True))
             else:
                 _print(cl.remove(args.id))
-    except c.KeyNotFound as e:
+        elif args.command == "lease":
+            _lease_command(cl, args.action, args.arg)
+    except (c.KeyNotFound, c.LeaseNotFound) as e:
         _print({"error": e.code, "message": str(e)})
         return EXIT_FAILED
     except (c.Unavailable, c.OutcomeUnknown) as e:
@@ -167,6 +177,103 @@ def _run_client(args: argparse.Namespace) -> int:
         print(f"raftkv {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _lease_command(cl: object, action: str, arg: int) -> None:
+    from raftkv import client as c
+
+    assert isinstance(cl, c.Client)
+    if action == "grant":
+        _print(cl.lease_grant(arg))
+    elif action == "keepalive":
+        _print(cl.lease_keepalive(arg))
+    elif action == "revoke":
+        _print(cl.lease_revoke(arg))
+    elif action == "get":
+        _print(cl.lease(arg))
+    else:
+        _print(cl.leases())
+
+
+# ---------------------------------------------------------------------------- lock
+def cmd_lock(args: argparse.Namespace, command: list[str]) -> int:
+    """Run `command` while holding the lock `args.name` (like `etcdctl lock`)."""
+    from raftkv import client as c
+    from raftkv.coordination import Lock
+
+    if not command:
+        print("raftkv lock: give the command to run after --: raftkv lock NAME -- command ...",
+              file=sys.stderr)
+        return EXIT_USAGE
+    cl = _client(args)
+    assert isinstance(cl, c.Client)
+    child: list[subprocess.Popen[bytes]] = []
+    lost = threading.Event()
+
+    def on_lost() -> None:  # the keepalive thread
+        lost.set()
+        if child:
+            _stop(child[0])
+
+    try:
+        lock = Lock(cl, args.name, args.ttl, on_lost=on_lost)
+        token = lock.acquire(timeout_s=args.wait)
+    except ValueError as e:
+        print(f"raftkv lock: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (c.Unavailable, c.OutcomeUnknown) as e:
+        print(f"raftkv lock: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except c.ClientError as e:
+        print(f"raftkv lock: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"raftkv lock: holding {args.name} (key {lock.key}, lease {lock.lease_id}, "
+          f"fencing token {token})", file=sys.stderr, flush=True)
+    env = dict(os.environ, RAFTKV_LOCK_NAME=args.name, RAFTKV_LOCK_KEY=lock.key,
+               RAFTKV_LOCK_LEASE=str(lock.lease_id), RAFTKV_LOCK_FENCING_TOKEN=str(token))
+    # Signals to this process go to the command (only the main thread may install handlers).
+    in_main = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGINT, signal.SIGTERM) if in_main else ()
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        try:
+            child.append(subprocess.Popen(command, env=env))
+        except OSError as e:
+            print(f"raftkv lock: cannot run {command[0]}: {e.strerror or e}", file=sys.stderr)
+            return 127 if isinstance(e, FileNotFoundError) else 126
+        if lost.is_set():  # lost before the command started
+            _stop(child[0])
+
+        def forward(signum: int, _frame: FrameType | None) -> None:
+            child[0].send_signal(signum)
+
+        for sig in previous:
+            signal.signal(sig, forward)
+        status = child[0].wait()
+        if lock.lost:
+            print(f"raftkv lock: lost the lock {args.name} while the command ran (its lease "
+                  "expired or was revoked); the command was stopped", file=sys.stderr)
+            return EXIT_LOCK_LOST
+        return status if status >= 0 else 128 - status
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        lock.release()
+        cl.close()
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM now, SIGKILL after LOCK_LOST_GRACE_S if it is still running."""
+    if process.poll() is None:
+        process.terminate()
+
+        def kill() -> None:
+            if process.poll() is None:
+                process.kill()
+
+        timer = threading.Timer(LOCK_LOST_GRACE_S, kill)
+        timer.daemon = True
+        timer.start()
 
 
 def _status_table(cl: object, timeout_s: float) -> str:
@@ -258,7 +365,10 @@ def _as_dict(obj: object) -> object:
     from dataclasses import asdict, is_dataclass
 
     if is_dataclass(obj) and not isinstance(obj, type):
-        return asdict(obj)
+        fields = asdict(obj)
+        if "lease" in fields and fields["lease"] is None:
+            del fields["lease"]  # a key without a lease prints as it did before leases
+        return fields
     if isinstance(obj, list | tuple):
         return [_as_dict(x) for x in obj]
     return obj
@@ -294,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("key")
     put.add_argument("value")
     put.add_argument("--prev-index", type=int, default=None)
+    put.add_argument("--lease", type=int, default=None,
+                     help="attach the key to this lease (its keys go when it ends)")
+    put.add_argument("--ttl", type=int, default=None,
+                     help="give the key a lease of its own of TTL seconds")
     client_args(put)
     delete = sub.add_parser("delete", help="delete a key")
     delete.add_argument("key")
@@ -311,6 +425,26 @@ def build_parser() -> argparse.ArgumentParser:
     members.add_argument("id", nargs="?")
     members.add_argument("--address", help="raft address host:port of the new member")
     client_args(members)
+    lease = sub.add_parser(
+        "lease", help="grant TTL | keepalive ID | revoke ID | get ID | list: leases, whose "
+                      "keys are deleted when they expire or are revoked")
+    lease.add_argument("action", choices=["grant", "keepalive", "revoke", "get", "list"])
+    lease.add_argument("arg", nargs="?", type=int, metavar="TTL|ID",
+                       help="grant: the TTL in seconds; keepalive, revoke, get: the lease id")
+    client_args(lease)
+    lock = sub.add_parser(
+        "lock", help="run a command while holding a lock: raftkv lock NAME -- command ...",
+        description="Wait for the lock NAME, run the command while holding it (its fencing "
+                    "token is in RAFTKV_LOCK_FENCING_TOKEN), release it, and exit with the "
+                    "command's status; if the lock is lost meanwhile, stop the command and "
+                    "exit 4.")
+    lock.add_argument("name")
+    lock.add_argument("--ttl", type=int, default=10,
+                      help="the lock's lease in seconds: how long the lock outlives this "
+                           "process if it dies (default 10)")
+    lock.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                      help="give up (exit 1) if the lock is not free within SECONDS")
+    client_args(lock)
     backup = sub.add_parser("backup", help="download a consistent snapshot into FILE")
     backup.add_argument("file", metavar="FILE")
     backup.add_argument("--consistency", default="linearizable",
@@ -331,7 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if argv[:1] == ["lock"] and "--" in argv:  # everything after -- is the command, verbatim
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
     args = build_parser().parse_args(argv)
+    if args.command == "lock":
+        return cmd_lock(args, command)
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "cluster":
@@ -342,6 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_restore(args)
     if args.command == "members" and args.action in ("add", "promote", "remove") and not args.id:
         print(f"raftkv members {args.action}: a node id is required", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "lease" and (args.arg is None) != (args.action == "list"):
+        what = "no argument" if args.action == "list" else (
+            "a TTL in seconds" if args.action == "grant" else "a lease id")
+        print(f"raftkv lease {args.action}: takes {what}", file=sys.stderr)
         return EXIT_USAGE
     return _run_client(args)
 

@@ -18,6 +18,11 @@ Membership changes carry no key, so they are resent only when the request surely
 the server. When the client gives up on a write that may have reached the cluster it raises
 `OutcomeUnknown`, never a plain failure.
 
+Leases: `lease_grant`, `lease_keepalive`, `lease_revoke`, `leases`, `lease`, and `put(...,
+lease=, ttl=)`. Keepalives are resent like reads (restarting a TTL twice is harmless). On top of
+them, `lock()` and `election()` (raftkv.coordination) give a mutual-exclusion lock with a
+fencing token and a leader election, and `watch()` waits for a key to change.
+
 A Client is NOT thread-safe: its connections and its leader preference belong to one thread at
 a time. Give each thread its own, e.g. `client.clone()`.
 """
@@ -34,7 +39,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urlencode, urlsplit
 
 from raftkv.service import (
@@ -43,11 +48,19 @@ from raftkv.service import (
     Consistency,
     DeleteResult,
     KeyValue,
+    LeaseGrantResult,
+    LeaseInfo,
+    LeaseKeepAliveResult,
+    LeaseRevokeResult,
     Member,
     NodeStatus,
     ReadResult,
+    WatchResult,
     WriteResult,
 )
+
+if TYPE_CHECKING:
+    from raftkv.coordination import Election, Lock
 
 __all__ = [
     "BadRequest",
@@ -55,6 +68,7 @@ __all__ = [
     "ClientError",
     "ConditionFailed",
     "KeyNotFound",
+    "LeaseNotFound",
     "OutcomeUnknown",
     "SnapshotDownload",
     "StorageFull",
@@ -103,6 +117,16 @@ class KeyNotFound(ClientError):
     pass
 
 
+class LeaseNotFound(ClientError):
+    """The lease does not exist (never granted, revoked, or expired); a write naming it
+    applied nothing."""
+
+    @property
+    def lease_id(self) -> int | None:
+        lease = self.body.get("lease")
+        return lease if isinstance(lease, int) else None
+
+
 class ConditionFailed(ClientError):
     """A compare-and-swap (prev_index) did not hold; `current_index` is the key's index."""
 
@@ -131,6 +155,8 @@ def _error_from(status: int, body: Mapping[str, Any]) -> ClientError:
     message = raw_message if isinstance(raw_message, str) else f"HTTP {status}"
     if code == "key_not_found":
         return KeyNotFound(message, status=status, code=code, body=body)
+    if code == "lease_not_found":
+        return LeaseNotFound(message, status=status, code=code, body=body)
     if code == "condition_failed":
         current = body.get("current_index")
         return ConditionFailed(message, status=status, code=code, body=body,
@@ -237,7 +263,30 @@ def _key_path(key: str) -> str:
 def _write_result(payload: Mapping[str, Any]) -> WriteResult | DeleteResult:
     if "deleted" in payload:
         return DeleteResult(bool(payload["deleted"]), _int(payload, "index"))
-    return WriteResult(payload.get("value"), _int(payload, "index"))
+    return WriteResult(payload.get("value"), _int(payload, "index"), _lease_of(payload))
+
+
+def _lease_of(payload: Mapping[str, Any]) -> int | None:
+    return _int(payload, "lease") if payload.get("lease") is not None else None
+
+
+def _lease_info(raw: object) -> LeaseInfo:
+    if not isinstance(raw, dict):
+        raise _bad_response("a lease is not an object")
+    remaining = raw.get("remaining")
+    if isinstance(remaining, bool) or not isinstance(remaining, int | float):
+        raise _bad_response("'remaining' is not a number")
+    keys = raw.get("keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise _bad_response("'keys' is not a list of keys")
+    return LeaseInfo(_int(raw, "id"), _int(raw, "ttl"), float(remaining), tuple(keys),
+                     _int(raw, "key_count"))
+
+
+def _lease_path(lease_id: int) -> str:
+    if isinstance(lease_id, bool) or not isinstance(lease_id, int) or lease_id < 1:
+        raise BadRequest("a lease id is an integer >= 1", code="invalid_lease")
+    return f"/leases/{lease_id}"
 
 
 def _member(raw: object) -> Member:
@@ -302,11 +351,15 @@ class Client:
         """The node tried first: the last hinted leader, or the last that answered."""
         return self._nodes[self._preferred].url
 
-    def clone(self) -> Client:
-        """A new Client with the same settings and leader preference, and its own
-        connections (for another thread)."""
-        other = Client(self.urls, self.timeout_s, self.retries,
-                       retry_budget_s=self.retry_budget_s, backoff_base_s=self.backoff_base_s,
+    def clone(self, *, timeout_s: float | None = None,
+              retry_budget_s: float | None = None) -> Client:
+        """A new Client with the same settings (but those given) and leader preference, and
+        its own connections (for another thread)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if retry_budget_s is None:
+            retry_budget_s = self.retry_budget_s if timeout_s == self.timeout_s else None
+        other = Client(self.urls, timeout_s, self.retries,
+                       retry_budget_s=retry_budget_s, backoff_base_s=self.backoff_base_s,
                        backoff_max_s=self.backoff_max_s, sleep=self._sleep)
         other._preferred = self._preferred
         return other
@@ -328,17 +381,25 @@ class Client:
         """The value and index of `key`; raises KeyNotFound when it is absent."""
         level = Consistency(consistency).value
         payload = self._call("GET", _key_path(key), query={"consistency": level}, policy=_READ)
-        return ReadResult(payload.get("value"), _int(payload, "index"))
+        return ReadResult(payload.get("value"), _int(payload, "index"), _lease_of(payload))
 
-    def put(self, key: str, value: object, prev_index: int | None = None) -> WriteResult:
+    def put(self, key: str, value: object, prev_index: int | None = None, *,
+            lease: int | None = None, ttl: int | None = None) -> WriteResult:
         """Committed and applied on return. `prev_index`: only if the key is still at that
-        index (0: only if absent), else ConditionFailed."""
+        index (0: only if absent), else ConditionFailed. `lease`: attach the key to that
+        lease (LeaseNotFound if it is gone); `ttl`: a fresh lease of the key's own, whose id
+        is the result's `lease` (= its index). Without either, the key is detached from any
+        lease."""
         body: dict[str, object] = {"value": value}
         if prev_index is not None:
             body["prev_index"] = prev_index
+        if lease is not None:
+            body["lease"] = lease
+        if ttl is not None:
+            body["ttl"] = ttl
         payload = self._call("PUT", _key_path(key), body=body, policy=_KEYED_WRITE,
                              idempotency_key=str(uuid.uuid4()))
-        return WriteResult(payload.get("value"), _int(payload, "index"))
+        return WriteResult(payload.get("value"), _int(payload, "index"), _lease_of(payload))
 
     def delete(self, key: str, prev_index: int | None = None) -> DeleteResult:
         query = {} if prev_index is None else {"prev_index": str(prev_index)}
@@ -353,6 +414,8 @@ class Client:
             item: dict[str, object] = {"op": op.op, "key": op.key}
             if op.op == "put":
                 item["value"] = op.value
+            if op.lease is not None:
+                item["lease"] = op.lease
             if op.prev_index is not None:
                 item["prev_index"] = op.prev_index
             encoded.append(item)
@@ -374,6 +437,72 @@ class Client:
             raise _bad_response("'keys' is not a list")
         return [KeyValue(str(kv.get("key")), kv.get("value"), _int(kv, "index"))
                 for kv in keys if isinstance(kv, dict)]
+
+    def watch(self, key: str, index: int | None = None,
+              timeout_s: float | None = None) -> WatchResult:
+        """Wait until `key` changes at an index > `index` (None: the next change), or until
+        `timeout_s` (default: the client's timeout; at most 60 s) passes; see WatchResult
+        (`changed` False: the wait ran out and this is the key's current state)."""
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        if not 0 < wait_s <= MAX_SERVER_TIMEOUT_S:
+            raise ValueError(f"timeout_s must be in (0, {MAX_SERVER_TIMEOUT_S:g}]")
+        query = {"wait": "true", "timeout": format(wait_s, "g")}
+        if index is not None:
+            query["index"] = str(index)
+        payload = self._call("GET", _key_path(key), query=query, policy=_READ, wait=False,
+                             socket_timeout_s=wait_s + _SOCKET_SLACK_S)
+        deleted = bool(payload.get("deleted"))
+        return WatchResult(key, None if deleted else payload.get("value"),
+                           _int(payload, "index"), deleted, bool(payload.get("changed")))
+
+    # ------------------------------------------------------------------ leases
+    def lease_grant(self, ttl: int) -> LeaseGrantResult:
+        """A new lease of `ttl` whole seconds (its TTL runs from when the leader applies the
+        grant); attach keys with put(..., lease=id)."""
+        payload = self._call("POST", "/leases", body={"ttl": ttl}, policy=_KEYED_WRITE,
+                             idempotency_key=str(uuid.uuid4()))
+        return LeaseGrantResult(_int(payload, "id"), _int(payload, "ttl"),
+                                _int(payload, "index"))
+
+    def lease_keepalive(self, lease_id: int) -> LeaseKeepAliveResult:
+        """Restart the lease's TTL; LeaseNotFound if it is gone (or expiring). The lease then
+        lives at least `ttl_s` seconds from when this call started."""
+        payload = self._call("POST", _lease_path(lease_id) + "/keepalive", policy=_READ)
+        return LeaseKeepAliveResult(_int(payload, "id"), _int(payload, "ttl"))
+
+    def lease_revoke(self, lease_id: int) -> LeaseRevokeResult:
+        """Revoke the lease: its keys are deleted at the returned index."""
+        payload = self._call("DELETE", _lease_path(lease_id), policy=_KEYED_WRITE,
+                             idempotency_key=str(uuid.uuid4()))
+        return LeaseRevokeResult(_int(payload, "id"), _int(payload, "index"))
+
+    def lease(self, lease_id: int) -> LeaseInfo:
+        """The lease with its keys (at most 1,000 of them; `key_count` says how many) and the
+        seconds it has left by the leader's clock."""
+        return _lease_info(self._call("GET", _lease_path(lease_id), policy=_READ))
+
+    def leases(self, limit: int = 1000) -> builtins.list[LeaseInfo]:
+        """Up to `limit` leases in id order, without their keys."""
+        raw = self._call("GET", "/leases", query={"limit": str(limit)}, policy=_READ)
+        leases = raw.get("leases")
+        if not isinstance(leases, list):
+            raise _bad_response("'leases' is not a list")
+        return [_lease_info(lease) for lease in leases]
+
+    def lock(self, name: str, ttl: int = 10) -> Lock:
+        """A lock named `name` on a lease of `ttl` seconds: `with client.lock("job") as
+        lock:` (see raftkv.coordination.Lock). This client is used from the calling thread
+        only; the keepalives use a clone of it."""
+        from raftkv.coordination import Lock
+
+        return Lock(self, name, ttl)
+
+    def election(self, name: str, ttl: int = 10) -> Election:
+        """A leader election named `name` on a lease of `ttl` seconds (see
+        raftkv.coordination.Election)."""
+        from raftkv.coordination import Election
+
+        return Election(self, name, ttl)
 
     # ------------------------------------------------------------------ nodes and cluster
     def status(self, url: str | None = None) -> NodeStatus:
@@ -452,7 +581,7 @@ class Client:
     def _call(self, method: str, path: str, *, policy: _Policy,
               query: Mapping[str, str] | None = None, body: object = None,
               idempotency_key: str | None = None, node: _Node | None = None,
-              wait: bool = True) -> dict[str, Any]:
+              wait: bool = True, socket_timeout_s: float | None = None) -> dict[str, Any]:
         params = dict(query or {})
         if wait:
             params["timeout"] = format(self.timeout_s, "g")
@@ -473,7 +602,8 @@ class Client:
             moved = False
             try:
                 status, payload = self._exchange(to, method, target, data, headers,
-                                                 resend=policy.resend)
+                                                 resend=policy.resend,
+                                                 socket_timeout_s=socket_timeout_s)
             except _NotSent as ex:
                 error: ClientError = Unavailable(f"cannot connect to {to.address}: {ex}",
                                                  code="connection_failed")
@@ -557,7 +687,8 @@ class Client:
             connection.close()
 
     def _exchange(self, node: _Node, method: str, target: str, data: bytes | None,
-                  headers: Mapping[str, str], *, resend: bool) -> tuple[int, dict[str, Any]]:
+                  headers: Mapping[str, str], *, resend: bool,
+                  socket_timeout_s: float | None = None) -> tuple[int, dict[str, Any]]:
         connection = self._connection(node)
         reused = connection.sock is not None
         if not reused:
@@ -567,16 +698,21 @@ class Client:
                 self._drop(node)
                 raise _NotSent(str(ex) or type(ex).__name__) from ex
         try:
+            if socket_timeout_s is not None and connection.sock is not None:
+                connection.sock.settimeout(socket_timeout_s)  # a long poll: wait longer
             connection.request(method, target, body=data, headers=dict(headers))
             response = connection.getresponse()
             raw = response.read()
+            if socket_timeout_s is not None and connection.sock is not None:
+                connection.sock.settimeout(self.timeout_s + _SOCKET_SLACK_S)
         except (OSError, http.client.HTTPException) as ex:
             self._drop(node)
             stale = isinstance(ex, http.client.RemoteDisconnected | ConnectionResetError
                                | BrokenPipeError)
             if reused and stale and resend:
                 # The server closed the idle keep-alive connection: once more on a fresh one.
-                return self._exchange(node, method, target, data, headers, resend=False)
+                return self._exchange(node, method, target, data, headers, resend=False,
+                                      socket_timeout_s=socket_timeout_s)
             raise _MaybeSent(str(ex) or type(ex).__name__) from ex
         if response.will_close:
             self._drop(node)

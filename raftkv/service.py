@@ -2,6 +2,12 @@
 
 `raftkv.runtime` implements it; `raftkv.http` only calls it and maps its typed errors to
 statuses in one table. Nothing here knows about Raft internals or HTTP.
+
+Leases (raftkv.kv.leases has the rules): a lease has an id (the index of the entry that
+granted it), a TTL in whole seconds, and keys attached to it; when it expires (decided by the
+leader, carried out as a log entry) or is revoked, its keys are deleted in one entry. Grants,
+revokes and attaching writes are log entries like any write; keepalives are not: the leader
+restarts the lease's TTL and answers once a quorum confirmed its leadership.
 """
 
 from __future__ import annotations
@@ -15,6 +21,14 @@ MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1 << 20
 MAX_BATCH_OPS = 1024
 """Operations in one atomic batch (one log entry); raftkv.kv.commands enforces the same."""
+MIN_LEASE_TTL_S = 2
+MAX_LEASE_TTL_S = 9_000_000_000
+"""Lease TTLs in whole seconds; raftkv.kv.commands enforces the same bounds (see its
+MIN_LEASE_TTL_S for why 2 s), and a node may refuse TTLs below its own floor (a longer
+election timeout: raftkv.kv.leases.min_lease_ttl_s) with InvalidRequestError."""
+MAX_LEASE_ID = 2**63 - 1
+MAX_LEASE_KEYS_SHOWN = 1000
+"""Keys listed with one lease (LeaseInfo.keys); `key_count` says how many it has."""
 
 
 class Consistency(enum.Enum):
@@ -31,12 +45,17 @@ class ReadResult:
     value: object
     index: int
     """The index of the write that produced the value."""
+    lease: int | None = None
+    """The lease the key is attached to, if any."""
 
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
     value: object
     index: int
+    lease: int | None = None
+    """The lease the key is attached to now (a put's `lease`, or the lease its `ttl_s`
+    granted: then its id is `index`); None: none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +70,14 @@ class BatchOp:
     key: str
     value: object = None
     prev_index: int | None = None
+    lease: int | None = None
+    """A put's lease (an existing one: a batch cannot grant a lease of its own)."""
 
     def __post_init__(self) -> None:
         if self.op not in ("put", "delete"):
             raise InvalidRequestError(f"unknown batch op {self.op!r}: use put or delete")
+        if self.op == "delete" and self.lease is not None:
+            raise InvalidRequestError("a delete carries no lease")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +91,40 @@ class KeyValue:
     key: str
     value: object
     index: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrantResult:
+    lease_id: int
+    """The index of the entry that granted the lease."""
+    ttl_s: int
+    index: int
+    """The index of the grant (= lease_id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRevokeResult:
+    lease_id: int
+    index: int
+    """The index of the revoke: every key of the lease was deleted at this index."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseKeepAliveResult:
+    lease_id: int
+    ttl_s: int
+    """The lease's TTL: it lives at least this long from when the keepalive was sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    lease_id: int
+    ttl_s: int
+    remaining_s: float
+    """Seconds left by the leader's clock (0 while its expiry is being carried out)."""
+    keys: tuple[str, ...]
+    """Attached keys, sorted, at most MAX_LEASE_KEYS_SHOWN (none in a list of leases)."""
+    key_count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +209,17 @@ class KeyNotFoundError(ServiceError):
     code = "key_not_found"
 
 
+class LeaseNotFoundError(ServiceError):
+    """The lease does not exist: never granted, revoked, or expired (a keepalive of a lease
+    whose expiry is under way gets this too). A write naming it applied nothing."""
+
+    code = "lease_not_found"
+
+    def __init__(self, message: str, *, lease_id: int, leader: str | None = None) -> None:
+        super().__init__(message, leader=leader)
+        self.lease_id = lease_id
+
+
 class ConditionFailedError(ServiceError):
     code = "condition_failed"
 
@@ -208,8 +276,15 @@ class KVService(Protocol):
              timeout_s: float) -> list[KeyValue]: ...
 
     def put(self, key: str, value: object, *, prev_index: int | None = None,
+            lease: int | None = None, ttl_s: int | None = None,
             request_id: str | None = None, timeout_s: float) -> WriteResult:
-        """Committed and applied on return. prev_index: CAS (0 = only if absent)."""
+        """Committed and applied on return. prev_index: CAS (0 = only if absent).
+
+        lease: attach the key to this lease (LeaseNotFoundError, nothing applied, if it does
+        not exist at apply time; the condition is checked first). ttl_s: grant a fresh lease
+        of this TTL in the same entry and attach the key (its id is the write's index). At
+        most one of the two; with neither, a key attached to a lease is detached from it.
+        """
         ...
 
     def delete(self, key: str, *, prev_index: int | None = None,
@@ -217,7 +292,44 @@ class KVService(Protocol):
 
     def batch(self, ops: list[BatchOp], *, request_id: str | None = None,
               timeout_s: float) -> BatchResult:
-        """All ops applied atomically at one index, or none (ConditionFailedError)."""
+        """All ops applied atomically at one index, or none (ConditionFailedError, or
+        LeaseNotFoundError when a put names a lease that does not exist)."""
+        ...
+
+    # ------------------------------------------------------------------ leases
+    def lease_grant(self, ttl_s: int, *, request_id: str | None = None,
+                    timeout_s: float) -> LeaseGrantResult:
+        """Grant a lease of ttl_s seconds: a log entry, proposed through the leader (any node
+        forwards it) and answered once committed and applied, like put. Its TTL runs from
+        when the leader applies it. InvalidRequestError for a TTL the node refuses."""
+        ...
+
+    def lease_revoke(self, lease_id: int, *, request_id: str | None = None,
+                     timeout_s: float) -> LeaseRevokeResult:
+        """Revoke the lease and delete its keys, in one log entry (proposed like put).
+        LeaseNotFoundError if it does not exist when the entry applies (a retry with the
+        same request id gets the first answer)."""
+        ...
+
+    def lease_keepalive(self, lease_id: int, *, timeout_s: float) -> LeaseKeepAliveResult:
+        """Restart the lease's TTL. Not a log entry: a follower forwards it to the leader;
+        the leader restarts its timer (LeaseExpiry.keepalive) and answers only after a quorum
+        confirmed its leadership AFTER that (a ReadIndex round), and only once it has applied
+        an entry of its own term (NoLeaderError before: retry). LeaseNotFoundError if the
+        lease does not exist or is expiring. The caller may count on the lease living until
+        it sent this request + ttl_s."""
+        ...
+
+    def lease(self, lease_id: int, *, timeout_s: float) -> LeaseInfo:
+        """One lease with its keys (sorted, at most MAX_LEASE_KEYS_SHOWN) and remaining time.
+        Answered by the leader (a follower forwards it) after a read barrier, like a
+        linearizable read; `remaining_s` is by the leader's clock. LeaseNotFoundError if it
+        does not exist."""
+        ...
+
+    def leases(self, limit: int, *, timeout_s: float) -> list[LeaseInfo]:
+        """Up to `limit` leases in id order, without their keys (`key_count`), answered by
+        the leader like `lease`."""
         ...
 
     def is_leader(self) -> bool: ...

@@ -8,7 +8,14 @@ its traceback and answered 500 `internal_error`, never with the traceback itself
 
 Limits (every input is bounded): keys 1..MAX_KEY_BYTES bytes of UTF-8, values at most
 MAX_VALUE_BYTES once JSON-encoded, bodies at most `max_body_bytes`, batches 1..MAX_BATCH_OPS
-ops, lists 1..MAX_LIST_LIMIT keys, waits 0 < timeout <= MAX_TIMEOUT_S seconds.
+ops, lists 1..MAX_LIST_LIMIT keys or leases, waits 0 < timeout <= MAX_TIMEOUT_S seconds, lease
+TTLs MIN_LEASE_TTL_S..MAX_LEASE_TTL_S whole seconds, lease ids 1..MAX_LEASE_ID.
+
+Leases: `POST /leases` {"ttl": s} grants one; `POST /leases/<id>/keepalive` restarts its TTL;
+`DELETE /leases/<id>` revokes it (its keys are deleted); `GET /leases` lists them and
+`GET /leases/<id>` shows one with its keys and remaining time. A key write may carry
+`"lease": id` (attach to that lease) or `"ttl": s` (a fresh lease of its own); `/batch` puts
+may carry `"lease"`. An unknown lease is 404 `lease_not_found`.
 
 Keys live in the path (`/keys/a/b` is the key `a/b`). Because the trailing slash is optional
 everywhere, a key that ends with `/` cannot be addressed through the path; use `/batch`.
@@ -32,7 +39,10 @@ import falcon
 from raftkv import service as service_limits
 from raftkv.service import (
     MAX_KEY_BYTES,
+    MAX_LEASE_ID,
+    MAX_LEASE_TTL_S,
     MAX_VALUE_BYTES,
+    MIN_LEASE_TTL_S,
     BatchOp,
     ConditionFailedError,
     Consistency,
@@ -40,6 +50,8 @@ from raftkv.service import (
     InvalidRequestError,
     KeyNotFoundError,
     KVService,
+    LeaseInfo,
+    LeaseNotFoundError,
     Member,
     MembershipChangeError,
     NoLeaderError,
@@ -136,6 +148,7 @@ ERROR_TABLE: Final[Mapping[type[Exception], ErrorRule]] = MappingProxyType({
     falcon.HTTPBadRequest: ErrorRule(400, "invalid_request"),  # e.g. a malformed Content-Length
     # 404, 405: no such key, no such route, wrong method
     KeyNotFoundError: ErrorRule(404, "key_not_found"),
+    LeaseNotFoundError: ErrorRule(404, "lease_not_found"),
     falcon.HTTPNotFound: ErrorRule(404, "not_found"),
     falcon.HTTPMethodNotAllowed: ErrorRule(405, "method_not_allowed"),
     # 409: a condition or a membership change was refused
@@ -193,6 +206,8 @@ class _ErrorRenderer:
         if isinstance(ex, ConditionFailedError):
             body["key"] = ex.key
             body["current_index"] = ex.current_index
+        elif isinstance(ex, LeaseNotFoundError):
+            body["lease"] = ex.lease_id
         elif isinstance(ex, OutcomeUnknownError):
             body["outcome"] = "unknown"
         if isinstance(ex, falcon.HTTPError) and ex.headers:
@@ -343,6 +358,28 @@ def _check_prev_index(value: object, where: str = "prev_index") -> int | None:
     return value
 
 
+def _check_lease_id(value: object, where: str = "lease") -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LEASE_ID:
+        raise InvalidFieldError(f"{where} must be a lease id, an integer >= 1")
+    return value
+
+
+def _check_ttl(value: object, where: str = "ttl") -> int:
+    if (isinstance(value, bool) or not isinstance(value, int)
+            or not MIN_LEASE_TTL_S <= value <= MAX_LEASE_TTL_S):
+        raise InvalidFieldError(f"{where} must be a whole number of seconds in "
+                                f"{MIN_LEASE_TTL_S}..{MAX_LEASE_TTL_S}")
+    return value
+
+
+def _lease_in_path(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_LEASE_ID:
+        raise InvalidFieldError("the lease id in the path must be an integer >= 1")
+    return int(value)
+
+
 def _required(obj: Mapping[str, object], name: str, where: str = "") -> object:
     if name not in obj:
         raise MissingFieldError(f"missing field '{where}{name}'")
@@ -462,7 +499,25 @@ class _Api:
 def _write_json(key: str, result: WriteResult | DeleteResult) -> dict[str, object]:
     if isinstance(result, DeleteResult):
         return {"key": key, "deleted": result.deleted, "index": result.index}
-    return {"key": key, "value": result.value, "index": result.index}
+    return _with_lease({"key": key, "value": result.value, "index": result.index},
+                       result.lease)
+
+
+def _with_lease(body: dict[str, object], lease: int | None) -> dict[str, object]:
+    """A key's JSON with "lease" when it is attached to one (answers without a lease stay as
+    they were before leases)."""
+    if lease is not None:
+        body["lease"] = lease
+    return body
+
+
+def _lease_json(lease: LeaseInfo, *, keys: bool) -> dict[str, object]:
+    body: dict[str, object] = {"id": lease.lease_id, "ttl": lease.ttl_s,
+                               "remaining": round(lease.remaining_s, 3),
+                               "key_count": lease.key_count}
+    if keys:
+        body["keys"] = list(lease.keys)
+    return body
 
 
 def _member_json(member: Member) -> dict[str, object]:
@@ -471,7 +526,7 @@ def _member_json(member: Member) -> dict[str, object]:
 
 # --------------------------------------------------------------------------- resources
 class _KeyResource:
-    _BODY_FIELDS: Final = frozenset({"value", "prev_index"})
+    _BODY_FIELDS: Final = frozenset({"value", "prev_index", "lease", "ttl"})
 
     def __init__(self, api: _Api) -> None:
         self._api = api
@@ -482,7 +537,7 @@ class _KeyResource:
             return
         result = self._api.service.get(_check_key(key), _consistency(req),
                                        self._api.timeout_s(req))
-        _send(resp, {"value": result.value, "index": result.index})
+        _send(resp, _with_lease({"value": result.value, "index": result.index}, result.lease))
 
     def _watch(self, req: falcon.Request, resp: falcon.Response, key: str) -> None:
         """?wait=true&index=n: 200 once the key changes after n (or after now), or with its
@@ -505,9 +560,14 @@ class _KeyResource:
         _only_fields(body, self._BODY_FIELDS, "")
         value = _check_value(_required(body, "value"))
         prev_index = _check_prev_index(body.get("prev_index"))
-        result = self._api.service.put(key, value, prev_index=prev_index,
-                                       request_id=request_id, timeout_s=timeout_s)
-        _send(resp, {"value": result.value, "index": result.index})
+        lease = _check_lease_id(body.get("lease"))
+        ttl_s = None if body.get("ttl") is None else _check_ttl(body["ttl"])
+        if lease is not None and ttl_s is not None:
+            raise InvalidFieldError("give 'lease' (an existing lease) or 'ttl' (a new lease "
+                                    "of the key's own), not both")
+        result = self._api.service.put(key, value, prev_index=prev_index, lease=lease,
+                                       ttl_s=ttl_s, request_id=request_id, timeout_s=timeout_s)
+        _send(resp, _with_lease({"value": result.value, "index": result.index}, result.lease))
 
     on_post = on_put
 
@@ -539,7 +599,7 @@ class _KeysResource:
 
 class _BatchResource:
     _BODY_FIELDS: Final = frozenset({"ops"})
-    _PUT_FIELDS: Final = frozenset({"op", "key", "value", "prev_index"})
+    _PUT_FIELDS: Final = frozenset({"op", "key", "value", "prev_index", "lease"})
     _DELETE_FIELDS: Final = frozenset({"op", "key", "prev_index"})
 
     def __init__(self, api: _Api) -> None:
@@ -571,8 +631,70 @@ class _BatchResource:
         prev_index = _check_prev_index(raw.get("prev_index"), f"{where}prev_index")
         if kind == "put":
             value = _check_value(_required(raw, "value", where), f"{where}value")
-            return BatchOp("put", key, value, prev_index)
+            lease = _check_lease_id(raw.get("lease"), f"{where}lease")
+            return BatchOp("put", key, value, prev_index, lease)
         return BatchOp("delete", key, None, prev_index)
+
+
+class _LeasesResource:
+    """POST /leases {"ttl": s}: grant; GET /leases: list (without keys)."""
+
+    _BODY_FIELDS: Final = frozenset({"ttl"})
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        timeout_s, request_id = self._api.timeout_s(req), _request_id(req)
+        if self._api.redirected(req, resp):
+            return
+        body = self._api.read_object(req)
+        _only_fields(body, self._BODY_FIELDS, "")
+        ttl_s = _check_ttl(_required(body, "ttl"))
+        result = self._api.service.lease_grant(ttl_s, request_id=request_id,
+                                               timeout_s=timeout_s)
+        _send(resp, {"id": result.lease_id, "ttl": result.ttl_s, "index": result.index})
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = _int_param(req, "limit", 1, MAX_LIST_LIMIT) or DEFAULT_LIST_LIMIT
+        found = self._api.service.leases(limit, timeout_s=self._api.timeout_s(req))
+        _send(resp, {"leases": [_lease_json(lease, keys=False) for lease in found]})
+
+
+class _LeaseResource:
+    """GET /leases/<id>: the lease with its keys; DELETE: revoke it (its keys are deleted)."""
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, lease_id: str) -> None:
+        lease = self._api.service.lease(_lease_in_path(lease_id),
+                                        timeout_s=self._api.timeout_s(req))
+        _send(resp, _lease_json(lease, keys=True))
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, lease_id: str) -> None:
+        lease = _lease_in_path(lease_id)
+        timeout_s, request_id = self._api.timeout_s(req), _request_id(req)
+        if self._api.redirected(req, resp):
+            return
+        result = self._api.service.lease_revoke(lease, request_id=request_id,
+                                                timeout_s=timeout_s)
+        _send(resp, {"id": result.lease_id, "revoked": True, "index": result.index})
+
+
+class _KeepAliveResource:
+    """POST /leases/<id>/keepalive: restart the lease's TTL (answered by the leader)."""
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, lease_id: str) -> None:
+        lease = _lease_in_path(lease_id)
+        timeout_s = self._api.timeout_s(req)
+        if self._api.redirected(req, resp):
+            return
+        result = self._api.service.lease_keepalive(lease, timeout_s=timeout_s)
+        _send(resp, {"id": result.lease_id, "ttl": result.ttl_s})
 
 
 class _SnapshotResource:
@@ -733,6 +855,9 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     app.add_route("/keys", _KeysResource(api))
     app.add_route("/keys/{key:path}", _KeyResource(api))
     app.add_route("/batch", _BatchResource(api))
+    app.add_route("/leases", _LeasesResource(api))
+    app.add_route("/leases/{lease_id}", _LeaseResource(api))
+    app.add_route("/leases/{lease_id}/keepalive", _KeepAliveResource(api))
     app.add_route("/snapshot", _SnapshotResource(api))
     app.add_route("/status", _StatusResource(api))
     app.add_route("/health", _HealthResource())

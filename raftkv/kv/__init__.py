@@ -1,4 +1,5 @@
-"""The key-value state machine (a dict), its commands, and its snapshots."""
+"""The key-value state machine (a dict and leases), its commands, its snapshots, and the
+leader's lease timers (raftkv.kv.leases)."""
 
 from raftkv.kv.commands import (
     Batch,
@@ -6,10 +7,13 @@ from raftkv.kv.commands import (
     CommandDecodeError,
     Delete,
     JSONValue,
+    LeaseGrant,
+    LeaseRevoke,
     Put,
     decode_command,
     encode_command,
 )
+from raftkv.kv.leases import LeaseExpiry, NotLeaseLeader, min_lease_ttl_s
 from raftkv.kv.state_machine import (
     ApplyResult,
     BatchResult,
@@ -18,6 +22,10 @@ from raftkv.kv.state_machine import (
     InvalidCommand,
     KVSnapshotView,
     KVStateMachine,
+    LeaseGrantResult,
+    LeaseNotFound,
+    LeaseRecord,
+    LeaseRevokeResult,
     PutResult,
     SnapshotCorrupt,
     StateMachineError,
@@ -39,6 +47,14 @@ __all__ = [
     "JSONValue",
     "KVSnapshotView",
     "KVStateMachine",
+    "LeaseExpiry",
+    "LeaseGrant",
+    "LeaseGrantResult",
+    "LeaseNotFound",
+    "LeaseRecord",
+    "LeaseRevoke",
+    "LeaseRevokeResult",
+    "NotLeaseLeader",
     "Put",
     "PutResult",
     "SnapshotCorrupt",
@@ -46,6 +62,7 @@ __all__ = [
     "decode_command",
     "encode_command",
     "iter_snapshot_chunks",
+    "min_lease_ttl_s",
     "parse_snapshot",
     "serialize_snapshot",
 ]

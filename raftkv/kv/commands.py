@@ -1,14 +1,31 @@
 """Key-value commands and their msgpack envelope.
 
 A command is a frozen value validated on construction: `Put`, `Delete`, or a `Batch` of
-them applied atomically at one log index. Each Put/Delete may carry `prev_index`, a
-compare-and-swap condition on the key's last-modified index (0 = the key must be absent).
+them applied atomically at one log index; `LeaseGrant` and `LeaseRevoke`. Each Put/Delete may
+carry `prev_index`, a compare-and-swap condition on the key's last-modified index (0 = the key
+must be absent). A Put may attach its key to a lease (`lease`), or grant a fresh lease of its
+own (`ttl_s`, the shorthand: the lease's id is that entry's index).
 
 On the wire (the data of a log entry) a command travels in a versioned envelope:
 `[ENVELOPE_VERSION, request_id | nil, command]`, with
-`Put = [0, key, value, prev_index | nil]`, `Delete = [1, key, prev_index | nil]` and
-`Batch = [2, [op, ...]]`. `decode_command` accepts exactly that and raises
-`CommandDecodeError` for anything else.
+
+    Put         [0, key, value, prev_index | nil]                       no lease
+                [0, key, value, prev_index | nil, lease | nil, ttl | nil]   lease or ttl set
+    Delete      [1, key, prev_index | nil]
+    Batch       [2, [op, ...]]                   ops: Put (never with ttl) and Delete
+    LeaseGrant  [3, ttl]
+    LeaseRevoke [4, lease_id, expired]
+
+`decode_command` accepts exactly that and raises `CommandDecodeError` for anything else.
+
+Leases came to version 1 of the envelope as new shapes, not as a new version: every entry an
+earlier build wrote decodes exactly as before (a Put without a lease is still written in its
+4-field form, byte for byte), and an earlier build refuses the new shapes (unknown tag or field
+count), so it applies them as an invalid command. A cluster must therefore run this build on
+every node before anyone uses leases.
+
+TTLs are whole seconds in [MIN_LEASE_TTL_S, MAX_LEASE_TTL_S], checked when a command is built
+and when it is decoded (see MIN_LEASE_TTL_S for why that floor).
 """
 
 from __future__ import annotations
@@ -31,9 +48,26 @@ MAX_VALUE_DEPTH = 64
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1  # msgpack's integer range
 
+MAX_LEASE_ID = 2**63 - 1
+"""A lease's id is the index of the entry that granted it."""
+
+MIN_LEASE_TTL_S = 2
+"""The shortest lease. A new leader gives every lease a full TTL and keepalives are confirmed
+by a quorum, so no TTL is unsafe; a short one is merely useless: a client that keeps alive
+every TTL/3 must reach the new leader within about 2/3 of a TTL after a leader dies, and a
+failover takes one to two election timeouts (default 20 ticks of 50 ms: 1 to 2 s). Like etcd
+(minimum 1.5 election timeouts, rounded up to whole seconds: 2 s at its and our default
+timing), the floor is 2 s. A node whose election timeout is longer should refuse TTLs below
+`raftkv.kv.leases.min_lease_ttl_s(election_timeout_s)` before proposing (the replicated floor
+cannot depend on one node's settings)."""
+MAX_LEASE_TTL_S = 9_000_000_000
+"""etcd's maximum (about 285 years): effectively "until revoked", yet a finite deadline."""
+
 _TAG_PUT = 0
 _TAG_DELETE = 1
 _TAG_BATCH = 2
+_TAG_LEASE_GRANT = 3
+_TAG_LEASE_REVOKE = 4
 
 
 class CommandDecodeError(ValueError):
@@ -46,11 +80,22 @@ class Put:
     value: JSONValue
     prev_index: int | None = None
     """Apply only if the key's last-modified index equals this (0: only if absent)."""
+    lease: int | None = None
+    """Attach the key to this existing lease (the put applies nothing if it does not exist).
+    A put without `lease` or `ttl_s` detaches the key from any lease it was attached to."""
+    ttl_s: int | None = None
+    """Grant a fresh lease of this TTL, whose id is this entry's index, and attach the key."""
 
     def __post_init__(self) -> None:
         check_key(self.key)
         check_json_value(self.value)
         _check_prev_index(self.prev_index)
+        if self.lease is not None:
+            check_lease_id(self.lease)
+            if self.ttl_s is not None:
+                raise ValueError("a put carries a lease or a ttl, not both")
+        if self.ttl_s is not None:
+            check_ttl(self.ttl_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +123,38 @@ class Batch:
         for op in self.ops:
             if not isinstance(op, Put | Delete):
                 raise TypeError(f"a batch holds Put and Delete only, got {type(op).__name__}")
+            if isinstance(op, Put) and op.ttl_s is not None:
+                # Each would grant a lease whose id is the entry's index: one id, many leases.
+                raise ValueError("a put in a batch may carry a lease, not a ttl: "
+                                 "grant a lease first")
 
 
-Command: TypeAlias = Put | Delete | Batch
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """Grant a lease of `ttl_s` seconds; its id is the index of this entry."""
+
+    ttl_s: int
+
+    def __post_init__(self) -> None:
+        check_ttl(self.ttl_s)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRevoke:
+    """Revoke a lease and delete every key attached to it, all in this one entry."""
+
+    lease_id: int
+    expired: bool = False
+    """True when the leader proposes it because the lease expired; False for a client's
+    revoke. It changes nothing in the state, only how the revoke is counted and logged."""
+
+    def __post_init__(self) -> None:
+        check_lease_id(self.lease_id)
+        if type(self.expired) is not bool:
+            raise TypeError("expired must be a bool")
+
+
+Command: TypeAlias = Put | Delete | Batch | LeaseGrant | LeaseRevoke
 
 
 def check_key(key: object) -> None:
@@ -92,6 +166,23 @@ def check_key(key: object) -> None:
     size = len(key) if key.isascii() else len(_utf8(key))
     if size > MAX_KEY_BYTES:
         raise ValueError(f"a key must be at most {MAX_KEY_BYTES} bytes, got {size}")
+
+
+def check_ttl(ttl_s: object) -> None:
+    """Raise ValueError/TypeError unless `ttl_s` is an int in [MIN_LEASE_TTL_S,
+    MAX_LEASE_TTL_S]."""
+    if type(ttl_s) is not int:
+        raise TypeError(f"a ttl is a whole number of seconds, got {type(ttl_s).__name__}")
+    if not MIN_LEASE_TTL_S <= ttl_s <= MAX_LEASE_TTL_S:
+        raise ValueError(f"a ttl must be {MIN_LEASE_TTL_S} to {MAX_LEASE_TTL_S} seconds")
+
+
+def check_lease_id(lease_id: object) -> None:
+    """Raise ValueError/TypeError unless `lease_id` is an int in [1, MAX_LEASE_ID]."""
+    if type(lease_id) is not int:
+        raise TypeError(f"a lease id is an integer, got {type(lease_id).__name__}")
+    if not 1 <= lease_id <= MAX_LEASE_ID:
+        raise ValueError(f"a lease id must be in [1, {MAX_LEASE_ID}]")
 
 
 def check_request_id(request_id: object) -> None:
@@ -187,11 +278,17 @@ def decode_command(data: bytes) -> tuple[Command, str | None]:
 
 def _command_to_wire(cmd: Command) -> list[object]:
     if isinstance(cmd, Put):
-        return [_TAG_PUT, cmd.key, cmd.value, cmd.prev_index]
+        if cmd.lease is None and cmd.ttl_s is None:
+            return [_TAG_PUT, cmd.key, cmd.value, cmd.prev_index]
+        return [_TAG_PUT, cmd.key, cmd.value, cmd.prev_index, cmd.lease, cmd.ttl_s]
     if isinstance(cmd, Delete):
         return [_TAG_DELETE, cmd.key, cmd.prev_index]
     if isinstance(cmd, Batch):
         return [_TAG_BATCH, [_command_to_wire(op) for op in cmd.ops]]
+    if isinstance(cmd, LeaseGrant):
+        return [_TAG_LEASE_GRANT, cmd.ttl_s]
+    if isinstance(cmd, LeaseRevoke):
+        return [_TAG_LEASE_REVOKE, cmd.lease_id, cmd.expired]
     raise TypeError(f"not a command: {type(cmd).__name__}")
 
 
@@ -201,6 +298,11 @@ def _command_from_wire(wire: object) -> Command:
         if type(ops) is not list:
             raise ValueError("batch operations are an array")
         return Batch(tuple(_op_from_wire(op) for op in ops))
+    if type(wire) is list and wire and type(wire[0]) is int:
+        if wire[0] == _TAG_LEASE_GRANT and len(wire) == 2:
+            return LeaseGrant(wire[1])
+        if wire[0] == _TAG_LEASE_REVOKE and len(wire) == 3:
+            return LeaseRevoke(wire[1], wire[2])
     return _op_from_wire(wire)
 
 
@@ -212,6 +314,10 @@ def _op_from_wire(wire: object) -> Put | Delete:
         raise ValueError("a command tag is an integer")
     if tag == _TAG_PUT and len(wire) == 4:
         return Put(wire[1], wire[2], wire[3])
+    if tag == _TAG_PUT and len(wire) == 6:
+        if wire[4] is None and wire[5] is None:
+            raise ValueError("a 6-field put carries a lease or a ttl")  # one encoding each
+        return Put(wire[1], wire[2], wire[3], wire[4], wire[5])
     if tag == _TAG_DELETE and len(wire) == 3:
         return Delete(wire[1], wire[2])
     raise ValueError(f"unknown operation tag {tag} with {len(wire)} fields")

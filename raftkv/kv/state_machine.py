@@ -1,4 +1,4 @@
-"""The key-value state machine: a dict of key -> (value, last-modified index).
+"""The key-value state machine: a dict of key -> (value, last-modified index), and leases.
 
 `KVStateMachine` implements `raftkv.ports.StateMachine`. It applies committed entries in
 order and returns a typed result for the waiting client. Retries are idempotent: the
@@ -11,9 +11,24 @@ cheap consistent copy on the caller's (loop) thread, and the pure functions
 `iter_snapshot_chunks(view)` / `serialize_snapshot(view)` turn it into bytes on any thread.
 The bytes are a stream of msgpack objects: a header, then the data in segments of at most
 SEGMENT_KEYS keys (three columns: keys, values, last-modified indices), then the remembered
-answers in segments; each segment is packed by one C call, so a background serialiser gives
-the GIL back between segments. `parse_snapshot`
+answers in segments, then (version 2) the leases in segments (two columns: ids, TTLs) and the
+attached keys in segments (two columns: keys, lease ids); each segment is packed by one C call,
+so a background serialiser gives the GIL back between segments. `parse_snapshot`
 (pure, too) and `restore_view` are the reverse; `restore(data, index)` does both.
+
+Leases are replicated state too: lease id -> TTL (whole seconds), and key -> the lease it is
+attached to. A lease's id is the index of the entry that granted it (a `LeaseGrant`, or a
+`Put` with `ttl_s`), so ids are unique and the same on every replica, with no randomness. A
+`LeaseRevoke` deletes every key attached to the lease in that one entry; its result lists them
+(sorted), for the watch registry. Nothing here knows about time: when a lease expires is the
+leader's decision (raftkv.kv.leases.LeaseExpiry), carried out as a proposed LeaseRevoke
+(`expired=True`), so every replica deletes the same keys at the same index.
+
+Attachment rules (as in etcd): a Put with `lease` attaches its key to that lease (moving it from
+any other), a Put with `ttl_s` to the fresh lease it grants, a Put with neither detaches it; a
+Delete detaches it. A Put or Batch that names a lease that does not exist applies nothing and
+returns `LeaseNotFound`; conditions are checked first, operation by operation, so a command
+that fails both ways reports whichever failure its first failing operation has.
 
 Values are shared, not copied: treat values returned by `get`, `items` and the results as
 read-only.
@@ -30,19 +45,22 @@ import operator
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from raftkv.core.types import ConfChange, ConfChangeOp, Entry, EntryKind, NodeId
 from raftkv.kv.commands import (
+    MAX_LEASE_TTL_S,
     Batch,
     Command,
     CommandDecodeError,
     Delete,
     JSONValue,
+    LeaseGrant,
+    LeaseRevoke,
     Put,
     decode_command,
 )
@@ -50,12 +68,15 @@ from raftkv.kv.commands import (
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = "raftkv.kv"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+"""Version 2 added leases; version 1 snapshots (no leases) are still read."""
+_SNAPSHOT_VERSIONS = (1, 2)
 SEGMENT_KEYS = 8192
 SEGMENT_REQUESTS = 8192
 DEFAULT_MAX_REQUEST_IDS = 100_000
 MAX_ITEMS_LIMIT = 100_000
 _READ_SIZE_BYTES = 1024 * 1024
+_K = TypeVar("_K", int, str)
 
 
 # ------------------------------------------------------------------------------ results
@@ -63,6 +84,10 @@ _READ_SIZE_BYTES = 1024 * 1024
 class PutResult:
     index: int
     value: JSONValue
+    lease: int | None = None
+    """The lease the key is attached to now; None: none."""
+    ttl_s: int | None = None
+    """Set when this put granted its own lease (`Put.ttl_s`): its TTL; its id is `index`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +114,45 @@ class ConditionFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseGrantResult:
+    index: int
+    lease_id: int
+    """Always equal to `index`: a lease's id is the index of the entry that granted it."""
+    ttl_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRevokeResult:
+    index: int
+    lease_id: int
+    keys: tuple[str, ...]
+    """The keys this entry deleted, sorted. Empty in a replayed answer (a retry with the
+    same request id): the first apply deleted them."""
+    expired: bool
+    """The leader revoked it because it expired (else a client revoked it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseNotFound:
+    """The command names a lease that does not exist (never granted, revoked, or expired);
+    nothing of the command was applied."""
+
+    index: int
+    lease_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """One lease as read from the state machine (see KVStateMachine.lease)."""
+
+    lease_id: int
+    ttl_s: int
+    keys: tuple[str, ...]
+    """Attached keys, sorted; at most the limit asked for (all of them: `key_count`)."""
+    key_count: int
+
+
+@dataclass(frozen=True, slots=True)
 class InvalidCommand:
     """The entry's data is not a command this version understands; nothing was applied."""
 
@@ -96,7 +160,12 @@ class InvalidCommand:
     reason: str
 
 
-ApplyResult: TypeAlias = PutResult | DeleteResult | BatchResult | ConditionFailed | InvalidCommand
+CommandResult: TypeAlias = (
+    PutResult | DeleteResult | BatchResult | ConditionFailed | LeaseGrantResult
+    | LeaseRevokeResult | LeaseNotFound
+)
+"""What a decoded command returns (ApplyResult without InvalidCommand)."""
+ApplyResult: TypeAlias = CommandResult | InvalidCommand
 Record: TypeAlias = tuple[JSONValue, int]
 """(value, last-modified index)"""
 
@@ -113,12 +182,13 @@ class RememberedAnswer:
     fingerprint: bytes
     index: int
     kind: int
-    """_PUT, _DELETE, _BATCH or _FAILED."""
+    """_PUT, _DELETE, _BATCH, _FAILED, _GRANT, _REVOKE or _NO_LEASE."""
     flags: tuple[bool | None, ...] = ()
     """Per operation: None for a put, the `deleted` flag for a delete."""
     key: str = ""
-    """For a failed condition: the key and its last-modified index."""
+    """For a failed condition: the key and its last-modified index (`current_index`)."""
     current_index: int = 0
+    """For a failed condition: the key's last-modified index; for a missing lease: its id."""
 
 
 class StateMachineError(Exception):
@@ -139,6 +209,10 @@ class KVSnapshotView:
     requests: dict[str, RememberedAnswer]
     """Remembered answers by request id, oldest first."""
     addresses: dict[NodeId, str]
+    leases: dict[int, int] = field(default_factory=dict)
+    """Lease id -> TTL in seconds."""
+    key_leases: dict[str, int] = field(default_factory=dict)
+    """Key -> the lease it is attached to (only attached keys)."""
 
 
 # ------------------------------------------------------------------------------ the machine
@@ -157,6 +231,10 @@ class KVStateMachine:
         self._request_order: deque[str] = deque()
         self._addresses: dict[NodeId, str] = {}
         self._key_order = _KeyOrder()
+        self._lease_ttls: dict[int, int] = {}
+        self._key_leases: dict[str, int] = {}
+        self._lease_keys: dict[int, set[str]] = {}
+        """Lease id -> its attached keys: the inverse of _key_leases, one entry per lease."""
 
     # StateMachine
     @property
@@ -230,6 +308,8 @@ class KVStateMachine:
             data=self._data.copy(),
             requests=self._requests.copy(),
             addresses=self._addresses.copy(),
+            leases=self._lease_ttls.copy(),
+            key_leases=self._key_leases.copy(),
         )
 
     def restore_view(self, view: KVSnapshotView, index: int) -> None:
@@ -244,11 +324,17 @@ class KVStateMachine:
         self._requests = dict(requests)
         self._request_order = deque(self._requests)
         self._addresses = view.addresses.copy()
+        self._lease_ttls = view.leases.copy()
+        self._key_leases = view.key_leases.copy()
+        self._lease_keys = {lease_id: set() for lease_id in self._lease_ttls}
+        for key, lease_id in self._key_leases.items():
+            self._lease_keys[lease_id].add(key)
         self._applied_index = view.applied_index
         self._key_order.clear()
         logger.info(
-            "event=kv_restored index=%d keys=%d request_ids=%d members=%d",
+            "event=kv_restored index=%d keys=%d request_ids=%d members=%d leases=%d",
             index, len(self._data), len(self._requests), len(self._addresses),
+            len(self._lease_ttls),
         )
 
     # Reads
@@ -280,6 +366,34 @@ class KVStateMachine:
     def max_request_ids(self) -> int:
         return self._max_request_ids
 
+    # Leases
+    def lease_of(self, key: str) -> int | None:
+        """The lease `key` is attached to, or None."""
+        return self._key_leases.get(key)
+
+    def lease(self, lease_id: int, keys_limit: int = MAX_ITEMS_LIMIT) -> LeaseRecord | None:
+        """The lease `lease_id` with up to `keys_limit` of its keys (sorted), or None."""
+        ttl_s = self._lease_ttls.get(lease_id)
+        if ttl_s is None:
+            return None
+        keys = self._lease_keys[lease_id]
+        shown = heapq.nsmallest(keys_limit, keys) if keys_limit < len(keys) else sorted(keys)
+        return LeaseRecord(lease_id, ttl_s, tuple(shown), len(keys))
+
+    def leases(self, limit: int = 1000) -> list[LeaseRecord]:
+        """Up to `limit` leases in id order, without their keys (`key_count` says how many)."""
+        if type(limit) is not int or not 1 <= limit <= MAX_ITEMS_LIMIT:
+            raise ValueError(f"limit must be an int in [1, {MAX_ITEMS_LIMIT}]")
+        return [LeaseRecord(lease_id, self._lease_ttls[lease_id], (),
+                            len(self._lease_keys[lease_id]))
+                for lease_id in heapq.nsmallest(limit, self._lease_ttls)]
+
+    @property
+    def lease_ttls(self) -> Mapping[int, int]:
+        """Lease id -> TTL of every lease (read-only): what a new leader's
+        LeaseExpiry.became_leader needs."""
+        return MappingProxyType(self._lease_ttls)
+
     # Internals
     def _apply_change(self, change: ConfChange, index: int) -> None:
         if change.op is ConfChangeOp.REMOVE:
@@ -291,18 +405,22 @@ class KVStateMachine:
             index, change.op.name.lower(), change.node_id,
         )
 
-    def _execute(
-        self, cmd: Command, index: int
-    ) -> PutResult | DeleteResult | BatchResult | ConditionFailed:
+    def _execute(self, cmd: Command, index: int) -> CommandResult:
         data = self._data
         if isinstance(cmd, Put):
             current = data.get(cmd.key)
             if cmd.prev_index is not None and cmd.prev_index != _mod_index(current):
                 return ConditionFailed(index, cmd.key, _mod_index(current))
+            lease = cmd.lease
+            if lease is not None and lease not in self._lease_ttls:
+                return LeaseNotFound(index, lease)
+            if cmd.ttl_s is not None:
+                lease = self._grant(index, cmd.ttl_s)
             data[cmd.key] = (cmd.value, index)
             if current is None:
                 self._key_order.inserted(cmd.key)
-            return PutResult(index, cmd.value)
+            self._attach(cmd.key, lease)
+            return PutResult(index, cmd.value, lease, cmd.ttl_s)
         if isinstance(cmd, Delete):
             current = data.get(cmd.key)
             if cmd.prev_index is not None and cmd.prev_index != _mod_index(current):
@@ -311,46 +429,98 @@ class KVStateMachine:
                 return DeleteResult(index, deleted=False)
             del data[cmd.key]
             self._key_order.removed(cmd.key)
+            self._attach(cmd.key, None)
             return DeleteResult(index, deleted=True)
-        return self._execute_batch(cmd, index)
+        if isinstance(cmd, Batch):
+            return self._execute_batch(cmd, index)
+        if isinstance(cmd, LeaseGrant):
+            return LeaseGrantResult(index, self._grant(index, cmd.ttl_s), cmd.ttl_s)
+        return self._revoke(cmd, index)
 
-    def _execute_batch(self, batch: Batch, index: int) -> BatchResult | ConditionFailed:
+    def _execute_batch(
+        self, batch: Batch, index: int
+    ) -> BatchResult | ConditionFailed | LeaseNotFound:
         """Check and stage every operation in order, then commit all of them or none.
 
         A condition sees the effect of the batch's earlier operations: after a Put of `k`
         in the same batch, `k`'s last-modified index is this entry's index.
         """
-        staged: dict[str, Record | None] = {}
+        staged: dict[str, tuple[Record, int | None] | None] = {}
         results: list[PutResult | DeleteResult] = []
+        leases = self._lease_ttls
         for op in batch.ops:
-            current = staged[op.key] if op.key in staged else self._data.get(op.key)
+            if op.key in staged:
+                was = staged[op.key]
+                current = None if was is None else was[0]
+            else:
+                current = self._data.get(op.key)
             if op.prev_index is not None and op.prev_index != _mod_index(current):
                 return ConditionFailed(index, op.key, _mod_index(current))
             if isinstance(op, Put):
-                staged[op.key] = (op.value, index)
-                results.append(PutResult(index, op.value))
+                if op.lease is not None and op.lease not in leases:
+                    return LeaseNotFound(index, op.lease)
+                staged[op.key] = ((op.value, index), op.lease)
+                results.append(PutResult(index, op.value, op.lease))
             else:
                 staged[op.key] = None
                 results.append(DeleteResult(index, deleted=current is not None))
         data = self._data
-        for key, record in staged.items():
+        for key, change in staged.items():
             existed = key in data
-            if record is None:
+            if change is None:
                 if existed:
                     del data[key]
                     self._key_order.removed(key)
+                    self._attach(key, None)
             else:
-                data[key] = record
+                data[key] = change[0]
                 if not existed:
                     self._key_order.inserted(key)
+                self._attach(key, change[1])
         return BatchResult(index, tuple(results))
+
+    def _grant(self, index: int, ttl_s: int) -> int:
+        """Grant the lease whose id is `index`; returns the id."""
+        self._lease_ttls[index] = ttl_s
+        self._lease_keys[index] = set()
+        logger.debug("event=kv_lease_granted index=%d lease=%d ttl_s=%d", index, index, ttl_s)
+        return index
+
+    def _revoke(self, cmd: LeaseRevoke, index: int) -> LeaseRevokeResult | LeaseNotFound:
+        lease_id = cmd.lease_id
+        if self._lease_ttls.pop(lease_id, None) is None:
+            return LeaseNotFound(index, lease_id)
+        keys = sorted(self._lease_keys.pop(lease_id))
+        data, key_leases, key_order = self._data, self._key_leases, self._key_order
+        for key in keys:
+            del data[key]
+            del key_leases[key]
+            key_order.removed(key)
+        logger.debug("event=kv_lease_revoked index=%d lease=%d keys=%d expired=%s",
+                     index, lease_id, len(keys), cmd.expired)
+        return LeaseRevokeResult(index, lease_id, tuple(keys), cmd.expired)
+
+    def _attach(self, key: str, lease: int | None) -> None:
+        """Attach `key` (which exists, unless lease is None) to `lease`; None detaches."""
+        key_leases = self._key_leases
+        old = key_leases.get(key)
+        if old == lease:
+            return
+        if old is not None:
+            self._lease_keys[old].discard(key)
+        if lease is None:
+            del key_leases[key]
+        else:
+            key_leases[key] = lease
+            self._lease_keys[lease].add(key)
 
 
 def _mod_index(record: Record | None) -> int:
     return 0 if record is None else record[1]
 
 
-_PUT, _DELETE, _BATCH, _FAILED = 0, 1, 2, 3
+_PUT, _DELETE, _BATCH, _FAILED, _GRANT, _REVOKE, _NO_LEASE = 0, 1, 2, 3, 4, 5, 6
+_KINDS = frozenset((_PUT, _DELETE, _BATCH, _FAILED, _GRANT, _REVOKE, _NO_LEASE))
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 _ANSWER_FIELDS = tuple(
     operator.attrgetter(name)
@@ -363,9 +533,8 @@ def _fingerprint(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
 
-def _remember(
-    fingerprint: bytes, result: PutResult | DeleteResult | BatchResult | ConditionFailed
-) -> RememberedAnswer:
+def _remember(fingerprint: bytes, result: CommandResult) -> RememberedAnswer:
+    """What to keep of a first answer: the rest comes from the retried command itself."""
     if isinstance(result, PutResult):
         return RememberedAnswer(fingerprint, result.index, _PUT, _FLAGS[None])
     if isinstance(result, DeleteResult):
@@ -373,6 +542,13 @@ def _remember(
     if isinstance(result, BatchResult):
         flags = tuple(r.deleted if isinstance(r, DeleteResult) else None for r in result.results)
         return RememberedAnswer(fingerprint, result.index, _BATCH, flags)
+    if isinstance(result, LeaseGrantResult):
+        return RememberedAnswer(fingerprint, result.index, _GRANT)
+    if isinstance(result, LeaseRevokeResult):
+        return RememberedAnswer(fingerprint, result.index, _REVOKE)
+    if isinstance(result, LeaseNotFound):
+        return RememberedAnswer(fingerprint, result.index, _NO_LEASE,
+                                current_index=result.lease_id)
     return RememberedAnswer(
         fingerprint, result.index, _FAILED, key=result.key, current_index=result.current_index
     )
@@ -383,15 +559,22 @@ def _replay(known: RememberedAnswer, cmd: Command) -> ApplyResult | None:
     index = known.index
     if known.kind == _FAILED:
         return ConditionFailed(index, known.key, known.current_index)
+    if known.kind == _NO_LEASE:
+        return LeaseNotFound(index, known.current_index)
     if known.kind == _PUT and isinstance(cmd, Put):
-        return PutResult(index, cmd.value)
+        lease = index if cmd.ttl_s is not None else cmd.lease
+        return PutResult(index, cmd.value, lease, cmd.ttl_s)
+    if known.kind == _GRANT and isinstance(cmd, LeaseGrant):
+        return LeaseGrantResult(index, index, cmd.ttl_s)
+    if known.kind == _REVOKE and isinstance(cmd, LeaseRevoke):
+        return LeaseRevokeResult(index, cmd.lease_id, (), cmd.expired)
     if known.kind == _DELETE and isinstance(cmd, Delete) and known.flags[0] is not None:
         return DeleteResult(index, known.flags[0])
     if known.kind == _BATCH and isinstance(cmd, Batch) and len(cmd.ops) == len(known.flags):
         results: list[PutResult | DeleteResult] = []
         for op, flag in zip(cmd.ops, known.flags, strict=True):
             if isinstance(op, Put) and flag is None:
-                results.append(PutResult(index, op.value))
+                results.append(PutResult(index, op.value, op.lease))
             elif isinstance(op, Delete) and flag is not None:
                 results.append(DeleteResult(index, flag))
             else:
@@ -488,6 +671,8 @@ def iter_snapshot_chunks(view: KVSnapshotView) -> Iterator[bytes]:
             "keys": len(view.data),
             "requests": len(view.requests),
             "addresses": view.addresses,
+            "leases": len(view.leases),
+            "attached": len(view.key_leases),
         }
     )
     # Columns, built with map() over existing objects: no container per key, so the
@@ -505,6 +690,14 @@ def iter_snapshot_chunks(view: KVSnapshotView) -> Iterator[bytes]:
         yield packer.pack(
             [segment_ids, *(list(map(get, segment_answers)) for get in _ANSWER_FIELDS)]
         )
+    yield from _pairs_in_segments(packer, view.leases)
+    yield from _pairs_in_segments(packer, view.key_leases)
+
+
+def _pairs_in_segments(packer: msgpack.Packer, pairs: Mapping[_K, int]) -> Iterator[bytes]:
+    firsts, seconds = iter(pairs.keys()), iter(pairs.values())
+    while segment := list(itertools.islice(firsts, SEGMENT_KEYS)):
+        yield packer.pack((segment, list(itertools.islice(seconds, SEGMENT_KEYS))))
 
 
 def serialize_snapshot(view: KVSnapshotView) -> bytes:
@@ -536,16 +729,19 @@ def _parse(unpacker: msgpack.Unpacker) -> KVSnapshotView:
     header = next(unpacker)
     if type(header) is not dict or header.get("format") != SNAPSHOT_FORMAT:
         raise SnapshotCorrupt("not a key-value snapshot (no format header)")
-    if header.get("v") != SNAPSHOT_VERSION:
+    version = header.get("v")
+    if version not in _SNAPSHOT_VERSIONS or type(version) is not int:
         raise SnapshotCorrupt(
-            f"key-value snapshot version {header.get('v')!r} is not supported "
-            f"(this build reads version {SNAPSHOT_VERSION})"
+            f"key-value snapshot version {version!r} is not supported "
+            f"(this build reads versions {', '.join(map(str, _SNAPSHOT_VERSIONS))})"
         )
     applied_index, n_keys, n_requests = (
         header["applied_index"], header["keys"], header["requests"]
     )
+    n_leases, n_attached = (header["leases"], header["attached"]) if version >= 2 else (0, 0)
     addresses = header["addresses"]
-    if not all(type(v) is int and v >= 0 for v in (applied_index, n_keys, n_requests)):
+    if not all(type(v) is int and v >= 0
+               for v in (applied_index, n_keys, n_requests, n_leases, n_attached)):
         raise SnapshotCorrupt("key-value snapshot header has bad counts")
     if type(addresses) is not dict or not all(
         type(k) is str and type(v) is str for k, v in addresses.items()
@@ -588,11 +784,42 @@ def _parse(unpacker: msgpack.Unpacker) -> KVSnapshotView:
             requests[request_id] = _answer_from_wire(fields, applied_index)
     if len(requests) != n_requests:
         raise SnapshotCorrupt("key-value snapshot has more or repeated request ids")
+
+    leases = _parse_pairs(unpacker, n_leases, int, "lease")
+    if any(not 0 < lease_id <= applied_index or not 0 < ttl_s <= MAX_LEASE_TTL_S
+           for lease_id, ttl_s in leases.items()):
+        raise SnapshotCorrupt("key-value snapshot has a bad lease")
+    key_leases = _parse_pairs(unpacker, n_attached, str, "attached key")
+    if any(key not in data or lease_id not in leases for key, lease_id in key_leases.items()):
+        raise SnapshotCorrupt("key-value snapshot attaches a key or a lease it does not hold")
     try:
         unpacker.unpack()
     except msgpack.OutOfData:
-        return KVSnapshotView(applied_index, data, requests, addresses)
+        return KVSnapshotView(applied_index, data, requests, addresses, leases, key_leases)
     raise SnapshotCorrupt("key-value snapshot has trailing data")
+
+
+def _parse_pairs(
+    unpacker: msgpack.Unpacker, count: int, first_type: type[_K], what: str
+) -> dict[_K, int]:
+    """`count` (first, int) pairs in segments of two columns, the firsts unique."""
+    pairs: dict[_K, int] = {}
+    while len(pairs) < count:
+        segment = next(unpacker)
+        if not (
+            type(segment) is list
+            and len(segment) == 2
+            and type(segment[0]) is list
+            and type(segment[1]) is list
+            and 0 < len(segment[0]) == len(segment[1])
+            and set(map(type, segment[0])) == {first_type}
+            and set(map(type, segment[1])) == {int}
+        ):
+            raise SnapshotCorrupt(f"key-value snapshot has a bad {what} segment")
+        pairs.update(zip(segment[0], segment[1], strict=True))
+    if len(pairs) != count:
+        raise SnapshotCorrupt(f"key-value snapshot has more or repeated {what}s")
+    return pairs
 
 
 def _answer_from_wire(wire: list[object], applied_index: int) -> RememberedAnswer:
@@ -601,7 +828,7 @@ def _answer_from_wire(wire: list[object], applied_index: int) -> RememberedAnswe
         type(fingerprint) is bytes
         and type(index) is int
         and 0 < index <= applied_index
-        and kind in (_PUT, _DELETE, _BATCH, _FAILED)
+        and kind in _KINDS
         and type(kind) is int
         and type(flags) is list
         and all(f is None or type(f) is bool for f in flags)

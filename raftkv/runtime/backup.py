@@ -16,11 +16,13 @@ whose state is the backup's. The node then boots as if it had installed that sna
 leader:
 
 - the snapshot store holds one snapshot at index S = the backup's index (1 if that is 0), term
-  1, membership voters = {node}. Its data is the backup's, with the same last-modified indices
-  and remembered request ids, and an address book of only {node: raft address}. S is the
-  backup's index, not 1, because the keys keep their last-modified indices (what `prev_index`
-  conditions and watches compare): all are <= the backup's index, and every new write must get
-  a higher one;
+  1, membership voters = {node}. Its data is the backup's, with the same last-modified indices,
+  remembered request ids and leases (ids, TTLs and attached keys), and an address book of only
+  {node: raft address}. S is the backup's index, not 1, because the keys keep their
+  last-modified indices (what `prev_index` conditions and watches compare) and the leases their
+  ids (the indices that granted them): all are <= the backup's index, and every new write or
+  lease must get a higher one. The leases' timers start again when the node first leads: each
+  gets a full TTL from then (raftkv.kv.leases);
 - the Raft store has an empty log (the next entry is S + 1), hard state term 1, no vote,
   commit S, and the identity (node, a new random cluster id);
 - no log entry is needed: the membership comes from the snapshot, as after an install.
@@ -224,7 +226,8 @@ def restore(backup_path: str | os.PathLike[str], data_dir: str | os.PathLike[str
         raise BackupError(f"{backup_path}: its header says index {header.index}, its snapshot "
                           f"{view.applied_index}")
     index = max(view.applied_index, 1)
-    seeded = KVSnapshotView(index, view.data, view.requests, {node_id: raft_address})
+    seeded = KVSnapshotView(index, view.data, view.requests, {node_id: raft_address},
+                            view.leases, view.key_leases)
     meta = SnapshotMeta(index, RESTORED_TERM, Membership(frozenset({node_id})))
     cluster_id = secrets.token_hex(8)
 

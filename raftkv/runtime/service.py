@@ -38,6 +38,10 @@ from raftkv.service import (
     InvalidRequestError,
     KeyNotFoundError,
     KeyValue,
+    LeaseGrantResult,
+    LeaseInfo,
+    LeaseKeepAliveResult,
+    LeaseRevokeResult,
     Member,
     MembershipChangeError,
     NodeStatus,
@@ -175,7 +179,10 @@ class NodeService:
 
     # ------------------------------------------------------------------ writes
     def put(self, key: str, value: object, *, prev_index: int | None = None,
+            lease: int | None = None, ttl_s: int | None = None,
             request_id: str | None = None, timeout_s: float) -> WriteResult:
+        if lease is not None or ttl_s is not None:
+            raise _no_leases()
         cmd = _command(lambda: Put(key, value, prev_index))  # type: ignore[arg-type]
         result = self._write(cmd, request_id, timeout_s)
         if isinstance(result, PutResult):
@@ -192,6 +199,9 @@ class NodeService:
 
     def batch(self, ops: list[BatchOp], *, request_id: str | None = None,
               timeout_s: float) -> BatchResult:
+        if any(op.lease is not None for op in ops):
+            raise _no_leases()
+
         def build() -> Command:
             return Batch(tuple(
                 Put(op.key, op.value, op.prev_index) if op.op == "put"  # type: ignore[arg-type]
@@ -233,6 +243,25 @@ class NodeService:
                 err.leader = self.leader_http_address()
             raise err
         return w.result
+
+    # ------------------------------------------------------------------ leases
+    # Not served by this runtime: the multi-process runtime wires raftkv.kv.leases in.
+    def lease_grant(self, ttl_s: int, *, request_id: str | None = None,
+                    timeout_s: float) -> LeaseGrantResult:
+        raise _no_leases()
+
+    def lease_revoke(self, lease_id: int, *, request_id: str | None = None,
+                     timeout_s: float) -> LeaseRevokeResult:
+        raise _no_leases()
+
+    def lease_keepalive(self, lease_id: int, *, timeout_s: float) -> LeaseKeepAliveResult:
+        raise _no_leases()
+
+    def lease(self, lease_id: int, *, timeout_s: float) -> LeaseInfo:
+        raise _no_leases()
+
+    def leases(self, limit: int, *, timeout_s: float) -> list[LeaseInfo]:
+        raise _no_leases()
 
     # ------------------------------------------------------------------ cluster
     def is_leader(self) -> bool:
@@ -374,6 +403,10 @@ class _BackupStream:
         if self._chunks is not None:
             self._chunks = None  # drops the view
             self._slots.release()
+
+
+def _no_leases() -> InvalidRequestError:
+    return InvalidRequestError("leases are not served by this node's runtime yet")
 
 
 def _command(build: Callable[[], Command]) -> Command:

@@ -8,7 +8,9 @@ the watch's Waiter (thread-safe) with its own deadline and, when it runs out, en
 the loop thread (`WatchRegistry.end`) to read the key's state at that moment.
 
 Cost when nobody watches: `wants()` per applied entry is a type check and a truthiness test;
-only an entry that deleted keys is decoded (to remember those deletes, below).
+only an entry that deleted keys is decoded (to remember those deletes, below). A lease revoke
+(expired or revoked by a client) is a delete like any other: its result lists the keys it
+deleted, so it wakes their watches and leaves tombstones without being decoded.
 
 What "changed after index n" means, with no history kept:
 
@@ -30,8 +32,14 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Final
 
-from raftkv.kv.commands import Batch, CommandDecodeError, Put, decode_command
-from raftkv.kv.state_machine import BatchResult, DeleteResult, PutResult, Record
+from raftkv.kv.commands import Batch, CommandDecodeError, Delete, Put, decode_command
+from raftkv.kv.state_machine import (
+    BatchResult,
+    DeleteResult,
+    LeaseRevokeResult,
+    PutResult,
+    Record,
+)
 from raftkv.runtime.waiter import Waiter
 
 __all__ = ["DEFAULT_MAX_TOMBSTONES", "KeyState", "Watch", "WatchRegistry"]
@@ -166,18 +174,25 @@ class WatchRegistry:
         if isinstance(result, BatchResult):
             return result.index == index and (bool(self._watches) or any(
                 isinstance(r, DeleteResult) and r.deleted for r in result.results))
-        return False  # a failed condition, an invalid command, a no-op, a membership change
+        if isinstance(result, LeaseRevokeResult):
+            return bool(result.keys) and result.index == index
+        # A failed condition, a missing lease, an invalid command, a lease grant, a no-op, a
+        # membership change: no key changed.
+        return False
 
     def applied(self, index: int, data: bytes, result: object, lookup: Lookup) -> None:
         """The command in `data` was applied at `index` with `result` (for which wants() was
         True) and `lookup` reads the state right after it: remember its deletes and wake the
         watches of the keys it changed."""
+        changed: Collection[str]
+        deleted: Collection[str]
+        if isinstance(result, LeaseRevokeResult):
+            self._changed(result.keys, frozenset(result.keys), index, lookup)
+            return
         try:
             cmd, _ = decode_command(data)
         except CommandDecodeError:
             return  # the state machine applied it, so it decoded there; nothing to do
-        changed: Collection[str]
-        deleted: Collection[str]
         if isinstance(cmd, Batch):
             if not isinstance(result, BatchResult):
                 return
@@ -185,9 +200,16 @@ class WatchRegistry:
             deleted = {op.key for op, r in ops if isinstance(r, DeleteResult) and r.deleted}
             changed = dict.fromkeys(op.key for op, r in ops
                                     if isinstance(op, Put) or op.key in deleted)
-        else:
+        elif isinstance(cmd, Put | Delete):
             changed = (cmd.key,)
             deleted = () if isinstance(cmd, Put) else changed
+        else:
+            return  # a lease grant or revoke changes keys only through its result (above)
+        self._changed(changed, deleted, index, lookup)
+
+    def _changed(self, changed: Collection[str], deleted: Collection[str], index: int,
+                 lookup: Lookup) -> None:
+        """Remember the deletes among `changed` and wake the watches of its keys."""
         watches = self._watches
         for key in changed:
             if key not in watches and key not in deleted:

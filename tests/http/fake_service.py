@@ -20,6 +20,11 @@ from raftkv.service import (
     DeleteResult,
     KeyNotFoundError,
     KeyValue,
+    LeaseGrantResult,
+    LeaseInfo,
+    LeaseKeepAliveResult,
+    LeaseNotFoundError,
+    LeaseRevokeResult,
     Member,
     MembershipChangeError,
     NodeStatus,
@@ -40,6 +45,8 @@ class Call:
     consistency: Consistency | None = None
     prev_index: int | None = None
     after_index: int | None = None
+    lease: int | None = None
+    ttl_s: int | None = None
 
 
 class FakeService:
@@ -47,7 +54,9 @@ class FakeService:
     - `fail_next`: exceptions raised by the next operations, first in first out;
     - `fail_with`: an exception raised by every operation while set;
     - `leader`, `leader_address`: what is_leader() and leader_http_address() answer;
-    - `ready`: what readiness() answers.
+    - `ready`: what readiness() answers;
+    - `remaining_s`: what every lease reports as its remaining time; `expire(id)` ends a lease
+      as the leader would (its keys deleted).
     """
 
     def __init__(self, *, node_id: str = "n1", leader: bool = True,
@@ -64,6 +73,9 @@ class FakeService:
         self._index = 0
         self._done: dict[str, object] = {}
         self._members = [Member(node_id, "127.0.0.1:7001", leader_address, True, leader)]
+        self._leases: dict[int, int] = {}  # lease id -> ttl
+        self._key_leases: dict[str, int] = {}
+        self.remaining_s = 1.5
 
     # ------------------------------------------------------------------ helpers
     def _enter(self, call: Call) -> None:
@@ -76,6 +88,24 @@ class FakeService:
     def calls_of(self, op: str) -> list[Call]:
         with self._lock:
             return [c for c in self.calls if c.op == op]
+
+    def _check_lease(self, lease: int | None) -> None:
+        if lease is not None and lease not in self._leases:
+            raise LeaseNotFoundError(f"lease {lease} not found", lease_id=lease)
+
+    def _attach(self, key: str, lease: int | None) -> None:
+        if lease is None:
+            self._key_leases.pop(key, None)
+        else:
+            self._key_leases[key] = lease
+
+    def expire(self, lease_id: int) -> None:
+        """The lease expires: it and its keys are gone (at a new index)."""
+        with self._lock:
+            del self._leases[lease_id]
+            self._index += 1
+            for key in [k for k, lease in self._key_leases.items() if lease == lease_id]:
+                del self._key_leases[key], self._data[key]
 
     def _check(self, key: str, prev_index: int | None) -> None:
         if prev_index is None:
@@ -92,7 +122,7 @@ class FakeService:
             if key not in self._data:
                 raise KeyNotFoundError(f"no key {key!r}")
             value, index = self._data[key]
-            return ReadResult(value, index)
+            return ReadResult(value, index, self._key_leases.get(key))
 
     def list_keys(self, prefix: str, limit: int, consistency: Consistency,
                   timeout_s: float) -> list[KeyValue]:
@@ -102,17 +132,24 @@ class FakeService:
             return [KeyValue(k, *self._data[k]) for k in keys]
 
     def put(self, key: str, value: object, *, prev_index: int | None = None,
+            lease: int | None = None, ttl_s: int | None = None,
             request_id: str | None = None, timeout_s: float) -> WriteResult:
         with self._lock:
-            self._enter(Call("put", key, request_id, timeout_s, prev_index=prev_index))
+            self._enter(Call("put", key, request_id, timeout_s, prev_index=prev_index,
+                             lease=lease, ttl_s=ttl_s))
             if request_id is not None and request_id in self._done:
                 done = self._done[request_id]
                 assert isinstance(done, WriteResult)
                 return done
             self._check(key, prev_index)
+            self._check_lease(lease)
             self._index += 1
+            if ttl_s is not None:
+                self._leases[self._index] = ttl_s
+                lease = self._index
             self._data[key] = (value, self._index)
-            result = WriteResult(value, self._index)
+            self._attach(key, lease)
+            result = WriteResult(value, self._index, lease)
             if request_id is not None:
                 self._done[request_id] = result
             return result
@@ -123,6 +160,7 @@ class FakeService:
             self._enter(Call("delete", key, request_id, timeout_s, prev_index=prev_index))
             self._check(key, prev_index)
             self._index += 1
+            self._key_leases.pop(key, None)
             return DeleteResult(self._data.pop(key, None) is not None, self._index)
 
     def batch(self, ops: list[BatchOp], *, request_id: str | None = None,
@@ -131,16 +169,58 @@ class FakeService:
             self._enter(Call("batch", None, request_id, timeout_s))
             for op in ops:
                 self._check(op.key, op.prev_index)
+                self._check_lease(op.lease)
             self._index += 1
             results: list[WriteResult | DeleteResult] = []
             for op in ops:
                 if op.op == "put":
                     self._data[op.key] = (op.value, self._index)
-                    results.append(WriteResult(op.value, self._index))
+                    self._attach(op.key, op.lease)
+                    results.append(WriteResult(op.value, self._index, op.lease))
                 else:
                     deleted = self._data.pop(op.key, None) is not None
+                    self._attach(op.key, None)
                     results.append(DeleteResult(deleted, self._index))
             return BatchResult(self._index, tuple(results))
+
+    # ------------------------------------------------------------------ leases
+    def lease_grant(self, ttl_s: int, *, request_id: str | None = None,
+                    timeout_s: float) -> LeaseGrantResult:
+        with self._lock:
+            self._enter(Call("lease_grant", None, request_id, timeout_s, ttl_s=ttl_s))
+            self._index += 1
+            self._leases[self._index] = ttl_s
+            return LeaseGrantResult(self._index, ttl_s, self._index)
+
+    def lease_revoke(self, lease_id: int, *, request_id: str | None = None,
+                     timeout_s: float) -> LeaseRevokeResult:
+        with self._lock:
+            self._enter(Call("lease_revoke", None, request_id, timeout_s, lease=lease_id))
+            self._check_lease(lease_id)
+        self.expire(lease_id)
+        return LeaseRevokeResult(lease_id, self._index)
+
+    def lease_keepalive(self, lease_id: int, *, timeout_s: float) -> LeaseKeepAliveResult:
+        with self._lock:
+            self._enter(Call("lease_keepalive", None, None, timeout_s, lease=lease_id))
+            self._check_lease(lease_id)
+            return LeaseKeepAliveResult(lease_id, self._leases[lease_id])
+
+    def _lease_info(self, lease_id: int, with_keys: bool) -> LeaseInfo:
+        keys = sorted(k for k, lease in self._key_leases.items() if lease == lease_id)
+        return LeaseInfo(lease_id, self._leases[lease_id], self.remaining_s,
+                         tuple(keys) if with_keys else (), len(keys))
+
+    def lease(self, lease_id: int, *, timeout_s: float) -> LeaseInfo:
+        with self._lock:
+            self._enter(Call("lease", None, None, timeout_s, lease=lease_id))
+            self._check_lease(lease_id)
+            return self._lease_info(lease_id, True)
+
+    def leases(self, limit: int, *, timeout_s: float) -> list[LeaseInfo]:
+        with self._lock:
+            self._enter(Call("leases", None, None, timeout_s))
+            return [self._lease_info(i, False) for i in sorted(self._leases)[:limit]]
 
     def backup(self, consistency: Consistency, timeout_s: float) -> Backup:
         """The sorted items as JSON, in chunks of 7 bytes (a stand-in for a snapshot)."""

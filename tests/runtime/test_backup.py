@@ -10,8 +10,13 @@ import pytest
 
 from raftkv.core import Config, RaftNode
 from raftkv.core.types import ConfChange, ConfChangeOp, Entry, EntryKind
-from raftkv.kv.commands import Batch, Put, encode_command
-from raftkv.kv.state_machine import KVStateMachine, iter_snapshot_chunks
+from raftkv.kv.commands import Batch, LeaseGrant, LeaseRevoke, Put, encode_command
+from raftkv.kv.state_machine import (
+    KVStateMachine,
+    LeaseRecord,
+    LeaseRevokeResult,
+    iter_snapshot_chunks,
+)
 from raftkv.runtime.backup import (
     BACKUP_MAGIC,
     BackupError,
@@ -121,6 +126,29 @@ def test_restored_data_dir_boots_as_a_one_node_cluster_with_all_the_data(
     assert sm.items("", 1000) == original.items("", 1000)  # values and modification indices
     assert sm.get("k7") == ("rewritten", 6)
     assert sm.snapshot_view().requests == original.snapshot_view().requests
+
+
+def test_backup_and_restore_carry_leases_and_their_keys(tmp_path: Path) -> None:
+    sm = source_state()
+    sm.apply(Entry(7, 2, EntryKind.NORMAL, encode_command(LeaseGrant(30))))
+    sm.apply(Entry(8, 2, EntryKind.NORMAL, encode_command(Put("held", 1, lease=7))))
+    sm.apply(Entry(9, 2, EntryKind.NORMAL, encode_command(Put("own", 2, ttl_s=5))))
+    data = snapshot_bytes(sm)
+    write_backup(tmp_path / "b", BackupHeader(9, len(data), checksum_of(data)), [data])
+    restore(tmp_path / "b", tmp_path / "new", "r1", "127.0.0.1:7001")
+
+    snapshots = LmdbSnapshotStore(tmp_path / "new" / "snapshots")
+    try:
+        stored = snapshots.latest()
+    finally:
+        snapshots.close()
+    assert stored is not None
+    restored = KVStateMachine()
+    restored.restore(stored.data, stored.meta.index)
+    assert restored.leases() == [LeaseRecord(7, 30, (), 1), LeaseRecord(9, 5, (), 1)]
+    assert restored.lease_of("held") == 7 and restored.lease_of("own") == 9
+    revoked = restored.apply(Entry(10, 1, EntryKind.NORMAL, encode_command(LeaseRevoke(7))))
+    assert revoked == LeaseRevokeResult(10, 7, ("held",), False)
 
 
 def test_each_restore_is_a_new_cluster(tmp_path: Path) -> None:

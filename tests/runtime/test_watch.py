@@ -8,7 +8,15 @@ import threading
 import pytest
 
 from raftkv.core.types import Entry, EntryKind
-from raftkv.kv.commands import Batch, Command, Delete, Put, encode_command
+from raftkv.kv.commands import (
+    Batch,
+    Command,
+    Delete,
+    LeaseGrant,
+    LeaseRevoke,
+    Put,
+    encode_command,
+)
 from raftkv.kv.state_machine import KVStateMachine
 from raftkv.runtime.watch import KeyState, Watch, WatchRegistry
 from raftkv.service import UnavailableError
@@ -251,6 +259,52 @@ def test_close_fails_waiting_and_later_watches() -> None:
     assert later.wait(0) and isinstance(later.error, UnavailableError)
     with pytest.raises(UnavailableError):
         node.watches.end(w, None, 0)
+
+
+# ------------------------------------------------------------------ leases
+def test_lease_expiry_wakes_the_watches_of_its_keys_as_deletes() -> None:
+    node = Node()
+    lease = node.apply(LeaseGrant(10))
+    a = node.apply(Put("a", 1, lease=lease))
+    node.apply(Put("b", 2, lease=lease))
+    node.apply(Put("other", 3))
+    wa, wb, w_other = node.watch("a", a), node.watch("b", None), node.watch("other", None)
+    revoked = node.apply(LeaseRevoke(lease, expired=True))
+    assert wa.change == KeyState("a", None, revoked, deleted=True)
+    assert wb.change == KeyState("b", None, revoked, deleted=True)
+    assert not w_other.wait(0)
+
+
+def test_lease_revoke_leaves_tombstones_for_later_watches() -> None:
+    node = Node()
+    seen = node.apply(Put("k", 1, ttl_s=10))
+    revoked = node.apply(LeaseRevoke(seen))  # nobody watches: remembered all the same
+    assert node.decoded == 1
+    w = node.watch("k", seen)
+    assert w.change == KeyState("k", None, revoked, deleted=True)
+
+
+def test_put_with_a_lease_wakes_a_watch_like_any_put() -> None:
+    node = Node()
+    lease = node.apply(LeaseGrant(10))
+    w = node.watch("k", None)
+    index = node.apply(Put("k", "v", lease=lease))
+    assert w.change == KeyState("k", "v", index, deleted=False)
+
+
+def test_lease_grants_retried_revokes_and_missing_leases_are_no_change() -> None:
+    node = Node()
+    lease = node.apply(LeaseGrant(10))
+    node.apply(Put("k", 1, lease=lease))
+    node.apply(LeaseRevoke(lease), request_id="r")
+    node.apply(Put("k", 2))
+    w = node.watch("k", None)
+    node.apply(LeaseGrant(10))
+    node.apply(LeaseRevoke(lease), request_id="r")  # answered from memory: deletes nothing
+    node.apply(Put("k", 3, lease=12345))  # no such lease: applies nothing
+    node.apply(LeaseRevoke(999))
+    assert not w.wait(0)
+    assert node.sm.get("k") == (2, 4)
 
 
 def test_a_watch_wakes_a_thread_waiting_on_it() -> None:

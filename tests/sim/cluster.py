@@ -549,9 +549,13 @@ class Cluster:
     # =====================================================================================
     # Nodes: boot, tick, drive the Ready loop, crash, restart
     # =====================================================================================
+    def _new_machine(self) -> RegisterMachine:
+        """The state machine a booting node starts from (tests/sim/leases.py: the KV one)."""
+        return RegisterMachine()
+
     def _boot(self, sn: SimNode) -> None:
         boot, stored = load_boot_state(sn.storage, sn.snapshots, BASE_MEMBERSHIP)
-        sm = RegisterMachine()
+        sm = self._new_machine()
         if stored is not None:
             sm.restore(stored.data, stored.meta.index)
         sn.sm = sm

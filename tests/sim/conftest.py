@@ -1,7 +1,8 @@
 """Simulator fixtures: the seed list from the environment, and the end-of-run summary.
 
-RAFTKV_SIM_SEEDS=N runs seeds 0..N-1 (default 1000); RAFTKV_SIM_SEED=s runs exactly seed s
-(and none of the other simulator tests).
+RAFTKV_SIM_SEEDS=N runs seeds 0..N-1 (default 1000) of the register simulator and seeds
+0..N/8-1 of the lease simulator (tests/sim/leases.py, as if it were one more profile);
+RAFTKV_SIM_SEED=s runs exactly seed s of each (and none of the other simulator tests).
 The summary line is printed at the end of the pytest run (whatever `-s`/`-q` say) and written
 to tests/sim/.last_summary.json.
 """
@@ -28,6 +29,13 @@ def sim_seeds() -> list[int]:
     return list(range(int(os.environ.get("RAFTKV_SIM_SEEDS", "1000"))))
 
 
+def lease_sim_seeds() -> list[int]:
+    one = os.environ.get("RAFTKV_SIM_SEED", "").strip()
+    if one:
+        return [int(one)]
+    return list(range(max(1, int(os.environ.get("RAFTKV_SIM_SEEDS", "1000")) // 8)))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Replaying one seed (RAFTKV_SIM_SEED) runs that seed and nothing else of the simulator."""
     if not os.environ.get("RAFTKV_SIM_SEED", "").strip():
@@ -35,7 +43,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     keep: list[pytest.Item] = []
     drop: list[pytest.Item] = []
     for item in items:
-        replay = isinstance(item, pytest.Function) and item.originalname == "test_seed"
+        replay = isinstance(item, pytest.Function) and item.originalname in (
+            "test_seed", "test_lease_seed")
         (drop if item.get_closest_marker("sim") and not replay else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

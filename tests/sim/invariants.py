@@ -42,13 +42,21 @@ from raftkv.core.node import RaftNode
 from raftkv.core.types import Entry, NodeId, Role
 from snapshots.memory import MemorySnapshotStore
 from storage.memory import MemoryRaftStorage
-from tests.sim.model import RegisterMachine
 
 _LEADER_MESSAGES = (AppendRequest, HeartbeatRequest, SnapshotRequest, TimeoutNow)
 
 
 class InvariantViolation(AssertionError):
     """A safety property does not hold."""
+
+
+class ChainedMachine(Protocol):
+    """A state machine that keeps a running checksum of what it applied (tests/sim/model.py)."""
+
+    @property
+    def applied_index(self) -> int: ...
+    @property
+    def chain(self) -> int: ...
 
 
 class NodeView(Protocol):
@@ -63,7 +71,7 @@ class NodeView(Protocol):
     @property
     def snapshots(self) -> MemorySnapshotStore: ...
     @property
-    def sm(self) -> RegisterMachine: ...
+    def sm(self) -> ChainedMachine: ...
 
 
 @dataclass(slots=True)
@@ -298,7 +306,7 @@ class Invariants:
             sh.applied = sm.applied_index
             self._check_chain(view.id, sm)
 
-    def _check_chain(self, nid: NodeId, sm: RegisterMachine) -> None:
+    def _check_chain(self, nid: NodeId, sm: ChainedMachine) -> None:
         index = sm.applied_index
         if index == 0:
             return
@@ -312,7 +320,7 @@ class Invariants:
             )
 
     # ---------------------------------------------------------------- hooks
-    def on_applied(self, nid: NodeId, entry: Entry, sm: RegisterMachine) -> None:
+    def on_applied(self, nid: NodeId, entry: Entry, sm: ChainedMachine) -> None:
         seen = self._applied.get(entry.index)
         if seen is None:
             self._applied[entry.index] = entry
