@@ -184,6 +184,17 @@ class RaftNode:
         else:
             self._failed_reads.append(request_id)
 
+    def learn_commit(self, index: int, term: int) -> None:
+        """The leader said the entry (index, term) is committed (a ReadIndex answer, or the
+        answer to a forwarded write). If this log holds an entry of that term at that index,
+        everything up to it matches the leader's log (Log Matching) and is committed too:
+        a follower waiting on it need not wait for the next append or heartbeat."""
+        if self.role is Role.LEADER or index <= self.log.commit:
+            return
+        if self.log.term(index) == term:
+            self.log.commit_to(index)
+            self._on_commit(index)
+
     def transfer_leader(self, to: NodeId) -> None:
         """Hand leadership to a caught-up voter (TimeoutNow, dissertation §3.10)."""
         if self.role is not Role.LEADER:
@@ -271,6 +282,8 @@ class RaftNode:
             if m.index < 0:
                 self._failed_reads.extend(m.request_ids)
             else:
+                # The read index is the leader's commit index, at an entry of its term.
+                self.learn_commit(m.index, m.term)
                 self._read_states.extend(ReadState(rid, m.index) for rid in m.request_ids)
         elif self.role is Role.LEADER:
             pr = self._progress.get(m.frm)
@@ -585,14 +598,16 @@ class RaftNode:
         return False
 
     def _on_commit(self, index: int) -> None:
+        # Followers learn the new commit index from the next append or heartbeat (or, for a
+        # follower waiting on it, from a ReadIndex answer or a forwarded write's answer:
+        # learn_commit), never from an append that carries nothing else (and its ack).
         self.log.commit_to(index)
-        self._append_pending = True  # tell followers
         if self.role is Role.LEADER:
             if self.id not in self.membership.voters and index >= self._pending_conf_index:
                 # Our own removal is committed: step down (dissertation §4.2.2). First tell
                 # the followers the new commit index, and hand leadership to the most
                 # caught-up voter, so the cluster does not wait out an election timeout.
-                self._broadcast_appends()
+                self._broadcast_appends(with_commit=True)
                 last = self.log.last_index()
                 caught_up = [nid for nid in self._peers()
                              if nid in self.membership.voters
@@ -652,14 +667,17 @@ class RaftNode:
             pr.probe_sent = True
         return True
 
-    def _broadcast_appends(self) -> None:
+    def _broadcast_appends(self, *, with_commit: bool = False) -> None:
+        """Send every peer the entries it lacks (as far as its progress allows); with
+        `with_commit`, an empty append to the peers that get none, for the commit index."""
         for peer in self._peers():
             pr = self._progress[peer]
             sent = False
             while self._send_append(peer):
                 sent = True
-            if not sent and pr.state is ProgressState.REPLICATE and not pr.is_paused():
-                self._send_append(peer, allow_empty=True)  # carries the new commit index
+            if (with_commit and not sent and pr.state is ProgressState.REPLICATE
+                    and not pr.is_paused()):
+                self._send_append(peer, allow_empty=True)
 
     def _broadcast_heartbeats(self) -> None:
         self._read_seq += 1

@@ -261,6 +261,13 @@ class Network:
                 self.node(nid).tick()
             self.stabilize()
 
+    def heartbeat(self, nid: NodeId) -> None:
+        """Tick the leader `nid` until it sends heartbeats (which carry the commit index to
+        the followers), then stabilize."""
+        node = self.node(nid)
+        self.tick(nid, node.config.heartbeat_interval_ticks)
+        self.stabilize()
+
     def elect(self, nid: NodeId) -> None:
         """Make `nid` campaign now and let the cluster settle; it must win."""
         self.node(nid).campaign()

@@ -396,12 +396,16 @@ def test_leader_does_not_commit_before_a_majority_stored_the_entry() -> None:
 def test_followers_learn_the_commit_index_from_the_leader_and_apply_in_order() -> None:
     """§5.3: "The leader keeps track of the highest index it knows to be committed, and it
     includes that index in future AppendEntries RPCs ... Once a follower learns that a log entry
-    is committed, it applies the entry to its local state machine (in log order)." """
+    is committed, it applies the entry to its local state machine (in log order)." The
+    commit index rides on the next append or heartbeat: no append is sent for it alone."""
     net = cluster()
     net.elect("n1")
     for d in (b"a", b"b", b"c"):
         net.node("n1").propose(d)
     net.stabilize()
+    assert net.node("n1").log.commit == 4
+    assert net.node("n2").log.commit < 4
+    net.heartbeat("n1")
     for nid in THREE:
         assert data_of(net.peers[nid].applied) == [b"a", b"b", b"c"]
         assert net.node(nid).log.commit == 4
@@ -739,6 +743,51 @@ def test_follower_read_is_answered_by_the_leader_with_its_read_index() -> None:
         ("n1", (9,))]
     net.stabilize()
     assert net.peers["n3"].read_states == [ReadState(9, index)]
+    # The read index is a commit index at an entry of the leader's term: the follower, whose
+    # log holds that entry, learns from it that everything up to it is committed, and
+    # applies it without waiting for the next heartbeat.
+    assert net.node("n3").log.commit == index
+    assert net.peers["n3"].applied[-1].index == index
+
+
+def test_a_commit_alone_sends_no_append_and_gets_no_ack() -> None:
+    """The commit index rides on the next append or heartbeat (as in etcd): a commit that
+    finds nothing new to send costs no message and no acknowledgement."""
+    net = cluster()
+    net.elect("n1")
+    index = net.node("n1").propose(b"x")
+    net.process("n1")  # the leader sends the entry and persists it
+    net.deliver()  # the appends with the entry
+    net.process_all()  # the followers persist and answer
+    net.deliver()  # the acks reach the leader, which commits
+    before = len(sent_by(net, "n1"))
+    net.process("n1")
+    assert net.node("n1").log.commit == index
+    assert not [m for m in sent_by(net, "n1")[before:] if isinstance(m, AppendRequest)]
+    net.stabilize()
+    assert net.node("n2").log.commit < index
+    net.heartbeat("n1")
+    assert net.node("n2").log.commit == index
+
+
+def test_learn_commit_commits_only_an_entry_of_the_named_term() -> None:
+    """Log Matching: an entry of the same index and term means the same log up to it. The
+    leader's word that (index, term) is committed commits a follower's log up to it only if
+    the follower holds that very entry."""
+    net = cluster()
+    net.elect("n1")
+    index = net.node("n1").propose(b"x")
+    net.stabilize()
+    n2 = net.node("n2")
+    assert n2.log.commit < index
+    n2.learn_commit(index, n2.term + 1)  # another term: not this entry
+    assert n2.log.commit < index
+    n2.learn_commit(index + 5, n2.term)  # not in this log at all
+    assert n2.log.commit < index
+    n2.learn_commit(index, n2.term)
+    assert n2.log.commit == index
+    net.stabilize()
+    assert net.peers["n2"].applied[-1].index == index
 
 
 def test_leader_fails_its_pending_reads_when_it_steps_down() -> None:
@@ -916,6 +965,7 @@ def test_learner_receives_entries_but_never_counts_toward_commit() -> None:
     net.heal()
     net.run(1)
     assert net.node("n1").log.commit == index
+    net.heartbeat("n1")
     assert data_of(net.peers["n3"].applied) == [b"x"]
 
 
@@ -1033,6 +1083,7 @@ def test_leader_sends_a_snapshot_in_chunks_to_a_follower_behind_its_compacted_lo
     # ... and it catches up with entries after the snapshot.
     index = n1.propose(b"d")
     net.stabilize()
+    net.heartbeat("n1")
     assert [e.index for e in net.peers["n3"].applied] == [index]
     assert net.node("n3").log.commit == index
     assert n1.status().peers["n3"].state == "replicate"
