@@ -52,27 +52,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"raftkv serve: {e}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log_level, settings.node_id)
-    from raftkv.runtime.server import NodeServer, StartupError
+    from raftkv.runtime.process import RaftProcess, StartupError
 
     try:
-        node = NodeServer(settings)
-        node.start()
+        node = RaftProcess(settings)
     except StartupError as e:
         log.error("event=startup_failed node=%s error=%s", settings.node_id, e)
         print(f"raftkv serve: {e}", file=sys.stderr)
         return EXIT_USAGE
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        threading.Thread(target=node.stop, name="shutdown", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not node.wait(0.5):  # timed: lets the signal handlers above run
-        pass
-    if node.fatal is not None:
-        print(f"raftkv serve: stopped: {node.fatal}", file=sys.stderr)
+    code = node.run()
+    if node.driver.fatal is not None:
+        print(f"raftkv serve: stopped: {node.driver.fatal}", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_OK
+    if code == EXIT_USAGE:
+        print("raftkv serve: could not join the cluster (see the log above)", file=sys.stderr)
+    return code
 
 
 # ---------------------------------------------------------------------------- cluster

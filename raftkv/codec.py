@@ -18,6 +18,7 @@ wrong type, out of range or unknown raises `DecodeError` and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,17 @@ from raftkv.core.types import (
     HardState,
     Membership,
     SnapshotMeta,
+)
+from raftkv.kv.state_machine import (
+    ApplyResult,
+    BatchResult,
+    ConditionFailed,
+    DeleteResult,
+    InvalidCommand,
+    LeaseGrantResult,
+    LeaseNotFound,
+    LeaseRevokeResult,
+    PutResult,
 )
 
 __all__ = [
@@ -345,3 +357,476 @@ _LAYOUT_BY_TAG: Final[dict[int, _Layout]] = {lay.tag: lay for lay in _LAYOUT_BY_
 
 if set(_LAYOUT_BY_TYPE) != set(MESSAGE_TYPES) or len(_LAYOUT_BY_TAG) != len(_SPECS):
     raise AssertionError("every message class needs exactly one codec layout with a unique tag")
+
+
+# =============================================================================================
+# Frames: every frame between two raftkv processes (peer to peer, Raft process to HTTP worker)
+# is a 4-byte big-endian length N of what follows, one `kind` byte, then N - 1 payload bytes
+# (raftkv.runtime.framing). Every kind is defined here, and only here.
+
+
+class FrameKind(enum.IntEnum):
+    # Peer to peer (raftkv.runtime.transport)
+    HANDSHAKE = 0
+    """The connection handshake (raftkv.runtime.transport.handshake); nothing else may come
+    before it, and it never comes after it."""
+    RAFT = 1
+    """One Raft message (encode_message)."""
+    FORWARD = 2
+    """Follower -> leader: operations only the leader can do (encode_forwards)."""
+    FORWARD_RESULT = 3
+    """Leader -> follower: their outcomes (encode_forward_results)."""
+    # HTTP worker <-> Raft process (raftkv.runtime.workers, raftkv.worker.channel)
+    WORKER_HELLO = 16
+    """Worker -> Raft process, first frame: [CHANNEL_VERSION, worker index, pid]."""
+    WORKER_REQUESTS = 17
+    """Worker -> Raft process: a batch of requests (encode_requests)."""
+    WORKER_REPLIES = 18
+    """Raft process -> worker: a batch of replies (encode_replies)."""
+    WORKER_PUSH = 19
+    """Raft process -> worker: the node's state as workers need it (encode_node_view)."""
+    WORKER_STATS = 20
+    """Worker -> Raft process: its request counters, for /metrics and /status."""
+
+
+PEER_FRAME_KINDS: Final = frozenset({FrameKind.RAFT, FrameKind.FORWARD,
+                                     FrameKind.FORWARD_RESULT})
+"""The kinds a peer may send once the handshake is done."""
+
+
+# =============================================================================================
+# Errors across processes: a ServiceError travels as [code, message, details] and is raised
+# again on the other side as the class registered for its code (raftkv.service).
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    code: str
+    """A ServiceError's stable code (raftkv.service.ServiceError.code)."""
+    message: str
+    details: dict[str, object] = dataclasses.field(default_factory=dict)
+    """Extra fields of the error (e.g. key and current_index of condition_failed)."""
+
+
+def _error_wire(e: ErrorReply) -> list[object]:
+    return [e.code, e.message, e.details]
+
+
+def _error_from_wire(v: object) -> ErrorReply:
+    code, message, details = _array(v, "error", 3)
+    if type(details) is not dict:
+        raise DecodeError("error details: expected a map")
+    return ErrorReply(_str(code, "error code"), _str(message, "error message"), dict(details))
+
+
+# =============================================================================================
+# Apply results (raftkv.kv.state_machine) as the Raft process hands them to a worker. A put's
+# value is not sent back: the worker that proposed it has it (decode_apply_result(..) gives
+# None in its place and raftkv.worker fills it in).
+
+_R_PUT, _R_DELETE, _R_BATCH, _R_CONDITION, _R_GRANT, _R_REVOKE, _R_NO_LEASE, _R_INVALID = range(8)
+_R_NONE = 8
+
+
+def encode_apply_result(result: object, index: int) -> list[object]:
+    """`result` of applying the entry at `index` (None for a no-op or membership change)."""
+    r = result
+    if isinstance(r, PutResult):
+        return [_R_PUT, r.index, r.lease, r.ttl_s]
+    if isinstance(r, DeleteResult):
+        return [_R_DELETE, r.index, r.deleted]
+    if isinstance(r, BatchResult):
+        return [_R_BATCH, r.index, [
+            [_R_PUT, x.index, x.lease, x.ttl_s] if isinstance(x, PutResult)
+            else [_R_DELETE, x.index, x.deleted] for x in r.results]]
+    if isinstance(r, ConditionFailed):
+        return [_R_CONDITION, r.index, r.key, r.current_index]
+    if isinstance(r, LeaseGrantResult):
+        return [_R_GRANT, r.index, r.ttl_s]
+    if isinstance(r, LeaseRevokeResult):
+        return [_R_REVOKE, r.index, r.lease_id, r.expired]
+    if isinstance(r, LeaseNotFound):
+        return [_R_NO_LEASE, r.index, r.lease_id]
+    if isinstance(r, InvalidCommand):
+        return [_R_INVALID, r.index, r.reason]
+    return [_R_NONE, index]
+
+
+def _opt_nat(v: object, name: str) -> int | None:
+    return None if v is None else _nat(v, name)
+
+
+def decode_apply_result(v: object) -> ApplyResult | None:
+    a = _array(tuple(v) if type(v) is list else v, "apply result")
+    if not a or type(a[0]) is not int:
+        raise DecodeError("apply result: no tag")
+    tag = a[0]
+    try:
+        if tag == _R_PUT and len(a) == 4:
+            return PutResult(_nat(a[1], "index"), None, _opt_nat(a[2], "lease"),
+                             _opt_nat(a[3], "ttl"))
+        if tag == _R_DELETE and len(a) == 3:
+            return DeleteResult(_nat(a[1], "index"), _bool(a[2], "deleted"))
+        if tag == _R_BATCH and len(a) == 3:
+            parts: list[PutResult | DeleteResult] = []
+            for item in _array(tuple(a[2]) if type(a[2]) is list else a[2], "batch results"):
+                part = decode_apply_result(item)
+                if not isinstance(part, PutResult | DeleteResult):
+                    raise DecodeError("batch result: expected puts and deletes")
+                parts.append(part)
+            return BatchResult(_nat(a[1], "index"), tuple(parts))
+        if tag == _R_CONDITION and len(a) == 4:
+            return ConditionFailed(_nat(a[1], "index"), _str(a[2], "key"),
+                                   _nat(a[3], "current index"))
+        if tag == _R_GRANT and len(a) == 3:
+            index = _nat(a[1], "index")
+            return LeaseGrantResult(index, index, _nat(a[2], "ttl"))
+        if tag == _R_REVOKE and len(a) == 4:
+            return LeaseRevokeResult(_nat(a[1], "index"), _nat(a[2], "lease"), (),
+                                     _bool(a[3], "expired"))
+        if tag == _R_NO_LEASE and len(a) == 3:
+            return LeaseNotFound(_nat(a[1], "index"), _nat(a[2], "lease"))
+        if tag == _R_INVALID and len(a) == 3:
+            return InvalidCommand(_nat(a[1], "index"), _str(a[2], "reason"))
+        if tag == _R_NONE and len(a) == 2:
+            return None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, DecodeError):
+            raise
+        raise DecodeError(f"apply result: {e}") from e
+    raise DecodeError("apply result: unknown tag or field count")
+
+
+# =============================================================================================
+# Forwarding (peer frames FORWARD / FORWARD_RESULT): a follower hands the leader what only the
+# leader can do, and gets each outcome back.
+#
+#   FORWARD         [FORWARD_VERSION, [[fid, op, args...], ...]]
+#       PROPOSE          [fid, 1, data]               a client command (entry data)
+#       CONF_CHANGE      [fid, 2, op, node_id, address]
+#       LEASE_KEEPALIVE  [fid, 3, lease_id]
+#       LEASE_INFO       [fid, 4, lease_id]
+#       LEASE_LIST       [fid, 5, limit]
+#   FORWARD_RESULT  [FORWARD_VERSION, [[fid, status, payload], ...]]
+#       status 0, committed:  payload [index, term]   (PROPOSE, CONF_CHANGE: sent once the
+#                                                       entry is committed and applied)
+#       status 1, value:      payload a plain value   (the lease operations)
+#       status 2, failed:     payload an error [code, message, details]
+#
+# `fid` is the follower's own id for the operation: random-started per run, so that an answer
+# meant for an earlier run of the follower never matches.
+
+FORWARD_VERSION: Final = 1
+
+
+class ForwardOp(enum.IntEnum):
+    PROPOSE = 1
+    CONF_CHANGE = 2
+    LEASE_KEEPALIVE = 3
+    LEASE_INFO = 4
+    LEASE_LIST = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    fid: int
+    op: ForwardOp
+    data: bytes = b""
+    """PROPOSE: the command."""
+    change: ConfChange | None = None
+    """CONF_CHANGE: the change."""
+    number: int = 0
+    """LEASE_*: the lease id, or LEASE_LIST: the limit."""
+
+
+class ForwardStatus(enum.IntEnum):
+    COMMITTED = 0
+    VALUE = 1
+    FAILED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardResult:
+    fid: int
+    status: ForwardStatus
+    index: int = 0
+    term: int = 0
+    value: object = None
+    error: ErrorReply | None = None
+
+
+def encode_forwards(items: list[Forward]) -> bytes:
+    wire: list[list[object]] = []
+    for f in items:
+        if f.op is ForwardOp.PROPOSE:
+            wire.append([f.fid, int(f.op), f.data])
+        elif f.op is ForwardOp.CONF_CHANGE:
+            c = f.change
+            assert c is not None
+            wire.append([f.fid, int(f.op), int(c.op), c.node_id, c.address])
+        else:
+            wire.append([f.fid, int(f.op), f.number])
+    return _pack((FORWARD_VERSION, wire))
+
+
+def decode_forwards(data: bytes) -> list[Forward]:
+    _, items = _unpack(data, "forward", 1)
+    out: list[Forward] = []
+    for item in _array(items, "forwards"):
+        a = _array(item, "forward")
+        if len(a) < 3:
+            raise DecodeError("forward: too few fields")
+        fid = _nat(a[0], "forward id")
+        op = _enum_member(a[1], _FORWARD_OPS, "forward op")
+        if op is ForwardOp.PROPOSE and len(a) == 3:
+            out.append(Forward(fid, op, data=_bytes(a[2], "forward data")))
+        elif op is ForwardOp.CONF_CHANGE and len(a) == 5:
+            change = _change(a[2:])
+            assert change is not None
+            out.append(Forward(fid, op, change=change))
+        elif op in _NUMBER_OPS and len(a) == 3:
+            out.append(Forward(fid, op, number=_nat(a[2], "forward number")))
+        else:
+            raise DecodeError("forward: wrong field count for its op")
+    return out
+
+
+def encode_forward_results(items: list[ForwardResult]) -> bytes:
+    wire: list[list[object]] = []
+    for r in items:
+        if r.status is ForwardStatus.COMMITTED:
+            wire.append([r.fid, 0, [r.index, r.term]])
+        elif r.status is ForwardStatus.VALUE:
+            wire.append([r.fid, 1, r.value])
+        else:
+            assert r.error is not None
+            wire.append([r.fid, 2, _error_wire(r.error)])
+    return _pack((FORWARD_VERSION, wire))
+
+
+def decode_forward_results(data: bytes) -> list[ForwardResult]:
+    _, items = _unpack(data, "forward result", 1)
+    out: list[ForwardResult] = []
+    for item in _array(items, "forward results"):
+        fid, status, payload = _array(item, "forward result", 3)
+        fid = _nat(fid, "forward id")
+        if status == 0:
+            index, term = _array(payload, "committed", 2)
+            out.append(ForwardResult(fid, ForwardStatus.COMMITTED, _nat(index, "index"),
+                                     _nat(term, "term")))
+        elif status == 1:
+            out.append(ForwardResult(fid, ForwardStatus.VALUE, value=_plain(payload)))
+        elif status == 2:
+            out.append(ForwardResult(fid, ForwardStatus.FAILED,
+                                     error=_error_from_wire(payload)))
+        else:
+            raise DecodeError("forward result: unknown status")
+    return out
+
+
+_FORWARD_OPS: Final = {op.value: op for op in ForwardOp}
+_NUMBER_OPS: Final = frozenset({ForwardOp.LEASE_KEEPALIVE, ForwardOp.LEASE_INFO,
+                                ForwardOp.LEASE_LIST})
+
+
+def _plain(v: object) -> object:
+    """A decoded value as plain lists (this module decodes arrays as tuples)."""
+    if type(v) is tuple:
+        return [_plain(x) for x in v]
+    if type(v) is dict:
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+# =============================================================================================
+# The worker channel (frames WORKER_*): an HTTP worker asks the Raft process, in batches.
+#
+#   WORKER_REQUESTS  [CHANNEL_VERSION, [[rid, op, timeout_ms, args...], ...]]
+#   WORKER_REPLIES   [CHANNEL_VERSION, [[rid, status, payload], ...]]   status 0 ok, 1 error
+#   WORKER_PUSH      [CHANNEL_VERSION, {node view}]
+#   WORKER_STATS     [CHANNEL_VERSION, {stats}]
+#
+# `rid` is the worker's id for the request; a reply's payload depends on the op (see
+# RequestOp). Requests and replies are typed below; the Raft process never sees a bare tuple.
+
+CHANNEL_VERSION: Final = 1
+
+
+class RequestOp(enum.IntEnum):
+    PROPOSE = 1
+    """args [data]: a command (entry data); reply: an apply result (encode_apply_result)."""
+    GET = 2
+    """args [key, consistency]; reply [value, index, lease] or error key_not_found."""
+    LIST = 3
+    """args [prefix, limit, consistency]; reply [[key, value, index], ...]."""
+    WATCH = 4
+    """args [key, after_index | nil]; reply [key, value, index, deleted, changed], at the
+    first change or when timeout_ms runs out."""
+    STATUS = 5
+    """reply: the node's status map (raftkv.service.NodeStatus fields)."""
+    READINESS = 6
+    """reply [ready, reason]."""
+    MEMBERS = 7
+    """reply [[id, raft_address, http_address, voter, leader], ...]."""
+    JOIN = 8
+    """args [node_id | nil, raft_address, voter]; reply: the index of the change."""
+    REMOVE = 9
+    """args [node_id]; reply: the index of the change."""
+    TRANSFER = 10
+    """args [target | nil]; reply: the new leader's id, once it leads."""
+    BACKUP = 11
+    """args [consistency]; reply [index, checksum, length, algorithm], with the snapshot as a
+    file descriptor passed along with the reply frame (SCM_RIGHTS)."""
+    LEASE_KEEPALIVE = 12
+    """args [lease_id]; reply: the TTL."""
+    LEASE_INFO = 13
+    """args [lease_id]; reply [lease_id, ttl, remaining, [keys], key_count]."""
+    LEASE_LIST = 14
+    """args [limit]; reply [[lease_id, ttl, remaining, [], key_count], ...]."""
+    METRICS = 15
+    """reply: the node's metrics in the Prometheus text format (bytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    rid: int
+    op: RequestOp
+    timeout_s: float
+    args: tuple[Any, ...]
+    """The op's arguments, checked by decode_requests (types and counts per op)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    rid: int
+    ok: bool
+    payload: object
+    """ok: the op's answer; else an ErrorReply."""
+    fd: int | None = None
+    """A file descriptor that travels with the reply (BACKUP)."""
+
+
+_ARG_CHECKS: Final[dict[RequestOp, tuple[Callable[[object, str], object], ...]]] = {}
+
+
+def _key_arg(v: object, name: str) -> str:
+    return _str(v, name)
+
+
+def _opt_str(v: object, name: str) -> str | None:
+    return None if v is None else _str(v, name)
+
+
+def _opt_nat_arg(v: object, name: str) -> int | None:
+    return None if v is None else _nat(v, name)
+
+
+_ARG_CHECKS.update({
+    RequestOp.PROPOSE: (_bytes,),
+    RequestOp.GET: (_key_arg, _str),
+    RequestOp.LIST: (_str, _nat, _str),
+    RequestOp.WATCH: (_key_arg, _opt_nat_arg),
+    RequestOp.STATUS: (),
+    RequestOp.READINESS: (),
+    RequestOp.MEMBERS: (),
+    RequestOp.JOIN: (_opt_str, _str, _bool),
+    RequestOp.REMOVE: (_str,),
+    RequestOp.TRANSFER: (_opt_str,),
+    RequestOp.BACKUP: (_str,),
+    RequestOp.LEASE_KEEPALIVE: (_nat,),
+    RequestOp.LEASE_INFO: (_nat,),
+    RequestOp.LEASE_LIST: (_nat,),
+    RequestOp.METRICS: (),
+})
+_REQUEST_OPS: Final = {op.value: op for op in RequestOp}
+
+
+def encode_request(rid: int, op: RequestOp, timeout_s: float, *args: object) -> list[object]:
+    """One item of a WORKER_REQUESTS batch (the worker packs its batch with pack_batch)."""
+    return [rid, op.value, int(timeout_s * 1000), *args]
+
+
+def pack_batch(items: list[Any]) -> bytes:
+    """The payload of WORKER_REQUESTS / WORKER_REPLIES: [CHANNEL_VERSION, items]."""
+    return _pack((CHANNEL_VERSION, items))
+
+
+def decode_requests(data: bytes) -> list[Request]:
+    """A WORKER_REQUESTS payload; DecodeError for anything malformed (the channel is local,
+    but a worker is a separate program: the Raft process trusts no bytes)."""
+    _, items = _unpack_lists(data, "requests")
+    out: list[Request] = []
+    for item in items:
+        if type(item) is not list or len(item) < 3:
+            raise DecodeError("request: expected [rid, op, timeout_ms, args...]")
+        rid, op_value, timeout_ms = item[0], item[1], item[2]
+        op = _REQUEST_OPS.get(op_value) if type(op_value) is int else None
+        if op is None:
+            raise DecodeError("request: unknown op")
+        checks = _ARG_CHECKS[op]
+        args = item[3:]
+        if len(args) != len(checks):
+            raise DecodeError(f"request {op.name}: expected {len(checks)} arguments")
+        for check, arg in zip(checks, args, strict=True):
+            check(arg, op.name.lower())
+        out.append(Request(_nat(rid, "rid"), op, _nat(timeout_ms, "timeout") / 1000,
+                           tuple(args)))
+    return out
+
+
+def encode_reply(reply: Reply) -> list[object]:
+    if reply.ok:
+        return [reply.rid, 0, reply.payload]
+    assert isinstance(reply.payload, ErrorReply)
+    return [reply.rid, 1, _error_wire(reply.payload)]
+
+
+def decode_replies(data: bytes) -> list[Reply]:
+    """A WORKER_REPLIES payload (arrays decoded as lists, as the worker hands them on)."""
+    _, items = _unpack_lists(data, "replies")
+    out: list[Reply] = []
+    for item in items:
+        if type(item) is not list or len(item) != 3:
+            raise DecodeError("reply: expected [rid, status, payload]")
+        rid, status, payload = item
+        if status == 0:
+            out.append(Reply(_nat(rid, "rid"), True, payload))
+        elif status == 1:
+            out.append(Reply(_nat(rid, "rid"), False, _error_from_list(payload)))
+        else:
+            raise DecodeError("reply: unknown status")
+    return out
+
+
+def _error_from_list(v: object) -> ErrorReply:
+    if type(v) is not list or len(v) != 3 or type(v[2]) is not dict:
+        raise DecodeError("error: expected [code, message, details]")
+    return ErrorReply(_str(v[0], "error code"), _str(v[1], "error message"), v[2])
+
+
+def _unpack_lists(data: bytes, what: str) -> tuple[int, list[Any]]:
+    """[version, items] with arrays decoded as lists (the payloads are JSON-like values)."""
+    try:
+        value = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+    except Exception as e:
+        raise DecodeError(f"{what}: not a valid msgpack value ({type(e).__name__})") from e
+    if type(value) is not list or len(value) != 2 or type(value[1]) is not list:
+        raise DecodeError(f"{what}: expected [version, items]")
+    if value[0] != CHANNEL_VERSION:
+        raise DecodeError(f"{what}: unsupported channel version {value[0]!r}")
+    return value[0], value[1]
+
+
+def pack_value(value: object) -> bytes:
+    """A WORKER_PUSH or WORKER_STATS payload: [CHANNEL_VERSION, value]."""
+    return _pack((CHANNEL_VERSION, value))
+
+
+def unpack_value(data: bytes, what: str) -> object:
+    try:
+        decoded = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+    except Exception as e:
+        raise DecodeError(f"{what}: not a valid msgpack value ({type(e).__name__})") from e
+    if type(decoded) is not list or len(decoded) != 2 or decoded[0] != CHANNEL_VERSION:
+        raise DecodeError(f"{what}: expected [{CHANNEL_VERSION}, value]")
+    return decoded[1]

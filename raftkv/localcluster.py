@@ -22,6 +22,7 @@ Waiting is always a condition polled against a deadline (`wait_until`).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
@@ -336,16 +337,27 @@ class LocalCluster:
         """SIGTERM (a leader hands over first), then wait for the exit; its status."""
         if node.proc is None:
             raise ClusterError(f"{node.node_id} was never started")
-        node.proc.send_signal(signal.SIGCONT)  # a paused node could not act on SIGTERM
+        _signal_group(node.proc, signal.SIGCONT)  # a paused node could not act on SIGTERM
         node.proc.send_signal(signal.SIGTERM)
         return node.proc.wait(timeout_s)
 
     def kill(self, node: NodeProc) -> None:
-        """SIGKILL: no chance to flush anything."""
+        """SIGKILL the node's Raft process: no chance to flush anything. Its HTTP workers
+        see their channel close, answer what they hold and exit by themselves."""
         if node.proc is not None and node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGCONT)
+            _signal_group(node.proc, signal.SIGCONT)
             node.proc.kill()
             node.proc.wait(10)
+
+    def worker_pids(self, node: NodeProc) -> list[int]:
+        """The pids of the node's HTTP worker processes (children of its Raft process)."""
+        if node.proc is None or node.proc.poll() is not None:
+            return []
+        try:
+            text = Path(f"/proc/{node.proc.pid}/task/{node.proc.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
 
     def restart(self, node: NodeProc, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM, wait for the exit, start again (same addresses and data)."""
@@ -354,15 +366,16 @@ class LocalCluster:
         self.start(node)
 
     def pause(self, node: NodeProc) -> None:
-        """SIGSTOP: the process stays, and answers nothing until resumed."""
+        """SIGSTOP the whole node (its Raft process and HTTP workers, one process group):
+        it stays, and answers nothing until resumed."""
         if node.proc is None:
             raise ClusterError(f"{node.node_id} was never started")
-        node.proc.send_signal(signal.SIGSTOP)
+        _signal_group(node.proc, signal.SIGSTOP)
 
     def resume(self, node: NodeProc) -> None:
         if node.proc is None:
             raise ClusterError(f"{node.node_id} was never started")
-        node.proc.send_signal(signal.SIGCONT)
+        _signal_group(node.proc, signal.SIGCONT)
 
     def wipe(self, node: NodeProc) -> None:
         """Delete a stopped node's data dir (an empty disk for a node that rejoins)."""
@@ -376,7 +389,7 @@ class LocalCluster:
         for n in self.nodes:
             if n.running:
                 assert n.proc is not None
-                n.proc.send_signal(signal.SIGCONT)
+                _signal_group(n.proc, signal.SIGCONT)
                 n.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         codes: dict[str, int] = {}
@@ -396,8 +409,8 @@ class LocalCluster:
         middle of an fsync dies only once it returns); release every reserved port."""
         for n in self.nodes:
             if n.proc is not None and n.proc.poll() is None:
-                n.proc.send_signal(signal.SIGCONT)
-                n.proc.kill()
+                _signal_group(n.proc, signal.SIGCONT)
+                _signal_group(n.proc, signal.SIGKILL)  # the workers too
         deadline = time.monotonic() + timeout_s
         for n in self.nodes:
             if n.proc is not None:
@@ -482,3 +495,10 @@ class LocalCluster:
     def dump_logs(self) -> str:
         return "\n".join(f"===== {n.node_id} =====\n{_tail(n.log_path, 6000)}"
                          for n in self.nodes)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+    """Signal a node's process group (its Raft process and HTTP workers: each node is
+    started in a session of its own, so the group id is the Raft process's pid)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signum)

@@ -1,28 +1,36 @@
-"""Prometheus metrics of one node (prometheus-client: the standard text format and its
-histogram/counter semantics, which we would otherwise re-implement).
+"""Metrics of one node, in the Prometheus text format (prometheus-client: the standard format
+and its histogram/counter semantics, which we would otherwise re-implement).
 
-Each node owns a registry (not the process-global one), so tests can run several nodes in
-one process. Names follow Prometheus conventions: units last, `_total` for counters.
+The Raft process owns the registry (`NodeMetrics`). HTTP workers count their own requests in
+plain dicts (`WorkerStats`: no lock, no registry, one thread) and send them to the Raft process
+about once a second and with every /metrics request; the Raft process renders them with a
+`worker` label. Every label set on a hot path is bound once, up front.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
-_FAST_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                   0.5, 1.0)
-_SLOW_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+FAST_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                         0.1, 0.25, 0.5, 1.0)
+_SLOW_BUCKETS_S: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
 class _StateCollector(Collector):
-    """Gauges read at scrape time from the node (term, role, indices, peers)."""
+    """Gauges read at scrape time from the node (term, role, indices, peers, leases)."""
 
     def __init__(self, read: Callable[[], dict[str, object]]) -> None:
         self._read = read
@@ -34,7 +42,9 @@ class _StateCollector(Collector):
                                 ("commit_index", "Highest log index known committed"),
                                 ("applied_index", "Highest log index applied"),
                                 ("last_index", "Last log index"),
-                                ("snapshot_index", "Index of the latest snapshot")):
+                                ("snapshot_index", "Index of the latest snapshot"),
+                                ("leases_live", "Leases that exist"),
+                                ("watches", "Watches waiting on this node")):
             g = GaugeMetricFamily(f"raftkv_{name}", help_text)
             g.add_metric([], float(state.get(name, 0)))  # type: ignore[arg-type]
             out.append(g)
@@ -53,27 +63,71 @@ class _StateCollector(Collector):
         return out
 
 
+class _WorkerCollector(Collector):
+    """The HTTP workers' own counts (WorkerStats.snapshot), by worker."""
+
+    def __init__(self, read: Callable[[], Mapping[int, Mapping[str, Any]]]) -> None:
+        self._read = read
+
+    def collect(self) -> list[Any]:
+        stats = self._read()
+        http = HistogramMetricFamily("raftkv_http_request_seconds",
+                                     "HTTP request latency by route, method and status",
+                                     labels=["worker", "route", "method", "status"])
+        batches = HistogramMetricFamily(
+            "raftkv_worker_channel_batch_requests",
+            "Requests a worker sent to the Raft process per frame",
+            labels=["worker"])
+        requests = CounterMetricFamily("raftkv_worker_requests",
+                                       "HTTP requests answered, by worker", labels=["worker"])
+        for worker, snap in sorted(stats.items()):
+            label = str(worker)
+            total = 0
+            for route, method, status, count, total_s, counts in snap.get("requests", ()):
+                http.add_metric([label, route, method, str(status)],
+                                _cumulative(FAST_BUCKETS_S, counts), total_s)
+                total += count
+            requests.add_metric([label], float(total))
+            batch = snap.get("batches")
+            if batch:
+                _count, batch_sum, counts = batch
+                batches.add_metric([label], _cumulative(BATCH_BUCKETS, counts), batch_sum)
+        return [http, batches, requests]
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, n in zip((*map(str, bounds), "+Inf"), counts, strict=False):
+        running += n
+        out.append((bound, float(running)))
+    return out
+
+
 class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.leader_changes = Counter("raftkv_leader_changes_total",
                                       "Times this node saw the leader change", registry=r)
-        self.proposals = Counter("raftkv_proposals_total", "Client writes by outcome",
-                                 ["outcome"], registry=r)
+        proposals = Counter("raftkv_proposals_total", "Client writes by outcome",
+                            ["outcome"], registry=r)
+        self.proposals_committed = proposals.labels("committed")
+        self.proposals_rejected = proposals.labels("rejected")
+        self.proposals_dropped = proposals.labels("dropped")
+        self.proposals_unknown = proposals.labels("unknown")
         self.fsync_seconds = Histogram("raftkv_fsync_seconds",
                                        "Time of one synced save of a Ready",
-                                       buckets=_FAST_BUCKETS_S, registry=r)
+                                       buckets=FAST_BUCKETS_S, registry=r)
         self.batch_entries = Histogram("raftkv_persist_batch_entries",
                                        "Log entries saved per synced save (group commit)",
-                                       buckets=_BATCH_BUCKETS, registry=r)
+                                       buckets=BATCH_BUCKETS, registry=r)
         self.apply_seconds = Histogram("raftkv_apply_seconds",
                                        "Time to apply the committed entries of one Ready",
-                                       buckets=_FAST_BUCKETS_S, registry=r)
-        self.http_seconds = Histogram("raftkv_http_request_seconds",
-                                      "HTTP request latency by route, method and status",
-                                      ["route", "method", "status"], buckets=_FAST_BUCKETS_S,
-                                      registry=r)
+                                       buckets=FAST_BUCKETS_S, registry=r)
+        self.channel_batch = Histogram("raftkv_channel_batch_requests",
+                                       "Requests per frame read from the HTTP workers",
+                                       buckets=BATCH_BUCKETS, registry=r)
         self.snapshot_seconds = Histogram("raftkv_snapshot_seconds",
                                           "Time to serialise and save a snapshot",
                                           buckets=_SLOW_BUCKETS_S, registry=r)
@@ -81,12 +135,71 @@ class NodeMetrics:
                                     registry=r)
         self.snapshots = Counter("raftkv_snapshots_total", "Snapshots taken or installed",
                                  ["kind"], registry=r)
+        leases = Counter("raftkv_leases_total", "Leases granted, revoked by a client, expired",
+                         ["event"], registry=r)
+        self.leases_granted = leases.labels("granted")
+        self.leases_revoked = leases.labels("revoked")
+        self.leases_expired = leases.labels("expired")
+        self.worker_restarts = Counter("raftkv_worker_restarts_total",
+                                       "HTTP worker processes restarted after they died",
+                                       registry=r)
 
     def watch_state(self, read: Callable[[], dict[str, object]]) -> None:
         self.registry.register(_StateCollector(read))
 
-    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.http_seconds.labels(route, method, str(status)).observe(seconds)
+    def watch_workers(self, read: Callable[[], Mapping[int, Mapping[str, Any]]]) -> None:
+        self.registry.register(_WorkerCollector(read))
+
+    def note_lease_result(self, result: object, index: int) -> None:
+        """Count lease grants and revokes among applied results (replayed answers, whose
+        index is not the entry's, are not counted again)."""
+        from raftkv.kv.state_machine import LeaseGrantResult, LeaseRevokeResult, PutResult
+
+        if getattr(result, "index", None) != index:
+            return
+        if isinstance(result, LeaseGrantResult) or (
+                isinstance(result, PutResult) and result.ttl_s is not None):
+            self.leases_granted.inc()
+        elif isinstance(result, LeaseRevokeResult):
+            (self.leases_expired if result.expired else self.leases_revoked).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class WorkerStats:
+    """One HTTP worker's counts (its one thread only): requests by route, method and status
+    with a latency histogram, and the requests per frame it sent to the Raft process."""
+
+    __slots__ = ("_batch", "_requests")
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, str, int], list[Any]] = {}
+        self._batch: list[Any] = [0, 0, [0] * (len(BATCH_BUCKETS) + 1)]
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        row = self._requests.get(key)
+        if row is None:
+            row = self._requests[key] = [0, 0.0, [0] * (len(FAST_BUCKETS_S) + 1)]
+        row[0] += 1
+        row[1] += seconds
+        row[2][bisect.bisect_left(FAST_BUCKETS_S, seconds)] += 1
+
+    def observe_batch(self, requests: int) -> None:
+        batch = self._batch
+        batch[0] += 1
+        batch[1] += requests
+        batch[2][bisect.bisect_left(BATCH_BUCKETS, requests)] += 1
+
+    @property
+    def requests(self) -> int:
+        return sum(row[0] for row in self._requests.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain values (msgpack-able): what the Raft process renders."""
+        return {
+            "requests": [[route, method, status, row[0], row[1], list(row[2])]
+                         for (route, method, status), row in self._requests.items()],
+            "batches": [self._batch[0], self._batch[1], list(self._batch[2])],
+        }

@@ -190,7 +190,8 @@ class Readiness:
 
 # --------------------------------------------------------------------------- errors
 class ServiceError(Exception):
-    """Base of every error a KVService raises on purpose. `code` is stable."""
+    """Base of every error a KVService raises on purpose. `code` is stable: it names the
+    class across processes (error_from_code) and in the HTTP error table."""
 
     code = "internal_error"
 
@@ -199,6 +200,10 @@ class ServiceError(Exception):
         self.message = message
         self.leader = leader
         """The leader's HTTP address, when known (a hint for clients)."""
+
+    def details(self) -> dict[str, object]:
+        """The fields beyond the message that travel with the error (error_from_code)."""
+        return {}
 
 
 class InvalidRequestError(ServiceError):
@@ -219,6 +224,9 @@ class LeaseNotFoundError(ServiceError):
         super().__init__(message, leader=leader)
         self.lease_id = lease_id
 
+    def details(self) -> dict[str, object]:
+        return {"lease_id": self.lease_id}
+
 
 class ConditionFailedError(ServiceError):
     code = "condition_failed"
@@ -228,6 +236,9 @@ class ConditionFailedError(ServiceError):
         super().__init__(message, leader=leader)
         self.key = key
         self.current_index = current_index
+
+    def details(self) -> dict[str, object]:
+        return {"key": self.key, "current_index": self.current_index}
 
 
 class NoLeaderError(ServiceError):
@@ -264,6 +275,38 @@ class UnavailableError(ServiceError):
     """The node is stopping or has stopped after a fatal error."""
 
     code = "unavailable"
+
+
+def error_from_code(code: str, message: str, details: dict[str, object],
+                    leader: str | None = None) -> ServiceError:
+    """The ServiceError another process described by its code (an unknown code, from a
+    newer build, becomes UnavailableError: retry, or look at that node's log)."""
+    cls = _ERRORS_BY_CODE.get(code) or _error_classes().get(code)
+    try:
+        if cls is ConditionFailedError:
+            key, current = details.get("key"), details.get("current_index")
+            if isinstance(key, str) and type(current) is int:
+                return ConditionFailedError(message, key=key, current_index=current,
+                                            leader=leader)
+        elif cls is LeaseNotFoundError:
+            lease_id = details.get("lease_id")
+            if type(lease_id) is int:
+                return LeaseNotFoundError(message, lease_id=lease_id, leader=leader)
+        elif cls is not None:
+            return cls(message, leader=leader)
+    except TypeError:  # a subclass with other required arguments: see below
+        pass
+    return UnavailableError(f"{message} ({code})", leader=leader)
+
+
+def _error_classes() -> dict[str, type[ServiceError]]:
+    found: dict[str, type[ServiceError]] = {}
+    todo: list[type[ServiceError]] = [ServiceError]
+    while todo:
+        cls = todo.pop()
+        found.setdefault(cls.code, cls)
+        todo.extend(cls.__subclasses__())
+    return found
 
 
 # --------------------------------------------------------------------------- protocol
@@ -366,3 +409,6 @@ class KVService(Protocol):
         index now), or until timeout_s passes; see WatchResult. Served from this node's
         applied state, whatever its role."""
         ...
+
+
+_ERRORS_BY_CODE: dict[str, type[ServiceError]] = _error_classes()

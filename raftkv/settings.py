@@ -104,8 +104,9 @@ class Settings:
     max_map_size_mb: int = field(default=16384, metadata=_meta(
         "RAFTKV_MAX_MAP_SIZE_MB", "--max-map-size-mb",
         "LMDB map size cap (MiB): writes stop with 507 beyond it", kind=int))
-    http_threads: int = field(default=32, metadata=_meta(
-        "RAFTKV_HTTP_THREADS", "--http-threads", "HTTP worker threads", kind=int))
+    http_workers: int = field(default=0, metadata=_meta(
+        "RAFTKV_HTTP_WORKERS", "--http-workers",
+        "HTTP worker processes (0: one per CPU)", kind=int))
     request_timeout_ms: int = field(default=5000, metadata=_meta(
         "RAFTKV_REQUEST_TIMEOUT_MS", "--request-timeout-ms",
         "default time a request waits for commit", kind=int))
@@ -140,8 +141,8 @@ class Settings:
                                 "RAFTKV_SNAPSHOT_TRAILING >= 0")
         if not 1 <= self.map_size_mb <= self.max_map_size_mb:
             raise SettingsError("need 1 <= RAFTKV_MAP_SIZE_MB <= RAFTKV_MAX_MAP_SIZE_MB")
-        if not 1 <= self.http_threads <= 1024:
-            raise SettingsError("RAFTKV_HTTP_THREADS must be 1..1024")
+        if not 0 <= self.http_workers <= 64:
+            raise SettingsError("RAFTKV_HTTP_WORKERS must be 0..64 (0: one per CPU)")
         if self.request_timeout_ms < 1:
             raise SettingsError("RAFTKV_REQUEST_TIMEOUT_MS must be >= 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -1,49 +1,99 @@
-"""Serve a WSGI app with waitress, tuned for many small keep-alive requests.
+"""The HTTP face of a node: waitress serving the Falcon app, its requests as greenlets.
 
-`serve(app, host, port)` binds and listens at once (port 0 picks a free port, see `.port`);
-`.run()` blocks in the calling thread until `.close()` is called from any thread.
+`ServerHandle` is one waitress server on listening sockets that are already bound (an HTTP
+worker gets the node's socket from the Raft process; `serve` binds one for tests and tools).
+`run()` turns waitress's loop in the calling thread: poll the sockets, run the request
+greenlets that are ready (raftkv.http.green), run the `loop_hooks` (a worker sends the
+requests its greenlets queued), until `close()`, which is safe from any thread.
+
+Waitress's own error answers are in the API's JSON shape (raftkv.http.waitress_errors).
+`threads=N` instead serves with waitress's thread pool: only for test doubles whose service
+blocks a thread (tests/support/single_node.py); the node itself never does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
+from collections.abc import Callable
 from typing import Any, Final
 
-from waitress import trigger, wasyncore
+from waitress import wasyncore
 
+from raftkv.http.green import GreenDispatcher
 from raftkv.http.waitress_errors import create_server
 
-__all__ = ["ServerHandle", "serve"]
+__all__ = ["DEFAULT_MAX_REQUEST_BODY_BYTES", "ServerHandle", "serve"]
 
-_log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BODY_BYTES: Final = 8 << 20
 """Waitress's own bound. Keep it above the app's max_body_bytes so that the app, not waitress,
-answers an oversized body (with the JSON error shape); waitress still never buffers more."""
+answers an oversized body; waitress still never buffers more."""
+_POLL_S: Final = 1.0
 _CLOSE_WAIT_S: Final = 5.0
 
 
-class ServerHandle:
-    """A bound waitress server. Not started until `run()`; `close()` is safe from any thread,
-    before, during or after `run()`, and more than once."""
+class _Wakeup(wasyncore.file_dispatcher):  # type: ignore[misc]
+    """The dispatcher's wake-up pipe in waitress's socket map (its loop polls it)."""
 
-    def __init__(self, server: Any, socket_map: dict[Any, Any]) -> None:
-        self._server = server
-        self._map = socket_map
-        # Our own wake-up pipe in the loop's map: close() runs its work inside the loop thread.
-        self._trigger = trigger.trigger(socket_map)
-        listen = getattr(server, "effective_listen", None)
+    def __init__(self, fd: int, socket_map: dict[Any, Any]) -> None:
+        super().__init__(fd, map=socket_map)
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def handle_read(self) -> None:
+        pass  # the dispatcher drains it in run_ready
+
+    def close(self) -> None:  # the dispatcher owns the fd
+        self.del_channel()
+
+
+class ServerHandle:
+    """A waitress server on bound sockets. Not serving until `run()`; `close()` is safe from
+    any thread, before, during or after `run()`, and more than once."""
+
+    def __init__(self, app: Any, sockets: list[socket.socket], *, threads: int = 0,
+                 connection_limit: int = 10_000, channel_timeout_s: int = 120,
+                 backlog: int = 2048,
+                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> None:
+        # Waitress warns "Task queue depth is N" once per queued request under load.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+        self._map: dict[Any, Any] = {}
+        self.dispatcher: GreenDispatcher | None = None if threads else GreenDispatcher()
+        kwargs: dict[str, Any] = {}
+        if self.dispatcher is not None:
+            kwargs["_dispatcher"] = self.dispatcher
+            _Wakeup(self.dispatcher.wake_fd, self._map)
+        else:
+            kwargs["threads"] = threads
+        self._server = create_server(
+            app, map=self._map, sockets=sockets, connection_limit=connection_limit,
+            channel_timeout=channel_timeout_s, backlog=backlog,
+            max_request_body_size=max_request_body_bytes, recv_bytes=65536,
+            asyncore_use_poll=True,  # select() fails past 1024 descriptors
+            clear_untrusted_proxy_headers=False, expose_tracebacks=False, ident="raftkv",
+            **kwargs)
+        if self.dispatcher is not None:
+            # Every task runs on this thread: the loop re-polls after each round anyway.
+            self._server.pull_trigger = _no_trigger
+        listen = getattr(self._server, "effective_listen", None)
         if listen is None:  # one listening socket: waitress returns that server itself
-            listen = [(server.effective_host, server.effective_port)]
+            listen = [(self._server.effective_host, self._server.effective_port)]
         self.addresses: list[tuple[str, int]] = [(str(h), int(p)) for h, p in listen]
-        """Every (host, port) listened on; more than one when the host name resolves to
-        several addresses."""
+        self.loop_hooks: list[Callable[[], None]] = []
+        """Run after every turn of the loop (green mode)."""
         self._lock = threading.Lock()
+        self._closing = False
         self._running = False
-        self._closed = False
-        self._stopped = threading.Event()
         self._run_thread: int | None = None
+        self._stopped = threading.Event()
 
     @property
     def host(self) -> str:
@@ -58,70 +108,84 @@ class ServerHandle:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def socket_map(self) -> dict[Any, Any]:
+        return self._map
+
     def run(self) -> None:
         """Serve until close(). Blocks the calling thread."""
         with self._lock:
-            if self._closed or self._running:
+            if self._closing or self._running:
                 return
             self._running = True
             self._run_thread = threading.get_ident()
-        _log.info("event=http_listening address=%s:%d", self.host, self.port)
         try:
-            self._server.run()
+            if self.dispatcher is None:
+                self._server.run()
+            else:
+                self._run_green(self.dispatcher)
         finally:
             self._server.task_dispatcher.shutdown(timeout=_CLOSE_WAIT_S)
             self._stopped.set()
 
+    def _run_green(self, dispatcher: GreenDispatcher) -> None:
+        poll = wasyncore.poll2
+        socket_map = self._map
+        hooks = self.loop_hooks
+        while not self._closing:
+            poll(dispatcher.timeout(_POLL_S), socket_map)
+            dispatcher.run_ready()
+            for hook in hooks:
+                hook()
+        self._close_all()
+
     def close(self) -> None:
-        """Stop accepting, drop open connections, stop the worker threads, and wait for run()
-        to return (bounded)."""
+        """Stop accepting, drop open connections, and wait for run() to return (bounded)."""
         with self._lock:
-            if self._closed:
+            if self._closing:
                 return
-            self._closed = True
+            self._closing = True
             running = self._running
-        if running:
-            # The socket map belongs to the loop thread: close everything from inside it.
-            self._trigger.pull_trigger(self._close_all)
-            if self._run_thread == threading.get_ident():
-                return  # called from inside run() (a signal handler): the loop ends next
-            if not self._stopped.wait(_CLOSE_WAIT_S):
-                _log.warning("event=http_close_timeout wait_s=%s", _CLOSE_WAIT_S)
-        else:
+        if not running:
             self._close_all()
-            self._server.task_dispatcher.shutdown(timeout=_CLOSE_WAIT_S)
+            return
+        if self.dispatcher is not None:
+            self.dispatcher.post(lambda: None)  # wake the loop: it sees _closing
+        else:
+            self._server.trigger.pull_trigger(self._close_all)
+        if self._run_thread == threading.get_ident():
+            return  # called on the loop itself: it ends after this turn
+        if not self._stopped.wait(_CLOSE_WAIT_S):
+            log.warning("event=http_close_timeout wait_s=%s", _CLOSE_WAIT_S)
+
+    def stop_accepting(self) -> None:
+        """Loop thread: close the listening sockets only (a worker that drains)."""
+        for obj in list(self._map.values()):
+            if getattr(obj, "accepting", False):
+                with contextlib.suppress(OSError):
+                    obj.close()
+
+    def open_connections(self) -> int:
+        return sum(1 for obj in self._map.values() if hasattr(obj, "requests"))
 
     def _close_all(self) -> None:
         wasyncore.close_all(self._map, ignore_all=True)
 
 
-def serve(app: Any, host: str, port: int, *, threads: int = 32, connection_limit: int = 1000,
+def _no_trigger(*_args: Any) -> None:
+    pass
+
+
+def serve(app: Any, host: str, port: int, *, threads: int = 0, connection_limit: int = 10_000,
           channel_timeout_s: int = 120, backlog: int = 2048,
           max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> ServerHandle:
-    """Bind `app` on host:port (0 = any free port) and return a handle; call .run() to serve.
-
-    `threads` bounds concurrent requests (each may wait up to the request timeout on Raft),
-    `connection_limit` bounds open connections, `channel_timeout_s` closes idle keep-alive
-    connections (a connection with a request in progress is never idle).
-    """
-    # Waitress warns "Task queue depth is N" once per queued request under load: not news.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    socket_map: dict[Any, Any] = {}
-    # Waitress's own errors (400, 413, 431, ...) in the JSON shape: raftkv.http.waitress_errors.
-    server = create_server(
-        app,
-        map=socket_map,
-        host=host,
-        port=port,
-        threads=threads,
-        connection_limit=connection_limit,
-        channel_timeout=channel_timeout_s,
-        backlog=backlog,
-        max_request_body_size=max_request_body_bytes,
-        recv_bytes=65536,
-        asyncore_use_poll=True,  # select() fails past 1024 descriptors
-        clear_untrusted_proxy_headers=True,
-        expose_tracebacks=False,
-        ident="raftkv",
-    )
-    return ServerHandle(server, socket_map)
+    """Bind host:port (0 = any free port) and return a handle; call .run() to serve."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=backlog)
+    try:
+        return ServerHandle(app, [sock], threads=threads, connection_limit=connection_limit,
+                            channel_timeout_s=channel_timeout_s, backlog=backlog,
+                            max_request_body_bytes=max_request_body_bytes)
+    except BaseException:
+        sock.close()
+        raise

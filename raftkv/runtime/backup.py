@@ -274,7 +274,7 @@ def _seed(directory: Path, view: KVSnapshotView, meta: SnapshotMeta,
 
 
 def _format_version() -> int:
-    from raftkv.runtime.server import FORMAT_VERSION
+    from raftkv.runtime.startup import FORMAT_VERSION
 
     return FORMAT_VERSION
 

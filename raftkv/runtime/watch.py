@@ -1,11 +1,11 @@
 """Watches of single keys (long polls): the registry the loop thread fires as it applies.
 
-A request thread makes a `Watch` and hands it to the loop thread (`RaftLoop.call`), which
-compares it with the key's current state (`WatchRegistry.add`) and either answers it at once
-or files it under its key. Every applied entry that changed keys passes through
-`WatchRegistry.applied`, which wakes the watches of those keys; the request thread waits on
-the watch's Waiter (thread-safe) with its own deadline and, when it runs out, ends the watch on
-the loop thread (`WatchRegistry.end`) to read the key's state at that moment.
+The Raft process makes a `Watch` for a worker's watch request, compares it with the key's
+current state (`WatchRegistry.add`) and either answers it at once or files it under its key.
+Every applied entry that changed keys passes through `WatchRegistry.applied`, which answers
+the watches of those keys (`Watch.notify`); when a watch's time runs out, `WatchRegistry.end`
+takes it back and gives the key's state at that moment. Everything here runs on the Raft
+process's one thread.
 
 Cost when nobody watches: `wants()` per applied entry is a type check and a truthiness test;
 only an entry that deleted keys is decoded (to remember those deletes, below). A lease revoke
@@ -22,8 +22,6 @@ What "changed after index n" means, with no history kept:
   absent key from an index below the floor cannot be told apart from a missed delete, so it
   is answered at once with the key's current (absent) state: a watch may end early, it never
   misses a change.
-
-All methods except Watch.wait/change/error belong to the loop thread.
 """
 
 from __future__ import annotations
@@ -40,7 +38,6 @@ from raftkv.kv.state_machine import (
     PutResult,
     Record,
 )
-from raftkv.runtime.waiter import Waiter
 
 __all__ = ["DEFAULT_MAX_TOMBSTONES", "KeyState", "Watch", "WatchRegistry"]
 
@@ -62,28 +59,17 @@ class KeyState:
 
 
 class Watch:
-    """One watch of `key`: made by a request thread, answered once by the loop thread."""
+    """One watch of `key`, answered once through `notify` (on the loop thread)."""
 
-    __slots__ = ("_waiter", "after_index", "key")
+    __slots__ = ("after_index", "key", "notify")
 
-    def __init__(self, key: str, after_index: int | None) -> None:
+    def __init__(self, key: str, after_index: int | None,
+                 notify: Callable[[KeyState | BaseException], None]) -> None:
         self.key = key
         self.after_index = after_index
         """Changes at indices > after_index count; None: from the applied index at `add`."""
-        self._waiter = Waiter()
-
-    def wait(self, timeout_s: float) -> bool:
-        """True once the watch saw a change (see `change`) or failed (see `error`)."""
-        return self._waiter.wait(timeout_s)
-
-    @property
-    def change(self) -> KeyState | None:
-        result = self._waiter.result
-        return result if isinstance(result, KeyState) else None
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._waiter.error
+        self.notify = notify
+        """Called once: with the change the watch saw, or with the error that ended it."""
 
 
 class WatchRegistry:
@@ -109,44 +95,38 @@ class WatchRegistry:
         return self._floor
 
     # ------------------------------------------------------------------ watches
-    def add(self, watch: Watch, record: Record | None, applied_index: int) -> None:
+    def add(self, watch: Watch, record: Record | None, applied_index: int) -> bool:
         """Start `watch`, given its key's current `record` and the applied index: answered at
-        once when the key changed after the watch's index, else filed until it changes."""
+        once (False) when the key changed after the watch's index, else filed until it
+        changes (True)."""
         if self._closed is not None:
-            watch._waiter.set_error(self._closed)
-            return
+            watch.notify(self._closed)
+            return False
         key = watch.key
         after = applied_index if watch.after_index is None else watch.after_index
         if record is not None:
             if record[1] > after:
-                watch._waiter.set_result(KeyState(key, record[0], record[1], False))
-                return
+                watch.notify(KeyState(key, record[0], record[1], False))
+                return False
         else:
             deleted_at = self._tombstones.get(key)
             if deleted_at is not None:
                 if deleted_at > after:
-                    watch._waiter.set_result(KeyState(key, None, deleted_at, True))
-                    return
+                    watch.notify(KeyState(key, None, deleted_at, True))
+                    return False
             elif after < self._floor:  # a delete after `after` may have been forgotten
-                watch._waiter.set_result(KeyState(key, None, applied_index, True))
-                return
+                watch.notify(KeyState(key, None, applied_index, True))
+                return False
         self._watches.setdefault(key, {})[watch] = after
         self._count += 1
+        return True
 
-    def end(self, watch: Watch, record: Record | None,
-            applied_index: int) -> tuple[KeyState, bool]:
-        """Stop `watch` (its wait ran out): (the change it saw, True) if it saw one in the
-        meantime, else (the key's current state, False). Raises the watch's error if it
-        failed."""
+    def end(self, watch: Watch, record: Record | None, applied_index: int) -> KeyState:
+        """Stop `watch`, still filed (its wait ran out): the key's current state."""
         self._remove(watch)
-        if watch.error is not None:
-            raise watch.error
-        change = watch.change
-        if change is not None:
-            return change, True
         if record is None:
-            return KeyState(watch.key, None, applied_index, True), False
-        return KeyState(watch.key, record[0], record[1], False), False
+            return KeyState(watch.key, None, applied_index, True)
+        return KeyState(watch.key, record[0], record[1], False)
 
     def close(self, error: BaseException) -> None:
         """Fail every watch with `error`, and every watch added from now on."""
@@ -154,7 +134,7 @@ class WatchRegistry:
         watches, self._watches, self._count = self._watches, {}, 0
         for waiting in watches.values():
             for watch in waiting:
-                watch._waiter.set_error(error)
+                watch.notify(error)
 
     def _remove(self, watch: Watch) -> None:
         waiting = self._watches.get(watch.key)
@@ -243,7 +223,7 @@ class WatchRegistry:
         fired = [watch for watch, after in waiting.items() if after < state.index]
         for watch in fired:
             del waiting[watch]
-            watch._waiter.set_result(state)
+            watch.notify(state)
         self._count -= len(fired)
         if not waiting:
             del self._watches[key]

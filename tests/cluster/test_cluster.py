@@ -169,7 +169,7 @@ def test_wrong_token_and_garbage_on_peer_port_are_refused(cluster: LocalCluster)
                 pass
         except (ConnectionResetError, TimeoutError):
             pass
-    from raftkv.runtime.transport import probe
+    from raftkv.runtime.transport.probe import probe
 
     with pytest.raises(Exception, match=r"(?i)token|refus|reject"):
         probe(leader.raft, cluster_id="whatever", token="wrong-token", node_id="intruder",

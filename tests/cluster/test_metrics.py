@@ -34,6 +34,18 @@ def scrape(addr: str) -> dict[str, float]:
     return values
 
 
+def puts_counted(values: dict[str, float]) -> float:
+    """PUTs answered 200, summed over the HTTP workers."""
+    total = 0.0
+    for key, value in values.items():
+        name, _, labels = key.partition("{")
+        if name == "raftkv_http_request_seconds_count" and all(
+                part in labels for part in ('method="PUT"', 'route="/keys/{key:path}"',
+                                            'status="200"', 'worker="')):
+            total += value
+    return total
+
+
 def test_metrics_move_with_writes_and_leader_changes(tmp_path: Path) -> None:
     c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
     c.start_all()
@@ -52,9 +64,16 @@ def test_metrics_move_with_writes_and_leader_changes(tmp_path: Path) -> None:
         assert after["raftkv_fsync_seconds_count"] > before.get("raftkv_fsync_seconds_count", 0)
         assert after["raftkv_persist_batch_entries_sum"] >= 20
         assert after["raftkv_apply_seconds_count"] > 0
-        put_route = ('raftkv_http_request_seconds_count{method="PUT",route="/keys/{key:path}",'
-                     'status="200"}')
-        assert after[put_route] >= 20
+        # Each HTTP worker counts its own requests (label `worker`) and reports them to the
+        # Raft process about once a second: the count over the workers reaches 20 soon.
+        def scraped_puts() -> dict[str, float] | None:
+            values = scrape(leader.http)
+            return values if puts_counted(values) >= 20 else None
+
+        counted = wait_until(scraped_puts, 5, "the workers' PUT counts to reach /metrics")
+        served = sum(v for k, v in counted.items()
+                     if k.startswith("raftkv_worker_requests_total{worker="))
+        assert served >= 20
         assert any(k.startswith("raftkv_peer_reachable") and v == 1.0 for k, v in after.items())
         follower = next(n for n in c.nodes if n is not leader)
         changes = scrape(follower.http)["raftkv_leader_changes_total"]

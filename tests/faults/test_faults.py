@@ -23,7 +23,7 @@ from raftkv.localcluster import (
     http_json,
     wait_until,
 )
-from raftkv.runtime.server import peer_source_host
+from raftkv.runtime.process import peer_source_host
 from raftkv.runtime.transport import PeerTransport
 from tests.faults import harness
 from tests.faults.harness import (

@@ -128,7 +128,7 @@ def test_a_node_killed_right_after_its_join_catches_up_when_restarted(
         tmp_path: Path) -> None:
     """Found by `python -m tests.faults.run --seed 71 --mix restarts --seconds 120`
     (member_replace, then a kill of the joining node 0.9 s after its join). The join had
-    finished (the identity was saved, NodeServer._join) but nothing had arrived from the
+    finished (the identity was saved, RaftProcess._joined) but nothing had arrived from the
     leader yet: no snapshot, no log, so no member and no address. On restart the node skipped
     the join (its data dir "has state") and, knowing no peer, refused every peer's handshake
     as unknown_node (PeerTransport only admits known peers): the leader could never reach it

@@ -1,5 +1,5 @@
 """Backup files (written atomically, checked on read) and restore into a new data dir, checked
-by booting the restored stores the way NodeServer does."""
+by booting the restored stores the way the Raft process does (raftkv.runtime.startup)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from raftkv.runtime.backup import (
     write_backup,
 )
 from raftkv.runtime.boot import load_boot_state
-from raftkv.runtime.loop import BASE_MEMBERSHIP
+from raftkv.runtime.driver import BASE_MEMBERSHIP
 from snapshots.checksum import checksum_of
 from snapshots.lmdb_store import LmdbSnapshotStore
 from storage.lmdb_store import LmdbRaftStorage

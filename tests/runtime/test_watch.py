@@ -1,11 +1,8 @@
-"""The watch registry (raftkv.runtime.watch), driven as the loop thread drives it: entries are
-applied to a real KVStateMachine and their results handed to wants()/applied()."""
+"""The watch registry (raftkv.runtime.watch), driven as the Raft process drives it: entries
+are applied to a real KVStateMachine and their results handed to wants()/applied(); each
+watch's answer arrives through its notify callback (here a Probe records it)."""
 
 from __future__ import annotations
-
-import threading
-
-import pytest
 
 from raftkv.core.types import Entry, EntryKind
 from raftkv.kv.commands import (
@@ -22,8 +19,32 @@ from raftkv.runtime.watch import KeyState, Watch, WatchRegistry
 from raftkv.service import UnavailableError
 
 
+class Probe:
+    """A watch and what its notify callback received (the Raft process sends it to a
+    worker instead)."""
+
+    def __init__(self, key: str, after_index: int | None) -> None:
+        self.outcomes: list[KeyState | BaseException] = []
+        self.watch = Watch(key, after_index, self.outcomes.append)
+
+    def wait(self, _timeout_s: float) -> bool:
+        """Answered yet? (nothing waits: the registry answers synchronously)"""
+        return bool(self.outcomes)
+
+    @property
+    def change(self) -> KeyState | None:
+        assert len(self.outcomes) <= 1, "a watch is answered once"
+        first = self.outcomes[0] if self.outcomes else None
+        return first if isinstance(first, KeyState) else None
+
+    @property
+    def error(self) -> BaseException | None:
+        first = self.outcomes[0] if self.outcomes else None
+        return first if isinstance(first, BaseException) else None
+
+
 class Node:
-    """A state machine and a registry, wired like RaftLoop._on_applied wires them."""
+    """A state machine and a registry, wired like RaftDriver._on_applied wires them."""
 
     def __init__(self, max_tombstones: int = 100) -> None:
         self.sm = KVStateMachine()
@@ -40,10 +61,11 @@ class Node:
             self.watches.applied(index, data, result, self.sm.get)
         return index
 
-    def watch(self, key: str, after_index: int | None) -> Watch:
-        w = Watch(key, after_index)
-        self.watches.add(w, self.sm.get(key), self.sm.applied_index)
-        return w
+    def watch(self, key: str, after_index: int | None) -> Probe:
+        probe = Probe(key, after_index)
+        filed = self.watches.add(probe.watch, self.sm.get(key), self.sm.applied_index)
+        assert filed == (not probe.outcomes)
+        return probe
 
 
 def test_put_wakes_a_watch_of_its_key_with_the_new_value_and_index() -> None:
@@ -192,12 +214,12 @@ def test_several_watches_of_one_key_all_wake() -> None:
     assert [w.change for w in watches] == [KeyState("k", "v", index, deleted=False)] * 3
 
 
-def test_end_returns_the_current_state_unchanged_and_forgets_the_watch() -> None:
+def test_end_returns_the_current_state_and_forgets_the_watch() -> None:
     node = Node()
     index = node.apply(Put("k", "v"))
     w = node.watch("k", index)
-    state, changed = node.watches.end(w, node.sm.get("k"), node.sm.applied_index)
-    assert (state, changed) == (KeyState("k", "v", index, deleted=False), False)
+    state = node.watches.end(w.watch, node.sm.get("k"), node.sm.applied_index)
+    assert state == KeyState("k", "v", index, deleted=False)
     assert len(node.watches) == 0
     node.apply(Put("k", "later"))
     assert not w.wait(0)
@@ -207,16 +229,16 @@ def test_end_of_an_absent_key_reports_it_deleted_at_the_applied_index() -> None:
     node = Node()
     w = node.watch("k", None)
     applied = node.apply(Put("other", 1))
-    assert node.watches.end(w, None, applied) == (KeyState("k", None, applied, True), False)
+    assert node.watches.end(w.watch, None, applied) == KeyState("k", None, applied, True)
 
 
-def test_end_after_the_watch_fired_returns_the_change() -> None:
+def test_a_watch_is_answered_once_with_its_first_change_and_then_forgotten() -> None:
     node = Node()
     w = node.watch("k", None)
     index = node.apply(Put("k", 1))
     node.apply(Put("k", 2))
-    state, changed = node.watches.end(w, node.sm.get("k"), node.sm.applied_index)
-    assert (state, changed) == (KeyState("k", 1, index, deleted=False), True)
+    assert w.outcomes == [KeyState("k", 1, index, deleted=False)]
+    assert len(node.watches) == 0
 
 
 def test_forgotten_deletes_raise_the_floor_and_an_older_watch_of_an_absent_key_ends_at_once(
@@ -255,10 +277,9 @@ def test_close_fails_waiting_and_later_watches() -> None:
     w = node.watch("k", None)
     node.watches.close(UnavailableError("stopping"))
     assert w.wait(0) and isinstance(w.error, UnavailableError)
+    assert len(node.watches) == 0
     later = node.watch("k", None)
     assert later.wait(0) and isinstance(later.error, UnavailableError)
-    with pytest.raises(UnavailableError):
-        node.watches.end(w, None, 0)
 
 
 # ------------------------------------------------------------------ leases
@@ -305,19 +326,3 @@ def test_lease_grants_retried_revokes_and_missing_leases_are_no_change() -> None
     node.apply(LeaseRevoke(999))
     assert not w.wait(0)
     assert node.sm.get("k") == (2, 4)
-
-
-def test_a_watch_wakes_a_thread_waiting_on_it() -> None:
-    node = Node()
-    w = node.watch("k", None)
-    woke = threading.Event()
-
-    def wait() -> None:
-        if w.wait(10):
-            woke.set()
-
-    t = threading.Thread(target=wait)
-    t.start()
-    node.apply(Put("k", 1))
-    t.join(10)
-    assert woke.is_set()

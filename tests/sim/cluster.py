@@ -89,14 +89,14 @@ LIVENESS = "liveness"
 
 
 BASE_MEMBERSHIP = Membership(frozenset())
-"""The configuration at index 0, as in the runtime (raftkv.runtime.loop.BASE_MEMBERSHIP):
+"""The configuration at index 0, as in the runtime (raftkv.runtime.driver.BASE_MEMBERSHIP):
 empty, because the first log entries add the initial members."""
 BOOTSTRAP_TERM = 1
 
 
 def bootstrap_log(members: Sequence[NodeId]) -> tuple[HardState, list[Entry]]:
     """What every initial member has on disk before its first start, as the runtime writes it
-    (raftkv.runtime.server._write_bootstrap_log): one committed ADD_VOTER entry per member, in
+    (raftkv.runtime.startup.write_bootstrap_log): one committed ADD_VOTER entry per member, in
     term 1. A node that joins later starts empty and learns the members from the log."""
     entries = [
         Entry(i, BOOTSTRAP_TERM, EntryKind.CONF_CHANGE, change=ConfChange(ConfChangeOp.ADD_VOTER,

@@ -51,7 +51,7 @@ from raftkv.kv.state_machine import (
 from raftkv.kv.state_machine import (
     DeleteResult as KVDeleteResult,
 )
-from raftkv.runtime.watch import Watch, WatchRegistry
+from raftkv.runtime.watch import KeyState, Watch, WatchRegistry
 from raftkv.service import (
     MAX_LEASE_KEYS_SHOWN,
     Backup,
@@ -180,16 +180,24 @@ class SingleNodeService:
             else DeleteResult(r.deleted, r.index) for r in result.results))
 
     def watch(self, key: str, after_index: int | None, timeout_s: float) -> WatchResult:
-        w = Watch(key, after_index)
+        answered = threading.Event()
+        outcome: list[object] = []
+
+        def notify(state: object) -> None:  # called under self._lock
+            outcome.append(state)
+            answered.set()
+
+        w = Watch(key, after_index, notify)
         with self._lock:
             self.watches.add(w, self.sm.get(key), self.sm.applied_index)
-        if w.wait(timeout_s):
-            change = w.change
-            assert change is not None
-            return WatchResult(key, change.value, change.index, change.deleted, True)
+        answered.wait(timeout_s)
         with self._lock:
-            state, changed = self.watches.end(w, self.sm.get(key), self.sm.applied_index)
-        return WatchResult(key, state.value, state.index, state.deleted, changed)
+            if not outcome:  # the time ran out: the key's state now
+                state = self.watches.end(w, self.sm.get(key), self.sm.applied_index)
+                return WatchResult(key, state.value, state.index, state.deleted, False)
+        change = outcome[0]
+        assert isinstance(change, KeyState)
+        return WatchResult(key, change.value, change.index, change.deleted, True)
 
     # ------------------------------------------------------------------ leases
     def lease_grant(self, ttl_s: int, *, request_id: str | None = None,

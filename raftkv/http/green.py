@@ -1,0 +1,181 @@
+"""Waitress tasks as greenlets on waitress's own loop thread: no thread hand-offs per request.
+
+Waitress parses requests on its main loop and normally hands each one to a pool thread, which
+runs the WSGI app and hands the response back through a trigger pipe; a request that waits
+(for the Raft process) holds its thread. Here the task dispatcher (`GreenDispatcher`, given
+to waitress as its dispatcher) runs each request in a greenlet on the loop thread instead: the
+app runs until it must wait, then `suspend()` switches back to the loop, which resumes it when
+its answer arrives (`resume`) or its time runs out. Thousands of requests (long-poll watches)
+can wait at once at the cost of a greenlet each, and no request costs a thread switch.
+
+The `greenlet` package (a well-kept C extension, the core of gevent and used by SQLAlchemy) is
+what makes this possible without rewriting the app as async code: the Falcon app stays
+synchronous and unchanged.
+
+Rules for code that runs in a request greenlet: never block the thread. Waiting is `suspend`
+(through raftkv.worker.channel), and blocking work goes through `run_in_thread`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+from greenlet import getcurrent, greenlet
+
+__all__ = ["TIMED_OUT", "GreenDispatcher", "Suspended"]
+
+log = logging.getLogger(__name__)
+
+TIMED_OUT: Final = object()
+"""What `suspend` returns when its deadline passed first."""
+
+
+class Suspended:
+    """One wait of one greenlet: resumed once, by `resume` or by its deadline."""
+
+    __slots__ = ("done", "glet")
+
+    def __init__(self, glet: greenlet) -> None:
+        self.glet = glet
+        self.done = False
+
+
+class GreenDispatcher:
+    """Waitress's task dispatcher (add_task/set_thread_count/shutdown), and the scheduler of
+    the greenlets that run the tasks. Every method but `post` belongs to the loop thread."""
+
+    def __init__(self) -> None:
+        self._main = getcurrent()
+        self._ready: deque[tuple[greenlet, Any]] = deque()
+        self._timers: list[tuple[float, int, Suspended]] = []
+        self._seq = itertools.count()
+        self._posted: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.tasks = 0
+        """Requests being served (greenlets started and not finished)."""
+        self.after_run: list[Callable[[], None]] = []
+        """Called after each round of greenlets (e.g. to send the requests they queued)."""
+
+    # ------------------------------------------------------------------ waitress's API
+    def set_thread_count(self, count: int) -> None:
+        """Waitress asks for threads; greenlets need none."""
+
+    def add_task(self, task: Any) -> None:
+        # Called by waitress while it holds the channel's requests_lock: run it later, from
+        # the loop (run_ready), never from inside that call.
+        self.tasks += 1
+        self._ready.append((greenlet(self._serve), task))
+
+    def shutdown(self, cancel_pending: bool = True, timeout: int = 5) -> bool:
+        return True
+
+    def _serve(self, task: Any) -> None:
+        try:
+            task.service()
+        except BaseException:  # waitress's own handler logs app errors; this is a bug
+            log.exception("event=http_task_failed")
+        finally:
+            self.tasks -= 1
+
+    # ------------------------------------------------------------------ for request code
+    @property
+    def in_request(self) -> bool:
+        return getcurrent() is not self._main
+
+    def suspend(self, deadline: float | None) -> tuple[Suspended, Callable[[], Any]]:
+        """(the handle to resume it with, a function that switches to the loop and returns
+        the value it was resumed with, or TIMED_OUT). Split in two so the caller can file the
+        handle before it switches."""
+        handle = Suspended(getcurrent())
+        if deadline is not None:
+            heapq.heappush(self._timers, (deadline, next(self._seq), handle))
+        return handle, self._main.switch
+
+    def resume(self, handle: Suspended, value: Any) -> bool:
+        """Resume a suspended greenlet with `value` (once; False if it already was)."""
+        if handle.done:
+            return False
+        handle.done = True
+        self._ready.append((handle.glet, value))
+        return True
+
+    def run_in_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run blocking `fn` on a short-lived thread; this greenlet waits without blocking
+        the loop. Its exception is raised here."""
+        handle, wait = self.suspend(None)
+        outcome: list[Any] = []
+
+        def work() -> None:
+            try:
+                outcome.append((True, fn()))
+            except BaseException as e:
+                outcome.append((False, e))
+            self.post(lambda: _ignore(self.resume(handle, None)))
+
+        threading.Thread(target=work, name="http-blocking", daemon=True).start()
+        wait()
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    def post(self, callback: Callable[[], None]) -> None:
+        """From any thread: run `callback` on the loop thread."""
+        self._posted.append(callback)
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    @property
+    def wake_fd(self) -> int:
+        """Readable when something was posted (the loop polls it)."""
+        return self._wake_r
+
+    # ------------------------------------------------------------------ for the loop
+    def has_ready(self) -> bool:
+        return bool(self._ready) or bool(self._posted)
+
+    def timeout(self, default_s: float) -> float:
+        """How long the loop may wait for I/O."""
+        if self._ready or self._posted:
+            return 0.0
+        if self._timers:
+            return max(0.0, min(default_s, self._timers[0][0] - time.monotonic()))
+        return default_s
+
+    def run_ready(self) -> None:
+        """Run what was posted, the due timers, and every ready greenlet until all wait."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._wake_r, 4096):
+                pass
+        posted = self._posted
+        while posted:
+            posted.popleft()()
+        timers = self._timers
+        if timers:
+            now = time.monotonic()
+            while timers and timers[0][0] <= now:
+                handle = heapq.heappop(timers)[2]
+                self.resume(handle, TIMED_OUT)
+        ready = self._ready
+        while ready:
+            for _ in range(len(ready)):
+                glet, value = ready.popleft()
+                glet.switch(value)
+            for hook in self.after_run:
+                hook()
+        if len(timers) > 64 and len(timers) > 4 * self.tasks:
+            self._timers = [t for t in timers if not t[2].done]  # resumed long ago
+            heapq.heapify(self._timers)
+
+
+def _ignore(_value: object) -> None:
+    pass

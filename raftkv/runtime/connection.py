@@ -1,0 +1,187 @@
+"""A framed, non-blocking stream socket on the event loop: the one kind of connection of the
+Raft process (to peers, from peers, to its HTTP workers).
+
+Reading: whenever the socket is readable, read what is there (a bounded number of recv calls
+per turn, so one busy connection cannot starve the others), cut it into frames
+(raftkv.framing) and hand them to `on_frames` in one call. Writing: `send_frame` only queues;
+`flush` writes as much as the socket takes without blocking and asks the loop for
+writability while anything is left. A file descriptor can travel with a frame
+(`send_frame_with_fd`, SCM_RIGHTS on a Unix socket).
+
+Any error on the socket, or a FrameError, closes the connection and calls `on_closed` once
+with the reason; nothing raised here reaches the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from raftkv.framing import FrameDecoder, FrameError, frame_header
+from raftkv.runtime.eventloop import EPOLLIN, EPOLLOUT, EventLoop
+
+__all__ = ["Connection"]
+
+log = logging.getLogger(__name__)
+
+READ_BYTES: Final = 256 << 10
+READS_PER_TURN: Final = 16
+
+
+@dataclass(slots=True)
+class _FdChunk:
+    data: bytes
+    fd: int
+
+
+OnFrames = Callable[[list[tuple[int, bytes]]], None]
+OnClosed = Callable[[str], None]
+
+
+class Connection:
+    __slots__ = ("_closed", "_decoder", "_loop", "_on_closed", "_on_frames", "_out",
+                 "_want_write", "fd", "name", "out_bytes", "sock")
+
+    def __init__(self, loop: EventLoop, sock: socket.socket, *, max_frame_bytes: int,
+                 on_frames: OnFrames, on_closed: OnClosed, name: str) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.name = name
+        self._loop = loop
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._on_frames = on_frames
+        self._on_closed = on_closed
+        self._out: list[bytes | _FdChunk] = []
+        self.out_bytes = 0
+        """Bytes queued and not yet written."""
+        self._want_write = False
+        self._closed = False
+        loop.register(self.fd, EPOLLIN, self._on_events)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def set_handlers(self, on_frames: OnFrames, on_closed: OnClosed) -> None:
+        self._on_frames = on_frames
+        self._on_closed = on_closed
+
+    def set_max_frame_bytes(self, max_frame_bytes: int) -> None:
+        self._decoder.max_frame_bytes = max_frame_bytes
+
+    # ------------------------------------------------------------------ writing
+    def send_frame(self, kind: int, payload: bytes) -> None:
+        """Queue a frame (flush() writes it)."""
+        if self._closed:
+            return
+        self._out.append(frame_header(kind, len(payload)))
+        self._out.append(payload)
+        self.out_bytes += len(payload) + 5
+
+    def send_frame_with_fd(self, kind: int, payload: bytes, fd: int) -> None:
+        """Queue a frame that carries `fd` (a dup is sent; the caller keeps `fd`)."""
+        if self._closed:
+            return
+        self._out.append(_FdChunk(frame_header(kind, len(payload)) + payload, os.dup(fd)))
+        self.out_bytes += len(payload) + 5
+
+    def flush(self) -> None:
+        """Write what the socket takes now; the rest when it becomes writable."""
+        if self._closed or not self._out:
+            return
+        out = self._out
+        sock = self.sock
+        try:
+            while out:
+                first = out[0]
+                if isinstance(first, _FdChunk):
+                    sent = socket.send_fds(sock, [first.data], [first.fd])
+                    os.close(first.fd)
+                    if sent < len(first.data):
+                        out[0] = first.data[sent:]
+                    else:
+                        out.pop(0)
+                    self.out_bytes -= sent
+                    continue
+                # Join the plain bytes up to the next fd chunk: one send() for a batch.
+                end = 1
+                while end < len(out) and not isinstance(out[end], _FdChunk):
+                    end += 1
+                data = first if end == 1 else b"".join(out[:end])  # type: ignore[arg-type]
+                assert isinstance(data, bytes)
+                sent = sock.send(data)
+                self.out_bytes -= sent
+                if sent < len(data):
+                    out[:end] = [data[sent:]]
+                    break
+                del out[:end]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            self.close(f"write failed: {e.strerror or e}")
+            return
+        want = bool(out)
+        if want != self._want_write:
+            self._want_write = want
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.modify(self.fd, EPOLLIN | EPOLLOUT if want else EPOLLIN)
+
+    # ------------------------------------------------------------------ reading
+    def _on_events(self, mask: int) -> None:
+        if mask & EPOLLOUT:
+            self.flush()
+        if mask & EPOLLIN and not self._closed:
+            self._read()
+
+    def _read(self) -> None:
+        sock = self.sock
+        decoder = self._decoder
+        frames: list[tuple[int, bytes]] = []
+        reason = ""
+        for _ in range(READS_PER_TURN):
+            try:
+                data = sock.recv(READ_BYTES)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                reason = f"read failed: {e.strerror or e}"
+                break
+            if not data:
+                reason = "closed by the other side"
+                break
+            try:
+                frames.extend(decoder.feed(data))
+            except FrameError as e:
+                reason = str(e)
+                break
+            if len(data) < READ_BYTES:
+                break
+        if frames:
+            self._on_frames(frames)
+        if reason:
+            self.close(reason)
+
+    # ------------------------------------------------------------------ closing
+    def close(self, reason: str = "closed") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.unregister(self.fd)
+        for item in self._out:
+            if isinstance(item, _FdChunk):
+                with contextlib.suppress(OSError):
+                    os.close(item.fd)
+        self._out.clear()
+        self.out_bytes = 0
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        try:
+            self._on_closed(reason)
+        except Exception:  # a handler's bug must not take the loop down
+            log.exception("event=connection_close_handler_failed connection=%s", self.name)

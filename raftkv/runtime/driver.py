@@ -1,0 +1,763 @@
+"""The Raft driver: the core, the stores and the state machine, on the event loop's one thread.
+
+Everything that changes Raft state goes through here: client proposals (from the HTTP workers
+or forwarded by followers), reads, Raft messages from peers, ticks, membership changes,
+snapshots and lease expiry. At the end of every loop turn `process()` handles the core's
+Readies with the ONE ReadyHandler (raftkv.runtime.ready_handler): send, persist once (group
+commit: one LMDB transaction and fsync for everything the turn brought), apply, advance.
+
+Outcomes leave through `Completion`s: `ok(value)` once a write is committed and applied (the
+apply result) or a read may be served (the read index, with the state machine applied up to
+it), `fail(ServiceError)` otherwise. A write already handed to Raft is never failed as if it
+had no effect: when its fate is unknown it fails with OutcomeUnknownError.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from raftkv import codec
+from raftkv.core import (
+    BootState,
+    ConfChange,
+    ConfChangeOp,
+    ConfChangeRejected,
+    Entry,
+    EntryKind,
+    HardState,
+    Membership,
+    Message,
+    NotLeader,
+    ProposalDropped,
+    RaftError,
+    RaftNode,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+    SoftState,
+)
+from raftkv.core.ready import Ready
+from raftkv.kv.commands import LeaseRevoke, encode_command
+from raftkv.kv.leases import LeaseExpiry, NotLeaseLeader
+from raftkv.kv.state_machine import KVSnapshotView, KVStateMachine, serialize_snapshot
+from raftkv.metrics import NodeMetrics
+from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StorageFull
+from raftkv.runtime.boot import load_boot_state
+from raftkv.runtime.ready_handler import ReadyHandler
+from raftkv.runtime.watch import WatchRegistry
+from raftkv.service import (
+    MAX_LEASE_KEYS_SHOWN,
+    LeaseNotFoundError,
+    MembershipChangeError,
+    NoLeaderError,
+    OutcomeUnknownError,
+    ServiceError,
+    StorageFullError,
+    UnavailableError,
+)
+from snapshots.policy import SnapshotPolicy
+
+__all__ = ["BASE_MEMBERSHIP", "Completion", "FrameSender", "RaftDriver"]
+
+log = logging.getLogger(__name__)
+
+BASE_MEMBERSHIP: Final = Membership(frozenset())
+"""The configuration "at index 0" of every raftkv cluster: empty, because a cluster's first
+log entries add its initial members (raftkv.runtime.startup), so replaying the log from the
+start rebuilds the membership."""
+
+RECENT_RESULTS: Final = 4096
+HOUSEKEEPING_TICKS: Final = 10
+
+
+class Completion(Protocol):
+    """Where one operation's outcome goes (a worker's reply, a follower's forward result)."""
+
+    def ok(self, value: object) -> None: ...
+
+    def fail(self, error: ServiceError) -> None: ...
+
+
+class FrameSender(Protocol):
+    """What the driver needs of the peer transport."""
+
+    def send(self, to: str, kind: int, payload: bytes) -> bool: ...
+
+    def flush(self) -> None: ...
+
+    def set_peers(self, peers: Mapping[str, str]) -> None: ...
+
+
+Expect = bytes | ConfChange | None
+"""What an applied entry must hold to answer a proposal: the command bytes or the change of a
+forwarded one; None for this node's own proposals, whose (index, term) is theirs alone."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    term: int
+    expect: Expect
+    done: Completion
+
+
+class _Transport:
+    """ports.Transport for the ReadyHandler: Raft messages as RAFT frames, written at once
+    (appends leave before the leader's own fsync)."""
+
+    def __init__(self, frames: FrameSender) -> None:
+        self._frames = frames
+
+    def send(self, messages: Sequence[Message]) -> None:
+        encode = codec.encode_message
+        send = self._frames.send
+        kind = codec.FrameKind.RAFT
+        for m in messages:
+            send(m.to, kind, encode(m))
+        self._frames.flush()
+
+
+def holds(entry: Entry, expect: Expect) -> bool:
+    """Does the applied entry hold what the proposal sent?"""
+    if expect is None:
+        return True
+    if isinstance(expect, ConfChange):
+        return entry.change == expect
+    return entry.data == expect
+
+
+class RaftDriver:
+    def __init__(
+        self,
+        *,
+        core: RaftNode,
+        storage: RaftStorage,
+        snapshots: SnapshotStore,
+        state_machine: KVStateMachine,
+        frames: FrameSender,
+        addresses: Mapping[str, str],
+        snapshot_policy: SnapshotPolicy,
+        rng: random.Random,
+        metrics: NodeMetrics,
+        post: Callable[[Callable[[], None]], None],
+        clock: Callable[[], float] = time.monotonic,
+        boot_commit: int = 0,
+    ) -> None:
+        """`post` runs a callback on the loop thread from another thread (the snapshot
+        writer). `boot_commit`: membership changes up to this index were logged before."""
+        self.core = core
+        self.storage = storage
+        self.snapshots = snapshots
+        self.sm = state_machine
+        self.frames = frames
+        self.metrics = metrics
+        self._rng = rng
+        self._post = post
+        self._clock = clock
+        self._policy = snapshot_policy
+        self._boot_commit = boot_commit
+        self._addresses: dict[str, str] = dict(addresses)
+        self._addresses.update(state_machine.addresses)
+        log_view = core.log
+        for e in log_view.slice(log_view.first_index(), log_view.last_index() + 1):
+            if e.kind is EntryKind.CONF_CHANGE and e.change is not None:
+                self._note_address(e.change)
+        self.handler = ReadyHandler(
+            node=core, storage=storage, snapshots=snapshots, state_machine=state_machine,
+            transport=_Transport(frames), on_applied=self._on_applied,
+            on_read=self._on_read, on_read_failed=self._on_read_failed,
+            on_persist_timed=self._persist_timed, on_apply_timed=self._apply_timed)
+        self._proposals: dict[int, _Pending] = {}
+        self._recent: collections.OrderedDict[int, tuple[Entry, object]] = (
+            collections.OrderedDict())
+        self._reads: dict[int, tuple[float, Completion]] = {}
+        self._next_read_id = 1
+        self._soft = SoftState(core.role, core.leader, core.term)
+        self._members = core.membership
+        self.watches = WatchRegistry(floor_index=state_machine.applied_index)
+        self.leases = LeaseExpiry()
+        self._lease_term: int | None = None
+        self._snapshot_in_progress = False
+        self._last_snapshot_index = core.snapshot_meta.index
+        self._ticks = 0
+        self.storage_full = False
+        self.fatal: str | None = None
+        self.reachable: dict[str, bool] = {}
+        self.state_listeners: list[Callable[[SoftState], None]] = []
+        """Called after every role, term or leader change (e.g. to push it to workers)."""
+        self.forwarder: Forwarding | None = None
+        """Set by the composition root: follower-to-leader forwarding."""
+
+    # ------------------------------------------------------------------ state
+    @property
+    def role(self) -> Role:
+        return self._soft.role
+
+    @property
+    def leader(self) -> str | None:
+        return self._soft.leader
+
+    @property
+    def term(self) -> int:
+        return self._soft.term
+
+    def address_of(self, node_id: str) -> str | None:
+        return self._addresses.get(node_id)
+
+    @property
+    def last_snapshot_index(self) -> int:
+        return self._last_snapshot_index
+
+    def note_peer_state(self, peer: str, up: bool) -> None:
+        self.reachable[peer] = up
+
+    # ------------------------------------------------------------------ writes
+    def propose(self, data: bytes, done: Completion) -> None:
+        """Propose a client command; `done` gets the apply result (or the error). A follower
+        forwards it to the leader."""
+        core = self.core
+        if core.role is Role.LEADER:
+            try:
+                index = self.propose_here(data)
+            except ServiceError as e:
+                done.fail(e)
+                return
+            self._proposals[index] = _Pending(core.term, None, done)
+        elif core.leader is not None and self.forwarder is not None:
+            if self.storage_full:
+                done.fail(StorageFullError("this node's disk (LMDB map) is full: writes are "
+                                           "refused; reads still work"))
+                return
+            self.forwarder.forward_proposal(data, done)
+        else:
+            done.fail(NoLeaderError("no leader is known yet"))
+
+    def propose_here(self, data: bytes) -> int:
+        """As the leader, append `data` to the log; its index. StorageFullError or
+        NoLeaderError when it cannot."""
+        if self.storage_full:
+            self.metrics.proposals_rejected.inc()
+            raise StorageFullError("the disk (LMDB map) is full: writes are refused; reads "
+                                   "still work")
+        try:
+            return self.core.propose(data)
+        except (NotLeader, ProposalDropped) as e:
+            self.metrics.proposals_rejected.inc()
+            raise NoLeaderError(str(e)) from None
+
+    def propose_conf_change(self, change: ConfChange, done: Completion) -> None:
+        core = self.core
+        if core.role is not Role.LEADER:
+            if core.leader is None or core.leader == core.id or self.forwarder is None:
+                done.fail(NoLeaderError("no leader is known yet; retry"))
+            else:
+                self.forwarder.forward_conf_change(change, done)
+            return
+        try:
+            index = self.propose_conf_change_here(change)
+        except ServiceError as e:
+            done.fail(e)
+            return
+        self._proposals[index] = _Pending(core.term, None, done)
+
+    def propose_conf_change_here(self, change: ConfChange) -> int:
+        """As the leader, append a membership change; its index (MembershipChangeError or
+        NoLeaderError when it cannot)."""
+        try:
+            index = self.core.propose_conf_change(change)
+        except NotLeader as e:
+            raise NoLeaderError(str(e)) from None
+        except (ConfChangeRejected, ProposalDropped, RaftError) as e:
+            raise MembershipChangeError(str(e)) from None
+        self._note_address(change)
+        return index
+
+    def on_apply(self, index: int, term: int, done: Completion) -> None:
+        """`done` gets the result of the entry this leader just proposed at (index, term)."""
+        self._proposals[index] = _Pending(term, None, done)
+
+    def await_entry(self, index: int, term: int, expect: Expect, done: Completion) -> None:
+        """A proposal made through the leader (forwarded) sits at (index, term): answer `done`
+        when this node applies it, if the entry there holds `expect`."""
+        self.core.learn_commit(index, term)
+        if index <= self.sm.applied_index:
+            got = self._recent.get(index)
+            if got is not None and got[0].term == term and holds(got[0], expect):
+                done.ok(got[1])
+            else:
+                done.fail(OutcomeUnknownError("the write's outcome is unknown"))
+            return
+        self._proposals[index] = _Pending(term, expect, done)
+
+    # ------------------------------------------------------------------ reads
+    def read(self, deadline: float, done: Completion) -> None:
+        """A linearizable read barrier (ReadIndex): `done.ok(index)` once a quorum confirmed
+        this leader's leadership after now and the state machine applied up to `index`.
+        All reads of one turn share one heartbeat round (the core batches them)."""
+        rid = self._next_read_id
+        self._next_read_id += 1
+        self._reads[rid] = (deadline, done)
+        self.core.read_index(rid)
+
+    def _on_read(self, request_id: int, index: int) -> None:
+        entry = self._reads.pop(request_id, None)
+        if entry is not None:
+            entry[1].ok(index)
+
+    def _on_read_failed(self, request_id: int) -> None:
+        entry = self._reads.pop(request_id, None)
+        if entry is not None:
+            entry[1].fail(NoLeaderError("leadership could not be confirmed; retry"))
+
+    # ------------------------------------------------------------------ leases
+    def lease_keepalive(self, lease_id: int, deadline: float, done: Completion) -> None:
+        """Restart a lease's TTL (raftkv.kv.leases, rule 3): on the leader, once it applied
+        an entry of its term, then answered (the TTL) after a quorum confirmed it still
+        leads; a follower forwards it."""
+        if self.core.role is not Role.LEADER:
+            self._forward_lease(codec.ForwardOp.LEASE_KEEPALIVE, lease_id, done)
+            return
+        try:
+            ttl_s = self.leases.keepalive(lease_id, self._clock())
+        except NotLeaseLeader:
+            done.fail(NoLeaderError("the leader is still taking office; retry"))
+            return
+        if ttl_s is None:
+            done.fail(LeaseNotFoundError(f"lease {lease_id} does not exist (or is expiring)",
+                                         lease_id=lease_id))
+            return
+        self.read(deadline, _Mapped(done, lambda _index: ttl_s))
+
+    def lease_info(self, lease_id: int, deadline: float, done: Completion) -> None:
+        """One lease as [id, ttl, remaining, [keys], key_count], read on the leader after a
+        read barrier (a follower forwards it)."""
+        if self.core.role is not Role.LEADER:
+            self._forward_lease(codec.ForwardOp.LEASE_INFO, lease_id, done)
+            return
+
+        def answer(_index: object) -> object:
+            record = self.sm.lease(lease_id, MAX_LEASE_KEYS_SHOWN)
+            if record is None:
+                raise LeaseNotFoundError(f"lease {lease_id} does not exist",
+                                         lease_id=lease_id)
+            return self._lease_row(record.lease_id, record.ttl_s, list(record.keys),
+                                   record.key_count)
+
+        self.read(deadline, _Mapped(done, answer))
+
+    def lease_list(self, limit: int, deadline: float, done: Completion) -> None:
+        """Up to `limit` leases as rows (without keys), read like lease_info."""
+        if self.core.role is not Role.LEADER:
+            self._forward_lease(codec.ForwardOp.LEASE_LIST, limit, done)
+            return
+        self.read(deadline, _Mapped(done, lambda _index: [
+            self._lease_row(r.lease_id, r.ttl_s, [], r.key_count)
+            for r in self.sm.leases(limit)]))
+
+    def _lease_row(self, lease_id: int, ttl_s: int, keys: list[str],
+                   key_count: int) -> list[object]:
+        try:
+            remaining = self.leases.remaining(lease_id, self._clock())
+        except NotLeaseLeader:
+            remaining = float(ttl_s)  # taking office: every lease gets a full TTL
+        return [lease_id, ttl_s, float(ttl_s if remaining is None else remaining), keys,
+                key_count]
+
+    def _forward_lease(self, op: codec.ForwardOp, number: int, done: Completion) -> None:
+        if self.core.leader is None or self.forwarder is None:
+            done.fail(NoLeaderError("no leader is known yet; retry"))
+        else:
+            self.forwarder.forward_lease(op, number, done)
+
+    # ------------------------------------------------------------------ peers
+    def step(self, peer_id: str, m: Message) -> bool:
+        """A Raft message from the peer that authenticated its connection. Refused (False)
+        when it claims another sender or is not for this node."""
+        if m.frm != peer_id or m.to != self.core.id:
+            return False
+        self.core.step(m)
+        return True
+
+    # ------------------------------------------------------------------ the turn
+    def tick(self) -> None:
+        if self.fatal is not None:
+            return
+        self.core.tick()
+        self._ticks += 1
+        if self._ticks % HOUSEKEEPING_TICKS == 0:
+            self._housekeeping(self._clock())
+        if self.leases.leading:
+            self._expire_leases()
+
+    def process(self) -> None:
+        """Handle every Ready (end of the loop turn)."""
+        if self.fatal is not None:
+            return
+        try:
+            self._handle_readies()
+        except StorageError as e:
+            self.die(f"storage failure: {e}")
+
+    def _handle_readies(self) -> None:
+        core = self.core
+        while core.has_ready():
+            rd = core.ready()
+            if rd.soft_state is not None:
+                self._on_soft_state(rd.soft_state)
+            for e in rd.entries:
+                if e.kind is EntryKind.CONF_CHANGE and e.change is not None:
+                    self._note_address(e.change)
+            try:
+                self._handle(rd)
+            except StorageFull as e:
+                self._on_storage_full(e)
+                return
+            if self.storage_full and rd.must_sync:
+                self.storage_full = False
+                log.warning("event=storage_writable node=%s", core.id)
+            if core.membership != self._members:
+                self._on_membership_change()
+        if not self._snapshot_in_progress and self._policy.should_snapshot(
+                self.sm.applied_index, self._last_snapshot_index):
+            self._start_snapshot()
+
+    def _handle(self, rd: Ready) -> None:
+        self.handler.handle(rd)
+        if rd.snapshot is not None:
+            self.watches.restored(self.sm.applied_index, self.sm.get)
+            self.metrics.snapshots.labels("installed").inc()
+            if self.leases.leading:  # a leader never installs one; be safe all the same
+                self.leases.stepped_down()
+                self._lease_term = None
+            log.info("event=snapshot_installed node=%s index=%d term=%d bytes=%d",
+                     self.core.id, rd.snapshot.meta.index, rd.snapshot.meta.term,
+                     len(rd.snapshot.data))
+
+    def _persist_timed(self, seconds: float, entries: int) -> None:
+        self.metrics.fsync_seconds.observe(seconds)
+        self.metrics.batch_entries.observe(entries)
+
+    def _apply_timed(self, seconds: float) -> None:
+        self.metrics.apply_seconds.observe(seconds)
+
+    def _on_applied(self, entry: Entry, result: object) -> None:
+        pending = self._proposals.pop(entry.index, None)
+        if pending is not None:
+            if pending.term == entry.term and holds(entry, pending.expect):
+                pending.done.ok(result)
+                self.metrics.proposals_committed.inc()
+            elif pending.term == entry.term:
+                # Never hand a client another write's answer (a mix-up of forwarded ids).
+                log.error("event=forward_mismatch node=%s index=%d", self.core.id, entry.index)
+                pending.done.fail(OutcomeUnknownError("the write's outcome is unknown"))
+            else:
+                pending.done.fail(NoLeaderError("the write was overwritten by a new leader; "
+                                                "retry"))
+                self.metrics.proposals_dropped.inc()
+        if self.watches.wants(result, entry.index):
+            self.watches.applied(entry.index, entry.data, result, self.sm.get)
+        self.leases.applied(result, entry.index, self._clock())
+        self.metrics.note_lease_result(result, entry.index)
+        if (entry.term == self.core.term and self._lease_term != entry.term
+                and self.core.role is Role.LEADER):
+            # The leader applied the first entry of its term: it knows every lease now.
+            self.leases.became_leader(self.sm.lease_ttls, self._clock())
+            self._lease_term = entry.term
+        recent = self._recent
+        recent[entry.index] = (entry, result)
+        if len(recent) > RECENT_RESULTS:
+            recent.popitem(last=False)
+        if entry.kind is EntryKind.CONF_CHANGE and entry.change is not None:
+            self._note_address(entry.change)
+            log.log(logging.INFO if entry.index > self._boot_commit else logging.DEBUG,
+                    "event=member_%s node=%s member=%s index=%d",
+                    "removed" if entry.change.op is ConfChangeOp.REMOVE else "added",
+                    self.core.id, entry.change.node_id, entry.index)
+
+    # ------------------------------------------------------------------ leases
+    def _expire_leases(self) -> None:
+        for lease_id in self.leases.due(self._clock()):
+            if self.storage_full or self.core.role is not Role.LEADER:
+                self.leases.revoke_failed(lease_id)
+                continue
+            try:
+                index = self.core.propose(encode_command(LeaseRevoke(lease_id, expired=True)))
+            except (NotLeader, ProposalDropped):
+                self.leases.revoke_failed(lease_id)
+                continue
+            log.debug("event=lease_expiring node=%s lease=%d index=%d", self.core.id,
+                      lease_id, index)
+
+    # ------------------------------------------------------------------ membership
+    def _note_address(self, change: ConfChange) -> None:
+        if change.op is not ConfChangeOp.REMOVE and change.address:
+            self._addresses[change.node_id] = change.address
+
+    def _on_membership_change(self) -> None:
+        self._members = self.core.membership
+        self.sync_peers()
+
+    def sync_peers(self) -> None:
+        # A node that is joining knows no members yet: it accepts every known address.
+        members = set(self.core.membership.members or self._addresses)
+        # A leader that is removing itself is no member in the configuration its followers
+        # appended, but it still replicates until that configuration commits: keep talking
+        # to the leader (dissertation §4.2.2), or its removal can only commit through an
+        # election.
+        if self.core.leader is not None:
+            members.add(self.core.leader)
+        peers = {nid: self._addresses[nid] for nid in members
+                 if nid != self.core.id and nid in self._addresses}
+        self.frames.set_peers(peers)
+
+    def learn_addresses(self, addresses: Mapping[str, str]) -> None:
+        """Peer addresses learned outside the log (a joining node asks the cluster)."""
+        for nid, addr in addresses.items():
+            if nid != self.core.id and addr:
+                self._addresses[nid] = addr
+        self.sync_peers()
+
+    def _promote_caught_up_learners(self) -> None:
+        core = self.core
+        if core.role is not Role.LEADER or not core.membership.learners:
+            return
+        status = core.status()
+        for nid in sorted(core.membership.learners):
+            peer = status.peers.get(nid)
+            if peer is not None and peer.match >= status.commit_index:
+                try:
+                    core.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, nid,
+                                                        self._addresses.get(nid, "")))
+                    log.info("event=learner_promoted node=%s member=%s", core.id, nid)
+                except RaftError:
+                    pass  # another change is pending; try again later
+                return
+
+    def transfer_leadership(self, target: str | None) -> str:
+        """Start handing leadership to `target`, or to the most caught-up live voter;
+        returns the chosen node. MembershipChangeError when there is none."""
+        core = self.core
+        status = core.status()
+        if target is None:
+            voters = [nid for nid, p in status.peers.items()
+                      if nid != core.id and nid in status.membership.voters and p.recent_active]
+            if not voters:
+                raise MembershipChangeError("no live voter to hand leadership to")
+            target = max(voters, key=lambda nid: (status.peers[nid].match, nid))
+        if target == core.id:
+            return target
+        try:
+            core.transfer_leader(target)
+        except RaftError as e:
+            raise MembershipChangeError(str(e)) from None
+        log.info("event=leadership_transfer node=%s to=%s term=%d", core.id, target, core.term)
+        return target
+
+    # ------------------------------------------------------------------ snapshots
+    def _start_snapshot(self) -> None:
+        core = self.core
+        index = self.sm.applied_index
+        term = core.log.term(index)
+        if term is None or index <= core.snapshot_meta.index:
+            return
+        meta = SnapshotMeta(index, term, core.membership_at(index))
+        view = self.sm.snapshot_view()  # a cheap consistent copy, on this thread
+        self._snapshot_in_progress = True
+        threading.Thread(target=self._write_snapshot, args=(meta, view),
+                         name="snapshot-writer", daemon=True).start()
+
+    def _write_snapshot(self, meta: SnapshotMeta, view: KVSnapshotView) -> None:
+        """Off the loop: serialise and save; the result goes back to the loop."""
+        started = time.monotonic()
+        try:
+            data = serialize_snapshot(view)
+            sink = self.snapshots.create(meta)
+            try:
+                sink.write(data)
+            except BaseException:
+                sink.cancel()
+                raise
+            sink.close()
+        except StorageError as e:
+            error = str(e)
+            log.error("event=snapshot_failed node=%s index=%d error=%s", self.core.id,
+                      meta.index, error)
+            self._post(self._snapshot_failed)
+            return
+        seconds = time.monotonic() - started
+        self.metrics.snapshot_seconds.observe(seconds)
+        self.metrics.snapshot_bytes.set(len(data))
+        self.metrics.snapshots.labels("taken").inc()
+        snapshot = Snapshot(meta, data)
+        self._post(lambda: self._snapshot_done(snapshot, seconds))
+
+    def _snapshot_failed(self) -> None:
+        self._snapshot_in_progress = False
+
+    def _snapshot_done(self, snapshot: Snapshot, seconds: float) -> None:
+        self._snapshot_in_progress = False
+        if self.fatal is not None:
+            return
+        meta = snapshot.meta
+        keep_from = self._policy.compact_before(meta.index)
+        self.core.compact(snapshot, keep_from)
+        try:
+            self.storage.compact(keep_from)
+        except StorageError as e:
+            self.die(f"storage failure while compacting the log: {e}")
+            return
+        self._last_snapshot_index = meta.index
+        log.info("event=snapshot_taken node=%s index=%d term=%d bytes=%d seconds=%.3f",
+                 self.core.id, meta.index, meta.term, len(snapshot.data), seconds)
+
+    # ------------------------------------------------------------------ state changes
+    def _on_soft_state(self, ss: SoftState) -> None:
+        prev = self._soft
+        self._soft = ss
+        core = self.core
+        if ss.role is not prev.role or ss.term != prev.term:
+            log.info("event=became_%s node=%s term=%d leader=%s last_index=%d commit=%d",
+                     ss.role.value, core.id, ss.term, ss.leader or "-",
+                     core.log.last_index(), core.log.commit)
+        elif ss.leader != prev.leader:
+            log.info("event=leader_changed node=%s term=%d leader=%s", core.id, ss.term,
+                     ss.leader or "-")
+        if self._lease_term is not None and (ss.role is not Role.LEADER
+                                             or ss.term != self._lease_term):
+            self.leases.stepped_down()
+            self._lease_term = None
+        if ss.term != prev.term or (prev.role is Role.LEADER and ss.role is not Role.LEADER):
+            # Leadership or term changed: writes in flight above the commit index may or may
+            # not commit. Those at or below it are decided (e.g. the entry whose commit made
+            # this leader step down: its own removal) and wait for their apply, where
+            # _on_applied compares terms; unless a snapshot already covered them.
+            err = OutcomeUnknownError("leadership changed before the write was applied")
+            applied = self.sm.applied_index
+            undecided = [i for i in self._proposals if i > core.log.commit or i <= applied]
+            for index in undecided:
+                self._proposals.pop(index).done.fail(err)
+            self.metrics.proposals_unknown.inc(len(undecided))
+        if ss.leader != prev.leader:
+            self.metrics.leader_changes.inc()
+            if prev.leader is not None and prev.leader not in core.membership.members:
+                self.sync_peers()  # the link to a removed leader was kept only while it led
+            if prev.leader is not None and self.forwarder is not None:
+                self.forwarder.leader_changed()
+        for listener in self.state_listeners:
+            listener(ss)
+
+    def _housekeeping(self, now: float) -> None:
+        expired = [rid for rid, (deadline, _) in self._reads.items() if deadline < now]
+        for rid in expired:
+            self._reads.pop(rid)[1].fail(NoLeaderError("read timed out"))
+        if self.forwarder is not None:
+            self.forwarder.expire(now)
+        self._promote_caught_up_learners()
+
+    def _on_storage_full(self, e: StorageFull) -> None:
+        """Nothing of the failed Ready reached the disk. Forget it as a crash would, by
+        rebuilding the core from storage, and refuse writes until a save succeeds."""
+        if not self.storage_full:
+            log.error("event=storage_full node=%s error=%s action=refusing_writes",
+                      self.core.id, e)
+        self.storage_full = True
+        full = StorageFullError("the disk (LMDB map) is full: writes are refused; reads "
+                                "still work")
+        # Only a node without peers knows that a write whose entry was not saved is lost
+        # (with peers, the entry was sent before the save failed and may commit there); a
+        # saved entry may commit in any case. fail_everything answers the rest "unknown".
+        if not self.core.membership.members - {self.core.id}:
+            saved = self.core.log.stable_index
+            for index in [i for i in self._proposals if i > saved]:
+                self._proposals.pop(index).done.fail(full)
+        self.fail_everything(full)
+        self.core = self._reboot_core()
+        self.handler.node = self.core
+        if self.forwarder is not None:
+            self.forwarder.core = self.core
+        self._soft = SoftState(self.core.role, self.core.leader, self.core.term)
+        self.leases.stepped_down()
+        self._lease_term = None
+        for listener in self.state_listeners:
+            listener(self._soft)
+
+    def _reboot_core(self) -> RaftNode:
+        boot, _ = load_boot_state(self.storage, self.snapshots, BASE_MEMBERSHIP)
+        applied = self.sm.applied_index
+        hs = boot.hard_state
+        # Everything applied was committed and is on this disk (the core applies only
+        # persisted entries), so the commit index on disk may be raised to it.
+        boot = BootState(HardState(hs.term, hs.vote, max(hs.commit, applied)), boot.snapshot,
+                         boot.entries, applied)
+        return RaftNode(self.core.config, boot, self._rng)
+
+    def fail_everything(self, err: ServiceError) -> None:
+        """Fail every waiting operation with `err`, except writes already handed to Raft
+        (proposed here, or forwarded to the leader): those may still commit whatever happens
+        to this node, so their outcome is unknown."""
+        in_flight = OutcomeUnknownError(f"{err.message}; the write was already proposed and "
+                                        "may still be applied")
+        for pending in self._proposals.values():
+            pending.done.fail(in_flight)
+        self._proposals.clear()
+        if self.forwarder is not None:
+            self.forwarder.fail_all(in_flight)
+        for _, done in self._reads.values():
+            done.fail(err)
+        self._reads.clear()
+
+    def die(self, reason: str) -> None:
+        """A local storage failure: stop serving (the composition root stops the node)."""
+        if self.fatal is not None:
+            return
+        self.fatal = reason
+        log.critical("event=node_stopped node=%s reason=%s", self.core.id, reason)
+        self.fail_everything(UnavailableError(f"node stopped: {reason}"))
+        self.watches.close(UnavailableError("the node stopped"))
+        for listener in self.state_listeners:
+            listener(self._soft)
+
+
+class _Mapped:
+    """A completion that answers `done` with fn(value); a ServiceError fn raises fails it."""
+
+    __slots__ = ("_done", "_fn")
+
+    def __init__(self, done: Completion, fn: Callable[[object], object]) -> None:
+        self._done = done
+        self._fn = fn
+
+    def ok(self, value: object) -> None:
+        try:
+            result = self._fn(value)
+        except ServiceError as e:
+            self._done.fail(e)
+            return
+        self._done.ok(result)
+
+    def fail(self, error: ServiceError) -> None:
+        self._done.fail(error)
+
+
+class Forwarding(Protocol):
+    """Follower-to-leader forwarding, as the driver uses it (raftkv.runtime.forwarding)."""
+
+    core: RaftNode
+
+    def forward_proposal(self, data: bytes, done: Completion) -> None: ...
+
+    def forward_conf_change(self, change: ConfChange, done: Completion) -> None: ...
+
+    def forward_lease(self, op: codec.ForwardOp, number: int, done: Completion) -> None: ...
+
+    def leader_changed(self) -> None: ...
+
+    def expire(self, now: float) -> None: ...
+
+    def fail_all(self, error: ServiceError) -> None: ...

@@ -1,0 +1,262 @@
+"""Follower-to-leader forwarding: what only the leader can do, asked by any node.
+
+Follower side: writes (client commands), membership changes and lease operations are queued
+during a loop turn and leave in ONE FORWARD frame to the leader at its end (`flush`). Each gets
+a `fid`, random-started per run (an answer the leader queued for an earlier run of this node
+must not match a request of this run).
+
+Leader side (`serve`): every forwarded item is checked before it touches the core (a command
+must decode; raftkv.kv.commands), then proposed; its outcome goes back in one FORWARD_RESULT
+frame per follower per turn: a write or change once COMMITTED (its index and term: sent when
+the leader applies it), a lease operation's VALUE, or FAILED with the error.
+
+Follower side again (`on_results`): a committed write tells the follower that (index, term) is
+committed (the core's learn_commit: no wait for the next heartbeat), and the follower answers
+its client once IT applied that entry, only if the entry holds exactly what it sent (so a stale
+answer can never acknowledge another write). A lease operation's value is the answer.
+
+A write already sent is never failed as if it had no effect: when the leader changes, or no
+answer comes within FORWARD_TIMEOUT_S, its outcome is unknown.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from raftkv import codec
+from raftkv.codec import (
+    ErrorReply,
+    Forward,
+    ForwardOp,
+    ForwardResult,
+    ForwardStatus,
+    FrameKind,
+)
+from raftkv.core import ConfChange, RaftNode, Role
+from raftkv.kv.commands import CommandDecodeError, decode_command
+from raftkv.runtime.driver import Completion, Expect, FrameSender, RaftDriver
+from raftkv.runtime.transport.refusals import RateLimitedLog
+from raftkv.service import (
+    NoLeaderError,
+    OutcomeUnknownError,
+    ServiceError,
+    error_from_code,
+)
+
+__all__ = ["FORWARD_TIMEOUT_S", "Forwarder"]
+
+log = logging.getLogger(__name__)
+
+FORWARD_TIMEOUT_S: Final = 60.0
+MAX_FORWARD_BATCH: Final = 4096
+
+
+@dataclass(slots=True)
+class _Waiting:
+    sent_at: float
+    done: Completion
+    expect: Expect | ForwardOp
+    """The command or change sent (matched against the applied entry), or the lease op."""
+
+
+class _AnswerFollower:
+    """Leader side: the outcome of one forwarded item, queued for its follower."""
+
+    __slots__ = ("_fid", "_forwarder", "_index", "_peer", "_term")
+
+    def __init__(self, forwarder: Forwarder, peer: str, fid: int, index: int = 0,
+                 term: int = 0) -> None:
+        self._forwarder = forwarder
+        self._peer = peer
+        self._fid = fid
+        self._index = index
+        self._term = term
+
+    def ok(self, value: object) -> None:
+        if self._index:
+            result = ForwardResult(self._fid, ForwardStatus.COMMITTED, self._index, self._term)
+        else:
+            result = ForwardResult(self._fid, ForwardStatus.VALUE, value=value)
+        self._forwarder.answer(self._peer, result)
+
+    def fail(self, error: ServiceError) -> None:
+        self._forwarder.answer(self._peer, ForwardResult(
+            self._fid, ForwardStatus.FAILED,
+            error=ErrorReply(error.code, error.message, error.details())))
+
+
+class Forwarder:
+    def __init__(self, driver: RaftDriver, frames: FrameSender, rng: random.Random,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._driver = driver
+        self.core: RaftNode = driver.core
+        self._frames = frames
+        self._clock = clock
+        self._out: list[Forward] = []
+        self._waiting: dict[int, _Waiting] = {}
+        self._answers: dict[str, list[ForwardResult]] = {}
+        self._next_fid = rng.getrandbits(52)
+        self._drops = RateLimitedLog()
+
+    # ------------------------------------------------------------------ follower side
+    def forward_proposal(self, data: bytes, done: Completion) -> None:
+        self._queue(Forward(self._fid(), ForwardOp.PROPOSE, data=data), done, data)
+
+    def forward_conf_change(self, change: ConfChange, done: Completion) -> None:
+        self._queue(Forward(self._fid(), ForwardOp.CONF_CHANGE, change=change), done, change)
+
+    def forward_lease(self, op: ForwardOp, number: int, done: Completion) -> None:
+        self._queue(Forward(self._fid(), op, number=number), done, op)
+
+    def _fid(self) -> int:
+        fid = self._next_fid
+        self._next_fid += 1
+        return fid
+
+    def _queue(self, item: Forward, done: Completion, expect: Expect | ForwardOp) -> None:
+        self._out.append(item)
+        self._waiting[item.fid] = _Waiting(self._clock(), done, expect)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def flush(self) -> None:
+        """End of the turn: one FORWARD frame to the leader, FORWARD_RESULT frames to the
+        followers that asked."""
+        if self._out:
+            out, self._out = self._out, []
+            leader = self.core.leader
+            sent = 0  # items handed to the transport: they may commit whatever happens next
+            if leader is not None and leader != self.core.id:
+                for i in range(0, len(out), MAX_FORWARD_BATCH):
+                    chunk = out[i : i + MAX_FORWARD_BATCH]
+                    if not self._frames.send(leader, FrameKind.FORWARD,
+                                             codec.encode_forwards(chunk)):
+                        break
+                    sent += len(chunk)
+            for item in out[sent:]:  # only what never left this node surely had no effect
+                waiting = self._waiting.pop(item.fid, None)
+                if waiting is not None:
+                    waiting.done.fail(NoLeaderError("cannot reach the leader"))
+        if self._answers:
+            answers, self._answers = self._answers, {}
+            for peer, results in answers.items():
+                self._frames.send(peer, FrameKind.FORWARD_RESULT,
+                                  codec.encode_forward_results(results))
+
+    def on_results(self, peer: str, payload: bytes) -> None:
+        """A FORWARD_RESULT frame from `peer`."""
+        try:
+            results = codec.decode_forward_results(payload)
+        except codec.DecodeError as e:
+            self._dropped(peer, "malformed_forward_result", str(e))
+            return
+        for r in results:
+            waiting = self._waiting.pop(r.fid, None)
+            if waiting is None:
+                continue
+            done, expect = waiting.done, waiting.expect
+            if r.status is ForwardStatus.FAILED:
+                assert r.error is not None
+                done.fail(error_from_code(r.error.code, r.error.message, r.error.details))
+            elif r.status is ForwardStatus.VALUE:
+                done.ok(r.value)
+            elif isinstance(expect, ForwardOp):
+                done.fail(OutcomeUnknownError("the leader answered a lease operation "
+                                              "with a log position"))
+            else:
+                self._driver.await_entry(r.index, r.term, expect, done)
+
+    def leader_changed(self) -> None:
+        """Everything forwarded to the previous leader may or may not have happened."""
+        waiting, self._waiting = self._waiting, {}
+        for w in waiting.values():
+            w.done.fail(OutcomeUnknownError("the leader changed while forwarding"))
+
+    def expire(self, now: float) -> None:
+        stale = [fid for fid, w in self._waiting.items() if now - w.sent_at > FORWARD_TIMEOUT_S]
+        for fid in stale:
+            self._waiting.pop(fid).done.fail(OutcomeUnknownError("no answer from the leader"))
+
+    def fail_all(self, error: ServiceError) -> None:
+        waiting, self._waiting = self._waiting, {}
+        self._out = []
+        for w in waiting.values():
+            w.done.fail(error)
+
+    # ------------------------------------------------------------------ leader side
+    def serve(self, peer: str, payload: bytes) -> None:
+        """A FORWARD frame from `peer` (its connection was authenticated as `peer`)."""
+        try:
+            items = codec.decode_forwards(payload)
+        except codec.DecodeError as e:
+            self._dropped(peer, "malformed_forward", str(e))
+            return
+        driver = self._driver
+        deadline = self._clock() + FORWARD_TIMEOUT_S
+        for item in items:
+            if item.op is ForwardOp.PROPOSE:
+                self._serve_proposal(peer, item)
+            elif item.op is ForwardOp.CONF_CHANGE:
+                self._serve_conf_change(peer, item)
+            elif self.core.role is not Role.LEADER:
+                _AnswerFollower(self, peer, item.fid).fail(
+                    NoLeaderError("this node is not the leader any more"))
+            elif item.op is ForwardOp.LEASE_KEEPALIVE:
+                driver.lease_keepalive(item.number, deadline, _AnswerFollower(self, peer,
+                                                                              item.fid))
+            elif item.op is ForwardOp.LEASE_INFO:
+                driver.lease_info(item.number, deadline, _AnswerFollower(self, peer, item.fid))
+            else:
+                driver.lease_list(min(item.number, 10_000), deadline,
+                                  _AnswerFollower(self, peer, item.fid))
+
+    def _serve_proposal(self, peer: str, item: Forward) -> None:
+        if self.core.role is not Role.LEADER:
+            _AnswerFollower(self, peer, item.fid).fail(
+                NoLeaderError("this node is not the leader any more"))
+            return
+        try:
+            decode_command(item.data)  # nothing unchecked from the network reaches the log
+        except CommandDecodeError as e:
+            self._dropped(peer, "invalid_command", str(e))
+            _AnswerFollower(self, peer, item.fid).fail(
+                NoLeaderError("the leader refused a malformed command"))
+            return
+        try:
+            index = self._driver.propose_here(item.data)
+        except ServiceError as e:
+            _AnswerFollower(self, peer, item.fid).fail(e)
+            return
+        self._driver.on_apply(index, self.core.term,
+                              _AnswerFollower(self, peer, item.fid, index, self.core.term))
+
+    def _serve_conf_change(self, peer: str, item: Forward) -> None:
+        change = item.change
+        assert change is not None
+        if self.core.role is not Role.LEADER:
+            _AnswerFollower(self, peer, item.fid).fail(
+                NoLeaderError("this node is not the leader any more"))
+            return
+        try:
+            index = self._driver.propose_conf_change_here(change)
+        except ServiceError as e:
+            _AnswerFollower(self, peer, item.fid).fail(e)
+            return
+        self._driver.on_apply(index, self.core.term,
+                              _AnswerFollower(self, peer, item.fid, index, self.core.term))
+
+    def answer(self, peer: str, result: ForwardResult) -> None:
+        self._answers.setdefault(peer, []).append(result)
+
+    def _dropped(self, peer: str, reason: str, detail: str) -> None:
+        suppressed = self._drops.admit(peer, reason)
+        if suppressed is not None:
+            log.warning("event=peer_message_dropped node=%s peer=%s reason=%s suppressed=%d "
+                        "detail=%r", self.core.id, peer, reason, suppressed, detail[:200])

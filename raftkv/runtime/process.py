@@ -1,0 +1,371 @@
+"""The Raft process of one node: the composition root. It wires the parts together and runs
+them on ONE thread (raftkv.runtime.eventloop):
+
+    startup.open_node         stores, the start decision, boot state
+    transport.PeerTransport   frames to and from the peers
+    driver.RaftDriver         the core, Ready handling, proposals, reads, leases, snapshots
+    forwarding.Forwarder      follower -> leader operations
+    requests.RequestHandler   what the HTTP workers ask
+    workers.WorkerSupervisor  the HTTP worker processes (raftkv.worker) and their channels
+
+Life: bind both ports, (join the cluster if asked), start the workers, serve. SIGTERM or SIGINT:
+a leader first hands leadership to a caught-up voter, then watches end, the workers finish
+what they serve and exit, and the stores close. A local storage failure stops the node the
+same way, without the hand-over, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+from typing import Final
+
+from raftkv import codec
+from raftkv.codec import FrameKind
+from raftkv.core import Config, RaftError, RaftNode, Role, SoftState
+from raftkv.metrics import NodeMetrics
+from raftkv.ports import NodeIdentity
+from raftkv.runtime.driver import RaftDriver
+from raftkv.runtime.eventloop import EventLoop
+from raftkv.runtime.forwarding import Forwarder
+from raftkv.runtime.requests import NodeInfo, RequestHandler
+from raftkv.runtime.startup import FORMAT_VERSION, StartupError, open_node
+from raftkv.runtime.transport import PeerTransport
+from raftkv.runtime.transport.refusals import RateLimitedLog
+from raftkv.runtime.workers import WorkerSupervisor
+from raftkv.service import ServiceError, UnavailableError
+from raftkv.settings import Settings, parse_host_port
+from snapshots.policy import SnapshotPolicy
+
+__all__ = ["RaftProcess", "StartupError", "peer_source_host"]
+
+log = logging.getLogger(__name__)
+
+BIND_RETRY_S: Final = 10.0
+"""How long to retry binding a port still held (by the workers of a previous run, exiting)."""
+WORKER_STOP_S: Final = 5.0
+JOIN_TIMEOUT_S: Final = 60.0
+DEFAULT_CLUSTER_TOKEN: Final = "raftkv-default-insecure-token"
+
+
+def peer_source_host(raft_bind_host: str) -> str | None:
+    """The local address outgoing peer connections leave from: the raft bind host when it is
+    one IP address (each node's peer traffic then carries its own address both ways), None
+    for a wildcard or a host name (the kernel picks)."""
+    try:
+        ip = ipaddress.ip_address(raft_bind_host)
+    except ValueError:
+        return None
+    return None if ip.is_unspecified else str(ip)
+
+
+def _bind(host: str, port: int, what: str, setting: str, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + BIND_RETRY_S
+    while True:
+        try:
+            return socket.create_server((host, port), family=family, backlog=backlog)
+        except OSError as e:
+            if e.errno == 98 and time.monotonic() < deadline:  # EADDRINUSE: maybe exiting
+                time.sleep(0.1)
+                continue
+            raise StartupError(f"cannot listen for {what} on {host}:{port} ({setting}): "
+                               f"{e.strerror}; is another process using that port?") from None
+
+
+class RaftProcess:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = s = settings
+        self.token = s.cluster_token
+        if not self.token:
+            self.token = DEFAULT_CLUSTER_TOKEN
+            log.warning("event=default_cluster_token node=%s advice=set RAFTKV_CLUSTER_TOKEN to "
+                        "a shared secret so that only your nodes can join", s.node_id)
+        self.exit_code = 0
+        state = open_node(s)
+        self.state = state
+        self.cluster_id = state.plan.cluster_id
+        http_host, http_port = parse_host_port(s.http_addr, "RAFTKV_HTTP_ADDR")
+        raft_host, raft_port = parse_host_port(s.raft_addr, "RAFTKV_RAFT_ADDR")
+        try:
+            raft_sock = _bind(raft_host, raft_port, "peers", "RAFTKV_RAFT_ADDR", 128)
+            try:
+                self.http_sock = _bind(http_host, http_port, "HTTP", "RAFTKV_HTTP_ADDR", 2048)
+            except BaseException:
+                raft_sock.close()
+                raise
+        except BaseException:
+            state.storage.close()
+            state.snapshots.close()
+            raise
+        self.http_sock.set_inheritable(True)
+        rng = random.Random(int.from_bytes(os.urandom(8), "big"))
+        config = Config(s.node_id, election_timeout_ticks=s.election_ticks,
+                        heartbeat_interval_ticks=s.heartbeat_ticks)
+        try:
+            core = RaftNode(config, state.boot, rng)
+        except (RaftError, AssertionError, ValueError) as e:
+            raise StartupError(f"the log in {s.data_dir} is inconsistent ({e}); move the data "
+                               "dir away and let the node rejoin empty") from None
+        self.loop = loop = EventLoop()
+        self.metrics = NodeMetrics()
+        self.transport = PeerTransport(
+            loop, node_id=s.node_id, cluster_id=self.cluster_id, token=self.token,
+            listen_sock=raft_sock, http_address=s.http_advertise_addr, deliver=self._deliver,
+            on_peer_state=self._peer_state, source_host=peer_source_host(raft_host))
+        self.driver = driver = RaftDriver(
+            core=core, storage=state.storage, snapshots=state.snapshots, state_machine=state.sm,
+            frames=self.transport, addresses=s.peer_map,
+            snapshot_policy=SnapshotPolicy(s.snapshot_entries, s.snapshot_trailing), rng=rng,
+            metrics=self.metrics, post=loop.call_soon_threadsafe,
+            boot_commit=state.boot.hard_state.commit)
+        self.forwarder = Forwarder(driver, self.transport, rng)
+        driver.forwarder = self.forwarder
+        self.handler = RequestHandler(
+            driver=driver, loop=loop,
+            info=NodeInfo(s.node_id, s.http_advertise_addr, Path(s.data_dir), self.token),
+            cluster_id=lambda: self.cluster_id, peer_http=self.transport.peer_http_address,
+            extra_status=self._extra_status, render_metrics=self.metrics.render)
+        self.workers = WorkerSupervisor(
+            loop, count=s.http_workers or (os.cpu_count() or 1), listen_sock=self.http_sock,
+            config={"node_id": s.node_id, "http_address": s.http_advertise_addr,
+                    "request_timeout_ms": s.request_timeout_ms, "log_level": s.log_level},
+            handler=self.handler, metrics=self.metrics, view=self._view)
+        driver.state_listeners.append(self._on_state)
+        self.metrics.watch_state(self._metrics_state)
+        self.metrics.watch_workers(self.workers.stats)
+        loop.add_turn_hook(self._end_of_turn)
+        self._drops = RateLimitedLog()
+        self._tick_s = s.tick_ms / 1000
+        self._next_tick = 0.0
+        self._stopping = False
+        self._stopped_serving = False
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> int:
+        """Serve until stopped; the exit status (0, or 1 after a fatal storage error)."""
+        previous = signal.set_wakeup_fd(self.loop.wake_fd)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            self.driver.sync_peers()
+            self._next_tick = time.monotonic() + self._tick_s
+            self.loop.call_at(self._next_tick, self._tick)
+            if self.state.plan.needs_join:
+                threading.Thread(target=self._join, name="join", daemon=True).start()
+            else:
+                self._serve()
+            self.loop.run()
+        finally:
+            signal.set_wakeup_fd(previous)
+            self._close()
+        return self.exit_code
+
+    def _serve(self) -> None:
+        s = self.settings
+        self.workers.start()
+        log.info("event=node_started node=%s http=%s raft=%s cluster=%s workers=%d",
+                 s.node_id, s.http_addr, s.raft_addr, self.cluster_id or "-",
+                 len(self.workers.channels))
+
+    def _tick(self) -> None:
+        self.driver.tick()
+        now = time.monotonic()
+        self._next_tick += self._tick_s
+        if now - self._next_tick > 5 * self._tick_s:
+            self._next_tick = now + self._tick_s  # we were stalled: do not burst ticks
+        self.loop.call_at(self._next_tick, self._tick)
+
+    def _end_of_turn(self) -> bool:
+        self.driver.process()
+        self.forwarder.flush()
+        self.transport.flush()
+        self.workers.flush()
+        return False
+
+    def _deliver(self, peer: str, frames: list[tuple[int, bytes]]) -> None:
+        driver = self.driver
+        for kind, payload in frames:
+            if kind == FrameKind.RAFT:
+                try:
+                    message = codec.decode_message(payload)
+                except codec.DecodeError as e:
+                    self._dropped(peer, "malformed_message", str(e))
+                    continue
+                if not driver.step(peer, message):
+                    self._dropped(peer, "wrong_sender", f"{type(message).__name__} from "
+                                  f"{message.frm!r} to {message.to!r}")
+            elif kind == FrameKind.FORWARD:
+                self.forwarder.serve(peer, payload)
+            elif kind == FrameKind.FORWARD_RESULT:
+                self.forwarder.on_results(peer, payload)
+
+    def _dropped(self, peer: str, reason: str, detail: str) -> None:
+        suppressed = self._drops.admit(peer, reason)
+        if suppressed is not None:
+            log.warning("event=peer_message_dropped node=%s peer=%s reason=%s suppressed=%d "
+                        "detail=%r", self.settings.node_id, peer, reason, suppressed,
+                        detail[:200])
+
+    def _peer_state(self, peer: str, up: bool) -> None:
+        self.driver.note_peer_state(peer, up)
+
+    # ------------------------------------------------------------------ state for others
+    def _view(self) -> dict[str, object]:
+        """What every worker keeps: pushed at start and on every change."""
+        driver = self.driver
+        return {"role": driver.role.value, "term": driver.term, "leader": driver.leader,
+                "leader_http": self.handler.leader_http_address(), "fatal": driver.fatal,
+                "stopping": self._stopping, "cluster_id": self.cluster_id}
+
+    def _on_state(self, ss: SoftState) -> None:
+        self.workers.push()
+        if self.driver.fatal is not None and not self._stopping:
+            self.exit_code = 1
+            self._begin_stop(hand_over=False)
+
+    def _extra_status(self) -> dict[str, object]:
+        return {"workers": self.workers.describe(),
+                "forwards_waiting": self.forwarder.waiting,
+                "unauthenticated_peer_connections": self.transport.unauthenticated_connections}
+
+    def _metrics_state(self) -> dict[str, object]:
+        driver = self.driver
+        core = driver.core
+        return {"term": driver.term, "role": driver.role.value, "commit_index": core.log.commit,
+                "applied_index": driver.sm.applied_index, "last_index": core.log.last_index(),
+                "snapshot_index": driver.last_snapshot_index, "peers": dict(driver.reachable),
+                "leases_live": len(driver.sm.lease_ttls), "watches": len(driver.watches)}
+
+    # ------------------------------------------------------------------ joining
+    def _join(self) -> None:
+        """Off the loop: ask a member (RAFTKV_JOIN) to add this node; the loop serves the
+        leader's appends meanwhile."""
+        s = self.settings
+        url = s.join_url
+        body = json.dumps({"id": s.node_id, "address": s.raft_advertise_addr}).encode()
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        last_error = ""
+        while time.monotonic() < deadline and not self._stopping:
+            try:
+                status = _http_json(f"{url}/status", None, 5.0)
+                cluster_id = str(status["cluster_id"])
+                listing = _http_json(f"{url}/cluster", None, 5.0)["members"]
+                if not isinstance(listing, list):
+                    raise ValueError("unexpected /cluster answer")
+                addresses = {str(m["id"]): str(m["raft_address"]) for m in listing}
+                learnt = threading.Event()
+
+                def learn(cid: str = cluster_id, addrs: dict[str, str] = addresses,
+                          done: threading.Event = learnt) -> None:
+                    self.cluster_id = cid
+                    self.transport.set_cluster_id(cid)
+                    self.driver.learn_addresses(addrs)
+                    done.set()
+
+                self.loop.call_soon_threadsafe(learn)
+                learnt.wait(5.0)
+                _http_json(f"{url}/cluster/join", body, 30.0)
+                self.loop.call_soon_threadsafe(lambda: self._joined(url))
+                return
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                last_error = str(e)
+                time.sleep(0.5)
+        error = last_error
+
+        def failed() -> None:
+            log.error("event=join_failed node=%s via=%s error=%s", s.node_id, url, error)
+            self.exit_code = 2
+            self._begin_stop(hand_over=False)
+
+        self.loop.call_soon_threadsafe(failed)
+
+    def _joined(self, url: str) -> None:
+        s = self.settings
+        self.state.storage.set_identity(NodeIdentity(s.node_id, self.cluster_id, FORMAT_VERSION))
+        log.info("event=joined node=%s cluster=%s via=%s", s.node_id, self.cluster_id, url)
+        if not self._stopping:
+            self._serve()
+
+    # ------------------------------------------------------------------ stopping
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.loop.call_soon_threadsafe(lambda: self._begin_stop(hand_over=True))
+
+    def _begin_stop(self, *, hand_over: bool) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self.workers.push()
+        driver = self.driver
+        if hand_over and driver.fatal is None and driver.role is Role.LEADER:
+            try:
+                target = driver.transfer_leadership(None)
+            except ServiceError:
+                target = None
+            if target is not None and target != self.settings.node_id:
+                s = self.settings
+                deadline = time.monotonic() + s.tick_ms * s.election_ticks / 500
+                self._await_hand_over(target, deadline)
+                return
+        self._stop_serving()
+
+    def _await_hand_over(self, target: str, deadline: float) -> None:
+        if self.driver.role is not Role.LEADER or time.monotonic() >= deadline:
+            log.info("event=leadership_handed_over node=%s to=%s done=%s",
+                     self.settings.node_id, target, self.driver.role is not Role.LEADER)
+            self._stop_serving()
+            return
+        self.loop.call_later(self._tick_s, lambda: self._await_hand_over(target, deadline))
+
+    def _stop_serving(self) -> None:
+        if self._stopped_serving:
+            return
+        self._stopped_serving = True
+        self.driver.watches.close(UnavailableError("the node is stopping"))
+        self.workers.on_all_exited = self.loop.stop
+        self.workers.stop()
+        self.loop.call_later(WORKER_STOP_S, self._workers_too_slow)
+
+    def _workers_too_slow(self) -> None:
+        log.warning("event=workers_killed node=%s reason=did_not_stop_in_time",
+                    self.settings.node_id)
+        self.workers.kill()
+        self.loop.stop()
+
+    def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.workers.kill()
+        self.driver.fail_everything(UnavailableError("the node stopped"))
+        self.transport.close()
+        with contextlib.suppress(OSError):
+            self.http_sock.close()
+        self.state.storage.close()
+        self.state.snapshots.close()
+        self.loop.close()
+        log.info("event=node_stopped node=%s", self.settings.node_id)
+
+
+def _http_json(url: str, body: bytes | None, timeout_s: float) -> dict[str, object]:
+    req = urllib.request.Request(url, data=body, method="POST" if body else "GET",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"{url} answered {e.code}: {e.read()[:200]!r}") from None
+    if not isinstance(answer, dict):
+        raise ValueError(f"{url} gave an unexpected answer")
+    return answer
+

@@ -1,0 +1,166 @@
+"""How a node starts: open its stores, decide how it starts, rebuild its state.
+
+`plan_start` is the decision, a function of what the data dir holds and what the settings
+say, and nothing else:
+
+    data dir holds an identity          RESTART (the settings' RAFTKV_JOIN is ignored, unless
+                                        the node knows no member yet: it joins again)
+    empty, RAFTKV_PEERS, no RAFTKV_JOIN BOOTSTRAP a static cluster (every member writes the
+                                        same first log entries: one ADD_VOTER each)
+    empty, RAFTKV_JOIN                  JOIN an existing cluster through a member's HTTP API
+    empty, neither                      refuse: two clusters never form by accident
+    Raft state but no identity          refuse: a join that never finished
+
+`open_node` does the I/O around it. Every problem is a StartupError whose message says what to
+do; the CLI prints it without a traceback and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import enum
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from raftkv.core import ConfChange, ConfChangeOp, Entry, EntryKind, HardState
+from raftkv.core.ready import BootState
+from raftkv.kv.state_machine import KVStateMachine, StateMachineError
+from raftkv.ports import NodeIdentity, StorageError
+from raftkv.runtime.boot import load_boot_state
+from raftkv.runtime.driver import BASE_MEMBERSHIP
+from raftkv.settings import Settings, derive_cluster_id
+from snapshots.lmdb_store import LmdbSnapshotStore
+from storage.lmdb_store import LmdbRaftStorage
+
+__all__ = ["FORMAT_VERSION", "NodeState", "StartKind", "StartPlan", "StartupError",
+           "open_node", "plan_start"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION: Final = 1
+MIB: Final = 1 << 20
+
+
+class StartupError(Exception):
+    """The node cannot start; the message says why and what to do."""
+
+
+class StartKind(enum.Enum):
+    BOOTSTRAP = "bootstrap"
+    JOIN = "join"
+    RESTART = "restart"
+
+
+@dataclass(frozen=True, slots=True)
+class StartPlan:
+    kind: StartKind
+    cluster_id: str
+    """Empty while unknown (a node that joins learns it from the cluster)."""
+    needs_join: bool
+    """Ask a member to add this node (JOIN, or a RESTART that never learnt any member)."""
+
+
+def plan_start(settings: Settings, identity: NodeIdentity | None, has_raft_state: bool,
+               knows_members: bool, data_dir: Path) -> StartPlan:
+    if identity is None and has_raft_state:
+        raise StartupError(
+            f"the data dir {data_dir} holds Raft state but no identity (a join that never "
+            "finished?): it is not bootstrapped again over that state. Start it with "
+            "RAFTKV_JOIN, or move the data dir away to start empty")
+    if identity is not None:
+        if identity.node_id != settings.node_id:
+            raise StartupError(
+                f"the data dir {data_dir} belongs to node {identity.node_id!r}, not "
+                f"{settings.node_id!r}: use RAFTKV_ID={identity.node_id} or another data dir")
+        # A node whose join finished but that stopped before anything came from the cluster
+        # (no snapshot, no log: no member, no address) would refuse every peer as unknown:
+        # it joins again (the leader answers at once for a known member).
+        return StartPlan(StartKind.RESTART, identity.cluster_id,
+                         needs_join=bool(settings.join) and not knows_members)
+    if settings.join:
+        return StartPlan(StartKind.JOIN, "", needs_join=True)
+    if settings.peer_map:
+        return StartPlan(StartKind.BOOTSTRAP, derive_cluster_id(settings.peer_map),
+                         needs_join=False)
+    raise StartupError(
+        f"the data dir {data_dir} is empty and neither RAFTKV_PEERS (to bootstrap a new "
+        "cluster) nor RAFTKV_JOIN (to join one) is set: set one of them")
+
+
+@dataclass(slots=True)
+class NodeState:
+    storage: LmdbRaftStorage
+    snapshots: LmdbSnapshotStore
+    sm: KVStateMachine
+    boot: BootState
+    plan: StartPlan
+
+
+def open_node(settings: Settings) -> NodeState:
+    """Open the stores in the data dir, decide how to start, and rebuild the state."""
+    data = Path(settings.data_dir)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StartupError(f"cannot create the data dir {data}: {e.strerror}; check the path "
+                           "and its permissions") from None
+    try:
+        storage = LmdbRaftStorage(
+            data / "raft", map_size_bytes=settings.map_size_mb * MIB,
+            max_map_size_bytes=settings.max_map_size_mb * MIB,
+            unsafe_no_fsync=settings.unsafe_no_fsync)
+        snapshots = LmdbSnapshotStore(
+            data / "snapshots", max_map_size_bytes=max(settings.max_map_size_mb, 256) * MIB)
+    except StorageError as e:
+        raise StartupError(str(e)) from None
+    try:
+        return _load(settings, data, storage, snapshots)
+    except BaseException:
+        storage.close()
+        snapshots.close()
+        raise
+
+
+def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
+          snapshots: LmdbSnapshotStore) -> NodeState:
+    identity = storage.identity()
+    has_state = storage.last_index() > 0 or storage.hard_state().term > 0
+    knows_members = has_state or snapshots.latest() is not None
+    plan = plan_start(settings, identity, has_state, knows_members, data)
+    if plan.kind is StartKind.BOOTSTRAP:
+        write_bootstrap_log(storage, settings.peer_map)
+        log.info("event=bootstrap node=%s cluster=%s members=%s", settings.node_id,
+                 plan.cluster_id, ",".join(sorted(settings.peer_map)))
+    elif plan.kind is StartKind.RESTART and settings.join:
+        log.info("event=%s node=%s", "join_resumed reason=no_member_known" if plan.needs_join
+                 else "join_ignored reason=data_dir_has_state", settings.node_id)
+    sm = KVStateMachine()
+    try:
+        boot, stored = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
+        if stored is not None:
+            sm.restore(stored.data, stored.meta.index)
+    except (StorageError, StateMachineError, ValueError) as e:
+        raise StartupError(f"cannot load the state in {data}: {e}. If the data is damaged, "
+                           "move the data dir away and let the node rejoin empty "
+                           "(RAFTKV_JOIN)") from None
+    if plan.kind is StartKind.BOOTSTRAP:
+        storage.set_identity(NodeIdentity(settings.node_id, plan.cluster_id, FORMAT_VERSION))
+    # Millions of long-lived objects make every full collection stall the loop for tens of
+    # milliseconds: move what boot loaded out of the collector's sight and make
+    # young-generation collections rarer.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    return NodeState(storage, snapshots, sm, boot, plan)
+
+
+def write_bootstrap_log(storage: LmdbRaftStorage, peers: dict[str, str]) -> None:
+    """A new static cluster: every member writes the same committed log of its initial
+    members (term 1, one ADD_VOTER each), so membership lives in the log and snapshots and a
+    node that joins later learns it like any other entry."""
+    entries = [
+        Entry(i, 1, EntryKind.CONF_CHANGE, change=ConfChange(ConfChangeOp.ADD_VOTER, nid, addr))
+        for i, (nid, addr) in enumerate(sorted(peers.items()), start=1)
+    ]
+    storage.save(HardState(1, None, len(entries)), entries)

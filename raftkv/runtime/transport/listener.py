@@ -1,0 +1,244 @@
+"""The peer port: accept connections, run the listener side of the handshake, then receive.
+
+Unauthenticated connections (the handshake is not done) are bounded on their own, in total and
+per remote host, and each must finish its handshake within HANDSHAKE_TIMEOUT_S: a crowd of
+idle or slow connections cannot keep a real peer out. An authenticated connection belongs to
+one peer (the newest replaces an older one) and only ever carries that peer's frames: every
+frame is handed on with the authenticated peer id, and the receiver ties the message's sender
+to it. A frame of a kind a peer may not send closes the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Final, Protocol
+
+from raftkv.codec import PEER_FRAME_KINDS, FrameKind
+from raftkv.runtime.connection import Connection
+from raftkv.runtime.eventloop import EPOLLIN, EventLoop, Timer
+from raftkv.runtime.transport.handshake import (
+    MAX_HANDSHAKE_FRAME_BYTES,
+    ListenerHandshake,
+    PeerAuth,
+    Refused,
+    reject_message,
+)
+from raftkv.runtime.transport.outbound import tune
+
+__all__ = ["Listener"]
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S: Final = 2.0
+MAX_UNAUTHENTICATED: Final = 32
+MAX_UNAUTHENTICATED_PER_HOST: Final = 8
+ACCEPTS_PER_TURN: Final = 64
+ACCEPT_ERROR_PAUSE_S: Final = 0.1
+
+
+class ListenerOwner(Protocol):
+    node_id: str
+    max_frame_bytes: int
+
+    def listener_handshake(self) -> ListenerHandshake: ...
+
+    def admit(self, auth: PeerAuth) -> None:
+        """Raise Refused(reason) unless this dialer may connect (known peer, right cluster)."""
+        ...
+
+    def inbound_up(self, peer_id: str, auth: PeerAuth) -> None: ...
+
+    def deliver(self, peer_id: str, frames: list[tuple[int, bytes]]) -> None: ...
+
+    def refused(self, remote_host: str, remote: str, reason: str, detail: str) -> None: ...
+
+
+def _format(sockaddr: object) -> tuple[str, str]:
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        host, port = str(sockaddr[0]), sockaddr[1]
+        return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return str(sockaddr), str(sockaddr)
+
+
+class _Pending:
+    """An accepted connection whose handshake is not done yet."""
+
+    __slots__ = ("conn", "handshake", "host", "remote", "timer")
+
+    def __init__(self, conn: Connection, handshake: ListenerHandshake, host: str,
+                 remote: str) -> None:
+        self.conn = conn
+        self.handshake = handshake
+        self.host = host
+        self.remote = remote
+        self.timer: Timer | None = None
+
+
+class Listener:
+    def __init__(self, owner: ListenerOwner, loop: EventLoop, sock: socket.socket) -> None:
+        self._owner = owner
+        self._loop = loop
+        self._sock = sock
+        sock.setblocking(False)
+        self._pending: dict[Connection, _Pending] = {}
+        self._per_host: dict[str, int] = {}
+        self._by_peer: dict[str, Connection] = {}
+        self._paused_until = 0.0
+        loop.register(sock.fileno(), EPOLLIN, self._on_accept)
+
+    @property
+    def port(self) -> int:
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def unauthenticated(self) -> int:
+        return len(self._pending)
+
+    def drop_peer(self, peer_id: str) -> None:
+        """The peer left the configuration: close its inbound connection."""
+        conn = self._by_peer.pop(peer_id, None)
+        if conn is not None:
+            conn.close("the peer was removed")
+
+    def close(self) -> None:
+        self._loop.unregister(self._sock.fileno())
+        self._sock.close()
+        for pending in list(self._pending.values()):
+            pending.conn.close("shutting down")
+        for conn in list(self._by_peer.values()):
+            conn.close("shutting down")
+
+    # ------------------------------------------------------------------ accepting
+    def _on_accept(self, _mask: int) -> None:
+        if time.monotonic() < self._paused_until:
+            return
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, sockaddr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:  # e.g. out of file descriptors: do not spin
+                log.warning("event=accept_failed node=%s error=%s", self._owner.node_id,
+                            e.strerror or e)
+                self._paused_until = time.monotonic() + ACCEPT_ERROR_PAUSE_S
+                return
+            self._admit(sock, sockaddr)
+
+    def _admit(self, sock: socket.socket, sockaddr: object) -> None:
+        host, remote = _format(sockaddr)
+        if (len(self._pending) >= MAX_UNAUTHENTICATED
+                or self._per_host.get(host, 0) >= MAX_UNAUTHENTICATED_PER_HOST):
+            sock.close()
+            self._owner.refused(host, remote, "too_many_connections",
+                                f"unauthenticated limit {MAX_UNAUTHENTICATED} "
+                                f"({MAX_UNAUTHENTICATED_PER_HOST} per host)")
+            return
+        try:
+            tune(sock)
+        except OSError:
+            sock.close()
+            return
+        handshake = self._owner.listener_handshake()
+        conn = Connection(self._loop, sock, max_frame_bytes=MAX_HANDSHAKE_FRAME_BYTES,
+                          on_frames=lambda frames: self._on_handshake(conn, frames),
+                          on_closed=lambda reason: self._on_pending_closed(conn, reason),
+                          name=f"from {remote}")
+        pending = _Pending(conn, handshake, host, remote)
+        self._pending[conn] = pending
+        self._per_host[host] = self._per_host.get(host, 0) + 1
+        pending.timer = self._loop.call_later(HANDSHAKE_TIMEOUT_S,
+                                              lambda: self._on_deadline(conn))
+        conn.send_frame(FrameKind.HANDSHAKE, handshake.hello())
+        conn.flush()
+
+    def _forget(self, conn: Connection) -> _Pending | None:
+        pending = self._pending.pop(conn, None)
+        if pending is not None:
+            if pending.timer is not None:
+                pending.timer.cancel()
+            left = self._per_host.get(pending.host, 0) - 1
+            if left > 0:
+                self._per_host[pending.host] = left
+            else:
+                self._per_host.pop(pending.host, None)
+        return pending
+
+    def _on_deadline(self, conn: Connection) -> None:
+        pending = self._forget(conn)
+        if pending is not None:
+            self._owner.refused(pending.host, pending.remote, "bad_handshake",
+                                "handshake timed out")
+            conn.set_handlers(_ignore_frames, _ignore_close)
+            conn.close("handshake timed out")
+
+    def _on_pending_closed(self, conn: Connection, reason: str) -> None:
+        pending = self._forget(conn)
+        if pending is not None:
+            self._owner.refused(pending.host, pending.remote, "bad_handshake", reason)
+
+    def _on_handshake(self, conn: Connection, frames: list[tuple[int, bytes]]) -> None:
+        pending = self._pending.get(conn)
+        if pending is None:
+            return
+        kind, payload = frames[0]
+        try:
+            if kind != FrameKind.HANDSHAKE:
+                raise Refused("bad_handshake", f"expected a handshake frame, got kind {kind}")
+            if len(frames) > 1:
+                raise Refused("bad_handshake", "frames before the handshake was answered")
+            auth = pending.handshake.check_auth(payload)
+            self._owner.admit(auth)
+        except Refused as e:
+            self._forget(conn)
+            self._owner.refused(pending.host, pending.remote, e.reason, str(e))
+            conn.set_handlers(_ignore_frames, _ignore_close)
+            conn.send_frame(FrameKind.HANDSHAKE, reject_message(e.reason))
+            conn.flush()
+            conn.close(f"refused: {e.reason}")
+            return
+        self._forget(conn)
+        conn.send_frame(FrameKind.HANDSHAKE, pending.handshake.welcome())
+        conn.flush()
+        if auth.probe:
+            conn.set_handlers(_ignore_frames, _ignore_close)
+            conn.close("probe answered")
+            return
+        peer_id = auth.node_id
+        previous = self._by_peer.get(peer_id)
+        if previous is not None:  # the peer redialed: its old connection is dead to it
+            previous.set_handlers(_ignore_frames, _ignore_close)
+            previous.close("replaced by a newer connection")
+        self._by_peer[peer_id] = conn
+        conn.set_max_frame_bytes(self._owner.max_frame_bytes)
+        conn.set_handlers(lambda fr: self._on_frames(peer_id, conn, fr),
+                          lambda reason: self._on_peer_closed(peer_id, conn, reason))
+        self._owner.inbound_up(peer_id, auth)
+
+    def _on_frames(self, peer_id: str, conn: Connection,
+                   frames: list[tuple[int, bytes]]) -> None:
+        for kind, _ in frames:
+            if kind not in PEER_FRAME_KINDS:
+                self._owner.refused(conn.name, conn.name, "bad_frame",
+                                    f"peer {peer_id} sent a frame of kind {kind}")
+                conn.close(f"frame of kind {kind} from a peer")
+                return
+        self._owner.deliver(peer_id, frames)
+
+    def _on_peer_closed(self, peer_id: str, conn: Connection, reason: str) -> None:
+        if self._by_peer.get(peer_id) is conn:
+            del self._by_peer[peer_id]
+        log.debug("event=inbound_closed node=%s peer=%s reason=%s", self._owner.node_id,
+                  peer_id, reason)
+
+
+def _ignore_frames(frames: list[tuple[int, bytes]]) -> None:
+    pass
+
+
+def _ignore_close(reason: str) -> None:
+    pass
+
