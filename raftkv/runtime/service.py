@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from raftkv import auth
 from raftkv.core import ConfChange, ConfChangeOp, Role, Status
 from raftkv.kv.commands import Batch, Command, Delete, Put, encode_command
 from raftkv.kv.state_machine import (
@@ -25,6 +26,7 @@ from raftkv.kv.state_machine import (
 from raftkv.kv.state_machine import (
     DeleteResult as KVDeleteResult,
 )
+from raftkv.runtime import tokens as token_requests
 from raftkv.runtime.loop import RaftLoop, ReadGrant
 from raftkv.runtime.waiter import Waiter
 from raftkv.runtime.watch import KeyState, Watch
@@ -52,6 +54,9 @@ from raftkv.service import (
     ReadResult,
     ReadTimeoutError,
     ServiceError,
+    TokenCreateResult,
+    TokenInfo,
+    TokenRevokeResult,
     UnavailableError,
     WatchResult,
     WriteResult,
@@ -88,6 +93,7 @@ class NodeService:
         self._max_watches = max_watches
         self._watch_slots = threading.BoundedSemaphore(max_watches)
         self._backup_slots = threading.BoundedSemaphore(MAX_BACKUPS)
+        self._authorizer = auth.Authorizer(loop.sm.token_table)
 
     # ------------------------------------------------------------------ reads
     def get(self, key: str, consistency: Consistency, timeout_s: float) -> ReadResult:
@@ -262,6 +268,39 @@ class NodeService:
 
     def leases(self, limit: int, *, timeout_s: float) -> list[LeaseInfo]:
         raise _no_leases()
+
+    # ------------------------------------------------------------------ tokens
+    # This runtime reads the state machine's table directly (an immutable value, replaced
+    # whole on every change, so a request thread may read it); raftkv.runtime.tokens decides
+    # what is proposed and answered.
+    def authorizer(self) -> auth.Authorizer:
+        table = self._loop.sm.token_table
+        cached = self._authorizer
+        if cached.table is not table:
+            cached = self._authorizer = auth.Authorizer(table)
+        return cached
+
+    def token_create(self, role: auth.Role, prefixes: tuple[str, ...], *,
+                     request_id: str | None = None, timeout_s: float) -> TokenCreateResult:
+        cmd, secret = token_requests.create_command(self._loop.sm.token_table, role, prefixes)
+        result = self._write(cmd, request_id, timeout_s)
+        answer = token_requests.created(result, cmd, secret)
+        if answer is None:
+            raise self._unexpected(result)
+        return answer
+
+    def token_revoke(self, token_id: str, *, request_id: str | None = None,
+                     timeout_s: float) -> TokenRevokeResult:
+        cmd = token_requests.revoke_command(self._loop.sm.token_table, token_id)
+        result = self._write(cmd, request_id, timeout_s)
+        answer = token_requests.revoked(result)
+        if answer is None:
+            raise self._unexpected(result)
+        return answer
+
+    def tokens(self, consistency: Consistency, timeout_s: float) -> list[TokenInfo]:
+        self._read_barrier(consistency, timeout_s)
+        return token_requests.token_infos(self._loop.sm.token_table)
 
     # ------------------------------------------------------------------ cluster
     def is_leader(self) -> bool:
