@@ -19,12 +19,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from raftkv.auth import RootTokenError, read_root_token_file, token_digest
 from raftkv.core import (
-    ConfChange,
-    ConfChangeOp,
     Config,
-    Entry,
-    EntryKind,
     HardState,
     NotLeader,
     RaftError,
@@ -33,7 +30,7 @@ from raftkv.core import (
 )
 from raftkv.kv.state_machine import KVStateMachine, StateMachineError
 from raftkv.ports import NodeIdentity, StorageError
-from raftkv.runtime.boot import load_boot_state
+from raftkv.runtime.boot import bootstrap_entries, load_boot_state
 from raftkv.runtime.loop import BASE_MEMBERSHIP, RaftLoop
 from raftkv.runtime.service import NodeService
 from raftkv.runtime.transport import PeerTransport, probe
@@ -92,12 +89,15 @@ class NodeServer:
                 f"the data dir {data} holds Raft state but no identity (a join that never "
                 "finished?): it is not bootstrapped again over that state. Start it with "
                 "RAFTKV_JOIN, or move the data dir away to start empty")
+        bootstrapping = identity is None and bool(settings.peer_map) and not settings.join
+        root_digest = _root_digest(settings, bootstrapping)
         if identity is None:
-            if settings.peer_map and not settings.join:
-                cluster_id = derive_cluster_id(settings.peer_map)
-                _write_bootstrap_log(self.storage, settings.peer_map)
-                log.info("event=bootstrap node=%s cluster=%s members=%s", settings.node_id,
-                         cluster_id, ",".join(sorted(settings.peer_map)))
+            if bootstrapping:
+                cluster_id = derive_cluster_id(settings.peer_map, root_digest)
+                _write_bootstrap_log(self.storage, settings.peer_map, root_digest)
+                log.info("event=bootstrap node=%s cluster=%s members=%s auth=%s",
+                         settings.node_id, cluster_id, ",".join(sorted(settings.peer_map)),
+                         "on" if root_digest else "off")
             elif settings.join:
                 cluster_id = ""  # learned from the cluster below
             else:
@@ -199,7 +199,7 @@ class NodeServer:
 
         self.loop.metrics.watch_state(self.loop.metrics_state)
         app = create_app(self.service, default_timeout_s=s.request_timeout_ms / 1000,
-                         metrics=self.loop.metrics)
+                         metrics=self.loop.metrics, metrics_open=s.metrics_open)
         try:
             server = serve(app, self._http_bind[0], self._http_bind[1], threads=s.http_threads)
         except OSError as e:
@@ -272,19 +272,20 @@ class NodeServer:
         s = self.settings
         url = s.join_url
         body = json.dumps({"id": s.node_id, "address": s.raft_advertise_addr}).encode()
+        headers = _join_headers(s)
         deadline = time.monotonic() + 60
         last_error = ""
         while time.monotonic() < deadline:
             try:
-                status = _http_json(f"{url}/status", None, 5.0)
+                status = _http_json(f"{url}/status", None, 5.0, headers)
                 cluster_id = str(status["cluster_id"])
-                listing = _http_json(f"{url}/cluster", None, 5.0)["members"]
+                listing = _http_json(f"{url}/cluster", None, 5.0, headers)["members"]
                 if not isinstance(listing, list):
                     raise ValueError("unexpected /cluster answer")
                 addresses = {str(m["id"]): str(m["raft_address"]) for m in listing}
                 self.transport.set_cluster_id(cluster_id)
                 self.loop.call(functools.partial(self.loop.learn_addresses, addresses)).wait(2.0)
-                _http_json(f"{url}/cluster/join", body, 30.0)
+                _http_json(f"{url}/cluster/join", body, 30.0, headers)
                 self._cluster_id = cluster_id
                 self.storage.set_identity(NodeIdentity(s.node_id, cluster_id, FORMAT_VERSION))
                 log.info("event=joined node=%s cluster=%s via=%s", s.node_id, cluster_id, url)
@@ -310,20 +311,45 @@ def peer_source_host(raft_bind_host: str) -> str | None:
     return None if ip.is_unspecified else str(ip)
 
 
-def _write_bootstrap_log(storage: LmdbRaftStorage, peers: dict[str, str]) -> None:
-    """A new static cluster: every member writes the same committed log of its initial
-    members (term 1, one ADD_VOTER each), so membership lives in the log and snapshots and a
-    node that joins later learns it like any other entry."""
-    entries = [
-        Entry(i, 1, EntryKind.CONF_CHANGE, change=ConfChange(ConfChangeOp.ADD_VOTER, nid, addr))
-        for i, (nid, addr) in enumerate(sorted(peers.items()), start=1)
-    ]
+def _write_bootstrap_log(storage: LmdbRaftStorage, peers: dict[str, str],
+                         root_digest: bytes | None) -> None:
+    """A new static cluster: every member writes the same committed log (see
+    raftkv.runtime.boot.bootstrap_entries)."""
+    entries = bootstrap_entries(peers, root_digest)
     storage.save(HardState(1, None, len(entries)), entries)
 
 
-def _http_json(url: str, body: bytes | None, timeout_s: float) -> dict[str, object]:
+def _root_digest(settings: Settings, bootstrapping: bool) -> bytes | None:
+    """The root token's digest when this start bootstraps a cluster with auth. The file is
+    read at that first start only (later it is not even opened), and never logged."""
+    if not settings.root_token_file:
+        return None
+    if not bootstrapping:
+        log.info("event=root_token_file_ignored node=%s reason=%s", settings.node_id,
+                 "joining" if settings.join else "data_dir_has_state")
+        return None
+    try:
+        return token_digest(read_root_token_file(settings.root_token_file))
+    except RootTokenError as e:
+        raise StartupError(str(e)) from None
+
+
+def _join_headers(settings: Settings) -> dict[str, str]:
+    """The admin token for joining a cluster with auth (RAFTKV_JOIN_TOKEN_FILE)."""
+    if not settings.join_token_file:
+        return {}
+    try:
+        token = read_root_token_file(settings.join_token_file)
+    except RootTokenError as e:
+        raise StartupError(str(e).replace("root token", "join token")) from None
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _http_json(url: str, body: bytes | None, timeout_s: float,
+               headers: dict[str, str] | None = None) -> dict[str, object]:
     req = urllib.request.Request(url, data=body, method="POST" if body else "GET",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             answer = json.loads(resp.read())
