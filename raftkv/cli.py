@@ -450,6 +450,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from raftkv.certs import CertsError, init_certs
+
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    hosts = [h.strip() for h in (args.hosts or "").split(",") if h.strip()]
+    try:
+        made = init_certs(args.dir, nodes, hosts, days=args.days)
+    except CertsError as e:
+        print(f"raftkv certs init: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"raftkv certs init: {e.strerror or e}: {e.filename or args.dir}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"raftkv certs init: wrote {', '.join(made.files)} in {made.directory} (keys mode "
+          "0600; ca.key signs new certificates: keep it off the nodes)")
+    return EXIT_OK
+
+
 def _as_dict(obj: object) -> object:
     """Dataclasses (also inside lists) as plain JSON values."""
     from dataclasses import asdict, is_dataclass
@@ -560,6 +578,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "more); none: every key")
     token.add_argument("--json", action="store_true", help="list: as JSON")
     client_args(token)
+    certs = sub.add_parser(
+        "certs", help="init DIR --nodes n1,n2,n3: a CA and node and client certificates",
+        description="Make a CA (ca.pem, ca.key), a certificate per node for both ends of "
+                    "mutual TLS (<node>.pem, <node>.key) and a client certificate (client.pem, "
+                    "client.key) in DIR. Needs the cryptography package (raftkv[tls]).")
+    certs.add_argument("action", choices=["init"])
+    certs.add_argument("dir", metavar="DIR")
+    certs.add_argument("--nodes", required=True, help="node ids, comma-separated")
+    certs.add_argument("--hosts", default="",
+                       help="extra DNS names or IP addresses for every node certificate, "
+                            "comma-separated (localhost, 127.0.0.1 and ::1 are always in)")
+    certs.add_argument("--days", type=int, default=825, help="validity of the leaf "
+                       "certificates (default 825)")
     backup = sub.add_parser("backup", help="download a consistent snapshot into FILE")
     backup.add_argument("file", metavar="FILE")
     backup.add_argument("--consistency", default="linearizable",
@@ -594,6 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_cluster(args)
     if args.command == "backup":
         return cmd_backup(args)
+    if args.command == "certs":
+        return cmd_certs(args)
     if args.command == "restore":
         return cmd_restore(args)
     if args.command == "members" and args.action in ("add", "promote", "remove") and not args.id:
