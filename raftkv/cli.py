@@ -149,7 +149,7 @@ def _client_options(args: argparse.Namespace) -> dict[str, object]:
     context: ssl.SSLContext | None = None
     cacert = args.cacert or os.environ.get("RAFTKV_CACERT")
     cert = args.cert or os.environ.get("RAFTKV_CERT")
-    key = args.key or os.environ.get("RAFTKV_KEY")
+    key = args.tls_key or os.environ.get("RAFTKV_KEY")
     if cacert or cert:
         try:
             context = ssl.create_default_context(cafile=cacert or None)
@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CA certificate for https:// URLs [RAFTKV_CACERT]")
         sp.add_argument("--cert", default=None,
                         help="client certificate for https:// URLs [RAFTKV_CERT]")
-        sp.add_argument("--key", default=None,
+        sp.add_argument("--key", dest="tls_key", default=None,
                         help="the client certificate's key [RAFTKV_KEY]")
 
     get = sub.add_parser("get", help="read a key")
