@@ -1,10 +1,10 @@
 """`raftkv serve | cluster | get | put | delete | status | members | backup | restore | lease |
 lock | token | certs` — the composition root.
 
-Client commands take a token for clusters with auth: `--token-file FILE` or RAFTKV_TOKEN_FILE
-(best: it stays out of `ps` and shell history), RAFTKV_TOKEN, or `--token`; and, behind a
-TLS-terminating proxy, https:// URLs with `--cacert`, `--cert`, `--key` (RAFTKV_CACERT,
-RAFTKV_CERT, RAFTKV_KEY).
+Client commands take a token for clusters with auth, the first of: `--token` (visible in `ps`),
+`--token-file FILE`, RAFTKV_TOKEN, RAFTKV_TOKEN_FILE (a file keeps it out of `ps` and shell
+history); and, behind a TLS-terminating proxy, https:// URLs with `--cacert`, `--cert`, `--key`
+(RAFTKV_CACERT, RAFTKV_CERT, RAFTKV_KEY).
 
 Exit codes: 0 ok, 1 the request failed (e.g. key or lease not found, conflict), 2 bad usage or
 settings, 3 the cluster is unavailable (no leader, timeout, unreachable). `raftkv lock NAME --
@@ -126,10 +126,13 @@ class _UsageError(Exception):
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    """--token, else --token-file / RAFTKV_TOKEN_FILE, else RAFTKV_TOKEN; never printed."""
+    """--token, else --token-file, else RAFTKV_TOKEN, else RAFTKV_TOKEN_FILE; never printed."""
     if args.token:
         return str(args.token)
-    path = args.token_file or os.environ.get("RAFTKV_TOKEN_FILE")
+    path = args.token_file
+    if not path and os.environ.get("RAFTKV_TOKEN"):
+        return os.environ["RAFTKV_TOKEN"]
+    path = path or os.environ.get("RAFTKV_TOKEN_FILE")
     if path:
         try:
             token = Path(path).read_text(encoding="ascii").strip()
@@ -139,7 +142,7 @@ def _token(args: argparse.Namespace) -> str | None:
         if not token or any(c.isspace() for c in token):
             raise _UsageError(f"the token file {path} must hold one token")
         return token
-    return os.environ.get("RAFTKV_TOKEN") or None
+    return None
 
 
 def _client_options(args: argparse.Namespace) -> dict[str, object]:

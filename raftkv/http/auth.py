@@ -118,8 +118,8 @@ class AuthMiddleware:
         req.context.principal = principal
         if not _allows(need, principal, req, params):
             raise ForbiddenError(f"token {principal.token_id} ({principal.role.value}"
-                                 f"{_limited(principal)}) may not {req.method} "
-                                 f"{req.uri_template}: it needs {need.value}")
+                                 f"{_limited(principal)}) may not {_what(need, req, params)}: "
+                                 f"it needs {need.value}")
 
 
 def _allows(need: Need, principal: Principal, req: falcon.Request,
@@ -138,6 +138,17 @@ def _allows(need: Need, principal: Principal, req: falcon.Request,
     if need is Need.WRITE_ALL:
         return principal.may_write_all
     return False  # ADMIN
+
+
+def _what(need: Need, req: falcon.Request, params: Mapping[str, Any]) -> str:
+    if need in (Need.READ_KEY, Need.WRITE_KEY):
+        verb = "read" if need is Need.READ_KEY else "write"
+        return f"{verb} the key {str(params.get('key', ''))[:200]!r}"
+    if need is Need.LIST:
+        prefix = req.params.get("prefix")
+        return f"list the keys starting with {prefix[:200]!r}" if isinstance(
+            prefix, str) and prefix else "list every key"
+    return f"{req.method} {req.uri_template}"
 
 
 def _limited(principal: Principal) -> str:
