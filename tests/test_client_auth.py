@@ -70,13 +70,25 @@ def test_roles_prefixes_and_management(url: str) -> None:
 
 def test_clone_and_locks_keep_the_token(url: str) -> None:
     with client(url, ROOT) as admin:
-        locker = admin.token_create("write", ["_lock/"]).token
+        locker = admin.token_create("write").token
+        limited = admin.token_create("write", ["_lock/"]).token
     with client(url, locker) as kv:
-        with pytest.raises(Forbidden):
-            kv.clone().put("app/x", 1)
-        with kv.lock("job", ttl=5) as lock:
+        with kv.lock("job", ttl=5) as lock:  # its keepalive thread uses a clone
             assert lock.held
             assert kv.clone().get(lock.key).value is not None
+            key, lease = lock.key, lock.lease_id
+        assert not kv.list("_lock/")  # released: the lease revoked, the key deleted
+    with client(url, limited) as kv:
+        with pytest.raises(Forbidden):
+            kv.clone().put("app/x", 1)
+        # A prefix-limited token may take a lock, but not revoke a lease: a revoke deletes
+        # whatever keys are attached to it, whoever attached them. Its lock is released by
+        # the lease's expiry instead (raftkv.http.auth, Need.WRITE_ALL).
+        grant = kv.lease_grant(5)
+        kv.put(key, "mine", lease=grant.lease_id)
+        with pytest.raises(Forbidden):
+            kv.lease_revoke(grant.lease_id)
+    assert lease is not None
 
 
 def test_a_retried_create_replaces_a_token_whose_secret_was_lost(
