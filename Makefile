@@ -8,10 +8,12 @@ SEEDS  ?= 1000
 PYTEST_ARGS ?=
 
 .PHONY: help venv test lint typecheck unit sim run cluster clean-venv \
-	wheels image up down logs ps clean test-docker docker-host bench bench-storage faults
+	wheels image up down logs ps clean test-docker docker-host bench bench-storage faults \
+	tls-init nginx-image
 
 help:
 	@echo "make run        start a 3-node cluster (docker if available, else local processes)"
+	@echo "make run TLS=1  the docker cluster with auth and an nginx TLS proxy per node (HTTPS on 127.0.0.1:8443..8445)"
 	@echo "make test       lint, type-check and run the test suite"
 	@echo "make sim SEEDS=N   run N simulator seeds (RAFTKV_SIM_SEED=s replays one)"
 	@echo "make up | down | logs | ps   the docker-compose cluster: start detached, stop, follow, list"
@@ -44,6 +46,8 @@ test: lint typecheck
 	RAFTKV_SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q -m "not docker" $(PYTEST_ARGS)
 
 run:
+	@if [ "$(TLS)" = 1 ] && ! docker info >/dev/null 2>&1; then \
+	  echo "make run TLS=1: needs a Docker engine (docker info failed): see make docker-host"; exit 1; fi
 	@if docker info >/dev/null 2>&1; then \
 	  $(MAKE) --no-print-directory up && \
 	  echo "make run: following the logs; Ctrl-C stops following, the cluster keeps running (make down stops it)" && \
@@ -102,7 +106,22 @@ BASE_IMAGE ?= $(eval BASE_IMAGE := $(or $(shell \
 	else bash $(DOCKER_SETUP); fi),$(UPSTREAM_BASE)))$(BASE_IMAGE)
 COMPOSE_CMD = $(eval COMPOSE_CMD := $(shell docker compose version >/dev/null 2>&1 \
 	&& echo "docker compose" || echo docker-compose))$(COMPOSE_CMD)
-COMPOSE = $(COMPOSE_CMD) -p $(COMPOSE_PROJECT) -f docker-compose.yml
+# TLS=1: the TLS variant (docker-compose.tls.yml over docker-compose.yml): auth with the root
+# token in $(TLS_DIR)/root.token, one nginx TLS proxy per node; its own project, containers
+# (raftkv-tls-*) and volumes, so it never meets the data of the plain cluster.
+TLS ?=
+TLS_DIR ?= data/tls
+ifeq ($(TLS),1)
+COMPOSE_PROJECT := raftkv-tls
+COMPOSE_FILES := -f docker-compose.yml -f docker-compose.tls.yml
+export RAFTKV_CONTAINER_PREFIX := raftkv-tls
+export RAFTKV_TLS_DIR := $(abspath $(TLS_DIR))
+UP_NEEDS := tls-init nginx-image
+else
+COMPOSE_FILES := -f docker-compose.yml
+UP_NEEDS :=
+endif
+COMPOSE = $(COMPOSE_CMD) -p $(COMPOSE_PROJECT) $(COMPOSE_FILES)
 ARCH := $(shell uname -m)
 
 docker-host:
@@ -124,9 +143,23 @@ wheels: $(STAMP)
 image: wheels
 	docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) --tag $(RAFTKV_IMAGE) .
 
-up: image
+up: image $(UP_NEEDS)
 	$(COMPOSE) up --detach
 	@echo "make up: HTTP on 127.0.0.1:$${RAFTKV_HTTP_PORT_1:-4001}, $${RAFTKV_HTTP_PORT_2:-4002}, $${RAFTKV_HTTP_PORT_3:-4003}; make logs | ps | down (keeps the data) | clean (deletes it)"
+	@if [ "$(TLS)" = 1 ]; then echo "make up: HTTPS (client certificate required) on 127.0.0.1:8443..8445; certificates and the root token in $(TLS_DIR)"; fi
+
+# The CA, node and client certificates (raftkv certs init) and a root token, once.
+tls-init: $(STAMP)
+	@if [ -e $(TLS_DIR)/ca.pem ]; then echo "make tls-init: $(TLS_DIR) has its certificates already"; else \
+	  mkdir -p $(TLS_DIR) && chmod 0700 $(TLS_DIR) && \
+	  $(PY) -m raftkv certs init $(TLS_DIR) --nodes n1,n2,n3 && \
+	  $(PY) -c 'import secrets; print(secrets.token_hex(32))' > $(TLS_DIR)/root.token && \
+	  chmod 0644 $(TLS_DIR)/root.token && \
+	  echo "make tls-init: root token in $(TLS_DIR)/root.token (the directory is 0700; the file is readable by the nodes' container user)"; fi
+
+# The proxies' image: Debian's nginx-light, built offline-capable with mmdebstrap.
+nginx-image:
+	bash scripts/nginx-image.sh >/dev/null
 
 down:
 	$(COMPOSE) down

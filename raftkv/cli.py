@@ -1,5 +1,10 @@
 """`raftkv serve | cluster | get | put | delete | status | members | backup | restore | lease |
-lock` — the composition root.
+lock | token | certs` — the composition root.
+
+Client commands take a token for clusters with auth, the first of: `--token` (visible in `ps`),
+`--token-file FILE`, RAFTKV_TOKEN, RAFTKV_TOKEN_FILE (a file keeps it out of `ps` and shell
+history); and, behind a TLS-terminating proxy, https:// URLs with `--cacert`, `--cert`, `--key`
+(RAFTKV_CACERT, RAFTKV_CERT, RAFTKV_KEY).
 
 Exit codes: 0 ok, 1 the request failed (e.g. key or lease not found, conflict), 2 bad usage or
 settings, 3 the cluster is unavailable (no leader, timeout, unreachable). `raftkv lock NAME --
@@ -110,21 +115,75 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- client commands
+class _UsageError(Exception):
+    pass
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """--token, else --token-file, else RAFTKV_TOKEN, else RAFTKV_TOKEN_FILE; never printed."""
+    if args.token:
+        return str(args.token)
+    path = args.token_file
+    if not path and os.environ.get("RAFTKV_TOKEN"):
+        return os.environ["RAFTKV_TOKEN"]
+    path = path or os.environ.get("RAFTKV_TOKEN_FILE")
+    if path:
+        try:
+            token = Path(path).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise _UsageError(f"cannot read the token file {path}: "
+                              f"{getattr(e, 'strerror', None) or type(e).__name__}") from None
+        if not token or any(c.isspace() for c in token):
+            raise _UsageError(f"the token file {path} must hold one token")
+        return token
+    return None
+
+
+def _client_options(args: argparse.Namespace) -> dict[str, object]:
+    """token and ssl_context for a Client, from the flags and the environment."""
+    import ssl
+
+    context: ssl.SSLContext | None = None
+    cacert = args.cacert or os.environ.get("RAFTKV_CACERT")
+    cert = args.cert or os.environ.get("RAFTKV_CERT")
+    key = args.tls_key or os.environ.get("RAFTKV_KEY")
+    if cacert or cert:
+        try:
+            context = ssl.create_default_context(cafile=cacert or None)
+            if cert:
+                context.load_cert_chain(cert, key or None)
+        except (OSError, ssl.SSLError) as e:
+            raise _UsageError(f"cannot load the TLS files: {e}") from None
+    return {"token": _token(args), "ssl_context": context}
+
+
 def _client(args: argparse.Namespace) -> object:
     from raftkv.client import Client
 
     urls = [u if u.startswith("http") else f"http://{u}" for u in args.urls.split(",") if u]
-    return Client(urls, timeout_s=args.timeout)
+    return Client(urls, timeout_s=args.timeout, **_client_options(args))  # type: ignore[arg-type]
 
 
 def _print(obj: object) -> None:
-    print(json.dumps(_as_dict(obj), indent=None, sort_keys=True))
+    print(json.dumps(_as_dict(obj), indent=None, sort_keys=True, default=_enum_value))
+
+
+def _enum_value(obj: object) -> object:
+    import enum
+
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    raise TypeError(f"{type(obj).__name__} is not JSON")
 
 
 def _run_client(args: argparse.Namespace) -> int:
     from raftkv import client as c
 
-    cl = _client(args)
+    try:
+        cl = _client(args)
+    except _UsageError as e:
+        print(f"raftkv {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     assert isinstance(cl, c.Client)
     try:
         if args.command == "get":
@@ -142,7 +201,7 @@ def _run_client(args: argparse.Namespace) -> int:
             if args.json:
                 _print(cl.status())
             else:
-                print(_status_table(cl, args.timeout))
+                print(_status_table(cl, args.timeout, _client_options(args)))
         elif args.command == "members":
             if args.action == "list":
                 _print(cl.members())
@@ -161,6 +220,8 @@ def _run_client(args: argparse.Namespace) -> int:
                 _print(cl.remove(args.id))
         elif args.command == "lease":
             _lease_command(cl, args.action, args.arg)
+        elif args.command == "token":
+            _token_command(cl, args)
     except (c.KeyNotFound, c.LeaseNotFound) as e:
         _print({"error": e.code, "message": str(e)})
         return EXIT_FAILED
@@ -171,6 +232,29 @@ def _run_client(args: argparse.Namespace) -> int:
         print(f"raftkv {args.command}: {e}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _token_command(cl: object, args: argparse.Namespace) -> None:
+    from raftkv import client as c
+    from raftkv.auth import prefixes_text
+
+    assert isinstance(cl, c.Client)
+    if args.action == "create":
+        made = cl.token_create(args.role, args.prefix or ())
+        _print(made)  # the secret, this once
+        print("raftkv token create: the token (its secret) is shown this once; store it now",
+              file=sys.stderr)
+    elif args.action == "revoke":
+        _print(cl.token_revoke(args.id))
+    elif args.json:
+        _print(cl.tokens())
+    else:
+        rows = [("ID", "ROLE", "PREFIXES", "CREATED")] + [
+            (t.token_id, t.role.value, prefixes_text(t.prefixes), str(t.created_index))
+            for t in cl.tokens()]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for row in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _lease_command(cl: object, action: str, arg: int) -> None:
@@ -199,7 +283,11 @@ def cmd_lock(args: argparse.Namespace, command: list[str]) -> int:
         print("raftkv lock: give the command to run after --: raftkv lock NAME -- command ...",
               file=sys.stderr)
         return EXIT_USAGE
-    cl = _client(args)
+    try:
+        cl = _client(args)
+    except _UsageError as e:
+        print(f"raftkv lock: {e}", file=sys.stderr)
+        return EXIT_USAGE
     assert isinstance(cl, c.Client)
     child: list[subprocess.Popen[bytes]] = []
     lost = threading.Event()
@@ -270,7 +358,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         timer.start()
 
 
-def _status_table(cl: object, timeout_s: float) -> str:
+def _status_table(cl: object, timeout_s: float, options: dict[str, object]) -> str:
     """The member table, through the leader's member list (raftkv.status_table)."""
     from raftkv import client as c
     from raftkv.service import NodeStatus
@@ -280,7 +368,8 @@ def _status_table(cl: object, timeout_s: float) -> str:
     probe_timeout_s = min(timeout_s, 2.0)
 
     def one(url: str) -> c.Client:
-        return c.Client([url], timeout_s=probe_timeout_s, retries=0)
+        return c.Client([url], timeout_s=probe_timeout_s, retries=0,
+                        **options)  # type: ignore[arg-type]
 
     members = cl.members()
     leader = next((m for m in members if m.leader and m.http_address), None)
@@ -305,7 +394,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from raftkv import client as c
     from raftkv.runtime.backup import BackupError, BackupHeader, utc_timestamp, write_backup
 
-    cl = _client(args)
+    try:
+        cl = _client(args)
+    except _UsageError as e:
+        print(f"raftkv backup: {e}", file=sys.stderr)
+        return EXIT_USAGE
     assert isinstance(cl, c.Client)
     try:
         with cl.download_snapshot(args.consistency) as download:
@@ -354,6 +447,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from raftkv.certs import CertsError, init_certs
+
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    hosts = [h.strip() for h in (args.hosts or "").split(",") if h.strip()]
+    try:
+        made = init_certs(args.dir, nodes, hosts, days=args.days)
+    except CertsError as e:
+        print(f"raftkv certs init: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"raftkv certs init: {e.strerror or e}: {e.filename or args.dir}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"raftkv certs init: wrote {', '.join(made.files)} in {made.directory} (keys mode "
+          "0600; ca.key signs new certificates: keep it off the nodes)")
+    return EXIT_OK
+
+
 def _as_dict(obj: object) -> object:
     """Dataclasses (also inside lists) as plain JSON values."""
     from dataclasses import asdict, is_dataclass
@@ -388,6 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
             "RAFTKV_URLS", "127.0.0.1:4001,127.0.0.1:4002,127.0.0.1:4003"),
             help="comma-separated node HTTP addresses [RAFTKV_URLS]")
         sp.add_argument("--timeout", type=float, default=5.0)
+        sp.add_argument("--token", default=None,
+                        help="token for a cluster with auth (visible in ps: prefer "
+                             "--token-file or RAFTKV_TOKEN) [RAFTKV_TOKEN]")
+        sp.add_argument("--token-file", default=None,
+                        help="file holding the token [RAFTKV_TOKEN_FILE]")
+        sp.add_argument("--cacert", default=None,
+                        help="CA certificate for https:// URLs [RAFTKV_CACERT]")
+        sp.add_argument("--cert", default=None,
+                        help="client certificate for https:// URLs [RAFTKV_CERT]")
+        sp.add_argument("--key", dest="tls_key", default=None,
+                        help="the client certificate's key [RAFTKV_KEY]")
 
     get = sub.add_parser("get", help="read a key")
     get.add_argument("key")
@@ -439,6 +561,33 @@ def build_parser() -> argparse.ArgumentParser:
     lock.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                       help="give up (exit 1) if the lock is not free within SECONDS")
     client_args(lock)
+    token = sub.add_parser(
+        "token", help="create | list | revoke: tokens of a cluster with auth (admin)",
+        description="create --role read|write|admin [--prefix P ...]: make a token and print "
+                    "its secret, this once; list: ids, roles, prefixes, creation indices; "
+                    "revoke ID: every node refuses it once applied.")
+    token.add_argument("action", choices=["create", "list", "revoke"])
+    token.add_argument("id", nargs="?", help="revoke: the token's id")
+    token.add_argument("--role", choices=["read", "write", "admin"],
+                       help="create: what the token may do")
+    token.add_argument("--prefix", action="append", metavar="PREFIX",
+                       help="create: limit the token to keys starting with PREFIX (repeat for "
+                            "more); none: every key")
+    token.add_argument("--json", action="store_true", help="list: as JSON")
+    client_args(token)
+    certs = sub.add_parser(
+        "certs", help="init DIR --nodes n1,n2,n3: a CA and node and client certificates",
+        description="Make a CA (ca.pem, ca.key), a certificate per node for both ends of "
+                    "mutual TLS (<node>.pem, <node>.key) and a client certificate (client.pem, "
+                    "client.key) in DIR. Needs the cryptography package (raftkv[tls]).")
+    certs.add_argument("action", choices=["init"])
+    certs.add_argument("dir", metavar="DIR")
+    certs.add_argument("--nodes", required=True, help="node ids, comma-separated")
+    certs.add_argument("--hosts", default="",
+                       help="extra DNS names or IP addresses for every node certificate, "
+                            "comma-separated (localhost, 127.0.0.1 and ::1 are always in)")
+    certs.add_argument("--days", type=int, default=825, help="validity of the leaf "
+                       "certificates (default 825)")
     backup = sub.add_parser("backup", help="download a consistent snapshot into FILE")
     backup.add_argument("file", metavar="FILE")
     backup.add_argument("--consistency", default="linearizable",
@@ -473,11 +622,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_cluster(args)
     if args.command == "backup":
         return cmd_backup(args)
+    if args.command == "certs":
+        return cmd_certs(args)
     if args.command == "restore":
         return cmd_restore(args)
     if args.command == "members" and args.action in ("add", "promote", "remove") and not args.id:
         print(f"raftkv members {args.action}: a node id is required", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "token":
+        problem = ("--role is required" if args.action == "create" and not args.role else
+                   "a token id is required" if args.action == "revoke" and not args.id else
+                   "--prefix is for create" if args.action != "create" and args.prefix else "")
+        if problem:
+            print(f"raftkv token {args.action}: {problem}", file=sys.stderr)
+            return EXIT_USAGE
     if args.command == "lease" and (args.arg is None) != (args.action == "list"):
         what = "no argument" if args.action == "list" else (
             "a TTL in seconds" if args.action == "grant" else "a lease id")

@@ -23,6 +23,12 @@ lease=, ttl=)`. Keepalives are resent like reads (restarting a TTL twice is harm
 them, `lock()` and `election()` (raftkv.coordination) give a mutual-exclusion lock with a
 fencing token and a leader election, and `watch()` waits for a key to change.
 
+Auth: `Client(urls, token=...)` sends `Authorization: Bearer <token>` with every request (a
+cluster bootstrapped without a root token ignores it). 401 raises `Unauthenticated`, 403
+`Forbidden`; neither is retried. Tokens are managed with `token_create`, `tokens` and
+`token_revoke` (an admin token's job). Behind a TLS-terminating proxy, give `https://` URLs
+and an `ssl_context` (its CA, and the client certificate the proxy asks for).
+
 A Client is NOT thread-safe: its connections and its leader preference belong to one thread at
 a time. Give each thread its own, e.g. `client.clone()`.
 """
@@ -34,6 +40,7 @@ import contextlib
 import http.client
 import json
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,6 +49,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urlencode, urlsplit
 
+from raftkv.auth import Role
 from raftkv.service import (
     BatchOp,
     BatchResult,
@@ -55,6 +63,9 @@ from raftkv.service import (
     Member,
     NodeStatus,
     ReadResult,
+    TokenCreateResult,
+    TokenInfo,
+    TokenRevokeResult,
     WatchResult,
     WriteResult,
 )
@@ -67,11 +78,14 @@ __all__ = [
     "Client",
     "ClientError",
     "ConditionFailed",
+    "Forbidden",
     "KeyNotFound",
     "LeaseNotFound",
     "OutcomeUnknown",
     "SnapshotDownload",
     "StorageFull",
+    "TokenConflict",
+    "Unauthenticated",
     "Unavailable",
 ]
 
@@ -148,6 +162,24 @@ class StorageFull(ClientError):
     pass
 
 
+class Unauthenticated(ClientError):
+    """401: the cluster requires a token, and none or an unknown (or revoked) one was sent."""
+
+
+class Forbidden(ClientError):
+    """403: the token's role or key prefixes do not allow this request."""
+
+
+class TokenConflict(ClientError):
+    """409 token_conflict: e.g. revoking the last admin token; or a retried create whose first
+    attempt made a token (`token_id`) whose secret is lost (token_create handles that one)."""
+
+    @property
+    def token_id(self) -> str | None:
+        token_id = self.body.get("id")
+        return token_id if isinstance(token_id, str) else None
+
+
 def _error_from(status: int, body: Mapping[str, Any]) -> ClientError:
     raw_code = body.get("error")
     code = raw_code if isinstance(raw_code, str) else f"http_{status}"
@@ -157,6 +189,12 @@ def _error_from(status: int, body: Mapping[str, Any]) -> ClientError:
         return KeyNotFound(message, status=status, code=code, body=body)
     if code == "lease_not_found":
         return LeaseNotFound(message, status=status, code=code, body=body)
+    if status == 401:
+        return Unauthenticated(message, status=status, code=code, body=body)
+    if status == 403:
+        return Forbidden(message, status=status, code=code, body=body)
+    if code == "token_conflict":
+        return TokenConflict(message, status=status, code=code, body=body)
     if code == "condition_failed":
         current = body.get("current_index")
         return ConditionFailed(message, status=status, code=code, body=body,
@@ -195,6 +233,7 @@ class SnapshotDownload:
 class _Node:
     host: str
     port: int
+    scheme: str = "http"
 
     @property
     def address(self) -> str:
@@ -203,18 +242,18 @@ class _Node:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{self.scheme}://{self.address}"
 
     @staticmethod
     def parse(url: str) -> _Node:
         parts = urlsplit(url if "//" in url else f"http://{url}")
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"not an http://host:port URL: {url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s)://host:port URL: {url!r}")
         try:
-            port = parts.port or 80
+            port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise ValueError(f"bad port in {url!r}") from None
-        return _Node(parts.hostname, port)
+        return _Node(parts.hostname, port, parts.scheme)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,11 +351,14 @@ class Client:
     def __init__(self, urls: Sequence[str], timeout_s: float = 5.0, retries: int = 6, *,
                  retry_budget_s: float | None = None, backoff_base_s: float = 0.05,
                  backoff_max_s: float = 1.0, sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None) -> None:
-        """`urls`: nodes as `http://host:port` (or `host:port`). `timeout_s`: how long the
-        server may wait for a commit or a read (at most 60 s); the socket waits a little
-        longer. `retries`: extra attempts after the first. `retry_budget_s`: no new attempt
-        starts after this many seconds (default: 3 * timeout_s)."""
+                 rng: random.Random | None = None, token: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """`urls`: nodes as `http://host:port` (or `host:port`), or `https://host:port` behind
+        a TLS-terminating proxy. `timeout_s`: how long the server may wait for a commit or a
+        read (at most 60 s); the socket waits a little longer. `retries`: extra attempts after
+        the first. `retry_budget_s`: no new attempt starts after this many seconds (default:
+        3 * timeout_s). `token`: sent as `Authorization: Bearer` (never logged or shown).
+        `ssl_context`: for https URLs (default: the system's CAs, no client certificate)."""
         if isinstance(urls, str):
             urls = [urls]
         if not urls:
@@ -339,6 +381,12 @@ class Client:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._connections: dict[_Node, http.client.HTTPConnection] = {}
+        if token is not None and (not token or any(c in token for c in "\r\n")):
+            raise ValueError("a token is a non-empty single line")
+        self._token = token
+        self._ssl_context = ssl_context
+        self._auth: dict[str, str] = {} if token is None else {
+            "Authorization": f"Bearer {token}"}
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -360,7 +408,8 @@ class Client:
             retry_budget_s = self.retry_budget_s if timeout_s == self.timeout_s else None
         other = Client(self.urls, timeout_s, self.retries,
                        retry_budget_s=retry_budget_s, backoff_base_s=self.backoff_base_s,
-                       backoff_max_s=self.backoff_max_s, sleep=self._sleep)
+                       backoff_max_s=self.backoff_max_s, sleep=self._sleep, token=self._token,
+                       ssl_context=self._ssl_context)
         other._preferred = self._preferred
         return other
 
@@ -536,6 +585,51 @@ class Client:
         path = "/cluster/members/" + quote(node_id, safe="")
         return _int(self._call("DELETE", path, policy=_UNKEYED_WRITE), "index")
 
+    # ------------------------------------------------------------------ tokens
+    def token_create(self, role: str | Role, prefixes: Sequence[str] = ()) -> TokenCreateResult:
+        """A new token of `role` (read, write or admin), limited to keys starting with one
+        of `prefixes` (none: every key). Its secret is in the result, and nowhere else ever:
+        keep it. If a retry finds that an attempt already made a token (whose secret was lost
+        with that attempt's answer), that token is revoked and another one made."""
+        body = {"role": Role(role).value, "prefixes": builtins.list(prefixes)}
+        for attempt in range(3):
+            try:
+                payload = self._call("POST", "/auth/tokens", body=body, policy=_KEYED_WRITE,
+                                     idempotency_key=str(uuid.uuid4()))
+            except TokenConflict as e:
+                if e.token_id is None or attempt == 2:
+                    raise
+                self.token_revoke(e.token_id)
+                continue
+            secret = payload.get("token")
+            raw_prefixes = payload.get("prefixes")
+            if not isinstance(secret, str) or not isinstance(raw_prefixes, list):
+                raise _bad_response("no token in the answer")
+            return TokenCreateResult(str(payload.get("id")), secret,
+                                     Role(payload.get("role")), tuple(map(str, raw_prefixes)),
+                                     _int(payload, "index"))
+        raise AssertionError("unreachable")
+
+    def tokens(self) -> builtins.list[TokenInfo]:
+        """Every token (ids, roles, prefixes, creation indices; never a secret)."""
+        payload = self._call("GET", "/auth/tokens", policy=_READ)
+        raw = payload.get("tokens")
+        if not isinstance(raw, list):
+            raise _bad_response("'tokens' is not a list")
+        try:
+            return [TokenInfo(str(t["id"]), Role(t["role"]), tuple(map(str, t["prefixes"])),
+                              _int(t, "created_index")) for t in raw]
+        except (KeyError, TypeError, ValueError):
+            raise _bad_response("a token is not as expected") from None
+
+    def token_revoke(self, token_id: str) -> TokenRevokeResult:
+        """Revoke a token: every node refuses it once it applied the returned index."""
+        if not token_id or "/" in token_id:
+            raise BadRequest("a token id is a non-empty name", code="invalid_token_id")
+        payload = self._call("DELETE", "/auth/tokens/" + quote(token_id, safe=""),
+                             policy=_KEYED_WRITE, idempotency_key=str(uuid.uuid4()))
+        return TokenRevokeResult(str(payload.get("id")), _int(payload, "index"))
+
     # ------------------------------------------------------------------ backups
     @contextlib.contextmanager
     def download_snapshot(self, consistency: str | Consistency = "linearizable",
@@ -548,11 +642,10 @@ class Client:
         attempt = 0
         while True:
             to = self._nodes[self._preferred]
-            connection = http.client.HTTPConnection(to.host, to.port,
-                                                    timeout=self.timeout_s + _SOCKET_SLACK_S)
+            connection = self._new_connection(to)
             try:
                 try:
-                    connection.request("GET", f"/snapshot?{query}")
+                    connection.request("GET", f"/snapshot?{query}", headers=self._auth)
                     response = connection.getresponse()
                     if response.status != 200:
                         raw = response.read()
@@ -586,7 +679,7 @@ class Client:
         if wait:
             params["timeout"] = format(self.timeout_s, "g")
         target = path + (f"?{urlencode(params)}" if params else "")
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", **self._auth}
         data = None
         if body is not None:
             data = _json_bytes(body)
@@ -673,11 +766,17 @@ class Client:
         return changed
 
     # ------------------------------------------------------------------ one exchange
+    def _new_connection(self, node: _Node) -> http.client.HTTPConnection:
+        timeout = self.timeout_s + _SOCKET_SLACK_S
+        if node.scheme == "https":
+            return http.client.HTTPSConnection(node.host, node.port, timeout=timeout,
+                                               context=self._ssl_context)
+        return http.client.HTTPConnection(node.host, node.port, timeout=timeout)
+
     def _connection(self, node: _Node) -> http.client.HTTPConnection:
         connection = self._connections.get(node)
         if connection is None:
-            connection = http.client.HTTPConnection(
-                node.host, node.port, timeout=self.timeout_s + _SOCKET_SLACK_S)
+            connection = self._new_connection(node)
             self._connections[node] = connection
         return connection
 

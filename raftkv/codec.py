@@ -52,6 +52,8 @@ from raftkv.core.types import (
 )
 from raftkv.kv.state_machine import (
     ApplyResult,
+    AuthEnabled,
+    AuthRefused,
     BatchResult,
     ConditionFailed,
     DeleteResult,
@@ -60,6 +62,9 @@ from raftkv.kv.state_machine import (
     LeaseNotFound,
     LeaseRevokeResult,
     PutResult,
+    TokenCreated,
+    TokenNotFound,
+    TokenRevoked,
 )
 
 __all__ = [
@@ -425,7 +430,8 @@ def _error_from_wire(v: object) -> ErrorReply:
 # None in its place and raftkv.worker fills it in).
 
 _R_PUT, _R_DELETE, _R_BATCH, _R_CONDITION, _R_GRANT, _R_REVOKE, _R_NO_LEASE, _R_INVALID = range(8)
-_R_NONE = 8
+_R_NONE, _R_AUTH_ENABLED, _R_TOKEN_CREATED, _R_TOKEN_REVOKED, _R_NO_TOKEN, _R_AUTH_REFUSED = (
+    range(8, 14))
 
 
 def encode_apply_result(result: object, index: int) -> list[object]:
@@ -449,6 +455,16 @@ def encode_apply_result(result: object, index: int) -> list[object]:
         return [_R_NO_LEASE, r.index, r.lease_id]
     if isinstance(r, InvalidCommand):
         return [_R_INVALID, r.index, r.reason]
+    if isinstance(r, TokenCreated):
+        return [_R_TOKEN_CREATED, r.index, r.token_id, r.replayed]
+    if isinstance(r, TokenRevoked):
+        return [_R_TOKEN_REVOKED, r.index, r.token_id]
+    if isinstance(r, TokenNotFound):
+        return [_R_NO_TOKEN, r.index, r.token_id]
+    if isinstance(r, AuthRefused):
+        return [_R_AUTH_REFUSED, r.index, r.reason]
+    if isinstance(r, AuthEnabled):
+        return [_R_AUTH_ENABLED, r.index]
     return [_R_NONE, index]
 
 
@@ -490,6 +506,17 @@ def decode_apply_result(v: object) -> ApplyResult | None:
             return InvalidCommand(_nat(a[1], "index"), _str(a[2], "reason"))
         if tag == _R_NONE and len(a) == 2:
             return None
+        if tag == _R_TOKEN_CREATED and len(a) == 4:
+            return TokenCreated(_nat(a[1], "index"), _str(a[2], "token"),
+                                _bool(a[3], "replayed"))
+        if tag == _R_TOKEN_REVOKED and len(a) == 3:
+            return TokenRevoked(_nat(a[1], "index"), _str(a[2], "token"))
+        if tag == _R_NO_TOKEN and len(a) == 3:
+            return TokenNotFound(_nat(a[1], "index"), _str(a[2], "token"))
+        if tag == _R_AUTH_REFUSED and len(a) == 3:
+            return AuthRefused(_nat(a[1], "index"), _str(a[2], "reason"))
+        if tag == _R_AUTH_ENABLED and len(a) == 2:
+            return AuthEnabled(_nat(a[1], "index"))
     except (TypeError, ValueError) as e:
         if isinstance(e, DecodeError):
             raise
@@ -685,6 +712,9 @@ class RequestOp(enum.IntEnum):
     """args [limit]; reply [[lease_id, ttl, remaining, [], key_count], ...]."""
     METRICS = 15
     """reply: the node's metrics in the Prometheus text format (bytes)."""
+    TOKENS = 16
+    """args [consistency]; reply: the token table (raftkv.auth.TokenTable.to_wire), after the
+    read barrier."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -737,6 +767,7 @@ _ARG_CHECKS.update({
     RequestOp.LEASE_INFO: (_nat,),
     RequestOp.LEASE_LIST: (_nat,),
     RequestOp.METRICS: (),
+    RequestOp.TOKENS: (_str,),
 })
 _REQUEST_OPS: Final = {op.value: op for op in RequestOp}
 

@@ -17,6 +17,10 @@ here) until its node starts, so nothing allocated meanwhile in this process, for
 another, is handed the same port. With `host` (and optionally fixed base ports, as
 `raftkv cluster --http-port 4001 --raft-port 5001` does), every node listens on that host.
 
+Auth. With `root_token`, the cluster is bootstrapped with auth: the token is written to
+`<base_dir>/root.token` (mode 0600), every node gets RAFTKV_ROOT_TOKEN_FILE (and
+RAFTKV_JOIN_TOKEN_FILE, for joins), and the launcher's own requests (status, put) carry it.
+
 Waiting is always a condition polled against a deadline (`wait_until`).
 """
 
@@ -226,14 +230,20 @@ class LocalCluster:
     host, http_port, raft_port: see Addresses in the module doc.
     inherit_settings: pass this process's own RAFTKV_* variables on to the nodes (by default
     they are dropped, so a stray setting of the caller's shell changes nothing).
+    root_token: bootstrap with auth, this being the root token (see Auth in the module doc).
     """
 
     def __init__(self, base_dir: Path, n: int = 3, *, env: Mapping[str, str] | None = None,
                  token: str | None = None, host: str | None = None,
                  http_port: int | None = None, raft_port: int | None = None,
                  inherit_settings: bool = False,
-                 output: Literal["files", "terminal"] = "files", color: bool = False) -> None:
+                 output: Literal["files", "terminal"] = "files", color: bool = False,
+                 root_token: str | None = None) -> None:
         self.base_dir = base_dir
+        self.root_token = root_token
+        self.auth_headers: dict[str, str] = (
+            {} if root_token is None else {"Authorization": f"Bearer {root_token}"})
+        """What the launcher's own requests carry."""
         self.token = secrets.token_hex(16) if token is None else token
         self.extra_env = dict(env or {})
         self.inherit_settings = inherit_settings
@@ -282,6 +292,9 @@ class LocalCluster:
         env = {k: v for k, v in os.environ.items()
                if self.inherit_settings or not k.startswith("RAFTKV_")}
         env.update(self.extra_env)
+        if self.root_token is not None:
+            token_file = self._root_token_file()
+            env["RAFTKV_ROOT_TOKEN_FILE"] = env["RAFTKV_JOIN_TOKEN_FILE"] = str(token_file)
         env.update({
             "RAFTKV_ID": node.node_id,
             "RAFTKV_HTTP_ADDR": node.http,
@@ -296,6 +309,15 @@ class LocalCluster:
             env["RAFTKV_PEERS"] = self.peers
         env.update(node.env)
         return env
+
+    def _root_token_file(self) -> Path:
+        path = self.base_dir / "root.token"
+        if not path.exists():
+            self.base_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{self.root_token}\n")
+        return path
 
     def start(self, node: NodeProc, *, join: str | None = None) -> None:
         """Start the node (`join`: the HTTP address of a member to ask, for a new node)."""
@@ -432,7 +454,8 @@ class LocalCluster:
     # -------------------------------------------------------------- observation
     def status(self, node: NodeProc, timeout_s: float = 2.0) -> dict[str, Any]:
         """The node's GET /status; ValueError unless it answers 200 with an object."""
-        code, body, _ = http_json("GET", f"{node.http}/status", timeout_s=timeout_s)
+        code, body, _ = http_json("GET", f"{node.http}/status", timeout_s=timeout_s,
+                                  headers=self.auth_headers)
         if code != 200 or not isinstance(body, dict):
             raise ValueError(f"{node.node_id} /status answered {code}: {body}")
         return body
@@ -479,7 +502,8 @@ class LocalCluster:
                 try:
                     code, body, _ = http_json("PUT", f"{n.http}/keys/{key}", {"value": value},
                                               timeout_s=3.0,
-                                              headers={"Idempotency-Key": idempotency_key})
+                                              headers={"Idempotency-Key": idempotency_key,
+                                                       **self.auth_headers})
                 except (OSError, http.client.HTTPException):
                     continue
                 if code == 200:

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from raftkv.auth import Authorizer, Role
+
 MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1 << 20
 MAX_BATCH_OPS = 1024
@@ -182,6 +184,35 @@ class Backup:
     checksum_algorithm: str = "blake2b-256"
 
 
+# --------------------------------------------------------------------------- tokens
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """A token as listed: never its secret."""
+
+    token_id: str
+    role: Role
+    prefixes: tuple[str, ...]
+    """Key prefixes it is limited to; empty: every key."""
+    created_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCreateResult:
+    token_id: str
+    token: str
+    """The secret: shown in this answer only; the cluster keeps only its digest."""
+    role: Role
+    prefixes: tuple[str, ...]
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRevokeResult:
+    token_id: str
+    index: int
+    """From this index on, every node refuses the token once it applied the entry."""
+
+
 @dataclass(frozen=True, slots=True)
 class Readiness:
     ready: bool
@@ -269,6 +300,42 @@ class StorageFullError(ServiceError):
 
 class MembershipChangeError(ServiceError):
     code = "membership_change_rejected"
+
+
+class UnauthenticatedError(ServiceError):
+    """No token, or one this node does not know (unknown, revoked, malformed): 401 with
+    `WWW-Authenticate: Bearer`. The message never quotes the token."""
+
+    code = "unauthenticated"
+
+
+class ForbiddenError(ServiceError):
+    """The token's role or key prefixes do not allow the request: 403."""
+
+    code = "forbidden"
+
+
+class TokenNotFoundError(ServiceError):
+    code = "token_not_found"
+
+
+class AuthDisabledError(ServiceError):
+    """Token management on a cluster bootstrapped without a root token (auth off)."""
+
+    code = "auth_disabled"
+
+
+class TokenConflictError(ServiceError):
+    """A token change that does not apply: a retried create whose first attempt already made
+    the token (its secret was in the first answer only: revoke `token_id` and create another),
+    an id collision, too many tokens, or revoking the last admin token."""
+
+    code = "token_conflict"
+
+    def __init__(self, message: str, *, token_id: str | None = None,
+                 leader: str | None = None) -> None:
+        super().__init__(message, leader=leader)
+        self.token_id = token_id
 
 
 class UnavailableError(ServiceError):
@@ -402,6 +469,32 @@ class KVService(Protocol):
         """A snapshot of this node's state machine, taken at its applied index after the
         read barrier `consistency` asks for (linearizable: everything acknowledged before the
         call is in it)."""
+        ...
+
+    # ------------------------------------------------------------------ tokens
+    def authorizer(self) -> Authorizer:
+        """The current token table as an Authorizer, answered from this process's own copy
+        (never a round trip: it is asked once per request). Auth off: `enabled` is False. A
+        multi-process node pushes the table (raftkv.auth.TokenTable, digests only) from its
+        Raft process to every HTTP worker whenever it changes (its `version` grows)."""
+        ...
+
+    def token_create(self, role: Role, prefixes: tuple[str, ...], *,
+                     request_id: str | None = None, timeout_s: float) -> TokenCreateResult:
+        """Make a secret and an id HERE, propose the token (digest only) like a write, and
+        answer once applied. AuthDisabledError when auth is off; TokenConflictError for a
+        retry whose first attempt made the token (see there)."""
+        ...
+
+    def token_revoke(self, token_id: str, *, request_id: str | None = None,
+                     timeout_s: float) -> TokenRevokeResult:
+        """Revoke a token (a log entry); TokenNotFoundError if there is none with that id,
+        TokenConflictError for the last admin token, AuthDisabledError when auth is off."""
+        ...
+
+    def tokens(self, consistency: Consistency, timeout_s: float) -> list[TokenInfo]:
+        """Every token (no secrets), in creation order, after the read barrier
+        `consistency` asks for."""
         ...
 
     def watch(self, key: str, after_index: int | None, timeout_s: float) -> WatchResult:

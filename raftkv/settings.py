@@ -55,10 +55,16 @@ def check_node_id(nid: str, name: str = "RAFTKV_ID") -> None:
             "'.', '_' or '-', at most 63), never an address")
 
 
-def derive_cluster_id(peers: Mapping[str, str]) -> str:
+def derive_cluster_id(peers: Mapping[str, str], root_digest: bytes | None = None) -> str:
     """The id of a statically bootstrapped cluster: the same on every member, different for
-    clusters with other members or addresses."""
+    clusters with other members or addresses. With auth (`root_digest`: the digest of the root
+    token, raftkv.auth.token_digest) it differs too: the root token's digest is part of every
+    first member's bootstrap log, so members given different root tokens (or one and none)
+    would write different committed logs; with different cluster ids they refuse each other's
+    peer connections instead."""
     text = ",".join(f"{k}={peers[k]}" for k in sorted(peers))
+    if root_digest is not None:
+        text += f";auth={root_digest.hex()}"
     return hashlib.sha256(f"raftkv-cluster:{text}".encode()).hexdigest()[:16]
 
 
@@ -77,7 +83,8 @@ class Settings:
         "RAFTKV_RAFT_ADDR", "--raft-addr", "peer (Raft) listen address host:port"))
     http_advertise: str = field(default="", metadata=_meta(
         "RAFTKV_HTTP_ADVERTISE", "--http-advertise",
-        "HTTP address others use to reach this node (default: --http-addr)"))
+        "HTTP address others use to reach this node (default: --http-addr); "
+        "https://host:port behind a TLS-terminating proxy"))
     raft_advertise: str = field(default="", metadata=_meta(
         "RAFTKV_RAFT_ADVERTISE", "--raft-advertise",
         "peer address others use to reach this node (default: its entry in peers)"))
@@ -113,6 +120,17 @@ class Settings:
     unsafe_no_fsync: bool = field(default=False, metadata=_meta(
         "RAFTKV_UNSAFE_NO_FSYNC", "--unsafe-no-fsync",
         "UNSAFE: do not fsync (experiments only; acknowledged writes can be lost)", kind=bool))
+    root_token_file: str = field(default="", metadata=_meta(
+        "RAFTKV_ROOT_TOKEN_FILE", "--root-token-file",
+        "file holding the root (admin) token: bootstraps the cluster WITH auth; read at the "
+        "first start only, and every first member must be given the same token"))
+    join_token_file: str = field(default="", metadata=_meta(
+        "RAFTKV_JOIN_TOKEN_FILE", "--join-token-file",
+        "file holding an admin token, for RAFTKV_JOIN to a cluster with auth"))
+    metrics_open: bool = field(default=False, metadata=_meta(
+        "RAFTKV_METRICS_OPEN", "--metrics-open",
+        "with auth on, serve /metrics and /status without a token (scrapers on a private "
+        "network)", kind=bool))
     log_level: str = field(default="INFO", metadata=_meta(
         "RAFTKV_LOG_LEVEL", "--log-level", "DEBUG, INFO, WARNING or ERROR"))
 
@@ -123,9 +141,11 @@ class Settings:
                                 "keeps its data")
         parse_host_port(self.http_addr, "RAFTKV_HTTP_ADDR")
         parse_host_port(self.raft_addr, "RAFTKV_RAFT_ADDR")
-        for name in ("http_advertise", "raft_advertise"):
-            if getattr(self, name):
-                parse_host_port(getattr(self, name), f"RAFTKV_{name.upper()}")
+        if self.http_advertise:
+            parse_host_port(self.http_advertise.removeprefix("https://").removeprefix(
+                "http://"), "RAFTKV_HTTP_ADVERTISE")
+        if self.raft_advertise:
+            parse_host_port(self.raft_advertise, "RAFTKV_RAFT_ADVERTISE")
         peers = self.peer_map
         if peers and self.node_id not in peers:
             raise SettingsError(f"RAFTKV_PEERS must include this node ({self.node_id}=host:port)")

@@ -17,6 +17,12 @@ Leases: `POST /leases` {"ttl": s} grants one; `POST /leases/<id>/keepalive` rest
 `"lease": id` (attach to that lease) or `"ttl": s` (a fresh lease of its own); `/batch` puts
 may carry `"lease"`. An unknown lease is 404 `lease_not_found`.
 
+Auth (raftkv.http.auth has the one table of who may call what): with auth on, requests carry
+`Authorization: Bearer <token>`; 401 `unauthenticated` (with `WWW-Authenticate: Bearer`) or
+403 `forbidden` otherwise. Tokens: `POST /auth/tokens` {"role": "read"|"write"|"admin",
+"prefixes": [...]} creates one and answers its secret (this once); `GET /auth/tokens` lists them
+(no secrets); `DELETE /auth/tokens/<id>` revokes one.
+
 Keys live in the path (`/keys/a/b` is the key `a/b`). Because the trailing slash is optional
 everywhere, a key that ends with `/` cannot be addressed through the path; use `/batch`.
 """
@@ -37,16 +43,20 @@ from urllib.parse import quote, unquote
 import falcon
 
 from raftkv import service as service_limits
+from raftkv.auth import Role, check_prefixes, check_token_id
+from raftkv.http.auth import AuthMiddleware, authorize_keys
 from raftkv.service import (
     MAX_KEY_BYTES,
     MAX_LEASE_ID,
     MAX_LEASE_TTL_S,
     MAX_VALUE_BYTES,
     MIN_LEASE_TTL_S,
+    AuthDisabledError,
     BatchOp,
     ConditionFailedError,
     Consistency,
     DeleteResult,
+    ForbiddenError,
     InvalidRequestError,
     KeyNotFoundError,
     KVService,
@@ -60,6 +70,10 @@ from raftkv.service import (
     ReadTimeoutError,
     ServiceError,
     StorageFullError,
+    TokenConflictError,
+    TokenInfo,
+    TokenNotFoundError,
+    UnauthenticatedError,
     UnavailableError,
     WriteResult,
 )
@@ -146,14 +160,20 @@ ERROR_TABLE: Final[Mapping[type[Exception], ErrorRule]] = MappingProxyType({
     InvalidFieldError: ErrorRule(400, "invalid_field"),
     InvalidRequestError: ErrorRule(400, "invalid_request"),
     falcon.HTTPBadRequest: ErrorRule(400, "invalid_request"),  # e.g. a malformed Content-Length
+    # 401, 403: who the caller is, and what its token allows (raftkv.http.auth)
+    UnauthenticatedError: ErrorRule(401, "unauthenticated"),
+    ForbiddenError: ErrorRule(403, "forbidden"),
     # 404, 405: no such key, no such route, wrong method
     KeyNotFoundError: ErrorRule(404, "key_not_found"),
     LeaseNotFoundError: ErrorRule(404, "lease_not_found"),
+    TokenNotFoundError: ErrorRule(404, "token_not_found"),
     falcon.HTTPNotFound: ErrorRule(404, "not_found"),
     falcon.HTTPMethodNotAllowed: ErrorRule(405, "method_not_allowed"),
     # 409: a condition or a membership change was refused
     ConditionFailedError: ErrorRule(409, "condition_failed"),
     MembershipChangeError: ErrorRule(409, "membership_change_rejected"),
+    AuthDisabledError: ErrorRule(409, "auth_disabled"),
+    TokenConflictError: ErrorRule(409, "token_conflict"),
     # 413, 415: the body
     BodyTooLargeError: ErrorRule(413, "body_too_large"),
     falcon.HTTPContentTooLarge: ErrorRule(413, "body_too_large"),
@@ -210,6 +230,10 @@ class _ErrorRenderer:
             body["lease"] = ex.lease_id
         elif isinstance(ex, OutcomeUnknownError):
             body["outcome"] = "unknown"
+        elif isinstance(ex, TokenConflictError) and ex.token_id is not None:
+            body["id"] = ex.token_id
+        elif isinstance(ex, UnauthenticatedError):
+            resp.set_header("WWW-Authenticate", 'Bearer realm="raftkv"')
         if isinstance(ex, falcon.HTTPError) and ex.headers:
             resp.set_headers(ex.headers)  # e.g. Allow on a 405
         if rule.retry_after:
@@ -615,6 +639,7 @@ class _BatchResource:
         if not isinstance(raw_ops, list) or not 1 <= len(raw_ops) <= MAX_BATCH_OPS:
             raise InvalidFieldError(f"'ops' must be a list of 1..{MAX_BATCH_OPS} operations")
         ops = [self._op(raw, f"ops[{i}].") for i, raw in enumerate(raw_ops)]
+        authorize_keys(req, (op.key for op in ops))
         result = self._api.service.batch(ops, request_id=request_id, timeout_s=timeout_s)
         _send(resp, {"index": result.index,
                      "results": [_write_json(op.key, r)
@@ -801,6 +826,71 @@ class _LeaderResource:
         _send(resp, {"leader": leader})
 
 
+# --------------------------------------------------------------------------- tokens
+def _token_json(token: TokenInfo) -> dict[str, object]:
+    return {"id": token.token_id, "role": token.role.value, "prefixes": list(token.prefixes),
+            "created_index": token.created_index}
+
+
+class _TokensResource:
+    """POST /auth/tokens {"role", "prefixes"}: create (the secret is in this answer only);
+    GET /auth/tokens: list them (never a secret)."""
+
+    _BODY_FIELDS: Final = frozenset({"role", "prefixes"})
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        timeout_s, request_id = self._api.timeout_s(req), _request_id(req)
+        if self._api.redirected(req, resp):
+            return
+        body = self._api.read_object(req)
+        _only_fields(body, self._BODY_FIELDS, "")
+        raw_role = _required(body, "role")
+        try:
+            role = Role(raw_role)
+        except ValueError:
+            raise InvalidFieldError("role must be 'read', 'write' or 'admin'") from None
+        raw_prefixes = body.get("prefixes", [])
+        if not isinstance(raw_prefixes, list):
+            raise InvalidFieldError("prefixes must be a list of key prefixes")
+        try:
+            prefixes = check_prefixes(raw_prefixes)
+        except (ValueError, TypeError) as e:
+            raise InvalidFieldError(f"prefixes: {e}") from None
+        if prefixes and role is Role.ADMIN:
+            raise InvalidFieldError("an admin token cannot be limited to key prefixes")
+        result = self._api.service.token_create(role, prefixes, request_id=request_id,
+                                                timeout_s=timeout_s)
+        _send(resp, {"id": result.token_id, "token": result.token, "role": result.role.value,
+                     "prefixes": list(result.prefixes), "index": result.index})
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        found = self._api.service.tokens(_consistency(req), self._api.timeout_s(req))
+        _send(resp, {"enabled": self._api.service.authorizer().enabled,
+                     "tokens": [_token_json(t) for t in found]})
+
+
+class _TokenResource:
+    """DELETE /auth/tokens/<id>: revoke it (every node refuses it once it applied this)."""
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, token_id: str) -> None:
+        try:
+            check_token_id(token_id)
+        except ValueError as e:
+            raise InvalidFieldError(f"the token id in the path: {e}") from None
+        timeout_s, request_id = self._api.timeout_s(req), _request_id(req)
+        if self._api.redirected(req, resp):
+            return
+        result = self._api.service.token_revoke(token_id, request_id=request_id,
+                                                timeout_s=timeout_s)
+        _send(resp, {"id": result.token_id, "revoked": True, "index": result.index})
+
+
 class MetricsSink(Protocol):
     """Where request latencies go and where /metrics comes from (raftkv.metrics)."""
 
@@ -840,14 +930,17 @@ class _LatencyMiddleware:
 # --------------------------------------------------------------------------- the factory
 def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                default_timeout_s: float = 5.0, metrics: MetricsSink | None = None,
-               ) -> falcon.App[falcon.Request, falcon.Response]:
-    """The WSGI app of one node. `service` is the only thing it calls."""
+               metrics_open: bool = False) -> falcon.App[falcon.Request, falcon.Response]:
+    """The WSGI app of one node. `service` is the only thing it calls. `metrics_open`: with
+    auth on, /metrics and /status answer without a token (scrapers on a private network)."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, not {max_body_bytes}")
     if not 0 < default_timeout_s <= MAX_TIMEOUT_S:
         raise ValueError(f"default_timeout_s must be in (0, {MAX_TIMEOUT_S:g}]")
     api = _Api(service, max_body_bytes, default_timeout_s)
-    app = falcon.App(middleware=[_LatencyMiddleware(metrics)] if metrics is not None else [])
+    middleware: list[Any] = [] if metrics is None else [_LatencyMiddleware(metrics)]
+    middleware.append(AuthMiddleware(service, metrics_open=metrics_open))
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True  # /keys/a/ is /keys/a
     app.req_options.auto_parse_qs_csv = False
     app.req_options.keep_blank_qs_values = True
@@ -866,6 +959,8 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     app.add_route("/cluster/join", _JoinResource(api))
     app.add_route("/cluster/members/{member_id}", _MemberResource(api))
     app.add_route("/cluster/leader", _LeaderResource(api))
+    app.add_route("/auth/tokens", _TokensResource(api))
+    app.add_route("/auth/tokens/{token_id}", _TokenResource(api))
     if metrics is not None:
         app.add_route("/metrics", _MetricsResource(metrics))
 

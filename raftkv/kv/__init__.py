@@ -1,7 +1,8 @@
-"""The key-value state machine (a dict and leases), its commands, its snapshots, and the
+"""The key-value state machine (a dict, leases and tokens), its commands, its snapshots, and the
 leader's lease timers (raftkv.kv.leases)."""
 
 from raftkv.kv.commands import (
+    AuthEnable,
     Batch,
     Command,
     CommandDecodeError,
@@ -10,12 +11,16 @@ from raftkv.kv.commands import (
     LeaseGrant,
     LeaseRevoke,
     Put,
+    TokenCreate,
+    TokenRevoke,
     decode_command,
     encode_command,
 )
 from raftkv.kv.leases import LeaseExpiry, NotLeaseLeader, min_lease_ttl_s
 from raftkv.kv.state_machine import (
     ApplyResult,
+    AuthEnabled,
+    AuthRefused,
     BatchResult,
     ConditionFailed,
     DeleteResult,
@@ -29,6 +34,9 @@ from raftkv.kv.state_machine import (
     PutResult,
     SnapshotCorrupt,
     StateMachineError,
+    TokenCreated,
+    TokenNotFound,
+    TokenRevoked,
     iter_snapshot_chunks,
     parse_snapshot,
     serialize_snapshot,
@@ -36,6 +44,9 @@ from raftkv.kv.state_machine import (
 
 __all__ = [
     "ApplyResult",
+    "AuthEnable",
+    "AuthEnabled",
+    "AuthRefused",
     "Batch",
     "BatchResult",
     "Command",
@@ -59,6 +70,11 @@ __all__ = [
     "PutResult",
     "SnapshotCorrupt",
     "StateMachineError",
+    "TokenCreate",
+    "TokenCreated",
+    "TokenNotFound",
+    "TokenRevoke",
+    "TokenRevoked",
     "decode_command",
     "encode_command",
     "iter_snapshot_chunks",

@@ -15,6 +15,9 @@ On the wire (the data of a log entry) a command travels in a versioned envelope:
     Batch       [2, [op, ...]]                   ops: Put (never with ttl) and Delete
     LeaseGrant  [3, ttl]
     LeaseRevoke [4, lease_id, expired]
+    AuthEnable  [5, root_digest]                    (raftkv.auth: digests, never secrets)
+    TokenCreate [6, token_id, role, [prefix, ...], digest]
+    TokenRevoke [7, token_id]
 
 `decode_command` accepts exactly that and raises `CommandDecodeError` for anything else.
 
@@ -23,6 +26,9 @@ earlier build wrote decodes exactly as before (a Put without a lease is still wr
 4-field form, byte for byte), and an earlier build refuses the new shapes (unknown tag or field
 count), so it applies them as an invalid command. A cluster must therefore run this build on
 every node before anyone uses leases.
+
+Tokens came the same way (new tags; an earlier build applies them as invalid commands, so a
+cluster runs this build everywhere before it is bootstrapped with auth or creates tokens).
 
 TTLs are whole seconds in [MIN_LEASE_TTL_S, MAX_LEASE_TTL_S], checked when a command is built
 and when it is decoded (see MIN_LEASE_TTL_S for why that floor).
@@ -35,6 +41,8 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
+
+from raftkv.auth import DIGEST_BYTES, Role, check_prefixes, check_token_id
 
 JSONValue: TypeAlias = (
     bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
@@ -68,6 +76,9 @@ _TAG_DELETE = 1
 _TAG_BATCH = 2
 _TAG_LEASE_GRANT = 3
 _TAG_LEASE_REVOKE = 4
+_TAG_AUTH_ENABLE = 5
+_TAG_TOKEN_CREATE = 6
+_TAG_TOKEN_REVOKE = 7
 
 
 class CommandDecodeError(ValueError):
@@ -154,7 +165,80 @@ class LeaseRevoke:
             raise TypeError("expired must be a bool")
 
 
-Command: TypeAlias = Put | Delete | Batch | LeaseGrant | LeaseRevoke
+# ------------------------------------------------------------------------------ auth commands
+@dataclass(frozen=True, slots=True)
+class AuthEnable:
+    """Turn auth on with the root token (id raftkv.auth.ROOT_TOKEN_ID, role admin). Written
+    in the bootstrap log of a cluster started with a root token, identically by every first
+    member; applies once (a second one changes nothing and answers AuthRefused)."""
+
+    root_digest: bytes
+
+    def __post_init__(self) -> None:
+        _check_digest(self.root_digest)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCreate:
+    """Add a token. The node that serves the request makes the id and the secret; only the
+    secret's digest is in the command (and so in the log, snapshots and backups)."""
+
+    token_id: str
+    role: Role
+    prefixes: tuple[str, ...]
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        check_token_id(self.token_id)
+        if not isinstance(self.role, Role):
+            raise TypeError("a token's role is a raftkv.auth.Role")
+        if type(self.prefixes) is not tuple or check_prefixes(self.prefixes) != self.prefixes:
+            raise ValueError("a token's prefixes are a sorted tuple without duplicates")
+        if self.prefixes and self.role is Role.ADMIN:
+            raise ValueError("an admin token is not limited to key prefixes")
+        _check_digest(self.digest)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRevoke:
+    token_id: str
+
+    def __post_init__(self) -> None:
+        check_token_id(self.token_id)
+
+
+AuthCommand: TypeAlias = AuthEnable | TokenCreate | TokenRevoke
+
+
+def _check_digest(digest: object) -> None:
+    if type(digest) is not bytes or len(digest) != DIGEST_BYTES:
+        raise ValueError(f"a token digest is {DIGEST_BYTES} bytes")
+
+
+def _auth_to_wire(cmd: AuthCommand) -> list[object]:
+    if isinstance(cmd, AuthEnable):
+        return [_TAG_AUTH_ENABLE, cmd.root_digest]
+    if isinstance(cmd, TokenCreate):
+        return [_TAG_TOKEN_CREATE, cmd.token_id, cmd.role.value, list(cmd.prefixes), cmd.digest]
+    return [_TAG_TOKEN_REVOKE, cmd.token_id]
+
+
+def _auth_from_wire(wire: list[object]) -> AuthCommand | None:
+    """The auth command in `wire`, None if it is none (ValueError if it is a bad one)."""
+    tag = wire[0]
+    if tag == _TAG_AUTH_ENABLE and len(wire) == 2:
+        return AuthEnable(wire[1])  # type: ignore[arg-type]
+    if tag == _TAG_TOKEN_CREATE and len(wire) == 5:
+        token_id, role, prefixes, digest = wire[1:]
+        if type(role) is not str or type(prefixes) is not list:
+            raise ValueError("a token create holds a role name and an array of prefixes")
+        return TokenCreate(token_id, Role(role), tuple(prefixes), digest)  # type: ignore[arg-type]
+    if tag == _TAG_TOKEN_REVOKE and len(wire) == 2:
+        return TokenRevoke(wire[1])  # type: ignore[arg-type]
+    return None
+
+
+Command: TypeAlias = Put | Delete | Batch | LeaseGrant | LeaseRevoke | AuthCommand
 
 
 def check_key(key: object) -> None:
@@ -289,6 +373,8 @@ def _command_to_wire(cmd: Command) -> list[object]:
         return [_TAG_LEASE_GRANT, cmd.ttl_s]
     if isinstance(cmd, LeaseRevoke):
         return [_TAG_LEASE_REVOKE, cmd.lease_id, cmd.expired]
+    if isinstance(cmd, AuthEnable | TokenCreate | TokenRevoke):
+        return _auth_to_wire(cmd)
     raise TypeError(f"not a command: {type(cmd).__name__}")
 
 
@@ -303,6 +389,9 @@ def _command_from_wire(wire: object) -> Command:
             return LeaseGrant(wire[1])
         if wire[0] == _TAG_LEASE_REVOKE and len(wire) == 3:
             return LeaseRevoke(wire[1], wire[2])
+        auth = _auth_from_wire(wire)
+        if auth is not None:
+            return auth
     return _op_from_wire(wire)
 
 

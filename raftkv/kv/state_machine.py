@@ -30,6 +30,11 @@ Delete detaches it. A Put or Batch that names a lease that does not exist applie
 returns `LeaseNotFound`; conditions are checked first, operation by operation, so a command
 that fails both ways reports whichever failure its first failing operation has.
 
+Tokens (raftkv.auth) are replicated state too, in a section of their own below ("auth"): whether
+auth is on, and each token's id, role, key prefixes, secret digest and creation index. They
+change only by AuthEnable (once, from the bootstrap log), TokenCreate and TokenRevoke; the
+current table is `token_table`, an immutable value any thread may read.
+
 Values are shared, not copied: treat values returned by `get`, `items` and the results as
 read-only.
 """
@@ -51,9 +56,18 @@ from typing import TypeAlias, TypeVar
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
+from raftkv.auth import (
+    MAX_TOKENS,
+    ROOT_TOKEN_ID,
+    Role,
+    TokenRecord,
+    TokenTable,
+    prefixes_text,
+)
 from raftkv.core.types import ConfChange, ConfChangeOp, Entry, EntryKind, NodeId
 from raftkv.kv.commands import (
     MAX_LEASE_TTL_S,
+    AuthEnable,
     Batch,
     Command,
     CommandDecodeError,
@@ -62,7 +76,10 @@ from raftkv.kv.commands import (
     LeaseGrant,
     LeaseRevoke,
     Put,
+    TokenCreate,
+    TokenRevoke,
     decode_command,
+    encode_command,
 )
 
 logger = logging.getLogger(__name__)
@@ -160,9 +177,57 @@ class InvalidCommand:
     reason: str
 
 
+# ------------------------------------------------------------------------------ auth results
+@dataclass(frozen=True, slots=True)
+class AuthEnabled:
+    """Auth is on from this index, with the root token."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCreated:
+    index: int
+    token_id: str
+    """The id of the token this request created."""
+    replayed: bool = False
+    """A retry (same request id) of a create that applied earlier, under another id and
+    secret: the secret this retry carries is NOT the token's (only the first answer had it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRevoked:
+    index: int
+    token_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenNotFound:
+    index: int
+    token_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRefused:
+    """An auth command that applied nothing; `reason` is one of AUTH_REFUSALS."""
+
+    index: int
+    reason: str
+
+
+AUTH_REFUSALS = {
+    "auth_disabled": "the cluster was bootstrapped without auth (no root token): it has no "
+                     "tokens",
+    "auth_enabled": "auth is already on",
+    "token_exists": "a token with this id exists already",
+    "too_many_tokens": f"the cluster holds {MAX_TOKENS} tokens already: revoke some first",
+    "last_admin": "this is the last admin token: create another admin token first",
+}
+AuthResult: TypeAlias = AuthEnabled | TokenCreated | TokenRevoked | TokenNotFound | AuthRefused
+
 CommandResult: TypeAlias = (
     PutResult | DeleteResult | BatchResult | ConditionFailed | LeaseGrantResult
-    | LeaseRevokeResult | LeaseNotFound
+    | LeaseRevokeResult | LeaseNotFound | AuthResult
 )
 """What a decoded command returns (ApplyResult without InvalidCommand)."""
 ApplyResult: TypeAlias = CommandResult | InvalidCommand
@@ -213,6 +278,8 @@ class KVSnapshotView:
     """Lease id -> TTL in seconds."""
     key_leases: dict[str, int] = field(default_factory=dict)
     """Key -> the lease it is attached to (only attached keys)."""
+    auth: TokenTable = field(default_factory=TokenTable)
+    """The token table (immutable: shared, not copied)."""
 
 
 # ------------------------------------------------------------------------------ the machine
@@ -235,6 +302,9 @@ class KVStateMachine:
         self._key_leases: dict[str, int] = {}
         self._lease_keys: dict[int, set[str]] = {}
         """Lease id -> its attached keys: the inverse of _key_leases, one entry per lease."""
+        self._token_table = TokenTable()
+        """Replaced whole on every auth change: readers on other threads see one or the
+        other, never a half-changed table."""
 
     # StateMachine
     @property
@@ -271,7 +341,7 @@ class KVStateMachine:
             return InvalidCommand(index, str(e))
         if request_id is None:
             return self._execute(cmd, index)
-        fingerprint = _fingerprint(entry.data)
+        fingerprint = _fingerprint(_fingerprinted(cmd, entry.data))
         known = self._requests.get(request_id)
         if known is not None:
             answer = _replay(known, cmd) if known.fingerprint == fingerprint else None
@@ -310,6 +380,7 @@ class KVStateMachine:
             addresses=self._addresses.copy(),
             leases=self._lease_ttls.copy(),
             key_leases=self._key_leases.copy(),
+            auth=self._token_table,
         )
 
     def restore_view(self, view: KVSnapshotView, index: int) -> None:
@@ -329,6 +400,7 @@ class KVStateMachine:
         self._lease_keys = {lease_id: set() for lease_id in self._lease_ttls}
         for key, lease_id in self._key_leases.items():
             self._lease_keys[lease_id].add(key)
+        self._token_table = view.auth
         self._applied_index = view.applied_index
         self._key_order.clear()
         logger.info(
@@ -388,6 +460,13 @@ class KVStateMachine:
                             len(self._lease_keys[lease_id]))
                 for lease_id in heapq.nsmallest(limit, self._lease_ttls)]
 
+    # Tokens
+    @property
+    def token_table(self) -> TokenTable:
+        """Auth on or off, and every token (no secrets): immutable, so any thread may read
+        it; it is replaced (a new object, a higher `version`) whenever a token changes."""
+        return self._token_table
+
     @property
     def lease_ttls(self) -> Mapping[int, int]:
         """Lease id -> TTL of every lease (read-only): what a new leader's
@@ -435,7 +514,43 @@ class KVStateMachine:
             return self._execute_batch(cmd, index)
         if isinstance(cmd, LeaseGrant):
             return LeaseGrantResult(index, self._grant(index, cmd.ttl_s), cmd.ttl_s)
-        return self._revoke(cmd, index)
+        if isinstance(cmd, LeaseRevoke):
+            return self._revoke(cmd, index)
+        return self._execute_auth(cmd, index)
+
+    def _execute_auth(self, cmd: AuthEnable | TokenCreate | TokenRevoke,
+                      index: int) -> AuthResult:
+        table = self._token_table
+        tokens = {t.token_id: t for t in table.tokens}
+        if isinstance(cmd, AuthEnable):
+            if table.enabled:
+                return AuthRefused(index, "auth_enabled")
+            root = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), cmd.root_digest, index)
+            self._token_table = TokenTable(True, (root,), index)
+            logger.info("event=kv_auth_enabled index=%d", index)
+            return AuthEnabled(index)
+        if not table.enabled:
+            return AuthRefused(index, "auth_disabled")
+        if isinstance(cmd, TokenCreate):
+            if cmd.token_id in tokens or any(t.digest == cmd.digest for t in table.tokens):
+                return AuthRefused(index, "token_exists")
+            if len(tokens) >= MAX_TOKENS:
+                return AuthRefused(index, "too_many_tokens")
+            tokens[cmd.token_id] = TokenRecord(cmd.token_id, cmd.role, cmd.prefixes,
+                                               cmd.digest, index)
+            self._token_table = TokenTable(True, tuple(tokens.values()), index)
+            logger.info("event=kv_token_created index=%d token=%s role=%s prefixes=%s", index,
+                        cmd.token_id, cmd.role.value, prefixes_text(cmd.prefixes))
+            return TokenCreated(index, cmd.token_id)
+        revoked = tokens.pop(cmd.token_id, None)
+        if revoked is None:
+            return TokenNotFound(index, cmd.token_id)
+        if revoked.role is Role.ADMIN and not any(
+                t.role is Role.ADMIN for t in tokens.values()):
+            return AuthRefused(index, "last_admin")
+        self._token_table = TokenTable(True, tuple(tokens.values()), index)
+        logger.info("event=kv_token_revoked index=%d token=%s", index, cmd.token_id)
+        return TokenRevoked(index, cmd.token_id)
 
     def _execute_batch(
         self, batch: Batch, index: int
@@ -520,7 +635,10 @@ def _mod_index(record: Record | None) -> int:
 
 
 _PUT, _DELETE, _BATCH, _FAILED, _GRANT, _REVOKE, _NO_LEASE = 0, 1, 2, 3, 4, 5, 6
-_KINDS = frozenset((_PUT, _DELETE, _BATCH, _FAILED, _GRANT, _REVOKE, _NO_LEASE))
+# Auth answers: the token id (or the refusal's reason) is kept in RememberedAnswer.key.
+_AUTH_ON, _TOKEN_MADE, _TOKEN_GONE, _NO_TOKEN, _AUTH_NO = 7, 8, 9, 10, 11
+_KINDS = frozenset((_PUT, _DELETE, _BATCH, _FAILED, _GRANT, _REVOKE, _NO_LEASE,
+                    _AUTH_ON, _TOKEN_MADE, _TOKEN_GONE, _NO_TOKEN, _AUTH_NO))
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 _ANSWER_FIELDS = tuple(
     operator.attrgetter(name)
@@ -533,8 +651,47 @@ def _fingerprint(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
 
+def _fingerprinted(cmd: Command, data: bytes) -> bytes:
+    """What a retry must repeat to be recognised as one: the entry data, except for a token
+    create, whose id and secret the serving node makes anew for each attempt: its role and
+    prefixes."""
+    if isinstance(cmd, TokenCreate):
+        return encode_command(TokenCreate("-", cmd.role, cmd.prefixes, bytes(32)))
+    return data
+
+
+def _remember_auth(fingerprint: bytes, result: AuthResult) -> RememberedAnswer:
+    if isinstance(result, AuthEnabled):
+        return RememberedAnswer(fingerprint, result.index, _AUTH_ON)
+    if isinstance(result, TokenCreated):
+        return RememberedAnswer(fingerprint, result.index, _TOKEN_MADE, key=result.token_id)
+    if isinstance(result, TokenRevoked):
+        return RememberedAnswer(fingerprint, result.index, _TOKEN_GONE, key=result.token_id)
+    if isinstance(result, TokenNotFound):
+        return RememberedAnswer(fingerprint, result.index, _NO_TOKEN, key=result.token_id)
+    return RememberedAnswer(fingerprint, result.index, _AUTH_NO, key=result.reason)
+
+
+def _replay_auth(known: RememberedAnswer, cmd: Command) -> AuthResult | None:
+    index, kind = known.index, known.kind
+    if kind == _AUTH_ON and isinstance(cmd, AuthEnable):
+        return AuthEnabled(index)
+    if kind == _TOKEN_MADE and isinstance(cmd, TokenCreate):
+        return TokenCreated(index, known.key, replayed=cmd.token_id != known.key)
+    if kind == _TOKEN_GONE and isinstance(cmd, TokenRevoke):
+        return TokenRevoked(index, known.key)
+    if kind == _NO_TOKEN and isinstance(cmd, TokenRevoke):
+        return TokenNotFound(index, known.key)
+    if kind == _AUTH_NO and isinstance(cmd, AuthEnable | TokenCreate | TokenRevoke):
+        return AuthRefused(index, known.key)
+    return None
+
+
 def _remember(fingerprint: bytes, result: CommandResult) -> RememberedAnswer:
     """What to keep of a first answer: the rest comes from the retried command itself."""
+    if isinstance(result, AuthEnabled | TokenCreated | TokenRevoked | TokenNotFound
+                  | AuthRefused):
+        return _remember_auth(fingerprint, result)
     if isinstance(result, PutResult):
         return RememberedAnswer(fingerprint, result.index, _PUT, _FLAGS[None])
     if isinstance(result, DeleteResult):
@@ -557,6 +714,8 @@ def _remember(fingerprint: bytes, result: CommandResult) -> RememberedAnswer:
 def _replay(known: RememberedAnswer, cmd: Command) -> ApplyResult | None:
     """The first answer again, with the values from the retried command (None: no match)."""
     index = known.index
+    if known.kind >= _AUTH_ON:
+        return _replay_auth(known, cmd)
     if known.kind == _FAILED:
         return ConditionFailed(index, known.key, known.current_index)
     if known.kind == _NO_LEASE:
@@ -692,6 +851,39 @@ def iter_snapshot_chunks(view: KVSnapshotView) -> Iterator[bytes]:
         )
     yield from _pairs_in_segments(packer, view.leases)
     yield from _pairs_in_segments(packer, view.key_leases)
+    yield from _sections(packer, view)
+
+
+# Named sections: optional state after the version-2 content, each one msgpack map
+# {"section": name, ...}, written only when it holds something (a snapshot without them is
+# byte for byte what the build before them wrote) and read as empty when absent. A reader
+# refuses a section it does not know: a replica must never drop state silently.
+_AUTH_SECTION = "auth"
+
+
+def _sections(packer: msgpack.Packer, view: KVSnapshotView) -> Iterator[bytes]:
+    if view.auth.enabled:
+        yield packer.pack({"section": _AUTH_SECTION, "table": view.auth.to_wire()})
+
+
+def _parse_sections(unpacker: msgpack.Unpacker, applied_index: int) -> TokenTable:
+    """The sections after the version-2 content, until the end of the data."""
+    auth: TokenTable | None = None
+    while True:
+        try:
+            section = unpacker.unpack()
+        except msgpack.OutOfData:
+            return auth or TokenTable()
+        if type(section) is not dict or type(section.get("section")) is not str:
+            raise SnapshotCorrupt("key-value snapshot has trailing data")
+        name = section["section"]
+        if name != _AUTH_SECTION or auth is not None:
+            raise SnapshotCorrupt(f"key-value snapshot has an unknown or repeated section "
+                                  f"{name[:40]!r}")
+        auth = TokenTable.from_wire(section["table"])
+        if auth.version > applied_index or any(
+                t.created_index > applied_index for t in auth.tokens):
+            raise SnapshotCorrupt("key-value snapshot has a token from after its index")
 
 
 def _pairs_in_segments(packer: msgpack.Packer, pairs: Mapping[_K, int]) -> Iterator[bytes]:
@@ -792,11 +984,8 @@ def _parse(unpacker: msgpack.Unpacker) -> KVSnapshotView:
     key_leases = _parse_pairs(unpacker, n_attached, str, "attached key")
     if any(key not in data or lease_id not in leases for key, lease_id in key_leases.items()):
         raise SnapshotCorrupt("key-value snapshot attaches a key or a lease it does not hold")
-    try:
-        unpacker.unpack()
-    except msgpack.OutOfData:
-        return KVSnapshotView(applied_index, data, requests, addresses, leases, key_leases)
-    raise SnapshotCorrupt("key-value snapshot has trailing data")
+    auth = _parse_sections(unpacker, applied_index)
+    return KVSnapshotView(applied_index, data, requests, addresses, leases, key_leases, auth)
 
 
 def _parse_pairs(

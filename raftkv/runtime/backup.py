@@ -17,12 +17,13 @@ leader:
 
 - the snapshot store holds one snapshot at index S = the backup's index (1 if that is 0), term
   1, membership voters = {node}. Its data is the backup's, with the same last-modified indices,
-  remembered request ids and leases (ids, TTLs and attached keys), and an address book of only
-  {node: raft address}. S is the backup's index, not 1, because the keys keep their
-  last-modified indices (what `prev_index` conditions and watches compare) and the leases their
-  ids (the indices that granted them): all are <= the backup's index, and every new write or
-  lease must get a higher one. The leases' timers start again when the node first leads: each
-  gets a full TTL from then (raftkv.kv.leases);
+  remembered request ids, leases (ids, TTLs and attached keys) and tokens (auth on or off, every
+  token's digest, role and prefixes: the restored cluster accepts the same tokens), and an
+  address book of only {node: raft address}. S is the backup's index, not 1, because the keys
+  keep their last-modified indices (what `prev_index` conditions and watches compare) and the
+  leases their ids (the indices that granted them): all are <= the backup's index, and every
+  new write or lease must get a higher one. The leases' timers start again when the node
+  first leads: each gets a full TTL from then (raftkv.kv.leases);
 - the Raft store has an empty log (the next entry is S + 1), hard state term 1, no vote,
   commit S, and the identity (node, a new random cluster id);
 - no log entry is needed: the membership comes from the snapshot, as after an install.
@@ -227,7 +228,7 @@ def restore(backup_path: str | os.PathLike[str], data_dir: str | os.PathLike[str
                           f"{view.applied_index}")
     index = max(view.applied_index, 1)
     seeded = KVSnapshotView(index, view.data, view.requests, {node_id: raft_address},
-                            view.leases, view.key_leases)
+                            view.leases, view.key_leases, view.auth)
     meta = SnapshotMeta(index, RESTORED_TERM, Membership(frozenset({node_id})))
     cluster_id = secrets.token_hex(8)
 

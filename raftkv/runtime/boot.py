@@ -21,11 +21,42 @@ What storage may hold, and what is kept (Raft Figure 13, step 6):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from raftkv.core.ready import BootState
-from raftkv.core.types import Entry, Membership, Snapshot, SnapshotMeta
+from raftkv.core.types import (
+    ConfChange,
+    ConfChangeOp,
+    Entry,
+    EntryKind,
+    Membership,
+    Snapshot,
+    SnapshotMeta,
+)
+from raftkv.kv.commands import AuthEnable, encode_command
 from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StoredSnapshot
 
-__all__ = ["load_boot_state"]
+__all__ = ["bootstrap_entries", "load_boot_state"]
+
+
+def bootstrap_entries(peers: Mapping[str, str], root_digest: bytes | None = None) -> list[Entry]:
+    """The committed log every first member of a new static cluster writes, identically: one
+    ADD_VOTER per member (term 1, in id order), so membership lives in the log and snapshots
+    and a node that joins later learns it like any other entry; then, for a cluster
+    bootstrapped with auth, one AuthEnable with the root token's digest (never the token), so
+    auth is on from the first applied entries, before any client request can be served.
+
+    Every member must be given the same root token: its digest is also part of the cluster id
+    (raftkv.settings.derive_cluster_id), so members given different ones refuse each other's
+    peer connections instead of holding different committed logs."""
+    entries = [
+        Entry(i, 1, EntryKind.CONF_CHANGE, change=ConfChange(ConfChangeOp.ADD_VOTER, nid, addr))
+        for i, (nid, addr) in enumerate(sorted(peers.items()), start=1)
+    ]
+    if root_digest is not None:
+        entries.append(Entry(len(entries) + 1, 1, EntryKind.NORMAL,
+                             data=encode_command(AuthEnable(root_digest))))
+    return entries
 
 
 def load_boot_state(

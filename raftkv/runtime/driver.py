@@ -46,7 +46,15 @@ from raftkv.core import (
 from raftkv.core.ready import Ready
 from raftkv.kv.commands import LeaseRevoke, encode_command
 from raftkv.kv.leases import LeaseExpiry, NotLeaseLeader
-from raftkv.kv.state_machine import KVSnapshotView, KVStateMachine, serialize_snapshot
+from raftkv.kv.state_machine import (
+    AuthEnabled,
+    AuthRefused,
+    KVSnapshotView,
+    KVStateMachine,
+    TokenCreated,
+    TokenRevoked,
+    serialize_snapshot,
+)
 from raftkv.metrics import NodeMetrics
 from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StorageFull
 from raftkv.runtime.boot import load_boot_state
@@ -74,6 +82,7 @@ log entries add its initial members (raftkv.runtime.startup), so replaying the l
 start rebuilds the membership."""
 
 RECENT_RESULTS: Final = 4096
+AUTH_RESULTS: Final = (AuthEnabled, TokenCreated, TokenRevoked, AuthRefused)
 HOUSEKEEPING_TICKS: Final = 10
 
 
@@ -190,7 +199,8 @@ class RaftDriver:
         self.fatal: str | None = None
         self.reachable: dict[str, bool] = {}
         self.state_listeners: list[Callable[[SoftState], None]] = []
-        """Called after every role, term or leader change (e.g. to push it to workers)."""
+        """Called after every role, term or leader change, and after the token table changed
+        (the workers' copy of the node's state is pushed then)."""
         self.forwarder: Forwarding | None = None
         """Set by the composition root: follower-to-leader forwarding."""
 
@@ -432,6 +442,7 @@ class RaftDriver:
         if rd.snapshot is not None:
             self.watches.restored(self.sm.applied_index, self.sm.get)
             self.metrics.snapshots.labels("installed").inc()
+            self._state_changed()
             if self.leases.leading:  # a leader never installs one; be safe all the same
                 self.leases.stepped_down()
                 self._lease_term = None
@@ -469,6 +480,8 @@ class RaftDriver:
             # The leader applied the first entry of its term: it knows every lease now.
             self.leases.became_leader(self.sm.lease_ttls, self._clock())
             self._lease_term = entry.term
+        if isinstance(result, AUTH_RESULTS):
+            self._state_changed()  # the token table changed: workers must see it now
         recent = self._recent
         recent[entry.index] = (entry, result)
         if len(recent) > RECENT_RESULTS:
@@ -651,6 +664,10 @@ class RaftDriver:
                 self.forwarder.leader_changed()
         for listener in self.state_listeners:
             listener(ss)
+
+    def _state_changed(self) -> None:
+        for listener in self.state_listeners:
+            listener(self._soft)
 
     def _housekeeping(self, now: float) -> None:
         expired = [rid for rid, (deadline, _) in self._reads.items() if deadline < now]

@@ -41,7 +41,7 @@ from raftkv.runtime.driver import RaftDriver
 from raftkv.runtime.eventloop import EventLoop
 from raftkv.runtime.forwarding import Forwarder
 from raftkv.runtime.requests import NodeInfo, RequestHandler
-from raftkv.runtime.startup import FORMAT_VERSION, StartupError, open_node
+from raftkv.runtime.startup import FORMAT_VERSION, StartupError, join_headers, open_node
 from raftkv.runtime.transport import PeerTransport
 from raftkv.runtime.transport.refusals import RateLimitedLog
 from raftkv.runtime.workers import WorkerSupervisor
@@ -94,6 +94,7 @@ class RaftProcess:
             log.warning("event=default_cluster_token node=%s advice=set RAFTKV_CLUSTER_TOKEN to "
                         "a shared secret so that only your nodes can join", s.node_id)
         self.exit_code = 0
+        self._join_headers = join_headers(s) if s.join else {}
         state = open_node(s)
         self.state = state
         self.cluster_id = state.plan.cluster_id
@@ -141,7 +142,8 @@ class RaftProcess:
         self.workers = WorkerSupervisor(
             loop, count=s.http_workers or (os.cpu_count() or 1), listen_sock=self.http_sock,
             config={"node_id": s.node_id, "http_address": s.http_advertise_addr,
-                    "request_timeout_ms": s.request_timeout_ms, "log_level": s.log_level},
+                    "request_timeout_ms": s.request_timeout_ms, "log_level": s.log_level,
+                    "metrics_open": s.metrics_open},
             handler=self.handler, metrics=self.metrics, view=self._view)
         driver.state_listeners.append(self._on_state)
         self.metrics.watch_state(self._metrics_state)
@@ -228,7 +230,8 @@ class RaftProcess:
         driver = self.driver
         return {"role": driver.role.value, "term": driver.term, "leader": driver.leader,
                 "leader_http": self.handler.leader_http_address(), "fatal": driver.fatal,
-                "stopping": self._stopping, "cluster_id": self.cluster_id}
+                "stopping": self._stopping, "cluster_id": self.cluster_id,
+                "auth": driver.sm.token_table.to_wire()}
 
     def _on_state(self, ss: SoftState) -> None:
         self.workers.push()
@@ -255,14 +258,15 @@ class RaftProcess:
         leader's appends meanwhile."""
         s = self.settings
         url = s.join_url
+        headers = self._join_headers
         body = json.dumps({"id": s.node_id, "address": s.raft_advertise_addr}).encode()
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         last_error = ""
         while time.monotonic() < deadline and not self._stopping:
             try:
-                status = _http_json(f"{url}/status", None, 5.0)
+                status = _http_json(f"{url}/status", None, 5.0, headers)
                 cluster_id = str(status["cluster_id"])
-                listing = _http_json(f"{url}/cluster", None, 5.0)["members"]
+                listing = _http_json(f"{url}/cluster", None, 5.0, headers)["members"]
                 if not isinstance(listing, list):
                     raise ValueError("unexpected /cluster answer")
                 addresses = {str(m["id"]): str(m["raft_address"]) for m in listing}
@@ -277,7 +281,7 @@ class RaftProcess:
 
                 self.loop.call_soon_threadsafe(learn)
                 learnt.wait(5.0)
-                _http_json(f"{url}/cluster/join", body, 30.0)
+                _http_json(f"{url}/cluster/join", body, 30.0, headers)
                 self.loop.call_soon_threadsafe(lambda: self._joined(url))
                 return
             except (OSError, ValueError, KeyError, TypeError) as e:
@@ -357,9 +361,10 @@ class RaftProcess:
         log.info("event=node_stopped node=%s", self.settings.node_id)
 
 
-def _http_json(url: str, body: bytes | None, timeout_s: float) -> dict[str, object]:
+def _http_json(url: str, body: bytes | None, timeout_s: float,
+               headers: dict[str, str] | None = None) -> dict[str, object]:
     req = urllib.request.Request(url, data=body, method="POST" if body else "GET",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             answer = json.loads(resp.read())

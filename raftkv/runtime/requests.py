@@ -136,6 +136,7 @@ class RequestHandler:
             RequestOp.LEASE_INFO: self._lease_info,
             RequestOp.LEASE_LIST: self._lease_list,
             RequestOp.METRICS: self._metrics,
+            RequestOp.TOKENS: self._tokens,
         }
 
     def handle(self, replier: Replier, requests: list[Request]) -> None:
@@ -436,6 +437,13 @@ class RequestHandler:
         self._driver.lease_list(max(1, min(request.args[0], 10_000)),
                                 time.monotonic() + request.timeout_s,
                                 _Answer(replier, request.rid))
+
+    # ------------------------------------------------------------------ tokens
+    def _tokens(self, replier: Replier, request: Request) -> None:
+        (consistency,) = request.args
+        sm = self._driver.sm
+        self._barrier(consistency, time.monotonic() + request.timeout_s, _Answer(
+            replier, request.rid, lambda _index: sm.token_table.to_wire()))
 
     # ------------------------------------------------------------------ metrics
     def _metrics(self, replier: Replier, request: Request) -> None:

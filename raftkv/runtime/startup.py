@@ -6,7 +6,8 @@ say, and nothing else:
     data dir holds an identity          RESTART (the settings' RAFTKV_JOIN is ignored, unless
                                         the node knows no member yet: it joins again)
     empty, RAFTKV_PEERS, no RAFTKV_JOIN BOOTSTRAP a static cluster (every member writes the
-                                        same first log entries: one ADD_VOTER each)
+                                        same first log entries: one ADD_VOTER each, and with
+                                        a root token the AuthEnable of its digest; boot.py)
     empty, RAFTKV_JOIN                  JOIN an existing cluster through a member's HTTP API
     empty, neither                      refuse: two clusters never form by accident
     Raft state but no identity          refuse: a join that never finished
@@ -24,18 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from raftkv.core import ConfChange, ConfChangeOp, Entry, EntryKind, HardState
+from raftkv.auth import RootTokenError, read_root_token_file, token_digest
+from raftkv.core import HardState
 from raftkv.core.ready import BootState
 from raftkv.kv.state_machine import KVStateMachine, StateMachineError
 from raftkv.ports import NodeIdentity, StorageError
-from raftkv.runtime.boot import load_boot_state
+from raftkv.runtime.boot import bootstrap_entries, load_boot_state
 from raftkv.runtime.driver import BASE_MEMBERSHIP
 from raftkv.settings import Settings, derive_cluster_id
 from snapshots.lmdb_store import LmdbSnapshotStore
 from storage.lmdb_store import LmdbRaftStorage
 
 __all__ = ["FORMAT_VERSION", "NodeState", "StartKind", "StartPlan", "StartupError",
-           "open_node", "plan_start"]
+           "join_headers", "open_node", "plan_start"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,10 @@ class StartPlan:
 
 
 def plan_start(settings: Settings, identity: NodeIdentity | None, has_raft_state: bool,
-               knows_members: bool, data_dir: Path) -> StartPlan:
+               knows_members: bool, data_dir: Path,
+               root_digest: bytes | None = None) -> StartPlan:
+    """`root_digest`: the digest of the root token a bootstrap starts auth with (it is part of
+    the cluster id: members given different root tokens refuse each other)."""
     if identity is None and has_raft_state:
         raise StartupError(
             f"the data dir {data_dir} holds Raft state but no identity (a join that never "
@@ -82,8 +87,8 @@ def plan_start(settings: Settings, identity: NodeIdentity | None, has_raft_state
     if settings.join:
         return StartPlan(StartKind.JOIN, "", needs_join=True)
     if settings.peer_map:
-        return StartPlan(StartKind.BOOTSTRAP, derive_cluster_id(settings.peer_map),
-                         needs_join=False)
+        return StartPlan(StartKind.BOOTSTRAP,
+                         derive_cluster_id(settings.peer_map, root_digest), needs_join=False)
     raise StartupError(
         f"the data dir {data_dir} is empty and neither RAFTKV_PEERS (to bootstrap a new "
         "cluster) nor RAFTKV_JOIN (to join one) is set: set one of them")
@@ -128,11 +133,15 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
     identity = storage.identity()
     has_state = storage.last_index() > 0 or storage.hard_state().term > 0
     knows_members = has_state or snapshots.latest() is not None
-    plan = plan_start(settings, identity, has_state, knows_members, data)
+    bootstrapping = identity is None and bool(settings.peer_map) and not settings.join
+    root_digest = _root_digest(settings, bootstrapping)
+    plan = plan_start(settings, identity, has_state, knows_members, data, root_digest)
     if plan.kind is StartKind.BOOTSTRAP:
-        write_bootstrap_log(storage, settings.peer_map)
-        log.info("event=bootstrap node=%s cluster=%s members=%s", settings.node_id,
-                 plan.cluster_id, ",".join(sorted(settings.peer_map)))
+        entries = bootstrap_entries(settings.peer_map, root_digest)
+        storage.save(HardState(1, None, len(entries)), entries)
+        log.info("event=bootstrap node=%s cluster=%s members=%s auth=%s", settings.node_id,
+                 plan.cluster_id, ",".join(sorted(settings.peer_map)),
+                 "on" if root_digest else "off")
     elif plan.kind is StartKind.RESTART and settings.join:
         log.info("event=%s node=%s", "join_resumed reason=no_member_known" if plan.needs_join
                  else "join_ignored reason=data_dir_has_state", settings.node_id)
@@ -155,12 +164,27 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
     return NodeState(storage, snapshots, sm, boot, plan)
 
 
-def write_bootstrap_log(storage: LmdbRaftStorage, peers: dict[str, str]) -> None:
-    """A new static cluster: every member writes the same committed log of its initial
-    members (term 1, one ADD_VOTER each), so membership lives in the log and snapshots and a
-    node that joins later learns it like any other entry."""
-    entries = [
-        Entry(i, 1, EntryKind.CONF_CHANGE, change=ConfChange(ConfChangeOp.ADD_VOTER, nid, addr))
-        for i, (nid, addr) in enumerate(sorted(peers.items()), start=1)
-    ]
-    storage.save(HardState(1, None, len(entries)), entries)
+def _root_digest(settings: Settings, bootstrapping: bool) -> bytes | None:
+    """The root token's digest when this start bootstraps a cluster with auth. The file is
+    read at that first start only (later it is not even opened), and never logged."""
+    if not settings.root_token_file:
+        return None
+    if not bootstrapping:
+        log.info("event=root_token_file_ignored node=%s reason=%s", settings.node_id,
+                 "joining" if settings.join else "data_dir_has_state")
+        return None
+    try:
+        return token_digest(read_root_token_file(settings.root_token_file))
+    except RootTokenError as e:
+        raise StartupError(str(e)) from None
+
+
+def join_headers(settings: Settings) -> dict[str, str]:
+    """The admin token for joining a cluster with auth (RAFTKV_JOIN_TOKEN_FILE)."""
+    if not settings.join_token_file:
+        return {}
+    try:
+        token = read_root_token_file(settings.join_token_file)
+    except RootTokenError as e:
+        raise StartupError(str(e).replace("root token", "join token")) from None
+    return {"Authorization": f"Bearer {token}"}

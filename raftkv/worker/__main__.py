@@ -64,7 +64,7 @@ class Worker:
         self._service_slot: list[RemoteService] = []
         app = create_app(_LateService(self._service_slot),
                          default_timeout_s=int(config["request_timeout_ms"]) / 1000,
-                         metrics=metrics)
+                         metrics=metrics, metrics_open=bool(config.get("metrics_open")))
         self.server = ServerHandle(app, [listen])
         dispatcher = self.server.dispatcher
         assert dispatcher is not None

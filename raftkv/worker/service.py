@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from raftkv import codec
+from raftkv import tokens as token_requests
+from raftkv.auth import OPEN_AUTHORIZER, Authorizer, Role, TokenTable
 from raftkv.codec import Reply, RequestOp
 from raftkv.kv.commands import (
     Batch,
@@ -62,6 +64,9 @@ from raftkv.service import (
     ReadResult,
     ReadTimeoutError,
     ServiceError,
+    TokenCreateResult,
+    TokenInfo,
+    TokenRevokeResult,
     UnavailableError,
     WatchResult,
     WriteResult,
@@ -93,6 +98,9 @@ class NodeView:
         self.leader_http: str | None = None
         self.fatal: str | None = None
         self.stopping = False
+        self.authorizer = OPEN_AUTHORIZER
+        """The node's token table (digests only), as an Authorizer; replaced when a newer
+        table arrives."""
 
     def update(self, view: dict[str, Any]) -> None:
         self.role = str(view.get("role", self.role))
@@ -103,6 +111,15 @@ class NodeView:
         fatal = view.get("fatal")
         self.fatal = fatal if isinstance(fatal, str) else None
         self.stopping = bool(view.get("stopping"))
+        wire = view.get("auth")
+        if wire is not None:
+            try:
+                table = TokenTable.from_wire(wire)
+            except (ValueError, TypeError, KeyError):
+                return  # a malformed table: keep the one we have
+            current = self.authorizer.table
+            if table.version > current.version or table.enabled != current.enabled:
+                self.authorizer = Authorizer(table)
 
 
 class BackupFile:
@@ -338,6 +355,37 @@ class RemoteService:
             raise UnavailableError("the backup file did not arrive; retry")
         return Backup(index, checksum, length, BackupFile(fd),  # type: ignore[arg-type]
                       algorithm)
+
+    # ------------------------------------------------------------------ tokens
+    def authorizer(self) -> Authorizer:
+        return self._view.authorizer
+
+    def token_create(self, role: Role, prefixes: tuple[str, ...], *,
+                     request_id: str | None = None, timeout_s: float) -> TokenCreateResult:
+        cmd, secret = token_requests.create_command(self._view.authorizer.table, role, prefixes)
+        result = self._write(_command(lambda: cmd, request_id), timeout_s)
+        answer = token_requests.created(result, cmd, secret)
+        if answer is None:
+            raise self._unexpected(result)
+        return answer
+
+    def token_revoke(self, token_id: str, *, request_id: str | None = None,
+                     timeout_s: float) -> TokenRevokeResult:
+        cmd = token_requests.revoke_command(self._view.authorizer.table, token_id)
+        result = self._write(_command(lambda: cmd, request_id), timeout_s)
+        answer = token_requests.revoked(result)
+        if answer is None:
+            raise self._unexpected(result)
+        return answer
+
+    def tokens(self, consistency: Consistency, timeout_s: float) -> list[TokenInfo]:
+        wire = self._result(RequestOp.TOKENS, timeout_s, consistency.value,
+                            on_timeout=self._read_timeout)
+        try:
+            table = TokenTable.from_wire(wire)
+        except (ValueError, TypeError, KeyError) as e:
+            raise UnavailableError(f"the node gave a bad answer ({e})") from None
+        return token_requests.token_infos(table)
 
     def render_metrics(self) -> bytes:
         text = self._result(RequestOp.METRICS, STATUS_TIMEOUT_S, on_timeout=self._busy)

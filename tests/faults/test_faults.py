@@ -23,6 +23,7 @@ from raftkv.localcluster import (
     http_json,
     wait_until,
 )
+from raftkv.runtime.eventloop import EventLoop
 from raftkv.runtime.process import peer_source_host
 from raftkv.runtime.transport import PeerTransport
 from tests.faults import harness
@@ -156,17 +157,19 @@ def test_peer_connections_leave_from_the_raft_bind_host() -> None:
     listener = socket.create_server(("127.0.0.42", 0))
     listener.settimeout(10)
     port = listener.getsockname()[1]
-    t = PeerTransport(node_id="a", cluster_id="c", token="t", bind_host="127.0.0.41",
-                      bind_port=0, http_address="127.0.0.1:1", on_frame=lambda *_: None,
+    loop = EventLoop()
+    t = PeerTransport(loop, node_id="a", cluster_id="c", token="t",
+                      listen_sock=socket.create_server(("127.0.0.41", 0)),
+                      http_address="127.0.0.1:1", deliver=lambda *_: None,
                       source_host=peer_source_host("127.0.0.41"))
-    t.start()
+    t.set_peers({"b": f"127.0.0.42:{port}"})  # dials at once (non-blocking connect)
     try:
-        t.set_peers({"b": f"127.0.0.42:{port}"})
         conn, (remote_ip, _) = listener.accept()
         conn.close()
         assert remote_ip == "127.0.0.41"
     finally:
         t.close()
+        loop.close()
         listener.close()
 
 

@@ -11,7 +11,17 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from raftkv.auth import (
+    ROOT_TOKEN_ID,
+    Authorizer,
+    Role,
+    TokenRecord,
+    TokenTable,
+    new_secret,
+    token_digest,
+)
 from raftkv.service import (
+    AuthDisabledError,
     Backup,
     BatchOp,
     BatchResult,
@@ -30,6 +40,11 @@ from raftkv.service import (
     NodeStatus,
     Readiness,
     ReadResult,
+    TokenConflictError,
+    TokenCreateResult,
+    TokenInfo,
+    TokenNotFoundError,
+    TokenRevokeResult,
     WatchResult,
     WriteResult,
 )
@@ -76,6 +91,17 @@ class FakeService:
         self._leases: dict[int, int] = {}  # lease id -> ttl
         self._key_leases: dict[str, int] = {}
         self.remaining_s = 1.5
+        self.token_table = TokenTable()
+        self._token_ids = 0
+
+    def enable_auth(self, root_secret: str) -> None:
+        """Auth on, with this root token (as a cluster bootstrapped with it)."""
+        root = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), token_digest(root_secret), 1)
+        self.token_table = TokenTable(True, (root,), 1)
+
+    def add_token(self, role: Role, prefixes: tuple[str, ...] = ()) -> str:
+        """A new token of that role (auth must be on); its secret."""
+        return self.token_create(role, prefixes, timeout_s=1.0).token
 
     # ------------------------------------------------------------------ helpers
     def _enter(self, call: Call) -> None:
@@ -221,6 +247,50 @@ class FakeService:
         with self._lock:
             self._enter(Call("leases", None, None, timeout_s))
             return [self._lease_info(i, False) for i in sorted(self._leases)[:limit]]
+
+    # ------------------------------------------------------------------ tokens
+    def authorizer(self) -> Authorizer:
+        return Authorizer(self.token_table)
+
+    def token_create(self, role: Role, prefixes: tuple[str, ...], *,
+                     request_id: str | None = None, timeout_s: float) -> TokenCreateResult:
+        with self._lock:
+            self._enter(Call("token_create", None, request_id, timeout_s))
+            if not self.token_table.enabled:
+                raise AuthDisabledError("auth is off")
+            if request_id is not None and request_id in self._done:
+                done = self._done[request_id]
+                assert isinstance(done, TokenCreateResult)
+                raise TokenConflictError("already created", token_id=done.token_id)
+            self._index += 1
+            self._token_ids += 1
+            secret = new_secret()
+            token_id = f"t{self._token_ids}"
+            record = TokenRecord(token_id, role, prefixes, token_digest(secret), self._index)
+            self.token_table = TokenTable(True, (*self.token_table.tokens, record), self._index)
+            result = TokenCreateResult(token_id, secret, role, prefixes, self._index)
+            if request_id is not None:
+                self._done[request_id] = result
+            return result
+
+    def token_revoke(self, token_id: str, *, request_id: str | None = None,
+                     timeout_s: float) -> TokenRevokeResult:
+        with self._lock:
+            self._enter(Call("token_revoke", token_id, request_id, timeout_s))
+            if not self.token_table.enabled:
+                raise AuthDisabledError("auth is off")
+            left = tuple(t for t in self.token_table.tokens if t.token_id != token_id)
+            if len(left) == len(self.token_table.tokens):
+                raise TokenNotFoundError(f"no token {token_id!r}")
+            self._index += 1
+            self.token_table = TokenTable(True, left, self._index)
+            return TokenRevokeResult(token_id, self._index)
+
+    def tokens(self, consistency: Consistency, timeout_s: float) -> list[TokenInfo]:
+        with self._lock:
+            self._enter(Call("tokens", timeout_s=timeout_s, consistency=consistency))
+            return [TokenInfo(t.token_id, t.role, t.prefixes, t.created_index)
+                    for t in self.token_table.tokens]
 
     def backup(self, consistency: Consistency, timeout_s: float) -> Backup:
         """The sorted items as JSON, in chunks of 7 bytes (a stand-in for a snapshot)."""

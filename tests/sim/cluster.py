@@ -96,7 +96,7 @@ BOOTSTRAP_TERM = 1
 
 def bootstrap_log(members: Sequence[NodeId]) -> tuple[HardState, list[Entry]]:
     """What every initial member has on disk before its first start, as the runtime writes it
-    (raftkv.runtime.startup.write_bootstrap_log): one committed ADD_VOTER entry per member, in
+    (raftkv.runtime.boot.bootstrap_entries): one committed ADD_VOTER entry per member, in
     term 1. A node that joins later starts empty and learns the members from the log."""
     entries = [
         Entry(i, BOOTSTRAP_TERM, EntryKind.CONF_CHANGE, change=ConfChange(ConfChangeOp.ADD_VOTER,

@@ -85,7 +85,7 @@ def test_boot_refuses_a_node_with_neither_a_snapshot_nor_the_initial_membership(
     which load_boot_state turned into an empty configuration. Replaying the leader's log on top
     of it, n4 computed voters = {n4} after its own ADD_VOTER and elected itself alone. Every
     node must boot on the same configuration at index 0 (the runtime: an empty one, plus a
-    bootstrap log of ADD_VOTER entries, see server._write_bootstrap_log); load_boot_state no
+    bootstrap log of ADD_VOTER entries, see runtime.boot.bootstrap_entries); load_boot_state no
     longer guesses one."""
     with pytest.raises(ValueError, match="initial membership"):
         load_boot_state(MemoryRaftStorage(), MemorySnapshotStore(), None)

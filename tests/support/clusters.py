@@ -15,11 +15,12 @@ from raftkv.localcluster import FAST_TIMING, LocalCluster
 @contextmanager
 def running_cluster(base_dir: Path, n: int = 3, request: pytest.FixtureRequest | None = None,
                     *, env: Mapping[str, str] | None = None, ready: bool = True,
-                    timeout_s: float = 20.0) -> Iterator[LocalCluster]:
+                    timeout_s: float = 20.0,
+                    root_token: str | None = None) -> Iterator[LocalCluster]:
     """`env` goes over FAST_TIMING; `ready`: wait until every node answers /ready (it has a
     leader and applied its commit), else only for a leader; `request`: the test's, whose
-    failure prints the logs."""
-    c = LocalCluster(base_dir, n, env={**FAST_TIMING, **(env or {})})
+    failure prints the logs; `root_token`: bootstrap with auth."""
+    c = LocalCluster(base_dir, n, env={**FAST_TIMING, **(env or {})}, root_token=root_token)
     try:
         c.start_all()
         c.wait_for_leader(timeout_s=timeout_s)

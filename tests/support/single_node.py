@@ -23,9 +23,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from raftkv import tokens as token_requests
+from raftkv.auth import Authorizer, Role, token_digest
 from raftkv.core.types import Entry, EntryKind
 from raftkv.http import create_app, serve
 from raftkv.kv.commands import (
+    AuthEnable,
     Batch,
     Command,
     Delete,
@@ -72,6 +75,9 @@ from raftkv.service import (
     OutcomeUnknownError,
     Readiness,
     ReadResult,
+    TokenCreateResult,
+    TokenInfo,
+    TokenRevokeResult,
     WatchResult,
     WriteResult,
 )
@@ -88,9 +94,11 @@ class SingleNodeService:
     """Thread-safe: one lock around the state, as the runtime's one Raft thread would be.
 
     `outcome_unknown_puts`: the next that many puts are applied but answered
-    OutcomeUnknownError (as when the commit is not seen in time)."""
+    OutcomeUnknownError (as when the commit is not seen in time). `root_token`: auth on, as a
+    cluster bootstrapped with that root token (its AuthEnable is the first entry)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 root_token: str | None = None) -> None:
         self.clock = clock
         self.sm = KVStateMachine()
         self.expiry = LeaseExpiry()
@@ -98,6 +106,8 @@ class SingleNodeService:
         self.outcome_unknown_puts = 0
         self.revoked_for_expiry: list[int] = []
         self._lock = threading.Lock()
+        if root_token is not None:
+            self._apply(encode_command(AuthEnable(token_digest(root_token))))
         self._apply(b"")  # the leader's no-op: the first entry of its term
         self.expiry.became_leader(self.sm.lease_ttls, clock())
 
@@ -232,6 +242,27 @@ class SingleNodeService:
             now = self.clock()
             return [LeaseInfo(r.lease_id, r.ttl_s, self.expiry.remaining(r.lease_id, now) or 0.0,
                               (), r.key_count) for r in self.sm.leases(limit)]
+
+    # ------------------------------------------------------------------ tokens
+    def authorizer(self) -> Authorizer:
+        return Authorizer(self.sm.token_table)
+
+    def token_create(self, role: Role, prefixes: tuple[str, ...], *,
+                     request_id: str | None = None, timeout_s: float) -> TokenCreateResult:
+        cmd, secret = token_requests.create_command(self.sm.token_table, role, prefixes)
+        answer = token_requests.created(self._write(lambda: cmd, request_id), cmd, secret)
+        assert answer is not None
+        return answer
+
+    def token_revoke(self, token_id: str, *, request_id: str | None = None,
+                     timeout_s: float) -> TokenRevokeResult:
+        cmd = token_requests.revoke_command(self.sm.token_table, token_id)
+        answer = token_requests.revoked(self._write(lambda: cmd, request_id))
+        assert answer is not None
+        return answer
+
+    def tokens(self, consistency: Consistency, timeout_s: float) -> list[TokenInfo]:
+        return token_requests.token_infos(self.sm.token_table)
 
     # ------------------------------------------------------------------ the node
     def backup(self, consistency: Consistency, timeout_s: float) -> Backup:

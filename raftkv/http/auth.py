@@ -1,0 +1,158 @@
+"""Who may call what: ONE table of (route, method) -> what the request needs, and the Falcon
+middleware that checks it before any resource runs.
+
+With auth off (a cluster bootstrapped without a root token: `service.authorizer().enabled` is
+False) nothing is checked. With auth on, every request but the OPEN ones carries
+`Authorization: Bearer <token>`; no token or an unknown one is 401 `unauthenticated` (with
+`WWW-Authenticate: Bearer`), a token whose role or key prefixes do not allow the request is 403
+`forbidden`. Both go through the app's one error table. The token is never logged or echoed.
+
+The check needs only the service's Authorizer, a local copy of the token table: an HTTP worker
+answers it without asking the Raft process. A route missing from the table needs admin (fail
+closed); tests/http/test_auth.py checks that every responder of the app is in it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, Final
+
+import falcon
+
+from raftkv.auth import Principal, parse_bearer
+from raftkv.service import ForbiddenError, KVService, UnauthenticatedError
+
+__all__ = ["PERMISSIONS", "AuthMiddleware", "Need", "authorize_keys", "principal_of"]
+
+
+class Need(enum.Enum):
+    OPEN = "open"
+    """No token: liveness and readiness probes."""
+    ANY_ROLE = "any role"
+    """Any valid token."""
+    SCRAPE = "any role, or open with --metrics-open"
+    READ_KEY = "read on the key"
+    """The `key` in the path (plain reads and watches)."""
+    LIST = "read on the prefix"
+    """`?prefix=`: it must start with one of the token's prefixes (all keys: none)."""
+    WRITE_KEY = "write on the key"
+    WRITE_KEYS = "write on every key of the body"
+    """Checked by the resource once it has parsed the body (authorize_keys): /batch."""
+    WRITE_SOME = "a write role"
+    """Not about one key: granting, keeping alive and reading leases."""
+    WRITE_ALL = "write on every key"
+    """Revoking a lease deletes whatever keys are attached to it, whoever attached them."""
+    ADMIN = "admin"
+
+
+PERMISSIONS: Final[Mapping[tuple[str, str], Need]] = MappingProxyType({
+    ("/health", "GET"): Need.OPEN,
+    ("/ready", "GET"): Need.OPEN,
+    ("/metrics", "GET"): Need.SCRAPE,
+    ("/status", "GET"): Need.SCRAPE,
+    ("/cluster", "GET"): Need.ANY_ROLE,  # what /status shows already
+    ("/keys", "GET"): Need.LIST,
+    ("/keys/{key:path}", "GET"): Need.READ_KEY,
+    ("/keys/{key:path}", "PUT"): Need.WRITE_KEY,
+    ("/keys/{key:path}", "POST"): Need.WRITE_KEY,
+    ("/keys/{key:path}", "DELETE"): Need.WRITE_KEY,
+    ("/batch", "POST"): Need.WRITE_KEYS,
+    ("/leases", "POST"): Need.WRITE_SOME,
+    ("/leases", "GET"): Need.WRITE_SOME,
+    ("/leases/{lease_id}", "GET"): Need.WRITE_SOME,
+    ("/leases/{lease_id}", "DELETE"): Need.WRITE_ALL,
+    ("/leases/{lease_id}/keepalive", "POST"): Need.WRITE_SOME,
+    ("/snapshot", "GET"): Need.ADMIN,
+    ("/cluster/join", "POST"): Need.ADMIN,
+    ("/cluster/members/{member_id}", "DELETE"): Need.ADMIN,
+    ("/cluster/leader", "POST"): Need.ADMIN,
+    ("/auth/tokens", "GET"): Need.ADMIN,
+    ("/auth/tokens", "POST"): Need.ADMIN,
+    ("/auth/tokens/{token_id}", "DELETE"): Need.ADMIN,
+})
+"""(route template, method) -> what the request needs. Anything else needs ADMIN."""
+
+
+def principal_of(req: falcon.Request) -> Principal | None:
+    """Who the request acts for; None when auth is off or the route is open."""
+    principal: Principal | None = getattr(req.context, "principal", None)
+    return principal
+
+
+def authorize_keys(req: falcon.Request, keys: Iterable[str]) -> None:
+    """For WRITE_KEYS routes: ForbiddenError unless the caller may write every key."""
+    principal = principal_of(req)
+    if principal is None:
+        return
+    for key in keys:
+        if not principal.may_write(key):
+            raise ForbiddenError(f"token {principal.token_id} ({principal.role.value}) may not "
+                                 f"write the key {key[:200]!r}")
+
+
+class AuthMiddleware:
+    """Checks PERMISSIONS once the route is known (process_resource)."""
+
+    def __init__(self, service: KVService, *, metrics_open: bool = False) -> None:
+        self._service = service
+        self._metrics_open = metrics_open
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
+                         params: dict[str, Any]) -> None:
+        req.context.principal = None
+        if resource is None:
+            return  # no route: Falcon answers 404, nothing to protect
+        authorizer = self._service.authorizer()
+        if not authorizer.enabled:
+            return
+        need = PERMISSIONS.get((req.uri_template or "", req.method), Need.ADMIN)
+        if need is Need.OPEN or (need is Need.SCRAPE and self._metrics_open):
+            return
+        principal = authorizer.authenticate(parse_bearer(req.get_header("Authorization")))
+        if principal is None:
+            raise UnauthenticatedError(
+                "this cluster requires a token: send 'Authorization: Bearer <token>' with a "
+                "valid, unrevoked token")
+        req.context.principal = principal
+        if not _allows(need, principal, req, params):
+            raise ForbiddenError(f"token {principal.token_id} ({principal.role.value}"
+                                 f"{_limited(principal)}) may not {_what(need, req, params)}: "
+                                 f"it needs {need.value}")
+
+
+def _allows(need: Need, principal: Principal, req: falcon.Request,
+            params: Mapping[str, Any]) -> bool:
+    if principal.is_admin or need in (Need.ANY_ROLE, Need.SCRAPE):
+        return True
+    if need is Need.READ_KEY:
+        return principal.may_read(str(params.get("key", "")))
+    if need is Need.WRITE_KEY:
+        return principal.may_write(str(params.get("key", "")))
+    if need is Need.LIST:
+        prefix = req.params.get("prefix")
+        return principal.may_list(prefix if isinstance(prefix, str) else "")
+    if need in (Need.WRITE_KEYS, Need.WRITE_SOME):
+        return principal.may_write_some
+    if need is Need.WRITE_ALL:
+        return principal.may_write_all
+    return False  # ADMIN
+
+
+def _what(need: Need, req: falcon.Request, params: Mapping[str, Any]) -> str:
+    if need in (Need.READ_KEY, Need.WRITE_KEY):
+        verb = "read" if need is Need.READ_KEY else "write"
+        return f"{verb} the key {str(params.get('key', ''))[:200]!r}"
+    if need is Need.LIST:
+        prefix = req.params.get("prefix")
+        return f"list the keys starting with {prefix[:200]!r}" if isinstance(
+            prefix, str) and prefix else "list every key"
+    return f"{req.method} {req.uri_template}"
+
+
+def _limited(principal: Principal) -> str:
+    if not principal.prefixes:
+        return ""
+    shown = ", ".join(repr(p[:100]) for p in principal.prefixes[:5])
+    return f" on {shown}{', ...' if len(principal.prefixes) > 5 else ''}"
