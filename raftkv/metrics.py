@@ -21,6 +21,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from raftkv.kv.state_machine import LeaseGrantResult, LeaseRevokeResult, PutResult
+
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 FAST_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -104,30 +106,97 @@ def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str,
     return out
 
 
+class Tally:
+    """A histogram for one thread's hot path: plain counts, no lock (prometheus-client's
+    take a lock per observation). Rendered by NodeMetrics' collector."""
+
+    __slots__ = ("bounds", "count", "counts", "help", "name", "total")
+
+    def __init__(self, name: str, help_text: str, bounds: tuple[float, ...]) -> None:
+        self.name = name
+        self.help = help_text
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def family(self) -> HistogramMetricFamily:
+        h = HistogramMetricFamily(self.name, self.help)
+        h.add_metric([], _cumulative(self.bounds, self.counts), self.total)
+        return h
+
+
+class Tick:
+    """A counter for one thread's hot path (no lock)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class _HotCollector(Collector):
+    """NodeMetrics' lock-free tallies and ticks, at scrape time."""
+
+    def __init__(self, metrics: NodeMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> list[Any]:
+        m = self._m
+        out: list[Any] = [t.family() for t in m.tallies]
+        for name, help_text, label, ticks in m.tick_families:
+            family = CounterMetricFamily(name, help_text, labels=[label] if label else None)
+            for value, tick in ticks.items():
+                family.add_metric([value] if label else [], float(tick.value))
+            out.append(family)
+        return out
+
+
 class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.leader_changes = Counter("raftkv_leader_changes_total",
-                                      "Times this node saw the leader change", registry=r)
-        proposals = Counter("raftkv_proposals_total", "Client writes by outcome",
-                            ["outcome"], registry=r)
-        self.proposals_committed = proposals.labels("committed")
-        self.proposals_rejected = proposals.labels("rejected")
-        self.proposals_dropped = proposals.labels("dropped")
-        self.proposals_unknown = proposals.labels("unknown")
-        self.fsync_seconds = Histogram("raftkv_fsync_seconds",
-                                       "Time of one synced save of a Ready",
-                                       buckets=FAST_BUCKETS_S, registry=r)
-        self.batch_entries = Histogram("raftkv_persist_batch_entries",
-                                       "Log entries saved per synced save (group commit)",
-                                       buckets=BATCH_BUCKETS, registry=r)
-        self.apply_seconds = Histogram("raftkv_apply_seconds",
-                                       "Time to apply the committed entries of one Ready",
-                                       buckets=FAST_BUCKETS_S, registry=r)
-        self.channel_batch = Histogram("raftkv_channel_batch_requests",
-                                       "Requests per frame read from the HTTP workers",
-                                       buckets=BATCH_BUCKETS, registry=r)
+        self.leader_changes = Tick()
+        self.proposals_committed = Tick()
+        self.proposals_rejected = Tick()
+        self.proposals_dropped = Tick()
+        self.proposals_unknown = Tick()
+        self.leases_granted = Tick()
+        self.leases_revoked = Tick()
+        self.leases_expired = Tick()
+        self.fsync_seconds = Tally("raftkv_fsync_seconds",
+                                   "Time of one synced save of a Ready", FAST_BUCKETS_S)
+        self.batch_entries = Tally("raftkv_persist_batch_entries",
+                                   "Log entries saved per synced save (group commit)",
+                                   BATCH_BUCKETS)
+        self.apply_seconds = Tally("raftkv_apply_seconds",
+                                   "Time to apply the committed entries of one Ready",
+                                   FAST_BUCKETS_S)
+        self.channel_batch = Tally("raftkv_channel_batch_requests",
+                                   "Requests per frame read from the HTTP workers",
+                                   BATCH_BUCKETS)
+        self.tallies = (self.fsync_seconds, self.batch_entries, self.apply_seconds,
+                        self.channel_batch)
+        self.tick_families: tuple[tuple[str, str, str, dict[str, Tick]], ...] = (
+            ("raftkv_leader_changes", "Times this node saw the leader change", "",
+             {"": self.leader_changes}),
+            ("raftkv_proposals", "Client writes by outcome", "outcome",
+             {"committed": self.proposals_committed, "rejected": self.proposals_rejected,
+              "dropped": self.proposals_dropped, "unknown": self.proposals_unknown}),
+            ("raftkv_leases", "Leases granted, revoked by a client, expired", "event",
+             {"granted": self.leases_granted, "revoked": self.leases_revoked,
+              "expired": self.leases_expired}),
+        )
+        r.register(_HotCollector(self))
+        # Off the hot path (the snapshot writer thread, worker restarts): prometheus-client.
         self.snapshot_seconds = Histogram("raftkv_snapshot_seconds",
                                           "Time to serialise and save a snapshot",
                                           buckets=_SLOW_BUCKETS_S, registry=r)
@@ -135,11 +204,6 @@ class NodeMetrics:
                                     registry=r)
         self.snapshots = Counter("raftkv_snapshots_total", "Snapshots taken or installed",
                                  ["kind"], registry=r)
-        leases = Counter("raftkv_leases_total", "Leases granted, revoked by a client, expired",
-                         ["event"], registry=r)
-        self.leases_granted = leases.labels("granted")
-        self.leases_revoked = leases.labels("revoked")
-        self.leases_expired = leases.labels("expired")
         self.worker_restarts = Counter("raftkv_worker_restarts_total",
                                        "HTTP worker processes restarted after they died",
                                        registry=r)
@@ -153,14 +217,13 @@ class NodeMetrics:
     def note_lease_result(self, result: object, index: int) -> None:
         """Count lease grants and revokes among applied results (replayed answers, whose
         index is not the entry's, are not counted again)."""
-        from raftkv.kv.state_machine import LeaseGrantResult, LeaseRevokeResult, PutResult
-
-        if getattr(result, "index", None) != index:
-            return
-        if isinstance(result, LeaseGrantResult) or (
-                isinstance(result, PutResult) and result.ttl_s is not None):
-            self.leases_granted.inc()
-        elif isinstance(result, LeaseRevokeResult):
+        if isinstance(result, PutResult):
+            if result.ttl_s is not None and result.index == index:
+                self.leases_granted.inc()
+        elif isinstance(result, LeaseGrantResult):
+            if result.index == index:
+                self.leases_granted.inc()
+        elif isinstance(result, LeaseRevokeResult) and result.index == index:
             (self.leases_expired if result.expired else self.leases_revoked).inc()
 
     def render(self) -> bytes:

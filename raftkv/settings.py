@@ -111,6 +111,10 @@ class Settings:
     max_map_size_mb: int = field(default=16384, metadata=_meta(
         "RAFTKV_MAX_MAP_SIZE_MB", "--max-map-size-mb",
         "LMDB map size cap (MiB): writes stop with 507 beyond it", kind=int))
+    persist_defer_us: int = field(default=1500, metadata=_meta(
+        "RAFTKV_PERSIST_DEFER_US", "--persist-defer-us",
+        "how long a leader's fsync may wait for the acks of its previous batch (0: never)",
+        kind=int))
     http_workers: int = field(default=0, metadata=_meta(
         "RAFTKV_HTTP_WORKERS", "--http-workers",
         "HTTP worker processes (0: one per CPU)", kind=int))
@@ -161,6 +165,8 @@ class Settings:
                                 "RAFTKV_SNAPSHOT_TRAILING >= 0")
         if not 1 <= self.map_size_mb <= self.max_map_size_mb:
             raise SettingsError("need 1 <= RAFTKV_MAP_SIZE_MB <= RAFTKV_MAX_MAP_SIZE_MB")
+        if not 0 <= self.persist_defer_us <= 100_000:
+            raise SettingsError("RAFTKV_PERSIST_DEFER_US must be 0..100000 (microseconds)")
         if not 0 <= self.http_workers <= 64:
             raise SettingsError("RAFTKV_HTTP_WORKERS must be 0..64 (0: one per CPU)")
         if self.request_timeout_ms < 1:

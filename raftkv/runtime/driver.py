@@ -157,6 +157,8 @@ class RaftDriver:
         post: Callable[[Callable[[], None]], None],
         clock: Callable[[], float] = time.monotonic,
         boot_commit: int = 0,
+        wake_at: Callable[[float], object] | None = None,
+        persist_defer_s: float = 0.0,
     ) -> None:
         """`post` runs a callback on the loop thread from another thread (the snapshot
         writer). `boot_commit`: membership changes up to this index were logged before."""
@@ -169,6 +171,11 @@ class RaftDriver:
         self._rng = rng
         self._post = post
         self._clock = clock
+        self._wake_at: Callable[[float], object] = wake_at or (lambda _when: None)
+        self.persist_defer_s = persist_defer_s
+        """How long the leader's next fsync may wait for acks (0: never); see
+        _defer_persist."""
+        self._defer_started = 0.0
         self._policy = snapshot_policy
         self._boot_commit = boot_commit
         self._addresses: dict[str, str] = dict(addresses)
@@ -407,12 +414,37 @@ class RaftDriver:
 
     def process(self) -> None:
         """Handle every Ready (end of the loop turn)."""
-        if self.fatal is not None:
+        if self.fatal is not None or self._defer_persist():
             return
         try:
             self._handle_readies()
         except StorageError as e:
             self.die(f"storage failure: {e}")
+
+    def _defer_persist(self) -> bool:
+        """Should the leader's next fsync wait for the acks of what it saved already?
+
+        The loop is one thread: while it fsyncs it reads nothing. The followers' acks for the
+        previous batch arrive about one fsync after it was sent; a new fsync started just
+        before they arrive holds them (and so the commit of that batch, and its answers) for
+        a whole fsync more. So the leader waits, at most `persist_defer_s`, while entries it
+        saved are not committed yet, then saves the new ones (with more writes in the batch
+        meanwhile) and applies the committed ones in the same Ready."""
+        core = self.core
+        log = core.log
+        if (core.role is not Role.LEADER or log.commit >= log.stable_index
+                or log.unstable_from > log.last_index() or self.persist_defer_s <= 0):
+            self._defer_started = 0.0
+            return False
+        now = self._clock()
+        if not self._defer_started:
+            self._defer_started = now
+            self._wake_at(now + self.persist_defer_s)
+            return True
+        if now - self._defer_started < self.persist_defer_s:
+            return True
+        self._defer_started = 0.0
+        return False
 
     def _handle_readies(self) -> None:
         core = self.core

@@ -131,9 +131,12 @@ class RaftProcess:
             frames=self.transport, addresses=s.peer_map,
             snapshot_policy=SnapshotPolicy(s.snapshot_entries, s.snapshot_trailing), rng=rng,
             metrics=self.metrics, post=loop.call_soon_threadsafe,
-            boot_commit=state.boot.hard_state.commit)
+            boot_commit=state.boot.hard_state.commit,
+            wake_at=lambda when: loop.call_at(when, _nothing),
+            persist_defer_s=s.persist_defer_us / 1e6)
         self.forwarder = Forwarder(driver, self.transport, rng)
         driver.forwarder = self.forwarder
+        driver.handler.before_persist = self._flush_outputs
         self.handler = RequestHandler(
             driver=driver, loop=loop,
             info=NodeInfo(s.node_id, s.http_advertise_addr, Path(s.data_dir), self.token),
@@ -192,10 +195,15 @@ class RaftProcess:
 
     def _end_of_turn(self) -> bool:
         self.driver.process()
+        self._flush_outputs()
+        return False
+
+    def _flush_outputs(self) -> None:
+        """Forwards, forward results, peer frames and worker replies: at the end of every
+        turn, and before every fsync (answers to applied writes do not wait for it)."""
         self.forwarder.flush()
         self.transport.flush()
         self.workers.flush()
-        return False
 
     def _deliver(self, peer: str, frames: list[tuple[int, bytes]]) -> None:
         driver = self.driver
@@ -359,6 +367,10 @@ class RaftProcess:
         self.state.snapshots.close()
         self.loop.close()
         log.info("event=node_stopped node=%s", self.settings.node_id)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _http_json(url: str, body: bytes | None, timeout_s: float,

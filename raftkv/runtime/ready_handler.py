@@ -1,8 +1,15 @@
 """How a Ready is handled: written once, used by the real runtime and by the simulator.
 
-    begin(rd)    send the messages that may leave before the persist
+    begin(rd)    send the messages that may leave before the persist; apply the committed
+                 entries (they are on this node's disk already: a Ready's committed entries
+                 never include its own new entries) and release the reads they satisfy
     persist(rd)  snapshot, then entries + hard state in one synced transaction
-    finish(rd)   restore / apply committed entries, release reads, then advance()
+    finish(rd)   install a snapshot (then apply what the Ready committed after it), then
+                 advance()
+
+Applying before the persist lets the answers to committed writes leave before the node
+blocks on its next fsync. A Ready that installs a snapshot applies after the persist: the
+state machine is replaced by what was just saved.
 
 The runtime calls the three in a row on its loop thread; the simulator lets virtual time
 pass between persist() starting and finishing, and a crash in between loses the Ready.
@@ -55,28 +62,29 @@ class ReadyHandler:
         self._on_persist_timed = on_persist_timed
         self._on_apply_timed = on_apply_timed
         self._waiting_reads: list[tuple[int, int]] = []  # heap of (index, request_id)
+        self.before_persist: Callable[[], None] | None = None
+        """Runs between begin and persist in handle() (the runtime sends its answers)."""
         self._unsynced_hard_state: HardState | None = None
 
     def handle(self, rd: Ready) -> None:
         """The whole cycle, for a driver whose persist is synchronous (the runtime), timed
-        for the optional timers."""
+        for the optional timers; `before_persist` runs between begin and persist."""
         self.begin(rd)
+        if self.before_persist is not None:
+            self.before_persist()
         if rd.must_sync and self._on_persist_timed is not None:
             started = time.perf_counter()
             self.persist(rd)
             self._on_persist_timed(time.perf_counter() - started, len(rd.entries))
         else:
             self.persist(rd)
-        if rd.committed_entries and self._on_apply_timed is not None:
-            started = time.perf_counter()
-            self.finish(rd)
-            self._on_apply_timed(time.perf_counter() - started)
-        else:
-            self.finish(rd)
+        self.finish(rd)
 
     def begin(self, rd: Ready) -> None:
         if rd.messages:
             self.transport.send(rd.messages)
+        if rd.snapshot is None:
+            self._apply(rd)
 
     def persist(self, rd: Ready) -> None:
         if rd.snapshot is not None:
@@ -97,18 +105,25 @@ class ReadyHandler:
             self._unsynced_hard_state = rd.hard_state
 
     def finish(self, rd: Ready) -> None:
-        sm = self.state_machine
         if rd.snapshot is not None:
-            sm.restore(rd.snapshot.data, rd.snapshot.meta.index)
-        for entry in rd.committed_entries:
-            result = sm.apply(entry)
-            self._on_applied(entry, result)
+            self.state_machine.restore(rd.snapshot.data, rd.snapshot.meta.index)
+            self._apply(rd)
+        self.node.advance(rd)
+
+    def _apply(self, rd: Ready) -> None:
+        if rd.committed_entries:
+            sm = self.state_machine
+            on_applied = self._on_applied
+            started = time.perf_counter() if self._on_apply_timed is not None else 0.0
+            for entry in rd.committed_entries:
+                on_applied(entry, sm.apply(entry))
+            if self._on_apply_timed is not None:
+                self._on_apply_timed(time.perf_counter() - started)
         for rs in rd.read_states:
             self._wait_read(rs)
         for rid in rd.failed_reads:
             self._on_read_failed(rid)
         self._release_reads()
-        self.node.advance(rd)
 
     def _wait_read(self, rs: ReadState) -> None:
         heapq.heappush(self._waiting_reads, (rs.index, rs.request_id))
