@@ -335,7 +335,7 @@ class KVStateMachine:
         if not entry.data:
             return None  # the leader's no-op
         try:
-            cmd, request_id = decode_command(entry.data)
+            cmd, request_id = decode_command(entry.data, logged=True)
         except CommandDecodeError as e:
             logger.warning("event=kv_invalid_command index=%d reason=%s", index, e)
             return InvalidCommand(index, str(e))

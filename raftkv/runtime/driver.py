@@ -14,7 +14,6 @@ had no effect: when its fate is unknown it fails with OutcomeUnknownError.
 
 from __future__ import annotations
 
-import collections
 import logging
 import random
 import threading
@@ -49,8 +48,10 @@ from raftkv.kv.leases import LeaseExpiry, NotLeaseLeader
 from raftkv.kv.state_machine import (
     AuthEnabled,
     AuthRefused,
+    DeleteResult,
     KVSnapshotView,
     KVStateMachine,
+    PutResult,
     TokenCreated,
     TokenRevoked,
     serialize_snapshot,
@@ -190,8 +191,8 @@ class RaftDriver:
             on_read=self._on_read, on_read_failed=self._on_read_failed,
             on_persist_timed=self._persist_timed, on_apply_timed=self._apply_timed)
         self._proposals: dict[int, _Pending] = {}
-        self._recent: collections.OrderedDict[int, tuple[Entry, object]] = (
-            collections.OrderedDict())
+        self._recent: list[tuple[Entry, object] | None] = [None] * RECENT_RESULTS
+        """The last RECENT_RESULTS applied entries and their results, by index modulo."""
         self._reads: dict[int, tuple[float, Completion]] = {}
         self._next_read_id = 1
         self._soft = SoftState(core.role, core.leader, core.term)
@@ -304,8 +305,9 @@ class RaftDriver:
         when this node applies it, if the entry there holds `expect`."""
         self.core.learn_commit(index, term)
         if index <= self.sm.applied_index:
-            got = self._recent.get(index)
-            if got is not None and got[0].term == term and holds(got[0], expect):
+            got = self._recent[index % RECENT_RESULTS]
+            if (got is not None and got[0].index == index and got[0].term == term
+                    and holds(got[0], expect)):
                 done.ok(got[1])
             else:
                 done.fail(OutcomeUnknownError("the write's outcome is unknown"))
@@ -490,40 +492,45 @@ class RaftDriver:
         self.metrics.apply_seconds.observe(seconds)
 
     def _on_applied(self, entry: Entry, result: object) -> None:
-        pending = self._proposals.pop(entry.index, None)
-        if pending is not None:
-            if pending.term == entry.term and holds(entry, pending.expect):
-                pending.done.ok(result)
-                self.metrics.proposals_committed.inc()
-            elif pending.term == entry.term:
-                # Never hand a client another write's answer (a mix-up of forwarded ids).
-                log.error("event=forward_mismatch node=%s index=%d", self.core.id, entry.index)
-                pending.done.fail(OutcomeUnknownError("the write's outcome is unknown"))
-            else:
-                pending.done.fail(NoLeaderError("the write was overwritten by a new leader; "
-                                                "retry"))
-                self.metrics.proposals_dropped.inc()
-        if self.watches.wants(result, entry.index):
-            self.watches.applied(entry.index, entry.data, result, self.sm.get)
-        self.leases.applied(result, entry.index, self._clock())
-        self.metrics.note_lease_result(result, entry.index)
-        if (entry.term == self.core.term and self._lease_term != entry.term
-                and self.core.role is Role.LEADER):
+        index = entry.index
+        if self._proposals:
+            pending = self._proposals.pop(index, None)
+            if pending is not None:
+                self._answer(entry, pending, result)
+        if self.watches.wants(result, index):
+            self.watches.applied(index, entry.data, result, self.sm.get)
+        kind = type(result)
+        if kind is not DeleteResult and (kind is not PutResult
+                                         or result.ttl_s is not None):  # type: ignore[attr-defined]
+            # Not a plain put or delete: a lease, an auth change, a batch, a no-op...
+            self.leases.applied(result, index, self._clock())
+            self.metrics.note_lease_result(result, index)
+            if isinstance(result, AUTH_RESULTS):
+                self._state_changed()  # the token table changed: workers must see it now
+        if self._lease_term != entry.term and entry.term == self.core.term and (
+                self.core.role is Role.LEADER):
             # The leader applied the first entry of its term: it knows every lease now.
             self.leases.became_leader(self.sm.lease_ttls, self._clock())
             self._lease_term = entry.term
-        if isinstance(result, AUTH_RESULTS):
-            self._state_changed()  # the token table changed: workers must see it now
-        recent = self._recent
-        recent[entry.index] = (entry, result)
-        if len(recent) > RECENT_RESULTS:
-            recent.popitem(last=False)
-        if entry.kind is EntryKind.CONF_CHANGE and entry.change is not None:
+        self._recent[index % RECENT_RESULTS] = (entry, result)
+        if entry.change is not None:
             self._note_address(entry.change)
-            log.log(logging.INFO if entry.index > self._boot_commit else logging.DEBUG,
+            log.log(logging.INFO if index > self._boot_commit else logging.DEBUG,
                     "event=member_%s node=%s member=%s index=%d",
                     "removed" if entry.change.op is ConfChangeOp.REMOVE else "added",
-                    self.core.id, entry.change.node_id, entry.index)
+                    self.core.id, entry.change.node_id, index)
+
+    def _answer(self, entry: Entry, pending: _Pending, result: object) -> None:
+        if pending.term == entry.term and holds(entry, pending.expect):
+            pending.done.ok(result)
+            self.metrics.proposals_committed.inc()
+        elif pending.term == entry.term:
+            # Never hand a client another write's answer (a mix-up of forwarded ids).
+            log.error("event=forward_mismatch node=%s index=%d", self.core.id, entry.index)
+            pending.done.fail(OutcomeUnknownError("the write's outcome is unknown"))
+        else:
+            pending.done.fail(NoLeaderError("the write was overwritten by a new leader; retry"))
+            self.metrics.proposals_dropped.inc()
 
     # ------------------------------------------------------------------ leases
     def _expire_leases(self) -> None:

@@ -70,7 +70,7 @@ class ReadyHandler:
         """The whole cycle, for a driver whose persist is synchronous (the runtime), timed
         for the optional timers; `before_persist` runs between begin and persist."""
         self.begin(rd)
-        if self.before_persist is not None:
+        if self.before_persist is not None and rd.must_sync:
             self.before_persist()
         if rd.must_sync and self._on_persist_timed is not None:
             started = time.perf_counter()

@@ -170,7 +170,7 @@ class WatchRegistry:
             self._changed(result.keys, frozenset(result.keys), index, lookup)
             return
         try:
-            cmd, _ = decode_command(data)
+            cmd, _ = decode_command(data, logged=True)
         except CommandDecodeError:
             return  # the state machine applied it, so it decoded there; nothing to do
         if isinstance(cmd, Batch):

@@ -75,6 +75,10 @@ class WorkerChannel:
         self._replies.append([rid, 1, [error.code, error.message, error.details()]])
 
     # ------------------------------------------------------------------ the rest
+    @property
+    def has_output(self) -> bool:
+        return bool(self._replies) or self.conn.out_bytes > 0
+
     def push(self, view: dict[str, object]) -> None:
         self.conn.send_frame(FrameKind.WORKER_PUSH, codec.pack_value(view))
         self.conn.flush()
@@ -153,8 +157,9 @@ class WorkerSupervisor:
     def flush(self) -> bool:
         """End-of-turn hook: every channel's replies."""
         for worker in self._workers:
-            if worker.channel is not None:
-                worker.channel.flush()
+            channel = worker.channel
+            if channel is not None and channel.has_output:
+                channel.flush()
         return False
 
     def push(self) -> None:

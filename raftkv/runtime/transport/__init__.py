@@ -80,6 +80,8 @@ class PeerTransport:
         self._deliver = deliver
         self._on_peer_state = on_peer_state
         self._links: dict[str, OutboundLink] = {}
+        self._dirty: set[OutboundLink] = set()
+        """Links with frames queued since the last flush."""
         self._http_addresses: dict[str, str] = {}
         self._refusals = RateLimitedLog()
         self._listener = Listener(self, loop, listen_sock)
@@ -146,12 +148,15 @@ class PeerTransport:
         link = self._links.get(to)
         if link is None:
             return False
+        self._dirty.add(link)
         return link.send(kind, payload)
 
     def flush(self) -> None:
         """Write what was queued (each peer's frames in one write where the socket allows)."""
-        for link in self._links.values():
-            link.flush()
+        if self._dirty:
+            dirty, self._dirty = self._dirty, set()
+            for link in dirty:
+                link.flush()
 
     def close(self) -> None:
         if self._closed:
