@@ -23,7 +23,7 @@ import enum
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
@@ -782,8 +782,9 @@ class RequestOp(enum.IntEnum):
     read barrier."""
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
+    """One request of a worker (a named tuple: made per request, so cheap to make)."""
+
     rid: int
     op: RequestOp
     timeout_s: float
@@ -791,8 +792,9 @@ class Request:
     """The op's arguments, checked by decode_requests (types and counts per op)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
+    """One reply to a worker (a named tuple, like Request)."""
+
     rid: int
     ok: bool
     payload: object
@@ -888,14 +890,15 @@ def decode_replies(data: bytes) -> list[Reply]:
     """A WORKER_REPLIES payload (arrays decoded as lists, as the worker hands them on)."""
     _, items = _unpack_lists(data, "replies")
     out: list[Reply] = []
+    append = out.append
     for item in items:
-        if type(item) is not list or len(item) != 3:
+        if type(item) is not list or len(item) != 3 or type(item[0]) is not int:
             raise DecodeError("reply: expected [rid, status, payload]")
-        rid, status, payload = item
+        status = item[1]
         if status == 0:
-            out.append(Reply(_nat(rid, "rid"), True, payload))
+            append(Reply(item[0], True, item[2]))
         elif status == 1:
-            out.append(Reply(_nat(rid, "rid"), False, _error_from_list(payload)))
+            append(Reply(item[0], False, _error_from_list(item[2])))
         else:
             raise DecodeError("reply: unknown status")
     return out

@@ -363,6 +363,8 @@ def _check_key(key: object, where: str = "key") -> str:
 
 
 def _check_value(value: object, where: str = "value") -> object:
+    if type(value) is str and 6 * len(value) + 2 <= MAX_VALUE_BYTES and value.isascii():
+        return value  # even fully escaped, its JSON is under the limit
     try:
         size = len(json.dumps(value, ensure_ascii=False, separators=_SEPARATORS,
                               allow_nan=False).encode("utf-8"))

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
+import waitress.task
+from waitress import utilities as waitress_utilities
 from waitress import wasyncore
 
 from raftkv.http.green import GreenDispatcher
@@ -62,11 +64,18 @@ class ServerHandle:
     def __init__(self, app: Any, sockets: list[socket.socket], *, threads: int = 0,
                  connection_limit: int = 10_000, channel_timeout_s: int = 120,
                  backlog: int = 2048,
-                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> None:
+                 max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+                 dispatcher: GreenDispatcher | None = None,
+                 socket_map: dict[Any, Any] | None = None) -> None:
+        """`dispatcher`, `socket_map`: made beforehand by a caller that registers its own
+        sockets in the loop (an HTTP worker's channel to its Raft process)."""
         # Waitress warns "Task queue depth is N" once per queued request under load.
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-        self._map: dict[Any, Any] = {}
-        self.dispatcher: GreenDispatcher | None = None if threads else GreenDispatcher()
+        self._map: dict[Any, Any] = {} if socket_map is None else socket_map
+        if threads:
+            self.dispatcher: GreenDispatcher | None = None
+        else:
+            self.dispatcher = dispatcher or GreenDispatcher()
         kwargs: dict[str, Any] = {}
         if self.dispatcher is not None:
             kwargs["_dispatcher"] = self.dispatcher
@@ -174,6 +183,21 @@ class ServerHandle:
 
 def _no_trigger(*_args: Any) -> None:
     pass
+
+
+_date_cache: list[Any] = [-1, ""]
+
+
+def _http_date(when: float) -> str:
+    """waitress's Date header, formatted once a second instead of once a request."""
+    second = int(when)
+    if second != _date_cache[0]:
+        _date_cache[1] = waitress_utilities.build_http_date(second)
+        _date_cache[0] = second
+    return str(_date_cache[1])
+
+
+waitress.task.build_http_date = _http_date  # the name waitress.task looks up per response
 
 
 def serve(app: Any, host: str, port: int, *, threads: int = 0, connection_limit: int = 10_000,

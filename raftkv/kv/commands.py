@@ -289,6 +289,8 @@ def check_json_value(value: object) -> None:
     list, and dict with str keys, nested at most MAX_VALUE_DEPTH deep. Messages name the
     offending type, never the value.
     """
+    if type(value) is str and value.isascii():
+        return  # the common case: a plain ASCII string
     stack: list[tuple[object, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()

@@ -25,6 +25,7 @@ from typing import Any, Final
 from raftkv import codec
 from raftkv.codec import FrameKind
 from raftkv.http.app import create_app
+from raftkv.http.green import GreenDispatcher
 from raftkv.http.server import ServerHandle
 from raftkv.metrics import WorkerStats
 from raftkv.worker.channel import ChannelClient
@@ -39,18 +40,16 @@ STATS_INTERVAL_S: Final = 1.0
 class _Metrics:
     """The app's metrics sink: counts here, renders through the Raft process."""
 
-    def __init__(self, stats: WorkerStats) -> None:
+    def __init__(self, stats: WorkerStats, service: RemoteService,
+                 channel: ChannelClient) -> None:
         self.stats = stats
-        self.service: RemoteService | None = None
-        self.channel: ChannelClient | None = None
-
-    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.stats.observe_http(route, method, status, seconds)
+        self.observe_http = stats.observe_http
+        self._service = service
+        self._channel = channel
 
     def render(self) -> bytes:
-        assert self.service is not None and self.channel is not None
-        self.channel.send_frame(FrameKind.WORKER_STATS, codec.pack_value(self.stats.snapshot()))
-        return self.service.render_metrics()
+        self._channel.send_frame(FrameKind.WORKER_STATS, codec.pack_value(self.stats.snapshot()))
+        return self._service.render_metrics()
 
 
 class Worker:
@@ -60,22 +59,17 @@ class Worker:
         channel_sock = socket.socket(fileno=int(config["channel_fd"]))
         self.stats = WorkerStats()
         self.view = NodeView()
-        metrics = _Metrics(self.stats)
-        self._service_slot: list[RemoteService] = []
-        app = create_app(_LateService(self._service_slot),
-                         default_timeout_s=int(config["request_timeout_ms"]) / 1000,
-                         metrics=metrics, metrics_open=bool(config.get("metrics_open")))
-        self.server = ServerHandle(app, [listen])
-        dispatcher = self.server.dispatcher
-        assert dispatcher is not None
-        self.dispatcher = dispatcher
-        self.channel = ChannelClient(channel_sock, dispatcher, self.server.socket_map,
-                                     self.stats, self.view.update, self._on_lost)
+        self.dispatcher = GreenDispatcher()
+        socket_map: dict[Any, Any] = {}
+        self.channel = ChannelClient(channel_sock, self.dispatcher, socket_map, self.stats,
+                                     self.view.update, self._on_lost)
         service = RemoteService(self.channel, self.view)
-        self._service_slot.append(service)
-        metrics.service = service
-        metrics.channel = self.channel
-        dispatcher.after_run.append(self.channel.flush)
+        metrics = _Metrics(self.stats, service, self.channel)
+        app = create_app(service, default_timeout_s=int(config["request_timeout_ms"]) / 1000,
+                         metrics=metrics, metrics_open=bool(config.get("metrics_open")))
+        self.server = ServerHandle(app, [listen], dispatcher=self.dispatcher,
+                                   socket_map=socket_map)
+        self.dispatcher.after_run.append(self.channel.flush)
         self.server.loop_hooks.append(self._housekeeping)
         self._draining_since: float | None = None
         self._next_stats = time.monotonic() + STATS_INTERVAL_S
@@ -102,16 +96,6 @@ class Worker:
         since = self._draining_since
         if since is not None and (self.dispatcher.tasks == 0 or now - since > DRAIN_S):
             self.server.close()
-
-
-class _LateService:
-    """The service, filled in once the channel exists (the app is built first)."""
-
-    def __init__(self, slot: list[RemoteService]) -> None:
-        self._slot = slot
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._slot[0], name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -159,7 +159,7 @@ class ChannelClient(wasyncore.dispatcher):  # type: ignore[misc]
                 if fd is not None:
                     os.close(fd)
                 continue
-            answer = reply if fd is None else Reply(reply.rid, True, reply.payload, fd)
+            answer = reply if fd is None else reply._replace(fd=fd)
             if not dispatcher.resume(entry[0], answer) and fd is not None:
                 os.close(fd)
 
