@@ -46,7 +46,6 @@ def configure_logging(level: str, node_id: str | None = None) -> None:
         format=f"%(asctime)s {prefix}%(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------- serve
