@@ -310,6 +310,24 @@ class LocalCluster:
         env.update(node.env)
         return env
 
+    def use_peer_tls(self, certs_dir: Path, mode: str = "on",
+                     nodes: list[NodeProc] | None = None) -> None:
+        """Give nodes (all by default) their certificate from `certs_dir` (made there with
+        raftkv.certs for every node of the cluster, if it has no CA yet) and the peer TLS
+        `mode` (off, on, migrate-accept, migrate-dial); it applies from their next start."""
+        if not (certs_dir / "ca.pem").exists():
+            from raftkv.certs import init_certs
+
+            init_certs(certs_dir, [n.node_id for n in self.nodes] + [
+                f"n{i}" for i in range(len(self.nodes) + 1, len(self.nodes) + 3)])
+        for node in nodes or self.nodes:
+            node.env.update({
+                "RAFTKV_PEER_TLS": mode,
+                "RAFTKV_PEER_CERT_FILE": str(certs_dir / f"{node.node_id}.pem"),
+                "RAFTKV_PEER_KEY_FILE": str(certs_dir / f"{node.node_id}.key"),
+                "RAFTKV_PEER_TRUSTED_CA_FILE": str(certs_dir / "ca.pem"),
+            })
+
     def _root_token_file(self) -> Path:
         path = self.base_dir / "root.token"
         if not path.exists():

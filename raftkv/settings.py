@@ -111,6 +111,17 @@ class Settings:
     max_map_size_mb: int = field(default=16384, metadata=_meta(
         "RAFTKV_MAX_MAP_SIZE_MB", "--max-map-size-mb",
         "LMDB map size cap (MiB): writes stop with 507 beyond it", kind=int))
+    peer_cert_file: str = field(default="", metadata=_meta(
+        "RAFTKV_PEER_CERT_FILE", "--peer-cert-file",
+        "this node's certificate for the peer port (mutual TLS)"))
+    peer_key_file: str = field(default="", metadata=_meta(
+        "RAFTKV_PEER_KEY_FILE", "--peer-key-file", "the key of --peer-cert-file"))
+    peer_trusted_ca_file: str = field(default="", metadata=_meta(
+        "RAFTKV_PEER_TRUSTED_CA_FILE", "--peer-trusted-ca-file",
+        "the CA that signs every peer's certificate"))
+    peer_tls: str = field(default="", metadata=_meta(
+        "RAFTKV_PEER_TLS", "--peer-tls",
+        "off, on, migrate-accept or migrate-dial (default: on with certificates, else off)"))
     persist_defer_us: int = field(default=1500, metadata=_meta(
         "RAFTKV_PERSIST_DEFER_US", "--persist-defer-us",
         "how long a leader's fsync may wait for the acks of its previous batch (0: never)",
@@ -165,6 +176,16 @@ class Settings:
                                 "RAFTKV_SNAPSHOT_TRAILING >= 0")
         if not 1 <= self.map_size_mb <= self.max_map_size_mb:
             raise SettingsError("need 1 <= RAFTKV_MAP_SIZE_MB <= RAFTKV_MAX_MAP_SIZE_MB")
+        if self.peer_tls and self.peer_tls not in ("off", "on", "migrate-accept",
+                                                   "migrate-dial"):
+            raise SettingsError("RAFTKV_PEER_TLS must be off, on, migrate-accept or "
+                                "migrate-dial")
+        if self.peer_tls_mode != "off" and not (self.peer_cert_file and self.peer_key_file
+                                                and self.peer_trusted_ca_file):
+            raise SettingsError(
+                f"peer TLS ({self.peer_tls_mode}) needs RAFTKV_PEER_CERT_FILE, "
+                "RAFTKV_PEER_KEY_FILE and RAFTKV_PEER_TRUSTED_CA_FILE (make them with "
+                "`raftkv certs init DIR --nodes ...`)")
         if not 0 <= self.persist_defer_us <= 100_000:
             raise SettingsError("RAFTKV_PERSIST_DEFER_US must be 0..100000 (microseconds)")
         if not 0 <= self.http_workers <= 64:
@@ -173,6 +194,13 @@ class Settings:
             raise SettingsError("RAFTKV_REQUEST_TIMEOUT_MS must be >= 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("RAFTKV_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def peer_tls_mode(self) -> str:
+        """The peer TLS mode: as set, else on when a certificate is given, else off."""
+        if self.peer_tls:
+            return self.peer_tls
+        return "on" if self.peer_cert_file else "off"
 
     @property
     def peer_map(self) -> dict[str, str]:

@@ -6,7 +6,9 @@ per turn, so one busy connection cannot starve the others), cut it into frames
 (raftkv.framing) and hand them to `on_frames` in one call. Writing: `send_frame` only queues;
 `flush` writes as much as the socket takes without blocking and asks the loop for
 writability while anything is left. A file descriptor can travel with a frame
-(`send_frame_with_fd`, SCM_RIGHTS on a Unix socket).
+(`send_frame_with_fd`, SCM_RIGHTS on a Unix socket). `start_tls` puts the connection in TLS
+(ssl.SSLObject over memory BIOs: the same non-blocking socket, encrypted): frames queued
+before the TLS handshake finishes are sent once it has.
 
 Any error on the socket, or a FrameError, closes the connection and calls `on_closed` once
 with the reason; nothing raised here reaches the loop.
@@ -18,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -44,7 +47,8 @@ OnClosed = Callable[[str], None]
 
 
 class Connection:
-    __slots__ = ("_closed", "_decoder", "_loop", "_on_closed", "_on_frames", "_out",
+    __slots__ = ("_closed", "_decoder", "_incoming", "_loop", "_on_closed", "_on_frames",
+                 "_on_tls_ready", "_out", "_outgoing", "_plain", "_tls", "_tls_ready",
                  "_want_write", "fd", "name", "out_bytes", "sock")
 
     def __init__(self, loop: EventLoop, sock: socket.socket, *, max_frame_bytes: int,
@@ -62,6 +66,12 @@ class Connection:
         """Bytes queued and not yet written."""
         self._want_write = False
         self._closed = False
+        self._tls: ssl.SSLObject | None = None
+        self._tls_ready = False
+        self._incoming = self._outgoing = None  # type: ssl.MemoryBIO | None
+        self._plain: list[bytes] = []
+        """TLS: plaintext waiting to be encrypted (until the TLS handshake is done)."""
+        self._on_tls_ready: Callable[[], None] | None = None
         loop.register(self.fd, EPOLLIN, self._on_events)
 
     @property
@@ -75,13 +85,58 @@ class Connection:
     def set_max_frame_bytes(self, max_frame_bytes: int) -> None:
         self._decoder.max_frame_bytes = max_frame_bytes
 
+    # ------------------------------------------------------------------ TLS
+    def start_tls(self, context: ssl.SSLContext, *, server_side: bool,
+                  on_ready: Callable[[], None] | None = None) -> None:
+        """Speak TLS from now on (before anything else was sent or read)."""
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side)
+        self._on_tls_ready = on_ready
+        if not server_side:
+            self._handshake()  # the ClientHello
+            self._move_tls_output()
+            self.flush()
+
+    @property
+    def tls(self) -> bool:
+        return self._tls is not None
+
+    def peer_certificate(self) -> dict[str, object] | None:
+        """The verified certificate of the other end (TLS only, after its handshake)."""
+        if self._tls is None or not self._tls_ready:
+            return None
+        cert = self._tls.getpeercert()
+        return dict(cert) if cert else None
+
+    def _handshake(self) -> None:
+        assert self._tls is not None
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        self._tls_ready = True
+        if self._on_tls_ready is not None:
+            self._on_tls_ready()
+
+    def _move_tls_output(self) -> None:
+        """Encrypt what waits (once the TLS handshake is done) and queue the TLS records."""
+        tls, outgoing = self._tls, self._outgoing
+        assert tls is not None and outgoing is not None
+        if self._tls_ready and self._plain:
+            plain, self._plain = self._plain, []
+            tls.write(b"".join(plain))
+        records = outgoing.read()
+        if records:
+            self._out.append(records)
+
     # ------------------------------------------------------------------ writing
     def send_frame(self, kind: int, payload: bytes) -> None:
         """Queue a frame (flush() writes it)."""
         if self._closed:
             return
-        self._out.append(frame_header(kind, len(payload)))
-        self._out.append(payload)
+        queue = self._out if self._tls is None else self._plain
+        queue.append(frame_header(kind, len(payload)))
+        queue.append(payload)
         self.out_bytes += len(payload) + 5
 
     def send_frame_with_fd(self, kind: int, payload: bytes, fd: int) -> None:
@@ -93,7 +148,15 @@ class Connection:
 
     def flush(self) -> None:
         """Write what the socket takes now; the rest when it becomes writable."""
-        if self._closed or not self._out:
+        if self._closed:
+            return
+        if self._tls is not None:
+            try:
+                self._move_tls_output()
+            except ssl.SSLError as e:
+                self.close(f"TLS failed: {e.reason or e}")
+                return
+        if not self._out:
             return
         out = self._out
         sock = self.sock
@@ -116,7 +179,8 @@ class Connection:
                 data = first if end == 1 else b"".join(out[:end])  # type: ignore[arg-type]
                 assert isinstance(data, bytes)
                 sent = sock.send(data)
-                self.out_bytes -= sent
+                if self._tls is None:
+                    self.out_bytes -= sent
                 if sent < len(data):
                     out[:end] = [data[sent:]]
                     break
@@ -126,6 +190,9 @@ class Connection:
         except OSError as e:
             self.close(f"write failed: {e.strerror or e}")
             return
+        if self._tls is not None:
+            self.out_bytes = sum(map(len, self._plain)) + sum(
+                len(x) for x in out if isinstance(x, bytes))
         want = bool(out)
         if want != self._want_write:
             self._want_write = want
@@ -155,17 +222,50 @@ class Connection:
             if not data:
                 reason = "closed by the other side"
                 break
+            more = len(data) == READ_BYTES
+            if self._tls is not None:
+                try:
+                    data = self._tls_read(data)
+                except ssl.SSLError as e:
+                    reason = f"TLS failed: {e.reason or e}"
+                    break
             try:
                 frames.extend(decoder.feed(data))
             except FrameError as e:
                 reason = str(e)
                 break
-            if len(data) < READ_BYTES:
+            if not more:
                 break
         if frames:
             self._on_frames(frames)
         if reason:
             self.close(reason)
+
+    def _tls_read(self, data: bytes) -> bytes:
+        """Raw TLS records in, the plaintext they carry out (b"" during the handshake)."""
+        tls, incoming = self._tls, self._incoming
+        assert tls is not None and incoming is not None
+        incoming.write(data)
+        if not self._tls_ready:
+            self._handshake()
+            self._move_tls_output()
+            self.flush()
+            if not self._tls_ready:
+                return b""
+        chunks = []
+        while True:
+            try:
+                chunk = tls.read(READ_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        if self._plain:  # frames queued during the handshake
+            self.flush()
+        return b"".join(chunks)
 
     # ------------------------------------------------------------------ closing
     def close(self, reason: str = "closed") -> None:

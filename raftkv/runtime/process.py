@@ -44,6 +44,7 @@ from raftkv.runtime.requests import NodeInfo, RequestHandler
 from raftkv.runtime.startup import FORMAT_VERSION, StartupError, join_headers, open_node
 from raftkv.runtime.transport import PeerTransport
 from raftkv.runtime.transport.refusals import RateLimitedLog
+from raftkv.runtime.transport.tls import PeerTLS, TLSMode, TLSSetupError
 from raftkv.runtime.workers import WorkerSupervisor
 from raftkv.service import ServiceError, UnavailableError
 from raftkv.settings import Settings, parse_host_port
@@ -120,12 +121,23 @@ class RaftProcess:
         except (RaftError, AssertionError, ValueError) as e:
             raise StartupError(f"the log in {s.data_dir} is inconsistent ({e}); move the data "
                                "dir away and let the node rejoin empty") from None
+        try:
+            peer_tls = PeerTLS.load(TLSMode(s.peer_tls_mode), s.peer_cert_file,
+                                    s.peer_key_file, s.peer_trusted_ca_file)
+        except TLSSetupError as e:
+            raft_sock.close()
+            self.http_sock.close()
+            state.storage.close()
+            state.snapshots.close()
+            raise StartupError(str(e)) from None
+        self.peer_tls = peer_tls
         self.loop = loop = EventLoop()
         self.metrics = NodeMetrics()
         self.transport = PeerTransport(
             loop, node_id=s.node_id, cluster_id=self.cluster_id, token=self.token,
             listen_sock=raft_sock, http_address=s.http_advertise_addr, deliver=self._deliver,
-            on_peer_state=self._peer_state, source_host=peer_source_host(raft_host))
+            on_peer_state=self._peer_state, source_host=peer_source_host(raft_host),
+            tls=peer_tls)
         self.driver = driver = RaftDriver(
             core=core, storage=state.storage, snapshots=state.snapshots, state_machine=state.sm,
             frames=self.transport, addresses=s.peer_map,
@@ -139,7 +151,8 @@ class RaftProcess:
         driver.handler.before_persist = self._flush_outputs
         self.handler = RequestHandler(
             driver=driver, loop=loop,
-            info=NodeInfo(s.node_id, s.http_advertise_addr, Path(s.data_dir), self.token),
+            info=NodeInfo(s.node_id, s.http_advertise_addr, Path(s.data_dir), self.token,
+                          peer_tls.client if peer_tls.mode.dials_tls else None),
             cluster_id=lambda: self.cluster_id, peer_http=self.transport.peer_http_address,
             extra_status=self._extra_status, render_metrics=self.metrics.render)
         self.workers = WorkerSupervisor(

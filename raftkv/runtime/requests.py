@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import ssl
 import tempfile
 import threading
 import time
@@ -72,6 +73,8 @@ class NodeInfo:
     http_address: str
     data_dir: Path
     token: str
+    tls: ssl.SSLContext | None = None
+    """The client context of peer TLS, when this node dials peers with TLS (a probe too)."""
 
 
 class _Answer:
@@ -296,7 +299,8 @@ class RequestHandler:
         def ask() -> None:
             try:
                 peer = probe(address, token=info.token, node_id=info.node_id,
-                             cluster_id=self._cluster_id(), timeout_s=PROBE_TIMEOUT_S)
+                             cluster_id=self._cluster_id(), timeout_s=PROBE_TIMEOUT_S,
+                             tls=info.tls)
             except (ProbeFailed, ValueError) as e:
                 error = MembershipChangeError(f"no raftkv node answered at {address}: {e}")
                 self._loop.call_soon_threadsafe(lambda: replier.reply_error(request.rid, error))

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
+from raftkv.runtime.connection import Connection
 from raftkv.runtime.eventloop import EventLoop
 from raftkv.runtime.transport.handshake import (
     MAX_ID_CHARS,
@@ -44,6 +45,7 @@ from raftkv.runtime.transport.outbound import (
     parse_address,
 )
 from raftkv.runtime.transport.refusals import RateLimitedLog
+from raftkv.runtime.transport.tls import PeerTLS, certificate_names
 
 __all__ = ["Deliver", "PeerTransport", "parse_address"]
 
@@ -63,7 +65,7 @@ class PeerTransport:
                  on_peer_state: PeerStateChanged | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  queue_limit_bytes: int = DEFAULT_QUEUE_LIMIT_BYTES,
-                 source_host: str | None = None) -> None:
+                 source_host: str | None = None, tls: PeerTLS | None = None) -> None:
         """`listen_sock`: the bound, listening peer socket. `source_host`: the local address
         outgoing connections leave from (None: the kernel picks)."""
         if not token:
@@ -72,6 +74,7 @@ class PeerTransport:
         self.max_frame_bytes = max_frame_bytes
         self.queue_limit_bytes = queue_limit_bytes
         self.source_host = source_host
+        self.tls = tls or PeerTLS.off()
         self.rng = random.Random(os.urandom(16))  # reconnect jitter only
         self._loop = loop
         self._cluster_id = cluster_id
@@ -175,9 +178,13 @@ class PeerTransport:
                                cluster_id=self._cluster_id, http_address=self._http_address,
                                probe=False, address=address)
 
-    def link_up(self, link: OutboundLink, listener: PeerInfo) -> str | None:
+    def link_up(self, link: OutboundLink, listener: PeerInfo,
+                conn: Connection) -> str | None:
         if self._cluster_id and listener.cluster_id and listener.cluster_id != self._cluster_id:
             return f"{link.address} is in cluster {listener.cluster_id!r}"
+        if conn.tls and listener.node_id not in certificate_names(conn.peer_certificate()):
+            return (f"{link.address} (node {listener.node_id}) presented a certificate "
+                    "that does not name it")
         self._http_addresses[link.peer_id] = listener.http_address
         return None
 
@@ -199,9 +206,12 @@ class PeerTransport:
         return ListenerHandshake(token=self._token, node_id=self.node_id,
                                  cluster_id=self._cluster_id, http_address=self._http_address)
 
-    def admit(self, auth: PeerAuth) -> None:
+    def admit(self, auth: PeerAuth, conn: Connection) -> None:
         if self._cluster_id and auth.cluster_id and auth.cluster_id != self._cluster_id:
             raise Refused("wrong_cluster", f"node={auth.node_id} cluster={auth.cluster_id}")
+        if conn.tls and auth.node_id not in certificate_names(conn.peer_certificate()):
+            raise Refused("certificate_mismatch",
+                          f"node={auth.node_id} presented a certificate that does not name it")
         if not auth.probe and auth.node_id not in self._links:
             raise Refused("unknown_node", f"node={auth.node_id}")
 

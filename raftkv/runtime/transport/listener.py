@@ -26,6 +26,7 @@ from raftkv.runtime.transport.handshake import (
     reject_message,
 )
 from raftkv.runtime.transport.outbound import tune
+from raftkv.runtime.transport.tls import SNIFF_S, TLS_RECORD_HANDSHAKE, PeerTLS
 
 __all__ = ["Listener"]
 
@@ -44,8 +45,11 @@ class ListenerOwner(Protocol):
 
     def listener_handshake(self) -> ListenerHandshake: ...
 
-    def admit(self, auth: PeerAuth) -> None:
-        """Raise Refused(reason) unless this dialer may connect (known peer, right cluster)."""
+    tls: PeerTLS
+
+    def admit(self, auth: PeerAuth, conn: Connection) -> None:
+        """Raise Refused(reason) unless this dialer may connect (known peer, right cluster,
+        a certificate in its name over TLS)."""
         ...
 
     def inbound_up(self, peer_id: str, auth: PeerAuth) -> None: ...
@@ -85,6 +89,9 @@ class Listener:
         self._pending: dict[Connection, _Pending] = {}
         self._per_host: dict[str, int] = {}
         self._by_peer: dict[str, Connection] = {}
+        self._sniffing = 0
+        """Accepted connections whose first bytes (TLS or not) are awaited."""
+        self._sniffed: set[socket.socket] = set()
         self._paused_until = 0.0
         loop.register(sock.fileno(), EPOLLIN, self._on_accept)
 
@@ -105,6 +112,10 @@ class Listener:
     def close(self) -> None:
         self._loop.unregister(self._sock.fileno())
         self._sock.close()
+        for sock in list(self._sniffed):
+            self._loop.unregister(sock.fileno())
+            sock.close()
+        self._sniffed.clear()
         for pending in list(self._pending.values()):
             pending.conn.close("shutting down")
         for conn in list(self._by_peer.values()):
@@ -130,7 +141,7 @@ class Listener:
 
     def _admit(self, sock: socket.socket, sockaddr: object) -> None:
         host, remote = _format(sockaddr)
-        if (len(self._pending) >= MAX_UNAUTHENTICATED
+        if (len(self._pending) + self._sniffing >= MAX_UNAUTHENTICATED
                 or self._per_host.get(host, 0) >= MAX_UNAUTHENTICATED_PER_HOST):
             sock.close()
             self._owner.refused(host, remote, "too_many_connections",
@@ -142,6 +153,52 @@ class Listener:
         except OSError:
             sock.close()
             return
+        mode = self._owner.tls.mode
+        self._per_host[host] = self._per_host.get(host, 0) + 1
+        self._sniffing += 1
+        if mode.accepts_tls:
+            self._sniff(sock, host, remote)
+        else:
+            self._start(sock, host, remote, tls=False)
+
+    def _sniff(self, sock: socket.socket, host: str, remote: str) -> None:
+        """TLS or plaintext? A TLS dialer speaks first (its ClientHello); a plaintext one
+        waits for our hello. Peek at the first byte, or take silence for plaintext."""
+        fd = sock.fileno()
+        decided = False
+
+        def decide(tls: bool) -> None:
+            nonlocal decided
+            if decided:
+                return
+            decided = True
+            timer.cancel()
+            self._loop.unregister(fd)
+            self._sniffed.discard(sock)
+            if tls or self._owner.tls.mode.accepts_plaintext:
+                self._start(sock, host, remote, tls=tls)
+                return
+            self._sniffing -= 1
+            self._release_host(host)
+            sock.close()
+            self._owner.refused(host, remote, "plaintext_refused",
+                                "this peer port speaks TLS only (--peer-tls on)")
+
+        def readable(_mask: int) -> None:
+            try:
+                first = sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                first = b""
+            decide(bool(first) and first[0] == TLS_RECORD_HANDSHAKE)
+
+        timer = self._loop.call_later(SNIFF_S, lambda: decide(False))
+        self._sniffed.add(sock)
+        self._loop.register(fd, EPOLLIN, readable)
+
+    def _start(self, sock: socket.socket, host: str, remote: str, *, tls: bool) -> None:
+        self._sniffing -= 1
         handshake = self._owner.listener_handshake()
         conn = Connection(self._loop, sock, max_frame_bytes=MAX_HANDSHAKE_FRAME_BYTES,
                           on_frames=lambda frames: self._on_handshake(conn, frames),
@@ -149,9 +206,14 @@ class Listener:
                           name=f"from {remote}")
         pending = _Pending(conn, handshake, host, remote)
         self._pending[conn] = pending
-        self._per_host[host] = self._per_host.get(host, 0) + 1
         pending.timer = self._loop.call_later(HANDSHAKE_TIMEOUT_S,
                                               lambda: self._on_deadline(conn))
+        if tls:
+            context = self._owner.tls.server
+            assert context is not None
+            conn.start_tls(context, server_side=True)
+        elif not self._owner.tls.mode.accepts_plaintext:
+            raise AssertionError("plaintext on a TLS-only listener")
         conn.send_frame(FrameKind.HANDSHAKE, handshake.hello())
         conn.flush()
 
@@ -160,12 +222,15 @@ class Listener:
         if pending is not None:
             if pending.timer is not None:
                 pending.timer.cancel()
-            left = self._per_host.get(pending.host, 0) - 1
-            if left > 0:
-                self._per_host[pending.host] = left
-            else:
-                self._per_host.pop(pending.host, None)
+            self._release_host(pending.host)
         return pending
+
+    def _release_host(self, host: str) -> None:
+        left = self._per_host.get(host, 0) - 1
+        if left > 0:
+            self._per_host[host] = left
+        else:
+            self._per_host.pop(host, None)
 
     def _on_deadline(self, conn: Connection) -> None:
         pending = self._forget(conn)
@@ -178,7 +243,8 @@ class Listener:
     def _on_pending_closed(self, conn: Connection, reason: str) -> None:
         pending = self._forget(conn)
         if pending is not None:
-            self._owner.refused(pending.host, pending.remote, "bad_handshake", reason)
+            code = "tls_failed" if reason.startswith("TLS failed") else "bad_handshake"
+            self._owner.refused(pending.host, pending.remote, code, reason)
 
     def _on_handshake(self, conn: Connection, frames: list[tuple[int, bytes]]) -> None:
         pending = self._pending.get(conn)
@@ -191,7 +257,7 @@ class Listener:
             if len(frames) > 1:
                 raise Refused("bad_handshake", "frames before the handshake was answered")
             auth = pending.handshake.check_auth(payload)
-            self._owner.admit(auth)
+            self._owner.admit(auth, conn)
         except Refused as e:
             self._forget(conn)
             self._owner.refused(pending.host, pending.remote, e.reason, str(e))

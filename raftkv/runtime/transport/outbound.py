@@ -29,6 +29,7 @@ from raftkv.runtime.transport.handshake import (
     HandshakeRejected,
     PeerInfo,
 )
+from raftkv.runtime.transport.tls import PeerTLS
 
 __all__ = ["OutboundLink", "parse_address"]
 
@@ -76,7 +77,10 @@ class LinkOwner(Protocol):
 
     def dialer_handshake(self, address: str) -> DialerHandshake: ...
 
-    def link_up(self, link: OutboundLink, listener: PeerInfo) -> str | None:
+    tls: PeerTLS
+
+    def link_up(self, link: OutboundLink, listener: PeerInfo,
+                conn: Connection) -> str | None:
         """The handshake passed: None to go on, else why the link must be dropped."""
         ...
 
@@ -203,6 +207,10 @@ class OutboundLink:
         self._conn = Connection(self._loop, sock, max_frame_bytes=MAX_HANDSHAKE_FRAME_BYTES,
                                 on_frames=self._on_handshake_frames,
                                 on_closed=self._on_closed, name=f"to {self.peer_id}")
+        tls = self._owner.tls
+        if tls.mode.dials_tls:
+            assert tls.client is not None
+            self._conn.start_tls(tls.client, server_side=False)
         self._cancel_timer()
         self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT_S, self._on_timeout)
 
@@ -230,7 +238,7 @@ class OutboundLink:
             if listener.node_id != self.peer_id:
                 self._drop(f"{self.address} is node {listener.node_id!r}, not {self.peer_id}")
                 return
-            problem = self._owner.link_up(self, listener)
+            problem = self._owner.link_up(self, listener, conn)
             if problem is not None:
                 self._drop(problem)
                 return

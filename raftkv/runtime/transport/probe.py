@@ -3,7 +3,9 @@ node id). Runs off the event loop (a short-lived thread); the connection is clos
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import time
 
 from raftkv.codec import FrameKind
@@ -16,6 +18,7 @@ from raftkv.runtime.transport.handshake import (
     PeerInfo,
 )
 from raftkv.runtime.transport.outbound import parse_address
+from raftkv.runtime.transport.tls import certificate_names
 
 __all__ = ["ProbeFailed", "probe"]
 
@@ -25,14 +28,18 @@ class ProbeFailed(Exception):
 
 
 def probe(address: str, *, token: str, node_id: str, cluster_id: str,
-          timeout_s: float) -> PeerInfo:
+          timeout_s: float, tls: ssl.SSLContext | None = None) -> PeerInfo:
+    """`tls`: the peer TLS client context, when the cluster's peer port speaks TLS; the
+    listener's certificate must then name the node id it answers with."""
     host, port = parse_address(address)
     deadline = time.monotonic() + timeout_s
     handshake = DialerHandshake(token=token.encode(), node_id=node_id, cluster_id=cluster_id,
                                 http_address="", probe=True, address=address)
     decoder = FrameDecoder(MAX_HANDSHAKE_FRAME_BYTES)
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        with contextlib.ExitStack() as stack:
+            raw = stack.enter_context(socket.create_connection((host, port), timeout=timeout_s))
+            sock = raw if tls is None else stack.enter_context(tls.wrap_socket(raw))
 
             def next_frame() -> bytes:
                 while True:
@@ -52,8 +59,14 @@ def probe(address: str, *, token: str, node_id: str, cluster_id: str,
 
             auth = handshake.on_hello(next_frame())
             sock.sendall(encode_frame(FrameKind.HANDSHAKE, auth))
-            return handshake.on_welcome(next_frame())
-    except (HandshakeRejected, HandshakeFailed, FrameError) as e:
+            listener = handshake.on_welcome(next_frame())
+            if tls is not None and isinstance(sock, ssl.SSLSocket):
+                names = certificate_names(sock.getpeercert())
+                if listener.node_id not in names:
+                    raise ProbeFailed(f"{address}'s certificate does not name "
+                                      f"{listener.node_id}")
+            return listener
+    except (HandshakeRejected, HandshakeFailed, FrameError, ssl.SSLError) as e:
         raise ProbeFailed(str(e)) from None
     except OSError as e:
         raise ProbeFailed(f"cannot reach {address}: {e.strerror or e}") from None

@@ -1,0 +1,118 @@
+"""Mutual TLS on the peer port (Python's ssl module, sans-IO: ssl.SSLObject over memory BIOs,
+so it runs on the event loop like any connection; raftkv.runtime.connection).
+
+Both ends present a certificate signed by the cluster's CA (`--peer-trusted-ca-file`), and
+after the cluster-token handshake (which runs inside the tunnel) each side checks that the
+other's certificate names the node id it authenticated as (its subject CN or a DNS name of
+its subject alternative names, as `raftkv certs init` makes them): a node's certificate cannot
+stand in for another node. Addresses are not checked (nodes move; the CA and the id are what
+identify a peer).
+
+Modes (`--peer-tls`):
+
+    off             plaintext (no certificates given)
+    on              TLS both ways; a plaintext connection is refused with a logged reason
+    migrate-accept  dial plaintext, accept TLS and plaintext     } a rolling switch, one
+    migrate-dial    dial TLS, accept TLS and plaintext           } node at a time each step
+
+Turning TLS on without downtime: restart every node in `migrate-accept` (one at a time), then
+every node in `migrate-dial`, then every node in `on`. At each step every connection has an
+end that understands the other. (Backwards, to turn it off: the same steps in reverse order.)
+A listener that accepts both tells them apart by the first bytes: a TLS ClientHello starts
+with the handshake record type (0x16); a plaintext dialer sends nothing until it hears the
+listener's hello, so after SNIFF_S of silence the listener takes it for plaintext.
+"""
+
+from __future__ import annotations
+
+import enum
+import ssl
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = ["SNIFF_S", "TLS_RECORD_HANDSHAKE", "PeerTLS", "TLSMode", "TLSSetupError",
+           "certificate_names"]
+
+SNIFF_S: Final = 0.2
+TLS_RECORD_HANDSHAKE: Final = 0x16
+
+
+class TLSMode(enum.Enum):
+    OFF = "off"
+    ON = "on"
+    MIGRATE_ACCEPT = "migrate-accept"
+    MIGRATE_DIAL = "migrate-dial"
+
+    @property
+    def dials_tls(self) -> bool:
+        return self in (TLSMode.ON, TLSMode.MIGRATE_DIAL)
+
+    @property
+    def accepts_tls(self) -> bool:
+        return self is not TLSMode.OFF
+
+    @property
+    def accepts_plaintext(self) -> bool:
+        return self is not TLSMode.ON
+
+
+class TLSSetupError(Exception):
+    """The certificate, key or CA files cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class PeerTLS:
+    mode: TLSMode
+    server: ssl.SSLContext | None
+    client: ssl.SSLContext | None
+
+    @staticmethod
+    def off() -> PeerTLS:
+        return PeerTLS(TLSMode.OFF, None, None)
+
+    @staticmethod
+    def load(mode: TLSMode, cert_file: str, key_file: str, ca_file: str) -> PeerTLS:
+        if mode is TLSMode.OFF:
+            return PeerTLS.off()
+        missing = [name for name, value in (("--peer-cert-file", cert_file),
+                                            ("--peer-key-file", key_file),
+                                            ("--peer-trusted-ca-file", ca_file)) if not value]
+        if missing:
+            raise TLSSetupError(f"peer TLS ({mode.value}) needs {', '.join(missing)}: make them "
+                                "with `raftkv certs init DIR --nodes ...`")
+        server = _context(ssl.Purpose.CLIENT_AUTH, cert_file, key_file, ca_file)
+        client = _context(ssl.Purpose.SERVER_AUTH, cert_file, key_file, ca_file)
+        return PeerTLS(mode, server, client)
+
+
+def _context(purpose: ssl.Purpose, cert_file: str, key_file: str,
+             ca_file: str) -> ssl.SSLContext:
+    side = ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH \
+        else ssl.PROTOCOL_TLS_CLIENT
+    ctx = ssl.SSLContext(side)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False  # peers are identified by CA and node id, not by address
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise TLSSetupError(f"cannot use the peer certificate {cert_file} with key {key_file}: "
+                            f"{getattr(e, 'strerror', None) or e}") from None
+    try:
+        ctx.load_verify_locations(ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise TLSSetupError(f"cannot use the peer CA {ca_file}: "
+                            f"{getattr(e, 'strerror', None) or e}") from None
+    return ctx
+
+
+def certificate_names(cert: dict[str, Any] | None) -> set[str]:
+    """The subject CN and the DNS subject alternative names of a verified certificate."""
+    if not cert:
+        return set()
+    names = {str(value) for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                names.add(str(value))
+    return names
