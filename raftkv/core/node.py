@@ -287,7 +287,7 @@ class RaftNode:
                 self._read_states.extend(ReadState(rid, m.index) for rid in m.request_ids)
         elif self.role is Role.LEADER:
             pr = self._progress.get(m.frm)
-            if pr is None:
+            if pr is None or not self._possible_response(m):
                 return
             pr.recent_active = True
             if isinstance(m, AppendResponse):
@@ -685,6 +685,18 @@ class RaftNode:
             pr = self._progress[peer]
             commit = min(pr.match, self.log.commit)
             self._send(HeartbeatRequest(self.term, self.id, peer, commit, self._read_seq))
+
+    def _possible_response(self, m: Message) -> bool:
+        """A response can only acknowledge what this leader could have sent: an index it
+        has, a heartbeat round it started. Anything else is dropped: a follower cannot
+        claim to match entries that do not exist (that would commit beyond the log), nor
+        confirm a read round that never was."""
+        if isinstance(m, AppendResponse):
+            last = self.log.last_index()
+            return 0 <= m.index <= last and 0 <= m.hint_index <= max(last, m.index)
+        if isinstance(m, HeartbeatResponse):
+            return m.read_seq <= self._read_seq
+        return True
 
     def _step_append_response(self, m: AppendResponse, pr: Progress) -> None:
         if not m.success:

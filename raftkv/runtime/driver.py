@@ -59,6 +59,7 @@ from raftkv.kv.state_machine import (
 from raftkv.metrics import NodeMetrics
 from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StorageFull
 from raftkv.runtime.boot import load_boot_state
+from raftkv.runtime.peer_checks import check_message
 from raftkv.runtime.ready_handler import ReadyHandler
 from raftkv.runtime.watch import WatchRegistry
 from raftkv.service import (
@@ -395,13 +396,19 @@ class RaftDriver:
             self.forwarder.forward_lease(op, number, done)
 
     # ------------------------------------------------------------------ peers
-    def step(self, peer_id: str, m: Message) -> bool:
-        """A Raft message from the peer that authenticated its connection. Refused (False)
-        when it claims another sender or is not for this node."""
-        if m.frm != peer_id or m.to != self.core.id:
-            return False
+    def step(self, peer_id: str, m: Message) -> str | None:
+        """A Raft message from the peer that authenticated its connection: stepped, or
+        refused with the reason (it claims another sender, is not for this node, or is not
+        a message a correct peer sends: raftkv.runtime.peer_checks)."""
+        if m.frm != peer_id:
+            return f"{type(m).__name__} claims to be from {m.frm[:64]!r}"
+        if m.to != self.core.id:
+            return f"{type(m).__name__} is for {m.to[:64]!r}"
+        problem = check_message(m)
+        if problem is not None:
+            return problem
         self.core.step(m)
-        return True
+        return None
 
     # ------------------------------------------------------------------ the turn
     def tick(self) -> None:

@@ -227,9 +227,9 @@ class RaftProcess:
                 except codec.DecodeError as e:
                     self._dropped(peer, "malformed_message", str(e))
                     continue
-                if not driver.step(peer, message):
-                    self._dropped(peer, "wrong_sender", f"{type(message).__name__} from "
-                                  f"{message.frm!r} to {message.to!r}")
+                problem = driver.step(peer, message)
+                if problem is not None:
+                    self._dropped(peer, "invalid_message", problem)
             elif kind == FrameKind.FORWARD:
                 self.forwarder.serve(peer, payload)
             elif kind == FrameKind.FORWARD_RESULT:
