@@ -37,6 +37,7 @@ from raftkv.core.progress import Progress, ProgressState
 from raftkv.core.ready import BootState, Ready
 from raftkv.core.types import (
     ConfChange,
+    ConfChangeOp,
     Entry,
     EntryKind,
     HardState,
@@ -56,6 +57,8 @@ class PeerStatus:
     next: int
     state: str
     recent_active: bool
+    caught_up: bool = False
+    """Started and caught up, as the strict reconfiguration check counts it (caught_up)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,12 +171,71 @@ class RaftNode:
         if self._pending_conf_index > self.log.commit:
             raise ConfChangeRejected("another membership change is still uncommitted")
         try:
-            self.membership.apply(change)
+            new = self.membership.apply(change)
         except ValueError as e:
             raise ConfChangeRejected(str(e)) from None
+        self._check_strict_reconfiguration(change, new)
         entry = Entry(self.log.last_index() + 1, self.term, EntryKind.CONF_CHANGE, change=change)
         self._append_entry(entry)
         return entry.index
+
+    def caught_up(self, nid: NodeId) -> bool:
+        """Whether this leader counts `nid` as started and caught up (strict reconfiguration).
+
+        The leader itself always is. Any other member is when both hold:
+        - started: the leader heard from it (any response) within the last election timeout
+          (`election_timeout_ticks` of the leader's ticks), and
+        - caught up: its log is known to match the leader's up to the leader's commit index
+          (progress `match` >= commit).
+        A member that never answered this leader has match 0, so it is never caught up, even
+        right after an election (when check-quorum still counts every peer as active).
+        """
+        if nid == self.id:
+            return self.role is Role.LEADER
+        pr = self._progress.get(nid)
+        return (
+            self.role is Role.LEADER
+            and pr is not None
+            and pr.idle_ticks < self.config.election_timeout_ticks
+            and pr.match >= self.log.commit
+        )
+
+    def _check_strict_reconfiguration(self, change: ConfChange, new: Membership) -> None:
+        """Refuse a change that could leave the cluster without a working quorum (etcd's
+        --strict-reconfig-check, with learners): a brand-new member joins as a learner only;
+        ADD_VOTER promotes a learner that is caught up (or repeats a voter, a no-op); and a
+        change of the voters must leave at least a quorum of the NEW voters started and caught
+        up (see caught_up). Changes that keep the voters (learners) are not checked."""
+        nid = change.node_id
+        old = self.membership
+        if change.op is ConfChangeOp.ADD_VOTER and nid not in old.voters:
+            if nid not in old.learners:
+                raise ConfChangeRejected(
+                    f"{nid} is not a member: a new member joins as a learner first and is "
+                    "promoted to voter once it has caught up")
+            if not self.caught_up(nid):
+                raise ConfChangeRejected(self._lag_reason(nid, "cannot be promoted yet"))
+        if new.voters == old.voters:
+            return
+        need = quorum.majority(new.voters)
+        ready = sorted(v for v in new.voters if self.caught_up(v))
+        if len(ready) < need:
+            behind = ", ".join(self._lag_reason(v, "")
+                               for v in sorted(new.voters) if v not in ready)
+            raise ConfChangeRejected(
+                f"{change.op.name.lower()} {nid} would leave {len(ready)} started, caught-up "
+                f"voter(s) ({', '.join(ready) or 'none'}) of the {len(new.voters)} in the new "
+                f"configuration, fewer than its quorum of {need}: {behind}")
+
+    def _lag_reason(self, nid: NodeId, what: str) -> str:
+        pr = self._progress.get(nid)
+        head = f"{nid} {what}".rstrip() + ": "
+        if pr is None:
+            return head + "the leader tracks no progress for it"
+        if pr.idle_ticks >= self.config.election_timeout_ticks:
+            return head + (f"not heard from for {pr.idle_ticks} ticks "
+                           f"(>= the election timeout of {self.config.election_timeout_ticks})")
+        return head + f"has the log up to {pr.match}, the commit index is {self.log.commit}"
 
     def read_index(self, request_id: int) -> None:
         """Ask for a linearizable read; a ReadState (or failed read) appears in a Ready."""
@@ -277,6 +339,7 @@ class RaftNode:
             if pr is None:
                 return
             pr.recent_active = True
+            pr.idle_ticks = 0
             if isinstance(m, AppendResponse):
                 self._step_append_response(m, pr)
             elif isinstance(m, HeartbeatResponse):
@@ -377,7 +440,8 @@ class RaftNode:
 
     def status(self) -> Status:
         peers = {
-            nid: PeerStatus(pr.match, pr.next, pr.state.value, pr.recent_active)
+            nid: PeerStatus(pr.match, pr.next, pr.state.value, pr.recent_active,
+                            self.caught_up(nid))
             for nid, pr in self._progress.items()
         }
         return Status(
@@ -536,6 +600,10 @@ class RaftNode:
     def _tick_leader(self) -> None:
         self._heartbeat_elapsed += 1
         self._election_elapsed += 1
+        for pr in self._progress.values():
+            pr.idle_ticks += 1
+            if pr.snapshot_backoff_ticks:
+                pr.snapshot_backoff_ticks -= 1
         if self._election_elapsed >= self.config.election_timeout_ticks:
             self._election_elapsed = 0
             if self.config.check_quorum:

@@ -894,7 +894,7 @@ def test_only_one_membership_change_may_be_uncommitted_at_a_time() -> None:
 def test_a_new_configuration_takes_effect_when_appended_not_when_committed() -> None:
     """Dissertation §4.1: "a server always uses the latest configuration in its log,
     regardless of whether the entry is committed." """
-    net = Network(THREE, joining=["n4"], election_timeout_ticks=ET)
+    net = Network(THREE, ["n4"], election_timeout_ticks=ET)
     net.elect("n1")
     n1 = net.node("n1")
     index = n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "n4"))

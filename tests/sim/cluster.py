@@ -176,6 +176,8 @@ class SimStats:
     max_term: int = 0
     conf_changes: int = 0
     conf_changes_rejected: int = 0
+    conf_changes_proposed: dict[str, int] = field(default_factory=dict)
+    """Changes the leader accepted, by operation (ADD_LEARNER, ADD_VOTER, REMOVE)."""
     transfers: int = 0
     transfers_rejected: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
@@ -1020,10 +1022,11 @@ class Cluster:
         outside = sorted(nid for nid in self.ids if nid not in m.voters)
         rng = self.rng
         if outside and (len(m.voters) <= 2 or rng.random() < 0.6):
+            # As the service does it: a new node joins as a learner and a learner is promoted
+            # (the core refuses to promote one that has not caught up: strict reconfiguration).
             target = rng.choice(outside)
-            direct = target in m.learners or rng.random() < 0.5
-            change = ConfChange(ConfChangeOp.ADD_VOTER if direct else ConfChangeOp.ADD_LEARNER,
-                                target)
+            op = ConfChangeOp.ADD_VOTER if target in m.learners else ConfChangeOp.ADD_LEARNER
+            change = ConfChange(op, target)
         elif len(m.voters) > 2 and (self.n == 3 or len(m.voters) > 3):
             voters = sorted(m.voters)
             target = leader.id if rng.random() < 0.15 else rng.choice(voters)
@@ -1035,6 +1038,9 @@ class Cluster:
             index = raft.propose_conf_change(change)
             self._note("operator", leader.id,
                        f"propose {change.op.name} {change.node_id} at index {index}")
+            name = change.op.name
+            self.stats.conf_changes_proposed[name] = self.stats.conf_changes_proposed.get(name,
+                                                                                          0) + 1
         except (ConfChangeRejected, NotLeader, ProposalDropped) as e:
             self.stats.conf_changes_rejected += 1
             self._note("operator", leader.id,
