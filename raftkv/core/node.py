@@ -131,6 +131,7 @@ class RaftNode:
         self._forward_reads: list[int] = []
         self._read_states: list[ReadState] = []
         self._failed_reads: list[int] = []
+        self._dropped: list[str] = []
 
         self._incoming_snapshot: _IncomingSnapshot | None = None
         self._snapshot_to_install: Snapshot | None = None
@@ -277,6 +278,13 @@ class RaftNode:
         """Feed one message from a peer."""
         if m.to != self.id:
             return
+        if isinstance(m, TimeoutNow) and (m.term != self.term or m.frm != self.leader
+                                          or self.role is not Role.FOLLOWER):
+            # Only the leader of our current term may make us campaign at once (a transfer);
+            # from anyone else it is forged or stale: ignored, and our term stays as it is.
+            self._drop(f"TimeoutNow from {m.frm} in term {m.term} ignored: not from the "
+                       f"leader of the current term ({self.term}, leader {self.leader or '-'})")
+            return
         if m.term > self.term:
             if isinstance(m, VoteRequest):
                 in_lease = (
@@ -362,6 +370,7 @@ class RaftNode:
             or self._snapshot_to_install is not None
             or self._read_states
             or self._failed_reads
+            or self._dropped
             or min(log.commit, log.stable_index) > log.applied
             or self._hard_state() != self._prev_hard_state
             or self._soft_state() != self._prev_soft_state
@@ -393,12 +402,14 @@ class RaftNode:
             failed_reads=tuple(self._failed_reads),
             after_persist=tuple(self._after_persist),
             serial=self._ready_serial,
+            dropped=tuple(self._dropped),
         )
         self._outstanding = self._ready_serial
         self._outbox = []
         self._after_persist = []
         self._read_states = []
         self._failed_reads = []
+        self._dropped = []
         self._snapshot_to_install = None
         self._prev_hard_state = hs
         self._prev_soft_state = ss
@@ -955,6 +966,14 @@ class RaftNode:
     # =====================================================================================
     def _send(self, m: Message) -> None:
         self._outbox.append(m)
+
+    _MAX_DROPPED_NOTES = 64
+
+    def _drop(self, why: str) -> None:
+        """A message from a peer was ignored as invalid: say why in the next Ready (bounded:
+        a flood of bad messages costs the driver one batch of log lines per Ready)."""
+        if len(self._dropped) < self._MAX_DROPPED_NOTES:
+            self._dropped.append(why)
 
     def _send_after_persist(self, m: Message) -> None:
         """Replies that reveal persisted state leave only after the next persist."""

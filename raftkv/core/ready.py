@@ -51,3 +51,6 @@ class Ready:
     after_persist: tuple[Message, ...] = field(default=(), repr=False)
     """Held back by the core; released by advance(). Drivers must not send these."""
     serial: int = field(default=0, repr=False)
+    dropped: tuple[str, ...] = ()
+    """Why messages from peers were ignored as invalid (a forged TimeoutNow, a snapshot that
+    failed its checks...): for the driver to log, rate-limited. Nothing to do otherwise."""
