@@ -11,6 +11,12 @@ fields in a fixed order (no per-field keys: entries and AppendRequest are encode
 Entries inside an AppendRequest are `[index, term, kind, data, change]` (no version of their
 own), a snapshot meta inside a SnapshotRequest is `[index, term, [voters], [learners]]`.
 
+Message tags are versions of a message's layout. SnapshotRequest is tag 12 since it carries
+the whole snapshot's length and checksum (`..., meta, offset, data, done, length, checksum`;
+the checksum is 64 lowercase hex digits); its first layout, tag 7 (no length, no checksum), is
+refused with a message that says so: a follower must be able to check a snapshot before it
+keeps any of it, so every node of a cluster must run a build that sends tag 12.
+
 Decoding is fed bytes from the network and the disk: anything malformed, truncated, of the
 wrong type, out of range or unknown raises `DecodeError` and nothing else.
 """
@@ -40,6 +46,7 @@ from raftkv.core.messages import (
     VoteRequest,
     VoteResponse,
 )
+from raftkv.core.snapshots import is_checksum
 from raftkv.core.types import (
     ConfChange,
     ConfChangeOp,
@@ -176,6 +183,12 @@ def _bytes(v: object, name: str) -> bytes:
     return v
 
 
+def _checksum(v: object, name: str) -> str:
+    if type(v) is not str or not is_checksum(v):
+        raise DecodeError(f"{name}: expected a blake2b-256 hex digest")
+    return v
+
+
 def _int_array(v: object, name: str) -> tuple[int, ...]:
     items = _array(v, name)
     for item in items:
@@ -274,6 +287,9 @@ def decode_message(data: bytes) -> Message:
     tag = value[1] if len(value) > 1 else None
     layout = _LAYOUT_BY_TAG.get(tag) if type(tag) is int else None
     if layout is None:
+        retired = _RETIRED_TAGS.get(tag) if type(tag) is int else None
+        if retired is not None:
+            raise DecodeError(f"message: {retired}")
         raise DecodeError("message: unknown or missing message type")
     fields = value[2:]
     if len(fields) != len(layout.checks):
@@ -310,11 +326,16 @@ _SPECS: Final[dict[type[Message], tuple[int, tuple[_Check, ...]]]] = {
     AppendResponse: (4, (*_HEAD, _bool, _nat, _nat, _nat)),
     HeartbeatRequest: (5, (*_HEAD, _nat, _nat)),
     HeartbeatResponse: (6, (*_HEAD, _nat)),
-    SnapshotRequest: (7, (*_HEAD, _nested_meta, _nat, _bytes, _bool)),
+    SnapshotRequest: (12, (*_HEAD, _nested_meta, _nat, _bytes, _bool, _nat, _checksum)),
     SnapshotResponse: (8, (*_HEAD, _nat, _int_or_minus_one, _bool)),
     TimeoutNow: (9, _HEAD),
     ReadIndexRequest: (10, (*_HEAD, _int_array)),
     ReadIndexResponse: (11, (*_HEAD, _int_array, _int_or_minus_one)),
+}
+
+_RETIRED_TAGS: Final[dict[int, str]] = {
+    7: "a SnapshotRequest without length and checksum (tag 7) is no longer accepted: the "
+       "sender runs an older build; upgrade every node",
 }
 
 _CONVERTERS: Final[dict[_Check, Callable[[Any], object]]] = {

@@ -12,6 +12,7 @@ at most one Ready is outstanding at a time.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -35,6 +36,16 @@ from raftkv.core.messages import (
 )
 from raftkv.core.progress import Progress, ProgressState
 from raftkv.core.ready import BootState, Ready
+from raftkv.core.snapshots import (
+    SnapshotDecoder,
+    SnapshotReader,
+    SnapshotValidator,
+    SnapshotWrite,
+    is_checksum,
+)
+from raftkv.core.snapshots import (
+    new_hasher as new_snapshot_hasher,
+)
 from raftkv.core.types import (
     ConfChange,
     ConfChangeOp,
@@ -89,12 +100,24 @@ class _PendingRead:
 @dataclass(slots=True)
 class _IncomingSnapshot:
     meta: SnapshotMeta
-    buffer: bytearray
+    length: int
+    checksum: str
+    hasher: hashlib.blake2b
+    decoder: SnapshotDecoder | None
+    received: int = 0
 
 
 class RaftNode:
-    def __init__(self, config: Config, boot: BootState, rng: random.Random) -> None:
+    def __init__(self, config: Config, boot: BootState, rng: random.Random, *,
+                 snapshot_reader: SnapshotReader | None = None,
+                 snapshot_validator: SnapshotValidator | None = None) -> None:
+        """`snapshot_reader` reads chunks of this node's snapshots (without one it cannot send
+        a snapshot); `snapshot_validator` checks the format of incoming ones (without one,
+        only their size and checksum are checked). See raftkv.core.snapshots."""
         self.config = config
+        self._read_snapshot = snapshot_reader
+        self._snapshot_validator = snapshot_validator
+        self._snapshot_backoff = config.snapshot_backoff_ticks or config.election_timeout_ticks
         self.id: NodeId = config.node_id
         self._rng = rng
         hs = boot.hard_state
@@ -135,6 +158,9 @@ class RaftNode:
 
         self._incoming_snapshot: _IncomingSnapshot | None = None
         self._snapshot_to_install: Snapshot | None = None
+        self._snapshot_state: object = None
+        self._snapshot_writes: list[SnapshotWrite] = []
+        self._snapshot_discard = False
 
         self._prev_hard_state = HardState(self.term, self.vote, self.log.commit)
         self._prev_soft_state = SoftState(self.role, self.leader, self.term)
@@ -368,6 +394,8 @@ class RaftNode:
             or self._after_persist
             or log.unstable_from <= log.last_index()
             or self._snapshot_to_install is not None
+            or self._snapshot_writes
+            or self._snapshot_discard
             or self._read_states
             or self._failed_reads
             or self._dropped
@@ -402,6 +430,9 @@ class RaftNode:
             failed_reads=tuple(self._failed_reads),
             after_persist=tuple(self._after_persist),
             serial=self._ready_serial,
+            snapshot_writes=tuple(self._snapshot_writes),
+            snapshot_discard=self._snapshot_discard,
+            snapshot_state=self._snapshot_state,
             dropped=tuple(self._dropped),
         )
         self._outstanding = self._ready_serial
@@ -411,6 +442,9 @@ class RaftNode:
         self._failed_reads = []
         self._dropped = []
         self._snapshot_to_install = None
+        self._snapshot_state = None
+        self._snapshot_writes = []
+        self._snapshot_discard = False
         self._prev_hard_state = hs
         self._prev_soft_state = ss
         log.unstable_from = log.last_index() + 1
@@ -487,7 +521,7 @@ class RaftNode:
         self._progress = {}
         self._append_pending = False
         self._heartbeat_pending = False
-        self._incoming_snapshot = None
+        self._abandon_incoming_snapshot()
         self._fail_pending_reads()
 
     def _reset_election_timeout(self) -> None:
@@ -794,8 +828,8 @@ class RaftNode:
     # Snapshots (leader side sends in chunks; follower assembles then installs)
     # =====================================================================================
     def _start_snapshot(self, to: NodeId, pr: Progress) -> None:
-        if not pr.recent_active:
-            return  # do not stream a snapshot to a peer that may be down
+        if not pr.recent_active or pr.snapshot_backoff_ticks:
+            return  # the peer may be down, or it refused our last snapshot: not yet
         pr.become_snapshot(self._snapshot.meta.index)
         self._send_snapshot_chunk(to, pr)
 
@@ -804,20 +838,35 @@ class RaftNode:
         if snap.meta.index != pr.pending_snapshot:
             pr.become_snapshot(snap.meta.index)  # a newer snapshot replaced the one in flight
         off = pr.snapshot_offset
-        chunk = snap.data[off : off + self.config.snapshot_chunk_bytes]
-        done = off + len(chunk) >= len(snap.data)
-        self._send(SnapshotRequest(self.term, self.id, to, snap.meta, off, chunk, done))
+        size = min(self.config.snapshot_chunk_bytes, max(0, snap.length - off))
+        chunk = self._read_snapshot(snap, off, size) if self._read_snapshot else None
+        if chunk is None or len(chunk) != size:
+            # Not (or no longer) readable, e.g. replaced by a newer one being published:
+            # stop this transfer and offer a snapshot again after the back-off.
+            self._abort_snapshot(pr)
+            return
+        done = off + len(chunk) >= snap.length
+        self._send(SnapshotRequest(self.term, self.id, to, snap.meta, off, chunk, done,
+                                   snap.length, snap.checksum))
+
+    def _abort_snapshot(self, pr: Progress) -> None:
+        pr.pending_snapshot = 0  # the follower does not have it: probe from its match
+        pr.become_probe()
+        pr.snapshot_backoff_ticks = self._snapshot_backoff
 
     def _step_snapshot_response(self, m: SnapshotResponse, pr: Progress) -> None:
         if pr.state is not ProgressState.SNAPSHOT:
             return
         if m.next_offset < 0:
-            pr.become_probe()
+            if m.snapshot_index == pr.pending_snapshot:
+                self._abort_snapshot(pr)
             return
         if m.snapshot_index != self._snapshot.meta.index:
             pr.become_snapshot(self._snapshot.meta.index)
         elif m.done or m.next_offset == pr.snapshot_offset:
             return  # finished (an AppendResponse follows the install) or a duplicate
+        elif m.next_offset > self._snapshot.length:
+            return  # not an offset of this snapshot
         else:
             pr.snapshot_offset = m.next_offset
         self._send_snapshot_chunk(m.frm, pr)
@@ -825,30 +874,101 @@ class RaftNode:
     def _step_snapshot_request(self, m: SnapshotRequest) -> None:
         inc = self._incoming_snapshot
         if m.offset == 0:
-            inc = self._incoming_snapshot = _IncomingSnapshot(m.meta, bytearray())
-        if inc is None or inc.meta != m.meta or m.offset != len(inc.buffer):
-            expected = len(inc.buffer) if inc is not None and inc.meta == m.meta else 0
+            self._abandon_incoming_snapshot()
+            if m.meta.index <= self.log.commit:
+                # Nothing new in it: say so at once rather than receive it for nothing.
+                self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, 0,
+                                            done=True))
+                self._send_after_persist(
+                    AppendResponse(self.term, self.id, m.frm, True, self.log.commit))
+                return
+            problem = self._snapshot_offer_problem(m)
+            if problem is not None:
+                self._refuse_snapshot(m, problem)
+                return
+            decoder = None
+            if self._snapshot_validator is not None:
+                try:
+                    decoder = self._snapshot_validator()
+                except Exception as e:  # the validator's own failure: refuse, do not crash
+                    self._refuse_snapshot(m, f"the validator failed: {type(e).__name__}: {e}")
+                    return
+            inc = self._incoming_snapshot = _IncomingSnapshot(
+                m.meta, m.length, m.checksum, new_snapshot_hasher(), decoder)
+        if (inc is None or inc.meta != m.meta or inc.length != m.length
+                or inc.checksum != m.checksum or m.offset != inc.received):
+            same = inc is not None and inc.meta == m.meta
+            expected = inc.received if same and inc is not None else 0
             self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, expected))
             return
-        inc.buffer += m.data
-        if not m.done:
-            self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, len(inc.buffer)))
+        end = inc.received + len(m.data)
+        if end > inc.length or m.done != (end == inc.length):
+            self._refuse_snapshot(m, f"chunk at {m.offset} of {len(m.data)} bytes does not fit "
+                                     f"the declared length {inc.length} (done={m.done})")
             return
-        self._incoming_snapshot = None
-        self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, len(inc.buffer),
-                                    done=True))
-        if m.meta.index <= self.log.commit:
+        inc.hasher.update(m.data)
+        if inc.decoder is not None:
+            try:
+                inc.decoder.feed(m.data)
+            except Exception as e:  # whatever the bytes make the decoder raise: refuse
+                self._refuse_snapshot(m, f"not a valid snapshot: {type(e).__name__}: {e}")
+                return
+        inc.received = end
+        self._snapshot_writes.append(SnapshotWrite(m.meta, m.offset, m.data))
+        if not m.done:
+            self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, end))
+            return
+        if inc.hasher.hexdigest() != inc.checksum:
+            self._refuse_snapshot(m, "checksum mismatch: the bytes received are not the "
+                                     "snapshot the leader described")
+            return
+        state: object = None
+        if inc.decoder is not None:
+            try:
+                state = inc.decoder.finish()
+            except Exception as e:
+                self._refuse_snapshot(m, f"not a valid snapshot: {type(e).__name__}: {e}")
+                return
+        self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, end, done=True))
+        if m.meta.index <= self.log.commit:  # the commit index moved past it meanwhile
+            self._abandon_incoming_snapshot()  # nothing new in it: not even its last chunk
             ack = self.log.commit
         else:
-            self._install_snapshot(Snapshot(m.meta, bytes(inc.buffer)))
+            self._incoming_snapshot = None
+            self._install_snapshot(Snapshot(m.meta, inc.length, inc.checksum), state)
             ack = m.meta.index
         self._send_after_persist(AppendResponse(self.term, self.id, m.frm, True, ack))
 
-    def _install_snapshot(self, snapshot: Snapshot) -> None:
+    def _snapshot_offer_problem(self, m: SnapshotRequest) -> str | None:
+        """Why the first chunk of a snapshot cannot be accepted, or None."""
+        cap = self.config.max_snapshot_bytes
+        if m.length > cap:
+            return f"it is {m.length} bytes, over this node's cap of {cap}"
+        if not is_checksum(m.checksum):
+            return "its checksum is not a blake2b-256 hex digest"
+        return None
+
+    def _refuse_snapshot(self, m: SnapshotRequest, why: str) -> None:
+        """Drop the transfer (nothing of it is published) and tell the leader to back off."""
+        self._abandon_incoming_snapshot()
+        self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, -1))
+        self._drop(f"snapshot {m.meta.index}/{m.meta.term} from {m.frm} refused: {why}")
+
+    def _abandon_incoming_snapshot(self) -> None:
+        """Forget the transfer in progress; the driver drops what it staged of it."""
+        inc = self._incoming_snapshot
+        if inc is None:
+            return
+        self._incoming_snapshot = None
+        self._snapshot_writes = [w for w in self._snapshot_writes if w.meta != inc.meta]
+        self._snapshot_discard = True
+
+    def _install_snapshot(self, snapshot: Snapshot, state: object) -> None:
         meta = snapshot.meta
         self.log.restore(meta.index, meta.term)
         self._snapshot = snapshot
         self._snapshot_to_install = snapshot
+        self._snapshot_state = state
         self._base_membership = meta.membership
         self._conf_entries = []
         self._scan_conf_entries(meta.index + 1)

@@ -20,6 +20,7 @@ from raftkv.kv.state_machine import (
     ConditionFailed,
     DeleteResult,
     InvalidCommand,
+    KVSnapshotDecoder,
     KVSnapshotView,
     KVStateMachine,
     LeaseGrantResult,
@@ -31,6 +32,7 @@ from raftkv.kv.state_machine import (
     StateMachineError,
     iter_snapshot_chunks,
     parse_snapshot,
+    parse_snapshot_chunks,
     serialize_snapshot,
 )
 
@@ -45,6 +47,7 @@ __all__ = [
     "DeleteResult",
     "InvalidCommand",
     "JSONValue",
+    "KVSnapshotDecoder",
     "KVSnapshotView",
     "KVStateMachine",
     "LeaseExpiry",
@@ -64,5 +67,6 @@ __all__ = [
     "iter_snapshot_chunks",
     "min_lease_ttl_s",
     "parse_snapshot",
+    "parse_snapshot_chunks",
     "serialize_snapshot",
 ]

@@ -38,13 +38,12 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import io
 import itertools
 import logging
 import operator
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeAlias, TypeVar
@@ -291,7 +290,11 @@ class KVStateMachine:
         return result
 
     def snapshot(self) -> bytes:
+        """The whole snapshot as one bytes (small states and tests; see snapshot_chunks)."""
         return serialize_snapshot(self.snapshot_view())
+
+    def snapshot_chunks(self) -> Iterator[bytes]:
+        return iter_snapshot_chunks(self.snapshot_view())
 
     def restore(self, data: bytes, index: int) -> None:
         """Replace the state with a snapshot taken at `index`; SnapshotCorrupt if it is bad.
@@ -299,6 +302,24 @@ class KVStateMachine:
         On error the state is left as it was.
         """
         self.restore_view(parse_snapshot(data), index)
+
+    def restore_chunks(self, chunks: Iterable[bytes], index: int) -> None:
+        """restore() from the snapshot's chunks, never holding its bytes whole; errors the
+        chunks raise (a damaged store) pass through, and the state is left as it was."""
+        self.restore_view(parse_snapshot_chunks(chunks), index)
+
+    @staticmethod
+    def snapshot_decoder() -> KVSnapshotDecoder:
+        """The Raft core's snapshot validator for this machine (see install)."""
+        return KVSnapshotDecoder()
+
+    def install(self, state: object, index: int) -> None:
+        """Replace the state with what snapshot_decoder() decoded from the snapshot at
+        `index` (the core's Ready.snapshot_state): no second parse, no read back."""
+        if not isinstance(state, KVSnapshotView):
+            raise StateMachineError(f"install() needs a KVSnapshotView, not "
+                                    f"{type(state).__name__}")
+        self.restore_view(state, index)
 
     # Snapshots in two steps
     def snapshot_view(self) -> KVSnapshotView:
@@ -707,50 +728,139 @@ def serialize_snapshot(view: KVSnapshotView) -> bytes:
 
 def parse_snapshot(data: bytes) -> KVSnapshotView:
     """The view serialised in `data` (pure); SnapshotCorrupt if `data` is not one."""
-    unpacker = msgpack.Unpacker(
-        io.BytesIO(data),
-        read_size=_READ_SIZE_BYTES,
-        max_buffer_size=max(len(data), _READ_SIZE_BYTES),
-        raw=False,
-        strict_map_key=True,
-        use_list=True,
-    )
-    try:
-        return _parse(unpacker)
-    except SnapshotCorrupt:
-        raise
-    except StopIteration as e:
-        raise SnapshotCorrupt("key-value snapshot is truncated") from e
-    except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
-        raise SnapshotCorrupt(f"key-value snapshot is malformed: {type(e).__name__}: {e}") from e
+    decoder = KVSnapshotDecoder()
+    decoder.feed(data)
+    return decoder.finish()
 
 
-def _parse(unpacker: msgpack.Unpacker) -> KVSnapshotView:
-    header = next(unpacker)
-    if type(header) is not dict or header.get("format") != SNAPSHOT_FORMAT:
-        raise SnapshotCorrupt("not a key-value snapshot (no format header)")
-    version = header.get("v")
-    if version not in _SNAPSHOT_VERSIONS or type(version) is not int:
-        raise SnapshotCorrupt(
-            f"key-value snapshot version {version!r} is not supported "
-            f"(this build reads versions {', '.join(map(str, _SNAPSHOT_VERSIONS))})"
+def parse_snapshot_chunks(chunks: Iterable[bytes]) -> KVSnapshotView:
+    """The view serialised in the concatenation of `chunks`, read one chunk at a time."""
+    decoder = KVSnapshotDecoder()
+    for chunk in chunks:
+        decoder.feed(chunk)
+    return decoder.finish()
+
+
+class KVSnapshotDecoder:
+    """Checks and decodes a key-value snapshot fed chunk by chunk, in order (the Raft core's
+    snapshot validator: raftkv.core.snapshots.SnapshotDecoder).
+
+    feed() raises SnapshotCorrupt as soon as the bytes so far cannot begin a valid snapshot
+    (garbage is refused on its first chunk), finish() once they are not a whole one, and
+    otherwise returns the KVSnapshotView. It holds what it decoded so far plus at most one
+    incomplete msgpack object (a segment) of undecoded bytes, never the whole snapshot.
+    """
+
+    _STAGES = ("data", "requests", "leases", "attached")
+
+    def __init__(self) -> None:
+        # max_buffer_size=0: msgpack's maximum (2**32-1). What is buffered is one incomplete
+        # object; the Raft core bounds a whole incoming snapshot (Config.max_snapshot_bytes).
+        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, use_list=True,
+                                          max_buffer_size=0)
+        self._fed = 0
+        self._header: dict[str, object] | None = None
+        self._stage = -1  # -1: the header; len(_STAGES): everything was read
+        self._applied_index = 0
+        self._counts: tuple[int, ...] = ()
+        self._addresses: dict[NodeId, str] = {}
+        self._data: dict[str, Record] = {}
+        self._requests: dict[str, RememberedAnswer] = {}
+        self._leases: dict[int, int] = {}
+        self._key_leases: dict[str, int] = {}
+
+    def feed(self, data: bytes) -> None:
+        self._fed += len(data)
+        try:
+            self._unpacker.feed(data)
+            for obj in self._unpacker:
+                self._take(obj)
+        except SnapshotCorrupt:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
+            raise SnapshotCorrupt(
+                f"key-value snapshot is malformed: {type(e).__name__}: {e}") from e
+
+    def finish(self) -> KVSnapshotView:
+        if self._header is None:
+            raise SnapshotCorrupt("key-value snapshot is truncated (no header)")
+        if self._stage < len(self._STAGES) or self._unpacker.tell() != self._fed:
+            raise SnapshotCorrupt("key-value snapshot is truncated")
+        return KVSnapshotView(self._applied_index, self._data, self._requests,
+                              self._addresses, self._leases, self._key_leases)
+
+    # ------------------------------------------------------------------ one object at a time
+    def _take(self, obj: object) -> None:
+        if self._stage < 0:
+            self._take_header(obj)
+        elif self._stage >= len(self._STAGES):
+            raise SnapshotCorrupt("key-value snapshot has trailing data")
+        else:
+            stage = self._STAGES[self._stage]
+            if stage == "data":
+                self._take_data(obj)
+            elif stage == "requests":
+                self._take_requests(obj)
+            elif stage == "leases":
+                self._take_pairs(obj, self._leases, int, "lease")
+            else:
+                self._take_pairs(obj, self._key_leases, str, "attached key")
+        self._next_stage()
+
+    def _next_stage(self) -> None:
+        """Move past every stage whose count is reached (checking what a stage needs)."""
+        have = (self._data, self._requests, self._leases, self._key_leases)
+        while self._stage < len(self._STAGES):
+            if self._stage >= 0:
+                if len(have[self._stage]) < self._counts[self._stage]:
+                    return
+                if len(have[self._stage]) != self._counts[self._stage]:
+                    raise SnapshotCorrupt(
+                        f"key-value snapshot has more or repeated {self._STAGES[self._stage]} "
+                        "than its header says")
+                self._end_of(self._STAGES[self._stage])
+            elif self._header is None:
+                return
+            self._stage += 1
+
+    def _end_of(self, stage: str) -> None:
+        if stage == "leases" and any(
+                not 0 < lease_id <= self._applied_index or not 0 < ttl_s <= MAX_LEASE_TTL_S
+                for lease_id, ttl_s in self._leases.items()):
+            raise SnapshotCorrupt("key-value snapshot has a bad lease")
+        if stage == "attached" and any(
+                key not in self._data or lease_id not in self._leases
+                for key, lease_id in self._key_leases.items()):
+            raise SnapshotCorrupt(
+                "key-value snapshot attaches a key or a lease it does not hold")
+
+    def _take_header(self, header: object) -> None:
+        if type(header) is not dict or header.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotCorrupt("not a key-value snapshot (no format header)")
+        version = header.get("v")
+        if version not in _SNAPSHOT_VERSIONS or type(version) is not int:
+            raise SnapshotCorrupt(
+                f"key-value snapshot version {version!r} is not supported "
+                f"(this build reads versions {', '.join(map(str, _SNAPSHOT_VERSIONS))})"
+            )
+        applied_index, n_keys, n_requests = (
+            header["applied_index"], header["keys"], header["requests"]
         )
-    applied_index, n_keys, n_requests = (
-        header["applied_index"], header["keys"], header["requests"]
-    )
-    n_leases, n_attached = (header["leases"], header["attached"]) if version >= 2 else (0, 0)
-    addresses = header["addresses"]
-    if not all(type(v) is int and v >= 0
-               for v in (applied_index, n_keys, n_requests, n_leases, n_attached)):
-        raise SnapshotCorrupt("key-value snapshot header has bad counts")
-    if type(addresses) is not dict or not all(
-        type(k) is str and type(v) is str for k, v in addresses.items()
-    ):
-        raise SnapshotCorrupt("key-value snapshot header has a bad address book")
+        n_leases, n_attached = (header["leases"], header["attached"]) if version >= 2 else (0, 0)
+        addresses = header["addresses"]
+        counts = (n_keys, n_requests, n_leases, n_attached)
+        if not all(type(v) is int and v >= 0 for v in (applied_index, *counts)):
+            raise SnapshotCorrupt("key-value snapshot header has bad counts")
+        if type(addresses) is not dict or not all(
+            type(k) is str and type(v) is str for k, v in addresses.items()
+        ):
+            raise SnapshotCorrupt("key-value snapshot header has a bad address book")
+        self._header = header
+        self._applied_index = applied_index
+        self._counts = counts
+        self._addresses = addresses
 
-    data: dict[str, Record] = {}
-    while len(data) < n_keys:
-        segment = next(unpacker)
+    def _take_data(self, segment: object) -> None:
         if type(segment) is not list or len(segment) != 3:
             raise SnapshotCorrupt("key-value snapshot has a bad data segment")
         keys, values, mod_indices = segment
@@ -762,50 +872,28 @@ def _parse(unpacker: msgpack.Unpacker) -> KVSnapshotView:
             and set(map(type, keys)) == {str}
             and set(map(type, mod_indices)) == {int}
             and min(mod_indices) > 0
-            and max(mod_indices) <= applied_index
+            and max(mod_indices) <= self._applied_index
         ):
             raise SnapshotCorrupt("key-value snapshot has a bad data segment")
-        data.update(zip(keys, zip(values, mod_indices, strict=True), strict=True))
-    if len(data) != n_keys:
-        raise SnapshotCorrupt("key-value snapshot has more records than its header says")
+        self._data.update(zip(keys, zip(values, mod_indices, strict=True), strict=True))
 
-    requests: dict[str, RememberedAnswer] = {}
-    while len(requests) < n_requests:
-        segment = next(unpacker)
+    def _take_requests(self, segment: object) -> None:
         if type(segment) is not list or not segment:
             raise SnapshotCorrupt("key-value snapshot has a bad request segment")
         if len(segment) != 1 + len(_ANSWER_FIELDS) or not all(
             type(column) is list and len(column) == len(segment[0]) for column in segment
         ):
             raise SnapshotCorrupt("key-value snapshot has a bad request segment")
+        requests = self._requests
         for request_id, *fields in zip(*segment, strict=True):
             if type(request_id) is not str:
                 raise SnapshotCorrupt("key-value snapshot has a bad request id")
-            requests[request_id] = _answer_from_wire(fields, applied_index)
-    if len(requests) != n_requests:
-        raise SnapshotCorrupt("key-value snapshot has more or repeated request ids")
+            requests[request_id] = _answer_from_wire(fields, self._applied_index)
 
-    leases = _parse_pairs(unpacker, n_leases, int, "lease")
-    if any(not 0 < lease_id <= applied_index or not 0 < ttl_s <= MAX_LEASE_TTL_S
-           for lease_id, ttl_s in leases.items()):
-        raise SnapshotCorrupt("key-value snapshot has a bad lease")
-    key_leases = _parse_pairs(unpacker, n_attached, str, "attached key")
-    if any(key not in data or lease_id not in leases for key, lease_id in key_leases.items()):
-        raise SnapshotCorrupt("key-value snapshot attaches a key or a lease it does not hold")
-    try:
-        unpacker.unpack()
-    except msgpack.OutOfData:
-        return KVSnapshotView(applied_index, data, requests, addresses, leases, key_leases)
-    raise SnapshotCorrupt("key-value snapshot has trailing data")
-
-
-def _parse_pairs(
-    unpacker: msgpack.Unpacker, count: int, first_type: type[_K], what: str
-) -> dict[_K, int]:
-    """`count` (first, int) pairs in segments of two columns, the firsts unique."""
-    pairs: dict[_K, int] = {}
-    while len(pairs) < count:
-        segment = next(unpacker)
+    @staticmethod
+    def _take_pairs(segment: object, pairs: dict[_K, int], first_type: type[_K],
+                    what: str) -> None:
+        """One segment of (first, int) pairs in two columns."""
         if not (
             type(segment) is list
             and len(segment) == 2
@@ -817,9 +905,6 @@ def _parse_pairs(
         ):
             raise SnapshotCorrupt(f"key-value snapshot has a bad {what} segment")
         pairs.update(zip(segment[0], segment[1], strict=True))
-    if len(pairs) != count:
-        raise SnapshotCorrupt(f"key-value snapshot has more or repeated {what}s")
-    return pairs
 
 
 def _answer_from_wire(wire: list[object], applied_index: int) -> RememberedAnswer:

@@ -39,11 +39,11 @@ from raftkv.core import (
     SoftState,
 )
 from raftkv.core.ready import Ready
-from raftkv.kv.state_machine import KVSnapshotView, KVStateMachine, serialize_snapshot
+from raftkv.kv.state_machine import KVSnapshotView, KVStateMachine, iter_snapshot_chunks
 from raftkv.metrics import NodeMetrics
 from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StorageFull
 from raftkv.runtime.boot import load_boot_state
-from raftkv.runtime.ready_handler import ReadyHandler
+from raftkv.runtime.ready_handler import ReadyHandler, chunk_reader
 from raftkv.runtime.waiter import Waiter, WakeSignal
 from raftkv.runtime.watch import WatchRegistry
 from raftkv.service import (
@@ -167,6 +167,8 @@ class RaftLoop:
         self.watches = WatchRegistry(floor_index=state_machine.applied_index)
         """Long polls on keys (raftkv.runtime.watch); loop thread only."""
         self.storage_full = False
+        self._dropped_count = 0
+        self._dropped_log_at = 0.0
         self.fatal: str | None = None
         self._ticks = 0
         self._reachable: dict[str, bool] = {}
@@ -300,6 +302,8 @@ class RaftLoop:
         core = self.core
         while core.has_ready():
             rd = core.ready()
+            for why in rd.dropped:
+                self._log_dropped(why)
             if rd.soft_state is not None:
                 self._on_soft_state(rd.soft_state)
             for e in rd.entries:
@@ -326,7 +330,16 @@ class RaftLoop:
             self.metrics.snapshots.labels("installed").inc()
             log.info("event=snapshot_installed node=%s index=%d term=%d bytes=%d",
                      self.core.id, rd.snapshot.meta.index, rd.snapshot.meta.term,
-                     len(rd.snapshot.data))
+                     rd.snapshot.length)
+
+    def _log_dropped(self, why: str) -> None:
+        """A peer message the core ignored as invalid: one warning per 10 s, counted."""
+        self._dropped_count += 1
+        now = time.monotonic()
+        if now >= self._dropped_log_at:
+            self._dropped_log_at = now + 10.0
+            log.warning("event=peer_message_dropped node=%s dropped=%d reason=%s",
+                        self.core.id, self._dropped_count, why)
 
     def _persist_timed(self, seconds: float, entries: int) -> None:
         self.metrics.fsync_seconds.observe(seconds)
@@ -602,14 +615,14 @@ class RaftLoop:
     def _write_snapshot(self, meta: SnapshotMeta, view: KVSnapshotView) -> None:
         started = time.monotonic()
         try:
-            data = serialize_snapshot(view)
             sink = self.snapshots.create(meta)
             try:
-                sink.write(data)
+                for chunk in iter_snapshot_chunks(view):  # streamed: never whole in memory
+                    sink.write(chunk)
             except BaseException:
                 sink.cancel()
                 raise
-            sink.close()
+            stored = sink.close()
         except StorageError as e:
             log.error("event=snapshot_failed node=%s index=%d error=%s", self.core.id,
                       meta.index, e)
@@ -617,9 +630,9 @@ class RaftLoop:
             return
         seconds = time.monotonic() - started
         self.metrics.snapshot_seconds.observe(seconds)
-        self.metrics.snapshot_bytes.set(len(data))
+        self.metrics.snapshot_bytes.set(stored.length)
         self.metrics.snapshots.labels("taken").inc()
-        self.call(lambda: self._snapshot_done(Snapshot(meta, data), seconds))
+        self.call(lambda: self._snapshot_done(stored, seconds))
 
     def _snapshot_done_failed(self) -> None:
         self._snapshot_in_progress = False
@@ -632,7 +645,7 @@ class RaftLoop:
         self.storage.compact(keep_from)
         self._last_snapshot_index = meta.index
         log.info("event=snapshot_taken node=%s index=%d term=%d bytes=%d seconds=%.3f",
-                 self.core.id, meta.index, meta.term, len(snapshot.data), seconds)
+                 self.core.id, meta.index, meta.term, snapshot.length, seconds)
 
     # ------------------------------------------------------------------ state changes
     def _on_soft_state(self, ss: SoftState) -> None:
@@ -707,7 +720,9 @@ class RaftLoop:
         # persisted entries), so the commit index on disk may be raised to it.
         boot = BootState(HardState(hs.term, hs.vote, max(hs.commit, applied)), boot.snapshot,
                          boot.entries, applied)
-        return RaftNode(self.core.config, boot, self._rng)
+        return RaftNode(self.core.config, boot, self._rng,
+                        snapshot_reader=chunk_reader(self.snapshots),
+                        snapshot_validator=self.sm.snapshot_decoder)
 
     def _fail_everything(self, err: ServiceError) -> None:
         """Fail every waiter with `err`, except writes already handed to Raft (proposed

@@ -35,6 +35,7 @@ from raftkv.kv.state_machine import KVStateMachine, StateMachineError
 from raftkv.ports import NodeIdentity, StorageError
 from raftkv.runtime.boot import load_boot_state
 from raftkv.runtime.loop import BASE_MEMBERSHIP, RaftLoop
+from raftkv.runtime.ready_handler import chunk_reader
 from raftkv.runtime.service import NodeService
 from raftkv.runtime.transport import PeerTransport, probe
 from raftkv.service import ServiceError
@@ -116,7 +117,7 @@ class NodeServer:
         try:
             boot, stored = load_boot_state(self.storage, self.snapshots, BASE_MEMBERSHIP)
             if stored is not None:
-                self.sm.restore(stored.data, stored.meta.index)
+                self.sm.restore_chunks(self.snapshots.chunks(stored), stored.meta.index)
         except (StorageError, StateMachineError, ValueError) as e:
             raise StartupError(f"cannot load the state in {data}: {e}. If the data is "
                                "damaged, move the data dir away and let the node rejoin "
@@ -133,7 +134,8 @@ class NodeServer:
             heartbeat_interval_ticks=settings.heartbeat_ticks,
         )
         try:
-            core = RaftNode(config, boot, rng)
+            core = RaftNode(config, boot, rng, snapshot_reader=chunk_reader(self.snapshots),
+                            snapshot_validator=self.sm.snapshot_decoder)
         except (RaftError, AssertionError, ValueError) as e:
             raise StartupError(f"the log in {data} is inconsistent ({e}); move the data dir "
                                "away and let the node rejoin empty") from None

@@ -58,11 +58,10 @@ from raftkv.core.types import (
     Membership,
     NodeId,
     Role,
-    Snapshot,
     SnapshotMeta,
 )
 from raftkv.runtime.boot import load_boot_state
-from raftkv.runtime.ready_handler import ReadyHandler
+from raftkv.runtime.ready_handler import ReadyHandler, chunk_reader
 from snapshots.memory import MemorySnapshotStore
 from storage.memory import MemoryRaftStorage
 from tests.sim.invariants import Invariants, InvariantViolation
@@ -559,9 +558,11 @@ class Cluster:
         boot, stored = load_boot_state(sn.storage, sn.snapshots, BASE_MEMBERSHIP)
         sm = self._new_machine()
         if stored is not None:
-            sm.restore(stored.data, stored.meta.index)
+            sm.restore_chunks(sn.snapshots.chunks(stored), stored.meta.index)
         sn.sm = sm
-        raft = RaftNode(sn.config, boot, random.Random(self.rng.getrandbits(64)))
+        raft = RaftNode(sn.config, boot, random.Random(self.rng.getrandbits(64)),
+                        snapshot_reader=chunk_reader(sn.snapshots),
+                        snapshot_validator=sm.snapshot_decoder)
         sn.raft = raft
         sn.inflight = None
         sn.handler = ReadyHandler(
@@ -669,12 +670,12 @@ class Cluster:
         term = raft.log.term(index)
         assert term is not None, f"{sn.id}: no term for applied index {index}"
         meta = SnapshotMeta(index, term, raft.membership_at(index))
-        data = sn.sm.snapshot()
         sink = sn.snapshots.create(meta)
-        sink.write(data)
-        sink.close()
+        for chunk in sn.sm.snapshot_chunks():
+            sink.write(chunk)
+        stored = sink.close()
         keep_from = max(1, index - self.profile.trailing)
-        raft.compact(Snapshot(meta, data), keep_from)
+        raft.compact(stored, keep_from)
         sn.storage.compact(keep_from)
         self.stats.snapshots_taken += 1
         self._note("snapshot", sn.id, f"snapshot at {index}/{term}, log kept from {keep_from}")
