@@ -2,6 +2,9 @@
 leader's lease timers (raftkv.kv.leases)."""
 
 from raftkv.kv.commands import (
+    ALARM_CAUSES,
+    AlarmDisarm,
+    AlarmRaise,
     Batch,
     Command,
     CommandDecodeError,
@@ -10,11 +13,14 @@ from raftkv.kv.commands import (
     LeaseGrant,
     LeaseRevoke,
     Put,
+    adds_data,
     decode_command,
     encode_command,
 )
 from raftkv.kv.leases import LeaseExpiry, NotLeaseLeader, min_lease_ttl_s
 from raftkv.kv.state_machine import (
+    AlarmRecord,
+    AlarmResult,
     ApplyResult,
     BatchResult,
     ConditionFailed,
@@ -27,16 +33,23 @@ from raftkv.kv.state_machine import (
     LeaseNotFound,
     LeaseRecord,
     LeaseRevokeResult,
+    NoSpace,
     PutResult,
     SnapshotCorrupt,
     StateMachineError,
     iter_snapshot_chunks,
     parse_snapshot,
     parse_snapshot_chunks,
+    record_size,
     serialize_snapshot,
 )
 
 __all__ = [
+    "ALARM_CAUSES",
+    "AlarmDisarm",
+    "AlarmRaise",
+    "AlarmRecord",
+    "AlarmResult",
     "ApplyResult",
     "Batch",
     "BatchResult",
@@ -57,16 +70,19 @@ __all__ = [
     "LeaseRecord",
     "LeaseRevoke",
     "LeaseRevokeResult",
+    "NoSpace",
     "NotLeaseLeader",
     "Put",
     "PutResult",
     "SnapshotCorrupt",
     "StateMachineError",
+    "adds_data",
     "decode_command",
     "encode_command",
     "iter_snapshot_chunks",
     "min_lease_ttl_s",
     "parse_snapshot",
     "parse_snapshot_chunks",
+    "record_size",
     "serialize_snapshot",
 ]

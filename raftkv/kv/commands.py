@@ -15,6 +15,8 @@ On the wire (the data of a log entry) a command travels in a versioned envelope:
     Batch       [2, [op, ...]]                   ops: Put (never with ttl) and Delete
     LeaseGrant  [3, ttl]
     LeaseRevoke [4, lease_id, expired]
+    AlarmRaise  [16, node_id, cause]             cause: one of ALARM_CAUSES
+    AlarmDisarm [17]
 
 `decode_command` accepts exactly that and raises `CommandDecodeError` for anything else.
 
@@ -68,6 +70,8 @@ _TAG_DELETE = 1
 _TAG_BATCH = 2
 _TAG_LEASE_GRANT = 3
 _TAG_LEASE_REVOKE = 4
+_TAG_ALARM_RAISE = 16  # far from 5..: other new commands take the next small tags
+_TAG_ALARM_DISARM = 17
 
 
 class CommandDecodeError(ValueError):
@@ -154,7 +158,44 @@ class LeaseRevoke:
             raise TypeError("expired must be a bool")
 
 
-Command: TypeAlias = Put | Delete | Batch | LeaseGrant | LeaseRevoke
+# ------------------------------------------------------------------------------ alarms
+ALARM_CAUSES = ("quota", "map_full", "disk_full")
+"""Why a node raised the NOSPACE alarm: the state machine reached the quota (RAFTKV_QUOTA_BYTES)
+before a write was proposed; its LMDB map is at its maximum size; its disk is full."""
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmRaise:
+    """Raise the cluster-wide NOSPACE alarm: from the entry that applies it on, every replica
+    refuses writes that add data (puts, batches with a put, lease grants) until AlarmDisarm.
+    `node_id` is the node that raised it, `cause` one of ALARM_CAUSES."""
+
+    node_id: str
+    cause: str
+
+    def __post_init__(self) -> None:
+        if type(self.node_id) is not str or not 1 <= len(self.node_id) <= 64:
+            raise ValueError("an alarm names the node that raised it (1..64 characters)")
+        if self.cause not in ALARM_CAUSES:
+            raise ValueError(f"an alarm's cause is one of {', '.join(ALARM_CAUSES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmDisarm:
+    """Clear every alarm (the operator freed space: `raftkv alarm disarm`)."""
+
+
+Command: TypeAlias = Put | Delete | Batch | LeaseGrant | LeaseRevoke | AlarmRaise | AlarmDisarm
+
+
+def adds_data(cmd: Command) -> bool:
+    """Whether `cmd` may make the state bigger: refused while the NOSPACE alarm is raised
+    (deletes, lease revokes and the alarm commands are not)."""
+    if isinstance(cmd, Put | LeaseGrant):
+        return True
+    if isinstance(cmd, Batch):
+        return any(isinstance(op, Put) for op in cmd.ops)
+    return False
 
 
 def check_key(key: object) -> None:
@@ -289,6 +330,10 @@ def _command_to_wire(cmd: Command) -> list[object]:
         return [_TAG_LEASE_GRANT, cmd.ttl_s]
     if isinstance(cmd, LeaseRevoke):
         return [_TAG_LEASE_REVOKE, cmd.lease_id, cmd.expired]
+    if isinstance(cmd, AlarmRaise):
+        return [_TAG_ALARM_RAISE, cmd.node_id, cmd.cause]
+    if isinstance(cmd, AlarmDisarm):
+        return [_TAG_ALARM_DISARM]
     raise TypeError(f"not a command: {type(cmd).__name__}")
 
 
@@ -303,6 +348,10 @@ def _command_from_wire(wire: object) -> Command:
             return LeaseGrant(wire[1])
         if wire[0] == _TAG_LEASE_REVOKE and len(wire) == 3:
             return LeaseRevoke(wire[1], wire[2])
+        if wire[0] == _TAG_ALARM_RAISE and len(wire) == 3:
+            return AlarmRaise(wire[1], wire[2])
+        if wire[0] == _TAG_ALARM_DISARM and len(wire) == 1:
+            return AlarmDisarm()
     return _op_from_wire(wire)
 
 

@@ -30,6 +30,16 @@ Delete detaches it. A Put or Batch that names a lease that does not exist applie
 returns `LeaseNotFound`; conditions are checked first, operation by operation, so a command
 that fails both ways reports whichever failure its first failing operation has.
 
+Size and the NOSPACE alarm (issue 14). `size_bytes` is what the quota counts: for every key,
+its UTF-8 bytes + its value's msgpack encoding + RECORD_OVERHEAD_BYTES, plus LEASE_BYTES per
+lease. It is exact and the same on every replica at the same index: every apply keeps it up to
+date (a string or number value's encoded size is computed, not re-encoded; only lists and
+objects are packed), and a restore recomputes it. Alarms are replicated state: an `AlarmRaise`
+entry (node, cause) raises NOSPACE, an `AlarmDisarm` entry clears every alarm; while one is
+raised, every replica answers a command that adds data (commands.adds_data) with `NoSpace` and
+applies nothing of it (deletes, lease revokes and reads go on). Alarms travel in snapshots as
+an optional section ("alarms" in the header, then one segment); a snapshot without it has none.
+
 Values are shared, not copied: treat values returned by `get`, `items` and the results as
 read-only.
 """
@@ -52,7 +62,10 @@ import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from raftkv.core.types import ConfChange, ConfChangeOp, Entry, EntryKind, NodeId
 from raftkv.kv.commands import (
+    ALARM_CAUSES,
     MAX_LEASE_TTL_S,
+    AlarmDisarm,
+    AlarmRaise,
     Batch,
     Command,
     CommandDecodeError,
@@ -61,6 +74,7 @@ from raftkv.kv.commands import (
     LeaseGrant,
     LeaseRevoke,
     Put,
+    adds_data,
     decode_command,
 )
 
@@ -152,6 +166,33 @@ class LeaseRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class AlarmRecord:
+    """One raised NOSPACE alarm: the node that raised it, why (commands.ALARM_CAUSES), and
+    the index of the entry that raised it."""
+
+    node_id: NodeId
+    cause: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class NoSpace:
+    """The NOSPACE alarm is raised: this command would add data, so nothing of it was
+    applied. Not remembered for its request id: a retry after the disarm applies."""
+
+    index: int
+    alarms: tuple[AlarmRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmResult:
+    """An AlarmRaise or AlarmDisarm applied: the alarms now raised."""
+
+    index: int
+    alarms: tuple[AlarmRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class InvalidCommand:
     """The entry's data is not a command this version understands; nothing was applied."""
 
@@ -161,7 +202,7 @@ class InvalidCommand:
 
 CommandResult: TypeAlias = (
     PutResult | DeleteResult | BatchResult | ConditionFailed | LeaseGrantResult
-    | LeaseRevokeResult | LeaseNotFound
+    | LeaseRevokeResult | LeaseNotFound | NoSpace | AlarmResult
 )
 """What a decoded command returns (ApplyResult without InvalidCommand)."""
 ApplyResult: TypeAlias = CommandResult | InvalidCommand
@@ -212,6 +253,11 @@ class KVSnapshotView:
     """Lease id -> TTL in seconds."""
     key_leases: dict[str, int] = field(default_factory=dict)
     """Key -> the lease it is attached to (only attached keys)."""
+    alarms: dict[tuple[NodeId, str], int] = field(default_factory=dict)
+    """(node id, cause) -> the index that raised that NOSPACE alarm."""
+    size_bytes: int = field(default=0, compare=False)
+    """KVStateMachine.size_bytes of this state (0: unknown); sizes the snapshot's segments.
+    Derived, so not compared (a parsed view does not carry it)."""
 
 
 # ------------------------------------------------------------------------------ the machine
@@ -234,6 +280,9 @@ class KVStateMachine:
         self._key_leases: dict[str, int] = {}
         self._lease_keys: dict[int, set[str]] = {}
         """Lease id -> its attached keys: the inverse of _key_leases, one entry per lease."""
+        self._size = 0
+        """size_bytes, kept up to date by every apply (see record_size)."""
+        self._alarms: dict[tuple[NodeId, str], int] = {}
 
     # StateMachine
     @property
@@ -268,8 +317,8 @@ class KVStateMachine:
         except CommandDecodeError as e:
             logger.warning("event=kv_invalid_command index=%d reason=%s", index, e)
             return InvalidCommand(index, str(e))
-        if request_id is None:
-            return self._execute(cmd, index)
+        if request_id is None or isinstance(cmd, AlarmRaise | AlarmDisarm):
+            return self._execute(cmd, index)  # the alarm commands are idempotent anyway
         fingerprint = _fingerprint(entry.data)
         known = self._requests.get(request_id)
         if known is not None:
@@ -282,6 +331,8 @@ class KVStateMachine:
             logger.debug("event=kv_retry_answered index=%d first_index=%d", index, known.index)
             return answer
         result = self._execute(cmd, index)
+        if isinstance(result, NoSpace):
+            return result  # nothing applied: a retry after the disarm must apply
         if self._max_request_ids:
             self._requests[request_id] = _remember(fingerprint, result)
             self._request_order.append(request_id)
@@ -331,6 +382,8 @@ class KVStateMachine:
             addresses=self._addresses.copy(),
             leases=self._lease_ttls.copy(),
             key_leases=self._key_leases.copy(),
+            alarms=self._alarms.copy(),
+            size_bytes=self._size,
         )
 
     def restore_view(self, view: KVSnapshotView, index: int) -> None:
@@ -350,12 +403,15 @@ class KVStateMachine:
         self._lease_keys = {lease_id: set() for lease_id in self._lease_ttls}
         for key, lease_id in self._key_leases.items():
             self._lease_keys[lease_id].add(key)
+        self._alarms = view.alarms.copy()
+        self._size = _state_size(self._data, self._lease_ttls)
         self._applied_index = view.applied_index
         self._key_order.clear()
         logger.info(
-            "event=kv_restored index=%d keys=%d request_ids=%d members=%d leases=%d",
+            "event=kv_restored index=%d keys=%d request_ids=%d members=%d leases=%d "
+            "size_bytes=%d alarms=%d",
             index, len(self._data), len(self._requests), len(self._addresses),
-            len(self._lease_ttls),
+            len(self._lease_ttls), self._size, len(self._alarms),
         )
 
     # Reads
@@ -415,6 +471,26 @@ class KVStateMachine:
         LeaseExpiry.became_leader needs."""
         return MappingProxyType(self._lease_ttls)
 
+    # Size and alarms
+    @property
+    def size_bytes(self) -> int:
+        """The size of the data, as the quota counts it: the sum of record_size over every
+        key, plus LEASE_BYTES per lease. Exact (the same on every replica at the same
+        index), kept up to date by every apply, recomputed on restore."""
+        return self._size
+
+    @property
+    def alarms(self) -> tuple[AlarmRecord, ...]:
+        """The raised NOSPACE alarms, oldest first; empty: writes are accepted."""
+        return tuple(AlarmRecord(node, cause, index)
+                     for (node, cause), index in sorted(self._alarms.items(),
+                                                         key=lambda item: item[1]))
+
+    @property
+    def alarm_active(self) -> bool:
+        """One attribute read for the Raft process's per-write check."""
+        return bool(self._alarms)
+
     # Internals
     def _apply_change(self, change: ConfChange, index: int) -> None:
         if change.op is ConfChangeOp.REMOVE:
@@ -427,6 +503,8 @@ class KVStateMachine:
         )
 
     def _execute(self, cmd: Command, index: int) -> CommandResult:
+        if self._alarms and adds_data(cmd):
+            return NoSpace(index, self.alarms)
         data = self._data
         if isinstance(cmd, Put):
             current = data.get(cmd.key)
@@ -440,6 +518,9 @@ class KVStateMachine:
             data[cmd.key] = (cmd.value, index)
             if current is None:
                 self._key_order.inserted(cmd.key)
+            else:
+                self._size -= record_size(cmd.key, current[0])
+            self._size += record_size(cmd.key, cmd.value)
             self._attach(cmd.key, lease)
             return PutResult(index, cmd.value, lease, cmd.ttl_s)
         if isinstance(cmd, Delete):
@@ -449,6 +530,7 @@ class KVStateMachine:
             if current is None:
                 return DeleteResult(index, deleted=False)
             del data[cmd.key]
+            self._size -= record_size(cmd.key, current[0])
             self._key_order.removed(cmd.key)
             self._attach(cmd.key, None)
             return DeleteResult(index, deleted=True)
@@ -456,7 +538,26 @@ class KVStateMachine:
             return self._execute_batch(cmd, index)
         if isinstance(cmd, LeaseGrant):
             return LeaseGrantResult(index, self._grant(index, cmd.ttl_s), cmd.ttl_s)
+        if isinstance(cmd, AlarmRaise):
+            return self._raise_alarm(cmd, index)
+        if isinstance(cmd, AlarmDisarm):
+            return self._disarm(index)
         return self._revoke(cmd, index)
+
+    def _raise_alarm(self, cmd: AlarmRaise, index: int) -> AlarmResult:
+        key = (cmd.node_id, cmd.cause)
+        if key not in self._alarms:
+            self._alarms[key] = index
+            logger.warning("event=kv_alarm_raised alarm=NOSPACE index=%d node=%s cause=%s "
+                           "size_bytes=%d", index, cmd.node_id, cmd.cause, self._size)
+        return AlarmResult(index, self.alarms)
+
+    def _disarm(self, index: int) -> AlarmResult:
+        if self._alarms:
+            logger.warning("event=kv_alarms_disarmed index=%d alarms=%d size_bytes=%d",
+                           index, len(self._alarms), self._size)
+        self._alarms.clear()
+        return AlarmResult(index, ())
 
     def _execute_batch(
         self, batch: Batch, index: int
@@ -487,15 +588,18 @@ class KVStateMachine:
                 results.append(DeleteResult(index, deleted=current is not None))
         data = self._data
         for key, change in staged.items():
-            existed = key in data
+            old = data.get(key)
+            if old is not None:
+                self._size -= record_size(key, old[0])
             if change is None:
-                if existed:
+                if old is not None:
                     del data[key]
                     self._key_order.removed(key)
                     self._attach(key, None)
             else:
                 data[key] = change[0]
-                if not existed:
+                self._size += record_size(key, change[0][0])
+                if old is None:
                     self._key_order.inserted(key)
                 self._attach(key, change[1])
         return BatchResult(index, tuple(results))
@@ -503,6 +607,7 @@ class KVStateMachine:
     def _grant(self, index: int, ttl_s: int) -> int:
         """Grant the lease whose id is `index`; returns the id."""
         self._lease_ttls[index] = ttl_s
+        self._size += LEASE_BYTES
         self._lease_keys[index] = set()
         logger.debug("event=kv_lease_granted index=%d lease=%d ttl_s=%d", index, index, ttl_s)
         return index
@@ -512,8 +617,10 @@ class KVStateMachine:
         if self._lease_ttls.pop(lease_id, None) is None:
             return LeaseNotFound(index, lease_id)
         keys = sorted(self._lease_keys.pop(lease_id))
+        self._size -= LEASE_BYTES
         data, key_leases, key_order = self._data, self._key_leases, self._key_order
         for key in keys:
+            self._size -= record_size(key, data[key][0])
             del data[key]
             del key_leases[key]
             key_order.removed(key)
@@ -534,6 +641,51 @@ class KVStateMachine:
         else:
             key_leases[key] = lease
             self._lease_keys[lease].add(key)
+
+
+# ------------------------------------------------------------------------------ sizes
+RECORD_OVERHEAD_BYTES = 16
+"""Counted per key on top of its key and value bytes: the last-modified index and framing a
+record costs in a snapshot, so that many tiny keys cannot slip under the quota."""
+LEASE_BYTES = 16
+"""Counted per lease (its id and TTL)."""
+_PACK = msgpack.Packer(use_bin_type=True).pack
+
+
+def record_size(key: str, value: JSONValue) -> int:
+    """What one key counts toward the quota: its UTF-8 bytes, its value's msgpack encoding
+    (as in the log entry that wrote it), and RECORD_OVERHEAD_BYTES."""
+    key_bytes = len(key) if key.isascii() else len(key.encode("utf-8"))
+    return key_bytes + encoded_size(value) + RECORD_OVERHEAD_BYTES
+
+
+def encoded_size(value: JSONValue) -> int:
+    """len(msgpack.packb(value, use_bin_type=True)), without packing scalars: a string's size
+    comes from its length (O(1) when ASCII), a number's from its range. Only lists and
+    objects are packed (a small object takes about 0.6 us)."""
+    kind = type(value)
+    if kind is str:
+        assert isinstance(value, str)
+        n = len(value) if value.isascii() else len(value.encode("utf-8"))
+        return n + (1 if n < 32 else 2 if n < 256 else 3 if n < 65536 else 5)
+    if kind is int:
+        assert isinstance(value, int)
+        if -32 <= value < 128:
+            return 1
+        if value > 0:
+            return 2 if value < 1 << 8 else 3 if value < 1 << 16 else 5 if value < 1 << 32 else 9
+        return (2 if value >= -(1 << 7) else 3 if value >= -(1 << 15)
+                else 5 if value >= -(1 << 31) else 9)
+    if value is None or kind is bool:
+        return 1
+    if kind is float:
+        return 9
+    return len(_PACK(value))
+
+
+def _state_size(data: Mapping[str, Record], leases: Mapping[int, int]) -> int:
+    return (sum(record_size(key, record[0]) for key, record in data.items())
+            + LEASE_BYTES * len(leases))
 
 
 def _mod_index(record: Record | None) -> int:
@@ -570,6 +722,8 @@ def _remember(fingerprint: bytes, result: CommandResult) -> RememberedAnswer:
     if isinstance(result, LeaseNotFound):
         return RememberedAnswer(fingerprint, result.index, _NO_LEASE,
                                 current_index=result.lease_id)
+    if not isinstance(result, ConditionFailed):
+        raise TypeError(f"{type(result).__name__} is never remembered")
     return RememberedAnswer(
         fingerprint, result.index, _FAILED, key=result.key, current_index=result.current_index
     )
@@ -684,24 +838,26 @@ def iter_snapshot_chunks(view: KVSnapshotView) -> Iterator[bytes]:
     Feed the chunks to a SnapshotSink; their concatenation is `serialize_snapshot(view)`.
     """
     packer = msgpack.Packer(use_bin_type=True)
-    yield packer.pack(
-        {
-            "format": SNAPSHOT_FORMAT,
-            "v": SNAPSHOT_VERSION,
-            "applied_index": view.applied_index,
-            "keys": len(view.data),
-            "requests": len(view.requests),
-            "addresses": view.addresses,
-            "leases": len(view.leases),
-            "attached": len(view.key_leases),
-        }
-    )
+    header: dict[str, object] = {
+        "format": SNAPSHOT_FORMAT,
+        "v": SNAPSHOT_VERSION,
+        "applied_index": view.applied_index,
+        "keys": len(view.data),
+        "requests": len(view.requests),
+        "addresses": view.addresses,
+        "leases": len(view.leases),
+        "attached": len(view.key_leases),
+    }
+    if view.alarms:
+        header["alarms"] = len(view.alarms)  # optional section: absent means none
+    yield packer.pack(header)
     # Columns, built with map() over existing objects: no container per key, so the
     # serialiser does not wake the garbage collector (a full collection of a big heap
     # stalls every thread for tens of milliseconds).
+    per_segment = _keys_per_segment(len(view.data), view.size_bytes)
     keys, records = iter(view.data.keys()), iter(view.data.values())
-    while segment_keys := list(itertools.islice(keys, SEGMENT_KEYS)):
-        segment = list(itertools.islice(records, SEGMENT_KEYS))
+    while segment_keys := list(itertools.islice(keys, per_segment)):
+        segment = list(itertools.islice(records, per_segment))
         yield packer.pack(
             (segment_keys, list(map(_FIRST, segment)), list(map(_SECOND, segment)))
         )
@@ -713,6 +869,21 @@ def iter_snapshot_chunks(view: KVSnapshotView) -> Iterator[bytes]:
         )
     yield from _pairs_in_segments(packer, view.leases)
     yield from _pairs_in_segments(packer, view.key_leases)
+    if view.alarms:  # one segment: (node ids, causes, indices)
+        (nodes, causes), indices = zip(*view.alarms, strict=True), view.alarms.values()
+        yield packer.pack((list(nodes), list(causes), list(indices)))
+
+
+SEGMENT_TARGET_BYTES = 1 << 20
+"""About how much data one segment of keys holds (see _keys_per_segment)."""
+
+
+def _keys_per_segment(keys: int, size_bytes: int) -> int:
+    """Keys per data segment: SEGMENT_KEYS, fewer when the average record is large, so a
+    segment (one msgpack object, built whole) stays near SEGMENT_TARGET_BYTES."""
+    if not keys or size_bytes <= 0:
+        return SEGMENT_KEYS
+    return max(1, min(SEGMENT_KEYS, SEGMENT_TARGET_BYTES * keys // size_bytes))
 
 
 def _pairs_in_segments(packer: msgpack.Packer, pairs: Mapping[_K, int]) -> Iterator[bytes]:
@@ -751,7 +922,7 @@ class KVSnapshotDecoder:
     incomplete msgpack object (a segment) of undecoded bytes, never the whole snapshot.
     """
 
-    _STAGES = ("data", "requests", "leases", "attached")
+    _STAGES = ("data", "requests", "leases", "attached", "alarms")
 
     def __init__(self) -> None:
         # max_buffer_size=0: msgpack's maximum (2**32-1). What is buffered is one incomplete
@@ -768,6 +939,7 @@ class KVSnapshotDecoder:
         self._requests: dict[str, RememberedAnswer] = {}
         self._leases: dict[int, int] = {}
         self._key_leases: dict[str, int] = {}
+        self._alarms: dict[tuple[NodeId, str], int] = {}
 
     def feed(self, data: bytes) -> None:
         self._fed += len(data)
@@ -787,7 +959,7 @@ class KVSnapshotDecoder:
         if self._stage < len(self._STAGES) or self._unpacker.tell() != self._fed:
             raise SnapshotCorrupt("key-value snapshot is truncated")
         return KVSnapshotView(self._applied_index, self._data, self._requests,
-                              self._addresses, self._leases, self._key_leases)
+                              self._addresses, self._leases, self._key_leases, self._alarms)
 
     # ------------------------------------------------------------------ one object at a time
     def _take(self, obj: object) -> None:
@@ -803,13 +975,15 @@ class KVSnapshotDecoder:
                 self._take_requests(obj)
             elif stage == "leases":
                 self._take_pairs(obj, self._leases, int, "lease")
-            else:
+            elif stage == "attached":
                 self._take_pairs(obj, self._key_leases, str, "attached key")
+            else:
+                self._take_alarms(obj)
         self._next_stage()
 
     def _next_stage(self) -> None:
         """Move past every stage whose count is reached (checking what a stage needs)."""
-        have = (self._data, self._requests, self._leases, self._key_leases)
+        have = (self._data, self._requests, self._leases, self._key_leases, self._alarms)
         while self._stage < len(self._STAGES):
             if self._stage >= 0:
                 if len(have[self._stage]) < self._counts[self._stage]:
@@ -847,8 +1021,9 @@ class KVSnapshotDecoder:
             header["applied_index"], header["keys"], header["requests"]
         )
         n_leases, n_attached = (header["leases"], header["attached"]) if version >= 2 else (0, 0)
+        n_alarms = header.get("alarms", 0)  # an optional section (issue 14): absent, none
         addresses = header["addresses"]
-        counts = (n_keys, n_requests, n_leases, n_attached)
+        counts = (n_keys, n_requests, n_leases, n_attached, n_alarms)
         if not all(type(v) is int and v >= 0 for v in (applied_index, *counts)):
             raise SnapshotCorrupt("key-value snapshot header has bad counts")
         if type(addresses) is not dict or not all(
@@ -889,6 +1064,20 @@ class KVSnapshotDecoder:
             if type(request_id) is not str:
                 raise SnapshotCorrupt("key-value snapshot has a bad request id")
             requests[request_id] = _answer_from_wire(fields, self._applied_index)
+
+    def _take_alarms(self, segment: object) -> None:
+        if not (
+            type(segment) is list
+            and len(segment) == 3
+            and all(type(column) is list for column in segment)
+            and 0 < len(segment[0]) == len(segment[1]) == len(segment[2])
+            and all(type(node) is str and node for node in segment[0])
+            and all(cause in ALARM_CAUSES for cause in segment[1])
+            and all(type(i) is int and 0 < i <= self._applied_index for i in segment[2])
+        ):
+            raise SnapshotCorrupt("key-value snapshot has a bad alarm segment")
+        self._alarms.update(zip(zip(segment[0], segment[1], strict=True), segment[2],
+                                strict=True))
 
     @staticmethod
     def _take_pairs(segment: object, pairs: dict[_K, int], first_type: type[_K],
