@@ -1,5 +1,5 @@
 """`raftkv serve | cluster | get | put | delete | status | members | backup | restore | lease |
-lock` — the composition root.
+lock | alarm | token` — the composition root.
 
 Exit codes: 0 ok, 1 the request failed (e.g. key or lease not found, conflict), 2 bad usage or
 settings, 3 the cluster is unavailable (no leader, timeout, unreachable). `raftkv lock NAME --
@@ -167,6 +167,11 @@ def _run_client(args: argparse.Namespace) -> int:
                 _print(cl.remove(args.id))
         elif args.command == "lease":
             _lease_command(cl, args.action, args.arg)
+        elif args.command == "alarm":
+            if args.action == "list":
+                _print(cl.alarms())
+            else:
+                _print({"disarmed": True, "index": cl.disarm_alarms()})
     except (c.KeyNotFound, c.LeaseNotFound) as e:
         _print({"error": e.code, "message": str(e)})
         return EXIT_FAILED
@@ -432,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     lease.add_argument("arg", nargs="?", type=int, metavar="TTL|ID",
                        help="grant: the TTL in seconds; keepalive, revoke, get: the lease id")
     client_args(lease)
+    alarm = sub.add_parser(
+        "alarm", help="list | disarm: the cluster's NOSPACE alarms (raised when the data "
+                      "reaches the quota or a node's disk is full; writes that add data get "
+                      "507 until disarmed)")
+    alarm.add_argument("action", choices=["list", "disarm"], nargs="?", default="list")
+    client_args(alarm)
     lock = sub.add_parser(
         "lock", help="run a command while holding a lock: raftkv lock NAME -- command ...",
         description="Wait for the lock NAME, run the command while holding it (its fencing "

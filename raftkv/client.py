@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urlencode, urlsplit
 
 from raftkv.service import (
+    Alarm,
     BatchOp,
     BatchResult,
     Consistency,
@@ -535,6 +536,22 @@ class Client:
     def remove(self, node_id: str) -> int:
         path = "/cluster/members/" + quote(node_id, safe="")
         return _int(self._call("DELETE", path, policy=_UNKEYED_WRITE), "index")
+
+    # ------------------------------------------------------------------ alarms
+    def alarms(self) -> builtins.list[Alarm]:
+        """The raised NOSPACE alarms (empty: writes are accepted)."""
+        raw = self._call("GET", "/alarms", policy=_READ, wait=False).get("alarms")
+        if not isinstance(raw, list):
+            raise _bad_response("the alarms are not a list")
+        try:
+            return [Alarm(str(a["node"]), str(a["cause"]), int(a["index"])) for a in raw]
+        except (KeyError, TypeError, ValueError):
+            raise _bad_response("an alarm is malformed") from None
+
+    def disarm_alarms(self) -> int:
+        """Clear every alarm (idempotent, so retried like a keyed write); returns the index
+        of the disarm."""
+        return _int(self._call("DELETE", "/alarms", policy=_KEYED_WRITE), "index")
 
     # ------------------------------------------------------------------ backups
     @contextlib.contextmanager

@@ -183,6 +183,19 @@ class Backup:
 
 
 @dataclass(frozen=True, slots=True)
+class Alarm:
+    """A raised NOSPACE alarm (replicated: the same on every node)."""
+
+    node_id: str
+    """The node that raised it."""
+    cause: str
+    """quota (the state machine reached RAFTKV_QUOTA_BYTES), map_full (the node's LMDB map
+    is at its maximum size) or disk_full (its disk has no room)."""
+    index: int
+    """The log index of the entry that raised it."""
+
+
+@dataclass(frozen=True, slots=True)
 class Readiness:
     ready: bool
     reason: str
@@ -253,6 +266,10 @@ class ReadTimeoutError(ServiceError):
 
 
 class StorageFullError(ServiceError):
+    """The write would add data while the NOSPACE alarm is raised (or would take the state
+    past the quota, which raises it): nothing was applied. Reads, deletes and lease revokes
+    still work; free space, then disarm the alarm (KVService.disarm_alarms)."""
+
     code = "storage_full"
 
 
@@ -279,6 +296,10 @@ class KVService(Protocol):
             lease: int | None = None, ttl_s: int | None = None,
             request_id: str | None = None, timeout_s: float) -> WriteResult:
         """Committed and applied on return. prev_index: CAS (0 = only if absent).
+
+        StorageFullError while the NOSPACE alarm is raised, or when the write would take the
+        state machine past the quota (checked before the write is proposed: that raises the
+        alarm, through the log); the same for batch (with a put) and lease_grant.
 
         lease: attach the key to this lease (LeaseNotFoundError, nothing applied, if it does
         not exist at apply time; the condition is checked first). ttl_s: grant a fresh lease
@@ -353,6 +374,18 @@ class KVService(Protocol):
     def transfer_leadership(self, target: str | None, *, timeout_s: float) -> str:
         """Hand leadership to `target` (or the most caught-up voter); returns the new
         leader's id once it leads."""
+        ...
+
+    # ------------------------------------------------------------------ alarms
+    def alarms(self) -> list[Alarm]:
+        """The raised NOSPACE alarms (this node's applied state: no quorum round), oldest
+        first; empty when writes are accepted."""
+        ...
+
+    def disarm_alarms(self, *, timeout_s: float) -> int:
+        """Clear every alarm through the log (an AlarmDisarm entry, proposed like a write);
+        returns its index once applied. If the state is still over the quota, the next write
+        that adds data raises the alarm again."""
         ...
 
     def backup(self, consistency: Consistency, timeout_s: float) -> Backup:

@@ -62,6 +62,31 @@ def derive_cluster_id(peers: Mapping[str, str]) -> str:
     return hashlib.sha256(f"raftkv-cluster:{text}".encode()).hexdigest()[:16]
 
 
+MIN_QUOTA_BYTES = 1 << 20
+MAX_QUOTA_BYTES = 1 << 40
+DEFAULT_QUOTA_BYTES = 2 << 30
+"""Like etcd's default backend quota."""
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def default_quota_bytes() -> int:
+    """DEFAULT_QUOTA_BYTES, or an eighth of the machine's memory if that is less."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_QUOTA_BYTES
+    return max(MIN_QUOTA_BYTES, min(DEFAULT_QUOTA_BYTES, memory // 8))
+
+
+def parse_size(raw: str, env: str) -> int:
+    """`2147483648`, `2G`, `512M`, `64k` (powers of 1024; an optional trailing B or iB)."""
+    text = raw.strip().upper().removesuffix("IB").removesuffix("B")
+    number, suffix = (text[:-1], text[-1]) if text and text[-1] in _SIZE_SUFFIXES else (text, "")
+    if not number.isdigit():
+        raise SettingsError(f"{env}={raw!r}: expected a size in bytes, e.g. 2147483648 or 2G")
+    return int(number) * _SIZE_SUFFIXES[suffix]
+
+
 def _meta(env: str, flag: str, help_text: str, **kw: Any) -> dict[str, Any]:
     return {"env": env, "flag": flag, "help": help_text, **kw}
 
@@ -104,6 +129,15 @@ class Settings:
     max_map_size_mb: int = field(default=16384, metadata=_meta(
         "RAFTKV_MAX_MAP_SIZE_MB", "--max-map-size-mb",
         "LMDB map size cap (MiB): writes stop with 507 beyond it", kind=int))
+    quota_bytes: int = field(default=0, metadata=_meta(
+        "RAFTKV_QUOTA_BYTES", "--quota-bytes",
+        "storage quota of the key-value data (bytes; K/M/G/T suffixes, powers of 1024): a "
+        "write that would pass it raises the cluster-wide NOSPACE alarm and answers 507 "
+        "(default: 2G, or an eighth of the machine's memory if less)", kind="size"))
+    max_snapshot_bytes: int = field(default=0, metadata=_meta(
+        "RAFTKV_MAX_SNAPSHOT_BYTES", "--max-snapshot-bytes",
+        "largest snapshot accepted from the leader (bytes; K/M/G/T suffixes; default: "
+        "2 x the quota + 64M)", kind="size"))
     http_threads: int = field(default=32, metadata=_meta(
         "RAFTKV_HTTP_THREADS", "--http-threads", "HTTP worker threads", kind=int))
     request_timeout_ms: int = field(default=5000, metadata=_meta(
@@ -140,12 +174,36 @@ class Settings:
                                 "RAFTKV_SNAPSHOT_TRAILING >= 0")
         if not 1 <= self.map_size_mb <= self.max_map_size_mb:
             raise SettingsError("need 1 <= RAFTKV_MAP_SIZE_MB <= RAFTKV_MAX_MAP_SIZE_MB")
+        if self.quota_bytes and not MIN_QUOTA_BYTES <= self.quota_bytes <= MAX_QUOTA_BYTES:
+            raise SettingsError(
+                f"RAFTKV_QUOTA_BYTES={self.quota_bytes}: must be {MIN_QUOTA_BYTES} (1M) to "
+                f"{MAX_QUOTA_BYTES} (1T), e.g. 2G; leave it unset for the default")
+        if self.quota_bytes < 0:
+            raise SettingsError("RAFTKV_QUOTA_BYTES must not be negative")
+        if self.max_snapshot_bytes and self.max_snapshot_bytes < self.effective_quota_bytes:
+            raise SettingsError(
+                f"RAFTKV_MAX_SNAPSHOT_BYTES={self.max_snapshot_bytes} is below the quota "
+                f"({self.effective_quota_bytes}): a follower could never take a snapshot of "
+                "a full node; raise it or leave it unset (2 x the quota + 64M)")
+        if self.max_snapshot_bytes < 0:
+            raise SettingsError("RAFTKV_MAX_SNAPSHOT_BYTES must not be negative")
         if not 1 <= self.http_threads <= 1024:
             raise SettingsError("RAFTKV_HTTP_THREADS must be 1..1024")
         if self.request_timeout_ms < 1:
             raise SettingsError("RAFTKV_REQUEST_TIMEOUT_MS must be >= 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("RAFTKV_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def effective_quota_bytes(self) -> int:
+        """quota_bytes, or the default: 2 GiB, or an eighth of the memory if that is less (a
+        node's memory for its data stays within about 3x the quota, up to 6x while it
+        installs a snapshot from the leader: README, Security and limits)."""
+        return self.quota_bytes or default_quota_bytes()
+
+    @property
+    def effective_max_snapshot_bytes(self) -> int:
+        return self.max_snapshot_bytes or 2 * self.effective_quota_bytes + (64 << 20)
 
     @property
     def peer_map(self) -> dict[str, str]:
@@ -180,7 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=f"{meta['help']} [{env}]")
 
 
-def _convert(raw: str, kind: Callable[[str], object] | None, env: str) -> object:
+def _convert(raw: str, kind: Callable[[str], object] | str | None, env: str) -> object:
     if kind is bool:
         low = raw.strip().lower()
         if low in ("1", "true", "yes", "on"):
@@ -193,6 +251,8 @@ def _convert(raw: str, kind: Callable[[str], object] | None, env: str) -> object
             return int(raw)
         except ValueError:
             raise SettingsError(f"{env}={raw!r}: expected a whole number") from None
+    if kind == "size":
+        return parse_size(raw, env)
     return raw
 
 

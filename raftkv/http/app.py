@@ -17,6 +17,9 @@ Leases: `POST /leases` {"ttl": s} grants one; `POST /leases/<id>/keepalive` rest
 `"lease": id` (attach to that lease) or `"ttl": s` (a fresh lease of its own); `/batch` puts
 may carry `"lease"`. An unknown lease is 404 `lease_not_found`.
 
+Alarms: `GET /alarms` lists the raised NOSPACE alarms; `DELETE /alarms` disarms them. While one
+is raised, writes that add data are 507 `storage_full` (reads and deletes go on).
+
 Keys live in the path (`/keys/a/b` is the key `a/b`). Because the trailing slash is optional
 everywhere, a key that ends with `/` cannot be addressed through the path; use `/batch`.
 """
@@ -801,6 +804,26 @@ class _LeaderResource:
         _send(resp, {"leader": leader})
 
 
+class _AlarmsResource:
+    """GET /alarms: the raised NOSPACE alarms; DELETE /alarms: disarm them (through the log).
+    While one is raised, writes that add data answer 507 storage_full on every node."""
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        alarms = self._api.service.alarms()
+        _send(resp, {"alarms": [{"alarm": "NOSPACE", "node": a.node_id, "cause": a.cause,
+                                 "index": a.index} for a in alarms]})
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response) -> None:
+        timeout_s = self._api.timeout_s(req)
+        if self._api.redirected(req, resp):
+            return
+        index = self._api.service.disarm_alarms(timeout_s=timeout_s)
+        _send(resp, {"disarmed": True, "index": index})
+
+
 class MetricsSink(Protocol):
     """Where request latencies go and where /metrics comes from (raftkv.metrics)."""
 
@@ -866,6 +889,7 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     app.add_route("/cluster/join", _JoinResource(api))
     app.add_route("/cluster/members/{member_id}", _MemberResource(api))
     app.add_route("/cluster/leader", _LeaderResource(api))
+    app.add_route("/alarms", _AlarmsResource(api))
     if metrics is not None:
         app.add_route("/metrics", _MetricsResource(metrics))
 

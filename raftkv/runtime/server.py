@@ -132,6 +132,7 @@ class NodeServer:
             settings.node_id,
             election_timeout_ticks=settings.election_ticks,
             heartbeat_interval_ticks=settings.heartbeat_ticks,
+            max_snapshot_bytes=settings.effective_max_snapshot_bytes,
         )
         try:
             core = RaftNode(config, boot, rng, snapshot_reader=chunk_reader(self.snapshots),
@@ -195,7 +196,8 @@ class NodeServer:
         self.service = NodeService(
             loop=self.loop, cluster_id=self._cluster_id, http_address=s.http_advertise_addr,
             peer_http_address=self.transport.peer_http_address,
-            probe_node_id=self._probe, max_watches=max(1, s.http_threads // 2))
+            probe_node_id=self._probe, max_watches=max(1, s.http_threads // 2),
+            quota_bytes=s.effective_quota_bytes)
         from raftkv.http.app import create_app
         from raftkv.http.server import serve
 

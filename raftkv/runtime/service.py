@@ -11,16 +11,28 @@ import time
 from collections.abc import Callable, Iterator
 
 from raftkv.core import ConfChange, ConfChangeOp, Role, Status
-from raftkv.kv.commands import Batch, Command, Delete, Put, encode_command
-from raftkv.kv.state_machine import (
-    BatchResult as KVBatchResult,
+from raftkv.kv.commands import (
+    AlarmDisarm,
+    AlarmRaise,
+    Batch,
+    Command,
+    Delete,
+    Put,
+    adds_data,
+    encode_command,
 )
 from raftkv.kv.state_machine import (
+    AlarmRecord,
+    AlarmResult,
     ConditionFailed,
     InvalidCommand,
     KVSnapshotView,
+    NoSpace,
     PutResult,
     iter_snapshot_chunks,
+)
+from raftkv.kv.state_machine import (
+    BatchResult as KVBatchResult,
 )
 from raftkv.kv.state_machine import (
     DeleteResult as KVDeleteResult,
@@ -29,6 +41,7 @@ from raftkv.runtime.loop import RaftLoop, ReadGrant
 from raftkv.runtime.waiter import Waiter
 from raftkv.runtime.watch import KeyState, Watch
 from raftkv.service import (
+    Alarm,
     Backup,
     BatchOp,
     BatchResult,
@@ -52,6 +65,7 @@ from raftkv.service import (
     ReadResult,
     ReadTimeoutError,
     ServiceError,
+    StorageFullError,
     UnavailableError,
     WatchResult,
     WriteResult,
@@ -79,8 +93,11 @@ class NodeService:
         peer_http_address: PeerHttpLookup,
         probe_node_id: PeerProbe,
         max_watches: int = DEFAULT_MAX_WATCHES,
+        quota_bytes: int = 2 << 30,
     ) -> None:
         self._loop = loop
+        self._quota_bytes = quota_bytes
+        self._alarm_proposed_at = -1e9
         self._cluster_id = cluster_id
         self._http_address = http_address
         self._peer_http = peer_http_address
@@ -219,15 +236,61 @@ class NodeService:
             data = encode_command(cmd, request_id)
         except (ValueError, TypeError) as e:
             raise InvalidRequestError(str(e)) from None
+        if adds_data(cmd):
+            self._check_space(len(data))
         w = self._loop.submit_proposal(data)
         result = self._wait(w, timeout_s, OutcomeUnknownError(
             "the write was not seen committed in time: it may or may not have been applied; "
             "retry with the same Idempotency-Key", leader=self.leader_http_address()))
+        if isinstance(result, NoSpace):
+            raise _storage_full(result.alarms)
         if isinstance(result, ConditionFailed):
             raise ConditionFailedError(
                 f"condition failed for key {result.key!r}: its index is {result.current_index}",
                 key=result.key, current_index=result.current_index)
         return result
+
+    # ------------------------------------------------------------------ quota and alarms
+    ALARM_RETRY_S = 1.0
+    """At most one AlarmRaise proposal per this many seconds from one node."""
+
+    def _check_space(self, write_bytes: int) -> None:
+        """Before a write that adds data is proposed: refuse it while the NOSPACE alarm is
+        raised, and raise the alarm (through the log) when the write would take the state
+        past the quota. Two attribute reads and one comparison on the hot path."""
+        sm = self._loop.sm
+        if sm.alarm_active:
+            raise _storage_full(sm.alarms)
+        if sm.size_bytes + write_bytes > self._quota_bytes:
+            self.raise_alarm("quota")
+            raise StorageFullError(
+                f"the key-value data is at {sm.size_bytes} of its {self._quota_bytes}-byte "
+                "quota (RAFTKV_QUOTA_BYTES): the NOSPACE alarm is being raised, writes that add "
+                "data are refused on every node; reads and deletes work. Delete keys, then "
+                "`raftkv alarm disarm`", leader=self.leader_http_address())
+
+    def raise_alarm(self, cause: str) -> None:
+        """Propose AlarmRaise(this node, cause) without waiting (a follower forwards it);
+        at most once per ALARM_RETRY_S while it is not applied yet."""
+        now = time.monotonic()
+        if now - self._alarm_proposed_at < self.ALARM_RETRY_S:
+            return
+        self._alarm_proposed_at = now
+        self._loop.submit_proposal(encode_command(AlarmRaise(self._loop.core.id, cause)))
+
+    def alarms(self) -> list[Alarm]:
+        loop = self._loop
+        records = self._wait(loop.call(lambda: loop.sm.alarms), _LOOP_ANSWER_S,
+                             UnavailableError("the node is busy; retry"))
+        assert isinstance(records, tuple)
+        return [Alarm(r.node_id, r.cause, r.index) for r in records]
+
+    def disarm_alarms(self, *, timeout_s: float) -> int:
+        result = self._write(AlarmDisarm(), None, timeout_s)
+        if isinstance(result, AlarmResult):
+            self._alarm_proposed_at = -1e9
+            return result.index
+        raise self._unexpected(result)
 
     def _unexpected(self, result: object) -> ServiceError:
         if isinstance(result, InvalidCommand):
@@ -277,8 +340,10 @@ class NodeService:
 
     def status(self) -> NodeStatus:
         loop = self._loop
-        st = self._wait(loop.call(loop.core.status), 2.0,
-                        UnavailableError("the node is busy; retry"))
+        both = self._wait(loop.call(lambda: (loop.core.status(), loop.sm.alarms)), 2.0,
+                          UnavailableError("the node is busy; retry"))
+        assert isinstance(both, tuple)
+        st, alarms = both
         assert isinstance(st, Status)
         return NodeStatus(
             id=st.node_id, role=st.role.value, term=st.term, leader=st.leader,
@@ -290,9 +355,13 @@ class NodeService:
             extra={
                 "leader_http_address": self.leader_http_address(),
                 "storage_full": loop.storage_full,
+                "size_bytes": loop.sm.size_bytes,
+                "quota_bytes": self._quota_bytes,
+                "alarms": [{"node": a.node_id, "cause": a.cause, "index": a.index}
+                           for a in alarms],
                 "watches": len(loop.watches),
                 "peers": {nid: {"match": p.match, "next": p.next, "state": p.state,
-                                "recent_active": p.recent_active}
+                                "recent_active": p.recent_active, "caught_up": p.caught_up}
                           for nid, p in st.peers.items() if nid != st.node_id},
             },
         )
@@ -327,9 +396,12 @@ class NodeService:
         if node_id is None:
             try:
                 node_id = self._probe(raft_address, min(timeout_s, 5.0))
-            except (OSError, ValueError) as e:
+            except Exception as e:  # whatever the probe meets (a refused handshake, a
+                # listener that is no raftkv node...) is the caller's address, never a 500
                 raise MembershipChangeError(
-                    f"no raftkv node answered at {raft_address}: {e}") from None
+                    f"could not learn which node listens at {raft_address} "
+                    f"({type(e).__name__}: {e}); give the node's id with the address"
+                ) from None
         membership = self._loop.core.membership
         if node_id in membership.voters or (node_id in membership.learners and not voter):
             if self._loop.address_of(node_id) == raft_address:
@@ -373,6 +445,14 @@ class NodeService:
         self._wait(inner, timeout_s, OutcomeUnknownError(
             "the membership change was not seen committed in time"))
         return loop.sm.applied_index
+
+
+def _storage_full(alarms: tuple[AlarmRecord, ...]) -> StorageFullError:
+    raised = ", ".join(f"{a.node_id}: {a.cause}" for a in alarms) or "just disarmed"
+    return StorageFullError(
+        f"the cluster's NOSPACE alarm is raised ({raised}): writes that add data are refused "
+        "on every node; reads, deletes and lease revokes work. Free space (delete keys; for "
+        "map_full/disk_full, on that node's disk), then `raftkv alarm disarm`")
 
 
 def _watch_result(state: KeyState, *, changed: bool) -> WatchResult:

@@ -1,0 +1,255 @@
+"""Issue 14's probes against real processes on loopback: each test reproduces one attack or
+failure from the issue's table and asserts the new behaviour.
+
+| probe                                               | here                                 |
+|-----------------------------------------------------|--------------------------------------|
+| six made-up joins made three fake voters            | test_made_up_joins_add_no_voter...   |
+| a join naming a listener of the prober answered 500 | test_join_of_an_address_that_...     |
+| a forged TimeoutNow moved leadership                | test_a_forged_timeout_now_...        |
+| one garbage SnapshotRequest stopped a node for good | test_a_garbage_snapshot_request_...  |
+| no quota: every replica ran out of memory together  | test_the_quota_raises_a_cluster...   |
+| no RAFTKV_CLUSTER_TOKEN: a public default token     | test_a_node_refuses_to_start_...     |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from raftkv import codec
+from raftkv.core import Membership, SnapshotMeta, SnapshotRequest, TimeoutNow
+from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
+from raftkv.runtime.loop import FRAME_RAFT
+from raftkv.runtime.transport import PeerTransport
+from tests.support.clusters import running_cluster
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    with running_cluster(tmp_path, request=request) as c:
+        yield c
+
+
+def _members(node: NodeProc) -> dict[str, dict[str, object]]:
+    code, body, _ = http_json("GET", f"{node.http}/cluster")
+    assert code == 200, body
+    return {m["id"]: m for m in body["members"]}
+
+
+def _leader_and_term(c: LocalCluster) -> tuple[str, int]:
+    leader = c.wait_for_leader()
+    status = c.status(leader)
+    return leader.node_id, int(status["term"])
+
+
+# --------------------------------------------------------------------------- membership
+def test_made_up_joins_add_no_voter_and_the_cluster_keeps_working(
+        cluster: LocalCluster) -> None:
+    """Six joins with made-up ids and addresses (each id twice: the second asks to promote
+    the learner the first made). Before: three fake voters, six voters with three alive, no
+    leader ever again. Now: at most learners, every answer JSON (200 or 409 with the reason),
+    and writes and removals keep working."""
+    leader = cluster.wait_for_leader()
+    for attempt in range(6):
+        nid = f"fake{attempt % 3}"
+        code, body, _ = http_json("POST", f"{leader.http}/cluster/join",
+                                  {"id": nid, "address": f"10.255.0.{attempt}:5001"},
+                                  timeout_s=10)
+        assert code in (200, 409), (code, body)
+        if code == 409:
+            assert body["error"] == "membership_change_rejected"
+            assert "cannot be promoted yet" in body["message"]
+    members = _members(leader)
+    assert sorted(m for m, v in members.items() if v["voter"]) == sorted(
+        n.node_id for n in cluster.nodes)
+    index = cluster.put("after-fake-joins", 1)
+    assert index > 0
+    for nid in ("fake0", "fake1", "fake2"):
+        if nid in members:
+            code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{nid}",
+                                      timeout_s=10)
+            assert code == 200, body
+    # A live voter can still be removed (the others are caught up), a removal that would
+    # leave no quorum cannot.
+    follower = next(n for n in cluster.nodes if n is not leader)
+    other = next(n for n in cluster.nodes if n not in (leader, follower))
+    cluster.kill(other)
+    # "Started" is "heard from within the last election timeout": wait for the leader to see it.
+    wait_until(lambda: not cluster.status(leader)["extra"]["peers"][other.node_id]["caught_up"],
+               10, f"the leader to stop counting {other.node_id} as started")
+    code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{follower.node_id}",
+                              timeout_s=10)
+    assert code == 409 and body["error"] == "membership_change_rejected", body
+    assert "quorum" in body["message"]
+
+
+def test_join_of_an_address_that_is_no_raftkv_node_is_a_json_409_not_500(
+        cluster: LocalCluster) -> None:
+    """The probe handed the node an address of its own listener (no id, so the node asks
+    who listens there). Whatever the listener does, the answer is JSON 409, never 500."""
+    leader = cluster.wait_for_leader()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def answer_garbage() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"\x00\x00\x00\x05garbage-not-raftkv")
+
+    thread = threading.Thread(target=answer_garbage, daemon=True)
+    thread.start()
+    try:
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        code, body, _ = http_json("POST", f"{leader.http}/cluster/join", {"address": address},
+                                  timeout_s=15)
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert code == 409, (code, body)
+    assert body["error"] == "membership_change_rejected"
+    assert address in body["message"]
+
+
+# --------------------------------------------------------------------------- peer messages
+def _token_holder(c: LocalCluster, as_id: str, to: NodeProc) -> PeerTransport:
+    """A peer connection made with the cluster token, claiming to be `as_id`."""
+    status = c.status(to)
+    transport = PeerTransport(node_id=as_id, cluster_id=str(status["cluster_id"]),
+                              token=c.token, bind_host="127.0.0.1", bind_port=0,
+                              http_address="", on_frame=lambda *_: None,
+                              on_peer_state=lambda *_: None)
+    transport.start()
+    transport.set_peers({to.node_id: to.raft})
+    return transport
+
+
+def test_a_forged_timeout_now_moves_no_leadership(cluster: LocalCluster) -> None:
+    leader_id, term = _leader_and_term(cluster)
+    followers = [n for n in cluster.nodes if n.node_id != leader_id]
+    target, claimed = followers
+    transport = _token_holder(cluster, claimed.node_id, target)
+    try:
+        forged = codec.encode_message(TimeoutNow(term, claimed.node_id, target.node_id))
+        for _ in range(20):
+            transport.send(target.node_id, FRAME_RAFT, forged)
+        wait_until(lambda: "TimeoutNow from" in target.log_text(), 10,
+                   "the target to log the TimeoutNow it ignored")
+    finally:
+        transport.close()
+    assert _leader_and_term(cluster) == (leader_id, term)
+    assert "event=became_candidate" not in target.log_text()
+
+
+def test_a_garbage_snapshot_request_is_refused_and_the_node_keeps_running(
+        cluster: LocalCluster) -> None:
+    """Before: saved before it was checked; the node exited and then refused to restart
+    ("not a key-value snapshot"). Now it is refused on its first chunk, nothing is saved,
+    the node keeps serving and restarts with its data."""
+    index = cluster.put("kept", "yes")
+    leader_id, term = _leader_and_term(cluster)
+    target = next(n for n in cluster.nodes if n.node_id != leader_id)
+    cluster.wait_applied(target, index)
+    transport = _token_holder(cluster, leader_id, target)
+    garbage = b"\xc1 this is not a snapshot " * 100
+    meta = SnapshotMeta(index + 1000, term,
+                        Membership(frozenset(n.node_id for n in cluster.nodes)))
+    try:
+        for checksum in ("00" * 32, "ff" * 32):
+            request = SnapshotRequest(term, leader_id, target.node_id, meta, 0, garbage, True,
+                                      len(garbage), checksum)
+            transport.send(target.node_id, FRAME_RAFT, codec.encode_message(request))
+        wait_until(lambda: "refused" in target.log_text(), 10,
+                   "the target to log the snapshot it refused")
+    finally:
+        transport.close()
+    assert target.running
+    assert "event=snapshot_installed" not in target.log_text()
+    after = cluster.put("after-garbage", 1)
+    cluster.wait_applied(target, after)
+    cluster.restart(target)
+    wait_until(lambda: cluster.status(target)["applied_index"] >= after, 20,
+               "the target to restart and catch up")
+    code, body, _ = http_json("GET", f"{target.http}/keys/kept?consistency=stale")
+    assert code == 200 and body["value"] == "yes"
+
+
+# --------------------------------------------------------------------------- quota and alarm
+def _cli(c: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    urls = ",".join(n.http for n in c.nodes if n.running)
+    return subprocess.run([sys.executable, "-m", "raftkv", *args, "--urls", urls], cwd=REPO,
+                          check=False,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_the_quota_raises_a_cluster_wide_alarm_until_space_is_freed_and_it_is_disarmed(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Before: no quota; 400 MiB of values took every node to ~1.45 GiB of memory together.
+    Now: a write that would pass RAFTKV_QUOTA_BYTES raises the NOSPACE alarm through the log;
+    every node refuses puts with 507 while reads and deletes go on, the leader stays; once
+    keys are deleted and the alarm disarmed, writes work again."""
+    with running_cluster(tmp_path, request=request,
+                         env={"RAFTKV_QUOTA_BYTES": "1M"}) as c:
+        leader_id, term = _leader_and_term(c)
+        leader = c.node(leader_id)
+        value = "v" * 20_000
+        written: list[str] = []
+        for i in range(200):
+            code, body, _ = http_json("PUT", f"{leader.http}/keys/big{i}", {"value": value},
+                                      timeout_s=10)
+            if code == 507:
+                break
+            assert code == 200, body
+            written.append(f"big{i}")
+        assert code == 507 and body["error"] == "storage_full", body
+        assert "quota" in body["message"]
+        assert 30 <= len(written) < 60  # 1 MiB / ~20 KiB per key
+
+        def alarm_everywhere() -> bool:
+            return all(http_json("GET", f"{n.http}/alarms")[1]["alarms"] for n in c.nodes)
+
+        wait_until(alarm_everywhere, 10, "the alarm to be applied on every node")
+        listed = json.loads(_cli(c, "alarm", "list").stdout)
+        assert [(a["node_id"], a["cause"]) for a in listed] == [(leader_id, "quota")]
+        for node in c.nodes:
+            code, body, _ = http_json("PUT", f"{node.http}/keys/small", {"value": 1})
+            assert (code, body["error"]) == (507, "storage_full"), (node.node_id, body)
+            assert "NOSPACE" in body["message"]
+            code, body, _ = http_json("GET", f"{node.http}/keys/{written[0]}")
+            assert code == 200 and body["value"] == value
+        for key in written[: len(written) // 2]:
+            code, body, _ = http_json("DELETE", f"{c.nodes[2].http}/keys/{key}")
+            assert code == 200 and body["deleted"], body
+        code, body, _ = http_json("PUT", f"{leader.http}/keys/small", {"value": 1})
+        assert code == 507  # space is back, but the alarm stays until disarmed
+        disarm = _cli(c, "alarm", "disarm")
+        assert disarm.returncode == 0, disarm.stderr
+        wait_until(lambda: not any(http_json("GET", f"{n.http}/alarms")[1]["alarms"]
+                                   for n in c.nodes), 10, "the disarm on every node")
+        for node in c.nodes:
+            code, body, _ = http_json("PUT", f"{node.http}/keys/again-{node.node_id}",
+                                      {"value": 1}, timeout_s=10)
+            assert code == 200, body
+        assert _leader_and_term(c) == (leader_id, term)  # no election at any point
+        status = c.status(leader)["extra"]
+        assert status["quota_bytes"] == 1 << 20 and status["size_bytes"] < 1 << 20
