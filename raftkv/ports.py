@@ -19,7 +19,13 @@ class StorageError(Exception):
 
 
 class StorageFull(StorageError):
-    """No room for more writes (LMDB map full / disk quota). Nothing was lost."""
+    """No room for more writes (LMDB map full / disk full or over quota). Nothing of the
+    failed write was written, nothing was lost. `cause` is the NOSPACE alarm's cause to
+    raise for it: "map_full" or "disk_full"."""
+
+    def __init__(self, message: str, *, cause: str = "disk_full") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass(frozen=True, slots=True)
