@@ -75,6 +75,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------- token
+def cmd_token(args: argparse.Namespace) -> int:
+    """`raftkv token generate [--file PATH]`: print a new cluster token, or keep one in PATH
+    (created with mode 0600 if it does not hold a valid token yet; an existing one is kept, so
+    every node started from that file shares it)."""
+    from raftkv.settings import check_cluster_token, generate_token, read_token_file
+
+    if not args.file:
+        print(generate_token())
+        return EXIT_OK
+    path = Path(args.file)
+    if path.exists():
+        try:
+            check_cluster_token(read_token_file(str(path)))
+        except SettingsError as e:
+            print(f"raftkv token generate: {path} exists but does not hold a usable token: "
+                  f"{e}. Move it away to make a new one", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"raftkv token generate: keeping the cluster token in {path}", file=sys.stderr)
+        return EXIT_OK
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        print(f"raftkv token generate: cannot create {path}: {e.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(generate_token() + "\n")
+    print(f"raftkv token generate: wrote a new cluster token to {path} (mode 0600)",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- cluster
 def cmd_cluster(args: argparse.Namespace) -> int:
     """Run a local cluster of `raftkv serve` processes (HTTP 4001.., Raft 5001..)."""
@@ -85,9 +117,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         print("raftkv cluster: --nodes must be 1..7", file=sys.stderr)
         return EXIT_USAGE
     base = Path(args.data_dir)
+    token = os.environ.get("RAFTKV_CLUSTER_TOKEN") or None  # None: a random one
+    token_file = os.environ.get("RAFTKV_CLUSTER_TOKEN_FILE")
+    if token is None and token_file:
+        from raftkv.settings import read_token_file
+
+        try:
+            token = read_token_file(token_file)
+        except SettingsError as e:
+            print(f"raftkv cluster: {e}", file=sys.stderr)
+            return EXIT_USAGE
     cluster = LocalCluster(
         base, n, host=args.host, http_port=args.http_port, raft_port=args.raft_port,
-        token=os.environ.get("RAFTKV_CLUSTER_TOKEN", ""), inherit_settings=True,
+        token=token, inherit_settings=True,
         output="terminal", color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     stopping = threading.Event()
 
@@ -387,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one node (settings as flags or RAFTKV_* env)")
     add_arguments(serve)
 
+    token = sub.add_parser(
+        "token", help="generate [--file PATH]: make a cluster token (RAFTKV_CLUSTER_TOKEN)")
+    token.add_argument("action", choices=["generate"])
+    token.add_argument("--file", help="keep the token in this file (mode 0600), made only if "
+                                      "it does not exist; serve it with "
+                                      "RAFTKV_CLUSTER_TOKEN_FILE")
+
     cluster = sub.add_parser("cluster", help="run a local cluster of processes")
     cluster.add_argument("--nodes", type=int, default=3)
     cluster.add_argument("--host", default="127.0.0.1")
@@ -488,6 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "cluster":
         return cmd_cluster(args)
+    if args.command == "token":
+        return cmd_token(args)
     if args.command == "backup":
         return cmd_backup(args)
     if args.command == "restore":

@@ -233,7 +233,7 @@ class LocalCluster:
                  inherit_settings: bool = False,
                  output: Literal["files", "terminal"] = "files", color: bool = False) -> None:
         self.base_dir = base_dir
-        self.token = secrets.token_hex(16) if token is None else token
+        self.token = secrets.token_hex(32) if token is None else token
         self.extra_env = dict(env or {})
         self.inherit_settings = inherit_settings
         self.output = output
@@ -288,6 +288,7 @@ class LocalCluster:
             "RAFTKV_DATA_DIR": str(node.data_dir),
             "RAFTKV_CLUSTER_TOKEN": self.token,
         })
+        env.pop("RAFTKV_CLUSTER_TOKEN_FILE", None)  # the token is given: one way only
         if join:
             env["RAFTKV_JOIN"] = join
             env.pop("RAFTKV_PEERS", None)

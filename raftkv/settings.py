@@ -1,7 +1,12 @@
 """Node settings: every one has a flag and an environment variable, validated at start.
 
 A bad setting raises SettingsError with a message that says what to do; the CLI prints it
-and exits with status 2. Nothing here touches the network or the disk.
+and exits with status 2. Nothing here touches the network, and the disk only to read the file
+named by --cluster-token-file.
+
+There is no default cluster token: a node refuses to start without one (RAFTKV_CLUSTER_TOKEN,
+or RAFTKV_CLUSTER_TOKEN_FILE naming a file that holds it), and refuses one shorter than
+MIN_TOKEN_CHARS. `raftkv token generate` makes one.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import argparse
 import hashlib
 import os
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -46,6 +52,50 @@ def parse_peers(value: str) -> dict[str, str]:
             raise SettingsError(f"RAFTKV_PEERS names {nid} twice")
         peers[nid] = addr.strip()
     return peers
+
+
+MIN_TOKEN_CHARS = 32
+"""The cluster token keys the HMAC of every peer handshake: an attacker who sees one (or makes
+a node compute one) can test guesses offline, so it must hold enough entropy not to be
+guessed; 32 characters are 128 bits as hex (`raftkv token generate` makes 256)."""
+KNOWN_PUBLIC_TOKENS = frozenset({"raftkv-default-insecure-token", "raftkv-compose-demo-token"})
+"""Tokens that earlier versions shipped: public, so refused."""
+_HOW_TO_MAKE_A_TOKEN = (
+    "make one with `raftkv token generate` (or: python3 -c 'import secrets; "
+    "print(secrets.token_hex(32))') and give the same one to every node of the cluster")
+
+
+def check_cluster_token(token: str) -> None:
+    if not token:
+        raise SettingsError(
+            "no cluster token: set RAFTKV_CLUSTER_TOKEN (--cluster-token) or "
+            "RAFTKV_CLUSTER_TOKEN_FILE (--cluster-token-file), the secret that every peer "
+            f"connection is checked against; {_HOW_TO_MAKE_A_TOKEN}")
+    if token in KNOWN_PUBLIC_TOKENS:
+        raise SettingsError(
+            "the cluster token is one that earlier versions of raftkv shipped, so it is "
+            f"public: anyone could join the cluster; {_HOW_TO_MAKE_A_TOKEN}")
+    if len(token) < MIN_TOKEN_CHARS or token != token.strip():
+        raise SettingsError(
+            f"the cluster token has {len(token)} characters: too short to be secret (at least "
+            f"{MIN_TOKEN_CHARS}, without surrounding spaces). It keys the HMAC of every peer "
+            "handshake, so a short one can be guessed offline from a single handshake; "
+            f"{_HOW_TO_MAKE_A_TOKEN}")
+
+
+def generate_token() -> str:
+    """A new cluster token: 256 random bits as 64 hex digits."""
+    return secrets.token_hex(32)
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path` (surrounding whitespace, e.g. a final newline, removed)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(f"RAFTKV_CLUSTER_TOKEN_FILE={path!r}: cannot read it ({e}); "
+                            f"it must hold the cluster token: {_HOW_TO_MAKE_A_TOKEN}") from None
 
 
 def check_node_id(nid: str, name: str = "RAFTKV_ID") -> None:
@@ -111,7 +161,12 @@ class Settings:
     join: str = field(default="", metadata=_meta(
         "RAFTKV_JOIN", "--join", "HTTP address of a member to join (empty data dir only)"))
     cluster_token: str = field(default="", metadata=_meta(
-        "RAFTKV_CLUSTER_TOKEN", "--cluster-token", "shared secret for peer connections"))
+        "RAFTKV_CLUSTER_TOKEN", "--cluster-token",
+        "shared secret for peer connections, the same on every node (required, at least "
+        "32 characters: make one with `raftkv token generate`)"))
+    cluster_token_file: str = field(default="", metadata=_meta(
+        "RAFTKV_CLUSTER_TOKEN_FILE", "--cluster-token-file",
+        "a file holding the cluster token (instead of --cluster-token)"))
     tick_ms: int = field(default=50, metadata=_meta(
         "RAFTKV_TICK_MS", "--tick-ms", "Raft tick interval in milliseconds", kind=int))
     election_ticks: int = field(default=20, metadata=_meta(
@@ -151,6 +206,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_node_id(self.node_id)
+        check_cluster_token(self.cluster_token)
         if not self.data_dir:
             raise SettingsError("RAFTKV_DATA_DIR (--data-dir) is required: where this node "
                                 "keeps its data")
@@ -273,6 +329,12 @@ def from_sources(args: argparse.Namespace | None, environ: Mapping[str, str]) ->
                           if isinstance(raw, str) else raw)
     if missing:
         raise SettingsError("missing required settings: " + ", ".join(missing))
+    token_file = values.get("cluster_token_file")
+    if token_file:
+        if values.get("cluster_token"):
+            raise SettingsError("both RAFTKV_CLUSTER_TOKEN and RAFTKV_CLUSTER_TOKEN_FILE are "
+                                "set: give the token one way only")
+        values["cluster_token"] = read_token_file(str(token_file))
     return Settings(**values)  # type: ignore[arg-type]
 
 

@@ -47,7 +47,6 @@ from storage.lmdb_store import LmdbRaftStorage
 log = logging.getLogger("raftkv.node")
 
 FORMAT_VERSION = 1
-DEFAULT_CLUSTER_TOKEN = "raftkv-default-insecure-token"
 MIB = 1 << 20
 
 
@@ -141,11 +140,7 @@ class NodeServer:
             raise StartupError(f"the log in {data} is inconsistent ({e}); move the data dir "
                                "away and let the node rejoin empty") from None
 
-        token = settings.cluster_token
-        if not token:
-            token = DEFAULT_CLUSTER_TOKEN
-            log.warning("event=default_cluster_token node=%s advice=set RAFTKV_CLUSTER_TOKEN to "
-                        "a shared secret so that only your nodes can join", settings.node_id)
+        token = settings.cluster_token  # checked by Settings: never empty, never a default
         self._token = token
         self.transport = PeerTransport(
             node_id=settings.node_id, cluster_id=cluster_id,

@@ -253,3 +253,15 @@ def test_the_quota_raises_a_cluster_wide_alarm_until_space_is_freed_and_it_is_di
         assert _leader_and_term(c) == (leader_id, term)  # no election at any point
         status = c.status(leader)["extra"]
         assert status["quota_bytes"] == 1 << 20 and status["size_bytes"] < 1 << 20
+# --------------------------------------------------------------------------- the token
+def test_a_node_refuses_to_start_without_a_cluster_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTKV_")}
+    env.update({"PYTHONPATH": str(REPO), "RAFTKV_ID": "n1",
+                "RAFTKV_DATA_DIR": str(tmp_path / "n1"), "RAFTKV_PEERS": "n1=127.0.0.1:1"})
+    result = subprocess.run([sys.executable, "-m", "raftkv", "serve"], cwd=REPO, env=env,
+                            check=False,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "RAFTKV_CLUSTER_TOKEN" in result.stderr and "raftkv token" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "n1").exists()  # refused before touching the disk
