@@ -195,6 +195,14 @@ class Settings:
         "2 x the quota + 64M)", kind="size"))
     http_threads: int = field(default=32, metadata=_meta(
         "RAFTKV_HTTP_THREADS", "--http-threads", "HTTP worker threads", kind=int))
+    http_head_timeout_ms: int = field(default=10_000, metadata=_meta(
+        "RAFTKV_HTTP_HEAD_TIMEOUT_MS", "--http-head-timeout-ms",
+        "a client must send a whole request line and headers within this (else 408 and "
+        "closed); 0: no deadline", kind=int))
+    http_max_connections_per_client: int = field(default=128, metadata=_meta(
+        "RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT", "--http-max-connections-per-client",
+        "open HTTP connections one client address may hold (past it: 503 and closed); "
+        "0: no limit", kind=int))
     request_timeout_ms: int = field(default=5000, metadata=_meta(
         "RAFTKV_REQUEST_TIMEOUT_MS", "--request-timeout-ms",
         "default time a request waits for commit", kind=int))
@@ -245,6 +253,13 @@ class Settings:
             raise SettingsError("RAFTKV_MAX_SNAPSHOT_BYTES must not be negative")
         if not 1 <= self.http_threads <= 1024:
             raise SettingsError("RAFTKV_HTTP_THREADS must be 1..1024")
+        if not 0 <= self.http_head_timeout_ms <= 3_600_000:
+            raise SettingsError("RAFTKV_HTTP_HEAD_TIMEOUT_MS must be 0 (no deadline) to "
+                                "3600000; 10000 is a good value")
+        if not 0 <= self.http_max_connections_per_client <= 100_000:
+            raise SettingsError("RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT must be 0 (no limit) "
+                                "to 100000; keep it well under 1000, the node's connection "
+                                "limit, so that one address cannot take them all")
         if self.request_timeout_ms < 1:
             raise SettingsError("RAFTKV_REQUEST_TIMEOUT_MS must be >= 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -94,3 +94,12 @@ def test_the_quota_defaults_to_two_gib_or_an_eighth_of_memory() -> None:
 def test_a_bad_quota_or_snapshot_cap_is_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         from_sources(None, settings_env(**env))
+
+
+def test_http_limits_have_sane_defaults_and_are_checked() -> None:
+    s = from_sources(None, settings_env())
+    assert (s.http_head_timeout_ms, s.http_max_connections_per_client) == (10_000, 128)
+    with pytest.raises(SettingsError, match="RAFTKV_HTTP_HEAD_TIMEOUT_MS"):
+        from_sources(None, settings_env(RAFTKV_HTTP_HEAD_TIMEOUT_MS="-1"))
+    with pytest.raises(SettingsError, match="well under 1000"):
+        from_sources(None, settings_env(RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT="1000000"))

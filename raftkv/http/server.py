@@ -12,7 +12,11 @@ from typing import Any, Final
 
 from waitress import trigger, wasyncore
 
-from raftkv.http.waitress_errors import create_server
+from raftkv.http.waitress_errors import (
+    DEFAULT_HEAD_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    create_server,
+)
 
 __all__ = ["ServerHandle", "serve"]
 
@@ -97,7 +101,10 @@ class ServerHandle:
 
 def serve(app: Any, host: str, port: int, *, threads: int = 32, connection_limit: int = 1000,
           channel_timeout_s: int = 120, backlog: int = 2048,
-          max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> ServerHandle:
+          max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+          head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S,
+          max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+          ) -> ServerHandle:
     """Bind `app` on host:port (0 = any free port) and return a handle; call .run() to serve.
 
     `threads` bounds concurrent requests (each may wait up to the request timeout on Raft),
@@ -123,5 +130,7 @@ def serve(app: Any, host: str, port: int, *, threads: int = 32, connection_limit
         clear_untrusted_proxy_headers=True,
         expose_tracebacks=False,
         ident="raftkv",
+        head_timeout_s=head_timeout_s,
+        max_connections_per_client=max_connections_per_client,
     )
     return ServerHandle(server, socket_map)

@@ -200,7 +200,9 @@ class NodeServer:
         app = create_app(self.service, default_timeout_s=s.request_timeout_ms / 1000,
                          metrics=self.loop.metrics)
         try:
-            server = serve(app, self._http_bind[0], self._http_bind[1], threads=s.http_threads)
+            server = serve(app, self._http_bind[0], self._http_bind[1], threads=s.http_threads,
+                           head_timeout_s=s.http_head_timeout_ms / 1000,
+                           max_connections_per_client=s.http_max_connections_per_client)
         except OSError as e:
             self.loop.stop()
             self.transport.close()

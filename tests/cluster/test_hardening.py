@@ -9,6 +9,7 @@ failure from the issue's table and asserts the new behaviour.
 | one garbage SnapshotRequest stopped a node for good | test_a_garbage_snapshot_request_...  |
 | no quota: every replica ran out of memory together  | test_the_quota_raises_a_cluster...   |
 | no RAFTKV_CLUSTER_TOKEN: a public default token     | test_a_node_refuses_to_start_...     |
+| 1,010 slow-header connections: /health timed out    | test_slow_request_heads_from_one_... |
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -253,6 +255,51 @@ def test_the_quota_raises_a_cluster_wide_alarm_until_space_is_freed_and_it_is_di
         assert _leader_and_term(c) == (leader_id, term)  # no election at any point
         status = c.status(leader)["extra"]
         assert status["quota_bytes"] == 1 << 20 and status["size_bytes"] < 1 << 20
+# --------------------------------------------------------------------------- slow HTTP clients
+def _health_from(source: str, node: NodeProc, timeout_s: float) -> float:
+    host, _, port = node.http.rpartition(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=timeout_s,
+                                  source_address=(source, 0)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: n\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    return time.monotonic() - started
+
+
+def test_slow_request_heads_from_one_address_do_not_hold_a_node_from_others(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Before: 1,010 slow-header connections made /health time out until they closed. Now
+    (node defaults: 128 connections per address, a deadline for request heads, here 2 s)
+    /health from another address answers at once, and the slow ones are cut off."""
+    with running_cluster(tmp_path, 1, request=request,
+                         env={"RAFTKV_HTTP_HEAD_TIMEOUT_MS": "2000"}) as c:
+        node = c.nodes[0]
+        host, _, port = node.http.rpartition(":")
+        slow: list[socket.socket] = []
+        try:
+            for _ in range(1010):
+                sock = socket.create_connection((host, int(port)), timeout=10,
+                                                source_address=("127.0.0.1", 0))
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: n\r\nX-Slow: ")
+                slow.append(sock)
+            took = [_health_from("127.0.0.2", node, 10) for _ in range(20)]
+            assert max(took) < 2.0, took
+            answers: dict[bytes, int] = {}
+            for sock in slow:  # each is answered: 503 at once, or 408 past the deadline
+                sock.settimeout(10)
+                status = sock.recv(4096)[:12]
+                answers[status] = answers.get(status, 0) + 1
+            assert set(answers) == {b"HTTP/1.1 503", b"HTTP/1.1 408"}, answers
+            assert answers[b"HTTP/1.1 408"] <= 128
+        finally:
+            for sock in slow:
+                sock.close()
+        assert _health_from("127.0.0.1", node, 10) < 2.0
+
+
 # --------------------------------------------------------------------------- the token
 def test_a_node_refuses_to_start_without_a_cluster_token(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTKV_")}
