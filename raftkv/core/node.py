@@ -311,6 +311,10 @@ class RaftNode:
             self._drop(f"TimeoutNow from {m.frm} in term {m.term} ignored: not from the "
                        f"leader of the current term ({self.term}, leader {self.leader or '-'})")
             return
+        problem = _malformed(m)
+        if problem is not None:
+            self._drop(f"{type(m).__name__} from {m.frm} in term {m.term} ignored: {problem}")
+            return
         if m.term > self.term:
             if isinstance(m, VoteRequest):
                 in_lease = (
@@ -341,6 +345,13 @@ class RaftNode:
                 )
             return
 
+        if isinstance(m, AppendRequest | HeartbeatRequest | SnapshotRequest) and (
+                self.role is Role.LEADER or self.leader not in (None, m.frm)):
+            # A term has one leader: a second one claiming this term is impossible from a
+            # correct peer, and must not take over (nor make a leader step down).
+            self._drop(f"{type(m).__name__} from {m.frm} in term {m.term} ignored: "
+                       f"{self.leader} leads this term")
+            return
         if isinstance(m, VoteRequest):
             self._step_vote_request(m)
         elif isinstance(m, VoteResponse):
@@ -1125,3 +1136,22 @@ class RaftNode:
     def _soft_state(self) -> SoftState:
         return SoftState(self.role, self.leader, self.term)
 
+
+
+def _malformed(m: Message) -> str | None:
+    """What makes a decodable message impossible for a correct peer to send, or None.
+
+    Checked before the message can touch anything: a correct leader sends entries that follow
+    prev_index one by one, in terms that never go down, none above its own term; a snapshot
+    of a term above the sender's does not exist. (The transport checks who sent it.)"""
+    if isinstance(m, AppendRequest) and m.entries:
+        expected, term = m.prev_index + 1, m.prev_term
+        for e in m.entries:
+            if e.index != expected:
+                return f"entry {e.index} does not follow {expected - 1}"
+            if e.term < term or e.term > m.term:
+                return f"entry {e.index} has term {e.term}, out of order or above the sender's"
+            expected, term = expected + 1, e.term
+    elif isinstance(m, SnapshotRequest) and m.meta.term > m.term:
+        return f"a snapshot of term {m.meta.term} from a leader of term {m.term}"
+    return None

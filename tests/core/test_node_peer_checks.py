@@ -14,12 +14,18 @@ import pytest
 
 from raftkv.core import (
     AppendRequest,
+    AppendResponse,
+    ConfChange,
+    ConfChangeOp,
     Config,
     Entry,
+    EntryKind,
     HardState,
     HeartbeatRequest,
     Membership,
+    Message,
     RaftNode,
+    ReadIndexResponse,
     Ready,
     Role,
     Snapshot,
@@ -27,6 +33,7 @@ from raftkv.core import (
     SnapshotRequest,
     SnapshotResponse,
     TimeoutNow,
+    VoteRequest,
 )
 from raftkv.core.snapshots import checksum_of
 from tests.core.harness import Network, boot_state, log_of_terms
@@ -263,6 +270,128 @@ def test_a_snapshot_the_leader_cannot_read_is_not_sent_and_retried_later() -> No
 
 
 def cluster_of_three() -> Network:
+    net = Network(THREE, election_timeout_ticks=ET)
+    net.elect("n1")
+    net.run(1)
+    return net
+
+
+# =========================================================================================
+# Random and mutated messages: the core never raises, and safety holds
+# =========================================================================================
+def _random_message(rng: random.Random, net: Network, senders: list[str]) -> Message:
+    frm, to = rng.choice(senders), rng.choice(THREE)
+    term = max(0, net.node(to).term + rng.randint(-2, 2))
+
+    def n() -> int:
+        return rng.randint(0, 40)
+
+    kind = rng.randrange(8)
+    if kind == 0:
+        prev = n()
+        start = prev + 1 if rng.random() < 0.5 else n() + 1
+        entries = tuple(
+            Entry(start + j, max(1, rng.randint(1, term + 1)), EntryKind.CONF_CHANGE,
+                  change=ConfChange(rng.choice(list(ConfChangeOp)), rng.choice([*THREE, "x"])))
+            if rng.random() < 0.1 else Entry(start + j, max(1, rng.randint(1, term + 1)), data=b"d")
+            for j in range(rng.randint(0, 4)))
+        return AppendRequest(term, frm, to, prev, rng.randint(0, term + 1), entries, n())
+    if kind == 1:
+        return AppendResponse(term, frm, to, rng.random() < 0.5, n(), n(), n())
+    if kind == 2:
+        return HeartbeatRequest(term, frm, to, n(), n())
+    if kind == 3:
+        return VoteRequest(term, frm, to, n(), n(), rng.random() < 0.5, rng.random() < 0.5)
+    if kind == 4:
+        data = rng.randbytes(rng.randint(0, 20))
+        meta = SnapshotMeta(n() + 1, rng.randint(1, term + 2),
+                            Membership(frozenset(rng.sample(THREE, 2))))
+        return SnapshotRequest(term, frm, to, meta, rng.choice([0, n()]), data,
+                               rng.random() < 0.5, rng.choice([len(data), n()]),
+                               rng.choice([checksum_of(data), "ab" * 32]))
+    if kind == 5:
+        return SnapshotResponse(term, frm, to, n(), rng.randint(-1, 40), rng.random() < 0.5)
+    if kind == 6:
+        return TimeoutNow(term, frm, to)
+    return ReadIndexResponse(term, frm, to, (rng.randint(0, 5),), rng.randint(-1, 40))
+
+
+def _applied_agree(net: Network) -> None:
+    by_index: dict[int, Entry] = {}
+    for peer in net.peers.values():
+        for e in peer.applied:
+            assert by_index.setdefault(e.index, e) == e, f"two entries applied at {e.index}"
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_random_messages_never_make_the_core_raise(trial: int) -> None:
+    """From any sender, the leader's id included (the transport binds messages to the peer
+    that authenticated; the core must merely survive what it cannot tell apart): e.g. an
+    AppendRequest whose entries do not follow prev_index made a node exit ("append at 1012
+    leaves a gap after 12")."""
+    rng = random.Random(trial)
+    net = Network(THREE, election_timeout_ticks=ET, seed=trial, snapshot_chunk_bytes=8)
+    net.elect("n1")
+    for _ in range(3):
+        net.node("n1").propose(b"x")
+    net.stabilize()
+    for step in range(200):
+        net.send(_random_message(rng, net, [*THREE, "stranger"]))
+        if step % 10 == 0:
+            net.run(1)
+        else:
+            net.stabilize()
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_replayed_and_stale_messages_keep_the_cluster_safe_and_live(trial: int) -> None:
+    """Every message the cluster sent, delivered again at random later (duplicated,
+    reordered, from past terms), mixed with random messages of past terms: replicas never
+    disagree on what they applied, and the cluster still elects and commits afterwards.
+    (What a peer that holds the token may claim in a newer term is the transport's to
+    bound: Raft trusts its members.)"""
+    rng = random.Random(1000 + trial)
+    net = Network(THREE, election_timeout_ticks=ET, seed=trial, snapshot_chunk_bytes=8)
+    net.elect("n1")
+    seen: list[Message] = []
+    for step in range(300):
+        seen.extend(net.in_flight)
+        if seen and rng.random() < 0.7:
+            net.send(rng.choice(seen))
+        else:
+            m = _random_message(rng, net, list(THREE))
+            if m.term < net.node(m.to).term:
+                net.send(m)
+        if step % 10 == 0:
+            leader = net.leader()
+            if leader is not None:
+                net.node(leader).propose(b"w%d" % step)
+            net.run(1)
+        else:
+            net.stabilize()
+        _applied_agree(net)
+    net.run(4 * ET)
+    leader = net.leader()
+    assert leader is not None
+    index = net.node(leader).propose(b"after")
+    net.run(2)
+    assert all(net.node(nid).log.commit >= index for nid in THREE)
+    _applied_agree(net)
+
+
+def test_a_second_leader_in_the_same_term_is_ignored() -> None:
+    net = _cluster_three_with_leader()
+    term = net.node("n1").term
+    net.send(AppendRequest(term, "n3", "n2", 0, 0, (), 0),
+             HeartbeatRequest(term, "n2", "n1", 0))
+    net.stabilize()
+    assert net.leader() == "n1" and net.node("n2").leader == "n1"
+    assert net.node("n1").role is Role.LEADER
+    notes = [why for p in ("n1", "n2") for rd in net.peers[p].readies for why in rd.dropped]
+    assert sum("n1 leads this term" in why for why in notes) == 2
+
+
+def _cluster_three_with_leader() -> Network:
     net = Network(THREE, election_timeout_ticks=ET)
     net.elect("n1")
     net.run(1)
