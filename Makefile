@@ -6,8 +6,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SEEDS  ?= 1000
 PYTEST_ARGS ?=
+# The cluster token: one per cluster, made on its first `make run` / `make up` in
+# .cluster-token (mode 0600, ignored by git) and given to the nodes; nothing in the
+# repository holds a token.
+TOKEN_FILE := .cluster-token
 
-.PHONY: help venv test lint typecheck unit sim run cluster clean-venv \
+.PHONY: help venv test lint typecheck unit sim run cluster clean-venv cluster-token \
 	wheels image up down logs ps clean test-docker docker-host bench bench-storage faults \
 	tls-init nginx-image
 
@@ -57,8 +61,8 @@ run:
 	  $(MAKE) --no-print-directory cluster; \
 	fi
 
-cluster: $(STAMP)
-	$(PY) -m raftkv cluster --nodes 3
+cluster: $(STAMP) $(TOKEN_FILE)
+	RAFTKV_CLUSTER_TOKEN_FILE=$(TOKEN_FILE) $(PY) -m raftkv cluster --nodes 3
 
 sim: $(STAMP)
 	RAFTKV_SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q -m sim tests/sim $(PYTEST_ARGS)
@@ -121,7 +125,8 @@ else
 COMPOSE_FILES := -f docker-compose.yml
 UP_NEEDS :=
 endif
-COMPOSE = $(COMPOSE_CMD) -p $(COMPOSE_PROJECT) $(COMPOSE_FILES)
+COMPOSE = RAFTKV_CLUSTER_TOKEN="$${RAFTKV_CLUSTER_TOKEN:-$$(cat $(TOKEN_FILE) 2>/dev/null)}" \
+	$(COMPOSE_CMD) -p $(COMPOSE_PROJECT) $(COMPOSE_FILES)
 ARCH := $(shell uname -m)
 
 docker-host:
@@ -143,7 +148,12 @@ wheels: $(STAMP)
 image: wheels
 	docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) --tag $(RAFTKV_IMAGE) .
 
-up: image $(UP_NEEDS)
+$(TOKEN_FILE): $(STAMP)
+	$(VENV)/bin/raftkv token generate --file $(TOKEN_FILE)
+
+cluster-token: $(TOKEN_FILE)
+
+up: image $(TOKEN_FILE) $(UP_NEEDS)
 	$(COMPOSE) up --detach
 	@echo "make up: HTTP on 127.0.0.1:$${RAFTKV_HTTP_PORT_1:-4001}, $${RAFTKV_HTTP_PORT_2:-4002}, $${RAFTKV_HTTP_PORT_3:-4003}; make logs | ps | down (keeps the data) | clean (deletes it)"
 	@if [ "$(TLS)" = 1 ]; then echo "make up: HTTPS (client certificate required) on 127.0.0.1:8443..8445; certificates and the root token in $(TLS_DIR)"; fi

@@ -9,7 +9,7 @@ request ids, as a busy node would have) it measures, as medians over the repeats
   for this long;
 - save: serialise the view (`iter_snapshot_chunks`) and write it to a new
   LmdbSnapshotStore in a temporary directory, synced and published;
-- load: open the store, `latest()` (read and verify the checksum) and `restore()`;
+- load: open the store, `latest()` (read and verify the checksum) and `restore_chunks()`;
 - loop stall while saving in the background: the save run on a worker thread while the
   caller's thread spins, measuring the longest time it could not run (the GIL).
 
@@ -78,7 +78,7 @@ def load(path: Path) -> KVStateMachine:
         snapshot = store.latest()
         assert snapshot is not None, "the snapshot just saved is missing"
         machine = KVStateMachine()
-        machine.restore(snapshot.data, snapshot.meta.index)
+        machine.restore_chunks(store.chunks(snapshot), snapshot.meta.index)
         return machine
     finally:
         store.close()

@@ -1,5 +1,5 @@
 """`raftkv serve | cluster | get | put | delete | status | members | backup | restore | lease |
-lock | token | certs` — the composition root.
+lock | alarm | token | certs` — the composition root.
 
 Client commands take a token for clusters with auth, the first of: `--token` (visible in `ps`),
 `--token-file FILE`, RAFTKV_TOKEN, RAFTKV_TOKEN_FILE (a file keeps it out of `ps` and shell
@@ -73,6 +73,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return code
 
 
+# ---------------------------------------------------------------------------- token
+def cmd_token(args: argparse.Namespace) -> int:
+    """`raftkv token generate [--file PATH]`: print a new cluster token, or keep one in PATH
+    (created with mode 0600 if it does not hold a valid token yet; an existing one is kept, so
+    every node started from that file shares it)."""
+    from raftkv.settings import check_cluster_token, generate_token, read_token_file
+
+    if not args.file:
+        print(generate_token())
+        return EXIT_OK
+    path = Path(args.file)
+    if path.exists():
+        try:
+            check_cluster_token(read_token_file(str(path)))
+        except SettingsError as e:
+            print(f"raftkv token generate: {path} exists but does not hold a usable token: "
+                  f"{e}. Move it away to make a new one", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"raftkv token generate: keeping the cluster token in {path}", file=sys.stderr)
+        return EXIT_OK
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        print(f"raftkv token generate: cannot create {path}: {e.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(generate_token() + "\n")
+    print(f"raftkv token generate: wrote a new cluster token to {path} (mode 0600)",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- cluster
 def cmd_cluster(args: argparse.Namespace) -> int:
     """Run a local cluster of `raftkv serve` processes (HTTP 4001.., Raft 5001..)."""
@@ -83,9 +115,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         print("raftkv cluster: --nodes must be 1..7", file=sys.stderr)
         return EXIT_USAGE
     base = Path(args.data_dir)
+    token = os.environ.get("RAFTKV_CLUSTER_TOKEN") or None  # None: a random one
+    token_file = os.environ.get("RAFTKV_CLUSTER_TOKEN_FILE")
+    if token is None and token_file:
+        from raftkv.settings import read_token_file
+
+        try:
+            token = read_token_file(token_file)
+        except SettingsError as e:
+            print(f"raftkv cluster: {e}", file=sys.stderr)
+            return EXIT_USAGE
     cluster = LocalCluster(
         base, n, host=args.host, http_port=args.http_port, raft_port=args.raft_port,
-        token=os.environ.get("RAFTKV_CLUSTER_TOKEN", ""), inherit_settings=True,
+        token=token, inherit_settings=True,
         output="terminal", color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     stopping = threading.Event()
 
@@ -221,6 +263,11 @@ def _run_client(args: argparse.Namespace) -> int:
             _lease_command(cl, args.action, args.arg)
         elif args.command == "token":
             _token_command(cl, args)
+        elif args.command == "alarm":
+            if args.action == "list":
+                _print(cl.alarms())
+            else:
+                _print({"disarmed": True, "index": cl.disarm_alarms()})
     except (c.KeyNotFound, c.LeaseNotFound) as e:
         _print({"error": e.code, "message": str(e)})
         return EXIT_FAILED
@@ -547,6 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
     lease.add_argument("arg", nargs="?", type=int, metavar="TTL|ID",
                        help="grant: the TTL in seconds; keepalive, revoke, get: the lease id")
     client_args(lease)
+    alarm = sub.add_parser(
+        "alarm", help="list | disarm: the cluster's NOSPACE alarms (raised when the data "
+                      "reaches the quota or a node's disk is full; writes that add data get "
+                      "507 until disarmed)")
+    alarm.add_argument("action", choices=["list", "disarm"], nargs="?", default="list")
+    client_args(alarm)
     lock = sub.add_parser(
         "lock", help="run a command while holding a lock: raftkv lock NAME -- command ...",
         description="Wait for the lock NAME, run the command while holding it (its fencing "
@@ -561,11 +614,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="give up (exit 1) if the lock is not free within SECONDS")
     client_args(lock)
     token = sub.add_parser(
-        "token", help="create | list | revoke: tokens of a cluster with auth (admin)",
-        description="create --role read|write|admin [--prefix P ...]: make a token and print "
-                    "its secret, this once; list: ids, roles, prefixes, creation indices; "
-                    "revoke ID: every node refuses it once applied.")
-    token.add_argument("action", choices=["create", "list", "revoke"])
+        "token", help="generate | create | list | revoke: a cluster token; tokens of a "
+                      "cluster with auth (admin)",
+        description="generate [--file PATH]: make a cluster token (RAFTKV_CLUSTER_TOKEN), "
+                    "locally; create --role read|write|admin [--prefix P ...]: make a client "
+                    "token and print its secret, this once; list: ids, roles, prefixes, "
+                    "creation indices; revoke ID: every node refuses it once applied.")
+    token.add_argument("action", choices=["generate", "create", "list", "revoke"])
+    token.add_argument("--file", help="generate: keep the token in this file (mode 0600), "
+                                      "made only if it does not exist; serve it with "
+                                      "RAFTKV_CLUSTER_TOKEN_FILE")
     token.add_argument("id", nargs="?", help="revoke: the token's id")
     token.add_argument("--role", choices=["read", "write", "admin"],
                        help="create: what the token may do")
@@ -619,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "cluster":
         return cmd_cluster(args)
+    if args.command == "token" and args.action == "generate":
+        return cmd_token(args)
     if args.command == "backup":
         return cmd_backup(args)
     if args.command == "certs":
@@ -631,7 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "token":
         problem = ("--role is required" if args.action == "create" and not args.role else
                    "a token id is required" if args.action == "revoke" and not args.id else
-                   "--prefix is for create" if args.action != "create" and args.prefix else "")
+                   "--prefix is for create" if args.action != "create" and args.prefix else
+                   "--file is for generate" if args.file else "")
         if problem:
             print(f"raftkv token {args.action}: {problem}", file=sys.stderr)
             return EXIT_USAGE

@@ -51,6 +51,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from raftkv.auth import Role
 from raftkv.service import (
+    Alarm,
     BatchOp,
     BatchResult,
     Consistency,
@@ -629,6 +630,22 @@ class Client:
         payload = self._call("DELETE", "/auth/tokens/" + quote(token_id, safe=""),
                              policy=_KEYED_WRITE, idempotency_key=str(uuid.uuid4()))
         return TokenRevokeResult(str(payload.get("id")), _int(payload, "index"))
+
+    # ------------------------------------------------------------------ alarms
+    def alarms(self) -> builtins.list[Alarm]:
+        """The raised NOSPACE alarms (empty: writes are accepted)."""
+        raw = self._call("GET", "/alarms", policy=_READ, wait=False).get("alarms")
+        if not isinstance(raw, list):
+            raise _bad_response("the alarms are not a list")
+        try:
+            return [Alarm(str(a["node"]), str(a["cause"]), int(a["index"])) for a in raw]
+        except (KeyError, TypeError, ValueError):
+            raise _bad_response("an alarm is malformed") from None
+
+    def disarm_alarms(self) -> int:
+        """Clear every alarm (idempotent, so retried like a keyed write); returns the index
+        of the disarm."""
+        return _int(self._call("DELETE", "/alarms", policy=_KEYED_WRITE), "index")
 
     # ------------------------------------------------------------------ backups
     @contextlib.contextmanager

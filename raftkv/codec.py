@@ -12,6 +12,12 @@ Entries inside an AppendRequest are each encoded as on disk (`entry` above) and 
 bytes, so a follower stores what it received without encoding it again; a snapshot meta
 inside a SnapshotRequest is `[index, term, [voters], [learners]]`.
 
+Message tags are versions of a message's layout. SnapshotRequest is tag 12 since it carries
+the whole snapshot's length and checksum (`..., meta, offset, data, done, length, checksum`;
+the checksum is 64 lowercase hex digits); its first layout, tag 7 (no length, no checksum), is
+refused with a message that says so: a follower must be able to check a snapshot before it
+keeps any of it, so every node of a cluster must run a build that sends tag 12.
+
 Decoding is fed bytes from the network and the disk: anything malformed, truncated, of the
 wrong type, out of range or unknown raises `DecodeError` and nothing else.
 """
@@ -21,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, TypeVar
 
@@ -42,6 +48,7 @@ from raftkv.core.messages import (
     VoteRequest,
     VoteResponse,
 )
+from raftkv.core.snapshots import is_checksum
 from raftkv.core.types import (
     ConfChange,
     ConfChangeOp,
@@ -52,6 +59,8 @@ from raftkv.core.types import (
     SnapshotMeta,
 )
 from raftkv.kv.state_machine import (
+    AlarmRecord,
+    AlarmResult,
     ApplyResult,
     AuthEnabled,
     AuthRefused,
@@ -62,6 +71,7 @@ from raftkv.kv.state_machine import (
     LeaseGrantResult,
     LeaseNotFound,
     LeaseRevokeResult,
+    NoSpace,
     PutResult,
     TokenCreated,
     TokenNotFound,
@@ -249,6 +259,12 @@ def _bytes(v: object, name: str) -> bytes:
     return v
 
 
+def _checksum(v: object, name: str) -> str:
+    if type(v) is not str or not is_checksum(v):
+        raise DecodeError(f"{name}: expected a blake2b-256 hex digest")
+    return v
+
+
 def _int_array(v: object, name: str) -> tuple[int, ...]:
     items = _array(v, name)
     for item in items:
@@ -355,6 +371,9 @@ def decode_message(data: bytes) -> Message:
     tag = value[1] if len(value) > 1 else None
     layout = _LAYOUT_BY_TAG.get(tag) if type(tag) is int else None
     if layout is None:
+        retired = _RETIRED_TAGS.get(tag) if type(tag) is int else None
+        if retired is not None:
+            raise DecodeError(f"message: {retired}")
         raise DecodeError("message: unknown or missing message type")
     fields = value[2:]
     if len(fields) != len(layout.checks):
@@ -391,11 +410,16 @@ _SPECS: Final[dict[type[Message], tuple[int, tuple[_Check, ...]]]] = {
     AppendResponse: (4, (*_HEAD, _bool, _nat, _nat, _nat)),
     HeartbeatRequest: (5, (*_HEAD, _nat, _nat)),
     HeartbeatResponse: (6, (*_HEAD, _nat)),
-    SnapshotRequest: (7, (*_HEAD, _nested_meta, _nat, _bytes, _bool)),
+    SnapshotRequest: (12, (*_HEAD, _nested_meta, _nat, _bytes, _bool, _nat, _checksum)),
     SnapshotResponse: (8, (*_HEAD, _nat, _int_or_minus_one, _bool)),
     TimeoutNow: (9, _HEAD),
     ReadIndexRequest: (10, (*_HEAD, _int_array)),
     ReadIndexResponse: (11, (*_HEAD, _int_array, _int_or_minus_one)),
+}
+
+_RETIRED_TAGS: Final[dict[int, str]] = {
+    7: "a SnapshotRequest without length and checksum (tag 7) is no longer accepted: the "
+       "sender runs an older build; upgrade every node",
 }
 
 _CONVERTERS: Final[dict[_Check, Callable[[Any], object]]] = {
@@ -497,6 +521,22 @@ def _error_from_wire(v: object) -> ErrorReply:
 _R_PUT, _R_DELETE, _R_BATCH, _R_CONDITION, _R_GRANT, _R_REVOKE, _R_NO_LEASE, _R_INVALID = range(8)
 _R_NONE, _R_AUTH_ENABLED, _R_TOKEN_CREATED, _R_TOKEN_REVOKED, _R_NO_TOKEN, _R_AUTH_REFUSED = (
     range(8, 14))
+_R_NO_SPACE, _R_ALARMS = 14, 15
+
+
+def encode_alarms(alarms: Sequence[AlarmRecord]) -> list[list[object]]:
+    """NOSPACE alarms as [[node_id, cause, index], ...]."""
+    return [[a.node_id, a.cause, a.index] for a in alarms]
+
+
+def decode_alarms(v: object) -> tuple[AlarmRecord, ...]:
+    rows = _array(tuple(v) if type(v) is list else v, "alarms")
+    alarms = []
+    for row in rows:
+        node, cause, index = _array(tuple(row) if type(row) is list else row, "alarm", 3)
+        alarms.append(AlarmRecord(_str(node, "alarm node"), _str(cause, "alarm cause"),
+                                  _nat(index, "alarm index")))
+    return tuple(alarms)
 
 
 def encode_apply_result(result: object, index: int) -> list[object]:
@@ -530,6 +570,10 @@ def encode_apply_result(result: object, index: int) -> list[object]:
         return [_R_AUTH_REFUSED, r.index, r.reason]
     if isinstance(r, AuthEnabled):
         return [_R_AUTH_ENABLED, r.index]
+    if isinstance(r, NoSpace):
+        return [_R_NO_SPACE, r.index, encode_alarms(r.alarms)]
+    if isinstance(r, AlarmResult):
+        return [_R_ALARMS, r.index, encode_alarms(r.alarms)]
     return [_R_NONE, index]
 
 
@@ -582,6 +626,10 @@ def decode_apply_result(v: object) -> ApplyResult | None:
             return AuthRefused(_nat(a[1], "index"), _str(a[2], "reason"))
         if tag == _R_AUTH_ENABLED and len(a) == 2:
             return AuthEnabled(_nat(a[1], "index"))
+        if tag == _R_NO_SPACE and len(a) == 3:
+            return NoSpace(_nat(a[1], "index"), decode_alarms(a[2]))
+        if tag == _R_ALARMS and len(a) == 3:
+            return AlarmResult(_nat(a[1], "index"), decode_alarms(a[2]))
     except (TypeError, ValueError) as e:
         if isinstance(e, DecodeError):
             raise
@@ -780,6 +828,8 @@ class RequestOp(enum.IntEnum):
     TOKENS = 16
     """args [consistency]; reply: the token table (raftkv.auth.TokenTable.to_wire), after the
     read barrier."""
+    ALARMS = 17
+    """reply: the raised NOSPACE alarms as this node applied them (encode_alarms)."""
 
 
 class Request(NamedTuple):
@@ -835,6 +885,7 @@ _ARG_CHECKS.update({
     RequestOp.LEASE_LIST: (_nat,),
     RequestOp.METRICS: (),
     RequestOp.TOKENS: (_str,),
+    RequestOp.ALARMS: (),
 })
 _REQUEST_OPS: Final = {op.value: op for op in RequestOp}
 

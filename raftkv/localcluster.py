@@ -244,7 +244,7 @@ class LocalCluster:
         self.auth_headers: dict[str, str] = (
             {} if root_token is None else {"Authorization": f"Bearer {root_token}"})
         """What the launcher's own requests carry."""
-        self.token = secrets.token_hex(16) if token is None else token
+        self.token = secrets.token_hex(32) if token is None else token
         self.extra_env = dict(env or {})
         self.inherit_settings = inherit_settings
         self.output = output
@@ -302,6 +302,7 @@ class LocalCluster:
             "RAFTKV_DATA_DIR": str(node.data_dir),
             "RAFTKV_CLUSTER_TOKEN": self.token,
         })
+        env.pop("RAFTKV_CLUSTER_TOKEN_FILE", None)  # the token is given: one way only
         if join:
             env["RAFTKV_JOIN"] = join
             env.pop("RAFTKV_PEERS", None)

@@ -207,6 +207,10 @@ class NodeMetrics:
         self.worker_restarts = Counter("raftkv_worker_restarts_total",
                                        "HTTP worker processes restarted after they died",
                                        registry=r)
+        self.peer_messages_dropped = Counter(
+            "raftkv_peer_messages_dropped_total",
+            "Peer messages ignored as invalid (wrong sender, impossible content, refused "
+            "snapshots)", registry=r)
 
     def watch_state(self, read: Callable[[], dict[str, object]]) -> None:
         self.registry.register(_StateCollector(read))

@@ -6,12 +6,12 @@ in-memory snapshot store), `raftkv.kv` (the state machine), `raftkv.runtime` (tr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from raftkv.core.messages import Message
-from raftkv.core.types import Entry, HardState, NodeId, SnapshotMeta
+from raftkv.core.types import Entry, HardState, NodeId, Snapshot, SnapshotMeta
 
 
 class StorageError(Exception):
@@ -19,7 +19,13 @@ class StorageError(Exception):
 
 
 class StorageFull(StorageError):
-    """No room for more writes (LMDB map full / disk quota). Nothing was lost."""
+    """No room for more writes (LMDB map full / disk full or over quota). Nothing of the
+    failed write was written, nothing was lost. `cause` is the NOSPACE alarm's cause to
+    raise for it: "map_full" or "disk_full"."""
+
+    def __init__(self, message: str, *, cause: str = "disk_full") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,30 +95,43 @@ class RaftStorage(LogStore, HardStateStore, Protocol):
     def close(self) -> None: ...
 
 
+StoredSnapshot = Snapshot
+"""A published snapshot: meta, length and checksum (raftkv.core.types.Snapshot). Its bytes
+stay in the store; read them in chunks (SnapshotStore.read, SnapshotStore.chunks)."""
+
+
 class SnapshotSink(Protocol):
     """A snapshot being written. Invisible until close(); cancel() discards it."""
 
     def write(self, chunk: bytes) -> None: ...
 
-    def close(self) -> SnapshotMeta:
-        """Publish atomically (with its checksum) and return its meta."""
+    def close(self) -> StoredSnapshot:
+        """Publish atomically (with its length and checksum) and return what was published."""
         ...
 
     def cancel(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class StoredSnapshot:
-    meta: SnapshotMeta
-    data: bytes
-    checksum: str
-
-
 class SnapshotStore(Protocol):
+    """Snapshots, written and read in chunks: no operation holds a whole snapshot in memory
+    (beyond one chunk), whatever its size."""
+
     def create(self, meta: SnapshotMeta) -> SnapshotSink: ...
 
     def latest(self) -> StoredSnapshot | None:
-        """The newest published snapshot whose checksum verifies; None if there is none."""
+        """The newest published snapshot whose checksum verifies (its bytes are read once,
+        chunk by chunk, to check); None if there is none."""
+        ...
+
+    def read(self, snapshot: StoredSnapshot, offset: int, size: int) -> bytes | None:
+        """Up to `size` bytes of `snapshot` from `offset` (fewer only at its end; b"" past
+        it); None when the store no longer holds that snapshot. Not checked against the
+        checksum here: whoever assembles the bytes checks them."""
+        ...
+
+    def chunks(self, snapshot: StoredSnapshot) -> Iterator[bytes]:
+        """The whole snapshot, chunk by chunk; after the last chunk, StorageError if the
+        bytes do not match its length and checksum (or if it is no longer stored)."""
         ...
 
     def list(self) -> list[SnapshotMeta]:
@@ -132,12 +151,18 @@ class StateMachine(Protocol):
         """Apply one committed entry and return its result for the waiting client."""
         ...
 
-    def snapshot(self) -> bytes:
-        """A consistent serialisation of the state at applied_index."""
+    def snapshot_chunks(self) -> Iterator[bytes]:
+        """A consistent serialisation of the state at applied_index, in chunks."""
         ...
 
-    def restore(self, data: bytes, index: int) -> None:
-        """Replace the state with a snapshot taken at `index`."""
+    def restore_chunks(self, chunks: Iterable[bytes], index: int) -> None:
+        """Replace the state with a snapshot taken at `index`, read chunk by chunk; on any
+        error the state is left as it was."""
+        ...
+
+    def install(self, state: object, index: int) -> None:
+        """Replace the state with what this machine's snapshot validator decoded (the
+        core's Ready.snapshot_state) from the snapshot taken at `index`."""
         ...
 
 

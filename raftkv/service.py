@@ -13,7 +13,7 @@ restarts the lease's TTL and answers once a quorum confirmed its leadership.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -214,6 +214,19 @@ class TokenRevokeResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Alarm:
+    """A raised NOSPACE alarm (replicated: the same on every node)."""
+
+    node_id: str
+    """The node that raised it."""
+    cause: str
+    """quota (the state machine reached RAFTKV_QUOTA_BYTES), map_full (the node's LMDB map
+    is at its maximum size) or disk_full (its disk has no room)."""
+    index: int
+    """The log index of the entry that raised it."""
+
+
+@dataclass(frozen=True, slots=True)
 class Readiness:
     ready: bool
     reason: str
@@ -295,7 +308,22 @@ class ReadTimeoutError(ServiceError):
 
 
 class StorageFullError(ServiceError):
+    """The write would add data while the NOSPACE alarm is raised (or would take the state
+    past the quota, which raises it): nothing was applied. Reads, deletes and lease revokes
+    still work; free space, then disarm the alarm (KVService.disarm_alarms)."""
+
     code = "storage_full"
+
+
+def nospace_error(raised: Iterable[tuple[str, str]],
+                  leader: str | None = None) -> StorageFullError:
+    """The 507 for a write that adds data while the alarms `raised` ((node, cause) pairs)
+    stand."""
+    which = ", ".join(f"{node}: {cause}" for node, cause in raised) or "just disarmed"
+    return StorageFullError(
+        f"the cluster's NOSPACE alarm is raised ({which}): writes that add data are refused "
+        "on every node; reads, deletes and lease revokes work. Free space (delete keys; for "
+        "map_full/disk_full, on that node's disk), then `raftkv alarm disarm`", leader=leader)
 
 
 class MembershipChangeError(ServiceError):
@@ -390,6 +418,10 @@ class KVService(Protocol):
             request_id: str | None = None, timeout_s: float) -> WriteResult:
         """Committed and applied on return. prev_index: CAS (0 = only if absent).
 
+        StorageFullError while the NOSPACE alarm is raised, or when the write would take the
+        state machine past the quota (checked before the write is proposed: that raises the
+        alarm, through the log); the same for batch (with a put) and lease_grant.
+
         lease: attach the key to this lease (LeaseNotFoundError, nothing applied, if it does
         not exist at apply time; the condition is checked first). ttl_s: grant a fresh lease
         of this TTL in the same entry and attach the key (its id is the write's index). At
@@ -463,6 +495,18 @@ class KVService(Protocol):
     def transfer_leadership(self, target: str | None, *, timeout_s: float) -> str:
         """Hand leadership to `target` (or the most caught-up voter); returns the new
         leader's id once it leads."""
+        ...
+
+    # ------------------------------------------------------------------ alarms
+    def alarms(self) -> list[Alarm]:
+        """The raised NOSPACE alarms (this node's applied state: no quorum round), oldest
+        first; empty when writes are accepted."""
+        ...
+
+    def disarm_alarms(self, *, timeout_s: float) -> int:
+        """Clear every alarm through the log (an AlarmDisarm entry, proposed like a write);
+        returns its index once applied. If the state is still over the quota, the next write
+        that adds data raises the alarm again."""
         ...
 
     def backup(self, consistency: Consistency, timeout_s: float) -> Backup:

@@ -1,7 +1,12 @@
 """Node settings: every one has a flag and an environment variable, validated at start.
 
 A bad setting raises SettingsError with a message that says what to do; the CLI prints it
-and exits with status 2. Nothing here touches the network or the disk.
+and exits with status 2. Nothing here touches the network, and the disk only to read the file
+named by --cluster-token-file.
+
+There is no default cluster token: a node refuses to start without one (RAFTKV_CLUSTER_TOKEN,
+or RAFTKV_CLUSTER_TOKEN_FILE naming a file that holds it), and refuses one shorter than
+MIN_TOKEN_CHARS. `raftkv token generate` makes one.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import argparse
 import hashlib
 import os
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -48,6 +54,50 @@ def parse_peers(value: str) -> dict[str, str]:
     return peers
 
 
+MIN_TOKEN_CHARS = 32
+"""The cluster token keys the HMAC of every peer handshake: an attacker who sees one (or makes
+a node compute one) can test guesses offline, so it must hold enough entropy not to be
+guessed; 32 characters are 128 bits as hex (`raftkv token generate` makes 256)."""
+KNOWN_PUBLIC_TOKENS = frozenset({"raftkv-default-insecure-token", "raftkv-compose-demo-token"})
+"""Tokens that earlier versions shipped: public, so refused."""
+_HOW_TO_MAKE_A_TOKEN = (
+    "make one with `raftkv token generate` (or: python3 -c 'import secrets; "
+    "print(secrets.token_hex(32))') and give the same one to every node of the cluster")
+
+
+def check_cluster_token(token: str) -> None:
+    if not token:
+        raise SettingsError(
+            "no cluster token: set RAFTKV_CLUSTER_TOKEN (--cluster-token) or "
+            "RAFTKV_CLUSTER_TOKEN_FILE (--cluster-token-file), the secret that every peer "
+            f"connection is checked against; {_HOW_TO_MAKE_A_TOKEN}")
+    if token in KNOWN_PUBLIC_TOKENS:
+        raise SettingsError(
+            "the cluster token is one that earlier versions of raftkv shipped, so it is "
+            f"public: anyone could join the cluster; {_HOW_TO_MAKE_A_TOKEN}")
+    if len(token) < MIN_TOKEN_CHARS or token != token.strip():
+        raise SettingsError(
+            f"the cluster token has {len(token)} characters: too short to be secret (at least "
+            f"{MIN_TOKEN_CHARS}, without surrounding spaces). It keys the HMAC of every peer "
+            "handshake, so a short one can be guessed offline from a single handshake; "
+            f"{_HOW_TO_MAKE_A_TOKEN}")
+
+
+def generate_token() -> str:
+    """A new cluster token: 256 random bits as 64 hex digits."""
+    return secrets.token_hex(32)
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path` (surrounding whitespace, e.g. a final newline, removed)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(f"RAFTKV_CLUSTER_TOKEN_FILE={path!r}: cannot read it ({e}); "
+                            f"it must hold the cluster token: {_HOW_TO_MAKE_A_TOKEN}") from None
+
+
 def check_node_id(nid: str, name: str = "RAFTKV_ID") -> None:
     if not NODE_ID_RE.match(nid):
         raise SettingsError(
@@ -66,6 +116,31 @@ def derive_cluster_id(peers: Mapping[str, str], root_digest: bytes | None = None
     if root_digest is not None:
         text += f";auth={root_digest.hex()}"
     return hashlib.sha256(f"raftkv-cluster:{text}".encode()).hexdigest()[:16]
+
+
+MIN_QUOTA_BYTES = 1 << 20
+MAX_QUOTA_BYTES = 1 << 40
+DEFAULT_QUOTA_BYTES = 2 << 30
+"""Like etcd's default backend quota."""
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def default_quota_bytes() -> int:
+    """DEFAULT_QUOTA_BYTES, or an eighth of the machine's memory if that is less."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_QUOTA_BYTES
+    return max(MIN_QUOTA_BYTES, min(DEFAULT_QUOTA_BYTES, memory // 8))
+
+
+def parse_size(raw: str, env: str) -> int:
+    """`2147483648`, `2G`, `512M`, `64k` (powers of 1024; an optional trailing B or iB)."""
+    text = raw.strip().upper().removesuffix("IB").removesuffix("B")
+    number, suffix = (text[:-1], text[-1]) if text and text[-1] in _SIZE_SUFFIXES else (text, "")
+    if not number.isdigit():
+        raise SettingsError(f"{env}={raw!r}: expected a size in bytes, e.g. 2147483648 or 2G")
+    return int(number) * _SIZE_SUFFIXES[suffix]
 
 
 def _meta(env: str, flag: str, help_text: str, **kw: Any) -> dict[str, Any]:
@@ -93,7 +168,12 @@ class Settings:
     join: str = field(default="", metadata=_meta(
         "RAFTKV_JOIN", "--join", "HTTP address of a member to join (empty data dir only)"))
     cluster_token: str = field(default="", metadata=_meta(
-        "RAFTKV_CLUSTER_TOKEN", "--cluster-token", "shared secret for peer connections"))
+        "RAFTKV_CLUSTER_TOKEN", "--cluster-token",
+        "shared secret for peer connections, the same on every node (required, at least "
+        "32 characters: make one with `raftkv token generate`)"))
+    cluster_token_file: str = field(default="", metadata=_meta(
+        "RAFTKV_CLUSTER_TOKEN_FILE", "--cluster-token-file",
+        "a file holding the cluster token (instead of --cluster-token)"))
     tick_ms: int = field(default=50, metadata=_meta(
         "RAFTKV_TICK_MS", "--tick-ms", "Raft tick interval in milliseconds", kind=int))
     election_ticks: int = field(default=20, metadata=_meta(
@@ -129,6 +209,23 @@ class Settings:
     http_workers: int = field(default=0, metadata=_meta(
         "RAFTKV_HTTP_WORKERS", "--http-workers",
         "HTTP worker processes (0: one per CPU)", kind=int))
+    quota_bytes: int = field(default=0, metadata=_meta(
+        "RAFTKV_QUOTA_BYTES", "--quota-bytes",
+        "storage quota of the key-value data (bytes; K/M/G/T suffixes, powers of 1024): a "
+        "write that would pass it raises the cluster-wide NOSPACE alarm and answers 507 "
+        "(default: 2G, or an eighth of the machine's memory if less)", kind="size"))
+    max_snapshot_bytes: int = field(default=0, metadata=_meta(
+        "RAFTKV_MAX_SNAPSHOT_BYTES", "--max-snapshot-bytes",
+        "largest snapshot accepted from the leader (bytes; K/M/G/T suffixes; default: "
+        "2 x the quota + 64M)", kind="size"))
+    http_head_timeout_ms: int = field(default=10_000, metadata=_meta(
+        "RAFTKV_HTTP_HEAD_TIMEOUT_MS", "--http-head-timeout-ms",
+        "a client must send a whole request line and headers within this (else 408 and "
+        "closed); 0: no deadline", kind=int))
+    http_max_connections_per_client: int = field(default=128, metadata=_meta(
+        "RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT", "--http-max-connections-per-client",
+        "open HTTP connections one client address may hold at each HTTP worker (past it: "
+        "503 and closed); 0: no limit", kind=int))
     request_timeout_ms: int = field(default=5000, metadata=_meta(
         "RAFTKV_REQUEST_TIMEOUT_MS", "--request-timeout-ms",
         "default time a request waits for commit", kind=int))
@@ -151,6 +248,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_node_id(self.node_id)
+        check_cluster_token(self.cluster_token)
         if not self.data_dir:
             raise SettingsError("RAFTKV_DATA_DIR (--data-dir) is required: where this node "
                                 "keeps its data")
@@ -190,6 +288,26 @@ class Settings:
             raise SettingsError("RAFTKV_PERSIST_DEFER_US must be 0..100000 (microseconds)")
         if not 0 <= self.http_workers <= 64:
             raise SettingsError("RAFTKV_HTTP_WORKERS must be 0..64 (0: one per CPU)")
+        if self.quota_bytes and not MIN_QUOTA_BYTES <= self.quota_bytes <= MAX_QUOTA_BYTES:
+            raise SettingsError(
+                f"RAFTKV_QUOTA_BYTES={self.quota_bytes}: must be {MIN_QUOTA_BYTES} (1M) to "
+                f"{MAX_QUOTA_BYTES} (1T), e.g. 2G; leave it unset for the default")
+        if self.quota_bytes < 0:
+            raise SettingsError("RAFTKV_QUOTA_BYTES must not be negative")
+        if self.max_snapshot_bytes and self.max_snapshot_bytes < self.effective_quota_bytes:
+            raise SettingsError(
+                f"RAFTKV_MAX_SNAPSHOT_BYTES={self.max_snapshot_bytes} is below the quota "
+                f"({self.effective_quota_bytes}): a follower could never take a snapshot of "
+                "a full node; raise it or leave it unset (2 x the quota + 64M)")
+        if self.max_snapshot_bytes < 0:
+            raise SettingsError("RAFTKV_MAX_SNAPSHOT_BYTES must not be negative")
+        if not 0 <= self.http_head_timeout_ms <= 3_600_000:
+            raise SettingsError("RAFTKV_HTTP_HEAD_TIMEOUT_MS must be 0 (no deadline) to "
+                                "3600000; 10000 is a good value")
+        if not 0 <= self.http_max_connections_per_client <= 100_000:
+            raise SettingsError("RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT must be 0 (no limit) "
+                                "to 100000; keep it well under 10000, a worker's connection "
+                                "limit, so that one address cannot take them all")
         if self.request_timeout_ms < 1:
             raise SettingsError("RAFTKV_REQUEST_TIMEOUT_MS must be >= 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -201,6 +319,17 @@ class Settings:
         if self.peer_tls:
             return self.peer_tls
         return "on" if self.peer_cert_file else "off"
+
+    @property
+    def effective_quota_bytes(self) -> int:
+        """quota_bytes, or the default: 2 GiB, or an eighth of the memory if that is less (a
+        node's memory for its data stays within about 3x the quota, up to 6x while it
+        installs a snapshot from the leader: README, Security and limits)."""
+        return self.quota_bytes or default_quota_bytes()
+
+    @property
+    def effective_max_snapshot_bytes(self) -> int:
+        return self.max_snapshot_bytes or 2 * self.effective_quota_bytes + (64 << 20)
 
     @property
     def peer_map(self) -> dict[str, str]:
@@ -235,7 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=f"{meta['help']} [{env}]")
 
 
-def _convert(raw: str, kind: Callable[[str], object] | None, env: str) -> object:
+def _convert(raw: str, kind: Callable[[str], object] | str | None, env: str) -> object:
     if kind is bool:
         low = raw.strip().lower()
         if low in ("1", "true", "yes", "on"):
@@ -248,6 +377,8 @@ def _convert(raw: str, kind: Callable[[str], object] | None, env: str) -> object
             return int(raw)
         except ValueError:
             raise SettingsError(f"{env}={raw!r}: expected a whole number") from None
+    if kind == "size":
+        return parse_size(raw, env)
     return raw
 
 
@@ -268,6 +399,12 @@ def from_sources(args: argparse.Namespace | None, environ: Mapping[str, str]) ->
                           if isinstance(raw, str) else raw)
     if missing:
         raise SettingsError("missing required settings: " + ", ".join(missing))
+    token_file = values.get("cluster_token_file")
+    if token_file:
+        if values.get("cluster_token"):
+            raise SettingsError("both RAFTKV_CLUSTER_TOKEN and RAFTKV_CLUSTER_TOKEN_FILE are "
+                                "set: give the token one way only")
+        values["cluster_token"] = read_token_file(str(token_file))
     return Settings(**values)  # type: ignore[arg-type]
 
 

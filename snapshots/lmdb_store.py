@@ -24,7 +24,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -34,7 +34,7 @@ import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from raftkv.core.types import Membership, SnapshotMeta
 from raftkv.ports import StorageError, StoredSnapshot
-from snapshots.checksum import CHECKSUM_ALGORITHM, checksum_of, new_hasher
+from snapshots.checksum import CHECKSUM_ALGORITHM, new_hasher
 from storage.lmdb_env import LmdbEnvironment
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ class CatalogRecord:
     @property
     def order(self) -> tuple[int, int, int]:
         return (self.meta.index, self.meta.term, self.snapshot_id)
+
+    @property
+    def stored(self) -> StoredSnapshot:
+        return StoredSnapshot(self.meta, self.length_bytes, self.checksum)
 
 
 def encode_catalog_record(record: CatalogRecord) -> bytes:
@@ -170,9 +174,9 @@ class LmdbSnapshotStore:
     def latest(self) -> StoredSnapshot | None:
         def read(txn: lmdb.Transaction[memoryview]) -> StoredSnapshot | None:
             for record in self._records(txn):
-                data, problem = self._read_data(txn, record)
+                problem = self._verify(txn, record)
                 if problem is None:
-                    return StoredSnapshot(record.meta, data, record.checksum)
+                    return record.stored
                 logger.warning(
                     "event=snapshot_corrupt store=lmdb path=%s snapshot_id=%d index=%d term=%d "
                     "reason=%s action=skipped",
@@ -181,6 +185,49 @@ class LmdbSnapshotStore:
             return None
 
         return self._read(read)
+
+    def read(self, snapshot: StoredSnapshot, offset: int, size: int) -> bytes | None:
+        if offset < 0 or size < 0:
+            raise ValueError("offset and size must be >= 0")
+
+        def read(txn: lmdb.Transaction[memoryview]) -> bytes | None:
+            record = self._find(txn, snapshot)
+            if record is None:
+                return None
+            left = max(0, record.length_bytes - offset)
+            return self._read_range(txn, record, offset, min(size, left))
+
+        return self._read(read)
+
+    def chunks(self, snapshot: StoredSnapshot) -> Iterator[bytes]:
+        """Each stored chunk in its own short read transaction (a long one would hold the
+        environment's lock while the caller works on the chunks)."""
+        hasher, length = new_hasher(), 0
+        what = f"snapshot {snapshot.meta.index}/{snapshot.meta.term} in {self.path}"
+        def read_chunk(txn: lmdb.Transaction[memoryview], n: int) -> bytes | None:
+            record = self._find(txn, snapshot)
+            if record is None:
+                raise StorageError(f"{what} is no longer stored")
+            if n >= record.chunks:
+                return None
+            value = txn.get(_CHUNK_KEY.pack(record.snapshot_id, n), db=self._chunks)
+            if value is None:
+                raise StorageError(f"{what} is missing chunk {n}")
+            return bytes(value)
+
+        chunk_no = 0
+        while True:
+            chunk = self._read(lambda txn: read_chunk(txn, chunk_no))  # noqa: B023
+            if chunk is None:
+                break
+            hasher.update(chunk)
+            length += len(chunk)
+            chunk_no += 1
+            yield chunk
+        if length != snapshot.length or hasher.hexdigest() != snapshot.checksum:
+            raise StorageError(f"{what} does not match its length and checksum: the store is "
+                               "damaged; move it away and the node gets a snapshot from the "
+                               "leader")
 
     def list(self) -> list[SnapshotMeta]:
         return self._read(lambda txn: [r.meta for r in self._records(txn)])
@@ -335,30 +382,63 @@ class LmdbSnapshotStore:
         records.sort(key=lambda r: r.order, reverse=True)
         return records
 
-    def _read_data(
-        self, txn: lmdb.Transaction[memoryview], record: CatalogRecord
-    ) -> tuple[bytes, str | None]:
-        """The snapshot's data and, if it does not verify, why not."""
+    def _verify(self, txn: lmdb.Transaction[memoryview], record: CatalogRecord) -> str | None:
+        """Why the snapshot's stored bytes do not verify, or None (hashed chunk by chunk,
+        never joined)."""
         prefix = _ID.pack(record.snapshot_id)
-        parts: list[memoryview] = []
+        hasher, length, count = new_hasher(), 0, 0
         cursor = txn.cursor(self._chunks)
         found = cursor.set_range(prefix)
         while found:
             key = cursor.key()
             if bytes(key[:8]) != prefix:
                 break
-            if _CHUNK_KEY.unpack(key)[1] != len(parts):
-                return b"", "missing_chunk"
-            parts.append(cursor.value())
+            if _CHUNK_KEY.unpack(key)[1] != count:
+                return "missing_chunk"
+            value = cursor.value()
+            hasher.update(value)
+            length += len(value)
+            count += 1
             found = cursor.next()
-        if len(parts) != record.chunks:
-            return b"", "missing_chunk"
-        data = b"".join(parts)
-        if len(data) != record.length_bytes:
-            return b"", "length_mismatch"
-        if checksum_of(data) != record.checksum:
-            return b"", "checksum_mismatch"
-        return data, None
+        if count != record.chunks:
+            return "missing_chunk"
+        if length != record.length_bytes:
+            return "length_mismatch"
+        if hasher.hexdigest() != record.checksum:
+            return "checksum_mismatch"
+        return None
+
+    def _find(self, txn: lmdb.Transaction[memoryview],
+              snapshot: StoredSnapshot) -> CatalogRecord | None:
+        for record in self._records(txn):
+            if record.stored == snapshot:
+                return record
+        return None
+
+    def _read_range(self, txn: lmdb.Transaction[memoryview], record: CatalogRecord,
+                    offset: int, size: int) -> bytes | None:
+        """`size` bytes from `offset` (within the snapshot); None if chunks are missing.
+        Every chunk but the last has the size of chunk 0 (whatever chunk size wrote it)."""
+        if size <= 0:
+            return b""
+        first = txn.get(_CHUNK_KEY.pack(record.snapshot_id, 0), db=self._chunks)
+        if first is None or not len(first):
+            return None
+        chunk_size = len(first)
+        n, skip = divmod(offset, chunk_size)
+        parts: list[bytes] = []
+        left = size
+        while left > 0:
+            value = txn.get(_CHUNK_KEY.pack(record.snapshot_id, n), db=self._chunks)
+            if value is None:
+                return None
+            piece = value[skip : skip + left]
+            if not len(piece):
+                return None
+            parts.append(bytes(piece))
+            left -= len(piece)
+            n, skip = n + 1, 0
+        return b"".join(parts)
 
     def _read(self, fn: Callable[[lmdb.Transaction[memoryview]], _T]) -> _T:
         with self._lmdb.reading_buffers() as txn:
@@ -420,7 +500,7 @@ class LmdbSnapshotSink:
             self._state = "failed"
             raise
 
-    def close(self) -> SnapshotMeta:
+    def close(self) -> StoredSnapshot:
         self._check_writable()
         try:
             if self._buffer:
@@ -446,7 +526,7 @@ class LmdbSnapshotSink:
                 "event=snapshot_deleted store=lmdb path=%s snapshot_id=%d index=%d term=%d",
                 self._store.path, old.snapshot_id, old.meta.index, old.meta.term,
             )
-        return self._meta
+        return record.stored
 
     def cancel(self) -> None:
         """Discard the snapshot and delete its chunks; a no-op once closed or cancelled."""

@@ -1,8 +1,9 @@
 """In-memory SnapshotStore for the simulator and tests.
 
 It keeps the contract of the LMDB store: a snapshot is invisible until its sink is closed,
-the newest `retain` snapshots are kept, and latest() skips (and logs) a snapshot whose data
-no longer matches its checksum. Test hooks: `corrupt()` damages a stored snapshot's data and
+the newest `retain` snapshots are kept, latest() skips (and logs) a snapshot whose data
+no longer matches its checksum, and read()/chunks() give its bytes in pieces (held whole here:
+it is a test double). Test hooks: `corrupt()` damages a stored snapshot's data and
 `crash()` forgets every snapshot still being written, like a power cut.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from raftkv.core.types import SnapshotMeta
@@ -29,6 +31,10 @@ class _Published:
     @property
     def order(self) -> tuple[int, int, int]:
         return (self.meta.index, self.meta.term, self.snapshot_id)
+
+    @property
+    def stored(self) -> StoredSnapshot:
+        return StoredSnapshot(self.meta, len(self.data), self.checksum)
 
 
 class MemorySnapshotStore:
@@ -58,12 +64,40 @@ class MemorySnapshotStore:
             candidates = list(self._published)
         for snap in candidates:
             if checksum_of(snap.data) == snap.checksum:
-                return StoredSnapshot(snap.meta, snap.data, snap.checksum)
+                return snap.stored
             logger.warning(
                 "event=snapshot_corrupt store=memory snapshot_id=%d index=%d term=%d "
                 "reason=checksum_mismatch action=skipped",
                 snap.snapshot_id, snap.meta.index, snap.meta.term,
             )
+        return None
+
+    def read(self, snapshot: StoredSnapshot, offset: int, size: int) -> bytes | None:
+        if offset < 0 or size < 0:
+            raise ValueError("offset and size must be >= 0")
+        data = self._data_of(snapshot)
+        return None if data is None else data[offset : offset + size]
+
+    def chunks(self, snapshot: StoredSnapshot) -> Iterator[bytes]:
+        data = self._data_of(snapshot)
+        if data is None:
+            raise StorageError(f"snapshot {snapshot.meta.index}/{snapshot.meta.term} is no "
+                               "longer in the memory snapshot store")
+        for start in range(0, len(data), self.CHUNK_BYTES):
+            yield data[start : start + self.CHUNK_BYTES]
+        if len(data) != snapshot.length or checksum_of(data) != snapshot.checksum:
+            raise StorageError(f"snapshot {snapshot.meta.index}/{snapshot.meta.term} does not "
+                               "match its length and checksum")
+
+    CHUNK_BYTES = 1 << 16
+    """What chunks() yields at a time."""
+
+    def _data_of(self, snapshot: StoredSnapshot) -> bytes | None:
+        with self._lock:
+            self._check_open()
+            for snap in self._published:
+                if snap.stored == snapshot:
+                    return snap.data
         return None
 
     def list(self) -> list[SnapshotMeta]:
@@ -139,15 +173,14 @@ class MemorySnapshotSink:
         self._hasher.update(chunk)
         self._chunks.append(bytes(chunk))
 
-    def close(self) -> SnapshotMeta:
+    def close(self) -> StoredSnapshot:
         self._check_writable()
         self._state = "closed"
         data = b"".join(self._chunks)
         self._chunks = []
-        self._store._publish(
-            self._generation, _Published(self._id, self._meta, data, self._hasher.hexdigest())
-        )
-        return self._meta
+        published = _Published(self._id, self._meta, data, self._hasher.hexdigest())
+        self._store._publish(self._generation, published)
+        return published.stored
 
     def cancel(self) -> None:
         if self._state == "open":

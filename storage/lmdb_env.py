@@ -9,9 +9,13 @@ snapshot store (snapshots.lmdb_store) both open theirs through `LmdbEnvironment`
   `body` runs again.
 - Full: a map at its maximum, or a disk without room (the errno of the LMDB error is ENOSPC
   or EDQUOT; py-lmdb raises DiskError for ENOSPC and keeps the errno in `.code`), is the one
-  StorageFull error: the transaction was aborted, so nothing of it was written. This is
-  decided by the exception class and errno, never by the message's text. Every other LMDB
-  error is a StorageError naming the file: the node must stop.
+  StorageFull error (`.cause` "map_full" or "disk_full"): the transaction was aborted, so
+  nothing of it was written. This is decided by the exception class and errno, never by the
+  message's text. One more case is a full disk: LMDB reports a SHORT write (what a full disk
+  gives a large transaction) as EIO, so on EIO the free space of the file system that holds
+  the file is checked (os.statvfs), and "nearly none left" (below NEARLY_FULL_BYTES, or 1% of
+  the file system if that is more, at most 1 GiB) is StorageFull too. Every other LMDB error,
+  EIO with room left included, is a StorageError naming the file: the node must stop.
 - Threads: every transaction, map resize and close holds one lock (set_mapsize needs no
   transaction active in this process; LMDB allows one writer at a time anyway).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,7 +35,8 @@ import lmdb
 
 from raftkv.ports import StorageError, StorageFull
 
-__all__ = ["FULL_ERRNOS", "LmdbEnvironment", "is_disk_full"]
+__all__ = ["FULL_ERRNOS", "NEARLY_FULL_BYTES", "LmdbEnvironment", "is_disk_full",
+           "is_short_write_on_full_disk", "nearly_full"]
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +48,30 @@ if TYPE_CHECKING:
     BufferTxn: TypeAlias = lmdb.Transaction[memoryview]
 
 
+NEARLY_FULL_BYTES: Final = 8 << 20
+"""Free space under which an EIO from LMDB is taken for a full disk (see the module doc)."""
+
+
 def is_disk_full(e: lmdb.Error) -> bool:
     """Whether LMDB failed for want of disk space (ENOSPC, EDQUOT), by errno alone."""
     return isinstance(e, lmdb.DiskError) or getattr(e, "code", None) in FULL_ERRNOS
+
+
+def nearly_full(path: Path) -> bool:
+    """Whether the file system holding `path` has (almost) no room left for us: free bytes
+    below NEARLY_FULL_BYTES, or below 1% of its size if that is more (at most 1 GiB)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False  # cannot tell: not a full disk we know of
+    free = st.f_bavail * st.f_frsize
+    threshold = min(max(NEARLY_FULL_BYTES, st.f_blocks * st.f_frsize // 100), 1 << 30)
+    return free < threshold
+
+
+def is_short_write_on_full_disk(e: lmdb.Error, path: Path) -> bool:
+    """An EIO that LMDB made of a short write, on a file system with no room left."""
+    return getattr(e, "code", None) == errno.EIO and nearly_full(path)
 
 
 class LmdbEnvironment:
@@ -140,10 +167,14 @@ class LmdbEnvironment:
                 except lmdb.MapFullError as e:
                     self._grow_map(e)
                 except lmdb.Error as e:
-                    if is_disk_full(e):
+                    if is_disk_full(e) or is_short_write_on_full_disk(e, self.path):
+                        # Logged by whoever handles it (once per episode, not per try).
+                        log.debug("event=disk_full path=%s error=%s", self.file, e)
                         raise StorageFull(
-                            f"no space left on the disk for {self.file} ({e}); nothing was "
-                            "written: free disk space, then restart the node") from e
+                            f"no space left on the disk for {self.file} ({e}; "
+                            f"{_free_bytes(self.path)} bytes free); nothing was written: free "
+                            "disk space, then disarm the NOSPACE alarm (raftkv alarm disarm)",
+                            cause="disk_full") from e
                     raise self.failure("write", e) from e
 
     def close(self) -> None:
@@ -168,7 +199,7 @@ class LmdbEnvironment:
             raise StorageFull(
                 f"the LMDB map of {self.file} is full at {size} bytes (max_map_size_bytes="
                 f"{self.max_map_size_bytes}); nothing was written: raise max_map_size_bytes "
-                "(with the disk space to match)") from cause
+                "(with the disk space to match)", cause="map_full") from cause
         new_size = min(2 * size, self.max_map_size_bytes)
         try:
             self.env.set_mapsize(new_size)
@@ -180,3 +211,11 @@ class LmdbEnvironment:
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError(f"{self._what} at {self.path} is closed")
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize

@@ -77,7 +77,8 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
     HeartbeatRequest: st.builds(HeartbeatRequest, **head, commit=nat, read_seq=nat),
     HeartbeatResponse: st.builds(HeartbeatResponse, **head, read_seq=nat),
     SnapshotRequest: st.builds(SnapshotRequest, **head, meta=snapshot_metas, offset=nat,
-                               data=st.binary(max_size=64), done=st.booleans()),
+                               data=st.binary(max_size=64), done=st.booleans(), length=nat,
+                               checksum=st.binary(min_size=32, max_size=32).map(bytes.hex)),
     SnapshotResponse: st.builds(SnapshotResponse, **head, snapshot_index=nat,
                                 next_offset=minus_one_or_nat, done=st.booleans()),
     TimeoutNow: st.builds(TimeoutNow, **head),
@@ -288,11 +289,31 @@ def test_newer_format_version_raises_decode_error_naming_it() -> None:
         codec.decode_entry(msgpack.packb(tree, use_bin_type=True))
 
 
-@pytest.mark.parametrize("tag", [0, 12, 99, -1, True, "3", None])
+@pytest.mark.parametrize("tag", [0, 13, 99, -1, True, "3", None])
 def test_unknown_message_type_raises_decode_error(tag: object) -> None:
     tree = msgpack.unpackb(codec.encode_message(TimeoutNow(1, "a", "b")))
     tree[1] = tag
     with pytest.raises(DecodeError):
+        codec.decode_message(msgpack.packb(tree, use_bin_type=True))
+
+
+def test_snapshot_request_without_a_checksum_is_refused_by_its_old_tag() -> None:
+    """Tag 7 was SnapshotRequest before it carried the snapshot's length and checksum."""
+    meta = [5, 2, ["n1"], []]
+    old = [codec.FORMAT_VERSION, 7, 3, "n1", "n2", meta, 0, b"data", True]
+    with pytest.raises(DecodeError, match=r"tag 7.*upgrade every node"):
+        codec.decode_message(msgpack.packb(old, use_bin_type=True))
+
+
+@pytest.mark.parametrize("checksum", ["", "ab" * 31, "AB" * 32, "zz" * 32, "ab" * 33, 7, None])
+def test_snapshot_request_with_a_malformed_checksum_raises_decode_error(
+        checksum: object) -> None:
+    request = SnapshotRequest(3, "n1", "n2", SnapshotMeta(5, 2, Membership(frozenset({"n1"}))),
+                              0, b"data", True, 4, "ab" * 32)
+    tree = msgpack.unpackb(codec.encode_message(request))
+    assert tree[1] == 12
+    tree[-1] = checksum
+    with pytest.raises(DecodeError, match="checksum"):
         codec.decode_message(msgpack.packb(tree, use_bin_type=True))
 
 

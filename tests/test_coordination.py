@@ -238,6 +238,9 @@ def test_election_campaign_leader_observe_resign(kv: Client, node: SingleNodeSer
         with Client([url], timeout_s=2.0) as other:
             second = Election(other, "svc", ttl=5)
             second_won.append(second.campaign("n2:8080"))
+            # Resign only once the observer saw this leader: a watch answers with the
+            # latest state, so a resignation right away could hide n2 from it.
+            observer.join(10)
             second.resign()
 
     observer = threading.Thread(target=observe)

@@ -18,6 +18,12 @@ from raftkv.core.messages import (
 )
 from raftkv.core.node import PeerStatus, RaftNode, Status
 from raftkv.core.ready import BootState, Ready
+from raftkv.core.snapshots import (
+    SnapshotDecoder,
+    SnapshotReader,
+    SnapshotValidator,
+    SnapshotWrite,
+)
 from raftkv.core.types import (
     ConfChange,
     ConfChangeOp,
@@ -60,9 +66,13 @@ __all__ = [
     "Ready",
     "Role",
     "Snapshot",
+    "SnapshotDecoder",
     "SnapshotMeta",
+    "SnapshotReader",
     "SnapshotRequest",
     "SnapshotResponse",
+    "SnapshotValidator",
+    "SnapshotWrite",
     "SoftState",
     "Status",
     "TimeoutNow",

@@ -18,6 +18,11 @@ class Config:
     max_inflight_appends: int = 64
     """Window of AppendRequests in flight to one follower in the replicate state."""
     snapshot_chunk_bytes: int = 1 << 20
+    max_snapshot_bytes: int = 8 << 30
+    """A follower refuses a snapshot declared (or growing) larger than this."""
+    snapshot_backoff_ticks: int = 0
+    """After a follower refused a snapshot (or it could not be read), the leader waits this
+    long before offering one again; 0: one election timeout."""
     pre_vote: bool = True
     check_quorum: bool = True
 
@@ -29,6 +34,8 @@ class Config:
         if self.election_timeout_ticks <= self.heartbeat_interval_ticks:
             raise ValueError("election_timeout_ticks must exceed heartbeat_interval_ticks")
         for name in ("max_append_entries", "max_append_bytes", "max_inflight_appends",
-                     "snapshot_chunk_bytes"):
+                     "snapshot_chunk_bytes", "max_snapshot_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.snapshot_backoff_ticks < 0:
+            raise ValueError("snapshot_backoff_ticks must be >= 0")

@@ -71,7 +71,9 @@ class HeartbeatResponse:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotRequest:
-    """One chunk of a snapshot; `done` marks the last one."""
+    """One chunk of a snapshot; `done` marks the last one. Every chunk carries the whole
+    snapshot's `length` and `checksum` (raftkv.core.snapshots), which the follower checks
+    (length against its cap at once, the checksum once every byte is in)."""
 
     term: int
     frm: NodeId
@@ -80,6 +82,8 @@ class SnapshotRequest:
     offset: int
     data: bytes = field(repr=False)
     done: bool
+    length: int
+    checksum: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +93,8 @@ class SnapshotResponse:
     to: NodeId
     snapshot_index: int
     next_offset: int
-    """The offset the follower expects next; -1 when it rejects the transfer."""
+    """The offset the follower expects next; -1 when it refuses the snapshot (too large, bad
+    checksum or format): the leader backs off before it offers a snapshot again."""
     done: bool = False
 
 

@@ -12,6 +12,7 @@ at most one Ready is outstanding at a time.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -35,8 +36,19 @@ from raftkv.core.messages import (
 )
 from raftkv.core.progress import Progress, ProgressState
 from raftkv.core.ready import BootState, Ready
+from raftkv.core.snapshots import (
+    SnapshotDecoder,
+    SnapshotReader,
+    SnapshotValidator,
+    SnapshotWrite,
+    is_checksum,
+)
+from raftkv.core.snapshots import (
+    new_hasher as new_snapshot_hasher,
+)
 from raftkv.core.types import (
     ConfChange,
+    ConfChangeOp,
     Entry,
     EntryKind,
     HardState,
@@ -49,6 +61,9 @@ from raftkv.core.types import (
     SoftState,
 )
 
+MAX_READ_IDS = 65_536
+"""Read ids in one ReadIndex message (a follower batches one turn's reads into one)."""
+
 
 @dataclass(frozen=True, slots=True)
 class PeerStatus:
@@ -56,6 +71,8 @@ class PeerStatus:
     next: int
     state: str
     recent_active: bool
+    caught_up: bool = False
+    """Started and caught up, as the strict reconfiguration check counts it (caught_up)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +103,24 @@ class _PendingRead:
 @dataclass(slots=True)
 class _IncomingSnapshot:
     meta: SnapshotMeta
-    buffer: bytearray
+    length: int
+    checksum: str
+    hasher: hashlib.blake2b
+    decoder: SnapshotDecoder | None
+    received: int = 0
 
 
 class RaftNode:
-    def __init__(self, config: Config, boot: BootState, rng: random.Random) -> None:
+    def __init__(self, config: Config, boot: BootState, rng: random.Random, *,
+                 snapshot_reader: SnapshotReader | None = None,
+                 snapshot_validator: SnapshotValidator | None = None) -> None:
+        """`snapshot_reader` reads chunks of this node's snapshots (without one it cannot send
+        a snapshot); `snapshot_validator` checks the format of incoming ones (without one,
+        only their size and checksum are checked). See raftkv.core.snapshots."""
         self.config = config
+        self._read_snapshot = snapshot_reader
+        self._snapshot_validator = snapshot_validator
+        self._snapshot_backoff = config.snapshot_backoff_ticks or config.election_timeout_ticks
         self.id: NodeId = config.node_id
         self._rng = rng
         hs = boot.hard_state
@@ -128,9 +157,13 @@ class RaftNode:
         self._forward_reads: list[int] = []
         self._read_states: list[ReadState] = []
         self._failed_reads: list[int] = []
+        self._dropped: list[str] = []
 
         self._incoming_snapshot: _IncomingSnapshot | None = None
         self._snapshot_to_install: Snapshot | None = None
+        self._snapshot_state: object = None
+        self._snapshot_writes: list[SnapshotWrite] = []
+        self._snapshot_discard = False
 
         self._prev_hard_state = HardState(self.term, self.vote, self.log.commit)
         self._prev_soft_state = SoftState(self.role, self.leader, self.term)
@@ -168,12 +201,71 @@ class RaftNode:
         if self._pending_conf_index > self.log.commit:
             raise ConfChangeRejected("another membership change is still uncommitted")
         try:
-            self.membership.apply(change)
+            new = self.membership.apply(change)
         except ValueError as e:
             raise ConfChangeRejected(str(e)) from None
+        self._check_strict_reconfiguration(change, new)
         entry = Entry(self.log.last_index() + 1, self.term, EntryKind.CONF_CHANGE, change=change)
         self._append_entry(entry)
         return entry.index
+
+    def caught_up(self, nid: NodeId) -> bool:
+        """Whether this leader counts `nid` as started and caught up (strict reconfiguration).
+
+        The leader itself always is. Any other member is when both hold:
+        - started: the leader heard from it (any response) within the last election timeout
+          (`election_timeout_ticks` of the leader's ticks), and
+        - caught up: its log is known to match the leader's up to the leader's commit index
+          (progress `match` >= commit).
+        A member that never answered this leader has match 0, so it is never caught up, even
+        right after an election (when check-quorum still counts every peer as active).
+        """
+        if nid == self.id:
+            return self.role is Role.LEADER
+        pr = self._progress.get(nid)
+        return (
+            self.role is Role.LEADER
+            and pr is not None
+            and pr.idle_ticks < self.config.election_timeout_ticks
+            and pr.match >= self.log.commit
+        )
+
+    def _check_strict_reconfiguration(self, change: ConfChange, new: Membership) -> None:
+        """Refuse a change that could leave the cluster without a working quorum (etcd's
+        --strict-reconfig-check, with learners): a brand-new member joins as a learner only;
+        ADD_VOTER promotes a learner that is caught up (or repeats a voter, a no-op); and a
+        change of the voters must leave at least a quorum of the NEW voters started and caught
+        up (see caught_up). Changes that keep the voters (learners) are not checked."""
+        nid = change.node_id
+        old = self.membership
+        if change.op is ConfChangeOp.ADD_VOTER and nid not in old.voters:
+            if nid not in old.learners:
+                raise ConfChangeRejected(
+                    f"{nid} is not a member: a new member joins as a learner first and is "
+                    "promoted to voter once it has caught up")
+            if not self.caught_up(nid):
+                raise ConfChangeRejected(self._lag_reason(nid, "cannot be promoted yet"))
+        if new.voters == old.voters:
+            return
+        need = quorum.majority(new.voters)
+        ready = sorted(v for v in new.voters if self.caught_up(v))
+        if len(ready) < need:
+            behind = ", ".join(self._lag_reason(v, "")
+                               for v in sorted(new.voters) if v not in ready)
+            raise ConfChangeRejected(
+                f"{change.op.name.lower()} {nid} would leave {len(ready)} started, caught-up "
+                f"voter(s) ({', '.join(ready) or 'none'}) of the {len(new.voters)} in the new "
+                f"configuration, fewer than its quorum of {need}: {behind}")
+
+    def _lag_reason(self, nid: NodeId, what: str) -> str:
+        pr = self._progress.get(nid)
+        head = f"{nid} {what}".rstrip() + ": "
+        if pr is None:
+            return head + "the leader tracks no progress for it"
+        if pr.idle_ticks >= self.config.election_timeout_ticks:
+            return head + (f"not heard from for {pr.idle_ticks} ticks "
+                           f"(>= the election timeout of {self.config.election_timeout_ticks})")
+        return head + f"has the log up to {pr.match}, the commit index is {self.log.commit}"
 
     def read_index(self, request_id: int) -> None:
         """Ask for a linearizable read; a ReadState (or failed read) appears in a Ready."""
@@ -226,6 +318,17 @@ class RaftNode:
         """Feed one message from a peer."""
         if m.to != self.id:
             return
+        if isinstance(m, TimeoutNow) and (m.term != self.term or m.frm != self.leader
+                                          or self.role is not Role.FOLLOWER):
+            # Only the leader of our current term may make us campaign at once (a transfer);
+            # from anyone else it is forged or stale: ignored, and our term stays as it is.
+            self._drop(f"TimeoutNow from {m.frm} in term {m.term} ignored: not from the "
+                       f"leader of the current term ({self.term}, leader {self.leader or '-'})")
+            return
+        problem = _malformed(m)
+        if problem is not None:
+            self._drop(f"{type(m).__name__} from {m.frm} in term {m.term} ignored: {problem}")
+            return
         if m.term > self.term:
             if isinstance(m, VoteRequest):
                 in_lease = (
@@ -256,6 +359,13 @@ class RaftNode:
                 )
             return
 
+        if isinstance(m, AppendRequest | HeartbeatRequest | SnapshotRequest) and (
+                self.role is Role.LEADER or self.leader not in (None, m.frm)):
+            # A term has one leader: a second one claiming this term is impossible from a
+            # correct peer, and must not take over (nor make a leader step down).
+            self._drop(f"{type(m).__name__} from {m.frm} in term {m.term} ignored: "
+                       f"{self.leader} leads this term")
+            return
         if isinstance(m, VoteRequest):
             self._step_vote_request(m)
         elif isinstance(m, VoteResponse):
@@ -290,6 +400,7 @@ class RaftNode:
             if pr is None or not self._possible_response(m):
                 return
             pr.recent_active = True
+            pr.idle_ticks = 0
             if isinstance(m, AppendResponse):
                 self._step_append_response(m, pr)
             elif isinstance(m, HeartbeatResponse):
@@ -310,8 +421,11 @@ class RaftNode:
             or self._after_persist
             or log.unstable_from <= log.last_index()
             or self._snapshot_to_install is not None
+            or self._snapshot_writes
+            or self._snapshot_discard
             or self._read_states
             or self._failed_reads
+            or self._dropped
             or min(log.commit, log.stable_index) > log.applied
             or self._hard_state() != self._prev_hard_state
             or self._soft_state() != self._prev_soft_state
@@ -343,13 +457,21 @@ class RaftNode:
             failed_reads=tuple(self._failed_reads),
             after_persist=tuple(self._after_persist),
             serial=self._ready_serial,
+            snapshot_writes=tuple(self._snapshot_writes),
+            snapshot_discard=self._snapshot_discard,
+            snapshot_state=self._snapshot_state,
+            dropped=tuple(self._dropped),
         )
         self._outstanding = self._ready_serial
         self._outbox = []
         self._after_persist = []
         self._read_states = []
         self._failed_reads = []
+        self._dropped = []
         self._snapshot_to_install = None
+        self._snapshot_state = None
+        self._snapshot_writes = []
+        self._snapshot_discard = False
         self._prev_hard_state = hs
         self._prev_soft_state = ss
         log.unstable_from = log.last_index() + 1
@@ -390,7 +512,8 @@ class RaftNode:
 
     def status(self) -> Status:
         peers = {
-            nid: PeerStatus(pr.match, pr.next, pr.state.value, pr.recent_active)
+            nid: PeerStatus(pr.match, pr.next, pr.state.value, pr.recent_active,
+                            self.caught_up(nid))
             for nid, pr in self._progress.items()
         }
         return Status(
@@ -425,7 +548,7 @@ class RaftNode:
         self._progress = {}
         self._append_pending = False
         self._heartbeat_pending = False
-        self._incoming_snapshot = None
+        self._abandon_incoming_snapshot()
         self._fail_pending_reads()
 
     def _reset_election_timeout(self) -> None:
@@ -549,6 +672,10 @@ class RaftNode:
     def _tick_leader(self) -> None:
         self._heartbeat_elapsed += 1
         self._election_elapsed += 1
+        for pr in self._progress.values():
+            pr.idle_ticks += 1
+            if pr.snapshot_backoff_ticks:
+                pr.snapshot_backoff_ticks -= 1
         if self._election_elapsed >= self.config.election_timeout_ticks:
             self._election_elapsed = 0
             if self.config.check_quorum:
@@ -745,8 +872,8 @@ class RaftNode:
     # Snapshots (leader side sends in chunks; follower assembles then installs)
     # =====================================================================================
     def _start_snapshot(self, to: NodeId, pr: Progress) -> None:
-        if not pr.recent_active:
-            return  # do not stream a snapshot to a peer that may be down
+        if not pr.recent_active or pr.snapshot_backoff_ticks:
+            return  # the peer may be down, or it refused our last snapshot: not yet
         pr.become_snapshot(self._snapshot.meta.index)
         self._send_snapshot_chunk(to, pr)
 
@@ -755,20 +882,35 @@ class RaftNode:
         if snap.meta.index != pr.pending_snapshot:
             pr.become_snapshot(snap.meta.index)  # a newer snapshot replaced the one in flight
         off = pr.snapshot_offset
-        chunk = snap.data[off : off + self.config.snapshot_chunk_bytes]
-        done = off + len(chunk) >= len(snap.data)
-        self._send(SnapshotRequest(self.term, self.id, to, snap.meta, off, chunk, done))
+        size = min(self.config.snapshot_chunk_bytes, max(0, snap.length - off))
+        chunk = self._read_snapshot(snap, off, size) if self._read_snapshot else None
+        if chunk is None or len(chunk) != size:
+            # Not (or no longer) readable, e.g. replaced by a newer one being published:
+            # stop this transfer and offer a snapshot again after the back-off.
+            self._abort_snapshot(pr)
+            return
+        done = off + len(chunk) >= snap.length
+        self._send(SnapshotRequest(self.term, self.id, to, snap.meta, off, chunk, done,
+                                   snap.length, snap.checksum))
+
+    def _abort_snapshot(self, pr: Progress) -> None:
+        pr.pending_snapshot = 0  # the follower does not have it: probe from its match
+        pr.become_probe()
+        pr.snapshot_backoff_ticks = self._snapshot_backoff
 
     def _step_snapshot_response(self, m: SnapshotResponse, pr: Progress) -> None:
         if pr.state is not ProgressState.SNAPSHOT:
             return
         if m.next_offset < 0:
-            pr.become_probe()
+            if m.snapshot_index == pr.pending_snapshot:
+                self._abort_snapshot(pr)
             return
         if m.snapshot_index != self._snapshot.meta.index:
             pr.become_snapshot(self._snapshot.meta.index)
         elif m.done or m.next_offset == pr.snapshot_offset:
             return  # finished (an AppendResponse follows the install) or a duplicate
+        elif m.next_offset > self._snapshot.length:
+            return  # not an offset of this snapshot
         else:
             pr.snapshot_offset = m.next_offset
         self._send_snapshot_chunk(m.frm, pr)
@@ -776,30 +918,101 @@ class RaftNode:
     def _step_snapshot_request(self, m: SnapshotRequest) -> None:
         inc = self._incoming_snapshot
         if m.offset == 0:
-            inc = self._incoming_snapshot = _IncomingSnapshot(m.meta, bytearray())
-        if inc is None or inc.meta != m.meta or m.offset != len(inc.buffer):
-            expected = len(inc.buffer) if inc is not None and inc.meta == m.meta else 0
+            self._abandon_incoming_snapshot()
+            if m.meta.index <= self.log.commit:
+                # Nothing new in it: say so at once rather than receive it for nothing.
+                self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, 0,
+                                            done=True))
+                self._send_after_persist(
+                    AppendResponse(self.term, self.id, m.frm, True, self.log.commit))
+                return
+            problem = self._snapshot_offer_problem(m)
+            if problem is not None:
+                self._refuse_snapshot(m, problem)
+                return
+            decoder = None
+            if self._snapshot_validator is not None:
+                try:
+                    decoder = self._snapshot_validator()
+                except Exception as e:  # the validator's own failure: refuse, do not crash
+                    self._refuse_snapshot(m, f"the validator failed: {type(e).__name__}: {e}")
+                    return
+            inc = self._incoming_snapshot = _IncomingSnapshot(
+                m.meta, m.length, m.checksum, new_snapshot_hasher(), decoder)
+        if (inc is None or inc.meta != m.meta or inc.length != m.length
+                or inc.checksum != m.checksum or m.offset != inc.received):
+            same = inc is not None and inc.meta == m.meta
+            expected = inc.received if same and inc is not None else 0
             self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, expected))
             return
-        inc.buffer += m.data
-        if not m.done:
-            self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, len(inc.buffer)))
+        end = inc.received + len(m.data)
+        if end > inc.length or m.done != (end == inc.length):
+            self._refuse_snapshot(m, f"chunk at {m.offset} of {len(m.data)} bytes does not fit "
+                                     f"the declared length {inc.length} (done={m.done})")
             return
-        self._incoming_snapshot = None
-        self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, len(inc.buffer),
-                                    done=True))
-        if m.meta.index <= self.log.commit:
+        inc.hasher.update(m.data)
+        if inc.decoder is not None:
+            try:
+                inc.decoder.feed(m.data)
+            except Exception as e:  # whatever the bytes make the decoder raise: refuse
+                self._refuse_snapshot(m, f"not a valid snapshot: {type(e).__name__}: {e}")
+                return
+        inc.received = end
+        self._snapshot_writes.append(SnapshotWrite(m.meta, m.offset, m.data))
+        if not m.done:
+            self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, end))
+            return
+        if inc.hasher.hexdigest() != inc.checksum:
+            self._refuse_snapshot(m, "checksum mismatch: the bytes received are not the "
+                                     "snapshot the leader described")
+            return
+        state: object = None
+        if inc.decoder is not None:
+            try:
+                state = inc.decoder.finish()
+            except Exception as e:
+                self._refuse_snapshot(m, f"not a valid snapshot: {type(e).__name__}: {e}")
+                return
+        self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, end, done=True))
+        if m.meta.index <= self.log.commit:  # the commit index moved past it meanwhile
+            self._abandon_incoming_snapshot()  # nothing new in it: not even its last chunk
             ack = self.log.commit
         else:
-            self._install_snapshot(Snapshot(m.meta, bytes(inc.buffer)))
+            self._incoming_snapshot = None
+            self._install_snapshot(Snapshot(m.meta, inc.length, inc.checksum), state)
             ack = m.meta.index
         self._send_after_persist(AppendResponse(self.term, self.id, m.frm, True, ack))
 
-    def _install_snapshot(self, snapshot: Snapshot) -> None:
+    def _snapshot_offer_problem(self, m: SnapshotRequest) -> str | None:
+        """Why the first chunk of a snapshot cannot be accepted, or None."""
+        cap = self.config.max_snapshot_bytes
+        if m.length > cap:
+            return f"it is {m.length} bytes, over this node's cap of {cap}"
+        if not is_checksum(m.checksum):
+            return "its checksum is not a blake2b-256 hex digest"
+        return None
+
+    def _refuse_snapshot(self, m: SnapshotRequest, why: str) -> None:
+        """Drop the transfer (nothing of it is published) and tell the leader to back off."""
+        self._abandon_incoming_snapshot()
+        self._send(SnapshotResponse(self.term, self.id, m.frm, m.meta.index, -1))
+        self._drop(f"snapshot {m.meta.index}/{m.meta.term} from {m.frm} refused: {why}")
+
+    def _abandon_incoming_snapshot(self) -> None:
+        """Forget the transfer in progress; the driver drops what it staged of it."""
+        inc = self._incoming_snapshot
+        if inc is None:
+            return
+        self._incoming_snapshot = None
+        self._snapshot_writes = [w for w in self._snapshot_writes if w.meta != inc.meta]
+        self._snapshot_discard = True
+
+    def _install_snapshot(self, snapshot: Snapshot, state: object) -> None:
         meta = snapshot.meta
         self.log.restore(meta.index, meta.term)
         self._snapshot = snapshot
         self._snapshot_to_install = snapshot
+        self._snapshot_state = state
         self._base_membership = meta.membership
         self._conf_entries = []
         self._scan_conf_entries(meta.index + 1)
@@ -918,6 +1131,14 @@ class RaftNode:
     def _send(self, m: Message) -> None:
         self._outbox.append(m)
 
+    _MAX_DROPPED_NOTES = 64
+
+    def _drop(self, why: str) -> None:
+        """A message from a peer was ignored as invalid: say why in the next Ready (bounded:
+        a flood of bad messages costs the driver one batch of log lines per Ready)."""
+        if len(self._dropped) < self._MAX_DROPPED_NOTES:
+            self._dropped.append(why)
+
     def _send_after_persist(self, m: Message) -> None:
         """Replies that reveal persisted state leave only after the next persist."""
         self._after_persist.append(m)
@@ -948,3 +1169,28 @@ class RaftNode:
     def _soft_state(self) -> SoftState:
         return SoftState(self.role, self.leader, self.term)
 
+
+
+def _malformed(m: Message) -> str | None:
+    """What makes a decodable message impossible for a correct peer to send, or None.
+
+    Checked before the message can touch anything: a correct leader sends entries that follow
+    prev_index one by one, in terms that never go down, none above its own term; a snapshot
+    of a term above the sender's does not exist; a candidate's last log term is not above its
+    term; a read batch is bounded (MAX_READ_IDS). (The transport checks who sent it.)"""
+    if isinstance(m, AppendRequest) and m.entries:
+        expected, term = m.prev_index + 1, m.prev_term
+        for e in m.entries:
+            if e.index != expected:
+                return f"entry {e.index} does not follow {expected - 1}"
+            if e.term < term or e.term > m.term:
+                return f"entry {e.index} has term {e.term}, out of order or above the sender's"
+            expected, term = expected + 1, e.term
+    elif isinstance(m, SnapshotRequest) and m.meta.term > m.term:
+        return f"a snapshot of term {m.meta.term} from a leader of term {m.term}"
+    elif isinstance(m, VoteRequest) and m.last_log_term > m.term:
+        return f"a last log term {m.last_log_term} above the candidate's term"
+    elif isinstance(m, ReadIndexRequest | ReadIndexResponse) and (
+            len(m.request_ids) > MAX_READ_IDS):
+        return f"more than {MAX_READ_IDS} read ids in one message"
+    return None

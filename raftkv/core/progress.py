@@ -50,6 +50,7 @@ class Inflights:
 
 class Progress:
     __slots__ = (
+        "idle_ticks",
         "inflights",
         "match",
         "next",
@@ -57,6 +58,7 @@ class Progress:
         "probe_sent",
         "read_seq",
         "recent_active",
+        "snapshot_backoff_ticks",
         "snapshot_offset",
         "state",
     )
@@ -70,6 +72,10 @@ class Progress:
         self.pending_snapshot = 0
         self.snapshot_offset = 0
         self.recent_active = False
+        self.idle_ticks = 0
+        """Leader ticks since this peer last answered (reset by every response)."""
+        self.snapshot_backoff_ticks = 0
+        """While > 0 no snapshot is started for this peer: it refused the last one."""
         self.read_seq = 0
         """The highest heartbeat sequence this peer acknowledged (ReadIndex confirmation)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raftkv.core.messages import Message
+from raftkv.core.snapshots import SnapshotWrite
 from raftkv.core.types import Entry, HardState, ReadState, Snapshot, SoftState
 
 
@@ -13,7 +14,7 @@ class BootState:
     """A node's durable state as loaded at start.
 
     `snapshot` is the latest snapshot (for a brand-new cluster: index 0, term 0, the initial
-    membership, no data); `entries` are the stored log entries after it; `applied` is the
+    membership, length 0); `entries` are the stored log entries after it; `applied` is the
     index the state machine already holds (normally snapshot.meta.index).
     """
 
@@ -28,10 +29,13 @@ class Ready:
     """One batch of work for the driver. Handle it in this order, then call advance():
 
     1. send `messages` (they never depend on what this Ready persists);
-    2. persist: if `snapshot`, save it and drop the whole stored log; then save `entries`
-       (replacing any stored entry at or after entries[0].index) and `hard_state`, in one
-       transaction, synced when `must_sync`;
-    3. restore the state machine from `snapshot` if any, apply `committed_entries`, and
+    2. persist: if `snapshot_discard`, drop the staged incoming snapshot; append every
+       `snapshot_writes` chunk to the staged snapshot (offset 0 starts a new one); if
+       `snapshot`, publish the staged snapshot (it is that one, checked) and drop the whole
+       stored log; then save `entries` (replacing any stored entry at or after
+       entries[0].index) and `hard_state`, in one transaction, synced when `must_sync`;
+    3. restore the state machine from `snapshot` if any (from `snapshot_state` when the core
+       has a validator, else from the published bytes), apply `committed_entries`, and
        serve `read_states` once applied >= their index; fail `failed_reads`;
     4. advance(ready).
 
@@ -51,3 +55,10 @@ class Ready:
     after_persist: tuple[Message, ...] = field(default=(), repr=False)
     """Held back by the core; released by advance(). Drivers must not send these."""
     serial: int = field(default=0, repr=False)
+    snapshot_writes: tuple[SnapshotWrite, ...] = field(default=(), repr=False)
+    snapshot_discard: bool = False
+    snapshot_state: object = field(default=None, repr=False)
+    """What the snapshot validator decoded from `snapshot` (None without a validator)."""
+    dropped: tuple[str, ...] = ()
+    """Why messages from peers were ignored as invalid (a forged TimeoutNow, a snapshot that
+    failed its checks...): for the driver to log, rate-limited. Nothing to do otherwise."""

@@ -7,7 +7,7 @@ bad value fails where it is made rather than deep inside the protocol.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 NodeId = str
 
@@ -116,8 +116,17 @@ class SnapshotMeta:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
+    """A published snapshot as the core knows it: its place in the log, its size and the
+    checksum of its bytes (raftkv.core.snapshots.CHECKSUM_ALGORITHM, hex). The bytes stay in
+    the driver's snapshot store (see raftkv.core.snapshots); index 0 is "no snapshot"."""
+
     meta: SnapshotMeta
-    data: bytes = field(default=b"", repr=False)
+    length: int = 0
+    checksum: str = ""
+
+    def __post_init__(self) -> None:
+        if self.length < 0:
+            raise ValueError(f"bad snapshot length {self.length}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,9 @@ Auth (raftkv.http.auth has the one table of who may call what): with auth on, re
 "prefixes": [...]} creates one and answers its secret (this once); `GET /auth/tokens` lists them
 (no secrets); `DELETE /auth/tokens/<id>` revokes one.
 
+Alarms: `GET /alarms` lists the raised NOSPACE alarms; `DELETE /alarms` disarms them. While one
+is raised, writes that add data are 507 `storage_full` (reads and deletes go on).
+
 Keys live in the path (`/keys/a/b` is the key `a/b`). Because the trailing slash is optional
 everywhere, a key that ends with `/` cannot be addressed through the path; use `/batch`.
 """
@@ -893,6 +896,26 @@ class _TokenResource:
         _send(resp, {"id": result.token_id, "revoked": True, "index": result.index})
 
 
+class _AlarmsResource:
+    """GET /alarms: the raised NOSPACE alarms; DELETE /alarms: disarm them (through the log).
+    While one is raised, writes that add data answer 507 storage_full on every node."""
+
+    def __init__(self, api: _Api) -> None:
+        self._api = api
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        alarms = self._api.service.alarms()
+        _send(resp, {"alarms": [{"alarm": "NOSPACE", "node": a.node_id, "cause": a.cause,
+                                 "index": a.index} for a in alarms]})
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response) -> None:
+        timeout_s = self._api.timeout_s(req)
+        if self._api.redirected(req, resp):
+            return
+        index = self._api.service.disarm_alarms(timeout_s=timeout_s)
+        _send(resp, {"disarmed": True, "index": index})
+
+
 class MetricsSink(Protocol):
     """Where request latencies go and where /metrics comes from (raftkv.metrics)."""
 
@@ -963,6 +986,7 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     app.add_route("/cluster/leader", _LeaderResource(api))
     app.add_route("/auth/tokens", _TokensResource(api))
     app.add_route("/auth/tokens/{token_id}", _TokenResource(api))
+    app.add_route("/alarms", _AlarmsResource(api))
     if metrics is not None:
         app.add_route("/metrics", _MetricsResource(metrics))
 

@@ -25,7 +25,11 @@ from waitress import utilities as waitress_utilities
 from waitress import wasyncore
 
 from raftkv.http.green import GreenDispatcher
-from raftkv.http.waitress_errors import create_server
+from raftkv.http.waitress_errors import (
+    DEFAULT_HEAD_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    create_server,
+)
 
 __all__ = ["DEFAULT_MAX_REQUEST_BODY_BYTES", "ServerHandle", "serve"]
 
@@ -65,10 +69,15 @@ class ServerHandle:
                  connection_limit: int = 10_000, channel_timeout_s: int = 120,
                  backlog: int = 2048,
                  max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+                 head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S,
+                 max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
                  dispatcher: GreenDispatcher | None = None,
                  socket_map: dict[Any, Any] | None = None) -> None:
-        """`dispatcher`, `socket_map`: made beforehand by a caller that registers its own
-        sockets in the loop (an HTTP worker's channel to its Raft process)."""
+        """`head_timeout_s`: a deadline for each request head (0: none);
+        `max_connections_per_client`: open connections one client address may hold here (0:
+        no limit); both in raftkv.http.waitress_errors. `dispatcher`, `socket_map`: made
+        beforehand by a caller that registers its own sockets in the loop (an HTTP worker's
+        channel to its Raft process)."""
         # Waitress warns "Task queue depth is N" once per queued request under load.
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         self._map: dict[Any, Any] = {} if socket_map is None else socket_map
@@ -88,6 +97,7 @@ class ServerHandle:
             max_request_body_size=max_request_body_bytes, recv_bytes=65536,
             asyncore_use_poll=True,  # select() fails past 1024 descriptors
             clear_untrusted_proxy_headers=False, expose_tracebacks=False, ident="raftkv",
+            head_timeout_s=head_timeout_s, max_connections_per_client=max_connections_per_client,
             **kwargs)
         if self.dispatcher is not None:
             # Every task runs on this thread: the loop re-polls after each round anyway.
@@ -202,14 +212,19 @@ waitress.task.build_http_date = _http_date  # the name waitress.task looks up pe
 
 def serve(app: Any, host: str, port: int, *, threads: int = 0, connection_limit: int = 10_000,
           channel_timeout_s: int = 120, backlog: int = 2048,
-          max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> ServerHandle:
+          max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+          head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S,
+          max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+          ) -> ServerHandle:
     """Bind host:port (0 = any free port) and return a handle; call .run() to serve."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=backlog)
     try:
         return ServerHandle(app, [sock], threads=threads, connection_limit=connection_limit,
                             channel_timeout_s=channel_timeout_s, backlog=backlog,
-                            max_request_body_bytes=max_request_body_bytes)
+                            max_request_body_bytes=max_request_body_bytes,
+                            head_timeout_s=head_timeout_s,
+                            max_connections_per_client=max_connections_per_client)
     except BaseException:
         sock.close()
         raise

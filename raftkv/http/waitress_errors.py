@@ -21,12 +21,29 @@ the connection, and the client could lose the answer; likewise oversized headers
 their end (up to HEADER_DRAIN_LIMIT_BYTES more) before the 431. A client that sent
 `Expect: 100-continue` gets the 413 at once, without `100 Continue`, and sends no body.
 
-`create_server` is waitress.create_server with `JsonErrorChannel` on every listening socket.
+Slow clients (issue 14: 1,010 connections sending their request heads slowly made /health
+time out until they closed) meet two limits here:
+
+- A deadline for the request head (`head_timeout_s`): a new connection must deliver a whole
+  request line and headers within it, and so must every later request once its first byte
+  arrived. Past the deadline a connection that sent part of a head is answered 408
+  `request_timeout` (JSON) and closed; one that sent nothing at all is closed without an
+  answer (like nginx: a client that never spoke expects none). Checked once a second by the
+  server's maintenance pass; an idle keep-alive connection between requests is waitress's
+  `channel_timeout`, as before.
+- A limit of open connections per client address (`max_connections_per_client`): past it a
+  new connection is answered 503 `too_many_connections` (JSON, Retry-After: 1) and closed at
+  once, so one address can never hold the server's `connection_limit` from the others.
+
+`create_server` is waitress.create_server with `JsonErrorChannel` on every listening socket
+and these limits set on every server.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import waitress
@@ -43,6 +60,8 @@ from waitress.utilities import (
 )
 
 __all__ = [
+    "DEFAULT_HEAD_TIMEOUT_S",
+    "DEFAULT_MAX_CONNECTIONS_PER_CLIENT",
     "DRAIN_LIMIT_BYTES",
     "ERROR_CODES",
     "HEADER_DRAIN_LIMIT_BYTES",
@@ -51,6 +70,7 @@ __all__ = [
     "JsonErrorTask",
     "create_server",
     "error_body",
+    "raw_json_response",
 ]
 
 DRAIN_LIMIT_BYTES: Final = 1 << 30
@@ -192,20 +212,134 @@ class _Discard:
         pass
 
 
+DEFAULT_HEAD_TIMEOUT_S: Final = 10.0
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT: Final = 128
+
+
+def raw_json_response(status: int, reason: str, code: str, message: str,
+                      extra_headers: str = "") -> bytes:
+    """A whole HTTP/1.1 response with the API's JSON error body, closing the connection."""
+    body = json.dumps({"error": code, "message": message, "leader": None}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra_headers}"
+            "Server: raftkv\r\n\r\n")
+    return head.encode("ascii") + body
+
+
 class JsonErrorChannel(HTTPChannel):  # type: ignore[misc]
-    """waitress's HTTP channel with JSON errors and refused bodies drained."""
+    """waitress's HTTP channel with JSON errors and refused bodies drained, a deadline for
+    request heads and a limit of connections per client address (see the module doc)."""
 
     error_task_class = JsonErrorTask
     parser_class = DrainingRequestParser
 
+    request: Any  # waitress's: the request being received (a DrainingRequestParser) or None
+    head_started: float | None
+    """When the request head being waited for began (the connection's opening for the
+    first one, its first byte for later ones); None: no head is pending."""
+    _client: str = ""
+    _counted = False
+    _spoke = False
 
-def create_server(app: Any, **kwargs: Any) -> Any:
-    """waitress.create_server(app, **kwargs), its connections served by JsonErrorChannel."""
+    def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
+        super().__init__(server, sock, addr, adj, map)
+        self.head_started = self.creation_time
+        self._client = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
+        counts: dict[str, int] | None = getattr(server, "raftkv_connections", None)
+        limit = getattr(server, "raftkv_max_connections_per_client", 0)
+        if counts is None:
+            return
+        if limit and counts.get(self._client, 0) >= limit:
+            self.head_started = None
+            self.answer_and_close(raw_json_response(
+                503, "Service Unavailable", "too_many_connections",
+                f"this client address has {limit} connections open already, the most a "
+                "client may have: reuse them (keep-alive) or close some",
+                "Retry-After: 1\r\n"))
+            return
+        counts[self._client] = counts.get(self._client, 0) + 1
+        self._counted = True
+
+    def received(self, data: bytes) -> bool:
+        if data:
+            self._spoke = True
+            if self.request is None and self.head_started is None:
+                self.head_started = time.time()  # the first byte of a new request
+        result = bool(super().received(data))
+        request = self.request
+        if request is None or request.headers_finished:
+            self.head_started = None
+        elif self.head_started is None:
+            self.head_started = time.time()
+        return result
+
+    def head_timed_out(self, head_timeout_s: float) -> None:
+        """Maintenance: the head did not arrive in time (no request is being served)."""
+        self.head_started = None
+        self.request = None  # the partial head is dropped
+        if not self._spoke:
+            self.will_close = True  # it never said a word: nothing to answer
+            return
+        self.answer_and_close(raw_json_response(
+            408, "Request Timeout", "request_timeout",
+            f"the request line and headers did not arrive within {head_timeout_s:g} s"))
+
+    def answer_and_close(self, response: bytes) -> None:
+        """Queue `response` (the connection's last bytes) and close once it is sent."""
+        with self.outbuf_lock:
+            self.outbufs[-1].append(response)
+            self.current_outbuf_count += len(response)
+            self.total_outbufs_len += len(response)
+        self.close_when_flushed = True
+
+    def del_channel(self, map: Any = None) -> None:
+        if self._counted:
+            self._counted = False
+            counts = self.server.raftkv_connections
+            left = counts.get(self._client, 1) - 1
+            if left > 0:
+                counts[self._client] = left
+            else:
+                counts.pop(self._client, None)
+        super().del_channel(map)
+
+
+def _with_head_deadline(server: BaseWSGIServer, head_timeout_s: float
+                        ) -> Callable[[float], None]:
+    original = server.maintenance
+
+    def maintenance(now: float) -> None:
+        original(now)  # waitress's: idle connections past channel_timeout
+        if head_timeout_s <= 0:
+            return
+        cutoff = now - head_timeout_s
+        for channel in list(server.active_channels.values()):
+            started = getattr(channel, "head_started", None)
+            if (started is not None and started < cutoff and not channel.requests
+                    and not channel.will_close and not channel.close_when_flushed):
+                channel.head_timed_out(head_timeout_s)
+
+    return maintenance
+
+
+def create_server(app: Any, *, head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S,
+                  max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+                  **kwargs: Any) -> Any:
+    """waitress.create_server(app, **kwargs), its connections served by JsonErrorChannel,
+    with a deadline for request heads (0: none) and a limit of open connections per client
+    address (0: none). The server's maintenance runs every second (cleanup_interval)."""
+    if head_timeout_s < 0 or max_connections_per_client < 0:
+        raise ValueError("head_timeout_s and max_connections_per_client must be >= 0")
+    kwargs.setdefault("cleanup_interval", 1)
     server = waitress.create_server(app, **kwargs)
     socket_map = kwargs.get("map")
     servers = [s for s in (socket_map or {}).values() if isinstance(s, BaseWSGIServer)]
     if isinstance(server, BaseWSGIServer):
         servers.append(server)
+    counts: dict[str, int] = {}  # shared by every listening socket of this server
     for s in servers:
         s.channel_class = JsonErrorChannel
+        s.raftkv_connections = counts
+        s.raftkv_max_connections_per_client = max_connections_per_client
+        s.maintenance = _with_head_deadline(s, head_timeout_s)
     return server

@@ -2,6 +2,9 @@
 leader's lease timers (raftkv.kv.leases)."""
 
 from raftkv.kv.commands import (
+    ALARM_CAUSES,
+    AlarmDisarm,
+    AlarmRaise,
     AuthEnable,
     Batch,
     Command,
@@ -13,11 +16,14 @@ from raftkv.kv.commands import (
     Put,
     TokenCreate,
     TokenRevoke,
+    adds_data,
     decode_command,
     encode_command,
 )
 from raftkv.kv.leases import LeaseExpiry, NotLeaseLeader, min_lease_ttl_s
 from raftkv.kv.state_machine import (
+    AlarmRecord,
+    AlarmResult,
     ApplyResult,
     AuthEnabled,
     AuthRefused,
@@ -25,12 +31,14 @@ from raftkv.kv.state_machine import (
     ConditionFailed,
     DeleteResult,
     InvalidCommand,
+    KVSnapshotDecoder,
     KVSnapshotView,
     KVStateMachine,
     LeaseGrantResult,
     LeaseNotFound,
     LeaseRecord,
     LeaseRevokeResult,
+    NoSpace,
     PutResult,
     SnapshotCorrupt,
     StateMachineError,
@@ -39,10 +47,17 @@ from raftkv.kv.state_machine import (
     TokenRevoked,
     iter_snapshot_chunks,
     parse_snapshot,
+    parse_snapshot_chunks,
+    record_size,
     serialize_snapshot,
 )
 
 __all__ = [
+    "ALARM_CAUSES",
+    "AlarmDisarm",
+    "AlarmRaise",
+    "AlarmRecord",
+    "AlarmResult",
     "ApplyResult",
     "AuthEnable",
     "AuthEnabled",
@@ -56,6 +71,7 @@ __all__ = [
     "DeleteResult",
     "InvalidCommand",
     "JSONValue",
+    "KVSnapshotDecoder",
     "KVSnapshotView",
     "KVStateMachine",
     "LeaseExpiry",
@@ -65,6 +81,7 @@ __all__ = [
     "LeaseRecord",
     "LeaseRevoke",
     "LeaseRevokeResult",
+    "NoSpace",
     "NotLeaseLeader",
     "Put",
     "PutResult",
@@ -75,10 +92,13 @@ __all__ = [
     "TokenNotFound",
     "TokenRevoke",
     "TokenRevoked",
+    "adds_data",
     "decode_command",
     "encode_command",
     "iter_snapshot_chunks",
     "min_lease_ttl_s",
     "parse_snapshot",
+    "parse_snapshot_chunks",
+    "record_size",
     "serialize_snapshot",
 ]

@@ -18,6 +18,8 @@ On the wire (the data of a log entry) a command travels in a versioned envelope:
     AuthEnable  [5, root_digest]                    (raftkv.auth: digests, never secrets)
     TokenCreate [6, token_id, role, [prefix, ...], digest]
     TokenRevoke [7, token_id]
+    AlarmRaise  [16, node_id, cause]             cause: one of ALARM_CAUSES
+    AlarmDisarm [17]
 
 `decode_command` accepts exactly that and raises `CommandDecodeError` for anything else.
 
@@ -79,6 +81,8 @@ _TAG_LEASE_REVOKE = 4
 _TAG_AUTH_ENABLE = 5
 _TAG_TOKEN_CREATE = 6
 _TAG_TOKEN_REVOKE = 7
+_TAG_ALARM_RAISE = 16  # 16..: apart from the data commands (0..7)
+_TAG_ALARM_DISARM = 17
 
 
 _new = object.__new__
@@ -242,7 +246,45 @@ def _auth_from_wire(wire: list[object]) -> AuthCommand | None:
     return None
 
 
-Command: TypeAlias = Put | Delete | Batch | LeaseGrant | LeaseRevoke | AuthCommand
+# ------------------------------------------------------------------------------ alarms
+ALARM_CAUSES = ("quota", "map_full", "disk_full")
+"""Why a node raised the NOSPACE alarm: the state machine reached the quota (RAFTKV_QUOTA_BYTES)
+before a write was proposed; its LMDB map is at its maximum size; its disk is full."""
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmRaise:
+    """Raise the cluster-wide NOSPACE alarm: from the entry that applies it on, every replica
+    refuses writes that add data (puts, batches with a put, lease grants) until AlarmDisarm.
+    `node_id` is the node that raised it, `cause` one of ALARM_CAUSES."""
+
+    node_id: str
+    cause: str
+
+    def __post_init__(self) -> None:
+        if type(self.node_id) is not str or not 1 <= len(self.node_id) <= 64:
+            raise ValueError("an alarm names the node that raised it (1..64 characters)")
+        if self.cause not in ALARM_CAUSES:
+            raise ValueError(f"an alarm's cause is one of {', '.join(ALARM_CAUSES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmDisarm:
+    """Clear every alarm (the operator freed space: `raftkv alarm disarm`)."""
+
+
+Command: TypeAlias = (Put | Delete | Batch | LeaseGrant | LeaseRevoke | AuthCommand | AlarmRaise
+                      | AlarmDisarm)
+
+
+def adds_data(cmd: Command) -> bool:
+    """Whether `cmd` may make the state bigger: refused while the NOSPACE alarm is raised
+    (deletes, lease revokes and the alarm commands are not)."""
+    if isinstance(cmd, Put | LeaseGrant):
+        return True
+    if isinstance(cmd, Batch):
+        return any(isinstance(op, Put) for op in cmd.ops)
+    return False
 
 
 def check_key(key: object) -> None:
@@ -406,6 +448,10 @@ def _command_to_wire(cmd: Command) -> list[object]:
         return [_TAG_LEASE_REVOKE, cmd.lease_id, cmd.expired]
     if isinstance(cmd, AuthEnable | TokenCreate | TokenRevoke):
         return _auth_to_wire(cmd)
+    if isinstance(cmd, AlarmRaise):
+        return [_TAG_ALARM_RAISE, cmd.node_id, cmd.cause]
+    if isinstance(cmd, AlarmDisarm):
+        return [_TAG_ALARM_DISARM]
     raise TypeError(f"not a command: {type(cmd).__name__}")
 
 
@@ -423,6 +469,10 @@ def _command_from_wire(wire: object) -> Command:
         auth = _auth_from_wire(wire)
         if auth is not None:
             return auth
+        if wire[0] == _TAG_ALARM_RAISE and len(wire) == 3:
+            return AlarmRaise(wire[1], wire[2])
+        if wire[0] == _TAG_ALARM_DISARM and len(wire) == 1:
+            return AlarmDisarm()
     return _op_from_wire(wire)
 
 

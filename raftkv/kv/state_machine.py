@@ -35,6 +35,16 @@ auth is on, and each token's id, role, key prefixes, secret digest and creation 
 change only by AuthEnable (once, from the bootstrap log), TokenCreate and TokenRevoke; the
 current table is `token_table`, an immutable value any thread may read.
 
+Size and the NOSPACE alarm (issue 14). `size_bytes` is what the quota counts: for every key,
+its UTF-8 bytes + its value's msgpack encoding + RECORD_OVERHEAD_BYTES (64), plus LEASE_BYTES per
+lease. It is exact and the same on every replica at the same index: every apply keeps it up to
+date (a string or number value's encoded size is computed, not re-encoded; only lists and
+objects are packed), and a restore recomputes it. Alarms are replicated state: an `AlarmRaise`
+entry (node, cause) raises NOSPACE, an `AlarmDisarm` entry clears every alarm; while one is
+raised, every replica answers a command that adds data (commands.adds_data) with `NoSpace` and
+applies nothing of it (deletes, lease revokes and reads go on). Alarms travel in snapshots as
+an optional section ("alarms" in the header, then one segment); a snapshot without it has none.
+
 Values are shared, not copied: treat values returned by `get`, `items` and the results as
 read-only.
 """
@@ -43,13 +53,12 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import io
 import itertools
 import logging
 import operator
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeAlias, TypeVar
@@ -66,7 +75,10 @@ from raftkv.auth import (
 )
 from raftkv.core.types import ConfChange, ConfChangeOp, Entry, EntryKind, NodeId
 from raftkv.kv.commands import (
+    ALARM_CAUSES,
     MAX_LEASE_TTL_S,
+    AlarmDisarm,
+    AlarmRaise,
     AuthEnable,
     Batch,
     Command,
@@ -78,6 +90,7 @@ from raftkv.kv.commands import (
     Put,
     TokenCreate,
     TokenRevoke,
+    adds_data,
     decode_command,
     encode_command,
 )
@@ -170,6 +183,33 @@ class LeaseRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class AlarmRecord:
+    """One raised NOSPACE alarm: the node that raised it, why (commands.ALARM_CAUSES), and
+    the index of the entry that raised it."""
+
+    node_id: NodeId
+    cause: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class NoSpace:
+    """The NOSPACE alarm is raised: this command would add data, so nothing of it was
+    applied. Not remembered for its request id: a retry after the disarm applies."""
+
+    index: int
+    alarms: tuple[AlarmRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmResult:
+    """An AlarmRaise or AlarmDisarm applied: the alarms now raised."""
+
+    index: int
+    alarms: tuple[AlarmRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class InvalidCommand:
     """The entry's data is not a command this version understands; nothing was applied."""
 
@@ -227,7 +267,7 @@ AuthResult: TypeAlias = AuthEnabled | TokenCreated | TokenRevoked | TokenNotFoun
 
 CommandResult: TypeAlias = (
     PutResult | DeleteResult | BatchResult | ConditionFailed | LeaseGrantResult
-    | LeaseRevokeResult | LeaseNotFound | AuthResult
+    | LeaseRevokeResult | LeaseNotFound | AuthResult | NoSpace | AlarmResult
 )
 """What a decoded command returns (ApplyResult without InvalidCommand)."""
 ApplyResult: TypeAlias = CommandResult | InvalidCommand
@@ -280,6 +320,11 @@ class KVSnapshotView:
     """Key -> the lease it is attached to (only attached keys)."""
     auth: TokenTable = field(default_factory=TokenTable)
     """The token table (immutable: shared, not copied)."""
+    alarms: dict[tuple[NodeId, str], int] = field(default_factory=dict)
+    """(node id, cause) -> the index that raised that NOSPACE alarm."""
+    size_bytes: int = field(default=0, compare=False)
+    """KVStateMachine.size_bytes of this state (0: unknown); sizes the snapshot's segments.
+    Derived, so not compared (a parsed view does not carry it)."""
 
 
 # ------------------------------------------------------------------------------ the machine
@@ -305,6 +350,9 @@ class KVStateMachine:
         self._token_table = TokenTable()
         """Replaced whole on every auth change: readers on other threads see one or the
         other, never a half-changed table."""
+        self._size = 0
+        """size_bytes, kept up to date by every apply (see record_size)."""
+        self._alarms: dict[tuple[NodeId, str], int] = {}
 
     # StateMachine
     @property
@@ -339,8 +387,8 @@ class KVStateMachine:
         except CommandDecodeError as e:
             logger.warning("event=kv_invalid_command index=%d reason=%s", index, e)
             return InvalidCommand(index, str(e))
-        if request_id is None:
-            return self._execute(cmd, index)
+        if request_id is None or isinstance(cmd, AlarmRaise | AlarmDisarm):
+            return self._execute(cmd, index)  # the alarm commands are idempotent anyway
         fingerprint = _fingerprint(_fingerprinted(cmd, entry.data))
         known = self._requests.get(request_id)
         if known is not None:
@@ -353,6 +401,8 @@ class KVStateMachine:
             logger.debug("event=kv_retry_answered index=%d first_index=%d", index, known.index)
             return answer
         result = self._execute(cmd, index)
+        if isinstance(result, NoSpace):
+            return result  # nothing applied: a retry after the disarm must apply
         if self._max_request_ids:
             self._requests[request_id] = _remember(fingerprint, result)
             self._request_order.append(request_id)
@@ -361,7 +411,11 @@ class KVStateMachine:
         return result
 
     def snapshot(self) -> bytes:
+        """The whole snapshot as one bytes (small states and tests; see snapshot_chunks)."""
         return serialize_snapshot(self.snapshot_view())
+
+    def snapshot_chunks(self) -> Iterator[bytes]:
+        return iter_snapshot_chunks(self.snapshot_view())
 
     def restore(self, data: bytes, index: int) -> None:
         """Replace the state with a snapshot taken at `index`; SnapshotCorrupt if it is bad.
@@ -369,6 +423,24 @@ class KVStateMachine:
         On error the state is left as it was.
         """
         self.restore_view(parse_snapshot(data), index)
+
+    def restore_chunks(self, chunks: Iterable[bytes], index: int) -> None:
+        """restore() from the snapshot's chunks, never holding its bytes whole; errors the
+        chunks raise (a damaged store) pass through, and the state is left as it was."""
+        self.restore_view(parse_snapshot_chunks(chunks), index)
+
+    @staticmethod
+    def snapshot_decoder() -> KVSnapshotDecoder:
+        """The Raft core's snapshot validator for this machine (see install)."""
+        return KVSnapshotDecoder()
+
+    def install(self, state: object, index: int) -> None:
+        """Replace the state with what snapshot_decoder() decoded from the snapshot at
+        `index` (the core's Ready.snapshot_state): no second parse, no read back."""
+        if not isinstance(state, KVSnapshotView):
+            raise StateMachineError(f"install() needs a KVSnapshotView, not "
+                                    f"{type(state).__name__}")
+        self.restore_view(state, index)
 
     # Snapshots in two steps
     def snapshot_view(self) -> KVSnapshotView:
@@ -381,6 +453,8 @@ class KVStateMachine:
             leases=self._lease_ttls.copy(),
             key_leases=self._key_leases.copy(),
             auth=self._token_table,
+            alarms=self._alarms.copy(),
+            size_bytes=self._size,
         )
 
     def restore_view(self, view: KVSnapshotView, index: int) -> None:
@@ -401,12 +475,15 @@ class KVStateMachine:
         for key, lease_id in self._key_leases.items():
             self._lease_keys[lease_id].add(key)
         self._token_table = view.auth
+        self._alarms = view.alarms.copy()
+        self._size = _state_size(self._data, self._lease_ttls)
         self._applied_index = view.applied_index
         self._key_order.clear()
         logger.info(
-            "event=kv_restored index=%d keys=%d request_ids=%d members=%d leases=%d",
+            "event=kv_restored index=%d keys=%d request_ids=%d members=%d leases=%d "
+            "size_bytes=%d alarms=%d",
             index, len(self._data), len(self._requests), len(self._addresses),
-            len(self._lease_ttls),
+            len(self._lease_ttls), self._size, len(self._alarms),
         )
 
     # Reads
@@ -473,6 +550,26 @@ class KVStateMachine:
         LeaseExpiry.became_leader needs."""
         return MappingProxyType(self._lease_ttls)
 
+    # Size and alarms
+    @property
+    def size_bytes(self) -> int:
+        """The size of the data, as the quota counts it: the sum of record_size over every
+        key, plus LEASE_BYTES per lease. Exact (the same on every replica at the same
+        index), kept up to date by every apply, recomputed on restore."""
+        return self._size
+
+    @property
+    def alarms(self) -> tuple[AlarmRecord, ...]:
+        """The raised NOSPACE alarms, oldest first; empty: writes are accepted."""
+        return tuple(AlarmRecord(node, cause, index)
+                     for (node, cause), index in sorted(self._alarms.items(),
+                                                         key=lambda item: item[1]))
+
+    @property
+    def alarm_active(self) -> bool:
+        """One attribute read for the Raft process's per-write check."""
+        return bool(self._alarms)
+
     # Internals
     def _apply_change(self, change: ConfChange, index: int) -> None:
         if change.op is ConfChangeOp.REMOVE:
@@ -485,6 +582,8 @@ class KVStateMachine:
         )
 
     def _execute(self, cmd: Command, index: int) -> CommandResult:
+        if self._alarms and adds_data(cmd):
+            return NoSpace(index, self.alarms)
         data = self._data
         if isinstance(cmd, Put):
             current = data.get(cmd.key)
@@ -498,6 +597,9 @@ class KVStateMachine:
             data[cmd.key] = (cmd.value, index)
             if current is None:
                 self._key_order.inserted(cmd.key)
+            else:
+                self._size -= record_size(cmd.key, current[0])
+            self._size += record_size(cmd.key, cmd.value)
             self._attach(cmd.key, lease)
             return PutResult(index, cmd.value, lease, cmd.ttl_s)
         if isinstance(cmd, Delete):
@@ -507,6 +609,7 @@ class KVStateMachine:
             if current is None:
                 return DeleteResult(index, deleted=False)
             del data[cmd.key]
+            self._size -= record_size(cmd.key, current[0])
             self._key_order.removed(cmd.key)
             self._attach(cmd.key, None)
             return DeleteResult(index, deleted=True)
@@ -516,6 +619,10 @@ class KVStateMachine:
             return LeaseGrantResult(index, self._grant(index, cmd.ttl_s), cmd.ttl_s)
         if isinstance(cmd, LeaseRevoke):
             return self._revoke(cmd, index)
+        if isinstance(cmd, AlarmRaise):
+            return self._raise_alarm(cmd, index)
+        if isinstance(cmd, AlarmDisarm):
+            return self._disarm(index)
         return self._execute_auth(cmd, index)
 
     def _execute_auth(self, cmd: AuthEnable | TokenCreate | TokenRevoke,
@@ -552,6 +659,21 @@ class KVStateMachine:
         logger.info("event=kv_token_revoked index=%d token=%s", index, cmd.token_id)
         return TokenRevoked(index, cmd.token_id)
 
+    def _raise_alarm(self, cmd: AlarmRaise, index: int) -> AlarmResult:
+        key = (cmd.node_id, cmd.cause)
+        if key not in self._alarms:
+            self._alarms[key] = index
+            logger.warning("event=kv_alarm_raised alarm=NOSPACE index=%d node=%s cause=%s "
+                           "size_bytes=%d", index, cmd.node_id, cmd.cause, self._size)
+        return AlarmResult(index, self.alarms)
+
+    def _disarm(self, index: int) -> AlarmResult:
+        if self._alarms:
+            logger.warning("event=kv_alarms_disarmed index=%d alarms=%d size_bytes=%d",
+                           index, len(self._alarms), self._size)
+        self._alarms.clear()
+        return AlarmResult(index, ())
+
     def _execute_batch(
         self, batch: Batch, index: int
     ) -> BatchResult | ConditionFailed | LeaseNotFound:
@@ -581,15 +703,18 @@ class KVStateMachine:
                 results.append(DeleteResult(index, deleted=current is not None))
         data = self._data
         for key, change in staged.items():
-            existed = key in data
+            old = data.get(key)
+            if old is not None:
+                self._size -= record_size(key, old[0])
             if change is None:
-                if existed:
+                if old is not None:
                     del data[key]
                     self._key_order.removed(key)
                     self._attach(key, None)
             else:
                 data[key] = change[0]
-                if not existed:
+                self._size += record_size(key, change[0][0])
+                if old is None:
                     self._key_order.inserted(key)
                 self._attach(key, change[1])
         return BatchResult(index, tuple(results))
@@ -597,6 +722,7 @@ class KVStateMachine:
     def _grant(self, index: int, ttl_s: int) -> int:
         """Grant the lease whose id is `index`; returns the id."""
         self._lease_ttls[index] = ttl_s
+        self._size += LEASE_BYTES
         self._lease_keys[index] = set()
         logger.debug("event=kv_lease_granted index=%d lease=%d ttl_s=%d", index, index, ttl_s)
         return index
@@ -606,8 +732,10 @@ class KVStateMachine:
         if self._lease_ttls.pop(lease_id, None) is None:
             return LeaseNotFound(index, lease_id)
         keys = sorted(self._lease_keys.pop(lease_id))
+        self._size -= LEASE_BYTES
         data, key_leases, key_order = self._data, self._key_leases, self._key_order
         for key in keys:
+            self._size -= record_size(key, data[key][0])
             del data[key]
             del key_leases[key]
             key_order.removed(key)
@@ -628,6 +756,54 @@ class KVStateMachine:
         else:
             key_leases[key] = lease
             self._lease_keys[lease].add(key)
+
+
+# ------------------------------------------------------------------------------ sizes
+RECORD_OVERHEAD_BYTES = 64
+"""Counted per key on top of its key and value bytes: roughly what a record costs beyond them
+(its index and framing in a snapshot; in memory, its dict slot, tuple, index and string
+headers take ~150-200 bytes), so that many tiny keys cannot slip under the quota. With it,
+a node's memory for the data stays within about 3x size_bytes whatever the record sizes
+(measured: 2.6x for 10-byte values, 1.9x for 100-byte, 1.2x for 1 KiB)."""
+LEASE_BYTES = 16
+"""Counted per lease (its id and TTL)."""
+_PACK = msgpack.Packer(use_bin_type=True).pack
+
+
+def record_size(key: str, value: JSONValue) -> int:
+    """What one key counts toward the quota: its UTF-8 bytes, its value's msgpack encoding
+    (as in the log entry that wrote it), and RECORD_OVERHEAD_BYTES."""
+    key_bytes = len(key) if key.isascii() else len(key.encode("utf-8"))
+    return key_bytes + encoded_size(value) + RECORD_OVERHEAD_BYTES
+
+
+def encoded_size(value: JSONValue) -> int:
+    """len(msgpack.packb(value, use_bin_type=True)), without packing scalars: a string's size
+    comes from its length (O(1) when ASCII), a number's from its range. Only lists and
+    objects are packed (a small object takes about 0.6 us)."""
+    kind = type(value)
+    if kind is str:
+        assert isinstance(value, str)
+        n = len(value) if value.isascii() else len(value.encode("utf-8"))
+        return n + (1 if n < 32 else 2 if n < 256 else 3 if n < 65536 else 5)
+    if kind is int:
+        assert isinstance(value, int)
+        if -32 <= value < 128:
+            return 1
+        if value > 0:
+            return 2 if value < 1 << 8 else 3 if value < 1 << 16 else 5 if value < 1 << 32 else 9
+        return (2 if value >= -(1 << 7) else 3 if value >= -(1 << 15)
+                else 5 if value >= -(1 << 31) else 9)
+    if value is None or kind is bool:
+        return 1
+    if kind is float:
+        return 9
+    return len(_PACK(value))
+
+
+def _state_size(data: Mapping[str, Record], leases: Mapping[int, int]) -> int:
+    return (sum(record_size(key, record[0]) for key, record in data.items())
+            + LEASE_BYTES * len(leases))
 
 
 def _mod_index(record: Record | None) -> int:
@@ -706,6 +882,8 @@ def _remember(fingerprint: bytes, result: CommandResult) -> RememberedAnswer:
     if isinstance(result, LeaseNotFound):
         return RememberedAnswer(fingerprint, result.index, _NO_LEASE,
                                 current_index=result.lease_id)
+    if not isinstance(result, ConditionFailed):
+        raise TypeError(f"{type(result).__name__} is never remembered")
     return RememberedAnswer(
         fingerprint, result.index, _FAILED, key=result.key, current_index=result.current_index
     )
@@ -822,24 +1000,26 @@ def iter_snapshot_chunks(view: KVSnapshotView) -> Iterator[bytes]:
     Feed the chunks to a SnapshotSink; their concatenation is `serialize_snapshot(view)`.
     """
     packer = msgpack.Packer(use_bin_type=True)
-    yield packer.pack(
-        {
-            "format": SNAPSHOT_FORMAT,
-            "v": SNAPSHOT_VERSION,
-            "applied_index": view.applied_index,
-            "keys": len(view.data),
-            "requests": len(view.requests),
-            "addresses": view.addresses,
-            "leases": len(view.leases),
-            "attached": len(view.key_leases),
-        }
-    )
+    header: dict[str, object] = {
+        "format": SNAPSHOT_FORMAT,
+        "v": SNAPSHOT_VERSION,
+        "applied_index": view.applied_index,
+        "keys": len(view.data),
+        "requests": len(view.requests),
+        "addresses": view.addresses,
+        "leases": len(view.leases),
+        "attached": len(view.key_leases),
+    }
+    if view.alarms:
+        header["alarms"] = len(view.alarms)  # optional section: absent means none
+    yield packer.pack(header)
     # Columns, built with map() over existing objects: no container per key, so the
     # serialiser does not wake the garbage collector (a full collection of a big heap
     # stalls every thread for tens of milliseconds).
+    per_segment = _keys_per_segment(len(view.data), view.size_bytes)
     keys, records = iter(view.data.keys()), iter(view.data.values())
-    while segment_keys := list(itertools.islice(keys, SEGMENT_KEYS)):
-        segment = list(itertools.islice(records, SEGMENT_KEYS))
+    while segment_keys := list(itertools.islice(keys, per_segment)):
+        segment = list(itertools.islice(records, per_segment))
         yield packer.pack(
             (segment_keys, list(map(_FIRST, segment)), list(map(_SECOND, segment)))
         )
@@ -851,6 +1031,9 @@ def iter_snapshot_chunks(view: KVSnapshotView) -> Iterator[bytes]:
         )
     yield from _pairs_in_segments(packer, view.leases)
     yield from _pairs_in_segments(packer, view.key_leases)
+    if view.alarms:  # one segment: (node ids, causes, indices)
+        (nodes, causes), indices = zip(*view.alarms, strict=True), view.alarms.values()
+        yield packer.pack((list(nodes), list(causes), list(indices)))
     yield from _sections(packer, view)
 
 
@@ -866,24 +1049,16 @@ def _sections(packer: msgpack.Packer, view: KVSnapshotView) -> Iterator[bytes]:
         yield packer.pack({"section": _AUTH_SECTION, "table": view.auth.to_wire()})
 
 
-def _parse_sections(unpacker: msgpack.Unpacker, applied_index: int) -> TokenTable:
-    """The sections after the version-2 content, until the end of the data."""
-    auth: TokenTable | None = None
-    while True:
-        try:
-            section = unpacker.unpack()
-        except msgpack.OutOfData:
-            return auth or TokenTable()
-        if type(section) is not dict or type(section.get("section")) is not str:
-            raise SnapshotCorrupt("key-value snapshot has trailing data")
-        name = section["section"]
-        if name != _AUTH_SECTION or auth is not None:
-            raise SnapshotCorrupt(f"key-value snapshot has an unknown or repeated section "
-                                  f"{name[:40]!r}")
-        auth = TokenTable.from_wire(section["table"])
-        if auth.version > applied_index or any(
-                t.created_index > applied_index for t in auth.tokens):
-            raise SnapshotCorrupt("key-value snapshot has a token from after its index")
+SEGMENT_TARGET_BYTES = 1 << 20
+"""About how much data one segment of keys holds (see _keys_per_segment)."""
+
+
+def _keys_per_segment(keys: int, size_bytes: int) -> int:
+    """Keys per data segment: SEGMENT_KEYS, fewer when the average record is large, so a
+    segment (one msgpack object, built whole) stays near SEGMENT_TARGET_BYTES."""
+    if not keys or size_bytes <= 0:
+        return SEGMENT_KEYS
+    return max(1, min(SEGMENT_KEYS, SEGMENT_TARGET_BYTES * keys // size_bytes))
 
 
 def _pairs_in_segments(packer: msgpack.Packer, pairs: Mapping[_K, int]) -> Iterator[bytes]:
@@ -899,50 +1074,146 @@ def serialize_snapshot(view: KVSnapshotView) -> bytes:
 
 def parse_snapshot(data: bytes) -> KVSnapshotView:
     """The view serialised in `data` (pure); SnapshotCorrupt if `data` is not one."""
-    unpacker = msgpack.Unpacker(
-        io.BytesIO(data),
-        read_size=_READ_SIZE_BYTES,
-        max_buffer_size=max(len(data), _READ_SIZE_BYTES),
-        raw=False,
-        strict_map_key=True,
-        use_list=True,
-    )
-    try:
-        return _parse(unpacker)
-    except SnapshotCorrupt:
-        raise
-    except StopIteration as e:
-        raise SnapshotCorrupt("key-value snapshot is truncated") from e
-    except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
-        raise SnapshotCorrupt(f"key-value snapshot is malformed: {type(e).__name__}: {e}") from e
+    decoder = KVSnapshotDecoder()
+    decoder.feed(data)
+    return decoder.finish()
 
 
-def _parse(unpacker: msgpack.Unpacker) -> KVSnapshotView:
-    header = next(unpacker)
-    if type(header) is not dict or header.get("format") != SNAPSHOT_FORMAT:
-        raise SnapshotCorrupt("not a key-value snapshot (no format header)")
-    version = header.get("v")
-    if version not in _SNAPSHOT_VERSIONS or type(version) is not int:
-        raise SnapshotCorrupt(
-            f"key-value snapshot version {version!r} is not supported "
-            f"(this build reads versions {', '.join(map(str, _SNAPSHOT_VERSIONS))})"
+def parse_snapshot_chunks(chunks: Iterable[bytes]) -> KVSnapshotView:
+    """The view serialised in the concatenation of `chunks`, read one chunk at a time."""
+    decoder = KVSnapshotDecoder()
+    for chunk in chunks:
+        decoder.feed(chunk)
+    return decoder.finish()
+
+
+class KVSnapshotDecoder:
+    """Checks and decodes a key-value snapshot fed chunk by chunk, in order (the Raft core's
+    snapshot validator: raftkv.core.snapshots.SnapshotDecoder).
+
+    feed() raises SnapshotCorrupt as soon as the bytes so far cannot begin a valid snapshot
+    (garbage is refused on its first chunk), finish() once they are not a whole one, and
+    otherwise returns the KVSnapshotView. It holds what it decoded so far plus at most one
+    incomplete msgpack object (a segment) of undecoded bytes, never the whole snapshot.
+    """
+
+    _STAGES = ("data", "requests", "leases", "attached", "alarms")
+
+    def __init__(self) -> None:
+        # max_buffer_size=0: msgpack's maximum (2**32-1). What is buffered is one incomplete
+        # object; the Raft core bounds a whole incoming snapshot (Config.max_snapshot_bytes).
+        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, use_list=True,
+                                          max_buffer_size=0)
+        self._fed = 0
+        self._header: dict[str, object] | None = None
+        self._stage = -1  # -1: the header; len(_STAGES): everything was read
+        self._applied_index = 0
+        self._counts: tuple[int, ...] = ()
+        self._addresses: dict[NodeId, str] = {}
+        self._data: dict[str, Record] = {}
+        self._requests: dict[str, RememberedAnswer] = {}
+        self._leases: dict[int, int] = {}
+        self._key_leases: dict[str, int] = {}
+        self._alarms: dict[tuple[NodeId, str], int] = {}
+        self._auth: TokenTable | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._fed += len(data)
+        try:
+            self._unpacker.feed(data)
+            for obj in self._unpacker:
+                self._take(obj)
+        except SnapshotCorrupt:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
+            raise SnapshotCorrupt(
+                f"key-value snapshot is malformed: {type(e).__name__}: {e}") from e
+
+    def finish(self) -> KVSnapshotView:
+        if self._header is None:
+            raise SnapshotCorrupt("key-value snapshot is truncated (no header)")
+        if self._stage < len(self._STAGES) or self._unpacker.tell() != self._fed:
+            raise SnapshotCorrupt("key-value snapshot is truncated")
+        return KVSnapshotView(self._applied_index, self._data, self._requests,
+                              self._addresses, self._leases, self._key_leases,
+                              auth=self._auth or TokenTable(), alarms=self._alarms)
+
+    # ------------------------------------------------------------------ one object at a time
+    def _take(self, obj: object) -> None:
+        if self._stage < 0:
+            self._take_header(obj)
+        elif self._stage >= len(self._STAGES):
+            self._take_section(obj)
+            return
+        else:
+            stage = self._STAGES[self._stage]
+            if stage == "data":
+                self._take_data(obj)
+            elif stage == "requests":
+                self._take_requests(obj)
+            elif stage == "leases":
+                self._take_pairs(obj, self._leases, int, "lease")
+            elif stage == "attached":
+                self._take_pairs(obj, self._key_leases, str, "attached key")
+            else:
+                self._take_alarms(obj)
+        self._next_stage()
+
+    def _next_stage(self) -> None:
+        """Move past every stage whose count is reached (checking what a stage needs)."""
+        have = (self._data, self._requests, self._leases, self._key_leases, self._alarms)
+        while self._stage < len(self._STAGES):
+            if self._stage >= 0:
+                if len(have[self._stage]) < self._counts[self._stage]:
+                    return
+                if len(have[self._stage]) != self._counts[self._stage]:
+                    raise SnapshotCorrupt(
+                        f"key-value snapshot has more or repeated {self._STAGES[self._stage]} "
+                        "than its header says")
+                self._end_of(self._STAGES[self._stage])
+            elif self._header is None:
+                return
+            self._stage += 1
+
+    def _end_of(self, stage: str) -> None:
+        if stage == "leases" and any(
+                not 0 < lease_id <= self._applied_index or not 0 < ttl_s <= MAX_LEASE_TTL_S
+                for lease_id, ttl_s in self._leases.items()):
+            raise SnapshotCorrupt("key-value snapshot has a bad lease")
+        if stage == "attached" and any(
+                key not in self._data or lease_id not in self._leases
+                for key, lease_id in self._key_leases.items()):
+            raise SnapshotCorrupt(
+                "key-value snapshot attaches a key or a lease it does not hold")
+
+    def _take_header(self, header: object) -> None:
+        if type(header) is not dict or header.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotCorrupt("not a key-value snapshot (no format header)")
+        version = header.get("v")
+        if version not in _SNAPSHOT_VERSIONS or type(version) is not int:
+            raise SnapshotCorrupt(
+                f"key-value snapshot version {version!r} is not supported "
+                f"(this build reads versions {', '.join(map(str, _SNAPSHOT_VERSIONS))})"
+            )
+        applied_index, n_keys, n_requests = (
+            header["applied_index"], header["keys"], header["requests"]
         )
-    applied_index, n_keys, n_requests = (
-        header["applied_index"], header["keys"], header["requests"]
-    )
-    n_leases, n_attached = (header["leases"], header["attached"]) if version >= 2 else (0, 0)
-    addresses = header["addresses"]
-    if not all(type(v) is int and v >= 0
-               for v in (applied_index, n_keys, n_requests, n_leases, n_attached)):
-        raise SnapshotCorrupt("key-value snapshot header has bad counts")
-    if type(addresses) is not dict or not all(
-        type(k) is str and type(v) is str for k, v in addresses.items()
-    ):
-        raise SnapshotCorrupt("key-value snapshot header has a bad address book")
+        n_leases, n_attached = (header["leases"], header["attached"]) if version >= 2 else (0, 0)
+        n_alarms = header.get("alarms", 0)  # an optional section (issue 14): absent, none
+        addresses = header["addresses"]
+        counts = (n_keys, n_requests, n_leases, n_attached, n_alarms)
+        if not all(type(v) is int and v >= 0 for v in (applied_index, *counts)):
+            raise SnapshotCorrupt("key-value snapshot header has bad counts")
+        if type(addresses) is not dict or not all(
+            type(k) is str and type(v) is str for k, v in addresses.items()
+        ):
+            raise SnapshotCorrupt("key-value snapshot header has a bad address book")
+        self._header = header
+        self._applied_index = applied_index
+        self._counts = counts
+        self._addresses = addresses
 
-    data: dict[str, Record] = {}
-    while len(data) < n_keys:
-        segment = next(unpacker)
+    def _take_data(self, segment: object) -> None:
         if type(segment) is not list or len(segment) != 3:
             raise SnapshotCorrupt("key-value snapshot has a bad data segment")
         keys, values, mod_indices = segment
@@ -954,47 +1225,56 @@ def _parse(unpacker: msgpack.Unpacker) -> KVSnapshotView:
             and set(map(type, keys)) == {str}
             and set(map(type, mod_indices)) == {int}
             and min(mod_indices) > 0
-            and max(mod_indices) <= applied_index
+            and max(mod_indices) <= self._applied_index
         ):
             raise SnapshotCorrupt("key-value snapshot has a bad data segment")
-        data.update(zip(keys, zip(values, mod_indices, strict=True), strict=True))
-    if len(data) != n_keys:
-        raise SnapshotCorrupt("key-value snapshot has more records than its header says")
+        self._data.update(zip(keys, zip(values, mod_indices, strict=True), strict=True))
 
-    requests: dict[str, RememberedAnswer] = {}
-    while len(requests) < n_requests:
-        segment = next(unpacker)
+    def _take_requests(self, segment: object) -> None:
         if type(segment) is not list or not segment:
             raise SnapshotCorrupt("key-value snapshot has a bad request segment")
         if len(segment) != 1 + len(_ANSWER_FIELDS) or not all(
             type(column) is list and len(column) == len(segment[0]) for column in segment
         ):
             raise SnapshotCorrupt("key-value snapshot has a bad request segment")
+        requests = self._requests
         for request_id, *fields in zip(*segment, strict=True):
             if type(request_id) is not str:
                 raise SnapshotCorrupt("key-value snapshot has a bad request id")
-            requests[request_id] = _answer_from_wire(fields, applied_index)
-    if len(requests) != n_requests:
-        raise SnapshotCorrupt("key-value snapshot has more or repeated request ids")
+            requests[request_id] = _answer_from_wire(fields, self._applied_index)
 
-    leases = _parse_pairs(unpacker, n_leases, int, "lease")
-    if any(not 0 < lease_id <= applied_index or not 0 < ttl_s <= MAX_LEASE_TTL_S
-           for lease_id, ttl_s in leases.items()):
-        raise SnapshotCorrupt("key-value snapshot has a bad lease")
-    key_leases = _parse_pairs(unpacker, n_attached, str, "attached key")
-    if any(key not in data or lease_id not in leases for key, lease_id in key_leases.items()):
-        raise SnapshotCorrupt("key-value snapshot attaches a key or a lease it does not hold")
-    auth = _parse_sections(unpacker, applied_index)
-    return KVSnapshotView(applied_index, data, requests, addresses, leases, key_leases, auth)
+    def _take_section(self, section: object) -> None:
+        """A named section after the counted content (see _sections)."""
+        if type(section) is not dict or type(section.get("section")) is not str:
+            raise SnapshotCorrupt("key-value snapshot has trailing data")
+        name = section["section"]
+        if name != _AUTH_SECTION or self._auth is not None:
+            raise SnapshotCorrupt(f"key-value snapshot has an unknown or repeated section "
+                                  f"{name[:40]!r}")
+        auth = TokenTable.from_wire(section["table"])
+        if auth.version > self._applied_index or any(
+                t.created_index > self._applied_index for t in auth.tokens):
+            raise SnapshotCorrupt("key-value snapshot has a token from after its index")
+        self._auth = auth
 
+    def _take_alarms(self, segment: object) -> None:
+        if not (
+            type(segment) is list
+            and len(segment) == 3
+            and all(type(column) is list for column in segment)
+            and 0 < len(segment[0]) == len(segment[1]) == len(segment[2])
+            and all(type(node) is str and node for node in segment[0])
+            and all(cause in ALARM_CAUSES for cause in segment[1])
+            and all(type(i) is int and 0 < i <= self._applied_index for i in segment[2])
+        ):
+            raise SnapshotCorrupt("key-value snapshot has a bad alarm segment")
+        self._alarms.update(zip(zip(segment[0], segment[1], strict=True), segment[2],
+                                strict=True))
 
-def _parse_pairs(
-    unpacker: msgpack.Unpacker, count: int, first_type: type[_K], what: str
-) -> dict[_K, int]:
-    """`count` (first, int) pairs in segments of two columns, the firsts unique."""
-    pairs: dict[_K, int] = {}
-    while len(pairs) < count:
-        segment = next(unpacker)
+    @staticmethod
+    def _take_pairs(segment: object, pairs: dict[_K, int], first_type: type[_K],
+                    what: str) -> None:
+        """One segment of (first, int) pairs in two columns."""
         if not (
             type(segment) is list
             and len(segment) == 2
@@ -1006,9 +1286,6 @@ def _parse_pairs(
         ):
             raise SnapshotCorrupt(f"key-value snapshot has a bad {what} segment")
         pairs.update(zip(segment[0], segment[1], strict=True))
-    if len(pairs) != count:
-        raise SnapshotCorrupt(f"key-value snapshot has more or repeated {what}s")
-    return pairs
 
 
 def _answer_from_wire(wire: list[object], applied_index: int) -> RememberedAnswer:

@@ -80,7 +80,7 @@ def load_boot_state(
     """
     stored = snapshots.latest()
     if stored is not None:
-        snapshot = Snapshot(stored.meta, stored.data)
+        snapshot = stored
     elif initial_membership is None:
         raise ValueError(
             "no snapshot and no initial membership: a node without a snapshot (a new or a "

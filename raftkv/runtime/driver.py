@@ -24,6 +24,7 @@ from typing import Final, Protocol
 
 from raftkv import codec
 from raftkv.core import (
+    AppendRequest,
     BootState,
     ConfChange,
     ConfChangeOp,
@@ -40,12 +41,21 @@ from raftkv.core import (
     Role,
     Snapshot,
     SnapshotMeta,
+    SnapshotRequest,
     SoftState,
 )
 from raftkv.core.ready import Ready
-from raftkv.kv.commands import LeaseRevoke, encode_command
+from raftkv.kv.commands import (
+    AlarmRaise,
+    CommandDecodeError,
+    LeaseRevoke,
+    adds_data,
+    decode_command,
+    encode_command,
+)
 from raftkv.kv.leases import LeaseExpiry, NotLeaseLeader
 from raftkv.kv.state_machine import (
+    AlarmResult,
     AuthEnabled,
     AuthRefused,
     DeleteResult,
@@ -54,13 +64,12 @@ from raftkv.kv.state_machine import (
     PutResult,
     TokenCreated,
     TokenRevoked,
-    serialize_snapshot,
+    iter_snapshot_chunks,
 )
 from raftkv.metrics import NodeMetrics
 from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StorageFull
 from raftkv.runtime.boot import load_boot_state
-from raftkv.runtime.peer_checks import check_message
-from raftkv.runtime.ready_handler import ReadyHandler
+from raftkv.runtime.ready_handler import ReadyHandler, chunk_reader
 from raftkv.runtime.watch import WatchRegistry
 from raftkv.service import (
     MAX_LEASE_KEYS_SHOWN,
@@ -71,6 +80,7 @@ from raftkv.service import (
     ServiceError,
     StorageFullError,
     UnavailableError,
+    nospace_error,
 )
 from snapshots.policy import SnapshotPolicy
 
@@ -86,6 +96,13 @@ start rebuilds the membership."""
 RECENT_RESULTS: Final = 4096
 AUTH_RESULTS: Final = (AuthEnabled, TokenCreated, TokenRevoked, AuthRefused)
 HOUSEKEEPING_TICKS: Final = 10
+ALARM_RETRY_S: Final = 1.0
+"""At most one AlarmRaise proposal per this many seconds from one node."""
+SAVE_RETRY_S: Final = 1.0
+"""After the disk refused a save for want of space: how long new entries from the leader are
+left for it to resend (each failed save rebuilds the core from the disk)."""
+DROPPED_LOG_S: Final = 10.0
+"""At most one log line per this many seconds for peer messages the core dropped."""
 
 
 class Completion(Protocol):
@@ -161,9 +178,12 @@ class RaftDriver:
         boot_commit: int = 0,
         wake_at: Callable[[float], object] | None = None,
         persist_defer_s: float = 0.0,
+        quota_bytes: int = 2 << 30,
     ) -> None:
         """`post` runs a callback on the loop thread from another thread (the snapshot
-        writer). `boot_commit`: membership changes up to this index were logged before."""
+        writer). `boot_commit`: membership changes up to this index were logged before.
+        `quota_bytes`: the state machine's size beyond which writes that add data raise the
+        NOSPACE alarm (RAFTKV_QUOTA_BYTES)."""
         self.core = core
         self.storage = storage
         self.snapshots = snapshots
@@ -204,7 +224,15 @@ class RaftDriver:
         self._snapshot_in_progress = False
         self._last_snapshot_index = core.snapshot_meta.index
         self._ticks = 0
-        self.storage_full = False
+        self.quota_bytes = quota_bytes
+        self.storage_full: str | None = None
+        """The cause ("map_full" or "disk_full") while this node's storage is full: latched
+        until its alarm was applied and disarmed (see _storage_full_cleared)."""
+        self._full_alarm_seen = False
+        self._retry_save_at = 0.0
+        self._alarm_proposed_at = -1e9
+        self._dropped_count = 0
+        self._dropped_log_at = 0.0
         self.fatal: str | None = None
         self.reachable: dict[str, bool] = {}
         self.state_listeners: list[Callable[[SoftState], None]] = []
@@ -239,7 +267,14 @@ class RaftDriver:
     # ------------------------------------------------------------------ writes
     def propose(self, data: bytes, done: Completion) -> None:
         """Propose a client command; `done` gets the apply result (or the error). A follower
-        forwards it to the leader."""
+        forwards it to the leader. A command that adds data is refused here (507) while the
+        NOSPACE alarm is raised, or when it would take the state past the quota (which raises
+        the alarm)."""
+        refusal = self._space_refusal(data)
+        if refusal is not None:
+            self.metrics.proposals_rejected.inc()
+            done.fail(refusal)
+            return
         core = self.core
         if core.role is Role.LEADER:
             try:
@@ -249,26 +284,70 @@ class RaftDriver:
                 return
             self._proposals[index] = _Pending(core.term, None, done)
         elif core.leader is not None and self.forwarder is not None:
-            if self.storage_full:
-                done.fail(StorageFullError("this node's disk (LMDB map) is full: writes are "
-                                           "refused; reads still work"))
-                return
             self.forwarder.forward_proposal(data, done)
         else:
             done.fail(NoLeaderError("no leader is known yet"))
 
     def propose_here(self, data: bytes) -> int:
-        """As the leader, append `data` to the log; its index. StorageFullError or
-        NoLeaderError when it cannot."""
-        if self.storage_full:
-            self.metrics.proposals_rejected.inc()
-            raise StorageFullError("the disk (LMDB map) is full: writes are refused; reads "
-                                   "still work")
+        """As the leader, append `data` to the log; its index. NoLeaderError when it
+        cannot."""
         try:
             return self.core.propose(data)
         except (NotLeader, ProposalDropped) as e:
             self.metrics.proposals_rejected.inc()
             raise NoLeaderError(str(e)) from None
+
+    # ------------------------------------------------------------------ quota and alarms
+    def _space_refusal(self, data: bytes) -> StorageFullError | None:
+        """Why a client command must not be proposed for lack of space, or None. On the hot
+        path: two attribute reads and a comparison; the command is decoded only when the
+        alarm is raised or the quota would be passed (deletes still go through)."""
+        sm = self.sm
+        if (self.storage_full is None and not sm.alarm_active
+                and sm.size_bytes + len(data) <= self.quota_bytes):
+            return None
+        try:
+            cmd, _ = decode_command(data)
+        except CommandDecodeError:
+            return None  # the state machine answers it (invalid_command)
+        if not adds_data(cmd):
+            return None
+        if sm.alarm_active:  # the leader's address: the worker adds it to every error
+            return nospace_error((a.node_id, a.cause) for a in sm.alarms)
+        cause = self.storage_full or "quota"
+        self.raise_alarm(cause)
+        if cause == "quota":
+            what = (f"the key-value data is at {sm.size_bytes} of its {self.quota_bytes}-byte "
+                    "quota (RAFTKV_QUOTA_BYTES)")
+        elif cause == "map_full":
+            what = "this node's LMDB map is at its maximum size (RAFTKV_MAX_MAP_SIZE_MB)"
+        else:
+            what = "this node's disk is full"
+        return StorageFullError(
+            f"{what}: the NOSPACE alarm is being raised, and writes that add data are refused "
+            "on every node; reads and deletes work. Free space, then `raftkv alarm disarm`")
+
+    def raise_alarm(self, cause: str) -> None:
+        """Propose AlarmRaise(this node, cause) without waiting (a follower forwards it), at
+        most once per ALARM_RETRY_S, unless it is raised already."""
+        now = self._clock()
+        core = self.core
+        if now - self._alarm_proposed_at < ALARM_RETRY_S or any(
+                a.node_id == core.id and a.cause == cause for a in self.sm.alarms):
+            return
+        self._alarm_proposed_at = now
+        data = encode_command(AlarmRaise(core.id, cause))
+        log.warning("event=alarm_raising alarm=NOSPACE node=%s cause=%s size_bytes=%d "
+                    "quota_bytes=%d", core.id, cause, self.sm.size_bytes, self.quota_bytes)
+        if core.role is Role.LEADER:
+            try:
+                core.propose(data)
+            except (NotLeader, ProposalDropped):
+                self._alarm_proposed_at = -1e9  # try again at the next chance
+        elif core.leader is not None and self.forwarder is not None:
+            self.forwarder.forward_proposal(data, _IGNORED)
+        else:
+            self._alarm_proposed_at = -1e9
 
     def propose_conf_change(self, change: ConfChange, done: Completion) -> None:
         core = self.core
@@ -398,16 +477,17 @@ class RaftDriver:
     # ------------------------------------------------------------------ peers
     def step(self, peer_id: str, m: Message) -> str | None:
         """A Raft message from the peer that authenticated its connection: stepped, or
-        refused with the reason (it claims another sender, is not for this node, or is not
-        a message a correct peer sends: raftkv.runtime.peer_checks)."""
+        refused with the reason (it claims another sender, or is not for this node). The
+        core drops what a correct peer could not send (raftkv.core.node._malformed)."""
         if m.frm != peer_id:
             return f"{type(m).__name__} claims to be from {m.frm[:64]!r}"
         if m.to != self.core.id:
             return f"{type(m).__name__} is for {m.to[:64]!r}"
-        problem = check_message(m)
-        if problem is not None:
-            return problem
-        self.core.step(m)
+        if (self.storage_full is not None and self._clock() < self._retry_save_at
+                and (isinstance(m, SnapshotRequest)
+                     or (isinstance(m, AppendRequest) and m.entries))):
+            return None  # the disk just refused a save: the leader resends later
+        self.core.step(m)  # the core checks the rest (Ready.dropped: _log_dropped)
         return None
 
     # ------------------------------------------------------------------ the turn
@@ -459,6 +539,8 @@ class RaftDriver:
         core = self.core
         while core.has_ready():
             rd = core.ready()
+            for why in rd.dropped:
+                self._log_dropped(why)
             if rd.soft_state is not None:
                 self._on_soft_state(rd.soft_state)
             for e in rd.entries:
@@ -469,9 +551,11 @@ class RaftDriver:
             except StorageFull as e:
                 self._on_storage_full(e)
                 return
-            if self.storage_full and rd.must_sync:
-                self.storage_full = False
-                log.warning("event=storage_writable node=%s", core.id)
+            if self.storage_full is not None and rd.must_sync and self._storage_full_cleared():
+                log.warning("event=storage_writable node=%s cause=%s", core.id,
+                            self.storage_full)
+                self.storage_full = None
+                self._full_alarm_seen = False
             if core.membership != self._members:
                 self._on_membership_change()
         if not self._snapshot_in_progress and self._policy.should_snapshot(
@@ -489,7 +573,18 @@ class RaftDriver:
                 self._lease_term = None
             log.info("event=snapshot_installed node=%s index=%d term=%d bytes=%d",
                      self.core.id, rd.snapshot.meta.index, rd.snapshot.meta.term,
-                     len(rd.snapshot.data))
+                     rd.snapshot.length)
+
+    def _log_dropped(self, why: str) -> None:
+        """A peer message the core ignored as invalid: counted, one warning per
+        DROPPED_LOG_S."""
+        self._dropped_count += 1
+        self.metrics.peer_messages_dropped.inc()
+        now = self._clock()
+        if now >= self._dropped_log_at:
+            self._dropped_log_at = now + DROPPED_LOG_S
+            log.warning("event=peer_message_dropped node=%s dropped=%d reason=%s",
+                        self.core.id, self._dropped_count, why)
 
     def _persist_timed(self, seconds: float, entries: int) -> None:
         self.metrics.fsync_seconds.observe(seconds)
@@ -514,6 +609,9 @@ class RaftDriver:
             self.metrics.note_lease_result(result, index)
             if isinstance(result, AUTH_RESULTS):
                 self._state_changed()  # the token table changed: workers must see it now
+            elif (isinstance(result, AlarmResult) and self.storage_full is not None
+                  and any(a.node_id == self.core.id for a in result.alarms)):
+                self._full_alarm_seen = True
         if self._lease_term != entry.term and entry.term == self.core.term and (
                 self.core.role is Role.LEADER):
             # The leader applied the first entry of its term: it knows every lease now.
@@ -542,7 +640,7 @@ class RaftDriver:
     # ------------------------------------------------------------------ leases
     def _expire_leases(self) -> None:
         for lease_id in self.leases.due(self._clock()):
-            if self.storage_full or self.core.role is not Role.LEADER:
+            if self.core.role is not Role.LEADER:
                 self.leases.revoke_failed(lease_id)
                 continue
             try:
@@ -632,17 +730,18 @@ class RaftDriver:
                          name="snapshot-writer", daemon=True).start()
 
     def _write_snapshot(self, meta: SnapshotMeta, view: KVSnapshotView) -> None:
-        """Off the loop: serialise and save; the result goes back to the loop."""
+        """Off the loop: serialise and save, streamed (never whole in memory); the result
+        goes back to the loop."""
         started = time.monotonic()
         try:
-            data = serialize_snapshot(view)
             sink = self.snapshots.create(meta)
             try:
-                sink.write(data)
+                for chunk in iter_snapshot_chunks(view):
+                    sink.write(chunk)
             except BaseException:
                 sink.cancel()
                 raise
-            sink.close()
+            snapshot = sink.close()
         except StorageError as e:
             error = str(e)
             log.error("event=snapshot_failed node=%s index=%d error=%s", self.core.id,
@@ -651,9 +750,8 @@ class RaftDriver:
             return
         seconds = time.monotonic() - started
         self.metrics.snapshot_seconds.observe(seconds)
-        self.metrics.snapshot_bytes.set(len(data))
+        self.metrics.snapshot_bytes.set(snapshot.length)
         self.metrics.snapshots.labels("taken").inc()
-        snapshot = Snapshot(meta, data)
         self._post(lambda: self._snapshot_done(snapshot, seconds))
 
     def _snapshot_failed(self) -> None:
@@ -673,7 +771,7 @@ class RaftDriver:
             return
         self._last_snapshot_index = meta.index
         log.info("event=snapshot_taken node=%s index=%d term=%d bytes=%d seconds=%.3f",
-                 self.core.id, meta.index, meta.term, len(snapshot.data), seconds)
+                 self.core.id, meta.index, meta.term, snapshot.length, seconds)
 
     # ------------------------------------------------------------------ state changes
     def _on_soft_state(self, ss: SoftState) -> None:
@@ -722,16 +820,32 @@ class RaftDriver:
         if self.forwarder is not None:
             self.forwarder.expire(now)
         self._promote_caught_up_learners()
+        if self.storage_full is not None and not self._full_alarm_seen:
+            self.raise_alarm(self.storage_full)  # until it is applied
+
+    def _storage_full_cleared(self) -> bool:
+        """After a successful save: may the storage-full latch go? Once this node's alarm
+        was applied and then disarmed (an operator freed space); a node alone at once (no
+        alarm can commit without its own disk)."""
+        if not self.core.membership.members - {self.core.id}:
+            return True
+        return self._full_alarm_seen and not self.sm.alarm_active
 
     def _on_storage_full(self, e: StorageFull) -> None:
         """Nothing of the failed Ready reached the disk. Forget it as a crash would, by
-        rebuilding the core from storage, and refuse writes until a save succeeds."""
-        if not self.storage_full:
-            log.error("event=storage_full node=%s error=%s action=refusing_writes",
-                      self.core.id, e)
-        self.storage_full = True
-        full = StorageFullError("the disk (LMDB map) is full: writes are refused; reads "
-                                "still work")
+        rebuilding the core from storage (a leader steps down: it cannot log), refuse
+        writes that add data, and raise the NOSPACE alarm through the others (a full disk
+        is not a failed one: the node keeps serving reads, and catches up once there is
+        room)."""
+        cause = e.cause if e.cause in ("map_full", "disk_full") else "disk_full"
+        if self.storage_full is None:
+            log.error("event=storage_full node=%s cause=%s error=%s action=refusing_writes",
+                      self.core.id, cause, e)
+        self.storage_full = cause
+        self._full_alarm_seen = False
+        self._retry_save_at = self._clock() + SAVE_RETRY_S
+        full = StorageFullError("this node's storage is full: writes that add data are "
+                                "refused; reads still work")
         # Only a node without peers knows that a write whose entry was not saved is lost
         # (with peers, the entry was sent before the save failed and may commit there); a
         # saved entry may commit in any case. fail_everything answers the rest "unknown".
@@ -744,11 +858,16 @@ class RaftDriver:
         self.handler.node = self.core
         if self.forwarder is not None:
             self.forwarder.core = self.core
-        self._soft = SoftState(self.core.role, self.core.leader, self.core.term)
+        prev = self._soft
+        # The leader of the same term is still the leader: hearing from it again is no change.
+        leader = prev.leader if prev.term == self.core.term and prev.leader != self.core.id \
+            else None
+        self._soft = SoftState(self.core.role, leader, self.core.term)
         self.leases.stepped_down()
         self._lease_term = None
         for listener in self.state_listeners:
             listener(self._soft)
+        self.raise_alarm(cause)
 
     def _reboot_core(self) -> RaftNode:
         boot, _ = load_boot_state(self.storage, self.snapshots, BASE_MEMBERSHIP)
@@ -758,7 +877,9 @@ class RaftDriver:
         # persisted entries), so the commit index on disk may be raised to it.
         boot = BootState(HardState(hs.term, hs.vote, max(hs.commit, applied)), boot.snapshot,
                          boot.entries, applied)
-        return RaftNode(self.core.config, boot, self._rng)
+        return RaftNode(self.core.config, boot, self._rng,
+                        snapshot_reader=chunk_reader(self.snapshots),
+                        snapshot_validator=self.sm.snapshot_decoder)
 
     def fail_everything(self, err: ServiceError) -> None:
         """Fail every waiting operation with `err`, except writes already handed to Raft
@@ -785,6 +906,21 @@ class RaftDriver:
         self.watches.close(UnavailableError("the node stopped"))
         for listener in self.state_listeners:
             listener(self._soft)
+
+
+class _Ignored:
+    """A completion nobody waits for (the node's own alarm proposals)."""
+
+    __slots__ = ()
+
+    def ok(self, value: object) -> None:
+        pass
+
+    def fail(self, error: ServiceError) -> None:
+        pass
+
+
+_IGNORED: Final = _Ignored()
 
 
 class _Mapped:

@@ -40,6 +40,7 @@ from raftkv.ports import NodeIdentity
 from raftkv.runtime.driver import RaftDriver
 from raftkv.runtime.eventloop import EventLoop
 from raftkv.runtime.forwarding import Forwarder
+from raftkv.runtime.ready_handler import chunk_reader
 from raftkv.runtime.requests import NodeInfo, RequestHandler
 from raftkv.runtime.startup import FORMAT_VERSION, StartupError, join_headers, open_node
 from raftkv.runtime.transport import PeerTransport
@@ -58,7 +59,6 @@ BIND_RETRY_S: Final = 10.0
 """How long to retry binding a port still held (by the workers of a previous run, exiting)."""
 WORKER_STOP_S: Final = 5.0
 JOIN_TIMEOUT_S: Final = 60.0
-DEFAULT_CLUSTER_TOKEN: Final = "raftkv-default-insecure-token"
 
 
 def peer_source_host(raft_bind_host: str) -> str | None:
@@ -89,11 +89,7 @@ def _bind(host: str, port: int, what: str, setting: str, backlog: int) -> socket
 class RaftProcess:
     def __init__(self, settings: Settings) -> None:
         self.settings = s = settings
-        self.token = s.cluster_token
-        if not self.token:
-            self.token = DEFAULT_CLUSTER_TOKEN
-            log.warning("event=default_cluster_token node=%s advice=set RAFTKV_CLUSTER_TOKEN to "
-                        "a shared secret so that only your nodes can join", s.node_id)
+        self.token = s.cluster_token  # Settings.validate refused to go on without one
         self.exit_code = 0
         self._join_headers = join_headers(s) if s.join else {}
         state = open_node(s)
@@ -115,9 +111,12 @@ class RaftProcess:
         self.http_sock.set_inheritable(True)
         rng = random.Random(int.from_bytes(os.urandom(8), "big"))
         config = Config(s.node_id, election_timeout_ticks=s.election_ticks,
-                        heartbeat_interval_ticks=s.heartbeat_ticks)
+                        heartbeat_interval_ticks=s.heartbeat_ticks,
+                        max_snapshot_bytes=s.effective_max_snapshot_bytes)
         try:
-            core = RaftNode(config, state.boot, rng)
+            core = RaftNode(config, state.boot, rng,
+                            snapshot_reader=chunk_reader(state.snapshots),
+                            snapshot_validator=state.sm.snapshot_decoder)
         except (RaftError, AssertionError, ValueError) as e:
             raise StartupError(f"the log in {s.data_dir} is inconsistent ({e}); move the data "
                                "dir away and let the node rejoin empty") from None
@@ -145,7 +144,7 @@ class RaftProcess:
             metrics=self.metrics, post=loop.call_soon_threadsafe,
             boot_commit=state.boot.hard_state.commit,
             wake_at=lambda when: loop.call_at(when, _nothing),
-            persist_defer_s=s.persist_defer_us / 1e6)
+            persist_defer_s=s.persist_defer_us / 1e6, quota_bytes=s.effective_quota_bytes)
         self.forwarder = Forwarder(driver, self.transport, rng)
         driver.forwarder = self.forwarder
         driver.handler.before_persist = self._flush_outputs
@@ -159,7 +158,9 @@ class RaftProcess:
             loop, count=s.http_workers or (os.cpu_count() or 1), listen_sock=self.http_sock,
             config={"node_id": s.node_id, "http_address": s.http_advertise_addr,
                     "request_timeout_ms": s.request_timeout_ms, "log_level": s.log_level,
-                    "metrics_open": s.metrics_open},
+                    "metrics_open": s.metrics_open,
+                    "head_timeout_ms": s.http_head_timeout_ms,
+                    "max_connections_per_client": s.http_max_connections_per_client},
             handler=self.handler, metrics=self.metrics, view=self._view)
         driver.state_listeners.append(self._on_state)
         self.metrics.watch_state(self._metrics_state)

@@ -3,7 +3,8 @@
     begin(rd)    send the messages that may leave before the persist; apply the committed
                  entries (they are on this node's disk already: a Ready's committed entries
                  never include its own new entries) and release the reads they satisfy
-    persist(rd)  snapshot, then entries + hard state in one synced transaction
+    persist(rd)  incoming snapshot chunks into the staged snapshot, publish it when the core
+                 installs it, then entries + hard state in one synced transaction
     finish(rd)   install a snapshot (then apply what the Ready committed after it), then
                  advance()
 
@@ -13,6 +14,11 @@ state machine is replaced by what was just saved.
 
 The runtime calls the three in a row on its loop thread; the simulator lets virtual time
 pass between persist() starting and finishing, and a crash in between loses the Ready.
+
+Snapshots never pass through here whole: the core reads chunks of its own snapshots through
+`chunk_reader(store)` (given to RaftNode as its snapshot_reader), and an incoming snapshot is
+staged chunk by chunk in a sink of the snapshot store, published only once the core checked
+it (length cap, checksum, format; see raftkv.core.snapshots), and dropped otherwise.
 """
 
 from __future__ import annotations
@@ -23,8 +29,16 @@ from collections.abc import Callable
 
 from raftkv.core.node import RaftNode
 from raftkv.core.ready import Ready
-from raftkv.core.types import Entry, HardState, ReadState
-from raftkv.ports import RaftStorage, SnapshotStore, StateMachine, Transport
+from raftkv.core.snapshots import SnapshotReader, SnapshotWrite
+from raftkv.core.types import Entry, HardState, ReadState, Snapshot, SnapshotMeta
+from raftkv.ports import (
+    RaftStorage,
+    SnapshotSink,
+    SnapshotStore,
+    StateMachine,
+    StorageError,
+    Transport,
+)
 
 AppliedCallback = Callable[[Entry, object], None]
 ReadCallback = Callable[[int, int], None]
@@ -34,6 +48,15 @@ PersistTimer = Callable[[float, int], None]
 """(seconds, entries) of each synced save."""
 ApplyTimer = Callable[[float], None]
 """seconds to apply the committed entries of one Ready."""
+
+
+def chunk_reader(store: SnapshotStore) -> SnapshotReader:
+    """The core's snapshot reader over `store` (RaftNode(snapshot_reader=...))."""
+
+    def read(snapshot: Snapshot, offset: int, size: int) -> bytes | None:
+        return store.read(snapshot, offset, size)
+
+    return read
 
 
 class ReadyHandler:
@@ -65,6 +88,10 @@ class ReadyHandler:
         self.before_persist: Callable[[], None] | None = None
         """Runs between begin and persist in handle() (the runtime sends its answers)."""
         self._unsynced_hard_state: HardState | None = None
+        self._staged: SnapshotSink | None = None
+        """The incoming snapshot being received, unpublished (see persist)."""
+        self._staged_meta: SnapshotMeta | None = None
+        self._staged_bytes = 0
 
     def handle(self, rd: Ready) -> None:
         """The whole cycle, for a driver whose persist is synchronous (the runtime), timed
@@ -87,14 +114,12 @@ class ReadyHandler:
             self._apply(rd)
 
     def persist(self, rd: Ready) -> None:
+        if rd.snapshot_discard:
+            self.discard_staged()
+        for write in rd.snapshot_writes:
+            self._stage(write)
         if rd.snapshot is not None:
-            sink = self.snapshots.create(rd.snapshot.meta)
-            try:
-                sink.write(rd.snapshot.data)
-            except BaseException:
-                sink.cancel()
-                raise
-            sink.close()
+            self._publish_staged(rd.snapshot)
         if rd.must_sync:
             self.storage.save(rd.hard_state or self._unsynced_hard_state, rd.entries,
                               reset_log=rd.snapshot is not None, sync=True)
@@ -106,7 +131,11 @@ class ReadyHandler:
 
     def finish(self, rd: Ready) -> None:
         if rd.snapshot is not None:
-            self.state_machine.restore(rd.snapshot.data, rd.snapshot.meta.index)
+            sm = self.state_machine
+            if rd.snapshot_state is not None:
+                sm.install(rd.snapshot_state, rd.snapshot.meta.index)
+            else:
+                sm.restore_chunks(self.snapshots.chunks(rd.snapshot), rd.snapshot.meta.index)
             self._apply(rd)
         self.node.advance(rd)
 
@@ -124,6 +153,46 @@ class ReadyHandler:
         for rid in rd.failed_reads:
             self._on_read_failed(rid)
         self._release_reads()
+
+    def discard_staged(self) -> None:
+        """Drop the incoming snapshot being staged, if any (nothing of it was published)."""
+        staged, self._staged = self._staged, None
+        self._staged_meta, self._staged_bytes = None, 0
+        if staged is not None:
+            staged.cancel()
+
+    def _stage(self, write: SnapshotWrite) -> None:
+        if write.offset == 0:
+            self.discard_staged()
+            self._staged = self.snapshots.create(write.meta)
+            self._staged_meta = write.meta
+        elif (self._staged is None or self._staged_meta != write.meta
+              or self._staged_bytes != write.offset):
+            # The core hands chunks out in order; anything else is a bug, not the network.
+            raise StorageError(f"snapshot chunk at {write.offset} for {write.meta.index} does "
+                               f"not follow the staged snapshot ({self._staged_bytes} bytes)")
+        assert self._staged is not None
+        try:
+            self._staged.write(write.data)
+        except BaseException:
+            self.discard_staged()
+            raise
+        self._staged_bytes += len(write.data)
+
+    def _publish_staged(self, snapshot: Snapshot) -> None:
+        staged = self._staged
+        if staged is None or self._staged_meta != snapshot.meta:
+            raise StorageError(f"the core installs snapshot {snapshot.meta.index}, but it is "
+                               "not the one staged")
+        self._staged, self._staged_meta, self._staged_bytes = None, None, 0
+        try:
+            published = staged.close()
+        except BaseException:
+            staged.cancel()
+            raise
+        if (published.length, published.checksum) != (snapshot.length, snapshot.checksum):
+            raise StorageError(f"snapshot {snapshot.meta.index} was published with another "
+                               "length or checksum than the core checked: the disk is suspect")
 
     def _wait_read(self, rs: ReadState) -> None:
         heapq.heappush(self._waiting_reads, (rs.index, rs.request_id))

@@ -140,6 +140,7 @@ class RequestHandler:
             RequestOp.LEASE_LIST: self._lease_list,
             RequestOp.METRICS: self._metrics,
             RequestOp.TOKENS: self._tokens,
+            RequestOp.ALARMS: self._alarms,
         }
 
     def handle(self, replier: Replier, requests: list[Request]) -> None:
@@ -236,11 +237,15 @@ class RequestHandler:
         st = driver.core.status()
         extra: dict[str, object] = {
             "leader_http_address": self.leader_http_address(),
-            "storage_full": driver.storage_full,
+            "storage_full": driver.storage_full is not None,
+            "size_bytes": driver.sm.size_bytes,
+            "quota_bytes": driver.quota_bytes,
+            "alarms": [{"node": a.node_id, "cause": a.cause, "index": a.index}
+                       for a in driver.sm.alarms],
             "watches": len(driver.watches),
             "leases": len(driver.sm.lease_ttls),
             "peers": {nid: {"match": p.match, "next": p.next, "state": p.state,
-                            "recent_active": p.recent_active}
+                            "recent_active": p.recent_active, "caught_up": p.caught_up}
                       for nid, p in st.peers.items() if nid != st.node_id},
         }
         extra.update(self._extra_status())
@@ -448,6 +453,9 @@ class RequestHandler:
         sm = self._driver.sm
         self._barrier(consistency, time.monotonic() + request.timeout_s, _Answer(
             replier, request.rid, lambda _index: sm.token_table.to_wire()))
+
+    def _alarms(self, replier: Replier, request: Request) -> None:
+        replier.reply_ok(request.rid, codec.encode_alarms(self._driver.sm.alarms))
 
     # ------------------------------------------------------------------ metrics
     def _metrics(self, replier: Replier, request: Request) -> None:

@@ -149,7 +149,7 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
     try:
         boot, stored = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
         if stored is not None:
-            sm.restore(stored.data, stored.meta.index)
+            sm.restore_chunks(snapshots.chunks(stored), stored.meta.index)
     except (StorageError, StateMachineError, ValueError) as e:
         raise StartupError(f"cannot load the state in {data}: {e}. If the data is damaged, "
                            "move the data dir away and let the node rejoin empty "

@@ -1,7 +1,9 @@
 """`python -m raftkv.worker CONFIG`: one HTTP worker process (started by the Raft process).
 
 CONFIG is JSON: index, listen_fd (the node's HTTP socket), channel_fd (this worker's end of
-the channel), node_id, http_address, request_timeout_ms, log_level.
+the channel), node_id, http_address, request_timeout_ms, log_level, metrics_open,
+head_timeout_ms, max_connections_per_client (limits of raftkv.http.waitress_errors; the latter
+counts this worker's connections).
 
 Stopping: SIGTERM (from the Raft process) stops accepting, lets the requests in flight finish
 (bounded by DRAIN_S) and exits. If the Raft process goes away, every request waiting on it is
@@ -67,8 +69,10 @@ class Worker:
         metrics = _Metrics(self.stats, service, self.channel)
         app = create_app(service, default_timeout_s=int(config["request_timeout_ms"]) / 1000,
                          metrics=metrics, metrics_open=bool(config.get("metrics_open")))
-        self.server = ServerHandle(app, [listen], dispatcher=self.dispatcher,
-                                   socket_map=socket_map)
+        self.server = ServerHandle(
+            app, [listen], dispatcher=self.dispatcher, socket_map=socket_map,
+            head_timeout_s=int(config.get("head_timeout_ms", 10_000)) / 1000,
+            max_connections_per_client=int(config.get("max_connections_per_client", 128)))
         self.dispatcher.after_run.append(self.channel.flush)
         self.server.loop_hooks.append(self._housekeeping)
         self._draining_since: float | None = None

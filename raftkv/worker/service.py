@@ -23,6 +23,7 @@ from raftkv import tokens as token_requests
 from raftkv.auth import OPEN_AUTHORIZER, Authorizer, Role, TokenTable
 from raftkv.codec import Reply, RequestOp
 from raftkv.kv.commands import (
+    AlarmDisarm,
     Batch,
     Command,
     Delete,
@@ -32,20 +33,23 @@ from raftkv.kv.commands import (
     encode_command,
 )
 from raftkv.kv.state_machine import (
-    BatchResult as KVBatchResult,
-)
-from raftkv.kv.state_machine import (
+    AlarmResult,
     ConditionFailed,
     InvalidCommand,
     LeaseGrantResult,
     LeaseNotFound,
     LeaseRevokeResult,
+    NoSpace,
     PutResult,
+)
+from raftkv.kv.state_machine import (
+    BatchResult as KVBatchResult,
 )
 from raftkv.kv.state_machine import (
     DeleteResult as KVDeleteResult,
 )
 from raftkv.service import (
+    Alarm,
     Backup,
     BatchOp,
     BatchResult,
@@ -71,6 +75,7 @@ from raftkv.service import (
     WatchResult,
     WriteResult,
     error_from_code,
+    nospace_error,
 )
 from raftkv.service import (
     LeaseGrantResult as ServiceLeaseGrant,
@@ -215,6 +220,9 @@ class RemoteService:
                                      lease_id=result.lease_id)
         if isinstance(result, InvalidCommand):
             raise InvalidRequestError(result.reason)
+        if isinstance(result, NoSpace):
+            raise nospace_error(((a.node_id, a.cause) for a in result.alarms),
+                                self._view.leader_http)
         return result
 
     @staticmethod
@@ -386,6 +394,21 @@ class RemoteService:
         except (ValueError, TypeError, KeyError) as e:
             raise UnavailableError(f"the node gave a bad answer ({e})") from None
         return token_requests.token_infos(table)
+
+    # ------------------------------------------------------------------ alarms
+    def alarms(self) -> list[Alarm]:
+        wire = self._result(RequestOp.ALARMS, STATUS_TIMEOUT_S, on_timeout=self._busy)
+        try:
+            records = codec.decode_alarms(wire)
+        except codec.DecodeError as e:
+            raise UnavailableError(f"the node gave a bad answer ({e})") from None
+        return [Alarm(r.node_id, r.cause, r.index) for r in records]
+
+    def disarm_alarms(self, *, timeout_s: float) -> int:
+        result = self._write(_command(AlarmDisarm, None), timeout_s)
+        if isinstance(result, AlarmResult):
+            return result.index
+        raise self._unexpected(result)
 
     def render_metrics(self) -> bytes:
         text = self._result(RequestOp.METRICS, STATUS_TIMEOUT_S, on_timeout=self._busy)

@@ -29,6 +29,7 @@ def base_env(tmp_path: Path) -> dict[str, str]:
         "RAFTKV_PEERS": "n1=127.0.0.1:1",
         "RAFTKV_HTTP_ADDR": "127.0.0.1:1",
         "RAFTKV_RAFT_ADDR": "127.0.0.1:1",
+        "RAFTKV_CLUSTER_TOKEN": "test-token-" + "0123456789abcdef" * 2,
     }
 
 

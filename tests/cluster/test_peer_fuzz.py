@@ -11,7 +11,6 @@ every node, and the cluster serves.
 from __future__ import annotations
 
 import random
-import socket
 import threading
 from pathlib import Path
 
@@ -37,31 +36,13 @@ from raftkv.core import (
     VoteRequest,
     VoteResponse,
 )
-from raftkv.framing import FrameDecoder, encode_frame
-from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json, wait_until
-from raftkv.runtime.transport.handshake import MAX_HANDSHAKE_FRAME_BYTES, DialerHandshake
+from raftkv.framing import encode_frame
+from raftkv.localcluster import FAST_TIMING, LocalCluster, http_json, wait_until
+from tests.support.peers import dial_as
 
 pytestmark = pytest.mark.integration
 
 FRAMES = 5000
-
-
-def dial_as(node: NodeProc, token: str, claimed_id: str) -> socket.socket:
-    """A connection to `node`'s peer port, authenticated as member `claimed_id`."""
-    sock = socket.create_connection((node.raft_host, node.raft_port), timeout=10)
-    hs = DialerHandshake(token=token.encode(), node_id=claimed_id, cluster_id="",
-                         http_address="", probe=False, address=node.raft)
-    decoder = FrameDecoder(MAX_HANDSHAKE_FRAME_BYTES)
-
-    def frame() -> bytes:
-        while True:
-            frames = decoder.feed(sock.recv(65536))
-            if frames:
-                return frames[0][1]
-
-    sock.sendall(encode_frame(FrameKind.HANDSHAKE, hs.on_hello(frame())))
-    hs.on_welcome(frame())
-    return sock
 
 
 def random_message(rng: random.Random, frm: str, to: str) -> Message:
@@ -94,8 +75,10 @@ def random_message(rng: random.Random, frm: str, to: str) -> Message:
         return HeartbeatResponse(term, frm, to, n())
     if kind == 6:
         meta = SnapshotMeta(n() + 1, term, Membership(frozenset({frm, to})))
-        return SnapshotRequest(term, frm, to, meta, rng.choice([0, n()]),
-                               rng.randbytes(rng.randrange(200)), rng.random() < 0.5)
+        data = rng.randbytes(rng.randrange(200))
+        return SnapshotRequest(term, frm, to, meta, rng.choice([0, n()]), data,
+                               rng.random() < 0.5, rng.choice([len(data), n()]),
+                               rng.randbytes(32).hex())
     if kind == 7:
         return SnapshotResponse(term, frm, to, n(), rng.choice([-1, n()]), rng.random() < 0.5)
     if kind == 8:

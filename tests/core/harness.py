@@ -30,8 +30,10 @@ from raftkv.core import (
     Role,
     Snapshot,
     SnapshotMeta,
+    SnapshotValidator,
     VoteResponse,
 )
+from raftkv.core.snapshots import checksum_of
 
 MessageFilter = Callable[[Message], bool]
 
@@ -66,6 +68,10 @@ class Peer:
     disk: Disk
     applied: list[Entry] = field(default_factory=list)
     restored: list[Snapshot] = field(default_factory=list)
+    installed_data: list[bytes] = field(default_factory=list)
+    """The bytes of each snapshot restored, as staged from Ready.snapshot_writes."""
+    staged: bytearray = field(default_factory=bytearray)
+    discards: int = 0
     read_states: list[ReadState] = field(default_factory=list)
     failed_reads: list[int] = field(default_factory=list)
     readies: list[Ready] = field(default_factory=list)
@@ -122,20 +128,37 @@ class Network:
         joining: Sequence[NodeId] = (),
         boot: Mapping[NodeId, BootState] | None = None,
         seed: int = 0,
+        validator: SnapshotValidator | None = None,
         **config: int | bool,
     ) -> None:
         """Boot `voters` and `learners` as one cluster; `joining` nodes boot with the same
         membership without being in it (they wait to be added). `config` goes to every Config.
+        Snapshots' bytes live in `snapshot_data` (see snapshot_of); `validator` is every
+        node's snapshot validator.
         """
         self.peers: dict[NodeId, Peer] = {}
+        self.snapshot_data: dict[str, bytes] = {}
+        """checksum -> bytes: the one snapshot store every node reads its chunks from."""
         self.in_flight: list[Message] = []
         self.dropped: list[Message] = []
         self._cut: set[tuple[NodeId, NodeId]] = set()
         for n, nid in enumerate([*voters, *learners, *joining]):
             bs = (boot or {}).get(nid) or boot_state(voters, learners)
             cfg = Config(nid, **config)  # type: ignore[arg-type]
-            node = RaftNode(cfg, bs, random.Random(seed * 1000 + n))
+            node = RaftNode(cfg, bs, random.Random(seed * 1000 + n),
+                            snapshot_reader=self._read_snapshot, snapshot_validator=validator)
             self.peers[nid] = Peer(node, Disk(bs.hard_state, bs.snapshot, list(bs.entries)))
+
+    def snapshot_of(self, meta: SnapshotMeta, data: bytes) -> Snapshot:
+        """Store `data` as the snapshot at `meta` (for compact()); returns what the core knows
+        of it."""
+        snapshot = Snapshot(meta, len(data), checksum_of(data))
+        self.snapshot_data[snapshot.checksum] = data
+        return snapshot
+
+    def _read_snapshot(self, snapshot: Snapshot, offset: int, size: int) -> bytes | None:
+        data = self.snapshot_data.get(snapshot.checksum)
+        return None if data is None else data[offset : offset + size]
 
     # -- access ------------------------------------------------------------------------------
     def node(self, nid: NodeId) -> RaftNode:
@@ -169,9 +192,20 @@ class Network:
     def advance(self, nid: NodeId, rd: Ready) -> None:
         """Second half of a cycle: persist `rd`, apply it, and advance the node."""
         p = self.peers[nid]
+        if rd.snapshot_discard:
+            p.staged = bytearray()
+            p.discards += 1
+        for w in rd.snapshot_writes:
+            if w.offset == 0:
+                p.staged = bytearray()
+            assert w.offset == len(p.staged), f"{nid}: snapshot chunk out of order"
+            p.staged += w.data
         p.disk.persist(rd)
         if rd.snapshot is not None:
+            assert checksum_of(bytes(p.staged)) == rd.snapshot.checksum
             p.restored.append(rd.snapshot)
+            p.installed_data.append(bytes(p.staged))
+            p.staged = bytearray()
             p.applied = []
         for e in rd.committed_entries:
             assert e.index == p.applied_index + 1, f"{nid}: {e.index} after {p.applied_index}"

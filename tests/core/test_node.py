@@ -44,6 +44,7 @@ from raftkv.core import (
     VoteRequest,
     VoteResponse,
 )
+from raftkv.core.snapshots import checksum_of
 from tests.core.harness import Network, between, boot_state, log_of_terms
 
 ET = 10  # election_timeout_ticks everywhere
@@ -943,7 +944,7 @@ def test_only_one_membership_change_may_be_uncommitted_at_a_time() -> None:
 def test_a_new_configuration_takes_effect_when_appended_not_when_committed() -> None:
     """Dissertation §4.1: "a server always uses the latest configuration in its log,
     regardless of whether the entry is committed." """
-    net = Network(THREE, joining=["n4"], election_timeout_ticks=ET)
+    net = Network(THREE, ["n4"], election_timeout_ticks=ET)
     net.elect("n1")
     n1 = net.node("n1")
     index = n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "n4"))
@@ -1070,7 +1071,8 @@ def test_leader_sends_a_snapshot_in_chunks_to_a_follower_behind_its_compacted_lo
     n1 = net.node("n1")
     applied = n1.log.applied
     meta = SnapshotMeta(applied, n1.log.term(applied) or 0, n1.membership_at(applied))
-    n1.compact(Snapshot(meta, SNAPSHOT_DATA), keep_from=applied + 1)
+    snap = net.snapshot_of(meta, SNAPSHOT_DATA)
+    n1.compact(snap, keep_from=applied + 1)
     assert n1.log.first_index() == applied + 1
     net.heal()
     net.run(1)
@@ -1078,7 +1080,9 @@ def test_leader_sends_a_snapshot_in_chunks_to_a_follower_behind_its_compacted_lo
     assert [m.offset for m in chunks] == list(range(0, len(SNAPSHOT_DATA), 3))
     assert [m.done for m in chunks] == [False] * 6 + [True]
     assert b"".join(m.data for m in chunks) == SNAPSHOT_DATA
-    assert net.peers["n3"].restored == [Snapshot(meta, SNAPSHOT_DATA)]
+    assert {(m.length, m.checksum) for m in chunks} == {(len(SNAPSHOT_DATA), snap.checksum)}
+    assert net.peers["n3"].restored == [snap]
+    assert net.peers["n3"].installed_data == [SNAPSHOT_DATA]
     assert net.node("n3").log.snapshot_index == applied
     # ... and it catches up with entries after the snapshot.
     index = n1.propose(b"d")
@@ -1103,7 +1107,7 @@ def test_leader_sends_entries_not_a_snapshot_to_a_follower_within_the_trailing_l
     n1 = net.node("n1")
     applied = n1.log.applied
     meta = SnapshotMeta(applied, n1.log.term(applied) or 0, n1.membership_at(applied))
-    n1.compact(Snapshot(meta, SNAPSHOT_DATA), keep_from=2)
+    n1.compact(net.snapshot_of(meta, SNAPSHOT_DATA), keep_from=2)
     assert (n1.log.first_index(), n1.log.snapshot_index) == (2, 4)
     net.heal()
     net.run(1)
@@ -1114,7 +1118,7 @@ def test_leader_sends_entries_not_a_snapshot_to_a_follower_within_the_trailing_l
 
 def _snapshot_request(index: int, term: int, data: bytes = b"snap") -> SnapshotRequest:
     meta = SnapshotMeta(index, term, Membership(frozenset(THREE)))
-    return SnapshotRequest(5, "n1", "n2", meta, 0, data, True)
+    return SnapshotRequest(5, "n1", "n2", meta, 0, data, True, len(data), checksum_of(data))
 
 
 def test_follower_installing_a_snapshot_keeps_its_log_suffix_when_the_last_entry_matches() -> None:

@@ -10,6 +10,7 @@ be had it skips, saying why; with RAFTKV_DOCKER_TESTS=1 (CI) that is a failure i
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -95,6 +96,7 @@ class ComposeCluster:
     ports: dict[str, int]
     created: bool = False
     acked: dict[str, Any] = field(default_factory=dict)
+    token: str = field(default_factory=lambda: secrets.token_hex(32))
 
     @property
     def env(self) -> dict[str, str]:
@@ -102,7 +104,7 @@ class ComposeCluster:
         env.update({
             "RAFTKV_IMAGE": self.image,
             "RAFTKV_CONTAINER_PREFIX": self.project,
-            "RAFTKV_CLUSTER_TOKEN": f"token-{self.project}",
+            "RAFTKV_CLUSTER_TOKEN": self.token,
             "COMPOSE_PROJECT_NAME": self.project,
         })
         for i, nid in enumerate(NODES, start=1):

@@ -30,6 +30,7 @@ enough progress that the checks mean something.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import http.client
 import json
 import math
@@ -536,7 +537,7 @@ def run_faults(cfg: RunConfig, work_dir: Path,
             firewall_note = firewall.backend
     (work_dir / "cluster").mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(work_dir / "cluster", cfg.nodes, env={**FAST_TIMING, **NODE_ENV},
-                           token=f"faults-{cfg.seed}")
+                           token=hashlib.sha256(f"faults-{cfg.seed}".encode()).hexdigest())
     recorder = Recorder()
     problems: list[str] = []
     check: CheckResult | None = None

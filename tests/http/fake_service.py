@@ -21,6 +21,7 @@ from raftkv.auth import (
     token_digest,
 )
 from raftkv.service import (
+    Alarm,
     AuthDisabledError,
     Backup,
     BatchOp,
@@ -91,6 +92,7 @@ class FakeService:
         self._leases: dict[int, int] = {}  # lease id -> ttl
         self._key_leases: dict[str, int] = {}
         self.remaining_s = 1.5
+        self.raised_alarms: list[Alarm] = []
         self.token_table = TokenTable()
         self._token_ids = 0
 
@@ -357,6 +359,18 @@ class FakeService:
             self._members = [Member(m.id, m.raft_address, m.http_address, m.voter,
                                     m.id == target) for m in self._members]
             return target
+
+    def alarms(self) -> list[Alarm]:
+        self._enter(Call("alarms"))
+        with self._lock:
+            return list(self.raised_alarms)
+
+    def disarm_alarms(self, *, timeout_s: float) -> int:
+        self._enter(Call("disarm_alarms", timeout_s=timeout_s))
+        with self._lock:
+            self.raised_alarms.clear()
+            self._index += 1
+            return self._index
 
     def remove(self, node_id: str, *, timeout_s: float) -> int:
         with self._lock:

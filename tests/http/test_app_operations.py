@@ -12,7 +12,15 @@ from falcon.testing import TestClient
 
 from raftkv.client import Client, Unavailable
 from raftkv.http import create_app, serve
-from raftkv.service import Consistency, NoLeaderError, ReadTimeoutError, UnavailableError
+from raftkv.service import (
+    Alarm,
+    Consistency,
+    MembershipChangeError,
+    NoLeaderError,
+    ReadTimeoutError,
+    StorageFullError,
+    UnavailableError,
+)
 from snapshots.checksum import checksum_of
 from tests.http.fake_service import FakeService
 
@@ -156,3 +164,35 @@ def test_get_without_wait_is_a_plain_read(client: TestClient, fake: FakeService)
     result = client.simulate_get("/keys/k01", params={"wait": "false", "index": "3"})
     assert result.json == {"value": {"i": 1}, "index": 2}
     assert not fake.calls_of("watch")
+
+
+# --------------------------------------------------------------------------- /alarms
+def test_alarms_lists_the_raised_alarms_and_delete_disarms_them(
+        client: TestClient, fake: FakeService) -> None:
+    assert client.simulate_get("/alarms").json == {"alarms": []}
+    fake.raised_alarms.append(Alarm("n2", "quota", 41))
+    assert client.simulate_get("/alarms/").json == {
+        "alarms": [{"alarm": "NOSPACE", "node": "n2", "cause": "quota", "index": 41}]}
+    result = client.simulate_delete("/alarms", params={"timeout": "3"})
+    assert result.status_code == 200 and result.json["disarmed"] is True
+    assert fake.calls_of("disarm_alarms")[0].timeout_s == 3.0
+    assert client.simulate_get("/alarms").json == {"alarms": []}
+
+
+def test_a_write_refused_for_want_of_space_is_507_storage_full(
+        client: TestClient, fake: FakeService) -> None:
+    fake.fail_next.append(StorageFullError("the NOSPACE alarm is raised (n2: quota)"))
+    result = client.simulate_put("/keys/k", json={"value": 1})
+    assert result.status_code == 507
+    assert result.json["error"] == "storage_full"
+    assert "NOSPACE" in result.json["message"]
+
+
+def test_a_refused_membership_change_is_409_with_the_reason(client: TestClient,
+                                                            fake: FakeService) -> None:
+    fake.fail_next.append(MembershipChangeError("remove n2 would leave 1 started, caught-up "
+                                                "voter(s) (n1) of the 2 ..."))
+    result = client.simulate_delete("/cluster/members/n2")
+    assert result.status_code == 409
+    assert result.json["error"] == "membership_change_rejected"
+    assert "caught-up" in result.json["message"]

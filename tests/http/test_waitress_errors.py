@@ -1,13 +1,16 @@
 """raftkv.http.waitress_errors, over real sockets: the errors waitress answers itself come in
-the API's JSON shape, a refused body is read and dropped (never buffered), and the app's own
-body limit still answers every body that waitress lets through."""
+the API's JSON shape, a refused body is read and dropped (never buffered), the app's own
+body limit still answers every body that waitress lets through, and slow or greedy clients
+meet the request-head deadline and the per-address connection limit."""
 
 from __future__ import annotations
 
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from raftkv.http import create_app, serve
 from raftkv.http.app import DEFAULT_MAX_BODY_BYTES
 from raftkv.http.server import DEFAULT_MAX_REQUEST_BODY_BYTES, ServerHandle
 from raftkv.http.waitress_errors import ERROR_CODES
+from raftkv.localcluster import wait_until
 from tests.http.fake_service import FakeService
 
 MIB = 1 << 20
@@ -223,3 +227,127 @@ def test_every_code_is_documented_in_the_readme() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for status, code in ERROR_CODES.items():
         assert f"{status} `{code}`" in readme, (status, code)
+
+
+# --------------------------------------------------------------------------- slow clients
+SLOW_HEAD = b"GET /health HTTP/1.1\r\nHost: test\r\nX-Slow: "  # never finished
+
+
+@contextmanager
+def limited_server(fake: FakeService, **limits: Any) -> Iterator[ServerHandle]:
+    handle = serve(create_app(fake), "127.0.0.1", 0, threads=4, **limits)
+    t = threading.Thread(target=handle.run, daemon=True)
+    t.start()
+    try:
+        yield handle
+    finally:
+        handle.close()
+        t.join(10)
+
+
+def health_from(address: str, server: ServerHandle, timeout_s: float) -> float:
+    """GET /health from a client bound to `address`; the seconds it took (asserting 200)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout_s,
+                                  source_address=(address, 0)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        answer = read_answer(sock)
+    assert answer.status == 200 and answer.json() == {"status": "ok"}, answer
+    return time.monotonic() - started
+
+
+def test_a_request_head_that_does_not_arrive_in_time_is_a_json_408_and_closed(
+        fake: FakeService) -> None:
+    with limited_server(fake, head_timeout_s=1) as server:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(SLOW_HEAD)
+            answer = read_answer(sock)
+        waited = time.monotonic() - started
+    body = assert_json_error(answer, 408, "request_timeout")
+    assert "within 1 s" in body["message"]
+    assert answer.closed
+    assert 1 <= waited < 4  # the deadline, checked once a second
+    assert fake.calls == []
+
+
+def test_a_connection_that_never_sends_anything_is_closed_without_an_answer(
+        fake: FakeService) -> None:
+    with limited_server(fake, head_timeout_s=1) as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        assert sock.recv(100) == b""  # closed, nothing said (within the 10 s timeout)
+
+
+def test_an_idle_keep_alive_connection_is_not_cut_by_the_head_deadline(
+        fake: FakeService) -> None:
+    """Between requests a connection is idle, not slow: channel_timeout governs it."""
+    with limited_server(fake, head_timeout_s=1) as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert read_answer(sock).status == 200
+        sock.settimeout(2.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # still open after more than two head deadlines
+        sock.settimeout(10)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert read_answer(sock).status == 200
+
+
+def test_connections_past_the_per_client_limit_are_a_json_503_and_closed(
+        fake: FakeService) -> None:
+    with limited_server(fake, max_connections_per_client=5) as server:
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                for _ in range(5)]
+        try:
+            for sock in held:
+                sock.sendall(SLOW_HEAD)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+                answer = read_answer(extra)
+            body = assert_json_error(answer, 503, "too_many_connections")
+            assert "5 connections" in body["message"] and answer.headers["retry-after"] == "1"
+            assert answer.closed
+            assert health_from("127.0.0.2", server, 10) < 5  # another address is served
+        finally:
+            for sock in held:
+                sock.close()
+        # The count goes down as they close: the address is served again.
+        wait_until(lambda: _health_ok(server), 10, "a new connection to be served")
+
+
+def _health_ok(server: ServerHandle) -> bool:
+    try:
+        return health_from("127.0.0.1", server, 5) < 5
+    except AssertionError:
+        return False
+
+
+def test_a_thousand_slow_heads_from_one_address_do_not_hold_the_port_from_others(
+        fake: FakeService) -> None:
+    """The probe: 1,010 connections sending their request heads slowly made /health time
+    out until they closed. With the default limits (128 connections per client address, a
+    10 s head deadline) /health from another address answers at once all along."""
+    with limited_server(fake) as server:
+        slow: list[socket.socket] = []
+        try:
+            for _ in range(1010):
+                sock = socket.socket()
+                sock.settimeout(10)
+                sock.connect(("127.0.0.1", server.port))
+                sock.sendall(SLOW_HEAD)
+                slow.append(sock)
+            took = [health_from("127.0.0.2", server, 10) for _ in range(20)]
+            assert max(took) < 2.0, took
+            open_ones = 0
+            for sock in slow:
+                sock.settimeout(0.01)
+                try:
+                    if sock.recv(4096):
+                        continue  # the 503 too_many_connections
+                except TimeoutError:
+                    open_ones += 1
+                except OSError:
+                    pass
+            assert open_ones <= 128
+        finally:
+            for sock in slow:
+                sock.close()

@@ -114,7 +114,7 @@ def test_restored_data_dir_boots_as_a_one_node_cluster_with_all_the_data(
         assert stored is not None
         assert (stored.meta.index, stored.meta.term) == (6, 1)
         sm = KVStateMachine()
-        sm.restore(stored.data, stored.meta.index)
+        sm.restore_chunks(snapshots.chunks(stored), stored.meta.index)
         node = RaftNode(Config("r1"), boot, random.Random(1))
     finally:
         storage.close()
@@ -138,13 +138,13 @@ def test_backup_and_restore_carry_leases_and_their_keys(tmp_path: Path) -> None:
     restore(tmp_path / "b", tmp_path / "new", "r1", "127.0.0.1:7001")
 
     snapshots = LmdbSnapshotStore(tmp_path / "new" / "snapshots")
+    restored = KVStateMachine()
     try:
         stored = snapshots.latest()
+        assert stored is not None
+        restored.restore_chunks(snapshots.chunks(stored), stored.meta.index)
     finally:
         snapshots.close()
-    assert stored is not None
-    restored = KVStateMachine()
-    restored.restore(stored.data, stored.meta.index)
     assert restored.leases() == [LeaseRecord(7, 30, (), 1), LeaseRecord(9, 5, (), 1)]
     assert restored.lease_of("held") == 7 and restored.lease_of("own") == 9
     revoked = restored.apply(Entry(10, 1, EntryKind.NORMAL, encode_command(LeaseRevoke(7))))

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from raftkv.core.errors import NotLeader, ProposalDropped
@@ -60,6 +61,7 @@ from raftkv.kv.commands import (
 from raftkv.kv.leases import LeaseExpiry
 from raftkv.kv.state_machine import (
     ConditionFailed,
+    KVSnapshotDecoder,
     KVStateMachine,
     LeaseGrantResult,
     LeaseNotFound,
@@ -99,15 +101,54 @@ class LeaseMachine:
     def snapshot(self) -> bytes:
         return self.chain.to_bytes(4, "big") + self.kv.snapshot()
 
+    def snapshot_chunks(self) -> Iterator[bytes]:
+        yield self.chain.to_bytes(4, "big")
+        yield from self.kv.snapshot_chunks()
+
     def restore(self, data: bytes, index: int) -> None:
         self.kv.restore(data[4:], index)
         self.chain = int.from_bytes(data[:4], "big")
+
+    def restore_chunks(self, chunks: Iterable[bytes], index: int) -> None:
+        self.restore(b"".join(chunks), index)
+
+    @staticmethod
+    def snapshot_decoder() -> _ChainedDecoder:
+        return _ChainedDecoder()
+
+    def install(self, state: object, index: int) -> None:
+        assert isinstance(state, tuple)
+        chain, view = state
+        self.kv.install(view, index)
+        self.chain = chain
 
     @property
     def values(self) -> tuple[object, ...]:
         """The whole state, to compare replicas (the convergence check)."""
         view = self.kv.snapshot_view()
         return view.data, view.leases, view.key_leases
+
+
+class _ChainedDecoder:
+    """LeaseMachine's snapshot validator: 4 bytes of chain, then the key-value snapshot
+    (checked by the real KVSnapshotDecoder as the chunks arrive)."""
+
+    def __init__(self) -> None:
+        self._head = b""
+        self._kv = KVSnapshotDecoder()
+
+    def feed(self, data: bytes) -> None:
+        need = 4 - len(self._head)
+        if need > 0:
+            self._head += data[:need]
+            data = data[need:]
+        if data:
+            self._kv.feed(data)
+
+    def finish(self) -> object:
+        if len(self._head) != 4:
+            raise ValueError("truncated")
+        return int.from_bytes(self._head, "big"), self._kv.finish()
 
 
 # =========================================================================================

@@ -68,6 +68,7 @@ def test_leader_steps_down_cleanly_when_the_ack_commits_its_own_removal() -> Non
     _step_append_response() then kept going as a leader and raised KeyError on the emptied
     progress map (`self._progress[to]` in _send_append)."""
     n1 = _elect_n1()
+    n1.step(AppendResponse(1, "n3", "n1", True, 1))  # n3 caught up: the strict check allows it
     index = n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n1"))
     _cycle(n1)  # the removal is on n1's disk
     n1.step(AppendResponse(1, "n3", "n1", True, index))

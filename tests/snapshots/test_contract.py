@@ -20,7 +20,7 @@ import lmdb
 import pytest
 
 from raftkv.core.types import Membership, SnapshotMeta
-from raftkv.ports import SnapshotStore, StorageError
+from raftkv.ports import SnapshotStore, StorageError, StoredSnapshot
 from snapshots.checksum import checksum_of
 from snapshots.lmdb_store import LmdbSnapshotStore, decode_catalog_record
 from snapshots.memory import MemorySnapshotStore
@@ -44,7 +44,12 @@ def publish(store: SnapshotStore, m: SnapshotMeta, data: bytes, pieces: int = 3)
     step = max(1, len(data) // pieces)
     for start in range(0, len(data), step):
         sink.write(data[start : start + step])
-    assert sink.close() == m
+    assert sink.close().meta == m
+
+
+def data_of(store: SnapshotStore, snapshot: StoredSnapshot) -> bytes:
+    """A published snapshot's bytes, read back in chunks (checked against its checksum)."""
+    return b"".join(store.chunks(snapshot))
 
 
 class Harness:
@@ -220,7 +225,7 @@ def test_published_snapshot_is_latest_with_its_meta_data_and_checksum(h: Harness
     latest = h.store.latest()
     assert latest is not None
     assert latest.meta == meta(7, 2)
-    assert latest.data == data
+    assert data_of(h.store, latest) == data
     assert latest.checksum == checksum_of(data)
     assert h.store.list() == [meta(7, 2)]
 
@@ -233,7 +238,7 @@ def test_chunks_of_any_size_are_joined_in_order(h: Harness) -> None:
     sink.close()
 
     latest = h.store.latest()
-    assert latest is not None and latest.data == data
+    assert latest is not None and data_of(h.store, latest) == data
 
 
 def test_empty_snapshot_round_trips(h: Harness) -> None:
@@ -241,7 +246,8 @@ def test_empty_snapshot_round_trips(h: Harness) -> None:
 
     latest = h.store.latest()
     assert latest is not None
-    assert (latest.meta, latest.data, latest.checksum) == (meta(1), b"", checksum_of(b""))
+    assert (latest.meta, data_of(h.store, latest), latest.checksum) == (
+        meta(1), b"", checksum_of(b""))
 
 
 def test_membership_with_learners_round_trips(h: Harness) -> None:
@@ -304,7 +310,7 @@ def test_two_sinks_can_be_written_at_once(h: Harness) -> None:
     first.close()
 
     latest = h.store.latest()
-    assert latest is not None and (latest.meta, latest.data) == (meta(20), b)
+    assert latest is not None and (latest.meta, data_of(h.store, latest)) == (meta(20), b)
     assert h.store.list() == [meta(20), meta(10)]
 
 
@@ -318,7 +324,7 @@ def test_list_is_newest_first_by_index_not_by_publication(open_store: OpenStore)
 
     assert [m.index for m in h.store.list()] == [30, 20, 10]
     latest = h.store.latest()
-    assert latest is not None and latest.data == payload(30)
+    assert latest is not None and data_of(h.store, latest) == payload(30)
 
 
 @pytest.mark.parametrize("retain", [1, 2, 3])
@@ -346,7 +352,7 @@ def test_corrupted_latest_falls_back_to_the_previous_and_warns(
         latest = h.store.latest()
 
     assert latest is not None
-    assert (latest.meta, latest.data) == (meta(1), payload(1))
+    assert (latest.meta, data_of(h.store, latest)) == (meta(1), payload(1))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("event=snapshot_corrupt" in w and "index=2" in w for w in warnings)
     assert h.store.list() == [meta(2), meta(1)]  # still listed: it was published
@@ -367,7 +373,7 @@ def test_published_snapshots_survive_a_reopen(h: Harness) -> None:
 
     latest = h.store.latest()
     assert latest is not None
-    assert (latest.meta, latest.data) == (meta(3, 2), payload(3))
+    assert (latest.meta, data_of(h.store, latest)) == (meta(3, 2), payload(3))
 
 
 def test_writer_crash_mid_snapshot_leaves_no_partial_snapshot(h: Harness) -> None:
@@ -376,11 +382,12 @@ def test_writer_crash_mid_snapshot_leaves_no_partial_snapshot(h: Harness) -> Non
 
     assert h.store.list() == [meta(4)]
     latest = h.store.latest()
-    assert latest is not None and (latest.meta, latest.data) == (meta(4), payload(4))
+    assert latest is not None and (latest.meta, data_of(h.store, latest)) == (meta(4), payload(4))
     # The store carries on: a later snapshot publishes whole, without the dead one's chunks.
     publish(h.store, meta(12), payload(12, 900))
     latest = h.store.latest()
-    assert latest is not None and (latest.meta, latest.data) == (meta(12), payload(12, 900))
+    assert latest is not None
+    assert (latest.meta, data_of(h.store, latest)) == (meta(12), payload(12, 900))
 
 
 def test_closed_store_refuses_use(h: Harness) -> None:
@@ -390,3 +397,47 @@ def test_closed_store_refuses_use(h: Harness) -> None:
         h.store.latest()
     with pytest.raises(StorageError, match="closed"):
         h.store.create(meta(1))
+
+
+# Reading in chunks (no operation holds a whole snapshot)
+
+
+def test_close_returns_what_was_published(h: Harness) -> None:
+    data = payload(7, 1000)
+    sink = h.store.create(meta(7))
+    sink.write(data)
+    published = sink.close()
+    assert (published.meta, published.length, published.checksum) == (
+        meta(7), len(data), checksum_of(data))
+    assert h.store.latest() == published
+
+
+@pytest.mark.parametrize(("offset", "size"), [(0, 1), (0, 64), (10, 200), (63, 2), (64, 64),
+                                              (299, 50), (0, 10_000), (300, 5), (400, 5)])
+def test_read_gives_any_range_across_chunk_boundaries(h: Harness, offset: int,
+                                                      size: int) -> None:
+    data = payload(3, 300)
+    publish(h.store, meta(3), data)
+    latest = h.store.latest()
+    assert latest is not None
+    assert h.store.read(latest, offset, size) == data[offset : offset + size]
+
+
+def test_read_of_a_snapshot_no_longer_stored_is_none(open_store: OpenStore) -> None:
+    h = open_store(retain=1)
+    publish(h.store, meta(1), payload(1))
+    first = h.store.latest()
+    assert first is not None
+    publish(h.store, meta(2), payload(2))
+    assert h.store.read(first, 0, 10) is None
+    with pytest.raises(StorageError, match="no longer"):
+        list(h.store.chunks(first))
+
+
+def test_chunks_of_a_damaged_snapshot_end_in_a_storage_error(h: Harness) -> None:
+    publish(h.store, meta(1), payload(1))
+    latest = h.store.latest()
+    assert latest is not None
+    h.corrupt(1)
+    with pytest.raises(StorageError):
+        list(h.store.chunks(latest))

@@ -14,7 +14,7 @@ import pytest
 from raftkv.core.types import Membership, SnapshotMeta
 from raftkv.ports import StorageError, StorageFull
 from snapshots.lmdb_store import MIB, LmdbSnapshotStore
-from tests.snapshots.test_contract import raw_chunk_count, write_and_die
+from tests.snapshots.test_contract import data_of, raw_chunk_count, write_and_die
 from tests.support.lmdb_faults import FailingEnv, lmdb_error
 
 MEMBERS = Membership(frozenset({"n1"}))
@@ -101,7 +101,7 @@ def test_reopen_deletes_chunks_left_by_a_writer_that_died(
     assert any("event=snapshot_partial_discarded" in r.getMessage() for r in caplog.records)
     publish(store, 3, b"c" * 20)  # a fresh id: never mixed with the dead writer's chunks
     latest = store.latest()
-    assert latest is not None and latest.data == b"c" * 20
+    assert latest is not None and data_of(store, latest) == b"c" * 20
     store.close()
 
 
@@ -159,7 +159,7 @@ def test_map_grows_when_full(path: Path, caplog: pytest.LogCaptureFixture) -> No
 
     assert store.map_size_bytes >= 16 * MIB
     latest = store.latest()
-    assert latest is not None and latest.data == data
+    assert latest is not None and data_of(store, latest) == data
     assert any("event=lmdb_map_grown" in r.getMessage() and str(path) in r.getMessage()
                for r in caplog.records)
     store.close()
@@ -178,7 +178,7 @@ def test_full_map_at_its_maximum_raises_storage_full_and_loses_nothing(path: Pat
     sink.cancel()
 
     latest = store.latest()
-    assert latest is not None and (latest.meta, latest.data) == (meta(1), b"kept")
+    assert latest is not None and (latest.meta, data_of(store, latest)) == (meta(1), b"kept")
     publish(store, 3, b"small")  # usable again once the failed snapshot is cancelled
     assert store.list() == [meta(3), meta(1)]
     store.close()

@@ -15,6 +15,7 @@ import lmdb
 import pytest
 
 from raftkv.ports import StorageError, StorageFull
+from storage import lmdb_env
 from storage.lmdb_env import LmdbEnvironment, is_disk_full
 from tests.support.lmdb_faults import CommitFails, lmdb_error
 
@@ -128,6 +129,55 @@ def test_other_errors_are_storage_errors_whatever_their_message_says(tmp_path: P
     env.close()
 
 
+def test_an_eio_on_a_file_system_with_no_room_left_is_storage_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LMDB turns a short write (a full disk's answer to a large transaction) into EIO: with
+    almost no free space that is a full disk, not a broken one."""
+    env = open_env(tmp_path)
+    real_statvfs = os.statvfs
+
+    def full(path: object) -> os.statvfs_result:
+        st = real_statvfs(path)  # type: ignore[arg-type]
+        return os.statvfs_result((st.f_bsize, st.f_frsize, st.f_blocks, 0, 3, st.f_files,
+                                  st.f_ffree, st.f_favail, st.f_flag, st.f_namemax))
+
+    monkeypatch.setattr(lmdb_env.os, "statvfs", full)
+    error = lmdb_error(lmdb.Error, "mdb_txn_commit", errno.EIO)
+    real = env.env
+    env.env = CommitFails(real, error)  # type: ignore[assignment]
+    with pytest.raises(StorageFull, match="no space left on the disk") as raised:
+        put_all(env, items(0, 1))
+    assert raised.value.cause == "disk_full"
+    env.env = real
+    assert stored(env) == {}
+    env.close()
+
+
+def test_nearly_full_means_under_a_floor_or_one_percent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fs(total_blocks: int, free_blocks: int) -> None:
+        result = os.statvfs_result((4096, 4096, total_blocks, free_blocks, free_blocks,
+                                    0, 0, 0, 0, 255))
+        monkeypatch.setattr(lmdb_env.os, "statvfs", lambda path: result)
+
+    fs(total_blocks=1 << 20, free_blocks=(1 << 20) // 200)  # 4 GiB, 0.5% free: 20 MiB
+    assert lmdb_env.nearly_full(tmp_path)
+    fs(total_blocks=1 << 20, free_blocks=(1 << 20) // 50)  # 2% free
+    assert not lmdb_env.nearly_full(tmp_path)
+    fs(total_blocks=1 << 30, free_blocks=(2 << 30) // 4096)  # 4 TiB, 2 GiB free: over 1 GiB
+    assert not lmdb_env.nearly_full(tmp_path)
+    fs(total_blocks=1024, free_blocks=1000)  # 4 MiB fs, almost empty, but under the floor
+    assert lmdb_env.nearly_full(tmp_path)
+
+
+def test_a_full_map_names_its_cause(tmp_path: Path) -> None:
+    env = open_env(tmp_path, map_size_bytes=64 << 10, max_map_size_bytes=64 << 10)
+    with pytest.raises(StorageFull) as raised:
+        put_all(env, items(0, 200))
+    assert raised.value.cause == "map_full"
+    env.close()
+
+
 def test_is_disk_full_reads_the_errno() -> None:
     assert is_disk_full(lmdb_error(lmdb.DiskError, "mdb_put", errno.ENOSPC))
     assert is_disk_full(lmdb_error(lmdb.Error, "mdb_txn_commit", errno.EDQUOT))
@@ -164,6 +214,30 @@ def test_a_really_full_disk_raises_storage_full_and_loses_nothing(
             put_all(env, one)
             acknowledged.update(one)
     assert len(acknowledged) > 100
+    assert stored(env) == acknowledged
+    env.close()
+    reopened = open_env(small_filesystem / "store", map_size_bytes=16 << 20)
+    assert stored(reopened) == acknowledged
+    reopened.close()
+
+
+def test_a_large_transaction_on_a_full_disk_is_storage_full_not_a_stop(
+        small_filesystem: Path) -> None:
+    """The probe: on a real full tmpfs LMDB reported a large transaction's short write as
+    EIO, and two of three nodes stopped instead of answering 507. It is StorageFull now, and
+    what was acknowledged before is all there."""
+    env = open_env(small_filesystem / "store", map_size_bytes=16 << 20)
+    acknowledged: dict[bytes, bytes] = {}
+    raised: StorageFull | None = None
+    for i in range(0, 10_000, 50):
+        batch = items(i, 50, size=4000)  # ~200 KiB per transaction on a 512 KiB disk
+        try:
+            put_all(env, batch)
+        except StorageFull as e:
+            raised = e
+            break
+        acknowledged.update(batch)
+    assert raised is not None and raised.cause == "disk_full"
     assert stored(env) == acknowledged
     env.close()
     reopened = open_env(small_filesystem / "store", map_size_bytes=16 << 20)

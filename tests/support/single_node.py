@@ -28,6 +28,7 @@ from raftkv.auth import Authorizer, Role, token_digest
 from raftkv.core.types import Entry, EntryKind
 from raftkv.http import create_app, serve
 from raftkv.kv.commands import (
+    AlarmDisarm,
     AuthEnable,
     Batch,
     Command,
@@ -39,17 +40,19 @@ from raftkv.kv.commands import (
 )
 from raftkv.kv.leases import LeaseExpiry
 from raftkv.kv.state_machine import (
-    BatchResult as KVBatchResult,
-)
-from raftkv.kv.state_machine import (
+    AlarmResult,
     ConditionFailed,
     InvalidCommand,
     KVStateMachine,
     LeaseGrantResult,
     LeaseNotFound,
     LeaseRevokeResult,
+    NoSpace,
     PutResult,
     iter_snapshot_chunks,
+)
+from raftkv.kv.state_machine import (
+    BatchResult as KVBatchResult,
 )
 from raftkv.kv.state_machine import (
     DeleteResult as KVDeleteResult,
@@ -57,6 +60,7 @@ from raftkv.kv.state_machine import (
 from raftkv.runtime.watch import KeyState, Watch, WatchRegistry
 from raftkv.service import (
     MAX_LEASE_KEYS_SHOWN,
+    Alarm,
     Backup,
     BatchOp,
     BatchResult,
@@ -75,6 +79,7 @@ from raftkv.service import (
     OutcomeUnknownError,
     Readiness,
     ReadResult,
+    StorageFullError,
     TokenCreateResult,
     TokenInfo,
     TokenRevokeResult,
@@ -135,6 +140,8 @@ class SingleNodeService:
                                      lease_id=result.lease_id)
         if isinstance(result, InvalidCommand):
             raise InvalidRequestError(result.reason)
+        if isinstance(result, NoSpace):
+            raise StorageFullError("the NOSPACE alarm is raised")
         return result
 
     def expire_due(self) -> list[int]:
@@ -295,6 +302,15 @@ class SingleNodeService:
 
     def transfer_leadership(self, target: str | None, *, timeout_s: float) -> str:
         raise MembershipChangeError("a single node without Raft")
+
+    def alarms(self) -> list[Alarm]:
+        with self._lock:
+            return [Alarm(a.node_id, a.cause, a.index) for a in self.sm.alarms]
+
+    def disarm_alarms(self, *, timeout_s: float) -> int:
+        result = self._write(AlarmDisarm, None)
+        assert isinstance(result, AlarmResult)
+        return result.index
 
 
 @contextlib.contextmanager

@@ -1,0 +1,150 @@
+"""Strict reconfiguration (raftkv/core/node.py, RaftNode.propose_conf_change).
+
+A membership change that would leave fewer started, caught-up voters than the quorum of the
+new configuration is refused with ConfChangeRejected (etcd's --strict-reconfig-check); a new
+member joins only as a learner and only a caught-up learner becomes a voter. The probe this
+answers: six unauthenticated joins with made-up ids and addresses made three fake voters, and
+a cluster of six voters with three alive never had a leader again.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from raftkv.core import ConfChange, ConfChangeOp, ConfChangeRejected
+from tests.core.harness import Network
+
+ET = 10
+THREE = ("n1", "n2", "n3")
+
+
+def _cluster(voters: tuple[str, ...] = THREE, learners: tuple[str, ...] = (),
+             joining: tuple[str, ...] = ()) -> Network:
+    net = Network(voters, learners, joining=joining, election_timeout_ticks=ET)
+    net.elect("n1")
+    net.run(1)
+    return net
+
+
+def _dead(net: Network, *nids: str) -> None:
+    """Cut `nids` off and let the leader go an election timeout without hearing from them."""
+    for nid in nids:
+        net.isolate(nid)
+    net.run(ET + 1, nodes=[n for n in net.peers if n not in nids])
+
+
+def test_made_up_joins_never_add_a_voter() -> None:
+    """The probe, against the core: each made-up node is added the way the service adds one
+    (a learner, then a promotion on a second join). No fake node ever becomes a voter, and the
+    cluster keeps its leader and its quorum."""
+    net = _cluster()
+    n1 = net.node("n1")
+    refused: list[str] = []
+    for attempt in range(6):
+        nid = f"fake{attempt % 3}"
+        op = ConfChangeOp.ADD_LEARNER if nid not in n1.membership.learners \
+            else ConfChangeOp.ADD_VOTER
+        try:
+            n1.propose_conf_change(ConfChange(op, nid, f"10.9.9.{attempt}:5001"))
+        except ConfChangeRejected as e:
+            refused.append(str(e))
+        net.run(2)
+    assert n1.membership.voters == set(THREE)
+    assert n1.membership.learners == {"fake0", "fake1", "fake2"}
+    assert len(refused) == 3
+    assert all("cannot be promoted yet" in r for r in refused)
+    # A made-up node cannot be made a voter directly either.
+    with pytest.raises(ConfChangeRejected, match="joins as a learner first"):
+        n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "fake9"))
+    index = n1.propose(b"still-writable")
+    net.stabilize()
+    assert n1.log.commit >= index
+    # ...and the fake learners can be removed again (learners are never checked).
+    for nid in ("fake0", "fake1", "fake2"):
+        n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, nid))
+        net.run(2)
+    assert n1.membership.learners == frozenset()
+
+
+def test_a_caught_up_learner_is_promoted() -> None:
+    net = _cluster(learners=("n4",))
+    n1 = net.node("n1")
+    assert n1.caught_up("n4")
+    n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "n4"))
+    net.stabilize()
+    assert n1.membership.voters == {"n1", "n2", "n3", "n4"}
+
+
+def test_a_learner_that_is_down_is_not_promoted() -> None:
+    net = _cluster(learners=("n4",))
+    _dead(net, "n4")
+    with pytest.raises(ConfChangeRejected, match=r"n4 cannot be promoted yet: not heard from"):
+        net.node("n1").propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "n4"))
+
+
+def test_a_learner_behind_the_commit_index_is_not_promoted() -> None:
+    net = _cluster(learners=("n4",))
+    n1 = net.node("n1")
+    net.cut("n1", "n4")
+    n1.propose(b"x")
+    net.stabilize()
+    net.heal()  # n4 is reachable again but has not been sent the entry yet
+    with pytest.raises(ConfChangeRejected, match=r"has the log up to \d+, the commit index"):
+        n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "n4"))
+    net.run(1)
+    n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "n4"))
+
+
+def test_removing_a_live_voter_while_another_is_down_is_refused() -> None:
+    """{n1, n2, n3} with n3 down: removing n2 leaves {n1, n3}, whose quorum (2) has only n1."""
+    net = _cluster()
+    _dead(net, "n3")
+    n1 = net.node("n1")
+    with pytest.raises(ConfChangeRejected) as refused:
+        n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"))
+    message = str(refused.value)
+    assert "1 started, caught-up voter(s) (n1) of the 2" in message
+    assert "quorum of 2" in message and "n3: not heard from" in message
+    # Removing the dead one is what keeps the cluster available: allowed.
+    index = n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n3"))
+    net.stabilize()
+    assert n1.log.commit >= index and n1.membership.voters == {"n1", "n2"}
+
+
+def test_removal_counts_the_new_configuration_of_five() -> None:
+    net = _cluster(("n1", "n2", "n3", "n4", "n5"))
+    _dead(net, "n4", "n5")
+    n1 = net.node("n1")
+    with pytest.raises(ConfChangeRejected, match="quorum of 3"):
+        n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"))
+    n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n4"))
+    net.stabilize()
+    assert n1.membership.voters == {"n1", "n2", "n3", "n5"}
+
+
+def test_a_new_leader_does_not_count_a_voter_it_never_heard_from() -> None:
+    """Right after an election check-quorum counts every peer as active; the strict check
+    does not: a voter that never answered this leader has matched nothing."""
+    net = Network(THREE, election_timeout_ticks=ET)
+    net.isolate("n3")
+    net.elect("n1")
+    n1 = net.node("n1")
+    assert n1.status().peers["n3"].recent_active  # check-quorum's view, right after winning
+    assert not n1.caught_up("n3")
+    with pytest.raises(ConfChangeRejected):
+        n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"))
+
+
+def test_a_leader_may_remove_itself_when_the_rest_is_caught_up() -> None:
+    net = _cluster()
+    n1 = net.node("n1")
+    assert n1.status().peers["n2"].caught_up
+    n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n1"))
+    net.stabilize()
+    assert net.leader() in {"n2", "n3"}
+
+
+def test_only_a_leader_counts_anyone_as_caught_up() -> None:
+    net = _cluster()
+    assert not net.node("n2").caught_up("n2")
+    assert not net.node("n2").caught_up("n1")
