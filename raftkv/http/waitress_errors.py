@@ -42,6 +42,8 @@ from waitress.utilities import (
     ServerNotImplemented,
 )
 
+from raftkv.http.green import GreenCondition, GreenDispatcher
+
 __all__ = [
     "DRAIN_LIMIT_BYTES",
     "ERROR_CODES",
@@ -193,10 +195,19 @@ class _Discard:
 
 
 class JsonErrorChannel(HTTPChannel):  # type: ignore[misc]
-    """waitress's HTTP channel with JSON errors and refused bodies drained."""
+    """waitress's HTTP channel with JSON errors and refused bodies drained; served by
+    greenlets (raftkv.http.green), its output lock suspends a greenlet instead of blocking
+    the loop thread (GreenCondition)."""
 
     error_task_class = JsonErrorTask
     parser_class = DrainingRequestParser
+
+    def __init__(self, server: Any, sock: Any, addr: Any, adj: Any,
+                 map: Any = None) -> None:
+        super().__init__(server, sock, addr, adj, map)
+        dispatcher = server.task_dispatcher
+        if isinstance(dispatcher, GreenDispatcher):
+            self.outbuf_lock = GreenCondition(dispatcher)
 
 
 def create_server(app: Any, **kwargs: Any) -> Any:

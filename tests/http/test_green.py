@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from raftkv.http.green import TIMED_OUT, GreenDispatcher, Suspended
+from raftkv.http.green import TIMED_OUT, GreenCondition, GreenDispatcher, Suspended
 
 WAIT_S = 5.0
 
@@ -253,3 +253,68 @@ def test_in_request_tells_a_request_greenlet_from_the_loop() -> None:
     d.run_ready()
     assert seen == [True]
     assert not d.in_request
+
+
+# -- GreenCondition: waitress's output lock on a channel served by greenlets -----------------
+
+
+def test_a_condition_wait_suspends_the_greenlet_until_notified() -> None:
+    d = GreenDispatcher()
+    cond = GreenCondition(d)
+    steps: list[str] = []
+
+    def body() -> object:
+        with cond:
+            steps.append("waiting")
+            notified = cond.wait()
+            steps.append("woken")
+            return notified
+
+    task = Task(body)
+    d.add_task(task)
+    d.run_ready()
+    assert steps == ["waiting"] and not task.finished, "the loop goes on meanwhile"
+    with cond:  # the loop's side: acquire never blocks
+        cond.notify()
+    d.run_ready()
+    assert task.finished and task.result is True
+
+
+def test_notify_wakes_one_waiter_and_notify_all_the_rest() -> None:
+    d = GreenDispatcher()
+    cond = GreenCondition(d)
+    tasks = [Task(cond.wait) for _ in range(3)]
+    for t in tasks:
+        d.add_task(t)
+    d.run_ready()
+
+    cond.notify()
+    d.run_ready()
+    assert [t.finished for t in tasks] == [True, False, False]
+    cond.notify_all()
+    d.run_ready()
+    assert all(t.finished for t in tasks)
+
+
+def test_a_timed_out_waiter_does_not_swallow_a_notify() -> None:
+    d = GreenDispatcher()
+    cond = GreenCondition(d)
+    impatient = Task(lambda: cond.wait(0.01))
+    patient = Task(cond.wait)
+    d.add_task(impatient)
+    d.add_task(patient)
+    d.run_ready()
+    turn_until(d, lambda: impatient.finished)
+    assert impatient.result is False
+
+    cond.notify()
+    d.run_ready()
+    assert patient.finished and patient.result is True
+
+
+def test_a_condition_wait_outside_a_request_returns_at_once() -> None:
+    """The loop itself must never wait: it is what notifies."""
+    cond = GreenCondition(GreenDispatcher())
+    assert cond.acquire(False) is True
+    assert cond.wait() is False
+    cond.release()
