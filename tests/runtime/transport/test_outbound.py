@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 import pytest
@@ -240,3 +241,70 @@ def test_a_peer_that_was_never_up_coming_up_is_reported(
     b.set_peers({"a": a.address})
     logs.wait_for("event=peer_reachable", "node=a", "peer=b", level=logging.INFO)
     assert a.reachable() == {"b": True}
+
+
+class SlowResolver:
+    """socket.getaddrinfo, with names under `.test` answered after `delay_s` (a slow DNS)."""
+
+    def __init__(self, delay_s: float, addresses: dict[str, str]) -> None:
+        self.delay_s = delay_s
+        self.addresses = addresses
+        self.real = socket.getaddrinfo
+        self.asked = threading.Event()
+
+    def __call__(self, host: str, port: object, *args: object, **kwargs: object) -> Any:
+        numeric_only = int(kwargs.get("flags", 0)) & socket.AI_NUMERICHOST  # type: ignore[call-overload]
+        if isinstance(host, str) and host.endswith(".test") and not numeric_only:
+            self.asked.set()
+            time.sleep(self.delay_s)  # the resolver's own slowness, off the tests' thread
+            if host not in self.addresses:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            host = self.addresses[host]
+        return self.real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_resolving_a_peer_name_never_blocks_the_loop(
+        make_node: MakeNode, logs: LogWatcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the link resolved a peer's host name with a blocking getaddrinfo on the
+    event loop at every (re)dial; a resolver that takes seconds (an unreachable DNS server:
+    5 s per try) stalled the whole Raft process, heartbeats included. Peers are host names
+    in the compose deployment (n2:5001)."""
+    resolver = SlowResolver(1.0, {})
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    a = make_node("a")
+    a.lt.loop.call_soon_threadsafe(lambda: a.transport.set_peers({"b": "nowhere.test:5001"}))
+    assert resolver.asked.wait(WAIT_S)
+
+    started = time.monotonic()
+    assert a.send("b", b"queued meanwhile")
+    assert time.monotonic() - started < 0.5, "the loop answered while the name resolved"
+
+    logs.wait_for("event=peer_unreachable", "node=a", "peer=b", "nowhere.test")
+
+
+def test_a_peer_given_by_host_name_is_reached(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", SlowResolver(0.2, {"b.test": "127.0.0.1"}))
+    a, b = make_node("a"), make_node("b")
+    a.set_peers({"b": f"b.test:{b.port}"})
+    b.set_peers({"a": a.address})
+
+    assert a.send("b", b"by name")
+    assert b.inbox.wait_for_count(1) == [("a", RAFT, b"by name")]
+
+
+def test_a_link_removed_while_its_peers_name_resolves_never_connects(
+        make_node: MakeNode, logs: LogWatcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    resolver = SlowResolver(0.3, {"b.test": "127.0.0.1"})
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    a, b = make_node("a"), make_node("b")
+    b.set_peers({"a": a.address})
+    a.set_peers({"b": f"b.test:{b.port}"})
+    assert resolver.asked.wait(WAIT_S)
+    a.set_peers({})
+
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name == "resolve-b"], WAIT_S,
+               "the resolution to end")
+    a.call(lambda t: None)  # the loop has handled the late answer (posted before this)
+    assert a.reachable() == {}
+    assert logs.lines("event=inbound_connected", "node=b") == []
