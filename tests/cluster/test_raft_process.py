@@ -128,3 +128,26 @@ def test_sigterm_to_the_leader_hands_leadership_over_then_exits_zero_quickly(
     assert "event=leadership_transfer" in log
     assert "event=leadership_handed_over" in log and "done=True" in log
     cluster.put("after", "the hand-over")
+
+
+def test_sigterm_to_a_follower_answers_its_watches_then_exits_zero(
+        cluster: LocalCluster) -> None:
+    leader = cluster.wait_for_leader()
+    node = next(n for n in cluster.nodes if n is not leader)
+    pids = workers_of(cluster, node)
+    index = cluster.put("watched", "before")
+    cluster.wait_applied(node, index)
+    watch = send(node, "GET", f"/keys/watched?wait=true&index={index}&timeout=30")
+    wait_until(lambda: cluster.status(node)["extra"]["watches"] == 1, 10, "the watch to wait")
+    assert node.proc is not None
+
+    started = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    code, body = answer(watch)
+    rc = node.proc.wait(5)
+
+    assert (code, body["error"]) == (503, "unavailable"), body
+    assert rc == 0
+    assert time.monotonic() - started < 5.0
+    assert not any(pid_alive(p) for p in pids)
+    assert cluster.status(leader)["role"] == "leader", "a follower stopping changes nothing"
