@@ -943,7 +943,7 @@ def decode_replies(data: bytes) -> list[Reply]:
     out: list[Reply] = []
     append = out.append
     for item in items:
-        if type(item) is not list or len(item) != 3 or type(item[0]) is not int:
+        if type(item) is not list or len(item) != 3 or type(item[0]) is not int or item[0] < 0:
             raise DecodeError("reply: expected [rid, status, payload]")
         status = item[1]
         if status == 0:

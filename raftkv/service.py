@@ -365,6 +365,9 @@ class TokenConflictError(ServiceError):
         super().__init__(message, leader=leader)
         self.token_id = token_id
 
+    def details(self) -> dict[str, object]:
+        return {} if self.token_id is None else {"token_id": self.token_id}
+
 
 class UnavailableError(ServiceError):
     """The node is stopping or has stopped after a fatal error."""
@@ -387,6 +390,10 @@ def error_from_code(code: str, message: str, details: dict[str, object],
             lease_id = details.get("lease_id")
             if type(lease_id) is int:
                 return LeaseNotFoundError(message, lease_id=lease_id, leader=leader)
+        elif cls is TokenConflictError:
+            token_id = details.get("token_id")
+            return TokenConflictError(message, token_id=token_id if isinstance(token_id, str)
+                                      else None, leader=leader)
         elif cls is not None:
             return cls(message, leader=leader)
     except TypeError:  # a subclass with other required arguments: see below

@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from greenlet import getcurrent, greenlet
 
-__all__ = ["TIMED_OUT", "GreenDispatcher", "Suspended"]
+__all__ = ["TIMED_OUT", "GreenCondition", "GreenDispatcher", "Suspended"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,56 @@ class GreenDispatcher:
         if len(timers) > 64 and len(timers) > 4 * self.tasks:
             self._timers = [t for t in timers if not t[2].done]  # resumed long ago
             heapq.heapify(self._timers)
+
+
+class GreenCondition:
+    """threading.Condition's interface, for the `outbuf_lock` of waitress's channels when
+    their tasks are greenlets on the loop thread (raftkv.http.waitress_errors installs it).
+
+    Waitress's task code waits on that condition for the loop to flush a connection's output
+    below its high watermark (a request pipelined behind a large answer the client has not
+    read yet). A thread's Condition.wait there would block the loop thread itself, the only
+    one that flushes: the whole server would hang for good. Here `wait` suspends the request's
+    greenlet until the loop's `notify`. The lock part is nothing: one thread, and greenlets
+    switch only where they wait."""
+
+    __slots__ = ("_dispatcher", "_waiting")
+
+    def __init__(self, dispatcher: GreenDispatcher) -> None:
+        self._dispatcher = dispatcher
+        self._waiting: deque[Suspended] = deque()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> bool:
+        return True
+
+    def __exit__(self, *_exc: object) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Suspend this request's greenlet until notify() (False: `timeout` passed first).
+        The loop itself never waits: it is what notifies."""
+        dispatcher = self._dispatcher
+        if not dispatcher.in_request:
+            return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        handle, wait = dispatcher.suspend(deadline)
+        self._waiting.append(handle)
+        return wait() is not TIMED_OUT
+
+    def notify(self, n: int = 1) -> None:
+        waiting = self._waiting
+        while n > 0 and waiting:
+            if self._dispatcher.resume(waiting.popleft(), None):
+                n -= 1
+
+    def notify_all(self) -> None:
+        self.notify(len(self._waiting))
 
 
 def _ignore(_value: object) -> None:

@@ -59,6 +59,8 @@ from waitress.utilities import (
     ServerNotImplemented,
 )
 
+from raftkv.http.green import GreenCondition, GreenDispatcher
+
 __all__ = [
     "DEFAULT_HEAD_TIMEOUT_S",
     "DEFAULT_MAX_CONNECTIONS_PER_CLIENT",
@@ -228,7 +230,9 @@ def raw_json_response(status: int, reason: str, code: str, message: str,
 
 class JsonErrorChannel(HTTPChannel):  # type: ignore[misc]
     """waitress's HTTP channel with JSON errors and refused bodies drained, a deadline for
-    request heads and a limit of connections per client address (see the module doc)."""
+    request heads and a limit of connections per client address (see the module doc). Served
+    by greenlets (raftkv.http.green), its output lock suspends a greenlet instead of blocking
+    the loop thread (GreenCondition)."""
 
     error_task_class = JsonErrorTask
     parser_class = DrainingRequestParser
@@ -243,6 +247,9 @@ class JsonErrorChannel(HTTPChannel):  # type: ignore[misc]
 
     def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
         super().__init__(server, sock, addr, adj, map)
+        dispatcher = server.task_dispatcher
+        if isinstance(dispatcher, GreenDispatcher):
+            self.outbuf_lock = GreenCondition(dispatcher)
         self.head_started = self.creation_time
         self._client = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
         counts: dict[str, int] | None = getattr(server, "raftkv_connections", None)

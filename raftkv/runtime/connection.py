@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 READ_BYTES: Final = 256 << 10
 READS_PER_TURN: Final = 16
+MAX_IOV: Final = 512
+"""Buffers per sendmsg() (Linux takes up to 1024)."""
 
 
 @dataclass(slots=True)
@@ -61,7 +63,7 @@ class Connection:
         self._decoder = FrameDecoder(max_frame_bytes)
         self._on_frames = on_frames
         self._on_closed = on_closed
-        self._out: list[bytes | _FdChunk] = []
+        self._out: list[bytes | memoryview | _FdChunk] = []
         self.out_bytes = 0
         """Bytes queued and not yet written."""
         self._want_write = False
@@ -167,24 +169,29 @@ class Connection:
                     sent = socket.send_fds(sock, [first.data], [first.fd])
                     os.close(first.fd)
                     if sent < len(first.data):
-                        out[0] = first.data[sent:]
+                        out[0] = memoryview(first.data)[sent:]
                     else:
                         out.pop(0)
                     self.out_bytes -= sent
                     continue
-                # Join the plain bytes up to the next fd chunk: one send() for a batch.
-                end = 1
-                while end < len(out) and not isinstance(out[end], _FdChunk):
-                    end += 1
-                data = first if end == 1 else b"".join(out[:end])  # type: ignore[arg-type]
-                assert isinstance(data, bytes)
-                sent = sock.send(data)
+                # The plain buffers up to the next fd chunk in one sendmsg(), as they are:
+                # nothing queued is joined or copied (a large backlog would be, at every write).
+                batch: list[bytes | memoryview] = [first]
+                for item in out[1:MAX_IOV]:
+                    if isinstance(item, _FdChunk):
+                        break
+                    batch.append(item)
+                sent = sock.send(first) if len(batch) == 1 else sock.sendmsg(batch)
                 if self._tls is None:
                     self.out_bytes -= sent
-                if sent < len(data):
-                    out[:end] = [data[sent:]]
+                done = 0
+                while done < len(batch) and sent >= len(batch[done]):
+                    sent -= len(batch[done])
+                    done += 1
+                del out[:done]
+                if done < len(batch):  # the socket is full: keep a view of the rest, no copy
+                    out[0] = memoryview(batch[done])[sent:]
                     break
-                del out[:end]
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as e:
@@ -192,7 +199,7 @@ class Connection:
             return
         if self._tls is not None:
             self.out_bytes = sum(map(len, self._plain)) + sum(
-                len(x) for x in out if isinstance(x, bytes))
+                len(x) for x in out if not isinstance(x, _FdChunk))
         want = bool(out)
         if want != self._want_write:
             self._want_write = want

@@ -29,13 +29,14 @@ from raftkv.metrics import NodeMetrics
 from raftkv.runtime.connection import Connection
 from raftkv.runtime.eventloop import EPOLLIN, EventLoop, Timer
 from raftkv.runtime.requests import RequestHandler
-from raftkv.service import ServiceError
+from raftkv.service import InvalidRequestError, ServiceError
 
 __all__ = ["WorkerChannel", "WorkerSupervisor"]
 
 log = logging.getLogger(__name__)
 
 CHANNEL_MAX_FRAME_BYTES: Final = 256 << 20
+"""The largest frame either end of a channel reads (raftkv.worker.channel.MAX_FRAME_BYTES)."""
 RESTART_BACKOFF_MIN_S: Final = 0.1
 RESTART_BACKOFF_MAX_S: Final = 5.0
 HEALTHY_AFTER_S: Final = 30.0
@@ -87,8 +88,27 @@ class WorkerChannel:
         """End of the turn: this turn's replies in one frame."""
         if self._replies:
             replies, self._replies = self._replies, []
-            self.conn.send_frame(FrameKind.WORKER_REPLIES, codec.pack_batch(replies))
+            payload = codec.pack_batch(replies)
+            if len(payload) < CHANNEL_MAX_FRAME_BYTES:
+                self.conn.send_frame(FrameKind.WORKER_REPLIES, payload)
+            else:
+                self._send_one_by_one(replies)
         self.conn.flush()
+
+    def _send_one_by_one(self, replies: list[list[object]]) -> None:
+        """Replies too large for one frame together: a frame each, and a reply too large for
+        any frame (the worker would drop the channel as broken) becomes an error."""
+        for reply in replies:
+            payload = codec.pack_batch([reply])
+            if len(payload) >= CHANNEL_MAX_FRAME_BYTES:
+                error = InvalidRequestError(
+                    f"the answer is {len(payload)} bytes, over the {CHANNEL_MAX_FRAME_BYTES} "
+                    "bytes an HTTP worker takes: ask for less (a smaller ?limit=)")
+                log.warning("event=reply_too_large worker=%d bytes=%d", self.index,
+                            len(payload))
+                payload = codec.pack_batch([[reply[0], 1, [error.code, error.message,
+                                                           error.details()]]])
+            self.conn.send_frame(FrameKind.WORKER_REPLIES, payload)
 
     def close(self, reason: str) -> None:
         self.conn.close(reason)

@@ -4,7 +4,11 @@ surviving the death of the leader and the isolation of the watched node."""
 
 from __future__ import annotations
 
+import json
+import selectors
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,3 +147,101 @@ def test_watch_on_an_isolated_node_just_times_out(own_cluster: LocalCluster) -> 
         for n in others:
             c.resume(n)
     assert (code, body) == (200, {"value": "kept", "index": index, "changed": False})
+
+
+class RawWatches:
+    """Many watches, each on a raw non-blocking socket of its own, read with one selector."""
+
+    def __init__(self, node: NodeProc) -> None:
+        self.node = node
+        self.selector = selectors.DefaultSelector()
+        self.answers: dict[int, tuple[int, Any]] = {}
+        self._buffers: dict[int, bytearray] = {}
+        self.open = 0
+
+    def start(self, watch_id: int, key: str, index: int, timeout_s: float) -> None:
+        sock = socket.create_connection((self.node.http_host, self.node.http_port),
+                                        timeout=10)
+        sock.sendall(f"GET /keys/{key}?wait=true&index={index}&timeout={timeout_s} HTTP/1.1"
+                     f"\r\nHost: {self.node.http}\r\n\r\n".encode())
+        sock.setblocking(False)
+        self._buffers[watch_id] = bytearray()
+        self.selector.register(sock, selectors.EVENT_READ, watch_id)
+        self.open += 1
+
+    def read(self, timeout_s: float) -> None:
+        """Read answers until every watch has one (or the deadline passes)."""
+        deadline = time.monotonic() + timeout_s
+        while self.open and time.monotonic() < deadline:
+            for key, _ in self.selector.select(timeout=0.5):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                watch_id = key.data
+                chunk = sock.recv(65536)
+                buf = self._buffers[watch_id]
+                buf += chunk
+                parsed = _http_answer(bytes(buf))
+                if parsed is not None or not chunk:
+                    self.answers[watch_id] = parsed or (0, f"closed: {bytes(buf)[:200]!r}")
+                    self.selector.unregister(sock)
+                    sock.close()
+                    self.open -= 1
+
+    def close(self) -> None:
+        for key in list(self.selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        self.selector.close()
+
+
+def _http_answer(data: bytes) -> tuple[int, Any] | None:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = next(int(line.split(":", 1)[1]) for line in lines[1:]
+                  if line.lower().startswith("content-length:"))
+    if len(body) < length:
+        return None
+    return status, json.loads(body[:length])
+
+
+def test_a_thousand_concurrent_watches_on_one_node_each_see_their_change(
+        cluster: LocalCluster) -> None:
+    """1,000 watches of 100 keys wait on one node at once (greenlets in its HTTP workers, not
+    threads); then every key is written once, through the leader: every watch answers with its
+    key's write, none is missed or answered with another's."""
+    node = a_follower(cluster)
+    keys = [f"many/{i}" for i in range(100)]
+    base = cluster.put("many/start", 0, timeout_s=30)
+    cluster.wait_applied(node, base)
+    written: dict[str, tuple[str, int]] = {}
+    errors: list[BaseException] = []
+
+    def write_every_key() -> None:
+        try:
+            for k in keys:
+                value = f"value of {k}"
+                written[k] = (value, cluster.put(k, value, timeout_s=30))
+        except BaseException as e:  # handed to the test thread
+            errors.append(e)
+
+    watches_ = RawWatches(node)
+    writer = threading.Thread(target=write_every_key, daemon=True)
+    try:
+        for i in range(1000):
+            watches_.start(i, keys[i % len(keys)], base, timeout_s=60)
+        wait_until(lambda: watches(cluster, node) == 1000, 30, "1,000 watches waiting at once")
+        writer.start()
+        writer.join(60)
+        assert not writer.is_alive() and errors == []
+        watches_.read(timeout_s=60)
+    finally:
+        watches_.close()
+
+    assert len(watches_.answers) == 1000
+    wrong = {i: got for i, got in watches_.answers.items()
+             if got != (200, {"value": written[keys[i % len(keys)]][0],
+                              "index": written[keys[i % len(keys)]][1], "changed": True})}
+    assert wrong == {}, f"{len(wrong)} watches answered otherwise, e.g. {list(wrong.items())[:3]}"
+    wait_until(lambda: watches(cluster, node) == 0, 10, "no watch left waiting")

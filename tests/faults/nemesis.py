@@ -1,6 +1,7 @@
 """The nemesis: faults injected into a LocalCluster of real processes, on a seeded schedule.
 
-Faults (FaultKind): kill -9 and restart (a random node, the leader); SIGSTOP/SIGCONT (a random
+Faults (FaultKind): kill -9 and restart (a random node, the leader); kill -9 of HTTP worker
+processes (one or all of a node's: its Raft process restarts them); SIGSTOP/SIGCONT (a random
 node, the leader, a majority); SIGTERM of the leader and restart; partitions of the peer (Raft)
 traffic only (the leader isolated from the majority, a majority/minority split, a one-way cut);
 a whole-cluster crash and cold restart; a member (maybe the leader) removed and re-added with
@@ -19,6 +20,7 @@ says why and the partition faults are skipped.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import enum
 import http.client
 import itertools
@@ -26,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -69,19 +72,21 @@ class FaultKind(enum.Enum):
     CRASH_ALL = "crash_all"
     MEMBER_REPLACE = "member_replace"
     TRANSFER_LEADER = "transfer_leader"
+    KILL_WORKERS = "kill_workers"
 
 
 PARTITION_FAULTS = frozenset(
     {FaultKind.PARTITION_LEADER, FaultKind.PARTITION_SPLIT, FaultKind.PARTITION_ONE_WAY})
 
 MIXES: dict[str, tuple[FaultKind, ...]] = {
-    "kills": (FaultKind.KILL, FaultKind.KILL_LEADER, FaultKind.TERMINATE_LEADER),
+    "kills": (FaultKind.KILL, FaultKind.KILL_LEADER, FaultKind.TERMINATE_LEADER,
+              FaultKind.KILL_WORKERS),
     "pauses": (FaultKind.PAUSE, FaultKind.PAUSE_LEADER, FaultKind.PAUSE_MAJORITY,
                FaultKind.TRANSFER_LEADER),
     "partitions": (FaultKind.PARTITION_LEADER, FaultKind.PARTITION_SPLIT,
                    FaultKind.PARTITION_ONE_WAY),
     "restarts": (FaultKind.CRASH_ALL, FaultKind.MEMBER_REPLACE, FaultKind.TRANSFER_LEADER,
-                 FaultKind.KILL_LEADER),
+                 FaultKind.KILL_LEADER, FaultKind.KILL_WORKERS),
     "all": tuple(FaultKind),
 }
 
@@ -453,6 +458,45 @@ class Nemesis:
         self.note("terminate_leader", "heal", f"{node.node_id} restarted rc={rc}")
         return True
 
+    def kill_workers(self, duration_s: float) -> bool:
+        """SIGKILL HTTP worker processes of a node (the leader half the time): one of them,
+        or one time in three all of them. The node's Raft process restarts them by itself
+        (the others serve meanwhile; with all dead, connections wait in the listen backlog);
+        the clients of a dead worker see their connection closed: outcome unknown."""
+        live = self._live()
+        leader = self.leader()
+        node = leader if leader is not None and self.rng.random() < 0.5 else (
+            self.rng.choice(live) if live else None)
+        pids = self.cluster.worker_pids(node) if node is not None else []
+        if node is None or not pids:
+            self.note("kill_workers", "skip", "no live node with workers")
+            return False
+        victims = pids if self.rng.random() < 1 / 3 else [self.rng.choice(pids)]
+        self.note("kill_workers", "start", f"{node.node_id} workers {victims} of {pids}")
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._wait(duration_s)
+        # Nothing to heal by hand: wait until the node has as many workers as before, none of
+        # them a victim, and serves again.
+        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+        while time.monotonic() < deadline and node.running:
+            now = self.cluster.worker_pids(node)
+            if len(now) == len(pids) and not set(now) & set(victims) and self._ready(node):
+                self.note("kill_workers", "heal", f"{node.node_id} workers {now}")
+                return True
+            time.sleep(0.1)
+        self.errors.append(f"{node.node_id}'s HTTP workers were not back {RECOVERY_TIMEOUT_S}s "
+                           f"after {len(victims)} of them were killed")
+        self.note("kill_workers", "recovery_timeout", node.node_id)
+        return True
+
+    def _ready(self, node: NodeProc) -> bool:
+        try:
+            return http_json("GET", f"{node.http}/ready", timeout_s=STATUS_TIMEOUT_S)[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
     def _pause(self, node: NodeProc | None, fault: str, duration_s: float) -> bool:
         if node is None:
             self.note(fault, "skip", "no leader")
@@ -674,4 +718,5 @@ class Nemesis:
         FaultKind.CRASH_ALL: crash_all,
         FaultKind.MEMBER_REPLACE: member_replace,
         FaultKind.TRANSFER_LEADER: transfer_leader,
+        FaultKind.KILL_WORKERS: kill_workers,
     }

@@ -7,10 +7,12 @@ RAFTKV_FAULTS_SECONDS changes the length of each CI run (default 30 s).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +40,9 @@ from tests.faults.harness import (
 )
 from tests.faults.nemesis import (
     NFT_TABLE_PREFIX,
+    FaultKind,
     Firewall,
+    Nemesis,
     PeerEndpoint,
     open_firewall,
     remove_stale_nft_tables,
@@ -171,6 +175,32 @@ def test_peer_connections_leave_from_the_raft_bind_host() -> None:
         t.close()
         loop.close()
         listener.close()
+
+
+# --------------------------------------------------------------------------- worker kills
+def test_kill_workers_kills_a_nodes_http_workers_and_returns_once_they_serve_again(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    with running_cluster(tmp_path, request=request, env={"RAFTKV_HTTP_WORKERS": "2"}) as c:
+        nemesis = Nemesis(c, random.Random(7), [FaultKind.KILL_WORKERS], None,
+                          time.monotonic, threading.Event())
+        killed = 0
+        for _ in range(3):
+            workers = {n.node_id: set(c.worker_pids(n)) for n in c.nodes}
+            nemesis.inject(FaultKind.KILL_WORKERS, 0.2)
+            start = [e for e in nemesis.events if e.phase == "start"][-1]
+            node = c.node(start.detail.split()[0])
+            victims = {int(p) for p in start.detail.split("[", 1)[1].split("]")[0].split(",")}
+            assert victims and victims <= workers[node.node_id]
+            now = set(c.worker_pids(node))
+            assert len(now) == 2 and not victims & now, "each victim was replaced"
+            killed += len(victims)
+
+        assert nemesis.errors == []
+        assert nemesis.counts == {"kill_workers": 3}
+        assert [e.phase for e in nemesis.events].count("heal") == 3
+        assert sum(s["extra"]["workers"][i]["restarts"] for s in map(c.status, c.nodes)
+                   for i in range(2)) == killed
+        c.put("after", "the worker kills")
 
 
 # --------------------------------------------------------------------------- real partitions

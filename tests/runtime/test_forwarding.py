@@ -1,4 +1,6 @@
-"""A follower forwards writes to the leader and answers once it applied the entry itself.
+"""Follower-to-leader forwarding (raftkv.runtime.forwarding) between real RaftDrivers with
+in-memory stores: three nodes whose frames go through a test network the test controls
+(deliver, hold, or inject frames of its own).
 
 Regression (found by the fault tests, seed 101, kills): after a follower restarted, the
 leader could deliver an answer it had queued for the follower's previous run; forward ids
@@ -9,38 +11,38 @@ forwarded write completes only with an entry that holds exactly what it sent.
 
 from __future__ import annotations
 
+import logging
 import random
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
-import msgpack
 import pytest
 
 from raftkv import codec
+from raftkv.codec import Forward, ForwardOp, ForwardResult, ForwardStatus, FrameKind
 from raftkv.core import (
     AppendRequest,
-    BootState,
     ConfChange,
     ConfChangeOp,
     Config,
-    Entry,
-    EntryKind,
     HardState,
+    HeartbeatRequest,
     RaftNode,
-    Snapshot,
-    SnapshotMeta,
+    Role,
 )
-from raftkv.kv.commands import Put, encode_command
-from raftkv.kv.state_machine import KVStateMachine, PutResult
-from raftkv.runtime.loop import (
-    BASE_MEMBERSHIP,
-    FRAME_FORWARD,
-    FRAME_FORWARD_RESULT,
-    FRAME_RAFT,
-    RaftLoop,
+from raftkv.kv.commands import LeaseGrant, Put, encode_command
+from raftkv.kv.state_machine import KVStateMachine, LeaseGrantResult, PutResult
+from raftkv.metrics import NodeMetrics
+from raftkv.runtime import forwarding
+from raftkv.runtime.boot import bootstrap_entries, load_boot_state
+from raftkv.runtime.driver import BASE_MEMBERSHIP, RaftDriver
+from raftkv.runtime.forwarding import FORWARD_TIMEOUT_S, Forwarder
+from raftkv.service import (
+    LeaseNotFoundError,
+    NoLeaderError,
+    OutcomeUnknownError,
+    ServiceError,
 )
-from raftkv.runtime.waiter import Waiter
-from raftkv.service import OutcomeUnknownError
 from snapshots.memory import MemorySnapshotStore
 from snapshots.policy import SnapshotPolicy
 from storage.memory import MemoryRaftStorage
@@ -48,127 +50,497 @@ from storage.memory import MemoryRaftStorage
 MEMBERS = {"n1": "127.0.0.1:1", "n2": "127.0.0.1:2", "n3": "127.0.0.1:3"}
 
 
-class FakeFrames:
+class Done:
+    """A Completion that records its one outcome."""
+
     def __init__(self) -> None:
-        self.sent: list[tuple[str, int, bytes]] = []
-        self.cond = threading.Condition()
+        self.outcomes: list[tuple[bool, object]] = []
+
+    def ok(self, value: object) -> None:
+        self.outcomes.append((True, value))
+
+    def fail(self, error: ServiceError) -> None:
+        self.outcomes.append((False, error))
+
+    @property
+    def done(self) -> bool:
+        assert len(self.outcomes) <= 1, f"completed more than once: {self.outcomes}"
+        return bool(self.outcomes)
+
+    @property
+    def value(self) -> object:
+        assert self.done, "not completed"
+        ok, value = self.outcomes[0]
+        assert ok, f"failed: {value!r}"
+        return value
+
+    @property
+    def error(self) -> ServiceError:
+        assert self.done, "not completed"
+        ok, value = self.outcomes[0]
+        assert not ok, f"succeeded: {value!r}"
+        assert isinstance(value, ServiceError)
+        return value
+
+
+@dataclass
+class Frame:
+    frm: str
+    to: str
+    kind: int
+    payload: bytes
+
+
+class Outbox:
+    """A node's FrameSender: frames wait here until the network moves them. `accept` limits
+    how many more frames it takes (then send() refuses, as a full transport queue does)."""
+
+    def __init__(self, node_id: str, net: Net) -> None:
+        self.node_id = node_id
+        self.net = net
+        self.accept: int | None = None
 
     def send(self, to: str, kind: int, payload: bytes) -> bool:
-        with self.cond:
-            self.sent.append((to, kind, payload))
-            self.cond.notify_all()
+        if self.accept is not None:
+            if self.accept <= 0:
+                return False
+            self.accept -= 1
+        self.net.in_flight.append(Frame(self.node_id, to, kind, payload))
+        self.net.sent.append(Frame(self.node_id, to, kind, payload))
         return True
+
+    def flush(self) -> None:
+        pass
 
     def set_peers(self, peers: Mapping[str, str]) -> None:
         pass
 
-    def wait_for(self, kind: int) -> bytes:
-        with self.cond:
-            ok = self.cond.wait_for(lambda: any(k == kind for _, k, _ in self.sent), 5.0)
-            assert ok, f"no frame of kind {kind} was sent"
-            return next(p for _, k, p in self.sent if k == kind)
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Node:
+    def __init__(self, node_id: str, net: Net, seed: int) -> None:
+        storage = MemoryRaftStorage()
+        entries = bootstrap_entries(MEMBERS)
+        storage.save(HardState(1, None, len(entries)), entries)
+        snapshots = MemorySnapshotStore()
+        boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
+        core = RaftNode(Config(node_id, election_timeout_ticks=1000), boot,
+                        random.Random(seed))
+        self.id = node_id
+        self.frames = Outbox(node_id, net)
+        self.driver = RaftDriver(
+            core=core, storage=storage, snapshots=snapshots, state_machine=KVStateMachine(),
+            frames=self.frames, addresses=MEMBERS, snapshot_policy=SnapshotPolicy(),
+            rng=random.Random(seed), metrics=NodeMetrics(), post=lambda callback: callback(),
+            clock=net.clock)
+        self.forwarder = Forwarder(self.driver, self.frames, random.Random(seed),
+                                   clock=net.clock)
+        self.driver.forwarder = self.forwarder
+
+    @property
+    def core(self) -> RaftNode:
+        return self.driver.core
+
+    def receive(self, frame: Frame) -> None:
+        """As the Raft process hands a peer's frame on (raftkv.runtime.process._deliver)."""
+        if frame.kind == FrameKind.RAFT:
+            self.driver.step(frame.frm, codec.decode_message(frame.payload))
+        elif frame.kind == FrameKind.FORWARD:
+            self.forwarder.serve(frame.frm, frame.payload)
+        elif frame.kind == FrameKind.FORWARD_RESULT:
+            self.forwarder.on_results(frame.frm, frame.payload)
+
+    def turn(self) -> None:
+        """The end of a loop turn (process._end_of_turn)."""
+        self.driver.process()
+        self.forwarder.flush()
+
+
+@dataclass
+class Net:
+    clock: FakeClock = field(default_factory=FakeClock)
+    nodes: dict[str, Node] = field(default_factory=dict)
+    in_flight: list[Frame] = field(default_factory=list)
+    sent: list[Frame] = field(default_factory=list)
+    """Every frame ever sent (in_flight: those not delivered yet)."""
+
+    def turn_all(self) -> None:
+        for node in self.nodes.values():
+            node.turn()
+
+    def deliver(self, keep: Callable[[Frame], bool] = lambda f: False) -> int:
+        """Deliver every frame in flight except those `keep` holds back; how many."""
+        frames, self.in_flight = self.in_flight, []
+        delivered = 0
+        for f in frames:
+            if keep(f):
+                self.in_flight.append(f)
+            else:
+                self.nodes[f.to].receive(f)
+                delivered += 1
+        return delivered
+
+    def settle(self, keep: Callable[[Frame], bool] = lambda f: False, rounds: int = 50) -> None:
+        """Turn and deliver until nothing moves (frames `keep` holds back stay in flight)."""
+        for _ in range(rounds):
+            self.turn_all()
+            if not self.deliver(keep) and not any(n.core.has_ready()
+                                                  for n in self.nodes.values()):
+                return
+        raise AssertionError("the network did not settle")
+
+    def inject(self, frm: str, to: str, kind: int, payload: bytes) -> None:
+        self.nodes[to].receive(Frame(frm, to, kind, payload))
+        self.nodes[to].turn()
+
+    def sent_of(self, kind: int, frm: str | None = None, to: str | None = None) -> list[Frame]:
+        return [f for f in self.sent if f.kind == kind and (frm is None or f.frm == frm)
+                and (to is None or f.to == to)]
 
 
 @pytest.fixture
-def follower() -> Iterator[tuple[RaftLoop, FakeFrames]]:
-    storage = MemoryRaftStorage()
-    bootstrap = [Entry(i, 1, EntryKind.CONF_CHANGE,
-                       change=ConfChange(ConfChangeOp.ADD_VOTER, nid, addr))
-                 for i, (nid, addr) in enumerate(sorted(MEMBERS.items()), start=1)]
-    storage.save(HardState(1, None, 3), bootstrap)
-    boot = BootState(HardState(1, None, 3), Snapshot(SnapshotMeta(0, 0, BASE_MEMBERSHIP)),
-                     tuple(bootstrap))
-    core = RaftNode(Config("n2", election_timeout_ticks=1000), boot, random.Random(2))
-    frames = FakeFrames()
-    loop = RaftLoop(core=core, storage=storage, snapshots=MemorySnapshotStore(),
-                    state_machine=KVStateMachine(), frames=frames, addresses=MEMBERS,
-                    tick_s=0.05, snapshot_policy=SnapshotPolicy(), on_fatal=lambda _: None,
-                    rng=random.Random(7))
-    loop.start()
-    try:
-        yield loop, frames
-    finally:
-        loop.stop()
+def net() -> Net:
+    n = Net()
+    for seed, nid in enumerate(sorted(MEMBERS), start=1):
+        n.nodes[nid] = Node(nid, n, seed)
+    n.nodes["n1"].core.campaign()
+    n.settle()
+    assert n.nodes["n1"].core.role is Role.LEADER
+    assert all(node.driver.leader == "n1" for node in n.nodes.values())
+    return n
 
 
-def _append_from_leader(loop: RaftLoop, data: bytes) -> None:
-    """n1, leader of term 2, sends its no-op (4) and one write (5), committed."""
-    m = AppendRequest(2, "n1", "n2", 3, 1, (Entry(4, 2), Entry(5, 2, data=data)), 5)
-    loop.deliver("n1", FRAME_RAFT, codec.encode_message(m))
+def put(key: str, value: object) -> bytes:
+    return encode_command(Put(key, value))
 
 
-def _forward_and_get_id(loop: RaftLoop, frames: FakeFrames, data: bytes) -> tuple[int, Waiter]:
-    # n1 leads term 2 (stepped before the proposal: the inbox is handled in order).
-    loop.deliver("n1", FRAME_RAFT, codec.encode_message(
-        AppendRequest(2, "n1", "n2", 3, 1, (), 3)))
-    waiter = loop.submit_proposal(data)
-    [[fid, sent]] = msgpack.unpackb(frames.wait_for(FRAME_FORWARD))
-    assert sent == data
-    return fid, waiter
+def forwards_sent(net: Net, frm: str = "n2") -> list[Forward]:
+    return [item for f in net.sent_of(FrameKind.FORWARD, frm=frm)
+            for item in codec.decode_forwards(f.payload)]
 
 
-def test_forwarded_write_is_answered_with_its_own_entry(
-        follower: tuple[RaftLoop, FakeFrames]) -> None:
-    loop, frames = follower
-    mine = encode_command(Put("k", "mine"))
-    fid, waiter = _forward_and_get_id(loop, frames, mine)
-    loop.deliver("n1", FRAME_FORWARD_RESULT, msgpack.packb([[fid, 5, 2, ""]]))
-    _append_from_leader(loop, mine)
-    assert waiter.wait(5.0)
-    assert waiter.error is None
-    assert waiter.result == PutResult(5, "mine")
+def results_sent(net: Net, to: str = "n2") -> list[ForwardResult]:
+    return [item for f in net.sent_of(FrameKind.FORWARD_RESULT, to=to)
+            for item in codec.decode_forward_results(f.payload)]
 
 
-def test_answer_meant_for_an_earlier_run_never_acknowledges_another_write(
-        follower: tuple[RaftLoop, FakeFrames]) -> None:
-    loop, frames = follower
-    mine = encode_command(Put("k", "mine"))
-    fid, waiter = _forward_and_get_id(loop, frames, mine)
-    assert fid > 1_000, "forward ids must not restart at small numbers after a restart"
+def raft_to(frame: Frame, node: str) -> bool:
+    return frame.kind == FrameKind.RAFT and frame.to == node
+
+
+# -- the follower's side ---------------------------------------------------------------------
+
+
+def test_forwarded_write_is_answered_with_its_own_entry_once_committed_and_applied(
+        net: Net) -> None:
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    mine = put("k", "mine")
+    done = Done()
+
+    n2.driver.propose(mine, done)
+    net.settle()
+
+    result = done.value
+    assert isinstance(result, PutResult)
+    assert n2.driver.sm.get("k") == ("mine", result.index)
+    assert n1.driver.sm.get("k") == ("mine", result.index)
+    [forward] = forwards_sent(net)
+    assert forward.op is ForwardOp.PROPOSE and forward.data == mine
+    [answer] = results_sent(net)
+    assert (answer.fid, answer.status) == (forward.fid, ForwardStatus.COMMITTED)
+    assert (answer.index, answer.term) == (result.index, n1.core.term)
+
+
+def test_the_leaders_answer_makes_the_follower_apply_without_waiting_for_a_heartbeat(
+        net: Net) -> None:
+    """learn_commit: the answer names (index, term); the follower holds that entry, so it is
+    committed, and the follower applies it at once, not at the leader's next append."""
+    n2 = net.nodes["n2"]
+    done = Done()
+    n2.driver.propose(put("k", "mine"), done)
+    # Let the append reach n2, then hold every later Raft frame to n2 (no heartbeat, no
+    # append carrying the new commit index): only the FORWARD_RESULT gets through.
+    net.settle(keep=lambda f: raft_to(f, "n2") and f.to == "n2"
+               and _holds_commit_news(f, n2))
+    assert done.done, [str(f) for f in net.in_flight]
+    result = done.value
+    assert isinstance(result, PutResult)
+    assert n2.driver.sm.applied_index >= result.index
+    assert n2.core.log.commit >= result.index
+
+
+def _holds_commit_news(frame: Frame, follower: Node) -> bool:
+    """Hold the Raft frames that would tell the follower about a commit past its log's end
+    or past its commit index (appends after the first one that carried our entry)."""
+    m = codec.decode_message(frame.payload)
+    if isinstance(m, AppendRequest):
+        return not m.entries  # deliver the append with the entry, hold empty ones
+    if isinstance(m, HeartbeatRequest):
+        return m.commit > follower.core.log.commit
+    return False
+
+
+def test_forward_ids_start_at_a_random_value_each_run(net: Net) -> None:
+    """Each run of a node (each Forwarder) starts its forward ids somewhere else."""
+    n2 = net.nodes["n2"]
+    fids = []
+    for seed in (11, 12):
+        run = Forwarder(n2.driver, n2.frames, random.Random(seed))
+        run.forward_proposal(put("k", seed), Done())
+        run.flush()
+        fids.append(codec.decode_forwards(net.sent_of(FrameKind.FORWARD)[-1].payload)[0].fid)
+    assert fids[0] != fids[1]
+    assert min(fids) > 1_000_000, "forward ids must not restart at small numbers"
+
+
+def test_answer_meant_for_an_earlier_run_never_acknowledges_another_write(net: Net) -> None:
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    # Another client's write, committed at index i on the leader and appended on n2.
+    theirs = Done()
+    n1.driver.propose(put("k", "theirs"), theirs)
+    net.settle(keep=lambda f: raft_to(f, "n2") and _holds_commit_news(f, n2))
+    their_index = theirs.value.index  # type: ignore[attr-defined]
+    assert n2.core.log.last_index() >= their_index > n2.driver.sm.applied_index
+
+    mine = Done()
+    n2.driver.propose(put("k", "mine"), mine)
+    n2.turn()  # the FORWARD leaves, and is held: the leader never sees it
+    [forward] = [f for f in forwards_sent(net) if f.data == put("k", "mine")]
+    net.in_flight.clear()
+
     # A stale answer (an id of a previous run) is ignored...
-    loop.deliver("n1", FRAME_FORWARD_RESULT, msgpack.packb([[1, 5, 2, ""]]))
+    stale = ForwardResult(1, ForwardStatus.COMMITTED, their_index, n1.core.term)
+    net.inject("n1", "n2", FrameKind.FORWARD_RESULT, codec.encode_forward_results([stale]))
+    assert not mine.done
     # ...and even an answer that names our id but an index holding someone else's write
     # does not acknowledge ours with their result.
-    loop.deliver("n1", FRAME_FORWARD_RESULT, msgpack.packb([[fid, 5, 2, ""]]))
-    _append_from_leader(loop, encode_command(Put("k", "theirs")))
-    assert waiter.wait(5.0)
-    assert isinstance(waiter.error, OutcomeUnknownError)
+    mixed_up = ForwardResult(forward.fid, ForwardStatus.COMMITTED, their_index, n1.core.term)
+    net.inject("n1", "n2", FrameKind.FORWARD_RESULT, codec.encode_forward_results([mixed_up]))
+
+    assert isinstance(mine.error, OutcomeUnknownError)
+    assert n2.driver.sm.get("k") == ("theirs", their_index)
 
 
-class RefusingFrames(FakeFrames):
-    """Takes `accept` frames, then refuses (a full queue)."""
+def test_an_answer_naming_an_entry_applied_here_already_is_checked_against_it_too(
+        net: Net) -> None:
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    theirs = Done()
+    n1.driver.propose(put("k", "theirs"), theirs)
+    net.settle()
+    their_index = theirs.value.index  # type: ignore[attr-defined]
+    n2.core.learn_commit(their_index, n1.core.term)
+    n2.turn()
+    assert n2.driver.sm.applied_index >= their_index
 
-    def __init__(self, accept: int) -> None:
-        super().__init__()
-        self.accept = accept
+    mine = Done()
+    n2.driver.propose(put("k", "mine"), mine)
+    n2.turn()
+    net.in_flight.clear()
+    [forward] = [f for f in forwards_sent(net) if f.data == put("k", "mine")]
+    mixed_up = ForwardResult(forward.fid, ForwardStatus.COMMITTED, their_index, n1.core.term)
+    net.inject("n1", "n2", FrameKind.FORWARD_RESULT, codec.encode_forward_results([mixed_up]))
 
-    def send(self, to: str, kind: int, payload: bytes) -> bool:
-        if self.accept <= 0:
-            return False
-        self.accept -= 1
-        return super().send(to, kind, payload)
+    assert isinstance(mine.error, OutcomeUnknownError)
 
 
 def test_only_forwards_that_never_left_fail_as_surely_without_effect(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
     """A forward batch that could not be queued fails with 'no leader' (surely no effect);
     batches already handed to the transport keep waiting: they may still commit."""
-    from raftkv.runtime import loop as loop_module
-    from raftkv.service import NoLeaderError
+    monkeypatch.setattr(forwarding, "MAX_FORWARD_BATCH", 1)
+    n2 = net.nodes["n2"]
+    n2.frames.accept = 1
+    first, second, third = Done(), Done(), Done()
+    n2.driver.propose(put("a", 1), first)
+    n2.driver.propose(put("b", 2), second)
+    n2.driver.propose(put("c", 3), third)
 
-    monkeypatch.setattr(loop_module, "_MAX_FORWARD_BATCH", 1)
-    storage = MemoryRaftStorage()
-    boot = BootState(HardState(), Snapshot(SnapshotMeta(0, 0, BASE_MEMBERSHIP)))
-    core = RaftNode(Config("n2"), boot, random.Random(2))
-    frames = RefusingFrames(accept=1)
-    loop = RaftLoop(core=core, storage=storage, snapshots=MemorySnapshotStore(),
-                    state_machine=KVStateMachine(), frames=frames, addresses=MEMBERS,
-                    tick_s=0.05, snapshot_policy=SnapshotPolicy(), on_fatal=lambda _: None,
-                    rng=random.Random(7))
-    core.leader = "n1"  # a follower that knows its leader (the loop thread is not running)
-    first, second = Waiter(), Waiter()
-    loop._propose(encode_command(Put("a", 1)), first)
-    loop._propose(encode_command(Put("b", 2)), second)
-    loop._flush_forwards()
+    n2.forwarder.flush()
+
     assert isinstance(second.error, NoLeaderError)
+    assert isinstance(third.error, NoLeaderError)
     assert not first.done
+    assert n2.forwarder.waiting == 1
+
+
+def test_a_write_on_a_follower_that_knows_no_leader_fails_without_effect(net: Net) -> None:
+    n2 = net.nodes["n2"]
+    n2.core.leader = None  # e.g. just after a term change
+    done = Done()
+    n2.driver.propose(put("k", 1), done)
+    assert isinstance(done.error, NoLeaderError)
+    assert forwards_sent(net) == []
+
+
+def test_a_leader_change_fails_forwarded_writes_as_outcome_unknown(net: Net) -> None:
+    n2 = net.nodes["n2"]
+    sent, unsent = Done(), Done()
+    n2.driver.propose(put("a", 1), sent)
+    net.settle(keep=lambda f: f.kind == FrameKind.FORWARD_RESULT)  # the leader never answers
+    assert not sent.done
+
+    # n3 leads term 3 now (its heartbeat reaches n2).
+    last = n2.core.log.commit
+    beat = HeartbeatRequest(n2.core.term + 1, "n3", "n2", last, 0)
+    net.inject("n3", "n2", FrameKind.RAFT, codec.encode_message(beat))
+
+    assert n2.driver.leader == "n3"
+    assert isinstance(sent.error, OutcomeUnknownError)
+    n2.driver.propose(put("b", 2), unsent)
+    n2.turn()
+    assert [f.to for f in net.sent_of(FrameKind.FORWARD, frm="n2")][-1] == "n3"
+
+
+def test_a_forward_never_answered_expires_as_outcome_unknown(net: Net) -> None:
+    n2 = net.nodes["n2"]
+    done = Done()
+    n2.driver.propose(put("a", 1), done)
+    n2.turn()
+    net.in_flight.clear()  # lost on the way
+
+    net.clock.now += FORWARD_TIMEOUT_S - 1
+    n2.forwarder.expire(net.clock())
+    assert not done.done
+    net.clock.now += 2
+    n2.forwarder.expire(net.clock())
+    assert isinstance(done.error, OutcomeUnknownError)
+
+
+def test_forwards_of_one_turn_leave_in_one_frame_and_are_answered_in_one(net: Net) -> None:
+    n2 = net.nodes["n2"]
+    dones = [Done() for _ in range(5)]
+    for i, done in enumerate(dones):
+        n2.driver.propose(put(f"k{i}", i), done)
+    net.settle()
+
+    assert all(isinstance(d.value, PutResult) for d in dones)
+    assert len(net.sent_of(FrameKind.FORWARD, frm="n2")) == 1
+    assert len(net.sent_of(FrameKind.FORWARD_RESULT, to="n2")) == 1
+    assert sorted(d.value.index for d in dones) == sorted(  # type: ignore[attr-defined]
+        r.index for r in results_sent(net))
+
+
+def test_a_malformed_forward_result_is_dropped_and_logged(
+        net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    n2 = net.nodes["n2"]
+    done = Done()
+    n2.driver.propose(put("a", 1), done)
+    n2.turn()
+    with caplog.at_level(logging.WARNING, logger="raftkv.runtime.forwarding"):
+        net.inject("n1", "n2", FrameKind.FORWARD_RESULT, b"\xc1 garbage")
+    assert "reason=malformed_forward_result" in caplog.text
+    assert not done.done
+
+
+# -- the leader's side -----------------------------------------------------------------------
+
+
+def test_a_forwarded_command_that_does_not_decode_is_refused_before_it_reaches_the_log(
+        net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    n1 = net.nodes["n1"]
+    last = n1.core.log.last_index()
+    bad = Forward(77, ForwardOp.PROPOSE, data=b"\x93not a command")
+    with caplog.at_level(logging.WARNING, logger="raftkv.runtime.forwarding"):
+        net.inject("n2", "n1", FrameKind.FORWARD, codec.encode_forwards([bad]))
+
+    assert n1.core.log.last_index() == last
+    [answer] = results_sent(net)
+    assert (answer.fid, answer.status) == (77, ForwardStatus.FAILED)
+    assert answer.error is not None and answer.error.code == NoLeaderError.code
+    assert "reason=invalid_command" in caplog.text
+
+
+def test_a_malformed_forward_frame_is_dropped_unanswered(
+        net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    n1 = net.nodes["n1"]
+    last = n1.core.log.last_index()
+    with caplog.at_level(logging.WARNING, logger="raftkv.runtime.forwarding"):
+        net.inject("n2", "n1", FrameKind.FORWARD, b"\x92\x01\xc1")
+    assert "reason=malformed_forward" in caplog.text
+    assert n1.core.log.last_index() == last
+    assert results_sent(net) == []
+
+
+def test_a_node_that_is_not_the_leader_answers_forwards_no_leader(net: Net) -> None:
+    items = [Forward(1, ForwardOp.PROPOSE, data=put("k", 1)),
+             Forward(2, ForwardOp.CONF_CHANGE,
+                     change=ConfChange(ConfChangeOp.ADD_LEARNER, "n4", "127.0.0.1:4")),
+             Forward(3, ForwardOp.LEASE_KEEPALIVE, number=5)]
+    net.inject("n2", "n3", FrameKind.FORWARD, codec.encode_forwards(items))
+
+    answers = results_sent(net)
+    assert [(a.fid, a.status) for a in answers] == [(i, ForwardStatus.FAILED)
+                                                    for i in (1, 2, 3)]
+    assert {a.error.code for a in answers if a.error} == {NoLeaderError.code}
+    assert net.nodes["n3"].core.log.last_index() == net.nodes["n1"].core.log.last_index()
+
+
+def test_a_forwarded_conf_change_is_served_and_answered(net: Net) -> None:
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    change = ConfChange(ConfChangeOp.ADD_LEARNER, "n4", "127.0.0.1:4")
+    done = Done()
+
+    n2.driver.propose_conf_change(change, done)
+    net.settle()
+
+    assert done.done and done.outcomes[0][0], done.outcomes
+    assert "n4" in n1.core.membership.learners
+    assert "n4" in n2.core.membership.learners
+    [forward] = forwards_sent(net)
+    assert forward.op is ForwardOp.CONF_CHANGE and forward.change == change
+
+
+def test_a_forwarded_conf_change_the_leader_refuses_fails_with_its_error(net: Net) -> None:
+    n2 = net.nodes["n2"]
+    done = Done()
+    n2.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n9"), done)  # no member
+    net.settle()
+    assert done.error.code == "membership_change_rejected"
+    assert "n9 is not a member" in done.error.message
+
+
+def test_the_lease_operations_are_served_by_the_leader_and_answered(net: Net) -> None:
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    granted = Done()
+    n2.driver.propose(encode_command(LeaseGrant(30)), granted)
+    net.settle()
+    grant = granted.value
+    assert isinstance(grant, LeaseGrantResult)
+    lease_id = grant.lease_id
+    assert n1.driver.leases.leading
+
+    keepalive, info, listing, missing = Done(), Done(), Done(), Done()
+    deadline = net.clock() + 5
+    n2.driver.lease_keepalive(lease_id, deadline, keepalive)
+    n2.driver.lease_info(lease_id, deadline, info)
+    n2.driver.lease_list(10, deadline, listing)
+    n2.driver.lease_keepalive(lease_id + 1000, deadline, missing)
+    net.settle()
+
+    assert keepalive.value == 30
+    assert info.value == [lease_id, 30, 30.0, [], 0]
+    assert listing.value == [[lease_id, 30, 30.0, [], 0]]
+    error = missing.error
+    assert isinstance(error, LeaseNotFoundError) and error.lease_id == lease_id + 1000
+    ops = [f.op for f in forwards_sent(net)]
+    assert ops.count(ForwardOp.LEASE_KEEPALIVE) == 2
+    assert ForwardOp.LEASE_INFO in ops and ForwardOp.LEASE_LIST in ops
+
+
+def test_a_lease_operation_answered_with_a_log_position_fails_as_unknown(net: Net) -> None:
+    n2 = net.nodes["n2"]
+    done = Done()
+    n2.driver.lease_keepalive(5, net.clock() + 5, done)
+    n2.turn()
+    net.in_flight.clear()
+    [forward] = forwards_sent(net)
+    wrong = ForwardResult(forward.fid, ForwardStatus.COMMITTED, 4, 2)
+    net.inject("n1", "n2", FrameKind.FORWARD_RESULT, codec.encode_forward_results([wrong]))
+    assert isinstance(done.error, OutcomeUnknownError)

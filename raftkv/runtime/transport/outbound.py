@@ -1,7 +1,8 @@
 """One peer's outbound link: dial, handshake, then write frames; redial with back-off.
 
 Connections are one-way: a node dials each peer to send to it, and only reads from an accepted
-connection. On the event loop, never blocking: a non-blocking connect, the handshake as frames
+connection. On the event loop, never blocking: a host name is resolved on a short-lived thread
+(a resolver may take seconds), then a non-blocking connect, the handshake as frames
 (raftkv.runtime.transport.handshake), then queued frames written as the socket takes them.
 
 Frames queued while the link is down wait (bounded: `queue_limit_bytes`); when the queue or
@@ -16,6 +17,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 from typing import Final, Protocol
 
@@ -66,6 +68,10 @@ def tune(sock: socket.socket) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
+_AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str,
+                  tuple[str, int] | tuple[str, int, int, int] | tuple[int, bytes]]
+
+
 class LinkOwner(Protocol):
     """What a link needs of the transport that owns it."""
 
@@ -87,7 +93,7 @@ class LinkOwner(Protocol):
     def link_state(self, link: OutboundLink, up: bool, error: str) -> None: ...
 
 
-_DOWN, _CONNECTING, _HANDSHAKE, _UP, _STOPPED = range(5)
+_DOWN, _RESOLVING, _CONNECTING, _HANDSHAKE, _UP, _STOPPED = range(6)
 
 
 class OutboundLink:
@@ -109,6 +115,9 @@ class OutboundLink:
         self.created = time.monotonic()
         self.ever_up = False
         self._late_reported = False
+        self._resolutions = 0
+        """Counts the names resolved for this link: a late answer for an earlier dial is
+        ignored."""
 
     @property
     def up(self) -> bool:
@@ -167,11 +176,45 @@ class OutboundLink:
         self._cancel_timer()
         try:
             host, port = parse_address(self.address)
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, ValueError) as e:
+        except ValueError as e:
             self._failed(f"cannot resolve {self.address}: {e}")
             return
-        family, kind, proto, _, sockaddr = infos[0]
+        try:  # an IP address: no resolver involved, nothing blocks
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            self._resolve(host, port)
+            return
+        self._connect(infos[0])
+
+    def _resolve(self, host: str, port: int) -> None:
+        """A host name: ask the resolver off the loop; the answer comes back to it."""
+        self._state = _RESOLVING
+        self._resolutions += 1
+        attempt, address, loop = self._resolutions, self.address, self._loop
+
+        def resolve() -> None:
+            answer: _AddrInfo | OSError
+            try:
+                answer = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            except OSError as e:
+                answer = e
+            loop.call_soon_threadsafe(lambda: self._resolved(attempt, address, answer))
+
+        threading.Thread(target=resolve, name=f"resolve-{self.peer_id}", daemon=True).start()
+        self._timer = self._loop.call_later(CONNECT_TIMEOUT_S, self._on_timeout)
+
+    def _resolved(self, attempt: int, address: str, answer: _AddrInfo | OSError) -> None:
+        if self._state != _RESOLVING or attempt != self._resolutions:
+            return  # stopped, or redialed meanwhile
+        if isinstance(answer, OSError):
+            self._failed(f"cannot resolve {address}: {answer}")
+            return
+        self._cancel_timer()
+        self._connect(answer)
+
+    def _connect(self, info: _AddrInfo) -> None:
+        family, kind, proto, _, sockaddr = info
         sock = socket.socket(family, kind, proto)
         try:
             if self._owner.source_host is not None:
@@ -273,7 +316,9 @@ class OutboundLink:
 
     def _on_timeout(self) -> None:
         self._timer = None
-        if self._state == _CONNECTING:
+        if self._state == _RESOLVING:
+            self._failed(f"resolving {self.address} timed out")
+        elif self._state == _CONNECTING:
             self._failed(f"connecting to {self.address} timed out")
         elif self._state == _HANDSHAKE:
             self._drop("the handshake timed out")

@@ -1,0 +1,153 @@
+"""A node's Raft process going away, on real processes: killed (SIGKILL), its HTTP workers
+answer what they hold and exit by themselves, and the node starts again on the same ports;
+stopped (SIGTERM) as the leader, it hands leadership over first, then its workers finish and
+it exits 0, quickly."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
+from tests.cluster.proc_net import holder, pid_alive
+from tests.support.clusters import running_cluster
+
+pytestmark = pytest.mark.integration
+
+WORKERS = 2
+ELECTION_TICKS = 50
+TICK_MS = 20
+ELECTION_TIMEOUT_S = ELECTION_TICKS * TICK_MS / 1000
+"""The shortest election timeout of these clusters: 1 s, far longer than a hand-over."""
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    with running_cluster(tmp_path, request=request,
+                         env={"RAFTKV_HTTP_WORKERS": str(WORKERS),
+                              "RAFTKV_TICK_MS": str(TICK_MS),
+                              "RAFTKV_ELECTION_TICKS": str(ELECTION_TICKS)}) as c:
+        yield c
+
+
+def workers_of(c: LocalCluster, node: NodeProc) -> list[int]:
+    return wait_until(lambda: (pids := c.worker_pids(node)) and len(pids) == WORKERS and pids,
+                      20, f"the workers of {node.node_id}")
+
+
+def send(node: NodeProc, method: str, path: str, body: object | None = None
+         ) -> http.client.HTTPConnection:
+    """Send a request now; its answer is read later (conn.getresponse())."""
+    conn = http.client.HTTPConnection(node.http_host, node.http_port, timeout=30)
+    data = None if body is None else json.dumps(body)
+    conn.request(method, path, body=data,
+                 headers={"Content-Type": "application/json"} if data else {})
+    return conn
+
+
+def answer(conn: http.client.HTTPConnection) -> tuple[int, Any]:
+    try:
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_killing_the_raft_process_makes_its_workers_answer_what_they_hold_and_exit(
+        cluster: LocalCluster) -> None:
+    leader = cluster.wait_for_leader()
+    node = next(n for n in cluster.nodes if n is not leader)
+    pids = workers_of(cluster, node)
+    index = cluster.put("watched", "before")
+    cluster.wait_applied(node, index)
+    assert node.pid is not None and node.proc is not None
+
+    os.kill(node.pid, signal.SIGSTOP)  # the Raft process only: the requests wait on it
+    try:
+        write = send(node, "PUT", "/keys/in-flight", {"value": 1})
+        read = send(node, "GET", "/keys/watched")
+        watch = send(node, "GET", f"/keys/watched?wait=true&index={index}&timeout=30")
+        for conn in (write, read, watch):
+            wait_until(lambda conn=conn: holder(conn.sock, pids), 20,
+                       "a worker to read the request")
+    finally:
+        os.kill(node.pid, signal.SIGKILL)
+        node.proc.wait(10)
+    killed_at = time.monotonic()
+
+    code, body = answer(write)
+    assert code == 504, body
+    assert body["error"] == "commit_timeout" and body["outcome"] == "unknown"
+    for conn in (read, watch):
+        code, body = answer(conn)
+        assert code == 503, body
+        assert body["error"] == "unavailable"
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 10, "the workers to exit")
+    assert time.monotonic() - killed_at < 5.0
+
+    cluster.start(node)  # the same HTTP and raft ports
+    cluster.wait_for_ready(node)
+    assert http_json("GET", f"{node.http}/keys/watched")[:2] == (
+        200, {"value": "before", "index": index})
+    # The write never reached the Raft process (it was stopped, then killed).
+    assert http_json("GET", f"{node.http}/keys/in-flight")[0] == 404
+    assert len(workers_of(cluster, node)) == WORKERS
+
+
+def test_sigterm_to_the_leader_hands_leadership_over_then_exits_zero_quickly(
+        cluster: LocalCluster) -> None:
+    leader = cluster.wait_for_leader()
+    others = [n for n in cluster.nodes if n is not leader]
+    pids = workers_of(cluster, leader)
+    term = cluster.status(leader)["term"]
+    assert leader.proc is not None
+
+    started = time.monotonic()
+    leader.proc.send_signal(signal.SIGTERM)
+    new = wait_until(lambda: cluster.leader(among=others), 10, "a new leader",
+                     interval_s=0.01)
+    handed_over_s = time.monotonic() - started
+    rc = leader.proc.wait(5)
+    exited_s = time.monotonic() - started
+
+    assert rc == 0, leader.log_text()[-2000:]
+    assert handed_over_s < ELECTION_TIMEOUT_S * 0.8, (
+        f"a new leader after {handed_over_s:.2f}s: that is an election, not a hand-over")
+    assert exited_s < 5.0
+    assert not any(pid_alive(p) for p in pids), "the workers exited before the Raft process"
+    assert cluster.status(new)["term"] == term + 1
+    log = leader.log_text()
+    assert "event=leadership_transfer" in log
+    assert "event=leadership_handed_over" in log and "done=True" in log
+    cluster.put("after", "the hand-over")
+
+
+def test_sigterm_to_a_follower_answers_its_watches_then_exits_zero(
+        cluster: LocalCluster) -> None:
+    leader = cluster.wait_for_leader()
+    node = next(n for n in cluster.nodes if n is not leader)
+    pids = workers_of(cluster, node)
+    index = cluster.put("watched", "before")
+    cluster.wait_applied(node, index)
+    watch = send(node, "GET", f"/keys/watched?wait=true&index={index}&timeout=30")
+    wait_until(lambda: cluster.status(node)["extra"]["watches"] == 1, 10, "the watch to wait")
+    assert node.proc is not None
+
+    started = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    code, body = answer(watch)
+    rc = node.proc.wait(5)
+
+    assert (code, body["error"]) == (503, "unavailable"), body
+    assert rc == 0
+    assert time.monotonic() - started < 5.0
+    assert not any(pid_alive(p) for p in pids)
+    assert cluster.status(leader)["role"] == "leader", "a follower stopping changes nothing"

@@ -1,0 +1,92 @@
+"""ServerHandle (raftkv.http.server) in green mode: waitress's requests as greenlets on its
+own loop thread, on a bound socket; real sockets on loopback."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from raftkv.http.server import ServerHandle
+
+WAIT_S = 5.0
+BIG = 24 << 20
+"""Over waitress's outbuf_high_watermark (16 MiB)."""
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    body = b"x" * BIG if environ["PATH_INFO"] == "/big" else b"ok"
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+
+
+@pytest.fixture
+def server() -> Iterator[ServerHandle]:
+    """A green server made and run on a thread of its own (its greenlets belong to the
+    thread that made its dispatcher, as in a worker process)."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    made: list[ServerHandle] = []
+    ready = threading.Event()
+
+    def run() -> None:
+        made.append(ServerHandle(app, [sock]))
+        ready.set()
+        made[0].run()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(WAIT_S)
+    handle = made[0]
+    assert handle.dispatcher is not None, "green mode"
+    yield handle
+    handle.close()
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), "the server loop did not stop"
+
+
+def get(server: ServerHandle, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=WAIT_S)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_requests_are_served(server: ServerHandle) -> None:
+    assert get(server, "/") == (200, b"ok")
+    status, body = get(server, "/big")
+    assert status == 200 and len(body) == BIG
+
+
+def test_a_client_that_pipelines_and_does_not_read_does_not_stop_the_server(
+        server: ServerHandle) -> None:
+    """Regression: after a response over waitress's output high watermark, waitress makes the
+    next pipelined request wait until the loop flushed the output below it, on a
+    threading.Condition. In green mode that wait ran on the loop thread itself: the loop that
+    would flush never ran again, and the whole server (an HTTP worker) hung for good, for
+    every client. Now the wait suspends only that request's greenlet."""
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect((server.host, server.port))
+    try:
+        slow.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(3):  # other clients are served meanwhile
+            assert get(server, "/") == (200, b"ok")
+        # The slow client reads at last: both answers arrive, in order.
+        slow.settimeout(WAIT_S)
+        received = bytearray()
+        while not (len(received) > BIG and received.endswith(b"ok")):
+            chunk = slow.recv(1 << 20)
+            assert chunk, "closed early"
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200")
+        assert received.count(b"HTTP/1.1 200 OK\r\n") == 2
+    finally:
+        slow.close()

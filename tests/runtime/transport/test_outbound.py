@@ -1,0 +1,310 @@
+"""One peer's outbound link (raftkv.runtime.transport.outbound) against fake listeners that
+speak the handshake as they like: the link checks who answers, never reads after the
+handshake, redials with back-off, and reports a peer that never came up only once the boot is
+surely over."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped, unused-ignore]
+import pytest
+
+from raftkv.codec import FrameKind
+from raftkv.framing import FrameDecoder
+from raftkv.localcluster import wait_until
+from raftkv.runtime import transport as transport_package
+from raftkv.runtime.transport import outbound
+from raftkv.runtime.transport.handshake import (
+    MAX_HANDSHAKE_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    ListenerHandshake,
+)
+from tests.runtime.transport.harness import (
+    CLUSTER,
+    RAFT,
+    TOKEN,
+    WAIT_S,
+    LogWatcher,
+    MakeNode,
+    closed_port,
+    frame,
+    read_frame,
+)
+
+Script = Callable[[socket.socket, threading.Event], None]
+"""What a fake listener does with one accepted connection (in a thread of its own); the event
+is set when the test ends (a script that holds its connection waits for it)."""
+
+
+class FakeListener:
+    """A listening socket whose accepted connections are handed to `script`, in a thread."""
+
+    def __init__(self, script: Script) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.script = script
+        self.accepted = 0
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            conn.settimeout(WAIT_S)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self.script(conn, self.stop)
+        except (OSError, ConnectionError) as e:
+            self.errors.append(e)
+
+    def close(self) -> None:
+        self.stop.set()
+        self._thread.join(WAIT_S)
+        self.sock.close()
+
+
+@pytest.fixture
+def fake_listener() -> Iterator[Callable[[Script], FakeListener]]:
+    made: list[FakeListener] = []
+
+    def make(script: Script) -> FakeListener:
+        made.append(FakeListener(script))
+        return made[-1]
+
+    yield make
+    for fl in made:
+        fl.close()
+
+
+def welcome_as(node_id: str, *, then: bytes = b"",
+               after_up: Callable[[socket.socket], None] | None = None) -> Script:
+    """A listener that handshakes as `node_id`, then holds the connection until the test
+    ends; `then`: bytes sent in the same write as the welcome; `after_up(conn)`: what it does
+    once the welcome is sent."""
+
+    def script(conn: socket.socket, test_over: threading.Event) -> None:
+        handshake = ListenerHandshake(token=TOKEN.encode(), node_id=node_id,
+                                      cluster_id=CLUSTER, http_address=f"{node_id}.test:1")
+        conn.sendall(frame(FrameKind.HANDSHAKE, handshake.hello()))
+        kind, auth = read_frame(conn, FrameDecoder(MAX_HANDSHAKE_FRAME_BYTES))
+        assert kind == FrameKind.HANDSHAKE
+        handshake.check_auth(auth)
+        conn.sendall(frame(FrameKind.HANDSHAKE, handshake.welcome()) + then)
+        if after_up is not None:
+            after_up(conn)
+        test_over.wait(WAIT_S)
+
+    return script
+
+
+def test_a_listener_writing_after_the_handshake_drops_the_link(
+        make_node: MakeNode, logs: LogWatcher,
+        fake_listener: Callable[[Script], FakeListener]) -> None:
+    a = make_node("a")
+    up = threading.Event()
+
+    def write_once_up(conn: socket.socket) -> None:
+        assert up.wait(WAIT_S)
+        conn.sendall(frame(RAFT, b"listeners never write"))
+
+    listener = fake_listener(welcome_as("b", after_up=write_once_up))
+    a.set_peers({"b": listener.address})
+    first_up = a.states.wait_for("b", True)
+    up.set()
+
+    a.states.wait_for("b", False, after=first_up)
+    logs.wait_for("event=peer_unreachable", "node=a", "peer=b", "send-only",
+                  level=logging.WARNING)
+
+
+def test_a_listener_writing_with_its_welcome_drops_the_link(
+        make_node: MakeNode, logs: LogWatcher,
+        fake_listener: Callable[[Script], FakeListener]) -> None:
+    a = make_node("a")
+    listener = fake_listener(welcome_as("b", then=frame(RAFT, b"too early")))
+    a.set_peers({"b": listener.address})
+
+    logs.wait_for("event=peer_unreachable", "node=a", "peer=b", "wrote after the handshake")
+    wait_until(lambda: listener.accepted >= 2, WAIT_S, "a redial")
+
+
+def test_a_listener_that_is_another_node_is_not_taken_for_the_peer(
+        make_node: MakeNode, logs: LogWatcher,
+        fake_listener: Callable[[Script], FakeListener]) -> None:
+    a = make_node("a")
+    listener = fake_listener(welcome_as("c"))
+    a.set_peers({"b": listener.address})
+
+    logs.wait_for("event=peer_unreachable", "node=a", "peer=b", "is node 'c', not b")
+    assert a.send("b", b"queued, not sent to c")
+    assert a.reachable() == {"b": False}
+
+
+def test_a_listener_that_cannot_prove_it_holds_the_token_is_dropped(
+        make_node: MakeNode, logs: LogWatcher,
+        fake_listener: Callable[[Script], FakeListener]) -> None:
+    """An impostor listener: its hello looks right, but its welcome is MACed with another
+    token (it does not know ours). The dialer never sends it a frame."""
+    got: list[bytes] = []
+
+    def impostor(conn: socket.socket, _test_over: threading.Event) -> None:
+        handshake = ListenerHandshake(token=b"a guess", node_id="b", cluster_id=CLUSTER,
+                                      http_address="b.test:1")
+        conn.sendall(frame(FrameKind.HANDSHAKE, handshake.hello()))
+        read_frame(conn, FrameDecoder(MAX_HANDSHAKE_FRAME_BYTES))  # the auth: unverifiable
+        conn.sendall(frame(FrameKind.HANDSHAKE, msgpack.packb(
+            {"v": PROTOCOL_VERSION, "type": "welcome", "mac": os.urandom(32)})))
+        try:
+            while data := conn.recv(65536):
+                got.append(data)
+        except OSError:
+            pass
+
+    a = make_node("a")
+    listener = fake_listener(impostor)
+    a.set_peers({"b": listener.address})
+    a.send("b", b"secret")
+
+    logs.wait_for("event=peer_unreachable", "node=a", "peer=b",
+                  "could not prove it holds the cluster token")
+    assert a.reachable() == {"b": False}
+    wait_until(lambda: listener.accepted >= 2, WAIT_S, "a redial")
+    assert b"".join(got) == b"", "not one frame went to the impostor"
+
+
+def test_a_handshake_that_never_completes_is_dropped_at_the_dialers_deadline(
+        make_node: MakeNode, logs: LogWatcher, monkeypatch: pytest.MonkeyPatch,
+        fake_listener: Callable[[Script], FakeListener]) -> None:
+    monkeypatch.setattr(outbound, "HANDSHAKE_TIMEOUT_S", 0.3)
+    listener = fake_listener(lambda _conn, test_over: test_over.wait(WAIT_S) and None)
+    a = make_node("a")
+    a.set_peers({"b": listener.address})
+
+    logs.wait_for("event=peer_unreachable", "node=a", "peer=b", "handshake timed out")
+
+
+def test_a_peer_that_never_came_up_is_a_warning_only_after_the_quiet_period(
+        make_node: MakeNode, logs: LogWatcher, monkeypatch: pytest.MonkeyPatch,
+        fake_listener: Callable[[Script], FakeListener]) -> None:
+    """Peers still starting are not news: the first failures are DEBUG; one WARNING comes
+    once QUIET_UNREACHABLE_S has passed since the peer was added, and none after it."""
+    quiet_s = 0.6
+    monkeypatch.setattr(outbound, "QUIET_UNREACHABLE_S", quiet_s)
+    monkeypatch.setattr(transport_package, "QUIET_UNREACHABLE_S", quiet_s)
+    not_up_yet = fake_listener(lambda _conn, _over: None)  # accepts, then hangs up
+    a = make_node("a")
+    added = time.monotonic()
+    a.set_peers({"b": not_up_yet.address})
+
+    first = logs.wait_for("event=peer_unreachable", "node=a", "peer=b")
+    assert first.levelno == logging.DEBUG
+    warning = logs.wait_for("event=peer_unreachable", "node=a", "peer=b",
+                            level=logging.WARNING, timeout_s=quiet_s + WAIT_S)
+
+    assert warning.monotonic >= added + quiet_s  # type: ignore[attr-defined]
+    assert all(r.levelno == logging.DEBUG for r in logs.lines("event=peer_unreachable")
+               if r.monotonic < added + quiet_s)  # type: ignore[attr-defined]
+    dials = not_up_yet.accepted
+    wait_until(lambda: not_up_yet.accepted >= dials + 2, WAIT_S, "two more redials")
+    assert len(logs.lines("event=peer_unreachable", level=logging.WARNING)) == 1
+
+
+def test_a_peer_that_was_never_up_coming_up_is_reported(
+        make_node: MakeNode, logs: LogWatcher) -> None:
+    a = make_node("a")
+    port = closed_port()
+    a.set_peers({"b": f"127.0.0.1:{port}"})
+    logs.wait_for("event=peer_unreachable", "node=a", "peer=b")
+    b = make_node("b", port=port)
+    b.set_peers({"a": a.address})
+    logs.wait_for("event=peer_reachable", "node=a", "peer=b", level=logging.INFO)
+    assert a.reachable() == {"b": True}
+
+
+class SlowResolver:
+    """socket.getaddrinfo, with names under `.test` answered after `delay_s` (a slow DNS)."""
+
+    def __init__(self, delay_s: float, addresses: dict[str, str]) -> None:
+        self.delay_s = delay_s
+        self.addresses = addresses
+        self.real = socket.getaddrinfo
+        self.asked = threading.Event()
+
+    def __call__(self, host: str, port: object, *args: object, **kwargs: object) -> Any:
+        numeric_only = int(kwargs.get("flags", 0)) & socket.AI_NUMERICHOST  # type: ignore[call-overload]
+        if isinstance(host, str) and host.endswith(".test") and not numeric_only:
+            self.asked.set()
+            time.sleep(self.delay_s)  # the resolver's own slowness, off the tests' thread
+            if host not in self.addresses:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            host = self.addresses[host]
+        return self.real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_resolving_a_peer_name_never_blocks_the_loop(
+        make_node: MakeNode, logs: LogWatcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the link resolved a peer's host name with a blocking getaddrinfo on the
+    event loop at every (re)dial; a resolver that takes seconds (an unreachable DNS server:
+    5 s per try) stalled the whole Raft process, heartbeats included. Peers are host names
+    in the compose deployment (n2:5001)."""
+    resolver = SlowResolver(1.0, {})
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    a = make_node("a")
+    a.lt.loop.call_soon_threadsafe(lambda: a.transport.set_peers({"b": "nowhere.test:5001"}))
+    assert resolver.asked.wait(WAIT_S)
+
+    started = time.monotonic()
+    assert a.send("b", b"queued meanwhile")
+    assert time.monotonic() - started < 0.5, "the loop answered while the name resolved"
+
+    logs.wait_for("event=peer_unreachable", "node=a", "peer=b", "nowhere.test")
+
+
+def test_a_peer_given_by_host_name_is_reached(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", SlowResolver(0.2, {"b.test": "127.0.0.1"}))
+    a, b = make_node("a"), make_node("b")
+    a.set_peers({"b": f"b.test:{b.port}"})
+    b.set_peers({"a": a.address})
+
+    assert a.send("b", b"by name")
+    assert b.inbox.wait_for_count(1) == [("a", RAFT, b"by name")]
+
+
+def test_a_link_removed_while_its_peers_name_resolves_never_connects(
+        make_node: MakeNode, logs: LogWatcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    resolver = SlowResolver(0.3, {"b.test": "127.0.0.1"})
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    a, b = make_node("a"), make_node("b")
+    b.set_peers({"a": a.address})
+    a.set_peers({"b": f"b.test:{b.port}"})
+    assert resolver.asked.wait(WAIT_S)
+    a.set_peers({})
+
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name == "resolve-b"], WAIT_S,
+               "the resolution to end")
+    a.call(lambda t: None)  # the loop has handled the late answer (posted before this)
+    assert a.reachable() == {}
+    assert logs.lines("event=inbound_connected", "node=b") == []

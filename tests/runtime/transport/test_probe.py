@@ -1,0 +1,71 @@
+"""The blocking one-shot probe (raftkv.runtime.transport.probe): who listens at a raft
+address, asked from outside the event loop (a join that names no node id)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from raftkv.runtime.transport.handshake import PeerInfo
+from raftkv.runtime.transport.probe import ProbeFailed, probe
+from tests.runtime.transport.harness import CLUSTER, TOKEN, WAIT_S, MakeNode, closed_port
+
+
+def test_probe_returns_the_listener_identity_even_to_an_unknown_node(make_node: MakeNode) -> None:
+    b = make_node("b")
+
+    info = probe(b.address, cluster_id="", token=TOKEN, node_id="joiner", timeout_s=WAIT_S)
+
+    assert info == PeerInfo(node_id="b", http_address="b.test:8080", cluster_id=CLUSTER)
+
+
+def test_probe_with_a_wrong_token_fails_with_the_reason(make_node: MakeNode) -> None:
+    b = make_node("b")
+
+    with pytest.raises(ProbeFailed, match="wrong_token"):
+        probe(b.address, cluster_id=CLUSTER, token="wrong", node_id="joiner", timeout_s=WAIT_S)
+
+
+def test_probe_from_another_cluster_fails_with_the_reason(make_node: MakeNode) -> None:
+    b = make_node("b")
+
+    with pytest.raises(ProbeFailed, match="wrong_cluster"):
+        probe(b.address, cluster_id="elsewhere", token=TOKEN, node_id="joiner",
+              timeout_s=WAIT_S)
+
+
+def test_probe_of_a_closed_port_fails() -> None:
+    with pytest.raises(ProbeFailed, match="cannot reach"):
+        probe(f"127.0.0.1:{closed_port()}", cluster_id="", token=TOKEN, node_id="x",
+              timeout_s=WAIT_S)
+
+
+def test_probe_of_something_that_is_not_a_raftkv_node_fails() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def http_server() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        t = threading.Thread(target=http_server, daemon=True)
+        t.start()
+        with pytest.raises(ProbeFailed):
+            probe(f"127.0.0.1:{port}", cluster_id="", token=TOKEN, node_id="x",
+                  timeout_s=WAIT_S)
+        t.join(WAIT_S)
+
+
+def test_probe_of_a_listener_that_never_answers_fails_at_its_deadline() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with pytest.raises(ProbeFailed):
+            probe(f"127.0.0.1:{port}", cluster_id="", token=TOKEN, node_id="x", timeout_s=0.3)
+
+
+def test_probe_of_a_bad_address_fails_with_value_error() -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        probe("no-port-here", cluster_id="", token=TOKEN, node_id="x", timeout_s=WAIT_S)

@@ -1,0 +1,115 @@
+"""The frame format (raftkv.framing): length-prefixed frames cut from a byte stream however it
+arrives, with the reader's limits enforced as soon as a length is in."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from raftkv.framing import FrameDecoder, FrameError, encode_frame, frame_header
+
+frames_strategy = st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=300)),
+                           max_size=20)
+
+
+def feed_in_pieces(decoder: FrameDecoder, data: bytes,
+                   cuts: list[int]) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
+    start = 0
+    for cut in sorted(set(cuts)):
+        out.extend(decoder.feed(data[start:cut]))
+        start = cut
+    out.extend(decoder.feed(data[start:]))
+    return out
+
+
+@given(frames_strategy, st.lists(st.integers(0, 10_000), max_size=30))
+def test_frames_split_anywhere_come_out_whole_and_in_order(
+        frames: list[tuple[int, bytes]], cuts: list[int]) -> None:
+    data = b"".join(encode_frame(kind, payload) for kind, payload in frames)
+    decoder = FrameDecoder(1024)
+
+    got = feed_in_pieces(decoder, data, [c % (len(data) + 1) for c in cuts])
+
+    assert got == frames
+    assert decoder.pending_bytes == 0
+
+
+def test_one_byte_at_a_time_delivers_each_frame_when_its_last_byte_arrives() -> None:
+    frames = [(7, b"hello"), (1, b""), (255, bytes(range(256)))]
+    data = b"".join(encode_frame(k, p) for k, p in frames)
+    decoder = FrameDecoder(1 << 16)
+    got: list[tuple[int, bytes]] = []
+    completed_at: list[int] = []
+
+    for i in range(len(data)):
+        new = decoder.feed(data[i : i + 1])
+        if new:
+            completed_at.append(i + 1)
+        got.extend(new)
+
+    assert got == frames
+    ends = [len(encode_frame(*frames[0])), len(encode_frame(*frames[0]))
+            + len(encode_frame(*frames[1])), len(data)]
+    assert completed_at == ends
+
+
+def test_a_large_frame_arriving_in_many_reads_is_reassembled_once_complete() -> None:
+    payload = random.Random(3).randbytes(3 << 20)
+    data = encode_frame(9, payload) + encode_frame(10, b"after")
+    decoder = FrameDecoder(4 << 20)
+    got: list[tuple[int, bytes]] = []
+    for start in range(0, len(data), 65536):
+        got.extend(decoder.feed(data[start : start + 65536]))
+    assert got == [(9, payload), (10, b"after")]
+
+
+def test_frame_exactly_at_the_limit_passes_and_one_byte_more_is_refused() -> None:
+    limit = 100
+    at_limit = encode_frame(1, bytes(limit - 1))  # kind byte + payload = limit
+    assert FrameDecoder(limit).feed(at_limit) == [(1, bytes(limit - 1))]
+
+    with pytest.raises(FrameError) as caught:
+        FrameDecoder(limit).feed(encode_frame(1, bytes(limit)))
+    assert caught.value.reason == "frame_too_large"
+
+
+def test_an_oversized_length_is_refused_as_soon_as_its_four_bytes_are_in() -> None:
+    decoder = FrameDecoder(1024)
+    assert decoder.feed(b"\x7f\xff") == []
+    with pytest.raises(FrameError, match="frame_too_large"):
+        decoder.feed(b"\xff\xff")  # the payload never needs to arrive
+
+
+def test_zero_length_frame_is_malformed() -> None:
+    with pytest.raises(FrameError) as caught:
+        FrameDecoder(1024).feed(encode_frame(1, b"ok") + b"\x00\x00\x00\x00")
+    assert caught.value.reason == "malformed"
+
+
+def test_zero_length_split_from_its_header_is_malformed_too() -> None:
+    decoder = FrameDecoder(1024)
+    assert decoder.feed(b"\x00\x00") == []
+    with pytest.raises(FrameError, match="malformed"):
+        decoder.feed(b"\x00\x00")
+
+
+def test_an_incomplete_tail_is_held_and_reported_as_pending() -> None:
+    decoder = FrameDecoder(1024)
+    data = encode_frame(3, b"whole") + encode_frame(3, b"cut short")[:7]
+    assert decoder.feed(data) == [(3, b"whole")]
+    assert decoder.pending_bytes == 7
+
+
+def test_header_encodes_payload_length_plus_the_kind_byte() -> None:
+    assert frame_header(5, 10) == b"\x00\x00\x00\x0b\x05"
+    assert encode_frame(5, b"ab") == b"\x00\x00\x00\x03\x05ab"
+
+
+@pytest.mark.parametrize("limit", [0, 1, 1 << 32])
+def test_decoder_refuses_a_limit_that_cannot_hold_a_frame(limit: int) -> None:
+    with pytest.raises(ValueError, match="max_frame_bytes"):
+        FrameDecoder(limit)

@@ -1,0 +1,192 @@
+"""RemoteService (raftkv.worker.service): a node's KVService as its HTTP workers see it, against
+a fake Raft process. Commands are built here and proposed as bytes; answers come back typed;
+errors come back as their classes with the leader hint; losing the Raft process makes a write
+in flight's outcome unknown and anything else unavailable."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from raftkv import codec
+from raftkv.codec import RequestOp
+from raftkv.kv.commands import Put, decode_command
+from raftkv.kv.state_machine import ConditionFailed, DeleteResult, PutResult
+from raftkv.service import (
+    ConditionFailedError,
+    Consistency,
+    KeyNotFoundError,
+    NoLeaderError,
+    OutcomeUnknownError,
+    ReadResult,
+    ReadTimeoutError,
+    UnavailableError,
+    WriteResult,
+)
+from raftkv.service import (
+    DeleteResult as ServiceDeleteResult,
+)
+from tests.worker.fake_raft import Worker
+
+
+@pytest.fixture
+def worker() -> Iterator[Worker]:
+    w = Worker()
+    w.raft.push({"role": "follower", "leader": "n1", "leader_http": "10.0.0.1:4001"})
+    w.turn_until(lambda: w.view.leader == "n1", "the first push")
+    yield w
+    w.close()
+
+
+def test_put_proposes_the_encoded_command_and_answers_with_the_value_and_index(
+        worker: Worker) -> None:
+    call = worker.start(lambda: worker.service.put("k", {"v": [1, 2]}, request_id="idem-1",
+                                                   timeout_s=5.0))
+    [request] = worker.requests_of(1)
+    assert request.op is RequestOp.PROPOSE and request.timeout_s == 5.0
+    command, request_id = decode_command(request.args[0])
+    assert command == Put("k", {"v": [1, 2]})
+    assert request_id == "idem-1"
+
+    worker.raft.reply((request.rid, True, codec.encode_apply_result(PutResult(9, None), 0)))
+    worker.finish(call)
+
+    assert call.outcome() == WriteResult({"v": [1, 2]}, 9, None)
+
+
+def test_a_failed_condition_comes_back_as_condition_failed_with_its_fields(
+        worker: Worker) -> None:
+    call = worker.start(lambda: worker.service.put("k", 1, prev_index=3, timeout_s=5.0))
+    [request] = worker.requests_of(1)
+    worker.raft.reply((request.rid, True,
+                       codec.encode_apply_result(ConditionFailed(10, "k", 7), 0)))
+    worker.finish(call)
+    with pytest.raises(ConditionFailedError) as caught:
+        call.outcome()
+    assert (caught.value.key, caught.value.current_index) == ("k", 7)
+    assert caught.value.leader == "10.0.0.1:4001"
+
+
+def test_delete_answers_whether_it_deleted(worker: Worker) -> None:
+    call = worker.start(lambda: worker.service.delete("k", timeout_s=5.0))
+    [request] = worker.requests_of(1)
+    worker.raft.reply((request.rid, True, codec.encode_apply_result(DeleteResult(11, True),
+                                                                    0)))
+    worker.finish(call)
+    assert call.outcome() == ServiceDeleteResult(True, 11)
+
+
+def test_get_asks_with_its_consistency_and_answers_value_index_and_lease(
+        worker: Worker) -> None:
+    call = worker.start(lambda: worker.service.get("k", Consistency.LEADER, 2.0))
+    [request] = worker.requests_of(1)
+    assert request.op is RequestOp.GET and request.args == ("k", "leader")
+    worker.raft.reply((request.rid, True, ["the value", 5, 4]))
+    worker.finish(call)
+    assert call.outcome() == ReadResult("the value", 5, 4)
+
+
+def test_an_error_reply_is_raised_as_its_class_with_the_leader_hint(worker: Worker) -> None:
+    missing = worker.start(lambda: worker.service.get("nope", Consistency.STALE, 2.0))
+    no_leader = worker.start(lambda: worker.service.put("k", 1, timeout_s=2.0))
+    first, second = worker.requests_of(2)
+    worker.raft.error(first.rid, "key_not_found", "key 'nope' not found")
+    worker.raft.error(second.rid, "no_leader", "no leader is known yet")
+    worker.finish(missing, no_leader)
+
+    with pytest.raises(KeyNotFoundError, match="nope") as caught:
+        missing.outcome()
+    assert caught.value.leader == "10.0.0.1:4001"
+    with pytest.raises(NoLeaderError):
+        no_leader.outcome()
+
+
+def test_a_write_not_answered_in_time_has_an_unknown_outcome(worker: Worker) -> None:
+    call = worker.start(lambda: worker.service.put("k", 1, timeout_s=0.05))
+    worker.requests_of(1)
+    worker.finish(call)
+    with pytest.raises(OutcomeUnknownError, match="Idempotency-Key"):
+        call.outcome()
+
+
+def test_a_read_not_answered_in_time_is_a_read_timeout(worker: Worker) -> None:
+    call = worker.start(lambda: worker.service.get("k", Consistency.LINEARIZABLE, 0.05))
+    worker.requests_of(1)
+    worker.finish(call)
+    with pytest.raises(ReadTimeoutError):
+        call.outcome()
+
+
+def test_a_watch_waits_for_the_raft_process_beyond_its_own_timeout(worker: Worker) -> None:
+    """The Raft process answers a watch when its time runs out; the worker gives it slack."""
+    call = worker.start(lambda: worker.service.watch("k", 4, 0.05))
+    [request] = worker.requests_of(1)
+    assert request.op is RequestOp.WATCH and request.args == ("k", 4)
+    worker.turn_for(0.2)  # well past the watch's own timeout: still waiting
+    assert not call.done
+    worker.raft.reply((request.rid, True, ["k", "v", 4, False, False]))
+    worker.finish(call)
+    result = call.outcome()
+    assert (result.key, result.value, result.index, result.deleted, result.changed) == (
+        "k", "v", 4, False, False)
+
+
+def test_losing_the_raft_process_makes_writes_in_flight_unknown_and_the_rest_unavailable(
+        worker: Worker) -> None:
+    write = worker.start(lambda: worker.service.put("k", 1, timeout_s=30.0))
+    read = worker.start(lambda: worker.service.get("k", Consistency.LINEARIZABLE, 30.0))
+    watch = worker.start(lambda: worker.service.watch("k", None, 30.0))
+    worker.requests_of(3)
+
+    worker.raft.sock.close()
+    worker.finish(write, read, watch)
+
+    with pytest.raises(OutcomeUnknownError, match="may or may not"):
+        write.outcome()
+    with pytest.raises(UnavailableError):
+        read.outcome()
+    with pytest.raises(UnavailableError):
+        watch.outcome()
+    after = worker.start(lambda: worker.service.put("k", 2, timeout_s=30.0))
+    worker.finish(after)
+    with pytest.raises(OutcomeUnknownError):
+        after.outcome()
+
+
+def test_backup_hands_over_the_file_that_came_with_the_reply(worker: Worker) -> None:
+    call = worker.start(lambda: worker.service.backup(Consistency.STALE, 5.0))
+    [request] = worker.requests_of(1)
+    assert request.op is RequestOp.BACKUP
+    with tempfile.TemporaryFile() as f:
+        f.write(b"0123456789" * 100_000)
+        f.flush()
+        worker.raft.reply_with_fd(request.rid, [42, "abc", 1_000_000, "blake2b-256"],
+                                  f.fileno())
+    worker.finish(call)
+    backup = call.outcome()
+    try:
+        assert (backup.index, backup.checksum, backup.length_bytes) == (42, "abc", 1_000_000)
+        assert b"".join(backup.chunks) == b"0123456789" * 100_000
+    finally:
+        backup.chunks.close()
+
+
+def test_a_backup_reply_without_its_file_is_unavailable(worker: Worker) -> None:
+    call = worker.start(lambda: worker.service.backup(Consistency.STALE, 5.0))
+    [request] = worker.requests_of(1)
+    worker.raft.reply((request.rid, True, [42, "abc", 0, "blake2b-256"]))
+    worker.finish(call)
+    with pytest.raises(UnavailableError, match="did not arrive"):
+        call.outcome()
+
+
+def test_readiness_of_a_stopping_node_is_answered_without_asking(worker: Worker) -> None:
+    worker.raft.push({"role": "follower", "leader": "n1", "stopping": True})
+    worker.turn_until(lambda: worker.view.stopping, "the push")
+    call = worker.start(worker.service.readiness)
+    worker.finish(call)
+    assert call.outcome().ready is False
+    worker.raft.poll()
+    assert worker.raft.requests == []
