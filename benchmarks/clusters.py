@@ -321,6 +321,13 @@ class RaftkvCluster:
     def mark_busy(self) -> None:
         self._busy_at = time.monotonic()
 
+    def local_nodes(self) -> list[tuple[str, Endpoint, int]]:
+        """(node id, client endpoint, Raft process pid) of each running node started here."""
+        if self._local is None:
+            return []
+        return [(n.node_id, Endpoint(n.http_host, n.http_port), n.pid)
+                for n in self._local.nodes if n.pid is not None and n.running]
+
     def worker_counts(self) -> dict[Endpoint, WorkerCounts] | None:
         if self._local is None:
             return None
