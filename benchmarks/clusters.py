@@ -107,6 +107,10 @@ class Target(Protocol):
         """Load was sent just now (worker_counts waits for the quiet after it)."""
         ...
 
+    def watches_held(self, endpoint: Endpoint) -> int | None:
+        """How many watches the node at `endpoint` holds, if it says (raftkv's /status)."""
+        ...
+
     def describe(self) -> dict[str, object]: ...
 
     def close(self) -> None: ...
@@ -321,6 +325,12 @@ class RaftkvCluster:
     def mark_busy(self) -> None:
         self._busy_at = time.monotonic()
 
+    def watches_held(self, endpoint: Endpoint) -> int | None:
+        code, st = _request(endpoint, "GET", "/status", timeout_s=2.0)
+        if code != 200 or not isinstance(st, dict):
+            return None
+        return int(st.get("extra", {}).get("watches", 0))
+
     def local_nodes(self) -> list[tuple[str, Endpoint, int]]:
         """(node id, client endpoint, Raft process pid) of each running node started here."""
         if self._local is None:
@@ -484,6 +494,9 @@ class EtcdCluster:
 
     def mark_busy(self) -> None:
         pass
+
+    def watches_held(self, endpoint: Endpoint) -> int | None:
+        return None  # each stream says `created` when it is registered
 
     def describe(self) -> dict[str, object]:
         return {"system": "etcd", "members": [str(ep) for ep in self._endpoints],

@@ -336,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if point.kind is Kind.WATCH:
             specs, writer = watch_specs(plan, point, cluster.system, leader.endpoint,
                                         cluster.current_index(), "profile")
-            result = run_watch_load(specs, writer, profiler, grace_s=plan.watch.grace_s)
+            result = run_watch_load(specs, writer, profiler, grace_s=plan.watch.grace_s,
+                                    registered=lambda: cluster.watches_held(leader.endpoint))
             ops_per_s = (result.writes.completed_in_window() / result.writes.window_s
                          if result.writes.window_s > 0 else 0.0)
         else:

@@ -68,6 +68,7 @@ __all__ = [
     "WatcherLog",
     "WriteLog",
     "WriterSpec",
+    "etcd_message",
     "match_deliveries",
     "run_watch_load",
 ]
@@ -83,6 +84,8 @@ _CONNECT_TIMEOUT_S: Final = 5.0
 _RETRY_S: Final = 0.2
 _LOOP_TICK_S: Final = 0.05
 _SPAWN_TIMEOUT_S: Final = 120.0
+_ARM_TIMEOUT_S: Final = 60.0
+"""etcd: how long the streams may take to say they are registered."""
 _WATCH_SLACK_S: Final = 10.0
 """A long poll not answered this long past its own timeout is dropped and armed again."""
 _RAFTKV_INDEX: Final = re.compile(rb'"index":\s*(\d+)')
@@ -298,15 +301,25 @@ class ChunkedLines:
         return out
 
 
-def etcd_event_revisions(line: bytes) -> tuple[list[int], str | None]:
-    """(mod_revisions of the events, error) of one message of an etcd watch stream."""
+@dataclass(frozen=True, slots=True)
+class EtcdMessage:
+    revisions: list[int]
+    """mod_revision of each event."""
+    created: bool = False
+    """The watch is registered (its first message)."""
+    error: str | None = None
+
+
+def etcd_message(line: bytes) -> EtcdMessage:
+    """One message of an etcd watch stream."""
     msg = json.loads(line)
     if "error" in msg:
-        return [], str(msg["error"])[:200]
+        return EtcdMessage([], error=str(msg["error"])[:200])
     result = msg.get("result", {})
     if result.get("canceled"):
-        return [], f"canceled: {result.get('cancel_reason', '')}"[:200]
-    return [int(ev["kv"]["mod_revision"]) for ev in result.get("events", ())], None
+        return EtcdMessage([], error=f"canceled: {result.get('cancel_reason', '')}"[:200])
+    return EtcdMessage([int(ev["kv"]["mod_revision"]) for ev in result.get("events", ())],
+                       created=bool(result.get("created")))
 
 
 # --------------------------------------------------------------------------- watch process
@@ -334,6 +347,20 @@ class _Watcher:
         self.retry: list[_Watch] = []
         self.targets: dict[int, int] | None = None
         self.finish_by = 0.0
+        self.created: set[int] = set()
+        """etcd: the watches whose stream said it is registered."""
+        self.armed_by = 0.0
+        self.armed_sent = False
+
+    def report_armed(self, now: float) -> None:
+        """Tell the parent once every watch is armed: raftkv, once every request is sent (the
+        parent asks the node how many it holds); etcd, once every stream said `created`."""
+        if self.armed_sent:
+            return
+        if (self.spec.system is System.RAFTKV or len(self.created) == len(self.watches)
+                or now >= self.armed_by):
+            self.armed_sent = True
+            self.pipe.send(_ARMED)
 
     def count(self, kind: str) -> None:
         self.log.errors[kind] = self.log.errors.get(kind, 0) + 1
@@ -429,11 +456,13 @@ class _Watcher:
         try:
             lines = w.stream.feed(data)
             for line in lines:
-                revisions, error = etcd_event_revisions(line)
-                if error is not None:
+                msg = etcd_message(line)
+                if msg.error is not None:
                     self.broken(w, "stream_error")
                     return
-                for rev in revisions:
+                if msg.created:
+                    self.created.add(w.wid)
+                for rev in msg.revisions:
                     self.observe(w, rev, now)
         except (ProtocolError, ValueError, KeyError):
             self.broken(w, "bad_response")
@@ -463,9 +492,10 @@ class _Watcher:
 
     def run(self) -> WatcherLog:
         now = time.perf_counter()
+        self.armed_by = now + _ARM_TIMEOUT_S
         for w in self.watches:
             self.arm(w, now)
-        self.pipe.send(_ARMED)
+        self.report_armed(now)
         cpu0, t0 = time.process_time(), time.perf_counter()
         self.sel.register(self.pipe.fileno(), selectors.EVENT_READ, None)
         next_tick = t0 + _LOOP_TICK_S
@@ -474,6 +504,7 @@ class _Watcher:
             if now >= next_tick:
                 next_tick = now + _LOOP_TICK_S
                 self.housekeeping(now)
+                self.report_armed(now)
             for key, _mask in self.sel.select(max(0.0, next_tick - now)):
                 if key.data is None:
                     message = self.pipe.recv()
@@ -704,9 +735,14 @@ def _writer_main(spec: WriterSpec, pipe: Connection) -> None:
 # --------------------------------------------------------------------------- the parent
 def run_watch_load(watch_specs: Sequence[WatchSpec], writer_spec: WriterSpec,
                    observer: WindowObserver | None = None, grace_s: float = 10.0,
-                   settle_s: float = 0.5) -> WatchLoadResult:
+                   settle_s: float = 0.2,
+                   registered: Callable[[], int | None] | None = None) -> WatchLoadResult:
     """Arm every watch, run the writer (the observer sees its window), then let the watchers
-    catch up with the last acknowledged write of each key (at most `grace_s`)."""
+    catch up with the last acknowledged write of each key (at most `grace_s`).
+
+    The writer starts once every watch is armed: an etcd stream says so; for raftkv long
+    polls, `registered` (the watches the node holds, e.g. its /status; None: it does not
+    say) is polled until it counts them all; then `settle_s` more."""
     ctx = multiprocessing.get_context("spawn")
     procs: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
 
@@ -726,8 +762,18 @@ def run_watch_load(watch_specs: Sequence[WatchSpec], writer_spec: WriterSpec,
         for pipe in watch_pipes:
             pipe.send(_GO)
         for pipe in watch_pipes:
-            expect(pipe, _ARMED, _SPAWN_TIMEOUT_S)
-        time.sleep(settle_s)  # let the node file the watches just sent
+            expect(pipe, _ARMED, _SPAWN_TIMEOUT_S + _ARM_TIMEOUT_S)
+        if registered is not None:
+            total = sum(len(s.watchers) for s in watch_specs)
+            deadline = time.monotonic() + _ARM_TIMEOUT_S
+            held = registered()
+            while held is not None and held < total:  # None: the node does not say
+                if time.monotonic() > deadline:
+                    raise LoadError(f"the node holds {held} of the {total} watches "
+                                    f"after {_ARM_TIMEOUT_S:g} s")
+                time.sleep(_LOOP_TICK_S)
+                held = registered()
+        time.sleep(settle_s)
         writer_pipe.send((_GO, observer is not None))
         longest = (writer_spec.warmup_s + writer_spec.seconds
                    + 2 * writer_spec.request_timeout_s + 30)

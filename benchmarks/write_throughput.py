@@ -282,7 +282,8 @@ def _watch_run(target: Target, plan: Plan, point: Point, leader: Endpoint, run_t
                sampler: ServerSampler) -> _Outcome:
     specs, writer = watch_specs(plan, point, target.system, leader, target.current_index(),
                                 run_tag)
-    result = run_watch_load(specs, writer, sampler, grace_s=plan.watch.grace_s)
+    result = run_watch_load(specs, writer, sampler, grace_s=plan.watch.grace_s,
+                            registered=lambda: target.watches_held(leader))
     writes, d = result.writes, result.deliveries
     completed = writes.completed_in_window()
     window_s = writes.window_s
@@ -580,7 +581,7 @@ def _print_report(records: Sequence[RunRecord], plan: Plan,
     if budget_checks:
         print("\nper-process budgets at put/leader/c16")
         print(format_checks(budget_checks))
-    if any(s.system == System.ETCD.value for s in points):
+    if any(s.system == System.ETCD.value and s.kind != Kind.WATCH.value for s in points):
         print("\ntargets")
         print(format_checks(target_checks))
     if batch_check is not None:

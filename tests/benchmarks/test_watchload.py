@@ -19,7 +19,7 @@ from benchmarks.watchload import (
     WatchSpec,
     WriteLog,
     WriterSpec,
-    etcd_event_revisions,
+    etcd_message,
     match_deliveries,
     run_watch_load,
     writer_keys,
@@ -94,8 +94,10 @@ def test_chunked_lines_across_reads() -> None:
     for i in range(0, len(raw), 7):
         lines += stream.feed(raw[i:i + 7])
     assert stream.status == 200
-    assert [etcd_event_revisions(line) for line in lines] == [([], None), ([7, 8], None)]
-    assert etcd_event_revisions(b'{"error":{"grpc_code":14}}')[1] is not None
+    messages = [etcd_message(line) for line in lines]
+    assert [(m.revisions, m.created, m.error) for m in messages] == [
+        ([], True, None), ([7, 8], False, None)]
+    assert etcd_message(b'{"error":{"grpc_code":14}}').error is not None
 
 
 # --------------------------------------------------------------------------- end to end
@@ -111,6 +113,8 @@ class FakeLongPoll(ThreadingHTTPServer):
         self.cond = threading.Condition()
         self.index = 0
         self.keys: dict[str, tuple[str, int]] = {}
+        self.waiting = 0
+        """Long polls held now (what raftkv's /status calls `watches`)."""
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # a watcher that finished closes its long polls: broken pipes are expected
@@ -153,7 +157,9 @@ class _Handler(BaseHTTPRequestHandler):
             return key not in s.deaf and s.keys.get(key, ("", 0))[1] > after
 
         with s.cond:
+            s.waiting += 1
             seen = s.cond.wait_for(changed, timeout_s)
+            s.waiting -= 1
             value, index = s.keys.get(key, ("", 0))
         if seen:
             self._answer({"value": value, "index": index, "changed": True})
@@ -180,7 +186,8 @@ def _run(server: FakeLongPoll) -> tuple[int, int, int, set[int], int]:
              for p in range(2)]
     writer = WriterSpec(System.RAFTKV, endpoint, 4, 40.0, (0, 1, 2, 3), (4, 5, 6, 7), "t",
                         64, 0.2, 1.0, 5.0)
-    result = run_watch_load(specs, writer, grace_s=1.0, settle_s=0.1)
+    result = run_watch_load(specs, writer, grace_s=1.0, settle_s=0.1,
+                            registered=lambda: server.waiting)
     d = result.deliveries
     return (d.expected, d.delivered, len(d.missed), {k for _, k, _ in d.missed},
             sum(w.rearmed_after_timeout for w in result.watchers))
