@@ -56,6 +56,8 @@ class ProcessRow:
     """procstat.BOTH, APPEARED or GONE."""
     cpu_s: float
     context_switches: int
+    """Voluntary + involuntary (preemptions: other tenants of the machine show there)."""
+    voluntary_cs: int
     us_per_op: float
     cs_per_op: float
     requests: int | None = None
@@ -79,6 +81,8 @@ class CpuRecord:
     leader_main_us_per_op: float
     """The leader's Raft process (raftkv) or the leader member (etcd)."""
     leader_main_cs_per_op: float
+    leader_main_voluntary_cs_per_op: float
+    """The context switches it asked for (a wait, a blocking call), per op."""
     leader_worker_us_per_request: dict[str, float]
     """By worker index."""
     follower_main_us_per_op: dict[str, float]
@@ -125,7 +129,7 @@ def account(usage: Mapping[str, NodeUsage], leader: str, ops: int, window_s: flo
     follower_main: dict[str, float] = {}
     follower_all: dict[str, float] = {}
     worker_us: dict[str, float] = {}
-    leader_main_us = leader_main_cs = float("nan")
+    leader_main_us = leader_main_cs = leader_main_vcs = float("nan")
     for node, u in sorted(usage.items()):
         role = LEADER if node == leader else FOLLOWER
         index_of: dict[int, int] = {}
@@ -144,6 +148,7 @@ def account(usage: Mapping[str, NodeUsage], leader: str, ops: int, window_s: flo
                 node=node, node_role=role, process=kind, pid=p.pid,
                 worker=index_of.get(p.pid) if kind == "worker" else None, seen=p.seen,
                 cpu_s=p.cpu_s, context_switches=p.context_switches,
+                voluntary_cs=p.voluntary_cs,
                 us_per_op=_per(p.cpu_s, ops, 1e6), cs_per_op=_per(p.context_switches, ops, 1),
                 requests=None if run is None else run[1],
                 run_cpu_s=None if run is None else run[2], us_per_request=per_request)
@@ -153,6 +158,7 @@ def account(usage: Mapping[str, NodeUsage], leader: str, ops: int, window_s: flo
             rows.append(main_row)
             if role == LEADER:
                 leader_main_us, leader_main_cs = main_row.us_per_op, main_row.cs_per_op
+                leader_main_vcs = _per(main_row.voluntary_cs, ops, 1)
             else:
                 follower_main[node] = main_row.us_per_op
         for child in u.children:
@@ -172,6 +178,7 @@ def account(usage: Mapping[str, NodeUsage], leader: str, ops: int, window_s: flo
         server_ms_per_op=_per(total, ops, 1e3), server_cores=total / seconds,
         leader_cores=lead_cpu / seconds, leader_us_per_op=_per(lead_cpu, ops, 1e6),
         leader_main_us_per_op=leader_main_us, leader_main_cs_per_op=leader_main_cs,
+        leader_main_voluntary_cs_per_op=leader_main_vcs,
         leader_worker_us_per_request=worker_us, follower_main_us_per_op=follower_main,
         follower_us_per_op=follower_all,
         reaped_cpu_s=sum(u.reaped_cpu_s for u in usage.values()),

@@ -141,6 +141,7 @@ class PointSummary:
     leader_us_per_op: float | None = None
     leader_main_us_per_op: float | None = None
     leader_main_cs_per_op: float | None = None
+    leader_main_voluntary_cs_per_op: float | None = None
     worker_us_per_request: dict[str, float] = field(default_factory=dict)
     """Each leader worker's (by index), median over runs."""
     worker_us_per_request_max: float | None = None
@@ -223,6 +224,8 @@ def summarize(records: Sequence[RunRecord]) -> list[PointSummary]:
             leader_us_per_op=_cpu_median(runs, lambda c: c.leader_us_per_op),
             leader_main_us_per_op=_cpu_median(runs, lambda c: c.leader_main_us_per_op),
             leader_main_cs_per_op=_cpu_median(runs, lambda c: c.leader_main_cs_per_op),
+            leader_main_voluntary_cs_per_op=_cpu_median(
+                runs, lambda c: c.leader_main_voluntary_cs_per_op),
             worker_us_per_request={w: v for w, v in per_worker.items() if v is not None},
             worker_us_per_request_max=_cpu_median(
                 runs, lambda c: _max_or_none(c.leader_worker_us_per_request.values())),

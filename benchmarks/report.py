@@ -53,7 +53,8 @@ def format_table(summaries: Sequence[PointSummary], batch_ops: int) -> str:
 
 def format_cpu_table(summaries: Sequence[PointSummary]) -> str:
     """Where the servers' CPU went, per operation (benchmarks.accounting)."""
-    header = ("system", "point", "server ms/op", "leader us/op", "main us/op", "main cs/op",
+    header = ("system", "point", "server ms/op", "leader us/op", "main us/op",
+              "main cs/op (vol)",
               "leader workers us/req", "follower main us/op", "follower all us/op", "changed")
     rows = [header]
     for s in summaries:
@@ -63,7 +64,8 @@ def format_cpu_table(summaries: Sequence[PointSummary]) -> str:
             s.worker_us_per_request.items(), key=lambda kv: int(kv[0]))) or "-"
         rows.append((s.label, s.point, fmt(s.server_ms_per_op, ".3f"),
                      fmt(s.leader_us_per_op, ".0f"), fmt(s.leader_main_us_per_op, ".0f"),
-                     fmt(s.leader_main_cs_per_op, ".2f"), workers,
+                     f"{fmt(s.leader_main_cs_per_op, '.2f')} "
+                     f"({fmt(s.leader_main_voluntary_cs_per_op, '.2f')})", workers,
                      fmt(s.follower_main_us_per_op_max, ".0f"),
                      fmt(s.follower_us_per_op_max, ".0f"), str(s.processes_changed)))
     return align(rows, left=2) if len(rows) > 1 else ""
@@ -155,6 +157,8 @@ def budgets(summaries: Sequence[PointSummary]) -> list[Check]:
                    at_most=True, unit=" us", spec=".0f"),
             _check(s.label, "Raft process context switches per write",
                    s.leader_main_cs_per_op, 1.0, at_most=True, unit="", spec=".2f"),
+            _check(s.label, "  of which voluntary (preemptions left out)",
+                   s.leader_main_voluntary_cs_per_op, 1.0, at_most=True, unit="", spec=".2f"),
             _check(s.label, "each leader worker, CPU per request",
                    s.worker_us_per_request_max, 180, at_most=True, unit=" us", spec=".0f"),
             _check(s.label, "each follower (all its processes), CPU per write",

@@ -596,7 +596,9 @@ def _print_report(records: Sequence[RunRecord], plan: Plan,
           "leader CPU: the leader's processes; in cores (this machine has "
           f"{os.cpu_count()}; its 1-minute load average during the runs: "
           f"{min(loads):.1f}..{max(loads):.1f}). main: a raftkv node's Raft process, an etcd "
-          "member. cs: context switches. lost: acknowledged writes lost + watch changes missed")
+          "member. cs: context switches, voluntary + involuntary (vol: voluntary only; the "
+          "involuntary ones are preemptions, where other tenants of the machine show). "
+          "lost: acknowledged writes lost + watch changes missed")
     return {"points": [asdict(s) for s in points], "ratios": ratio_rows,
             "budgets": [c.as_dict() for c in budget_checks],
             "targets": [c.as_dict() for c in target_checks], "batch_target": batch_check}

@@ -32,6 +32,7 @@ def test_per_op_figures_by_process_and_node_role() -> None:
     assert cpu.leader_us_per_op == pytest.approx(1500)
     assert cpu.leader_main_us_per_op == pytest.approx(500)
     assert cpu.leader_main_cs_per_op == pytest.approx(1.0)
+    assert cpu.leader_main_voluntary_cs_per_op == pytest.approx(1.0)
     assert cpu.follower_main_us_per_op == {FOLLOWER: pytest.approx(200)}
     assert cpu.follower_us_per_op == {FOLLOWER: pytest.approx(200)}
     assert cpu.node_cpu_s == {LEADER: pytest.approx(1.5), FOLLOWER: pytest.approx(0.2)}
