@@ -27,12 +27,15 @@ child it has at that moment:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 __all__ = [
+    "APPEARED",
+    "BOTH",
+    "GONE",
     "PROC",
     "NodeSample",
     "NodeUsage",
@@ -40,8 +43,10 @@ __all__ = [
     "ProcessUsage",
     "child_pids",
     "node_usage",
+    "process_usage",
     "read_sample",
     "sample_node",
+    "usage_by_node",
 ]
 
 PROC: Final = Path("/proc")
@@ -221,7 +226,3 @@ def usage_by_node(opened: Mapping[str, NodeSample],
     """node_usage of every node sampled at both ends."""
     return {node: node_usage(opened[node], closed[node])
             for node in opened if node in closed}
-
-
-def total_cpu_s(usages: Iterable[NodeUsage]) -> float:
-    return sum(u.cpu_s for u in usages)
