@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TOKEN_FILE := .cluster-token
 
 .PHONY: help venv test lint typecheck unit sim run cluster clean-venv cluster-token \
-	wheels image up down logs ps clean test-docker docker-host bench bench-storage faults \
+	wheels image up down logs ps clean test-docker docker-host bench bench-storage profile faults \
 	tls-init nginx-image
 
 help:
@@ -27,6 +27,7 @@ help:
 	@echo "make docker-host   (root) install and start a Docker engine if need be; print the base image"
 	@echo "make bench [ARGS='--compare etcd']   write throughput of a fresh local cluster (JSON + PNG in benchmarks/results/)"
 	@echo "make bench-storage   synced appends/s and snapshot save/load times"
+	@echo "make profile [ARGS='--point put/leader/c16 --seconds 20']   py-spy of every process of a leader and a follower under load"
 	@echo "make faults SECONDS=300 SEED=n [NODES=5 MIX=all|kills|partitions|pauses|restarts]   a long fault-injection run"
 
 $(STAMP): pyproject.toml
@@ -83,6 +84,9 @@ bench: $(BENCH_STAMP)
 
 bench-storage: $(STAMP)
 	$(PY) -m benchmarks.bench_storage $(ARGS)
+
+profile: $(BENCH_STAMP)
+	$(PY) -m benchmarks.profile_node $(ARGS)
 
 # ---------------------------------------------------------------------------- fault injection
 SECONDS ?= 300

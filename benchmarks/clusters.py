@@ -1,10 +1,18 @@
 """The systems under test: a raftkv or etcd cluster, started here on loopback or given by URL.
 
 A `Target` finds the current leader, preloads keys, reads every benchmark key back
-(linearizably) and, when it started the servers itself, reports their CPU time. A raftkv
-cluster is started by raftkv.localcluster (as `raftkv cluster` and the tests start theirs);
-etcd members by _Processes here. Processes started here are stopped by pid on close(); every
-wait is a condition polled against a deadline (raftkv.localcluster.wait_until).
+(linearizably) and, when it started the servers itself, samples their processes from /proc
+(benchmarks.procstat: a raftkv node is its Raft process and its HTTP worker processes, an etcd
+member one process). A raftkv cluster is started by raftkv.localcluster (as `raftkv cluster`
+and the tests start theirs); etcd members by _Processes here. Processes started here are
+stopped by pid on close(); every wait is a condition polled against a deadline
+(raftkv.localcluster.wait_until).
+
+Requests per raftkv worker: each worker tells its Raft process how many requests it answered
+about once a second (`/status` shows it under extra.workers, `/metrics` as
+raftkv_worker_requests_total), so a count read during a run may be up to two seconds old.
+`worker_counts()` therefore reads them only when the node has been idle for
+`WORKER_COUNTS_SETTLE_S` (before a run, and after it), with the workers' CPU at that moment.
 """
 
 from __future__ import annotations
@@ -17,13 +25,16 @@ import secrets
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 from urllib.parse import quote
 
+from benchmarks.accounting import WorkerCounts
 from benchmarks.loadgen import KEY_PREFIX, Endpoint, System, key_name, preload_value
+from benchmarks.procstat import NodeSample, read_sample, sample_node
 from raftkv.localcluster import ClusterError, LocalCluster, free_port, http_json, wait_until
 
 __all__ = [
@@ -34,6 +45,7 @@ __all__ = [
     "Leadership",
     "RaftkvCluster",
     "Target",
+    "WorkerCounts",
     "etcd_binary",
     "parse_endpoints",
 ]
@@ -48,7 +60,9 @@ ETCD_MAX_TXN_OPS: Final = 128
 """etcd refuses transactions of more operations (its --max-txn-ops default)."""
 _ETCD_PRELOAD_OPS: Final = 100
 _RAFTKV_LIST_LIMIT: Final = 10_000
-_CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+WORKER_COUNTS_SETTLE_S: Final = 2.2
+"""A worker sends its counts at most 1 s after the last time, checked once per turn of its
+loop, which an idle worker turns once a second: 2 s of quiet and every count is current."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +74,8 @@ class Leadership:
 
 class Target(Protocol):
     system: System
+    label: str
+    """The system and its variant, as the tables show it (`raftkv`, `raftkv-w1`, `etcd`)."""
 
     @property
     def endpoints(self) -> list[Endpoint]: ...
@@ -74,9 +90,25 @@ class Target(Protocol):
 
     def read_one(self, key_id: int) -> str | None: ...
 
-    def server_cpu_s(self) -> dict[Endpoint, float] | None:
-        """CPU seconds used so far by each server process (by its client endpoint), if they
-        were started here."""
+    def current_index(self) -> int:
+        """The leader's latest index (raftkv) or revision (etcd): later writes get more."""
+        ...
+
+    def server_processes(self) -> dict[Endpoint, NodeSample] | None:
+        """Each node's processes now (by its client endpoint), if they were started here."""
+        ...
+
+    def worker_counts(self) -> dict[Endpoint, WorkerCounts] | None:
+        """Each node's per-worker request counts, once the node is quiet (module doc); None
+        when the system has no workers or was not started here."""
+        ...
+
+    def mark_busy(self) -> None:
+        """Load was sent just now (worker_counts waits for the quiet after it)."""
+        ...
+
+    def watches_held(self, endpoint: Endpoint) -> int | None:
+        """How many watches the node at `endpoint` holds, if it says (raftkv's /status)."""
         ...
 
     def describe(self) -> dict[str, object]: ...
@@ -114,17 +146,6 @@ def parse_endpoints(text: str) -> list[Endpoint]:
     return endpoints
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
-
-
 class _Processes:
     """Server processes started here: logs to files, killed by pid."""
 
@@ -146,8 +167,9 @@ class _Processes:
                 raise ClusterError(f"{name} exited with status {proc.returncode}; its log "
                                    f"is {log}:\n{_tail(log)}")
 
-    def cpu_s(self) -> dict[Endpoint, float]:
-        return {self.endpoints[name]: process_cpu_s(proc.pid) for name, proc, _ in self.procs}
+    def samples(self) -> dict[Endpoint, NodeSample]:
+        return {self.endpoints[name]: NodeSample(read_sample(proc.pid))
+                for name, proc, _ in self.procs}
 
     def close(self) -> None:
         for _, proc, _ in self.procs:
@@ -188,23 +210,33 @@ class _KeepAlive:
 
 
 # --------------------------------------------------------------------------- raftkv
+def variant_label(http_workers: int | None) -> str:
+    """`raftkv` for the default worker count (one per CPU), `raftkv-w<n>` otherwise."""
+    return "raftkv" if not http_workers else f"raftkv-w{http_workers}"
+
+
 class RaftkvCluster:
     """3 local `raftkv serve` processes (durable, default timing) or the nodes at `urls`."""
 
     system = System.RAFTKV
 
     def __init__(self, endpoints: list[Endpoint], local: LocalCluster | None = None,
-                 settings: Mapping[str, str] | None = None) -> None:
+                 settings: Mapping[str, str] | None = None, label: str = "raftkv") -> None:
         self._endpoints = endpoints
         self._local = local
         self._settings = dict(settings or {})
+        self.label = label
+        self._busy_at = time.monotonic()
 
     @classmethod
-    def start_local(cls, base_dir: Path, nodes: int = 3) -> RaftkvCluster:
-        settings = {"RAFTKV_UNSAFE_NO_FSYNC": "false", "RAFTKV_LOG_LEVEL": "INFO"}
+    def start_local(cls, base_dir: Path, nodes: int = 3,
+                    http_workers: int | None = None) -> RaftkvCluster:
+        """`http_workers`: RAFTKV_HTTP_WORKERS (None or 0: the default, one per CPU)."""
+        settings = {"RAFTKV_UNSAFE_NO_FSYNC": "false", "RAFTKV_LOG_LEVEL": "INFO",
+                    "RAFTKV_HTTP_WORKERS": str(http_workers or 0)}
         local = LocalCluster(base_dir, nodes, env=settings)  # a random cluster token
         cluster = cls([Endpoint(n.http_host, n.http_port) for n in local.nodes], local,
-                      settings)
+                      settings, variant_label(http_workers))
         try:
             local.start_all()
             cluster.wait_ready(_START_TIMEOUT_S)
@@ -240,6 +272,7 @@ class RaftkvCluster:
 
     def preload(self, key_count: int, value_bytes: int) -> None:
         conn = _KeepAlive(self.leader().endpoint)
+        self.mark_busy()
         try:
             for first in range(0, key_count, _RAFTKV_PRELOAD_OPS):
                 ops = [{"op": "put", "key": key_name(i), "value": preload_value(i, value_bytes)}
@@ -249,10 +282,12 @@ class RaftkvCluster:
                     raise ClusterError(f"preloading raftkv failed: {code} {body}")
         finally:
             conn.close()
+            self.mark_busy()
 
     def read_back(self, key_count: int) -> dict[int, str]:
         found: dict[int, str] = {}
         leader = self.leader().endpoint
+        self.mark_busy()
         # The list answer holds at most 10,000 keys: one request per leading digit of the id.
         for digit in range((key_count + _RAFTKV_LIST_LIMIT - 1) // _RAFTKV_LIST_LIMIT):
             prefix = quote(f"{KEY_PREFIX}{digit}")
@@ -275,14 +310,57 @@ class RaftkvCluster:
             raise ClusterError(f"reading {key_name(key_id)} failed: {code} {body}")
         return str(body["value"])
 
-    def server_cpu_s(self) -> dict[Endpoint, float] | None:
+    def current_index(self) -> int:
+        code, st = _request(self.leader().endpoint, "GET", "/status")
+        if code != 200 or not isinstance(st, dict):
+            raise ClusterError(f"raftkv /status answered {code}: {st}")
+        return int(st["applied_index"])
+
+    def server_processes(self) -> dict[Endpoint, NodeSample] | None:
         if self._local is None:
             return None
-        return {Endpoint(n.http_host, n.http_port): process_cpu_s(n.pid)
+        return {Endpoint(n.http_host, n.http_port): sample_node(n.pid)
                 for n in self._local.nodes if n.pid is not None}
 
+    def mark_busy(self) -> None:
+        self._busy_at = time.monotonic()
+
+    def watches_held(self, endpoint: Endpoint) -> int | None:
+        code, st = _request(endpoint, "GET", "/status", timeout_s=2.0)
+        if code != 200 or not isinstance(st, dict):
+            return None
+        return int(st.get("extra", {}).get("watches", 0))
+
+    def local_nodes(self) -> list[tuple[str, Endpoint, int]]:
+        """(node id, client endpoint, Raft process pid) of each running node started here."""
+        if self._local is None:
+            return []
+        return [(n.node_id, Endpoint(n.http_host, n.http_port), n.pid)
+                for n in self._local.nodes if n.pid is not None and n.running]
+
+    def worker_counts(self) -> dict[Endpoint, WorkerCounts] | None:
+        if self._local is None:
+            return None
+        quiet_at = self._busy_at + WORKER_COUNTS_SETTLE_S
+        time.sleep(max(0.0, quiet_at - time.monotonic()))
+        counts: dict[Endpoint, WorkerCounts] = {}
+        for n in self._local.nodes:
+            if n.pid is None:
+                continue
+            ep = Endpoint(n.http_host, n.http_port)
+            code, st = _request(ep, "GET", "/status", timeout_s=2.0)
+            sample = sample_node(n.pid)
+            if code != 200 or not isinstance(st, dict):
+                raise ClusterError(f"raftkv {n.node_id} /status answered {code}: {st}")
+            workers = st.get("extra", {}).get("workers", [])
+            counts[ep] = WorkerCounts(
+                {int(w["pid"]): (int(w["index"]), int(w["requests"]))
+                 for w in workers if w.get("pid") and w.get("up")}, sample)
+        return counts
+
     def describe(self) -> dict[str, object]:
-        return {"system": "raftkv", "nodes": [str(ep) for ep in self._endpoints],
+        return {"system": "raftkv", "label": self.label,
+                "nodes": [str(ep) for ep in self._endpoints],
                 "started_here": self._local is not None, "settings": self._settings}
 
     def close(self) -> None:
@@ -308,6 +386,7 @@ class EtcdCluster:
     spoken to through the v3 JSON gateway."""
 
     system = System.ETCD
+    label = "etcd"
 
     def __init__(self, endpoints: list[Endpoint], processes: _Processes | None = None,
                  version: str = "") -> None:
@@ -400,8 +479,24 @@ class EtcdCluster:
         kvs = body.get("kvs", [])
         return _unb64(kvs[0].get("value", "")) if kvs else None
 
-    def server_cpu_s(self) -> dict[Endpoint, float] | None:
-        return None if self._processes is None else self._processes.cpu_s()
+    def current_index(self) -> int:
+        code, body = _request(self.leader().endpoint, "POST", "/v3/kv/range",
+                               {"key": _b64(KEY_PREFIX)})
+        if code != 200 or not isinstance(body, dict):
+            raise ClusterError(f"etcd range answered {code}: {body}")
+        return int(body["header"]["revision"])
+
+    def server_processes(self) -> dict[Endpoint, NodeSample] | None:
+        return None if self._processes is None else self._processes.samples()
+
+    def worker_counts(self) -> dict[Endpoint, WorkerCounts] | None:
+        return None
+
+    def mark_busy(self) -> None:
+        pass
+
+    def watches_held(self, endpoint: Endpoint) -> int | None:
+        return None  # each stream says `created` when it is registered
 
     def describe(self) -> dict[str, object]:
         return {"system": "etcd", "members": [str(ep) for ep in self._endpoints],

@@ -41,8 +41,10 @@ __all__ = [
     "System",
     "WorkerResult",
     "WorkerSpec",
+    "expect",
     "key_name",
     "preload_value",
+    "receive",
     "run_load",
     "value_for",
 ]
@@ -72,6 +74,8 @@ class Kind(enum.Enum):
     """One linearizable single-key read per request."""
     BATCH = "batch"
     """`batch_ops` durable writes in one request (raftkv POST /batch, etcd a txn of puts)."""
+    WATCH = "watch"
+    """Many watches while a paced writer writes (benchmarks.watchload runs it, not this)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,19 +590,19 @@ def run_load(specs: Sequence[WorkerSpec], observer: WindowObserver | None = None
             child_end.close()
             procs.append((worker, parent_end))
         for _, pipe in procs:
-            _expect(pipe, _READY, _SPAWN_TIMEOUT_S)
+            expect(pipe, _READY, _SPAWN_TIMEOUT_S)
         for i, (_, pipe) in enumerate(procs):
             pipe.send((_GO, observer is not None and i == 0))
         longest = max(s.warmup_s + s.seconds + 2 * s.request_timeout_s for s in specs) + 30
         first = procs[0][1]
         if observer is not None:
-            _expect(first, _WINDOW_OPEN, longest)
+            expect(first, _WINDOW_OPEN, longest)
             observer.window_opened()
-            _expect(first, _WINDOW_CLOSED, longest)
+            expect(first, _WINDOW_CLOSED, longest)
             observer.window_closed()
         results = []
         for _, pipe in procs:
-            result = _receive(pipe, longest)
+            result = receive(pipe, longest)
             if not isinstance(result, WorkerResult):
                 raise LoadError(f"a load worker answered {result!r}")
             results.append(result)
@@ -611,7 +615,8 @@ def run_load(specs: Sequence[WorkerSpec], observer: WindowObserver | None = None
             proc.join(5)
 
 
-def _receive(pipe: Connection, timeout_s: float) -> object:
+def receive(pipe: Connection, timeout_s: float) -> object:
+    """The next message from a load process (LoadError if none comes, or it died)."""
     if not pipe.poll(timeout_s):
         raise LoadError(f"a load worker said nothing for {timeout_s:.0f}s")
     try:
@@ -620,7 +625,7 @@ def _receive(pipe: Connection, timeout_s: float) -> object:
         raise LoadError("a load worker died (see its traceback above)") from None
 
 
-def _expect(pipe: Connection, message: str, timeout_s: float) -> None:
-    got = _receive(pipe, timeout_s)
+def expect(pipe: Connection, message: str, timeout_s: float) -> None:
+    got = receive(pipe, timeout_s)
     if got != message:
         raise LoadError(f"a load worker said {got!r}, expected {message!r}")

@@ -1,25 +1,35 @@
-"""Durable write throughput of raftkv: single-key writes, linearizable reads, batched writes.
+"""Durable write throughput of raftkv: single-key writes, linearizable reads, batched writes,
+and watches; against etcd 3.4 in the same run, with the CPU every server process spent.
 
-    python -m benchmarks.write_throughput                     # a fresh local 3-node cluster
-    python -m benchmarks.write_throughput --urls 127.0.0.1:4001,4002,4003
+    python -m benchmarks.write_throughput                     # fresh local 3-node clusters
     python -m benchmarks.write_throughput --compare etcd      # the same load against etcd too
+    python -m benchmarks.write_throughput --urls 127.0.0.1:4001,4002,4003
     python -m benchmarks.write_throughput --quick             # a smoke run: 2 s per point
 
-Writes are 100-byte values over 10,000 keys at concurrency 1, 16 and 64 (keep-alive
-connections, one request in flight each), all sent to the leader or spread over every node;
-reads are linearizable GETs to the leader at concurrency 16; batched writes are POST /batch of
-100 puts at concurrency 16, counted in keys/s. Each point runs --seconds (after --warmup) and
---repeats times; the table shows medians. With --compare, the systems alternate run by run.
+Points (each runs --seconds after --warmup, --repeats times; the tables show medians):
+writes of 100-byte values over 10,000 keys to the leader at 1, 16 and 64 keep-alive
+connections (one request in flight each) and spread over every node at 64; linearizable reads
+from the leader at 16; POST /batch of 100 puts at 16 (in keys/s); and `watch/c1000`: 1,000
+watches on the leader while a paced writer writes the watched keys and as many unwatched ones
+(benchmarks.watchload says what is measured). With --compare, the systems alternate run by
+run; --http-workers 0,1 runs raftkv once per worker count (0: the default, one per CPU), each
+on a cluster of its own, labelled `raftkv` and `raftkv-w1`.
 
 After every write run, every acknowledged key is read back linearizably from the leader: a run
-that lost an acknowledged write is a FAILURE whatever its speed (exit status 1).
+that lost an acknowledged write is a FAILURE whatever its speed (exit status 1); so is a
+change that a watch never saw.
 
-The generator's own CPU use (worker process CPU time / wall time, in cores) is shown next to
-every figure, and, for servers started here, theirs. Results go to benchmarks/results/ as JSON
-and a PNG plot (the plot needs matplotlib: `pip install -e '.[bench]'`).
+Where the time goes: for servers started here, every process of every node (a raftkv node's
+Raft process and its HTTP workers; an etcd member) is sampled from /proc when the measurement
+window opens and closes (utime + stime, voluntary + involuntary context switches:
+benchmarks.procstat), and the CPU per operation is given for all of them, the leader, its main
+process, each leader worker (per request it answered: benchmarks.accounting) and each
+follower. At put/leader/c16 the issue's per-process budgets are checked, and with --compare
+its targets against etcd. The load generator's own CPU is shown next to every figure. Results
+go to benchmarks/results/ as JSON and a PNG plot (matplotlib: `pip install -e '.[bench]'`).
 
-Exit status: 0 ok, 1 an acknowledged write was lost, 2 bad usage, 3 a system could not be
-started or reached.
+Exit status: 0 ok, 1 an acknowledged write was lost or a watch missed a change, 2 bad usage,
+3 a system could not be started or reached.
 """
 
 from __future__ import annotations
@@ -31,17 +41,17 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Final
 
+from benchmarks.accounting import CpuRecord, WorkerCounts, account
 from benchmarks.clusters import (
     ETCD_INSTALL_HINT,
     ETCD_MAX_TXN_OPS,
@@ -57,20 +67,42 @@ from benchmarks.loadgen import (
     Endpoint,
     Kind,
     LoadError,
-    LoadResult,
     System,
     WorkerSpec,
     key_name,
     run_load,
 )
+from benchmarks.procstat import NodeSample, usage_by_node
+from benchmarks.records import (
+    LEADER,
+    SPREAD,
+    LostWrite,
+    Point,
+    RunRecord,
+    WatchRecord,
+    percentile,
+    summarize,
+)
+from benchmarks.report import (
+    batch_target,
+    budgets,
+    fmt,
+    format_checks,
+    format_cpu_table,
+    format_ratios,
+    format_table,
+    format_watch,
+    plot,
+    ratios,
+    targets,
+)
+from benchmarks.watchload import WatchSpec, WriterSpec, run_watch_load
 
 EXIT_OK: Final = 0
 EXIT_LOST_WRITES: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_UNAVAILABLE: Final = 3
 
-LEADER: Final = "leader"
-SPREAD: Final = "spread"
 RESULTS_DIR: Final = Path(__file__).resolve().parent / "results"
 MAX_KEYS: Final = 100_000
 """Key ids are written with five digits."""
@@ -78,18 +110,21 @@ MIN_VALUE_BYTES: Final = 32
 QUICK_SECONDS: Final = 2.0
 QUICK_WARMUP_S: Final = 0.5
 LOST_SHOWN: Final = 5
+MISSED_SHOWN: Final = 5
 
 
 # --------------------------------------------------------------------------- the plan
 @dataclass(frozen=True, slots=True)
-class Point:
-    kind: Kind
-    mode: str
-    concurrency: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind.value}/{self.mode}/c{self.concurrency}"
+class WatchPlan:
+    keys: int
+    """Watched keys (as many unwatched ones are written too)."""
+    rate: float
+    """Writes per second, watched and unwatched keys together."""
+    writer_conns: int
+    timeout_s: float
+    """raftkv's long-poll timeout."""
+    grace_s: float
+    """How long the watches may take, after the last write, to see it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,17 +138,27 @@ class Plan:
     batch_ops: int
     workers: int
     request_timeout_s: float
+    watch: WatchPlan
 
 
 def make_points(concurrency: Sequence[int], modes: Sequence[str], workloads: Sequence[str],
-                read_concurrency: int, batch_concurrency: int) -> tuple[Point, ...]:
+                read_concurrency: int, batch_concurrency: int,
+                spread_concurrency: Sequence[int] | None = None,
+                watchers: int = 0) -> tuple[Point, ...]:
+    """Writes to the leader at each `concurrency`, spread at each `spread_concurrency` (by
+    default the same levels), reads, batches, and the watch point (if `watchers`)."""
     points: list[Point] = []
     if "put" in workloads:
-        points += [Point(Kind.PUT, mode, c) for mode in modes for c in concurrency]
+        for mode in modes:
+            levels = concurrency if mode == LEADER or spread_concurrency is None \
+                else spread_concurrency
+            points += [Point(Kind.PUT, mode, c) for c in levels]
     if "get" in workloads:
         points.append(Point(Kind.GET, LEADER, read_concurrency))
     if "batch" in workloads:
         points.append(Point(Kind.BATCH, LEADER, batch_concurrency))
+    if "watch" in workloads and watchers > 0:
+        points.append(Point(Kind.WATCH, LEADER, watchers))
     return tuple(points)
 
 
@@ -131,123 +176,66 @@ def worker_specs(plan: Plan, point: Point, system: System, endpoints: Sequence[E
             for w in range(processes)]
 
 
-# --------------------------------------------------------------------------- results
-@dataclass(frozen=True, slots=True)
-class LostWrite:
-    key: str
-    acknowledged: str
-    found: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class RunRecord:
-    system: str
-    point: str
-    kind: str
-    mode: str
-    concurrency: int
-    repeat: int
-    ops_per_s: float
-    """Keys written or read per second (for batches: keys, not requests)."""
-    requests_per_s: float
-    p50_ms: float
-    p99_ms: float
-    errors: dict[str, int]
-    generator_cpu_cores: float
-    server_cpu_cores: float | None
-    """All server processes together (None when they were not started here)."""
-    leader_cpu_cores: float | None
-    server_cpu_cores_by_node: dict[str, float]
-    load_average: float
-    """The machine's 1-minute load average at the end of the run (other tenants show here)."""
-    window_s: float
-    leader: str
-    leader_changed: bool
-    acknowledged_keys: int
-    lost_writes: list[LostWrite] = field(default_factory=list)
-    readback_anomalies: int = 0
-    """Keys the bulk read-back showed wrong but a single-key linearizable read showed right."""
-
-
-@dataclass(frozen=True, slots=True)
-class PointSummary:
-    system: str
-    point: str
-    kind: str
-    mode: str
-    concurrency: int
-    runs: int
-    ops_per_s: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-    generator_cpu_cores: float
-    server_cpu_cores: float | None
-    leader_cpu_cores: float | None
-    lost_writes: int
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
-def summarize(records: Sequence[RunRecord]) -> list[PointSummary]:
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
-    for r in records:
-        groups.setdefault((r.system, r.point), []).append(r)
-    summaries = []
-    for (system, label), runs in groups.items():
-        first = runs[0]
-        server = [r.server_cpu_cores for r in runs if r.server_cpu_cores is not None]
-        leader = [r.leader_cpu_cores for r in runs if r.leader_cpu_cores is not None]
-        summaries.append(PointSummary(
-            system=system, point=label, kind=first.kind, mode=first.mode,
-            concurrency=first.concurrency, runs=len(runs),
-            ops_per_s=statistics.median(r.ops_per_s for r in runs),
-            p50_ms=statistics.median(r.p50_ms for r in runs),
-            p99_ms=statistics.median(r.p99_ms for r in runs),
-            errors=sum(sum(r.errors.values()) for r in runs),
-            generator_cpu_cores=statistics.median(r.generator_cpu_cores for r in runs),
-            server_cpu_cores=statistics.median(server) if server else None,
-            leader_cpu_cores=statistics.median(leader) if leader else None,
-            lost_writes=sum(len(r.lost_writes) for r in runs)))
-    return summaries
+def watch_specs(plan: Plan, point: Point, system: System, endpoint: Endpoint,
+                start_index: int, run_tag: str) -> tuple[list[WatchSpec], WriterSpec]:
+    """Watcher w watches key w % keys (key ids 0..keys-1); the writer writes those and the
+    unwatched keys keys..2*keys-1. The watchers are dealt to `workers` processes."""
+    wp = plan.watch
+    watchers = [(w, w % wp.keys) for w in range(point.concurrency)]
+    processes = max(1, min(plan.workers, point.concurrency))
+    specs = [WatchSpec(system, endpoint, tuple(watchers[p::processes]), start_index,
+                       wp.timeout_s) for p in range(processes)]
+    writer = WriterSpec(system, endpoint, wp.writer_conns, wp.rate,
+                        tuple(range(wp.keys)), tuple(range(wp.keys, 2 * wp.keys)), run_tag,
+                        plan.value_bytes, plan.warmup_s, plan.seconds, plan.request_timeout_s)
+    return specs, writer
 
 
 # --------------------------------------------------------------------------- one run
-class ServerCpuSampler:
-    """Samples the servers' CPU time when the measurement window opens and closes."""
+class ServerSampler:
+    """Samples every server process (benchmarks.procstat) when the window opens and closes."""
 
     def __init__(self, target: Target) -> None:
         self._target = target
         self._opened_at = 0.0
         self._closed_at = 0.0
-        self._cpu_open: dict[Endpoint, float] | None = None
-        self._cpu_closed: dict[Endpoint, float] | None = None
+        self._open: dict[Endpoint, NodeSample] | None = None
+        self._closed: dict[Endpoint, NodeSample] | None = None
 
     def window_opened(self) -> None:
         self._opened_at = time.monotonic()
-        self._cpu_open = self._target.server_cpu_s()
+        self._open = self._target.server_processes()
 
     def window_closed(self) -> None:
         self._closed_at = time.monotonic()
-        self._cpu_closed = self._target.server_cpu_s()
+        self._closed = self._target.server_processes()
 
-    def cores(self) -> dict[Endpoint, float] | None:
-        """Cores used by each server during the window (None: not started here)."""
-        if self._cpu_open is None or self._cpu_closed is None:
+    @property
+    def seconds(self) -> float:
+        return max(1e-9, self._closed_at - self._opened_at)
+
+    def cpu(self, leader: Endpoint, ops: int, before: Mapping[Endpoint, WorkerCounts] | None,
+            after: Mapping[Endpoint, WorkerCounts] | None) -> CpuRecord | None:
+        """Where the servers' CPU went in the window (None: not started here)."""
+        if self._open is None or self._closed is None:
             return None
-        seconds = max(1e-9, self._closed_at - self._opened_at)
-        return {ep: (cpu - self._cpu_open.get(ep, 0.0)) / seconds
-                for ep, cpu in self._cpu_closed.items()}
+        usage = usage_by_node({str(ep): s for ep, s in self._open.items()},
+                              {str(ep): s for ep, s in self._closed.items()})
+
+        def by_name(counts: Mapping[Endpoint, WorkerCounts] | None
+                    ) -> dict[str, WorkerCounts] | None:
+            return None if counts is None else {str(ep): c for ep, c in counts.items()}
+
+        main = "raft" if self._target.system is System.RAFTKV else self._target.system.value
+        return account(usage, str(leader), ops, self.seconds, main, by_name(before),
+                       by_name(after))
 
 
-def find_lost_writes(target: Target, load: LoadResult, keys: int) -> tuple[list[LostWrite], int]:
+def find_lost_writes(target: Target, acked: Mapping[int, str],
+                     unknown: Mapping[int, Sequence[str]],
+                     keys: int) -> tuple[list[LostWrite], int]:
     """Every acknowledged write must be what a linearizable read finds, unless a later write of
     unknown outcome replaced it. Keys the bulk read gets wrong are read again one by one."""
-    acked, unknown = load.acked(), load.unknown()
     if not acked:
         return [], 0
     found = target.read_back(keys)
@@ -261,165 +249,92 @@ def find_lost_writes(target: Target, load: LoadResult, keys: int) -> tuple[list[
     return lost, len(suspects) - len(lost)
 
 
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What one kind of run measured, before the common bookkeeping."""
+
+    ops: int
+    """Operations completed in the window (keys for batches, acknowledged writes for watch)."""
+    requests: int
+    window_s: float
+    latencies_s: Sequence[float]
+    errors: dict[str, int]
+    generator_cpu_cores: float
+    acked: Mapping[int, str]
+    unknown: Mapping[int, Sequence[str]]
+    watch: WatchRecord | None = None
+
+
+def _load_run(target: Target, plan: Plan, point: Point, leader: Endpoint, run_tag: str,
+              sampler: ServerSampler) -> _Outcome:
+    if point.mode == LEADER:
+        endpoints = [leader]
+    else:  # followers first, so that a single connection goes through a follower
+        endpoints = [ep for ep in target.endpoints if ep != leader] + [leader]
+    load = run_load(worker_specs(plan, point, target.system, endpoints, run_tag), sampler)
+    keys_per_request = plan.batch_ops if point.kind is Kind.BATCH else 1
+    return _Outcome(load.completed * keys_per_request, load.completed, load.window_s,
+                    load.latencies_s(), load.errors(), load.generator_cpu_cores,
+                    load.acked() if point.kind is not Kind.GET else {}, load.unknown())
+
+
+def _watch_run(target: Target, plan: Plan, point: Point, leader: Endpoint, run_tag: str,
+               sampler: ServerSampler) -> _Outcome:
+    specs, writer = watch_specs(plan, point, target.system, leader, target.current_index(),
+                                run_tag)
+    result = run_watch_load(specs, writer, sampler, grace_s=plan.watch.grace_s,
+                            registered=lambda: target.watches_held(leader))
+    writes, d = result.writes, result.deliveries
+    completed = writes.completed_in_window()
+    window_s = writes.window_s
+    record = WatchRecord(
+        watchers=point.concurrency, keys=plan.watch.keys, target_rate=plan.watch.rate,
+        write_rate=completed / window_s if window_s > 0 else 0.0, deliveries=d.expected,
+        coalesced=d.coalesced, missed=len(d.missed),
+        delay_p50_ms=percentile(d.from_send_s, 0.50) * 1000,
+        delay_p99_ms=percentile(d.from_send_s, 0.99) * 1000,
+        after_ack_p50_ms=percentile(d.from_ack_s, 0.50) * 1000,
+        after_ack_p99_ms=percentile(d.from_ack_s, 0.99) * 1000,
+        rearmed_after_timeout=sum(w.rearmed_after_timeout for w in result.watchers),
+        missed_examples=[(w, key_name(k), i) for w, k, i in d.missed[:MISSED_SHOWN]])
+    return _Outcome(completed, completed, window_s, writes.latencies_s(), result.errors(),
+                    result.generator_cpu_cores, writes.acked, writes.unknown, record)
+
+
 def run_point(target: Target, plan: Plan, point: Point, repeat: int,
               run_tag: str) -> RunRecord:
     leader = target.leader()
     if point.kind is Kind.GET:
         target.preload(plan.keys, plan.value_bytes)
-    if point.mode == LEADER:
-        endpoints = [leader.endpoint]
-    else:  # followers first, so that a single connection goes through a follower
-        endpoints = [ep for ep in target.endpoints if ep != leader.endpoint] + [leader.endpoint]
-    sampler = ServerCpuSampler(target)
-    load = run_load(worker_specs(plan, point, target.system, endpoints, run_tag), sampler)
-    after = target.leader()
+    before = target.worker_counts()  # waits for the node to be quiet (raftkv, local)
+    sampler = ServerSampler(target)
+    run = _watch_run if point.kind is Kind.WATCH else _load_run
+    outcome = run(target, plan, point, leader.endpoint, run_tag, sampler)
+    target.mark_busy()
+    after = target.worker_counts()
+    cpu = sampler.cpu(leader.endpoint, outcome.ops, before, after)
+    changed_leader = target.leader()
     lost: list[LostWrite] = []
     anomalies = 0
-    if point.kind is not Kind.GET:
-        lost, anomalies = find_lost_writes(target, load, plan.keys)
-    latencies = load.latencies_s()
-    window_s = load.window_s
-    requests_per_s = load.completed / window_s if window_s > 0 else 0.0
-    keys_per_request = plan.batch_ops if point.kind is Kind.BATCH else 1
-    cores = sampler.cores()
+    if outcome.acked:
+        lost, anomalies = find_lost_writes(target, outcome.acked, outcome.unknown, plan.keys)
+    latencies = sorted(outcome.latencies_s)
+    window_s = outcome.window_s
+    by_node = {} if cpu is None else {n: s / sampler.seconds for n, s in cpu.node_cpu_s.items()}
     return RunRecord(
-        system=target.system.value, point=point.label, kind=point.kind.value, mode=point.mode,
-        concurrency=point.concurrency, repeat=repeat,
-        ops_per_s=requests_per_s * keys_per_request, requests_per_s=requests_per_s,
+        system=target.system.value, label=target.label, point=point.label,
+        kind=point.kind.value, mode=point.mode, concurrency=point.concurrency, repeat=repeat,
+        ops_per_s=outcome.ops / window_s if window_s > 0 else 0.0,
+        requests_per_s=outcome.requests / window_s if window_s > 0 else 0.0,
         p50_ms=percentile(latencies, 0.50) * 1000, p99_ms=percentile(latencies, 0.99) * 1000,
-        errors=load.errors(), generator_cpu_cores=load.generator_cpu_cores,
-        server_cpu_cores=None if cores is None else sum(cores.values()),
-        leader_cpu_cores=None if cores is None else cores.get(leader.endpoint),
-        server_cpu_cores_by_node={str(ep): c for ep, c in (cores or {}).items()},
+        errors=outcome.errors, generator_cpu_cores=outcome.generator_cpu_cores,
+        server_cpu_cores=None if cpu is None else cpu.server_cores,
+        leader_cpu_cores=None if cpu is None else cpu.leader_cores,
+        server_cpu_cores_by_node=by_node,
         load_average=os.getloadavg()[0], window_s=window_s, leader=leader.node,
-        leader_changed=(after.node, after.term) != (leader.node, leader.term),
-        acknowledged_keys=len(load.acked()), lost_writes=lost, readback_anomalies=anomalies)
-
-
-# --------------------------------------------------------------------------- output
-def _fmt_cores(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _workload(kind: str, batch_ops: int) -> str:
-    return f"batch x{batch_ops} (keys/s)" if kind == Kind.BATCH.value else kind
-
-
-def format_table(summaries: Sequence[PointSummary], batch_ops: int) -> str:
-    header = ("system", "workload", "mode", "conc", "ops/s", "p50 ms", "p99 ms", "errors",
-              "gen CPU", "server CPU", "leader CPU", "lost")
-    rows = [header] + [(
-        s.system, _workload(s.kind, batch_ops), s.mode, str(s.concurrency),
-        f"{s.ops_per_s:,.0f}", f"{s.p50_ms:.1f}", f"{s.p99_ms:.1f}", str(s.errors),
-        _fmt_cores(s.generator_cpu_cores), _fmt_cores(s.server_cpu_cores),
-        _fmt_cores(s.leader_cpu_cores), str(s.lost_writes)) for s in summaries]
-    return _align(rows, left=3)
-
-
-def _align(rows: Sequence[Sequence[str]], left: int) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for r in rows:
-        cells = [c.ljust(w) if i < left else c.rjust(w)
-                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def ratios(summaries: Sequence[PointSummary]) -> list[dict[str, object]]:
-    by_key = {(s.system, s.point): s for s in summaries}
-    out: list[dict[str, object]] = []
-    for s in summaries:
-        if s.system != System.RAFTKV.value:
-            continue
-        other = by_key.get((System.ETCD.value, s.point))
-        if other is None:
-            continue
-        out.append({"point": s.point, "raftkv_ops_per_s": s.ops_per_s,
-                    "etcd_ops_per_s": other.ops_per_s,
-                    "ratio": s.ops_per_s / other.ops_per_s if other.ops_per_s else None,
-                    "raftkv_p99_ms": s.p99_ms, "etcd_p99_ms": other.p99_ms})
-    return out
-
-
-def format_ratios(rows: Sequence[dict[str, object]]) -> str:
-    table = [("point", "raftkv ops/s", "etcd ops/s", "raftkv/etcd", "p99 raftkv", "p99 etcd")]
-    for r in rows:
-        ratio = r["ratio"]
-        table.append((str(r["point"]), f"{r['raftkv_ops_per_s']:,.0f}",
-                      f"{r['etcd_ops_per_s']:,.0f}",
-                      f"{ratio:.2f}x" if isinstance(ratio, float) else "-",
-                      f"{r['raftkv_p99_ms']:.1f} ms", f"{r['etcd_p99_ms']:.1f} ms"))
-    return _align(table, left=1)
-
-
-def batch_target(summaries: Sequence[PointSummary], batch_concurrency: int,
-                 factor: float = 10.0) -> dict[str, object] | None:
-    """raftkv batched keys/s against etcd's single-key rate at the same concurrency (leader)."""
-    by_key = {(s.system, s.kind, s.mode, s.concurrency): s for s in summaries}
-    ours = by_key.get((System.RAFTKV.value, Kind.BATCH.value, LEADER, batch_concurrency))
-    theirs = by_key.get((System.ETCD.value, Kind.PUT.value, LEADER, batch_concurrency))
-    if ours is None or theirs is None or not theirs.ops_per_s:
-        return None
-    multiple = ours.ops_per_s / theirs.ops_per_s
-    return {"raftkv_batch_keys_per_s": ours.ops_per_s,
-            "etcd_single_key_ops_per_s": theirs.ops_per_s, "concurrency": batch_concurrency,
-            "multiple": multiple, "wanted": factor, "met": multiple >= factor}
-
-
-def plot(summaries: Sequence[PointSummary], path: Path, title: str) -> bool:
-    """Throughput and latency against concurrency. False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (ax_tp, ax_lat) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = {System.RAFTKV.value: "tab:blue", System.ETCD.value: "tab:orange"}
-    styles = {LEADER: "-", SPREAD: "--"}
-    lines: dict[tuple[str, str], list[PointSummary]] = {}
-    for s in summaries:
-        if s.kind == Kind.PUT.value:
-            lines.setdefault((s.system, s.mode), []).append(s)
-    for (system, mode), points in sorted(lines.items()):
-        points.sort(key=lambda p: p.concurrency)
-        xs = [p.concurrency for p in points]
-        color, style = colors.get(system, "gray"), styles.get(mode, ":")
-        ax_tp.plot(xs, [p.ops_per_s for p in points], style, marker="o", color=color,
-                   label=f"{system} put, {mode}")
-        ax_lat.plot(xs, [p.p50_ms for p in points], style, marker="o", color=color,
-                    label=f"{system} put, {mode}: p50")
-        ax_lat.plot(xs, [p.p99_ms for p in points], style, marker="^", color=color,
-                    alpha=0.5, label=f"{system} put, {mode}: p99")
-    markers = {Kind.GET.value: ("s", "linearizable get"), Kind.BATCH.value: ("*", "batch keys/s")}
-    for s in summaries:
-        if s.kind in markers:
-            marker, name = markers[s.kind]
-            ax_tp.plot([s.concurrency], [s.ops_per_s], marker, markersize=11, linestyle="none",
-                       color=colors.get(s.system, "gray"), label=f"{s.system} {name}")
-    from matplotlib.ticker import ScalarFormatter
-
-    levels = sorted({s.concurrency for s in summaries})
-    for ax in (ax_tp, ax_lat):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(levels, [str(c) for c in levels])
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.set_xlabel("concurrency (connections)")
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    ax_tp.set_ylabel("ops/s (median)")
-    ax_tp.set_title("throughput")
-    ax_lat.set_ylabel("latency ms (median of runs)")
-    ax_lat.set_title("write latency")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+        leader_changed=(changed_leader.node, changed_leader.term) != (leader.node, leader.term),
+        acknowledged_keys=len(outcome.acked), cpu=cpu, watch=outcome.watch, lost_writes=lost,
+        readback_anomalies=anomalies)
 
 
 # --------------------------------------------------------------------------- environment
@@ -453,14 +368,22 @@ def git_revision() -> str:
 
 
 # --------------------------------------------------------------------------- the command
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, minimum: int = 1) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list like 1,16,64") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError("concurrency levels must be >= 1")
+    if not values or any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(f"the values must be >= {minimum}")
     return sorted(set(values))
+
+
+def _worker_counts(text: str) -> list[int]:
+    """--http-workers: 0 (the default, one per CPU) first, then the others as given."""
+    values = _int_list(text, minimum=0)
+    if any(v > 64 for v in values):
+        raise argparse.ArgumentTypeError("raftkv takes 0..64 HTTP workers")
+    return values
 
 
 def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
@@ -482,22 +405,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["etcd"], help="run the same load against etcd too")
     p.add_argument("--etcd-urls", help="with --compare etcd: use these etcd client addresses "
                    "instead of starting a local 3-member cluster")
+    p.add_argument("--http-workers", type=_worker_counts, default=None,
+                   help="raftkv variants: one local cluster per HTTP worker count, e.g. 0,1 "
+                   "(the default; 0: one per CPU, raftkv's own default)")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each")
     p.add_argument("--repeats", type=int, default=3, help="runs per point (medians shown)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK_SECONDS:g} s per point, 1 repeat, short warmup")
     p.add_argument("--concurrency", type=_int_list, default=[1, 16, 64],
-                   help="connections for single-key writes, e.g. 1,16,64")
+                   help="connections for single-key writes to the leader, e.g. 1,16,64")
+    p.add_argument("--spread-concurrency", type=_int_list, default=[64],
+                   help="connections for single-key writes spread over every node")
     p.add_argument("--modes", type=_choices([LEADER, SPREAD]), default=[LEADER, SPREAD],
                    help="where single-key writes go: leader, spread (over every node)")
-    p.add_argument("--workloads", type=_choices(["put", "get", "batch"]),
-                   default=["put", "get", "batch"])
+    p.add_argument("--workloads", type=_choices(["put", "get", "batch", "watch"]),
+                   default=["put", "get", "batch", "watch"])
     p.add_argument("--read-concurrency", type=int, default=16)
     p.add_argument("--batch-concurrency", type=int, default=16)
     p.add_argument("--batch-ops", type=int, default=100, help="puts per batch request")
     p.add_argument("--keys", type=int, default=10_000)
     p.add_argument("--value-bytes", type=int, default=100)
+    p.add_argument("--watchers", type=int, default=1000,
+                   help="watches of the watch point, all on the leader (0: no watch point)")
+    p.add_argument("--watch-keys", type=int, default=100,
+                   help="keys the watches are spread over (as many unwatched keys are written)")
+    p.add_argument("--watch-rate", type=float, default=200.0,
+                   help="writes per second during the watch point (half to watched keys)")
+    p.add_argument("--watch-writer-conns", type=int, default=32,
+                   help="the watch point's writer connections (each paced, one in flight)")
+    p.add_argument("--watch-timeout", type=float, default=10.0,
+                   help="raftkv's long-poll timeout, s (a watch that times out is re-armed)")
+    p.add_argument("--watch-grace", type=float, default=10.0,
+                   help="seconds the watches may take, after the last write, to see it")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="load generator processes (at most one per connection)")
     p.add_argument("--request-timeout", type=float, default=15.0,
@@ -513,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
 def plan_from(args: argparse.Namespace) -> Plan:
     if args.quick:
         args.seconds, args.repeats, args.warmup = QUICK_SECONDS, 1, QUICK_WARMUP_S
+    if args.http_workers is None:
+        args.http_workers = [0] if args.urls else [0, 1]
+    watching = "watch" in args.workloads and args.watchers > 0
     checks = [
         (args.seconds > 0, "--seconds must be > 0"),
         (args.warmup >= 0, "--warmup must be >= 0"),
@@ -524,22 +467,35 @@ def plan_from(args: argparse.Namespace) -> Plan:
          "--read-concurrency and --batch-concurrency must be >= 1"),
         (1 <= args.batch_ops <= args.keys // max(args.batch_concurrency, 1),
          "--batch-ops times --batch-concurrency must not exceed --keys"),
-        (max(args.concurrency) <= args.keys, "there must be at least one key per connection"),
+        (max(args.concurrency + args.spread_concurrency) <= args.keys,
+         "there must be at least one key per connection"),
         (args.request_timeout > 0, "--request-timeout must be > 0"),
         (args.etcd_urls is None or args.compare == "etcd", "--etcd-urls needs --compare etcd"),
+        (not args.urls or args.http_workers == [0],
+         "--http-workers starts clusters of its own: not with --urls"),
         (args.compare != "etcd" or args.batch_ops <= ETCD_MAX_TXN_OPS,
          f"etcd takes at most {ETCD_MAX_TXN_OPS} operations per transaction (--max-txn-ops): "
          "lower --batch-ops"),
+        (args.watchers >= 0, "--watchers must be >= 0"),
+        (not watching or 1 <= args.watch_keys <= min(args.watchers, args.keys // 2),
+         "--watch-keys must be 1..min(--watchers, --keys / 2)"),
+        (not watching or args.watch_rate > 0, "--watch-rate must be > 0"),
+        (not watching or args.watch_writer_conns >= 1, "--watch-writer-conns must be >= 1"),
+        (not watching or 0 < args.watch_timeout <= 60, "--watch-timeout must be in (0, 60]"),
+        (not watching or args.watch_grace > 0, "--watch-grace must be > 0"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
     return Plan(
         points=make_points(args.concurrency, args.modes, args.workloads,
-                           args.read_concurrency, args.batch_concurrency),
+                           args.read_concurrency, args.batch_concurrency,
+                           args.spread_concurrency, args.watchers),
         seconds=args.seconds, warmup_s=args.warmup, repeats=args.repeats, keys=args.keys,
         value_bytes=args.value_bytes, batch_ops=args.batch_ops, workers=args.workers,
-        request_timeout_s=args.request_timeout)
+        request_timeout_s=args.request_timeout,
+        watch=WatchPlan(args.watch_keys, args.watch_rate, args.watch_writer_conns,
+                        args.watch_timeout, args.watch_grace))
 
 
 def _raise_on_sigterm(signum: int, _frame: FrameType | None) -> None:
@@ -556,11 +512,26 @@ def _describe_run(r: RunRecord) -> str:
     if r.ops_per_s == 0:
         note += " NO REQUEST SUCCEEDED"
     lost = f" LOST {len(r.lost_writes)}" if r.lost_writes else ""
-    return (f"  {r.system:6} {r.point:18} #{r.repeat + 1}: {r.ops_per_s:9,.0f} ops/s  "
+    missed = f" MISSED {r.missed_changes}" if r.missed_changes else ""
+    cpu = ""
+    if r.cpu is not None:
+        c = r.cpu
+        workers = "/".join(f"{v:.0f}" for _, v in sorted(
+            c.leader_worker_us_per_request.items(), key=lambda kv: int(kv[0]))) or "-"
+        followers = "/".join(f"{v:.0f}" for v in c.follower_us_per_op.values()) or "-"
+        cpu = (f"  cpu {c.server_ms_per_op:.3f} ms/op: main {fmt(c.leader_main_us_per_op, '.0f')}"
+               f" us/op {fmt(c.leader_main_cs_per_op, '.2f')} cs/op, workers {workers} us/req,"
+               f" followers {followers} us/op")
+    watch = ""
+    if r.watch is not None:
+        w = r.watch
+        watch = (f"  watch delay p50 {w.delay_p50_ms:.1f} p99 {w.delay_p99_ms:.1f} ms, "
+                 f"{w.deliveries} deliveries ({w.coalesced} coalesced)")
+    return (f"  {r.label:9} {r.point:18} #{r.repeat + 1}: {r.ops_per_s:9,.0f} ops/s  "
             f"p50 {r.p50_ms:7.1f} ms  p99 {r.p99_ms:7.1f} ms  errors {errors}  "
-            f"gen {r.generator_cpu_cores:.2f}  server {_fmt_cores(r.server_cpu_cores)} "
-            f"(leader {_fmt_cores(r.leader_cpu_cores)})  load {r.load_average:.1f}"
-            f"{note}{lost}")
+            f"gen {r.generator_cpu_cores:.2f}  server {fmt(r.server_cpu_cores, '.2f')} "
+            f"(leader {fmt(r.leader_cpu_cores, '.2f')}){cpu}{watch}  "
+            f"load {r.load_average:.1f}{note}{lost}{missed}")
 
 
 def start_targets(args: argparse.Namespace, base_dir: Path) -> list[Target]:
@@ -569,8 +540,10 @@ def start_targets(args: argparse.Namespace, base_dir: Path) -> list[Target]:
         if args.urls:
             targets.append(RaftkvCluster(parse_endpoints(args.urls)))
         else:
-            (base_dir / "raftkv").mkdir()
-            targets.append(RaftkvCluster.start_local(base_dir / "raftkv"))
+            for workers in args.http_workers:
+                cluster_dir = base_dir / f"raftkv-w{workers}"
+                cluster_dir.mkdir()
+                targets.append(RaftkvCluster.start_local(cluster_dir, http_workers=workers))
         if args.compare == "etcd":
             if args.etcd_urls:
                 targets.append(EtcdCluster(parse_endpoints(args.etcd_urls)))
@@ -582,6 +555,53 @@ def start_targets(args: argparse.Namespace, base_dir: Path) -> list[Target]:
             t.close()
         raise
     return targets
+
+
+def _print_report(records: Sequence[RunRecord], plan: Plan,
+                  args: argparse.Namespace) -> dict[str, object]:
+    """Print the tables; what the JSON report adds to the runs."""
+    points = summarize(records)
+    ratio_rows = ratios(points)
+    budget_checks = budgets(points)
+    target_checks = targets(points)
+    batch_check = batch_target(points, args.batch_concurrency)
+    print(format_table(points, plan.batch_ops))
+    cpu_table = format_cpu_table(points)
+    if cpu_table:
+        print("\nserver CPU per operation (medians; us/req: per request the worker answered)")
+        print(cpu_table)
+    watch_table = format_watch(points)
+    if watch_table:
+        print("\nwatches (delay: from the write's send to the watch's answer; after ack: from "
+              "its acknowledgement)")
+        print(watch_table)
+    if ratio_rows:
+        print("\nagainst etcd, same run")
+        print(format_ratios(ratio_rows))
+    if budget_checks:
+        print("\nper-process budgets at put/leader/c16")
+        print(format_checks(budget_checks))
+    if any(s.system == System.ETCD.value and s.kind != Kind.WATCH.value for s in points):
+        print("\ntargets")
+        print(format_checks(target_checks))
+    if batch_check is not None:
+        verdict = "met" if batch_check["met"] else "NOT met"
+        print(f"\nbatch: raftkv {batch_check['raftkv_batch_keys_per_s']:,.0f} keys/s = "
+              f"{batch_check['multiple']:.1f}x etcd single-key at concurrency "
+              f"{args.batch_concurrency} ({batch_check['etcd_single_key_ops_per_s']:,.0f} "
+              f"ops/s); wanted >= {batch_check['wanted']:g}x: {verdict}")
+    loads = [r.load_average for r in records]
+    print("\nops/s and latencies: medians over runs. gen CPU: the load generator's CPU use; "
+          "server CPU: all server processes' (a raftkv node: its Raft process and workers); "
+          "leader CPU: the leader's processes; in cores (this machine has "
+          f"{os.cpu_count()}; its 1-minute load average during the runs: "
+          f"{min(loads):.1f}..{max(loads):.1f}). main: a raftkv node's Raft process, an etcd "
+          "member. cs: context switches, voluntary + involuntary (vol: voluntary only; the "
+          "involuntary ones are preemptions, where other tenants of the machine show). "
+          "lost: acknowledged writes lost + watch changes missed")
+    return {"points": [asdict(s) for s in points], "ratios": ratio_rows,
+            "budgets": [c.as_dict() for c in budget_checks],
+            "targets": [c.as_dict() for c in target_checks], "batch_target": batch_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -609,18 +629,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     records: list[RunRecord] = []
     keep = args.keep_data
     try:
-        targets = start_targets(args, base_dir)
+        systems = start_targets(args, base_dir)
     except ClusterError as e:
         print(f"write_throughput: {e}\n(data and logs kept in {base_dir})", file=sys.stderr)
         return EXIT_UNAVAILABLE
     try:
-        total = plan.repeats * len(plan.points) * len(targets)
+        total = plan.repeats * len(plan.points) * len(systems)
         _progress(f"{total} runs of {plan.warmup_s:g}+{plan.seconds:g} s against "
-                  f"{', '.join(t.system.value for t in targets)}; data in {base_dir} "
-                  f"({fs_type})")
+                  f"{', '.join(t.label for t in systems)}; data in {base_dir} ({fs_type})")
         for repeat in range(plan.repeats):
             for point in plan.points:
-                for target in targets:  # alternate the systems run by run
+                for target in systems:  # alternate the systems run by run
                     run_tag = f"r{len(records)}"
                     record = run_point(target, plan, point, repeat, run_tag)
                     records.append(record)
@@ -630,32 +649,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep = True
         return EXIT_UNAVAILABLE
     finally:
-        described = [t.describe() for t in targets]
-        for t in targets:
+        described = [t.describe() for t in systems]
+        for t in systems:
             t.close()
         if not keep:
             shutil.rmtree(base_dir, ignore_errors=True)
 
-    summaries = summarize(records)
-    ratio_rows = ratios(summaries)
-    target_check = batch_target(summaries, args.batch_concurrency)
-    print(format_table(summaries, plan.batch_ops))
-    if ratio_rows:
-        print()
-        print(format_ratios(ratio_rows))
-    if target_check is not None:
-        verdict = "met" if target_check["met"] else "NOT met"
-        print(f"\ntarget: raftkv batched writes {target_check['raftkv_batch_keys_per_s']:,.0f} "
-              f"keys/s = {target_check['multiple']:.1f}x etcd single-key at concurrency "
-              f"{args.batch_concurrency} ({target_check['etcd_single_key_ops_per_s']:,.0f} "
-              f"ops/s); wanted >= {target_check['wanted']:g}x: {verdict}")
-    loads = [r.load_average for r in records]
-    print("\nops/s and latencies: medians over runs. gen CPU: the load generator's CPU use; "
-          "server CPU: all server processes'; leader CPU: the leader's alone; in cores "
-          f"(this machine has {os.cpu_count()}; its 1-minute load average during the runs: "
-          f"{min(loads):.1f}..{max(loads):.1f})")
-
+    extra = _print_report(records, plan, args)
     lost_total = sum(len(r.lost_writes) for r in records)
+    missed_total = sum(r.missed_changes for r in records)
     stamp = started_at.strftime("%Y%m%d-%H%M%S")
     json_path = args.out / f"write_throughput-{stamp}.json"
     png_path = args.out / f"write_throughput-{stamp}.png"
@@ -663,8 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "write_throughput",
         "started_at": started_at.isoformat(),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-        "ok": lost_total == 0,
+        "ok": lost_total == 0 and missed_total == 0,
         "lost_writes": lost_total,
+        "missed_watch_changes": missed_total,
         "plan": {**asdict(plan), "points": [p.label for p in plan.points]},
         "environment": {
             "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -672,24 +675,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             "data_fs": fs_type, "argv": list(argv if argv is not None else sys.argv[1:]),
         },
         "systems": described,
-        "points": [asdict(s) for s in summaries],
-        "ratios": ratio_rows,
-        "batch_target": target_check,
+        **extra,
         "runs": [asdict(r) for r in records],
     }
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     title = (f"write_throughput {stamp}: {plan.value_bytes}-byte values over {plan.keys} keys, "
              f"medians of {plan.repeats} x {plan.seconds:g} s, rev {git_revision()}")
-    plotted = plot(summaries, png_path, title)
+    plotted = plot(summarize(records), png_path, title)
     print(f"\nresults: {json_path}" + (f"\nplot:    {png_path}" if plotted else
           "\nplot:    skipped (matplotlib missing: pip install -e '.[bench]')"))
 
-    if lost_total:
-        print(f"\nFAILURE: {lost_total} acknowledged write(s) lost")
+    if lost_total or missed_total:
+        if lost_total:
+            print(f"\nFAILURE: {lost_total} acknowledged write(s) lost")
+        if missed_total:
+            print(f"\nFAILURE: {missed_total} change(s) never seen by a watch of the key")
         for r in records:
             for lw in r.lost_writes[:LOST_SHOWN]:
-                print(f"  {r.system} {r.point} #{r.repeat + 1}: {lw.key} acknowledged "
+                print(f"  {r.label} {r.point} #{r.repeat + 1}: {lw.key} acknowledged "
                       f"{lw.acknowledged[:40]!r}..., found {lw.found and lw.found[:40]!r}")
+            if r.watch is not None:
+                for watcher, key, index in r.watch.missed_examples:
+                    print(f"  {r.label} {r.point} #{r.repeat + 1}: watch {watcher} of {key} "
+                          f"never saw the change at index {index}")
         return EXIT_LOST_WRITES
     anomalies = sum(r.readback_anomalies for r in records)
     if anomalies:

@@ -1,7 +1,8 @@
-"""The write-throughput benchmark runs end to end against a fresh local cluster.
+"""The write-throughput benchmark runs end to end against fresh local clusters.
 
-A smoke run only: it checks that the benchmark starts its cluster, measures every point, reads
-every acknowledged write back and writes its JSON report. No assertion on speed.
+Smoke runs only: they check that the benchmark starts its clusters, measures every point,
+accounts for every server process, reads every acknowledged write back, sees every watched
+change and writes its JSON report. No assertion on speed.
 """
 
 from __future__ import annotations
@@ -10,36 +11,70 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_TIMEOUT_S = 90
+RUN_TIMEOUT_S = 120
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(RUN_TIMEOUT_S + 30)]
 
 
-def test_quick_benchmark_measures_every_point_and_loses_no_acknowledged_write(
-        tmp_path: Path) -> None:
+def run_benchmark(tmp_path: Path, *args: str) -> dict[str, Any]:
     out, data = tmp_path / "results", tmp_path / "data"
     data.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.write_throughput", "--quick",
-         "--concurrency", "1,4", "--out", str(out), "--data-dir", str(data)],
+        [sys.executable, "-m", "benchmarks.write_throughput", "--quick", "--out", str(out),
+         "--data-dir", str(data), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-
     reports = list(out.glob("write_throughput-*.json"))
     assert len(reports) == 1, f"expected one JSON report in {out}: {reports}"
-    report = json.loads(reports[0].read_text())
-    points = {(p["system"], p["point"]) for p in report["points"]}
+    assert list(data.iterdir()) == [], "the clusters' data dir was not cleaned up"
+    report: dict[str, Any] = json.loads(reports[0].read_text())
+    return report
+
+
+def test_quick_benchmark_measures_every_point_and_loses_no_acknowledged_write(
+        tmp_path: Path) -> None:
+    report = run_benchmark(tmp_path, "--concurrency", "1,4", "--spread-concurrency", "4",
+                           "--http-workers", "0", "--watchers", "40", "--watch-keys", "8",
+                           "--watch-rate", "40")
+    points = {(p["label"], p["point"]) for p in report["points"]}
     assert points == {("raftkv", label) for label in (
-        "put/leader/c1", "put/leader/c4", "put/spread/c1", "put/spread/c4",
-        "get/leader/c16", "batch/leader/c16")}
+        "put/leader/c1", "put/leader/c4", "put/spread/c4", "get/leader/c16",
+        "batch/leader/c16", "watch/c40")}
     assert report["ok"] is True
-    assert report["lost_writes"] == 0
-    writes = [r for r in report["runs"] if r["kind"] in ("put", "batch")]
+    assert report["lost_writes"] == 0 and report["missed_watch_changes"] == 0
+    writes = [r for r in report["runs"] if r["kind"] in ("put", "batch", "watch")]
     assert writes and all(r["acknowledged_keys"] > 0 for r in writes)
     assert all(r["lost_writes"] == [] for r in report["runs"])
     assert all(p["ops_per_s"] > 0 for p in report["points"])
-    assert list(data.iterdir()) == [], "the cluster's data dir was not cleaned up"
+
+    # Every process of every node is accounted for: three Raft processes, their workers.
+    for run in report["runs"]:
+        rows = run["cpu"]["processes"]
+        assert sorted(r["process"] for r in rows if r["process"] == "raft") == ["raft"] * 3
+        assert any(r["process"] == "worker" for r in rows)
+        assert {r["node_role"] for r in rows} == {"leader", "follower"}
+        assert run["cpu"]["server_ms_per_op"] > 0
+    c4 = next(r for r in report["runs"] if r["point"] == "put/leader/c4")
+    assert c4["cpu"]["leader_main_us_per_op"] > 0
+    assert c4["cpu"]["leader_worker_us_per_request"], "no leader worker served 100 requests"
+    watch = next(r for r in report["runs"] if r["point"] == "watch/c40")["watch"]
+    assert watch["deliveries"] > 0 and watch["missed"] == 0
+    assert {b["what"] for b in report["budgets"]} == set()  # no put/leader/c16 point here
+
+
+def test_http_worker_variants_run_on_clusters_of_their_own(tmp_path: Path) -> None:
+    report = run_benchmark(tmp_path, "--concurrency", "16", "--modes", "leader",
+                           "--workloads", "put", "--http-workers", "0,1")
+    assert {p["label"] for p in report["points"]} == {"raftkv", "raftkv-w1"}
+    assert [s["settings"]["RAFTKV_HTTP_WORKERS"] for s in report["systems"]] == ["0", "1"]
+    by_label = {r["label"]: r for r in report["runs"]}
+    workers = {label: sum(1 for p in r["cpu"]["processes"] if p["process"] == "worker")
+               for label, r in by_label.items()}
+    assert workers["raftkv-w1"] == 3
+    assert {b["label"] for b in report["budgets"]} == {"raftkv", "raftkv-w1"}
+    assert report["ok"] is True
