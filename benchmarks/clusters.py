@@ -232,8 +232,12 @@ class RaftkvCluster:
     def start_local(cls, base_dir: Path, nodes: int = 3,
                     http_workers: int | None = None) -> RaftkvCluster:
         """`http_workers`: RAFTKV_HTTP_WORKERS (None or 0: the default, one per CPU)."""
+        # The watch point holds 1,000 connections from this one address: above the default
+        # per-client limit (128 per worker), which guards against one greedy address, not
+        # against a load generator. etcd has no such limit.
         settings = {"RAFTKV_UNSAFE_NO_FSYNC": "false", "RAFTKV_LOG_LEVEL": "INFO",
-                    "RAFTKV_HTTP_WORKERS": str(http_workers or 0)}
+                    "RAFTKV_HTTP_WORKERS": str(http_workers or 0),
+                    "RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT": "4000"}
         local = LocalCluster(base_dir, nodes, env=settings)  # a random cluster token
         cluster = cls([Endpoint(n.http_host, n.http_port) for n in local.nodes], local,
                       settings, variant_label(http_workers))

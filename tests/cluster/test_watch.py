@@ -23,7 +23,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with running_cluster(tmp_path_factory.mktemp("watch")) as c:
+    # The thousand watches below come from one client address: above the default limit of
+    # connections per client (RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT, 128 per worker).
+    with running_cluster(tmp_path_factory.mktemp("watch"),
+                         env={"RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT": "2000"}) as c:
         yield c
 
 
