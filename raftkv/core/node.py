@@ -489,10 +489,8 @@ class RaftNode:
         if self.role is Role.LEADER:
             self._maybe_commit()
         for m in rd.after_persist:
-            if m.to == self.id:
+            if m.to == self.id:  # the driver sent the others once it persisted
                 self.step(m)
-            else:
-                self._outbox.append(m)
 
     # =====================================================================================
     # Queries

@@ -34,13 +34,18 @@ class Ready:
        `snapshot`, publish the staged snapshot (it is that one, checked) and drop the whole
        stored log; then save `entries` (replacing any stored entry at or after
        entries[0].index) and `hard_state`, in one transaction, synced when `must_sync`;
-    3. restore the state machine from `snapshot` if any (from `snapshot_state` when the core
+    3. send `after_persist` (replies that reveal what step 2 persisted: vote and append
+       acknowledgements), now that it is persisted;
+    4. restore the state machine from `snapshot` if any (from `snapshot_state` when the core
        has a validator, else from the published bytes), apply `committed_entries`, and
        serve `read_states` once applied >= their index; fail `failed_reads`;
-    4. advance(ready).
+    5. advance(ready).
 
-    Replies that depend on persisted state (vote and append acknowledgements) are released
-    by advance() into the next Ready, so they cannot leave before the persist.
+    Replies that depend on persisted state (vote and append acknowledgements) are in
+    `after_persist`, apart from `messages`, so that they cannot leave before the persist; the
+    driver sends them right after it (not a Ready later: a follower's acknowledgement leaves
+    as soon as its fsync returns). Those addressed to this node itself (a leader counting its
+    own persisted entries) are stepped by advance().
     """
 
     soft_state: SoftState | None
@@ -53,7 +58,8 @@ class Ready:
     read_states: tuple[ReadState, ...]
     failed_reads: tuple[int, ...]
     after_persist: tuple[Message, ...] = field(default=(), repr=False)
-    """Held back by the core; released by advance(). Drivers must not send these."""
+    """Send once this Ready is persisted, not before (see above); advance() steps the ones
+    addressed to this node itself."""
     serial: int = field(default=0, repr=False)
     snapshot_writes: tuple[SnapshotWrite, ...] = field(default=(), repr=False)
     snapshot_discard: bool = False

@@ -5,7 +5,8 @@
                  never include its own new entries) and release the reads they satisfy
     persist(rd)  incoming snapshot chunks into the staged snapshot, publish it when the core
                  installs it, then entries + hard state in one synced transaction
-    finish(rd)   install a snapshot (then apply what the Ready committed after it), then
+    finish(rd)   send the replies that had to wait for the persist (acknowledgements);
+                 install a snapshot (then apply what the Ready committed after it), then
                  advance()
 
 Applying before the persist lets the answers to committed writes leave before the node
@@ -130,6 +131,11 @@ class ReadyHandler:
             self._unsynced_hard_state = rd.hard_state
 
     def finish(self, rd: Ready) -> None:
+        if rd.after_persist:
+            me = self.node.id
+            replies = [m for m in rd.after_persist if m.to != me]
+            if replies:
+                self.transport.send(replies)
         if rd.snapshot is not None:
             sm = self.state_machine
             if rd.snapshot_state is not None:

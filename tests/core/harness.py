@@ -212,6 +212,7 @@ class Network:
             p.applied.append(e)
         p.read_states.extend(rd.read_states)
         p.failed_reads.extend(rd.failed_reads)
+        self.in_flight.extend(m for m in rd.after_persist if m.to != nid)
         p.node.advance(rd)
 
     def process_all(self) -> None:

@@ -80,7 +80,9 @@ def drain(node: RaftNode) -> list[Message]:
     """Run Ready cycles until there is no more work; every message sent, in order."""
     sent: list[Message] = []
     while node.has_ready():
-        sent.extend(cycle(node).messages)
+        rd = cycle(node)
+        sent.extend(rd.messages)
+        sent.extend(m for m in rd.after_persist if m.to != node.id)  # sent once persisted
     return sent
 
 
@@ -89,7 +91,8 @@ def of_type(messages: Sequence[Message], kind: type[M]) -> list[M]:
 
 
 def sent_by(net: Network, nid: str) -> list[Message]:
-    return [m for rd in net.peers[nid].readies for m in rd.messages]
+    return [m for rd in net.peers[nid].readies
+            for m in (*rd.messages, *(a for a in rd.after_persist if a.to != nid))]
 
 
 def make_candidate(node: RaftNode) -> None:
@@ -1132,7 +1135,7 @@ def test_follower_installing_a_snapshot_keeps_its_log_suffix_when_the_last_entry
     assert rd.must_sync
     node.advance(rd)
     assert (node.log.first_index(), node.log.last_index()) == (5, 5)
-    acks = of_type(drain(node), AppendResponse)
+    acks = of_type([*rd.after_persist, *drain(node)], AppendResponse)
     assert [(a.success, a.index) for a in acks] == [(True, 4)]
 
 
@@ -1155,7 +1158,7 @@ def test_follower_does_not_install_a_snapshot_it_already_committed_past() -> Non
     assert rd.snapshot is None
     node.advance(rd)
     assert node.log.last_index() == 3
-    acks = of_type(drain(node), AppendResponse)
+    acks = of_type([*rd.after_persist, *drain(node)], AppendResponse)
     assert [(a.success, a.index) for a in acks] == [(True, 3)]
 
 
@@ -1164,7 +1167,8 @@ def test_follower_does_not_install_a_snapshot_it_already_committed_past() -> Non
 # =========================================================================================
 def test_vote_response_leaves_only_in_the_ready_after_the_vote_was_persisted() -> None:
     """Figure 2: currentTerm and votedFor are "updated on stable storage before responding to
-    RPCs". The vote is in one Ready; the answer in the next one, after advance()."""
+    RPCs". The answer is in the after_persist of the Ready that persists the vote, never in
+    the messages that may leave before the persist."""
     node = lone_node("n2")
     node.step(HeartbeatRequest(1, "n1", "n2", 0))
     rd1 = node.ready()
@@ -1174,10 +1178,11 @@ def test_vote_response_leaves_only_in_the_ready_after_the_vote_was_persisted() -
     rd2 = node.ready()
     assert rd2.hard_state == HardState(2, "n3", 0)
     assert rd2.must_sync
+    assert of_type(rd1.after_persist, VoteResponse) == []
     assert of_type(rd2.messages, VoteResponse) == []
+    assert of_type(rd2.after_persist, VoteResponse) == [VoteResponse(2, "n2", "n3", True)]
     node.advance(rd2)
-    rd3 = node.ready()
-    assert of_type(rd3.messages, VoteResponse) == [VoteResponse(2, "n2", "n3", True)]
+    assert not of_type(node.ready().messages, VoteResponse)  # sent once, by the driver
 
 
 def test_append_response_leaves_only_in_the_ready_after_the_entries_were_persisted() -> None:
@@ -1191,9 +1196,7 @@ def test_append_response_leaves_only_in_the_ready_after_the_entries_were_persist
     rd2 = node.ready()
     assert rd2.entries == (Entry(1, 1), Entry(2, 1))
     assert of_type(rd2.messages, AppendResponse) == []
-    node.advance(rd2)
-    rd3 = node.ready()
-    assert of_type(rd3.messages, AppendResponse) == [AppendResponse(1, "n2", "n1", True, 2)]
+    assert of_type(rd2.after_persist, AppendResponse) == [AppendResponse(1, "n2", "n1", True, 2)]
 
 
 def test_rejection_of_a_stale_leader_waits_until_the_new_term_is_persisted() -> None:
@@ -1204,9 +1207,7 @@ def test_rejection_of_a_stale_leader_waits_until_the_new_term_is_persisted() -> 
     rd1 = node.ready()
     assert rd1.hard_state is not None and rd1.hard_state.term == 2
     assert of_type(rd1.messages, AppendResponse) == []
-    node.advance(rd1)
-    rd2 = node.ready()
-    assert of_type(rd2.messages, AppendResponse) == [AppendResponse(2, "n2", "n1", False, 0)]
+    assert of_type(rd1.after_persist, AppendResponse) == [AppendResponse(2, "n2", "n1", False, 0)]
 
 
 def test_candidate_counts_its_own_vote_only_after_advance() -> None:
