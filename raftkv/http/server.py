@@ -39,6 +39,8 @@ DEFAULT_MAX_REQUEST_BODY_BYTES: Final = 8 << 20
 """Waitress's own bound. Keep it above the app's max_body_bytes so that the app, not waitress,
 answers an oversized body; waitress still never buffers more."""
 _POLL_S: Final = 1.0
+GREEN_SEND_BYTES: Final = 65536
+"""Output a green server buffers before it writes at once (see ServerHandle)."""
 _CLOSE_WAIT_S: Final = 5.0
 
 
@@ -102,6 +104,10 @@ class ServerHandle:
         if self.dispatcher is not None:
             # Every task runs on this thread: the loop re-polls after each round anyway.
             self._server.pull_trigger = _no_trigger
+            # A response's head and body (two writes of waitress's task) leave in one send()
+            # when the loop next polls, not in one send() each at once: waitress flushes at
+            # every write once `send_bytes` are buffered, and its default is 1 byte.
+            self._server.adj.send_bytes = GREEN_SEND_BYTES
         listen = getattr(self._server, "effective_listen", None)
         if listen is None:  # one listening socket: waitress returns that server itself
             listen = [(self._server.effective_host, self._server.effective_port)]
