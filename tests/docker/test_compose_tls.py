@@ -19,7 +19,7 @@ import ssl
 import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,13 @@ class TlsCluster:
     http_ports: dict[str, int]
     https_ports: dict[str, int]
     root_token: str
+    cluster_token: str = field(default_factory=lambda: secrets.token_hex(32))
 
     @property
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update({"RAFTKV_IMAGE": self.image, "RAFTKV_CONTAINER_PREFIX": self.project,
-                    "RAFTKV_CLUSTER_TOKEN": f"token-{self.project}",
+                    "RAFTKV_CLUSTER_TOKEN": self.cluster_token,
                     "COMPOSE_PROJECT_NAME": self.project, "RAFTKV_TLS_DIR": str(self.tls_dir)})
         for i, nid in enumerate(NODES, start=1):
             env[f"RAFTKV_HTTP_PORT_{i}"] = str(self.http_ports[nid])
