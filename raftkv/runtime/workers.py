@@ -192,12 +192,20 @@ class WorkerSupervisor:
                 if w.channel is not None and w.channel.stats}
 
     def describe(self) -> list[dict[str, object]]:
-        return [{"index": w.index, "pid": w.proc.pid if w.proc else None,
-                 "up": w.proc is not None and w.proc.poll() is None,
-                 "restarts": w.restarts,
-                 "requests": sum(row[3] for row in (w.channel.stats.get("requests", ())
-                                                    if w.channel else ()))}
-                for w in self._workers]
+        """Per worker: pid, up, restarts, requests answered, and the frames it sent the Raft
+        process with the mean requests per frame (its channel batch size), as of its last
+        stats report (about once a second)."""
+        rows: list[dict[str, object]] = []
+        for w in self._workers:
+            stats = w.channel.stats if w.channel is not None else {}
+            frames, batched = (stats.get("batches") or (0, 0))[:2]
+            rows.append({"index": w.index, "pid": w.proc.pid if w.proc else None,
+                         "up": w.proc is not None and w.proc.poll() is None,
+                         "restarts": w.restarts,
+                         "requests": sum(row[3] for row in stats.get("requests", ())),
+                         "frames": frames,
+                         "requests_per_frame": round(batched / frames, 2) if frames else 0.0})
+        return rows
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, worker: _Worker) -> None:
