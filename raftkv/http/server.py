@@ -23,6 +23,7 @@ from typing import Any, Final
 import waitress.task
 from waitress import utilities as waitress_utilities
 from waitress import wasyncore
+from waitress.server import BaseWSGIServer
 
 from raftkv.http.green import GreenDispatcher
 from raftkv.http.waitress_errors import (
@@ -108,6 +109,8 @@ class ServerHandle:
             # when the loop next polls, not in one send() each at once: waitress flushes at
             # every write once `send_bytes` are buffered, and its default is 1 byte.
             self._server.adj.send_bytes = GREEN_SEND_BYTES
+            for listener in [o for o in self._map.values() if isinstance(o, BaseWSGIServer)]:
+                _take_turns_accepting(listener)
         listen = getattr(self._server, "effective_listen", None)
         if listen is None:  # one listening socket: waitress returns that server itself
             listen = [(self._server.effective_host, self._server.effective_port)]
@@ -199,6 +202,32 @@ class ServerHandle:
 
 def _no_trigger(*_args: Any) -> None:
     pass
+
+
+def _take_turns_accepting(listener: Any) -> None:
+    """After accepting a connection, leave the listening socket out of the next poll.
+
+    The workers share one listening socket and each polls it: at a burst of connections
+    (a client pool opening), they all wake and whoever calls accept() first takes the
+    connection, so one worker could take most of a pool and the others idle. Sitting out one
+    turn after each accept hands the next connection to another worker."""
+    accept, readable = listener.handle_accept, listener.readable
+    just_accepted = [False]
+
+    def handle_accept() -> None:
+        before = len(listener._map)
+        accept()
+        just_accepted[0] = len(listener._map) > before  # not when another worker won it
+
+    def take_turns_readable() -> bool:
+        result = bool(readable())  # waitress's: also runs its maintenance
+        if just_accepted[0]:
+            just_accepted[0] = False
+            return False
+        return result
+
+    listener.handle_accept = handle_accept
+    listener.readable = take_turns_readable
 
 
 _date_cache: list[Any] = [-1, ""]
