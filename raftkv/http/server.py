@@ -196,6 +196,11 @@ class ServerHandle:
     def open_connections(self) -> int:
         return sum(1 for obj in self._map.values() if hasattr(obj, "requests"))
 
+    def unsent_output(self) -> bool:
+        """Whether some connection still holds response bytes the loop has not sent (green
+        mode buffers a response until the next poll)."""
+        return any(getattr(obj, "total_outbufs_len", 0) > 0 for obj in self._map.values())
+
     def _close_all(self) -> None:
         wasyncore.close_all(self._map, ignore_all=True)
 
