@@ -172,6 +172,7 @@ class LockRecorder:
         self.holds: list[LockHold] = []
         self.ops: list[GuardedOp] = []
         self.anomalies: list[str] = []
+        self.internal_errors: list[str] = []
 
     def hold(self, hold: LockHold) -> None:
         with self._lock:
@@ -184,6 +185,12 @@ class LockRecorder:
     def anomaly(self, text: str) -> None:
         with self._lock:
             self.anomalies.append(text)
+
+    def error(self, process: int, what: str, e: ClientError) -> None:
+        """An answer no fault explains (a 5xx other than 503, 504 and 507) is a problem."""
+        if e.status >= 500 and e.status not in (503, 504, 507):
+            with self._lock:
+                self.internal_errors.append(f"p{process} {what}: {e}")
 
 
 # =========================================================================== the worker
@@ -248,6 +255,7 @@ class LockWorker(threading.Thread):
             self.recorder.hold(hold)
             return hold
         except ClientError as e:  # no leader, unreachable, outcome unknown: no hold
+            self.recorder.error(self.process, "acquire", e)
             hold.detail = f"{type(e).__name__}: {e}"
             self.recorder.hold(hold)
             self.stop_event.wait(self.rng.uniform(0.05, 0.2))
@@ -265,6 +273,7 @@ class LockWorker(threading.Thread):
             try:
                 lock.release()
             except ClientError as e:  # the lease then expires by itself
+                self.recorder.error(self.process, "release", e)
                 hold.detail = f"release: {type(e).__name__}: {e}"
             hold.release_complete = self.clock()
             self.recorder.hold(hold)
@@ -296,6 +305,7 @@ class LockWorker(threading.Thread):
         except KeyNotFound:
             read.index = 0
         except ClientError as e:
+            self.recorder.error(self.process, f"read of {key}", e)
             read.complete, read.note = self.clock(), f"{type(e).__name__}"
             self.recorder.op(read)
             return "failed"
@@ -318,9 +328,11 @@ class LockWorker(threading.Thread):
             answer = client.put(key, value, prev_index=read.index)
         except ConditionFailed:
             write.complete, write.outcome, write.note = self.clock(), "failed", "conflict"
-        except OutcomeUnknown:
+        except OutcomeUnknown as e:
+            self.recorder.error(self.process, f"write of {key}", e)
             write.note = "unknown"
         except ClientError as e:  # surely not applied (the client says OutcomeUnknown else)
+            self.recorder.error(self.process, f"write of {key}", e)
             write.complete, write.outcome = self.clock(), "failed"
             write.note = f"failed: {type(e).__name__}"
         else:
