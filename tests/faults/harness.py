@@ -19,12 +19,22 @@ retries go to another node) is ONE logical operation from the first invocation t
 answer (the store promises to apply it at most once): OK if any attempt was OK, else UNKNOWN
 if any attempt was unknown, else FAILED.
 
-At the end, with every fault healed: convergence (every node is a voter, applies the same
-index and holds the same data, read with stale reads), final linearizable reads of every key,
-the linearizability checker over the whole history (keys independently), durability (every
-acknowledged write is still there or was overwritten by a write that may follow it), index
-consistency (a value is reported at one raft index only), no 5xx other than 503/504, and
-enough progress that the checks mean something.
+At the end of a register run, with every fault healed: convergence (every node is a voter,
+applies the same index and holds the same data, read with stale reads), final linearizable
+reads of every key, the linearizability checker over the whole history (keys independently),
+durability (every acknowledged write is still there or was overwritten by a write that may
+follow it), index consistency (a value is reported at one raft index only), no 5xx other
+than 503/504, and enough progress that the checks mean something.
+
+With `workload="locks"` (RunConfig.workload) the clients are lock workers instead
+(tests/support/lock_workload.py): each contends for one lock through raftkv.coordination
+(`client.lock(name, ttl)`), and while it holds it writes its fencing token to a guarded key
+with a compare-and-swap, refusing to write over a higher token. The history (lock holds with
+their fencing tokens and wall times, every read and write of the guarded key) is checked for
+mutual exclusion: unique tokens increasing with real time, no overlap of the intervals in
+which two holders believed they held the lock, and fencing along the key's raft indices
+(no lower token accepted after a higher one); plus convergence, a linearizable guarded key,
+every lease gone after its holder stopped, and enough holds to mean something.
 """
 
 from __future__ import annotations
@@ -42,7 +52,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json
+from raftkv.client import Client as KVClient
+from raftkv.client import ClientError
+from raftkv.coordination import LOCK_PREFIX
+from raftkv.localcluster import (
+    FAST_TIMING,
+    ClusterError,
+    LocalCluster,
+    NodeProc,
+    http_json,
+    wait_until,
+)
 from tests.faults.nemesis import (
     MIXES,
     PARTITION_FAULTS,
@@ -57,6 +77,17 @@ from tests.support.linearizability import (
     Outcome,
     check_history,
     format_violation,
+)
+from tests.support.lock_workload import (
+    GuardedOp,
+    LockConfig,
+    LockHold,
+    LockRecorder,
+    LockViolation,
+    LockWorker,
+    check_locks,
+    final_guarded_read,
+    lock_stats,
 )
 
 __all__ = [
@@ -82,6 +113,10 @@ NODE_ENV = {
     "RAFTKV_SNAPSHOT_TRAILING": "100",
     "RAFTKV_LOG_LEVEL": "INFO",
 }
+WORKLOADS = ("register", "locks")
+"""register: reads, writes, deletes and batches on a few keys, checked for linearizability;
+locks: workers contending for one lock (raftkv.coordination), checked for mutual exclusion
+with fencing tokens (tests/support/lock_workload.py)."""
 STARTUP_TIMEOUT_S = 60.0
 CONVERGENCE_TIMEOUT_S = 90.0
 CLIENT_JOIN_TIMEOUT_S = 30.0
@@ -89,6 +124,8 @@ MIN_OK_WRITES = 20
 MIN_OK_READS = 20
 LIST_LIMIT = 10_000
 FAILED_BACKOFF_S = (0.02, 0.15)
+MIN_LOCK_HOLDS = 5
+MIN_FENCED_WRITES = 5
 
 
 # =========================================================================== configuration
@@ -114,12 +151,19 @@ class RunConfig:
     """Load keeps running this long after the last fault was healed."""
     min_fault_s: float = 1.0
     max_fault_s: float = 4.0
+    workload: str = "register"
+    """One of WORKLOADS."""
+    lock_ttl_s: int = 2
+    """The locks workload: the lock's lease TTL (a fault longer than about 2/3 of it makes
+    the holder lose the lock)."""
 
     def __post_init__(self) -> None:
         if self.nodes not in (3, 5):
             raise ValueError("nodes must be 3 or 5")
         if self.mix not in MIXES:
             raise ValueError(f"mix must be one of {', '.join(MIXES)}")
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}")
         if self.seconds <= 0 or self.keys < 1 or self.clients_per_node < 1:
             raise ValueError("seconds, keys and clients_per_node must be positive")
 
@@ -520,6 +564,10 @@ class RunResult:
     check: CheckResult | None
     summary: dict[str, object]
     node_logs: dict[str, str]
+    lock_holds: list[LockHold] = field(default_factory=list)
+    """The locks workload's history (empty for the register workload)."""
+    lock_ops: list[GuardedOp] = field(default_factory=list)
+    lock_violations: list[LockViolation] = field(default_factory=list)
 
 
 def run_faults(cfg: RunConfig, work_dir: Path,
@@ -546,6 +594,9 @@ def run_faults(cfg: RunConfig, work_dir: Path,
     convergence: Convergence | None = None
     timings: dict[str, float] = {}
     final_state: dict[str, object | None] = {}
+    locks = LockRecorder()
+    lock_violations: list[LockViolation] = []
+    lock_cfg = LockConfig(ttl_s=cfg.lock_ttl_s, client_timeout_s=cfg.server_timeout_s)
     try:
         cluster.start_all()
         cluster.wait_for_leader(timeout_s=STARTUP_TIMEOUT_S)
@@ -563,12 +614,19 @@ def run_faults(cfg: RunConfig, work_dir: Path,
         clients_stop = threading.Event()
         nemesis_stop = threading.Event()
         keys = [f"k{i}" for i in range(cfg.keys)]
-        clients = [
-            Client(i, node, cluster.nodes, cfg, random.Random(rng.getrandbits(64)), keys,
-                   clock, recorder, clients_stop, run_tag=f"s{cfg.seed}")
-            for i, node in enumerate(n for n in cluster.nodes
-                                     for _ in range(cfg.clients_per_node))
-        ]
+        homes = [n for n in cluster.nodes for _ in range(cfg.clients_per_node)]
+        clients: list[Client] | list[LockWorker]
+        if cfg.workload == "locks":
+            keys = [lock_cfg.guarded_key]
+            clients = [
+                LockWorker(i, _urls_from(cluster, node), lock_cfg,
+                           random.Random(rng.getrandbits(64)), clock, locks, clients_stop)
+                for i, node in enumerate(homes)]
+        else:
+            clients = [
+                Client(i, node, cluster.nodes, cfg, random.Random(rng.getrandbits(64)), keys,
+                       clock, recorder, clients_stop, run_tag=f"s{cfg.seed}")
+                for i, node in enumerate(homes)]
         nemesis = Nemesis(cluster, random.Random(rng.getrandbits(64)), MIXES[cfg.mix],
                           firewall, clock, nemesis_stop, min_fault_s=cfg.min_fault_s,
                           max_fault_s=cfg.max_fault_s)
@@ -593,41 +651,19 @@ def run_faults(cfg: RunConfig, work_dir: Path,
                 problems.append(f"client {c.process} did not stop")
         timings["load_s"] = clock()
         problems.extend(f"nemesis: {e}" for e in nemesis.errors)
-        say(f"load done after {timings['load_s']:.1f}s: {len(recorder.records)} operations, "
-            f"faults {nemesis.counts}")
+        done = (f"{len(locks.holds)} lock attempts, {len(locks.ops)} guarded operations"
+                if cfg.workload == "locks" else f"{len(recorder.records)} operations")
+        say(f"load done after {timings['load_s']:.1f}s: {done}, faults {nemesis.counts}")
 
         check_start = time.monotonic()
         convergence = check_convergence(cluster, keys, CONVERGENCE_TIMEOUT_S)
         problems.extend(f"convergence: {p}" for p in convergence.problems)
-        final_records = _final_reads(cluster, keys, clock)
-        for r in final_records:
-            recorder.add(r)
-            if r.outcome == "ok":
-                final_state[r.key] = r.value
-            else:
-                problems.append(f"final read of {r.key!r} failed: {r.attempts}")
-        if convergence.states:
-            node_data = next(iter(convergence.states.values()))
-            for key in keys:
-                got = node_data.get(key)
-                if final_state.get(key, "<unread>") != (got[0] if got else None):
-                    problems.append(f"final linearizable read of {key!r} gave "
-                                    f"{final_state.get(key)!r}, converged state has {got!r}")
-        check = check_history(r.operation() for r in recorder.records)
-        problems.extend(format_violation(v) for v in check.violations)
-        if len(final_records) == len(keys) and all(r.outcome == "ok" for r in final_records):
-            problems.extend(f"durability: {p}" for p in check_durability(recorder.records,
-                                                                         final_state))
-        problems.extend(check_indexes(recorder.records,
-                                      convergence.states if convergence else {}))
-        problems.extend(f"internal error answered: {e}" for e in recorder.internal_errors)
-        problems.extend(f"client anomaly: {e}" for e in recorder.anomalies)
-        ok_writes = sum(1 for r in recorder.records if r.kind == "write" and r.outcome == "ok")
-        ok_reads = sum(1 for r in recorder.records
-                       if r.kind == "read" and r.outcome == "ok" and r.process >= 0)
-        if ok_writes < MIN_OK_WRITES or ok_reads < MIN_OK_READS:
-            problems.append(f"too little progress to check anything: {ok_writes} acknowledged "
-                            f"writes, {ok_reads} successful reads")
+        if cfg.workload == "locks":
+            lock_violations = _check_lock_run(cluster, lock_cfg, locks, clock, convergence,
+                                              problems)
+        else:
+            check = _check_register_run(cluster, keys, clock, recorder, convergence,
+                                        final_state, problems)
         if not nemesis.counts:
             problems.append("the nemesis injected no fault")
         timings["check_s"] = time.monotonic() - check_start
@@ -649,8 +685,98 @@ def run_faults(cfg: RunConfig, work_dir: Path,
     node_logs = {n.node_id: n.log_text() for n in cluster.nodes}
     summary = _summary(cfg, recorder, nemesis, check, convergence, problems, timings,
                        firewall_note)
+    if cfg.workload == "locks":
+        summary["locks"] = lock_stats(locks.holds, locks.ops)
     return RunResult(cfg, not problems, problems, recorder.records, events, check, summary,
-                     node_logs)
+                     node_logs, list(locks.holds), list(locks.ops), lock_violations)
+
+
+def _urls_from(cluster: LocalCluster, home: NodeProc) -> list[str]:
+    """Every node's URL, the worker's home node first (its client tries it first)."""
+    i = cluster.nodes.index(home)
+    return [n.http for n in cluster.nodes[i:] + cluster.nodes[:i]]
+
+
+def _check_register_run(cluster: LocalCluster, keys: list[str], clock: Callable[[], float],
+                        recorder: Recorder, convergence: Convergence,
+                        final_state: dict[str, object | None],
+                        problems: list[str]) -> CheckResult:
+    """The register workload's checks (see the module doc); the linearizability result."""
+    final_records = _final_reads(cluster, keys, clock)
+    for r in final_records:
+        recorder.add(r)
+        if r.outcome == "ok":
+            final_state[r.key] = r.value
+        else:
+            problems.append(f"final read of {r.key!r} failed: {r.attempts}")
+    if convergence.states:
+        node_data = next(iter(convergence.states.values()))
+        for key in keys:
+            got = node_data.get(key)
+            if final_state.get(key, "<unread>") != (got[0] if got else None):
+                problems.append(f"final linearizable read of {key!r} gave "
+                                f"{final_state.get(key)!r}, converged state has {got!r}")
+    check = check_history(r.operation() for r in recorder.records)
+    problems.extend(format_violation(v) for v in check.violations)
+    if len(final_records) == len(keys) and all(r.outcome == "ok" for r in final_records):
+        problems.extend(f"durability: {p}" for p in check_durability(recorder.records,
+                                                                     final_state))
+    problems.extend(check_indexes(recorder.records,
+                                  convergence.states if convergence else {}))
+    problems.extend(f"internal error answered: {e}" for e in recorder.internal_errors)
+    problems.extend(f"client anomaly: {e}" for e in recorder.anomalies)
+    ok_writes = sum(1 for r in recorder.records if r.kind == "write" and r.outcome == "ok")
+    ok_reads = sum(1 for r in recorder.records
+                   if r.kind == "read" and r.outcome == "ok" and r.process >= 0)
+    if ok_writes < MIN_OK_WRITES or ok_reads < MIN_OK_READS:
+        problems.append(f"too little progress to check anything: {ok_writes} acknowledged "
+                        f"writes, {ok_reads} successful reads")
+    return check
+
+
+def _check_lock_run(cluster: LocalCluster, lock_cfg: LockConfig, locks: LockRecorder,
+                    clock: Callable[[], float], convergence: Convergence,
+                    problems: list[str]) -> list[LockViolation]:
+    """The locks workload's checks: mutual exclusion and fencing over the whole history
+    (tests/support/lock_workload.check_locks, with a final linearizable read of the guarded
+    key), every lease gone once its holder stopped (released, or expired within its TTL),
+    the lock free, internal errors, enough progress."""
+    urls = [n.http for n in cluster.nodes]
+    final = final_guarded_read(urls, lock_cfg.guarded_key, clock)
+    if final.outcome != "ok":
+        problems.append(f"final read of {lock_cfg.guarded_key!r} failed: {final.note}")
+    else:
+        locks.op(final)
+        if convergence.states:
+            got = next(iter(convergence.states.values())).get(lock_cfg.guarded_key)
+            if (final.value, final.index) != ((got[0], got[1]) if got else (None, 0)):
+                problems.append(f"final linearizable read of {lock_cfg.guarded_key!r} gave "
+                                f"{final.value!r} at {final.index}, converged state has "
+                                f"{got!r}")
+    violations = check_locks(locks.holds, locks.ops, lock_cfg.guarded_key)
+    problems.extend(f"locks: {v.message}" for v in violations)
+
+    def leases_ended() -> bool:
+        with KVClient(urls, timeout_s=2.0) as kv:
+            try:
+                if kv.leases():
+                    return False
+                kv.get(LOCK_PREFIX + lock_cfg.name)
+            except ClientError as e:
+                return e.code == "key_not_found"
+            return False
+
+    try:
+        wait_until(leases_ended, 3 * lock_cfg.ttl_s + 20, "every lease to end")
+    except ClusterError as e:
+        problems.append(f"locks: a lease outlived its holder, or the lock is still taken: {e}")
+    problems.extend(f"internal error answered: {e}" for e in locks.internal_errors)
+    problems.extend(f"client anomaly: {e}" for e in locks.anomalies)
+    stats = lock_stats(locks.holds, locks.ops)
+    if stats["acquired"] < MIN_LOCK_HOLDS or stats["writes_accepted"] < MIN_FENCED_WRITES:
+        problems.append(f"too little progress to check anything: {stats['acquired']} holds, "
+                        f"{stats['writes_accepted']} accepted fenced writes")
+    return violations
 
 
 def _final_reads(cluster: LocalCluster, keys: list[str], clock: Callable[[], float],
@@ -707,11 +833,15 @@ def _summary(cfg: RunConfig, recorder: Recorder, nemesis: Nemesis | None,
 def format_report(result: RunResult, around_s: float = 3.0) -> str:
     """The seed, every problem, and the nemesis events near each violation."""
     cfg = result.config
+    workload = "" if cfg.workload == "register" else f" --workload {cfg.workload}"
     lines = [f"fault run seed={cfg.seed} nodes={cfg.nodes} mix={cfg.mix} "
-             f"seconds={cfg.seconds:g}: {'OK' if result.ok else 'FAILED'}",
+             f"workload={cfg.workload} seconds={cfg.seconds:g}: "
+             f"{'OK' if result.ok else 'FAILED'}",
              f"  replay: python -m tests.faults.run --seed {cfg.seed} --nodes {cfg.nodes} "
-             f"--mix {cfg.mix} --seconds {cfg.seconds:g} --results DIR"]
-    lines += [f"  summary: {json.dumps({k: result.summary[k] for k in ('faults', 'operations', 'unknown_operations', 'timings_s')})}"]  # noqa: E501
+             f"--mix {cfg.mix}{workload} --seconds {cfg.seconds:g} --results DIR"]
+    shown = ("faults", "locks", "timings_s") if cfg.workload == "locks" else (
+        "faults", "operations", "unknown_operations", "timings_s")
+    lines += [f"  summary: {json.dumps({k: result.summary.get(k) for k in shown})}"]
     for p in result.problems:
         lines.append("  PROBLEM: " + p.replace("\n", "\n    "))
     if result.check is not None:
@@ -723,6 +853,12 @@ def format_report(result: RunResult, around_s: float = 3.0) -> str:
             near = [e for e in result.events if lo <= e.time_s <= hi]
             lines.append(f"  nemesis events between {lo:.2f}s and {hi:.2f}s (key {v.key!r}):")
             lines += [f"    {e.time_s:9.3f}s {e.fault} {e.phase} {e.detail}" for e in near]
+    for lv in result.lock_violations:
+        lo, hi = lv.start - around_s, lv.end + around_s
+        near = [e for e in result.events if lo <= e.time_s <= hi]
+        lines.append(f"  nemesis events between {lo:.2f}s and {hi:.2f}s "
+                     f"({lv.message[:60]}...):")
+        lines += [f"    {e.time_s:9.3f}s {e.fault} {e.phase} {e.detail}" for e in near]
     return "\n".join(lines)
 
 
@@ -732,6 +868,10 @@ def write_results(result: RunResult, directory: Path) -> None:
     with open(directory / "history.jsonl", "w") as f:
         for r in sorted(result.records, key=lambda r: r.invoke):
             f.write(json.dumps(r.to_json(), default=repr) + "\n")
+        for item in sorted([*result.lock_holds, *result.lock_ops],
+                           key=lambda x: x.acquire_invoke if isinstance(x, LockHold)
+                           else x.invoke):
+            f.write(json.dumps(item.to_json(), default=repr) + "\n")
         for e in result.events:
             f.write(json.dumps({"type": "nemesis", **dataclasses.asdict(e)}) + "\n")
     (directory / "summary.json").write_text(json.dumps(result.summary, indent=2,

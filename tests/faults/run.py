@@ -1,6 +1,7 @@
 """Long fault-injection runs from the command line.
 
     python -m tests.faults.run --seconds 300 --seed 7 --nodes 3 --results DIR [--mix all]
+        [--workload register|locks]
 
 Writes DIR/history.jsonl (every operation and nemesis event), DIR/summary.json,
 DIR/report.txt and the node logs. Exit status 0 when every check passed, 1 when one failed
@@ -17,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.faults.harness import RunConfig, format_report, run_faults, write_results
+from tests.faults.harness import WORKLOADS, RunConfig, format_report, run_faults, write_results
 from tests.faults.nemesis import MIXES
 
 
@@ -30,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, choices=(3, 5), default=3)
     parser.add_argument("--mix", choices=sorted(MIXES), default="all",
                         help="which faults the nemesis draws from")
+    parser.add_argument("--workload", choices=WORKLOADS, default="register",
+                        help="register: reads and writes checked for linearizability; "
+                        "locks: clients contending for a lock, checked for mutual exclusion "
+                        "with fencing tokens")
+    parser.add_argument("--lock-ttl", type=int, default=2,
+                        help="the locks workload: the lock's lease TTL in seconds")
     parser.add_argument("--keys", type=int, default=None,
                         help="size of the key space (default: one key per 10 s, at least 5, "
                         "which keeps each key's history small enough to check quickly)")
@@ -46,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     keys = args.keys if args.keys is not None else max(5, round(args.seconds / 10))
     cfg = RunConfig(seed=seed, nodes=args.nodes, seconds=args.seconds, mix=args.mix,
                     keys=keys, clients_per_node=args.clients_per_node,
-                    server_timeout_s=args.server_timeout)
-    print(f"fault run: seed={seed} nodes={cfg.nodes} mix={cfg.mix} seconds={cfg.seconds:g} "
-          f"results={args.results}", flush=True)
+                    server_timeout_s=args.server_timeout, workload=args.workload,
+                    lock_ttl_s=args.lock_ttl)
+    print(f"fault run: seed={seed} nodes={cfg.nodes} mix={cfg.mix} workload={cfg.workload} "
+          f"seconds={cfg.seconds:g} results={args.results}", flush=True)
     with tempfile.TemporaryDirectory(prefix="raftkv-faults-") as tmp:
         result = run_faults(cfg, Path(tmp), progress=lambda text: print(text, flush=True))
     write_results(result, args.results)
