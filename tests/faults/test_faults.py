@@ -95,6 +95,25 @@ def test_history_is_linearizable_durable_and_converges_under_faults(
     assert result.check is not None and result.check.checked_operations > 0
 
 
+@pytest.mark.timeout(RUN_SECONDS + 400)
+def test_lock_holders_are_mutually_exclusive_and_fenced_under_faults(tmp_path: Path) -> None:
+    """The locks workload (tests/support/lock_workload.py) under every fault the machine
+    allows: kills, pauses, restarts, and partitions where nftables works."""
+    fw, _why = open_firewall()
+    mix = "all" if fw is not None else "kills"
+    if fw is not None:
+        fw.close()
+    cfg = RunConfig(seed=106, nodes=3, seconds=RUN_SECONDS, mix=mix, server_timeout_s=1.0,
+                    workload="locks")
+    result = run_faults(cfg, tmp_path, progress=print)
+    write_results(result, tmp_path / "results")
+    report = format_report(result)
+    print(report)
+    assert result.ok, f"{report}\n(history and node logs in {tmp_path / 'results'})"
+    assert result.lock_violations == []
+    assert any(h.outcome == "acquired" for h in result.lock_holds)
+
+
 # --------------------------------------------------------------------------- the firewall
 def _connects(src: str, dst: tuple[str, int], timeout_s: float = 0.5) -> bool:
     try:
