@@ -315,8 +315,11 @@ def _lease_command(cl: object, action: str, arg: int) -> None:
         _print(cl.lease_revoke(arg))
     elif action == "get":
         _print(cl.lease(arg))
-    else:
-        _print(cl.leases())
+    else:  # a list carries no keys (`get ID` shows them): no empty "keys" to mislead
+        from dataclasses import asdict
+
+        print(json.dumps([{k: v for k, v in asdict(lease).items() if k != "keys"}
+                          for lease in cl.leases()], sort_keys=True))
 
 
 # ---------------------------------------------------------------------------- lock

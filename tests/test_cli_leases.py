@@ -52,6 +52,7 @@ def test_lease_commands_grant_keepalive_get_list_revoke(capsys: pytest.CaptureFi
     assert (shown["keys"], shown["key_count"]) == (["k"], 1)
     code, listed = run(capsys, url, "lease", "list")
     assert code == EXIT_OK and isinstance(listed, list) and listed[0]["lease_id"] == lease
+    assert listed[0]["key_count"] == 1 and "keys" not in listed[0]
     code, revoked = run(capsys, url, "lease", "revoke", str(lease))
     assert code == EXIT_OK and isinstance(revoked, dict) and revoked["lease_id"] == lease
     code, error = run(capsys, url, "lease", "keepalive", str(lease))
