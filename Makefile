@@ -28,7 +28,7 @@ help:
 	@echo "make bench [ARGS='--compare etcd']   write throughput of a fresh local cluster (JSON + PNG in benchmarks/results/)"
 	@echo "make bench-storage   synced appends/s and snapshot save/load times"
 	@echo "make profile [ARGS='--point put/leader/c16 --seconds 20']   py-spy of every process of a leader and a follower under load"
-	@echo "make faults SECONDS=300 SEED=n [NODES=5 MIX=all|kills|partitions|pauses|restarts WORKLOAD=register|locks]   a long fault-injection run"
+	@echo "make faults SECONDS=300 SEED=n [NODES=5 MIX=all|kills|partitions|pauses|restarts WORKLOAD=register|locks SECURE=1]   a long fault-injection run (SECURE=1: peer TLS + auth)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -94,10 +94,12 @@ SEED    ?= 1
 NODES   ?= 3
 MIX     ?= all
 WORKLOAD ?= register
+SECURE  ?=
 
 faults: $(STAMP)
 	$(PY) -m tests.faults.run --seconds $(SECONDS) --seed $(SEED) --nodes $(NODES) --mix $(MIX) \
-	  --workload $(WORKLOAD) --results results/faults/$(WORKLOAD)-seed-$(SEED)
+	  --workload $(WORKLOAD) $(if $(filter 1,$(SECURE)),--secure) \
+	  --results results/faults/$(WORKLOAD)$(if $(filter 1,$(SECURE)),-secure)-seed-$(SEED)
 
 # ---------------------------------------------------------------------------- docker
 # The image is built offline (no registry, no network in `docker build`) from wheels/: a

@@ -13,6 +13,13 @@ about once a second (`/status` shows it under extra.workers, `/metrics` as
 raftkv_worker_requests_total), so a count read during a run may be up to two seconds old.
 `worker_counts()` therefore reads them only when the node has been idle for
 `WORKER_COUNTS_SETTLE_S` (before a run, and after it), with the workers' CPU at that moment.
+
+Auth and peer TLS (`RaftkvCluster.start_local(auth_tls=True)`, the `raftkv-auth-tls`
+variant): the cluster is bootstrapped with a random root token and its peer port speaks
+mutual TLS (certificates made with raftkv.certs in the cluster's dir); a token of role
+`write` is then created through the API with the root token, and that is the token the load
+sends (`Target.token`). The harness's own requests (status, preload, read-back) carry the
+root token.
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ class Target(Protocol):
     system: System
     label: str
     """The system and its variant, as the tables show it (`raftkv`, `raftkv-w1`, `etcd`)."""
+    token: str | None
+    """The token the load sends (`Authorization: Bearer`); None: none (auth off)."""
 
     @property
     def endpoints(self) -> list[Endpoint]: ...
@@ -118,9 +127,11 @@ class Target(Protocol):
 
 # --------------------------------------------------------------------------- small helpers
 def _request(endpoint: Endpoint, method: str, path: str, body: object | None = None,
-             timeout_s: float = _CONTROL_TIMEOUT_S) -> tuple[int, Any]:
+             timeout_s: float = _CONTROL_TIMEOUT_S,
+             headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
     """(status, body) of one request to `endpoint` (raftkv.localcluster.http_json)."""
-    code, answer, _ = http_json(method, f"{endpoint}{path}", body, timeout_s=timeout_s)
+    code, answer, _ = http_json(method, f"{endpoint}{path}", body, timeout_s=timeout_s,
+                                headers=headers)
     return code, answer
 
 
@@ -194,12 +205,14 @@ def _tail(path: Path, chars: int = 3000) -> str:
 class _KeepAlive:
     """One keep-alive connection for a sequence of control-plane requests."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, headers: Mapping[str, str] | None = None) -> None:
         self._conn = http.client.HTTPConnection(endpoint.host, endpoint.port,
                                                 timeout=_CONTROL_TIMEOUT_S)
+        self._headers = dict(headers or {})
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers.update(self._headers)
         self._conn.request(method, path, body=body, headers=headers)
         resp = self._conn.getresponse()
         payload = resp.read()
@@ -210,54 +223,101 @@ class _KeepAlive:
 
 
 # --------------------------------------------------------------------------- raftkv
-def variant_label(http_workers: int | None) -> str:
-    """`raftkv` for the default worker count (one per CPU), `raftkv-w<n>` otherwise."""
-    return "raftkv" if not http_workers else f"raftkv-w{http_workers}"
+AUTH_TLS_SUFFIX: Final = "-auth-tls"
+LOAD_TOKEN_ROLE: Final = "write"
+"""The role of the token the load of an auth variant sends: what a writing application has."""
+
+
+def variant_label(http_workers: int | None, auth_tls: bool = False) -> str:
+    """`raftkv` for the default worker count (one per CPU), `raftkv-w<n>` otherwise; with
+    `-auth-tls` appended for a cluster with auth and peer TLS on."""
+    base = "raftkv" if not http_workers else f"raftkv-w{http_workers}"
+    return base + (AUTH_TLS_SUFFIX if auth_tls else "")
 
 
 class RaftkvCluster:
-    """3 local `raftkv serve` processes (durable, default timing) or the nodes at `urls`."""
+    """3 local `raftkv serve` processes (durable, default timing) or the nodes at `urls`.
+    `token`: what the load sends; `control_token`: what the harness's own requests send."""
 
     system = System.RAFTKV
 
     def __init__(self, endpoints: list[Endpoint], local: LocalCluster | None = None,
-                 settings: Mapping[str, str] | None = None, label: str = "raftkv") -> None:
+                 settings: Mapping[str, str] | None = None, label: str = "raftkv", *,
+                 token: str | None = None, control_token: str | None = None,
+                 secured: Mapping[str, object] | None = None) -> None:
         self._endpoints = endpoints
         self._local = local
         self._settings = dict(settings or {})
         self.label = label
+        self.token = token
+        self._headers: dict[str, str] = (
+            {} if control_token is None else {"Authorization": f"Bearer {control_token}"})
+        self._secured = dict(secured or {})
         self._busy_at = time.monotonic()
 
     @classmethod
-    def start_local(cls, base_dir: Path, nodes: int = 3,
-                    http_workers: int | None = None) -> RaftkvCluster:
-        """`http_workers`: RAFTKV_HTTP_WORKERS (None or 0: the default, one per CPU)."""
+    def start_local(cls, base_dir: Path, nodes: int = 3, http_workers: int | None = None,
+                    auth_tls: bool = False) -> RaftkvCluster:
+        """`http_workers`: RAFTKV_HTTP_WORKERS (None or 0: the default, one per CPU).
+        `auth_tls`: auth and peer mutual TLS on (see the module doc)."""
         # The watch point holds 1,000 connections from this one address: above the default
         # per-client limit (128 per worker), which guards against one greedy address, not
         # against a load generator. etcd has no such limit.
         settings = {"RAFTKV_UNSAFE_NO_FSYNC": "false", "RAFTKV_LOG_LEVEL": "INFO",
                     "RAFTKV_HTTP_WORKERS": str(http_workers or 0),
                     "RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT": "4000"}
-        local = LocalCluster(base_dir, nodes, env=settings)  # a random cluster token
-        cluster = cls([Endpoint(n.http_host, n.http_port) for n in local.nodes], local,
-                      settings, variant_label(http_workers))
+        root = secrets.token_hex(32) if auth_tls else None
+        # a random cluster token; with auth_tls, bootstrapped with the root token
+        local = LocalCluster(base_dir, nodes, env=settings, root_token=root)
+        if auth_tls:
+            try:
+                local.use_peer_tls(base_dir / "certs")
+            except Exception as e:  # CertsError (no cryptography), OSError
+                local.close()
+                raise ClusterError(f"peer TLS certificates: {e}") from e
+        endpoints = [Endpoint(n.http_host, n.http_port) for n in local.nodes]
+        cluster = cls(endpoints, local, settings, variant_label(http_workers, auth_tls),
+                      control_token=root,
+                      secured={"auth": True, "peer_tls": "on",
+                               "load_token_role": LOAD_TOKEN_ROLE} if auth_tls else None)
         try:
             local.start_all()
             cluster.wait_ready(_START_TIMEOUT_S)
+            if auth_tls:
+                cluster.token = cluster.create_load_token()
         except BaseException:
             local.stop_all()
             raise
         return cluster
 
+    def create_load_token(self) -> str:
+        """A token of role LOAD_TOKEN_ROLE, created through the API with the root token,
+        after checking that a request without a token is refused (auth is really on)."""
+        leader = self.leader().endpoint
+        code, body = _request(leader, "GET", f"/keys/{key_name(0)}")
+        if code != 401:
+            raise ClusterError(f"auth is not on: a request without a token answered {code}")
+        code, body = _request(leader, "POST", "/auth/tokens", {"role": LOAD_TOKEN_ROLE},
+                              headers=self._headers)
+        if code != 200 or not isinstance(body, dict) or not isinstance(body.get("token"), str):
+            raise ClusterError(f"creating the load's {LOAD_TOKEN_ROLE} token answered {code}: "
+                               f"{body}")
+        return str(body["token"])
+
     @property
     def endpoints(self) -> list[Endpoint]:
         return list(self._endpoints)
+
+    def _req(self, endpoint: Endpoint, method: str, path: str, body: object | None = None,
+             timeout_s: float = _CONTROL_TIMEOUT_S) -> tuple[int, Any]:
+        """A request of the harness's own (with the root token when auth is on)."""
+        return _request(endpoint, method, path, body, timeout_s, self._headers)
 
     def wait_ready(self, timeout_s: float) -> None:
         def all_ready() -> bool:
             if self._local is not None:
                 self._local.check_alive()
-            return all(_request(ep, "GET", "/ready", timeout_s=2.0)[0] == 200
+            return all(self._req(ep, "GET", "/ready", timeout_s=2.0)[0] == 200
                        for ep in self._endpoints)
 
         wait_until(all_ready, timeout_s, "every raftkv node to be ready")
@@ -267,7 +327,7 @@ class RaftkvCluster:
             if self._local is not None:
                 self._local.check_alive()
             for ep in self._endpoints:
-                code, st = _request(ep, "GET", "/status", timeout_s=2.0)
+                code, st = self._req(ep, "GET", "/status", timeout_s=2.0)
                 if code == 200 and isinstance(st, dict) and st.get("role") == "leader":
                     return Leadership(ep, str(st["id"]), int(st["term"]))
             return None
@@ -275,7 +335,7 @@ class RaftkvCluster:
         return wait_until(find, _LEADER_TIMEOUT_S, "a raftkv leader")
 
     def preload(self, key_count: int, value_bytes: int) -> None:
-        conn = _KeepAlive(self.leader().endpoint)
+        conn = _KeepAlive(self.leader().endpoint, self._headers)
         self.mark_busy()
         try:
             for first in range(0, key_count, _RAFTKV_PRELOAD_OPS):
@@ -295,7 +355,7 @@ class RaftkvCluster:
         # The list answer holds at most 10,000 keys: one request per leading digit of the id.
         for digit in range((key_count + _RAFTKV_LIST_LIMIT - 1) // _RAFTKV_LIST_LIMIT):
             prefix = quote(f"{KEY_PREFIX}{digit}")
-            code, body = _request(
+            code, body = self._req(
                 leader, "GET",
                 f"/keys?prefix={prefix}&limit={_RAFTKV_LIST_LIMIT}&consistency=linearizable",
                 timeout_s=60.0)
@@ -306,7 +366,7 @@ class RaftkvCluster:
         return found
 
     def read_one(self, key_id: int) -> str | None:
-        code, body = _request(self.leader().endpoint, "GET",
+        code, body = self._req(self.leader().endpoint, "GET",
                                f"/keys/{key_name(key_id)}?consistency=linearizable")
         if code == 404:
             return None
@@ -315,7 +375,7 @@ class RaftkvCluster:
         return str(body["value"])
 
     def current_index(self) -> int:
-        code, st = _request(self.leader().endpoint, "GET", "/status")
+        code, st = self._req(self.leader().endpoint, "GET", "/status")
         if code != 200 or not isinstance(st, dict):
             raise ClusterError(f"raftkv /status answered {code}: {st}")
         return int(st["applied_index"])
@@ -330,7 +390,7 @@ class RaftkvCluster:
         self._busy_at = time.monotonic()
 
     def watches_held(self, endpoint: Endpoint) -> int | None:
-        code, st = _request(endpoint, "GET", "/status", timeout_s=2.0)
+        code, st = self._req(endpoint, "GET", "/status", timeout_s=2.0)
         if code != 200 or not isinstance(st, dict):
             return None
         return int(st.get("extra", {}).get("watches", 0))
@@ -352,7 +412,7 @@ class RaftkvCluster:
             if n.pid is None:
                 continue
             ep = Endpoint(n.http_host, n.http_port)
-            code, st = _request(ep, "GET", "/status", timeout_s=2.0)
+            code, st = self._req(ep, "GET", "/status", timeout_s=2.0)
             sample = sample_node(n.pid)
             if code != 200 or not isinstance(st, dict):
                 raise ClusterError(f"raftkv {n.node_id} /status answered {code}: {st}")
@@ -365,7 +425,8 @@ class RaftkvCluster:
     def describe(self) -> dict[str, object]:
         return {"system": "raftkv", "label": self.label,
                 "nodes": [str(ep) for ep in self._endpoints],
-                "started_here": self._local is not None, "settings": self._settings}
+                "started_here": self._local is not None, "settings": self._settings,
+                **({"security": self._secured} if self._secured else {})}
 
     def close(self) -> None:
         if self._local is not None:
@@ -391,6 +452,7 @@ class EtcdCluster:
 
     system = System.ETCD
     label = "etcd"
+    token: str | None = None
 
     def __init__(self, endpoints: list[Endpoint], processes: _Processes | None = None,
                  version: str = "") -> None:

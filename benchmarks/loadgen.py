@@ -41,6 +41,7 @@ __all__ = [
     "System",
     "WorkerResult",
     "WorkerSpec",
+    "auth_header",
     "expect",
     "key_name",
     "preload_value",
@@ -106,6 +107,8 @@ class WorkerSpec:
     warmup_s: float
     seconds: float
     request_timeout_s: float
+    token: str | None = None
+    """raftkv: sent as `Authorization: Bearer <token>` with every request (None: no header)."""
 
 
 @dataclass(slots=True)
@@ -199,28 +202,42 @@ class Codec(Protocol):
         ...
 
 
-def _post(host: str, path: str, body: bytes, method: str = "POST") -> bytes:
-    return (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+def _post(host: str, path: str, body: bytes, method: str = "POST", extra: str = "") -> bytes:
+    """`extra`: more header lines, each ending in CRLF."""
+    return (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode() + body
 
 
-class RaftkvCodec:
-    """PUT /keys/<k> {"value": v}; POST /batch; GET /keys/<k>?consistency=linearizable."""
+def auth_header(token: str | None) -> str:
+    """The header line (CRLF included) that carries a raftkv token; empty for None."""
+    if token is None:
+        return ""
+    if not token or any(c in token for c in "\r\n"):
+        raise ValueError("a token is a non-empty single line")
+    return f"Authorization: Bearer {token}\r\n"
 
-    def __init__(self, host: str) -> None:
+
+class RaftkvCodec:
+    """PUT /keys/<k> {"value": v}; POST /batch; GET /keys/<k>?consistency=linearizable.
+    With a `token`, every request carries `Authorization: Bearer <token>`."""
+
+    def __init__(self, host: str, token: str | None = None) -> None:
         self._host = host
+        self._auth = auth_header(token)
 
     def put(self, key: str, value: str) -> bytes:
-        return _post(self._host, f"/keys/{key}", b'{"value":"%s"}' % value.encode(), "PUT")
+        return _post(self._host, f"/keys/{key}", b'{"value":"%s"}' % value.encode(), "PUT",
+                     self._auth)
 
     def batch(self, items: Sequence[tuple[str, str]]) -> bytes:
         ops = [{"op": "put", "key": k, "value": v} for k, v in items]
-        return _post(self._host, "/batch", json.dumps({"ops": ops}).encode())
+        return _post(self._host, "/batch", json.dumps({"ops": ops}).encode(), "POST",
+                     self._auth)
 
     def get(self, key: str) -> bytes:
         return (f"GET /keys/{key}?consistency=linearizable HTTP/1.1\r\n"
-                f"Host: {self._host}\r\n\r\n").encode()
+                f"Host: {self._host}\r\n{self._auth}\r\n").encode()
 
     def value_fragment(self, value: str) -> bytes:
         return b'"%s"' % value.encode()
@@ -252,8 +269,13 @@ class EtcdCodec:
         return b'"%s"' % _b64(value).encode()
 
 
-def codec_for(system: System, endpoint: Endpoint) -> Codec:
-    return RaftkvCodec(str(endpoint)) if system is System.RAFTKV else EtcdCodec(str(endpoint))
+def codec_for(system: System, endpoint: Endpoint, token: str | None = None) -> Codec:
+    """`token`: raftkv's bearer token (etcd's auth is not benchmarked: ValueError)."""
+    if system is System.RAFTKV:
+        return RaftkvCodec(str(endpoint), token)
+    if token is not None:
+        raise ValueError("the etcd codec sends no token")
+    return EtcdCodec(str(endpoint))
 
 
 # --------------------------------------------------------------------------- HTTP framing
@@ -346,7 +368,8 @@ class _Worker:
         self.reports_window = False
         """Tell the parent when the window opens and closes (it samples the servers' CPU)."""
         self.sel = selectors.DefaultSelector()
-        self.conns = [_Conn(c, codec_for(spec.system, c.endpoint)) for c in spec.conns]
+        self.conns = [_Conn(c, codec_for(spec.system, c.endpoint, spec.token))
+                      for c in spec.conns]
         self.result = WorkerResult()
         self.window_start = 0.0
         self.window_end = 0.0

@@ -13,6 +13,11 @@ from benchmarks.loadgen import Kind, System
 from benchmarks.records import LEADER, SPREAD, PointSummary
 
 BUDGET_POINT: Final = "put/leader/c16"
+BASE_LABEL: Final = "raftkv"
+"""Plain raftkv: its defaults, auth off, plaintext between the nodes."""
+AUTH_TLS_LABEL: Final = "raftkv-auth-tls"
+AUTH_TLS_MIN_RATIO: Final = 0.9
+"""The target: auth and peer TLS cost at most 10% of plain raftkv's throughput."""
 
 
 # --------------------------------------------------------------------------- formatting
@@ -118,6 +123,57 @@ def format_ratios(rows: Sequence[dict[str, object]]) -> str:
                       num(r["raftkv_p99_ms"], ".1f"), num(r["etcd_p99_ms"], ".1f"),
                       x(r["p99_ratio"]), num(r["raftkv_ms_per_op"], ".3f"),
                       num(r["etcd_ms_per_op"], ".3f"), x(r["cpu_ratio"])))
+    return align(table, left=2)
+
+
+# --------------------------------------------------------------------------- variants
+def variant_ratios(summaries: Sequence[PointSummary], label: str, base: str = BASE_LABEL,
+                   wanted: float = AUTH_TLS_MIN_RATIO) -> list[dict[str, object]]:
+    """The variant `label` against `base` at every point both measured: throughput ratio
+    (`met`: >= wanted; None for the watch point, whose write rate is paced, not pushed),
+    p99 and server CPU per op."""
+    by_key = _by_key(summaries)
+    out: list[dict[str, object]] = []
+    for s in summaries:
+        if s.label != label:
+            continue
+        other = by_key.get((base, s.point))
+        if other is None:
+            continue
+        ratio = _ratio(s.ops_per_s, other.ops_per_s)
+        paced = s.kind == Kind.WATCH.value
+        out.append({"label": label, "base": base, "point": s.point,
+                    "ops_per_s": s.ops_per_s, "base_ops_per_s": other.ops_per_s,
+                    "ratio": ratio, "p99_ms": s.p99_ms, "base_p99_ms": other.p99_ms,
+                    "ms_per_op": s.server_ms_per_op, "base_ms_per_op": other.server_ms_per_op,
+                    "cpu_ratio": _ratio(s.server_ms_per_op, other.server_ms_per_op),
+                    "wanted": None if paced else wanted,
+                    "met": None if paced or ratio is None else ratio >= wanted})
+    return out
+
+
+def format_variant_ratios(rows: Sequence[dict[str, object]]) -> str:
+    if not rows:
+        return ""
+    base = str(rows[0]["base"])
+    table = [("system", "point", "ops/s", f"{base} ops/s", f"x {base}", "p99 ms",
+              f"{base} p99", "CPU ms/op", f"{base} ms/op", "CPU x", "")]
+
+    def x(value: object) -> str:
+        return f"{value:.2f}x" if isinstance(value, float) else "-"
+
+    def num(value: object, spec: str) -> str:
+        return format(value, spec) if isinstance(value, float | int) else "-"
+
+    for r in rows:
+        verdict = ("paced: not a target" if r["wanted"] is None else
+                   "not measured" if r["met"] is None else
+                   "met" if r["met"] else "NOT met")
+        table.append((str(r["label"]), str(r["point"]), num(r["ops_per_s"], ",.0f"),
+                      num(r["base_ops_per_s"], ",.0f"), x(r["ratio"]),
+                      num(r["p99_ms"], ".1f"), num(r["base_p99_ms"], ".1f"),
+                      num(r["ms_per_op"], ".3f"), num(r["base_ms_per_op"], ".3f"),
+                      x(r["cpu_ratio"]), verdict))
     return align(table, left=2)
 
 

@@ -53,6 +53,7 @@ from benchmarks.loadgen import (
     ProtocolError,
     System,
     WindowObserver,
+    auth_header,
     codec_for,
     expect,
     key_name,
@@ -103,6 +104,8 @@ class WatchSpec:
     """Changes after this index count (etcd: start_revision = start_index + 1)."""
     timeout_s: float
     """raftkv's long-poll timeout."""
+    token: str | None = None
+    """raftkv: sent as `Authorization: Bearer <token>` with every watch (None: no header)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,8 @@ class WriterSpec:
     warmup_s: float
     seconds: float
     request_timeout_s: float
+    token: str | None = None
+    """raftkv: sent as `Authorization: Bearer <token>` with every write (None: no header)."""
 
 
 @dataclass(slots=True)
@@ -241,9 +246,10 @@ def match_deliveries(writes: WriteLog, watcher_keys: Mapping[int, int],
 
 
 # --------------------------------------------------------------------------- watch requests
-def raftkv_watch_request(host: str, key: str, after_index: int, timeout_s: float) -> bytes:
+def raftkv_watch_request(host: str, key: str, after_index: int, timeout_s: float,
+                         token: str | None = None) -> bytes:
     return (f"GET /keys/{key}?wait=true&index={after_index}&timeout={timeout_s:g} HTTP/1.1\r\n"
-            f"Host: {host}\r\n\r\n").encode()
+            f"Host: {host}\r\n{auth_header(token)}\r\n").encode()
 
 
 def etcd_watch_request(host: str, key: str, start_revision: int) -> bytes:
@@ -382,7 +388,7 @@ class _Watcher:
             self.sel.register(sock, selectors.EVENT_READ, w)
         if self.spec.system is System.RAFTKV:
             request = raftkv_watch_request(self.host, key_name(w.key), w.last_index,
-                                           self.spec.timeout_s)
+                                           self.spec.timeout_s, self.spec.token)
         else:
             w.stream = ChunkedLines()  # a stream broken off resumes after what it saw
             request = etcd_watch_request(self.host, key_name(w.key), w.last_index + 1)
@@ -565,7 +571,7 @@ class _Writer:
     def __init__(self, spec: WriterSpec, pipe: Connection) -> None:
         self.spec = spec
         self.pipe = pipe
-        self.codec = codec_for(spec.system, spec.endpoint)
+        self.codec = codec_for(spec.system, spec.endpoint, spec.token)
         self.sel = selectors.DefaultSelector()
         self.conns = [_WConn(j, writer_keys(spec, j)) for j in range(spec.conns)]
         self.conns = [c for c in self.conns if c.keys]

@@ -13,7 +13,11 @@ from the leader at 16; POST /batch of 100 puts at 16 (in keys/s); and `watch/c10
 watches on the leader while a paced writer writes the watched keys and as many unwatched ones
 (benchmarks.watchload says what is measured). With --compare, the systems alternate run by
 run; --http-workers 0,1 runs raftkv once per worker count (0: the default, one per CPU), each
-on a cluster of its own, labelled `raftkv` and `raftkv-w1`.
+on a cluster of its own, labelled `raftkv` and `raftkv-w1`. --auth-tls adds `raftkv-auth-tls`:
+raftkv's defaults on a cluster of its own with auth on (bootstrapped with a root token) and
+mutual TLS between the nodes, the load sending `Authorization: Bearer` with a token of role
+`write` made through the API; the report gives its ratio to plain `raftkv` at every point
+(the target: >= 0.9x).
 
 After every write run, every acknowledged key is read back linearizably from the leader: a run
 that lost an acknowledged write is a FAILURE whatever its speed (exit status 1); so is a
@@ -84,6 +88,8 @@ from benchmarks.records import (
     summarize,
 )
 from benchmarks.report import (
+    AUTH_TLS_LABEL,
+    AUTH_TLS_MIN_RATIO,
     batch_target,
     budgets,
     fmt,
@@ -91,10 +97,12 @@ from benchmarks.report import (
     format_cpu_table,
     format_ratios,
     format_table,
+    format_variant_ratios,
     format_watch,
     plot,
     ratios,
     targets,
+    variant_ratios,
 )
 from benchmarks.watchload import WatchSpec, WriterSpec, run_watch_load
 
@@ -163,31 +171,34 @@ def make_points(concurrency: Sequence[int], modes: Sequence[str], workloads: Seq
 
 
 def worker_specs(plan: Plan, point: Point, system: System, endpoints: Sequence[Endpoint],
-                 run_tag: str) -> list[WorkerSpec]:
+                 run_tag: str, token: str | None = None) -> list[WorkerSpec]:
     """Connection j goes to endpoints[j % n] and owns the keys i with i % concurrency == j;
-    the connections are dealt round-robin to min(workers, concurrency) processes."""
+    the connections are dealt round-robin to min(workers, concurrency) processes. `token`:
+    sent with every request."""
     c = point.concurrency
     conns = [ConnSpec(j, endpoints[j % len(endpoints)], tuple(range(j, plan.keys, c)))
              for j in range(c)]
     processes = max(1, min(plan.workers, c))
     return [WorkerSpec(system, point.kind, tuple(conns[w::processes]), run_tag,
                        plan.value_bytes, plan.batch_ops, plan.warmup_s, plan.seconds,
-                       plan.request_timeout_s)
+                       plan.request_timeout_s, token)
             for w in range(processes)]
 
 
 def watch_specs(plan: Plan, point: Point, system: System, endpoint: Endpoint,
-                start_index: int, run_tag: str) -> tuple[list[WatchSpec], WriterSpec]:
+                start_index: int, run_tag: str,
+                token: str | None = None) -> tuple[list[WatchSpec], WriterSpec]:
     """Watcher w watches key w % keys (key ids 0..keys-1); the writer writes those and the
     unwatched keys keys..2*keys-1. The watchers are dealt to `workers` processes."""
     wp = plan.watch
     watchers = [(w, w % wp.keys) for w in range(point.concurrency)]
     processes = max(1, min(plan.workers, point.concurrency))
     specs = [WatchSpec(system, endpoint, tuple(watchers[p::processes]), start_index,
-                       wp.timeout_s) for p in range(processes)]
+                       wp.timeout_s, token) for p in range(processes)]
     writer = WriterSpec(system, endpoint, wp.writer_conns, wp.rate,
                         tuple(range(wp.keys)), tuple(range(wp.keys, 2 * wp.keys)), run_tag,
-                        plan.value_bytes, plan.warmup_s, plan.seconds, plan.request_timeout_s)
+                        plan.value_bytes, plan.warmup_s, plan.seconds, plan.request_timeout_s,
+                        token)
     return specs, writer
 
 
@@ -271,7 +282,8 @@ def _load_run(target: Target, plan: Plan, point: Point, leader: Endpoint, run_ta
         endpoints = [leader]
     else:  # followers first, so that a single connection goes through a follower
         endpoints = [ep for ep in target.endpoints if ep != leader] + [leader]
-    load = run_load(worker_specs(plan, point, target.system, endpoints, run_tag), sampler)
+    load = run_load(worker_specs(plan, point, target.system, endpoints, run_tag,
+                                 target.token), sampler)
     keys_per_request = plan.batch_ops if point.kind is Kind.BATCH else 1
     return _Outcome(load.completed * keys_per_request, load.completed, load.window_s,
                     load.latencies_s(), load.errors(), load.generator_cpu_cores,
@@ -281,7 +293,7 @@ def _load_run(target: Target, plan: Plan, point: Point, leader: Endpoint, run_ta
 def _watch_run(target: Target, plan: Plan, point: Point, leader: Endpoint, run_tag: str,
                sampler: ServerSampler) -> _Outcome:
     specs, writer = watch_specs(plan, point, target.system, leader, target.current_index(),
-                                run_tag)
+                                run_tag, target.token)
     result = run_watch_load(specs, writer, sampler, grace_s=plan.watch.grace_s,
                             registered=lambda: target.watches_held(leader))
     writes, d = result.writes, result.deliveries
@@ -408,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-workers", type=_worker_counts, default=None,
                    help="raftkv variants: one local cluster per HTTP worker count, e.g. 0,1 "
                    "(the default; 0: one per CPU, raftkv's own default)")
+    p.add_argument("--auth-tls", action="store_true",
+                   help="add the variant raftkv-auth-tls: raftkv's defaults with auth on and "
+                   "peer mutual TLS, the load sending a write-role token; reported against "
+                   "plain raftkv at every point")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each")
     p.add_argument("--repeats", type=int, default=3, help="runs per point (medians shown)")
@@ -473,6 +489,10 @@ def plan_from(args: argparse.Namespace) -> Plan:
         (args.etcd_urls is None or args.compare == "etcd", "--etcd-urls needs --compare etcd"),
         (not args.urls or args.http_workers == [0],
          "--http-workers starts clusters of its own: not with --urls"),
+        (not args.urls or not args.auth_tls,
+         "--auth-tls starts a cluster of its own: not with --urls"),
+        (not args.auth_tls or 0 in args.http_workers,
+         "--auth-tls is measured against plain raftkv: keep 0 in --http-workers"),
         (args.compare != "etcd" or args.batch_ops <= ETCD_MAX_TXN_OPS,
          f"etcd takes at most {ETCD_MAX_TXN_OPS} operations per transaction (--max-txn-ops): "
          "lower --batch-ops"),
@@ -544,6 +564,10 @@ def start_targets(args: argparse.Namespace, base_dir: Path) -> list[Target]:
                 cluster_dir = base_dir / f"raftkv-w{workers}"
                 cluster_dir.mkdir()
                 targets.append(RaftkvCluster.start_local(cluster_dir, http_workers=workers))
+            if args.auth_tls:
+                cluster_dir = base_dir / "raftkv-auth-tls"
+                cluster_dir.mkdir()
+                targets.append(RaftkvCluster.start_local(cluster_dir, auth_tls=True))
         if args.compare == "etcd":
             if args.etcd_urls:
                 targets.append(EtcdCluster(parse_endpoints(args.etcd_urls)))
@@ -565,6 +589,7 @@ def _print_report(records: Sequence[RunRecord], plan: Plan,
     budget_checks = budgets(points)
     target_checks = targets(points)
     batch_check = batch_target(points, args.batch_concurrency)
+    auth_rows = variant_ratios(points, AUTH_TLS_LABEL)
     print(format_table(points, plan.batch_ops))
     cpu_table = format_cpu_table(points)
     if cpu_table:
@@ -578,6 +603,11 @@ def _print_report(records: Sequence[RunRecord], plan: Plan,
     if ratio_rows:
         print("\nagainst etcd, same run")
         print(format_ratios(ratio_rows))
+    if auth_rows:
+        print(f"\n{AUTH_TLS_LABEL} (auth on: a write-role token with every request; peer "
+              f"mutual TLS) against plain raftkv, same run; wanted >= "
+              f"{AUTH_TLS_MIN_RATIO:g}x")
+        print(format_variant_ratios(auth_rows))
     if budget_checks:
         print("\nper-process budgets at put/leader/c16")
         print(format_checks(budget_checks))
@@ -601,7 +631,8 @@ def _print_report(records: Sequence[RunRecord], plan: Plan,
           "lost: acknowledged writes lost + watch changes missed")
     return {"points": [asdict(s) for s in points], "ratios": ratio_rows,
             "budgets": [c.as_dict() for c in budget_checks],
-            "targets": [c.as_dict() for c in target_checks], "batch_target": batch_check}
+            "targets": [c.as_dict() for c in target_checks], "batch_target": batch_check,
+            "auth_tls_ratios": auth_rows}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -103,13 +103,17 @@ def test_chunked_lines_across_reads() -> None:
 # --------------------------------------------------------------------------- end to end
 class FakeLongPoll(ThreadingHTTPServer):
     """PUT /keys/<k> and GET /keys/<k>?wait=true&index=n&timeout=s as raftkv answers them;
-    `deaf` keys never wake their watches (they time out with "changed": false)."""
+    `deaf` keys never wake their watches (they time out with "changed": false); with a
+    `token`, a request without `Authorization: Bearer <token>` is answered 401."""
 
     daemon_threads = True
 
-    def __init__(self, deaf: set[str]) -> None:
+    def __init__(self, deaf: set[str], token: str | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.deaf = deaf
+        self.token = token
+        self.refused = 0
+        self.authorized = 0
         self.cond = threading.Condition()
         self.index = 0
         self.keys: dict[str, tuple[str, int]] = {}
@@ -135,7 +139,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _refused(self) -> bool:
+        s = self.server
+        if s.token is None:
+            return False
+        with s.cond:
+            if self.headers.get("Authorization") == f"Bearer {s.token}":
+                s.authorized += 1
+                return False
+            s.refused += 1
+        data = b'{"error":"unauthenticated"}'
+        self.send_response(401)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return True
+
     def do_PUT(self) -> None:
+        if self._refused():
+            return
         key = urlsplit(self.path).path.removeprefix("/keys/")
         value = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["value"]
         s = self.server
@@ -147,6 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer({"value": value, "index": index})
 
     def do_GET(self) -> None:
+        if self._refused():
+            return
         url = urlsplit(self.path)
         key = url.path.removeprefix("/keys/")
         query = parse_qs(url.query)
@@ -169,7 +193,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_server(request: pytest.FixtureRequest) -> Iterator[FakeLongPoll]:
-    server = FakeLongPoll(set(getattr(request, "param", ())))
+    deaf, token = getattr(request, "param", ((), None))
+    server = FakeLongPoll(set(deaf), token)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -179,13 +204,14 @@ def fake_server(request: pytest.FixtureRequest) -> Iterator[FakeLongPoll]:
         server.server_close()
 
 
-def _run(server: FakeLongPoll) -> tuple[int, int, int, set[int], int]:
+def _run(server: FakeLongPoll, token: str | None = None,
+         ) -> tuple[int, int, int, set[int], int]:
     endpoint = Endpoint("127.0.0.1", server.server_address[1])
     watchers = [(w, w % 4) for w in range(16)]
-    specs = [WatchSpec(System.RAFTKV, endpoint, tuple(watchers[p::2]), 0, 0.3)
+    specs = [WatchSpec(System.RAFTKV, endpoint, tuple(watchers[p::2]), 0, 0.3, token)
              for p in range(2)]
     writer = WriterSpec(System.RAFTKV, endpoint, 4, 40.0, (0, 1, 2, 3), (4, 5, 6, 7), "t",
-                        64, 0.2, 1.0, 5.0)
+                        64, 0.2, 1.0, 5.0, token)
     result = run_watch_load(specs, writer, grace_s=1.0, settle_s=0.1,
                             registered=lambda: server.waiting)
     d = result.deliveries
@@ -199,10 +225,37 @@ def test_a_faithful_server_misses_nothing(fake_server: FakeLongPoll) -> None:
     assert (delivered, missed) == (expected, 0)
 
 
-@pytest.mark.parametrize("fake_server", [{key_name(0)}], indirect=True)
+@pytest.mark.parametrize("fake_server", [((), "s3cret")], indirect=True)
+def test_watches_and_writes_carry_the_token(fake_server: FakeLongPoll) -> None:
+    expected, delivered, missed, _, _ = _run(fake_server, token="s3cret")
+    assert expected > 0 and (delivered, missed) == (expected, 0)
+    assert fake_server.refused == 0 and fake_server.authorized >= 16 + expected
+
+
+@pytest.mark.parametrize("fake_server", [({key_name(0)}, None)], indirect=True)
 def test_a_server_that_never_wakes_one_keys_watches_fails_on_every_change_of_it(
         fake_server: FakeLongPoll) -> None:
     expected, delivered, missed, keys, rearmed = _run(fake_server)
     assert missed > 0 and keys == {0}
     assert delivered + missed == expected
     assert rearmed > 0  # the deaf key's watches timed out and were armed again
+
+
+def test_request_formats_carry_the_token_only_when_given() -> None:
+    from benchmarks.loadgen import RaftkvCodec, auth_header, codec_for
+    from benchmarks.watchload import raftkv_watch_request
+
+    bearer = b"\r\nAuthorization: Bearer tok\r\n"
+    codec = RaftkvCodec("h:1", "tok")
+    for request in (codec.put("k", "v"), codec.batch([("k", "v")]), codec.get("k"),
+                    raftkv_watch_request("h:1", "k", 3, 1.0, "tok")):
+        head = request.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+        assert bearer in head, request
+    plain = RaftkvCodec("h:1")
+    for request in (plain.put("k", "v"), plain.get("k"),
+                    raftkv_watch_request("h:1", "k", 3, 1.0)):
+        assert b"Authorization" not in request
+    with pytest.raises(ValueError):
+        codec_for(System.ETCD, Endpoint("h", 1), "tok")
+    with pytest.raises(ValueError):
+        auth_header("two\r\nlines")

@@ -78,3 +78,41 @@ def test_http_worker_variants_run_on_clusters_of_their_own(tmp_path: Path) -> No
     assert workers["raftkv-w1"] == 3
     assert {b["label"] for b in report["budgets"]} == {"raftkv", "raftkv-w1"}
     assert report["ok"] is True
+
+
+def test_the_auth_tls_variant_runs_secured_and_is_reported_against_plain_raftkv(
+        tmp_path: Path) -> None:
+    pytest.importorskip("cryptography", reason="peer TLS certificates need cryptography")
+    report = run_benchmark(tmp_path, "--concurrency", "16", "--modes", "leader",
+                           "--workloads", "put,get,batch", "--http-workers", "0",
+                           "--auth-tls")
+    points = ("put/leader/c16", "get/leader/c16", "batch/leader/c16")
+    assert {(p["label"], p["point"]) for p in report["points"]} == {
+        (label, point) for label in ("raftkv", "raftkv-auth-tls") for point in points}
+    systems = {s["label"]: s for s in report["systems"]}
+    assert systems["raftkv-auth-tls"]["security"] == {
+        "auth": True, "peer_tls": "on", "load_token_role": "write"}
+    assert "security" not in systems["raftkv"]
+    # The load carried its token: with a dropped one every request would be a 401.
+    secured = [r for r in report["runs"] if r["label"] == "raftkv-auth-tls"]
+    assert len(secured) == 3 and all(r["errors"] == {} and r["ops_per_s"] > 0
+                                     for r in secured)
+    assert all(r["acknowledged_keys"] > 0 for r in secured if r["kind"] != "get")
+    rows = {r["point"]: r for r in report["auth_tls_ratios"]}
+    assert set(rows) == set(points)
+    for row in rows.values():
+        assert row["base"] == "raftkv" and isinstance(row["ratio"], float)
+        assert row["wanted"] == 0.9 and row["met"] is (row["ratio"] >= 0.9)
+    assert report["ok"] is True
+    assert "rkv_" not in json.dumps(report), "a token secret in the report"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--auth-tls", "--urls", "127.0.0.1:4001"], "--auth-tls starts a cluster"),
+    (["--auth-tls", "--http-workers", "1"], "keep 0 in --http-workers"),
+])
+def test_auth_tls_needs_a_plain_raftkv_cluster_of_its_own(args: list[str], message: str) -> None:
+    from benchmarks.write_throughput import build_parser, plan_from
+
+    with pytest.raises(ValueError, match=message):
+        plan_from(build_parser().parse_args(args))

@@ -35,6 +35,14 @@ mutual exclusion: unique tokens increasing with real time, no overlap of the int
 which two holders believed they held the lock, and fencing along the key's raft indices
 (no lower token accepted after a higher one); plus convergence, a linearizable guarded key,
 every lease gone after its holder stopped, and enough holds to mean something.
+
+With `secure=True` (RunConfig.secure, `--secure`) the cluster runs the way a secured
+deployment does: peer mutual TLS (certificates made by raftkv.certs, as `raftkv certs init`
+does) and auth on (bootstrapped with a root token). Every client and every request of the
+harness and the nemesis carries the root token; the run first proves that the security is
+really on (a request without a token answers 401 on every node, a plaintext peer connection
+is refused), and any 401 or 403 answered during the run is a problem: a dropped or wrong
+token fails the run loudly instead of passing as "the node refused".
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from raftkv.localcluster import (
     http_json,
     wait_until,
 )
+from raftkv.runtime.transport.probe import ProbeFailed, probe
 from tests.faults.nemesis import (
     MIXES,
     PARTITION_FAULTS,
@@ -89,6 +98,9 @@ from tests.support.lock_workload import (
     final_guarded_read,
     lock_stats,
 )
+
+AUTH_STATUSES = (401, 403)
+"""Answers that mean the token was dropped, wrong or too weak: never expected in a run."""
 
 __all__ = [
     "NemesisEvent",
@@ -156,6 +168,9 @@ class RunConfig:
     lock_ttl_s: int = 2
     """The locks workload: the lock's lease TTL (a fault longer than about 2/3 of it makes
     the holder lose the lock)."""
+    secure: bool = False
+    """Peer mutual TLS and auth on (a root token every request carries); see the module
+    doc."""
 
     def __post_init__(self) -> None:
         if self.nodes not in (3, 5):
@@ -232,12 +247,23 @@ def _attempt(node: NodeProc, method: str, path: str, body: object | None,
     return _Attempt(Outcome.OK, resp.status, decoded, detail)
 
 
+class AuthRefused(Exception):
+    """A request of the harness was answered 401 or 403: its token was dropped or wrong.
+    Never retried (wait_until stops at once on it)."""
+
+
+def _refuse_auth(node: NodeProc, what: str, code: int, body: object) -> None:
+    if code in AUTH_STATUSES:
+        raise AuthRefused(f"{node.node_id} {what} answered {code}: {body}")
+
+
 class Recorder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.records: list[Record] = []
         self.internal_errors: list[str] = []
         self.anomalies: list[str] = []
+        self.auth_refusals: list[str] = []
 
     def add(self, record: Record) -> None:
         with self._lock:
@@ -251,13 +277,19 @@ class Recorder:
         with self._lock:
             self.anomalies.append(text)
 
+    def auth_refusal(self, text: str) -> None:
+        with self._lock:
+            self.auth_refusals.append(text)
+
 
 class Client(threading.Thread):
-    """A closed-loop client bound to one node."""
+    """A closed-loop client bound to one node. `headers` go with every request (the
+    `Authorization` of a secure run)."""
 
     def __init__(self, process: int, node: NodeProc, nodes: list[NodeProc], cfg: RunConfig,
                  rng: random.Random, keys: list[str], clock: Callable[[], float],
-                 recorder: Recorder, stop: threading.Event, run_tag: str) -> None:
+                 recorder: Recorder, stop: threading.Event, run_tag: str,
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(name=f"client-{process}", daemon=True)
         self.process = process
         self.node = node
@@ -269,6 +301,7 @@ class Client(threading.Thread):
         self.recorder = recorder
         self.stop_event = stop
         self.run_tag = run_tag
+        self.headers = dict(headers or {})
         self._seq = 0
 
     def run(self) -> None:
@@ -292,7 +325,7 @@ class Client(threading.Thread):
     def read(self, key: str) -> str:
         path = f"/keys/{key}?timeout={self.cfg.server_timeout_s:g}"
         invoke = self.clock()
-        a = _attempt(self.node, "GET", path, None, {}, self.cfg.client_timeout_s)
+        a = _attempt(self.node, "GET", path, None, self.headers, self.cfg.client_timeout_s)
         complete = self.clock()
         rec = Record(self.process, self.node.node_id, "read", key, None, invoke, None,
                      Outcome.FAILED.value, [a.detail])
@@ -362,7 +395,8 @@ class Client(threading.Thread):
         unknown = False
         node = self.node
         while True:
-            a = _attempt(node, method, full_path, body, {"Idempotency-Key": request_id},
+            a = _attempt(node, method, full_path, body,
+                         {**self.headers, "Idempotency-Key": request_id},
                          cfg.client_timeout_s)
             now = self.clock()
             attempts.append(f"{node.node_id}:{a.detail}")
@@ -392,11 +426,14 @@ class Client(threading.Thread):
                 return Outcome.UNKNOWN
             return Outcome.OK
         self._check_status(a, what)
-        if status == 503 or status in (400, 404, 409, 413, 415):
+        if status == 503 or status in (400, 404, 409, 413, 415, *AUTH_STATUSES):
             return Outcome.FAILED
         return Outcome.UNKNOWN  # 504 commit_timeout, 507, and anything unexpected
 
     def _check_status(self, a: _Attempt, what: str) -> None:
+        if a.status in AUTH_STATUSES:
+            self.recorder.auth_refusal(f"p{self.process} on {self.node.node_id} {what}: "
+                                       f"{a.status} {a.body!r}")
         if a.status is not None and a.status >= 500 and a.status not in (503, 504):
             self.recorder.internal_error(f"p{self.process} on {self.node.node_id} {what}: "
                                          f"{a.status} {a.body!r}")
@@ -411,27 +448,29 @@ class Convergence:
     problems: list[str]
 
 
-def _node_state(node: NodeProc, keys: list[str],
+def _node_state(node: NodeProc, keys: list[str], headers: Mapping[str, str],
                 ) -> tuple[int, dict[str, tuple[object, int]]]:
     """(applied index, key -> (value, index)) read with stale reads on this node (a listing
     of every key, then one GET per test key, which must agree), retried until the applied
     index did not move across the reads."""
     for _ in range(20):
-        before = _status(node)["applied_index"]
+        before = _status(node, headers)["applied_index"]
         code, body, _ = http_json("GET", f"{node.http}/keys?consistency=stale&limit="
-                                  f"{LIST_LIMIT}", timeout_s=10)
+                                  f"{LIST_LIMIT}", timeout_s=10, headers=headers)
+        _refuse_auth(node, "list", code, body)
         if code != 200 or not isinstance(body, dict):
             raise ValueError(f"{node.node_id} list answered {code}: {body}")
         listed = {kv["key"]: (kv["value"], kv["index"]) for kv in body["keys"]}
         single: dict[str, tuple[object, int]] = {}
         for key in keys:
             code, got, _ = http_json("GET", f"{node.http}/keys/{key}?consistency=stale",
-                                     timeout_s=10)
+                                     timeout_s=10, headers=headers)
+            _refuse_auth(node, f"stale read of {key}", code, got)
             if code == 200 and isinstance(got, dict):
                 single[key] = (got["value"], got["index"])
             elif code != 404:
                 raise ValueError(f"{node.node_id} stale read of {key} answered {code}: {got}")
-        after = _status(node)["applied_index"]
+        after = _status(node, headers)["applied_index"]
         if before == after:
             for key in keys:
                 if listed.get(key) != single.get(key):
@@ -442,8 +481,9 @@ def _node_state(node: NodeProc, keys: list[str],
     raise ValueError(f"{node.node_id} kept applying while being read")
 
 
-def _status(node: NodeProc) -> dict[str, Any]:
-    code, body, _ = http_json("GET", f"{node.http}/status", timeout_s=3)
+def _status(node: NodeProc, headers: Mapping[str, str]) -> dict[str, Any]:
+    code, body, _ = http_json("GET", f"{node.http}/status", timeout_s=3, headers=headers)
+    _refuse_auth(node, "/status", code, body)
     if code != 200 or not isinstance(body, dict):
         raise ValueError(f"{node.node_id} /status answered {code}")
     return body
@@ -452,12 +492,16 @@ def _status(node: NodeProc) -> dict[str, Any]:
 def check_convergence(cluster: LocalCluster, keys: list[str], timeout_s: float,
                       ) -> Convergence:
     """Wait until every node is a voter and applied the leader's commit index, then compare
-    every node's data (stale reads) and applied index."""
+    every node's data (stale reads) and applied index. Requests carry the cluster's
+    auth_headers; a 401 or 403 ends the check at once, failed."""
     deadline = time.monotonic() + timeout_s
     last_problem = "no attempt"
+    headers = cluster.auth_headers
     while time.monotonic() < deadline:
         try:
-            statuses = {n.node_id: _status(n) for n in cluster.nodes}
+            statuses = {n.node_id: _status(n, headers) for n in cluster.nodes}
+        except AuthRefused as e:
+            return Convergence(False, None, {}, [f"auth refused: {e}"])
         except (OSError, ValueError, http.client.HTTPException) as e:
             last_problem = f"status: {e}"
             time.sleep(0.2)
@@ -477,9 +521,11 @@ def check_convergence(cluster: LocalCluster, keys: list[str], timeout_s: float,
             last_problem = f"applied {applied}, leader commit {leader['commit_index']}"
         else:
             try:
-                states = {n.node_id: _node_state(n, keys) for n in cluster.nodes}
+                states = {n.node_id: _node_state(n, keys, headers) for n in cluster.nodes}
             except AssertionError as e:
                 return Convergence(False, None, {}, [str(e)])
+            except AuthRefused as e:
+                return Convergence(False, None, {}, [f"auth refused: {e}"])
             except (OSError, ValueError, http.client.HTTPException) as e:
                 last_problem = f"reading state: {e}"
                 time.sleep(0.2)
@@ -585,7 +631,11 @@ def run_faults(cfg: RunConfig, work_dir: Path,
             firewall_note = firewall.backend
     (work_dir / "cluster").mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(work_dir / "cluster", cfg.nodes, env={**FAST_TIMING, **NODE_ENV},
-                           token=hashlib.sha256(f"faults-{cfg.seed}".encode()).hexdigest())
+                           token=hashlib.sha256(f"faults-{cfg.seed}".encode()).hexdigest(),
+                           root_token=root_token_for(cfg) if cfg.secure else None)
+    if cfg.secure:  # certificates for every node (and the nodes a run may add)
+        cluster.use_peer_tls(work_dir / "certs")
+    token = cluster.root_token
     recorder = Recorder()
     problems: list[str] = []
     check: CheckResult | None = None
@@ -604,7 +654,13 @@ def run_faults(cfg: RunConfig, work_dir: Path,
             cluster.wait_for_ready(n, timeout_s=STARTUP_TIMEOUT_S)
         timings["startup_s"] = time.monotonic() - wall_start
         say(f"seed={cfg.seed} nodes={cfg.nodes} mix={cfg.mix}: cluster up "
-            f"({timings['startup_s']:.1f}s), firewall: {firewall_note}")
+            f"({timings['startup_s']:.1f}s), firewall: {firewall_note}"
+            + (", peer TLS and auth on" if cfg.secure else ""))
+        if cfg.secure:
+            insecure = check_secured(cluster)
+            problems.extend(f"security: {p}" for p in insecure)
+            if insecure:
+                raise ClusterError("the secure run's cluster is not secured")
 
         t0 = time.monotonic()
 
@@ -620,12 +676,14 @@ def run_faults(cfg: RunConfig, work_dir: Path,
             keys = [lock_cfg.guarded_key]
             clients = [
                 LockWorker(i, _urls_from(cluster, node), lock_cfg,
-                           random.Random(rng.getrandbits(64)), clock, locks, clients_stop)
+                           random.Random(rng.getrandbits(64)), clock, locks, clients_stop,
+                           token=token)
                 for i, node in enumerate(homes)]
         else:
             clients = [
                 Client(i, node, cluster.nodes, cfg, random.Random(rng.getrandbits(64)), keys,
-                       clock, recorder, clients_stop, run_tag=f"s{cfg.seed}")
+                       clock, recorder, clients_stop, run_tag=f"s{cfg.seed}",
+                       headers=cluster.auth_headers)
                 for i, node in enumerate(homes)]
         nemesis = Nemesis(cluster, random.Random(rng.getrandbits(64)), MIXES[cfg.mix],
                           firewall, clock, nemesis_stop, min_fault_s=cfg.min_fault_s,
@@ -691,6 +749,40 @@ def run_faults(cfg: RunConfig, work_dir: Path,
                      node_logs, list(locks.holds), list(locks.ops), lock_violations)
 
 
+def root_token_for(cfg: RunConfig) -> str:
+    """The root token of a secure run (from the seed: a replay uses the same one)."""
+    return hashlib.sha256(f"faults-root-{cfg.seed}".encode()).hexdigest()
+
+
+def check_secured(cluster: LocalCluster) -> list[str]:
+    """What shows a secure run's cluster is NOT secured: a node that answers a request
+    without a token with anything but 401, or a leader that accepts a plaintext peer
+    connection (presenting the right cluster token and a member's name)."""
+    problems = []
+    for n in cluster.nodes:
+        code, body, _ = http_json("GET", f"{n.http}/keys/k0", timeout_s=5)
+        if code != 401:
+            problems.append(f"{n.node_id} answered a request without a token {code}: {body}")
+    leader = cluster.wait_for_leader(timeout_s=STARTUP_TIMEOUT_S)
+    member = next(n for n in cluster.nodes if n is not leader)
+    try:
+        probe(leader.raft, token=cluster.token, node_id=member.node_id, cluster_id="",
+              timeout_s=5)
+    except ProbeFailed:
+        pass
+    else:
+        problems.append(f"{leader.node_id} accepted a plaintext peer connection")
+    return problems
+
+
+def _auth_problems(refusals: list[str], shown: int = 5) -> list[str]:
+    """One problem per refusal (at most `shown`), and the count of the rest."""
+    out = [f"auth refused (the token was dropped or wrong): {r}" for r in refusals[:shown]]
+    if len(refusals) > shown:
+        out.append(f"auth refused: {len(refusals) - shown} more answers 401/403")
+    return out
+
+
 def _urls_from(cluster: LocalCluster, home: NodeProc) -> list[str]:
     """Every node's URL, the worker's home node first (its client tries it first)."""
     i = cluster.nodes.index(home)
@@ -703,6 +795,9 @@ def _check_register_run(cluster: LocalCluster, keys: list[str], clock: Callable[
                         problems: list[str]) -> CheckResult:
     """The register workload's checks (see the module doc); the linearizability result."""
     final_records = _final_reads(cluster, keys, clock)
+    for r in final_records:
+        if any(a.split()[0] in map(str, AUTH_STATUSES) for a in r.attempts):
+            recorder.auth_refusal(f"final read of {r.key!r}: {r.attempts}")
     for r in final_records:
         recorder.add(r)
         if r.outcome == "ok":
@@ -725,6 +820,7 @@ def _check_register_run(cluster: LocalCluster, keys: list[str], clock: Callable[
                                   convergence.states if convergence else {}))
     problems.extend(f"internal error answered: {e}" for e in recorder.internal_errors)
     problems.extend(f"client anomaly: {e}" for e in recorder.anomalies)
+    problems.extend(_auth_problems(recorder.auth_refusals))
     ok_writes = sum(1 for r in recorder.records if r.kind == "write" and r.outcome == "ok")
     ok_reads = sum(1 for r in recorder.records
                    if r.kind == "read" and r.outcome == "ok" and r.process >= 0)
@@ -742,7 +838,8 @@ def _check_lock_run(cluster: LocalCluster, lock_cfg: LockConfig, locks: LockReco
     key), every lease gone once its holder stopped (released, or expired within its TTL),
     the lock free, internal errors, enough progress."""
     urls = [n.http for n in cluster.nodes]
-    final = final_guarded_read(urls, lock_cfg.guarded_key, clock)
+    token = cluster.root_token
+    final = final_guarded_read(urls, lock_cfg.guarded_key, clock, token=token)
     if final.outcome != "ok":
         problems.append(f"final read of {lock_cfg.guarded_key!r} failed: {final.note}")
     else:
@@ -757,12 +854,14 @@ def _check_lock_run(cluster: LocalCluster, lock_cfg: LockConfig, locks: LockReco
     problems.extend(f"locks: {v.message}" for v in violations)
 
     def leases_ended() -> bool:
-        with KVClient(urls, timeout_s=2.0) as kv:
+        with KVClient(urls, timeout_s=2.0, token=token) as kv:
             try:
                 if kv.leases():
                     return False
                 kv.get(LOCK_PREFIX + lock_cfg.name)
             except ClientError as e:
+                if e.status in AUTH_STATUSES:
+                    raise AuthRefused(f"the lease check: {e}") from None
                 return e.code == "key_not_found"
             return False
 
@@ -770,8 +869,11 @@ def _check_lock_run(cluster: LocalCluster, lock_cfg: LockConfig, locks: LockReco
         wait_until(leases_ended, 3 * lock_cfg.ttl_s + 20, "every lease to end")
     except ClusterError as e:
         problems.append(f"locks: a lease outlived its holder, or the lock is still taken: {e}")
+    except AuthRefused as e:
+        locks.auth_refusals.append(str(e))
     problems.extend(f"internal error answered: {e}" for e in locks.internal_errors)
     problems.extend(f"client anomaly: {e}" for e in locks.anomalies)
+    problems.extend(_auth_problems(locks.auth_refusals))
     stats = lock_stats(locks.holds, locks.ops)
     if stats["acquired"] < MIN_LOCK_HOLDS or stats["writes_accepted"] < MIN_FENCED_WRITES:
         problems.append(f"too little progress to check anything: {stats['acquired']} holds, "
@@ -785,7 +887,7 @@ def _final_reads(cluster: LocalCluster, keys: list[str], clock: Callable[[], flo
     out = []
     for key in keys:
         invoke = clock()
-        a = _attempt(leader, "GET", f"/keys/{key}?timeout=5", None, {}, 10)
+        a = _attempt(leader, "GET", f"/keys/{key}?timeout=5", None, cluster.auth_headers, 10)
         complete = clock()
         rec = Record(-1, leader.node_id, "read", key, None, invoke, complete, "failed",
                      [a.detail])
@@ -813,6 +915,7 @@ def _summary(cfg: RunConfig, recorder: Recorder, nemesis: Nemesis | None,
         "nodes": cfg.nodes,
         "seconds": cfg.seconds,
         "mix": cfg.mix,
+        "secure": cfg.secure,
         "config": dataclasses.asdict(cfg),
         "firewall": firewall_note,
         "faults": dict(nemesis.counts) if nemesis else {},
@@ -834,11 +937,12 @@ def format_report(result: RunResult, around_s: float = 3.0) -> str:
     """The seed, every problem, and the nemesis events near each violation."""
     cfg = result.config
     workload = "" if cfg.workload == "register" else f" --workload {cfg.workload}"
+    secure = " --secure" if cfg.secure else ""
     lines = [f"fault run seed={cfg.seed} nodes={cfg.nodes} mix={cfg.mix} "
-             f"workload={cfg.workload} seconds={cfg.seconds:g}: "
-             f"{'OK' if result.ok else 'FAILED'}",
+             f"workload={cfg.workload}{' secure' if cfg.secure else ''} "
+             f"seconds={cfg.seconds:g}: {'OK' if result.ok else 'FAILED'}",
              f"  replay: python -m tests.faults.run --seed {cfg.seed} --nodes {cfg.nodes} "
-             f"--mix {cfg.mix}{workload} --seconds {cfg.seconds:g} --results DIR"]
+             f"--mix {cfg.mix}{workload}{secure} --seconds {cfg.seconds:g} --results DIR"]
     shown = ("faults", "locks", "timings_s") if cfg.workload == "locks" else (
         "faults", "operations", "unknown_operations", "timings_s")
     lines += [f"  summary: {json.dumps({k: result.summary.get(k) for k in shown})}"]

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from raftkv.localcluster import LocalCluster, NodeProc, http_json
 
@@ -318,6 +318,16 @@ class Nemesis:
     def _wait(self, seconds: float) -> None:
         """Let a fault (or a quiet spell) last; returns early when the run is stopped."""
         self.stop.wait(seconds)
+
+    def _http(self, method: str, url: str, body: object | None = None,
+              timeout_s: float = 2.0) -> tuple[int, Any]:
+        """An operator's request (with the cluster's auth_headers); a 401 or 403 answer is an
+        error of the run: the token was dropped or wrong."""
+        code, answer, _ = http_json(method, url, body, timeout_s=timeout_s,
+                                    headers=self.cluster.auth_headers)
+        if code in (401, 403):
+            self.errors.append(f"{method} {url} answered {code}: {answer}")
+        return code, answer
 
     def _endpoint(self, node: NodeProc) -> PeerEndpoint:
         return PeerEndpoint(node.node_id, node.raft_host, node.raft_port)
@@ -614,8 +624,8 @@ class Nemesis:
         self.note("transfer_leader", "start",
                   f"{leader.node_id} -> {target.node_id if target else 'auto'}")
         try:
-            code, answer, _ = http_json("POST", f"{leader.http}/cluster/leader?timeout=3", body,
-                                        timeout_s=6)
+            code, answer = self._http("POST", f"{leader.http}/cluster/leader?timeout=3", body,
+                                      timeout_s=6)
             detail = f"{code} {answer}"
         except (OSError, http.client.HTTPException) as e:
             detail = f"error {e}"
@@ -637,7 +647,7 @@ class Nemesis:
         victim = leader if self.rng.random() < 1 / 3 else self.rng.choice(followers)
         self.note("member_replace", "start", f"remove {victim.node_id} via {leader.node_id}")
         try:
-            code, answer, _ = http_json(
+            code, answer = self._http(
                 "DELETE", f"{leader.http}/cluster/members/{victim.node_id}?timeout=5",
                 timeout_s=10)
         except (OSError, http.client.HTTPException) as e:
@@ -687,7 +697,7 @@ class Nemesis:
         if leader is None:
             return None
         try:
-            code, body, _ = http_json("GET", f"{leader.http}/cluster", timeout_s=2)
+            code, body = self._http("GET", f"{leader.http}/cluster", timeout_s=2)
         except (OSError, http.client.HTTPException):
             return None
         if code != 200 or not isinstance(body, dict):

@@ -1,7 +1,7 @@
 """Long fault-injection runs from the command line.
 
     python -m tests.faults.run --seconds 300 --seed 7 --nodes 3 --results DIR [--mix all]
-        [--workload register|locks]
+        [--workload register|locks] [--secure]
 
 Writes DIR/history.jsonl (every operation and nemesis event), DIR/summary.json,
 DIR/report.txt and the node logs. Exit status 0 when every check passed, 1 when one failed
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients-per-node", type=int, default=2)
     parser.add_argument("--server-timeout", type=float, default=2.0,
                         help="?timeout= of every request (short: more 504 unknown outcomes)")
+    parser.add_argument("--secure", action="store_true",
+                        help="peer mutual TLS and auth on: certificates from raftkv certs, "
+                        "a root token every client and check carries (a 401/403 fails the "
+                        "run)")
     parser.add_argument("--results", type=Path, required=True,
                         help="directory for history.jsonl, summary.json and logs")
     args = parser.parse_args(argv)
@@ -54,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RunConfig(seed=seed, nodes=args.nodes, seconds=args.seconds, mix=args.mix,
                     keys=keys, clients_per_node=args.clients_per_node,
                     server_timeout_s=args.server_timeout, workload=args.workload,
-                    lock_ttl_s=args.lock_ttl)
+                    lock_ttl_s=args.lock_ttl, secure=args.secure)
     print(f"fault run: seed={seed} nodes={cfg.nodes} mix={cfg.mix} workload={cfg.workload} "
-          f"seconds={cfg.seconds:g} results={args.results}", flush=True)
+          f"secure={cfg.secure} seconds={cfg.seconds:g} results={args.results}", flush=True)
     with tempfile.TemporaryDirectory(prefix="raftkv-faults-") as tmp:
         result = run_faults(cfg, Path(tmp), progress=lambda text: print(text, flush=True))
     write_results(result, args.results)

@@ -6,6 +6,7 @@ RAFTKV_FAULTS_SECONDS changes the length of each CI run (default 30 s).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -13,11 +14,12 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
+from raftkv.client import Client
 from raftkv.localcluster import (
     LocalCluster,
     NodeProc,
@@ -49,18 +51,22 @@ from tests.faults.nemesis import (
 )
 from tests.support.clusters import running_cluster
 from tests.support.linearizability import Outcome, check_history
+from tests.support.lock_workload import LockConfig, LockRecorder, LockWorker, final_guarded_read
+from tests.support.single_node import SingleNodeService, serving
 
 pytestmark = pytest.mark.faults
 
 RUN_SECONDS = float(os.environ.get("RAFTKV_FAULTS_SECONDS", "30"))
 
-# seed, nodes, fault mix, server-side wait (a short one makes more 504 "unknown" outcomes)
+# seed, nodes, fault mix, server-side wait (a short one makes more 504 "unknown" outcomes),
+# secure (peer mutual TLS and auth on: RunConfig.secure)
 CI_RUNS = [
-    pytest.param(101, 3, "kills", 2.0, id="seed101-3nodes-kills"),
-    pytest.param(102, 3, "partitions", 1.0, id="seed102-3nodes-partitions"),
-    pytest.param(103, 3, "pauses", 0.5, id="seed103-3nodes-pauses"),
-    pytest.param(104, 3, "restarts", 2.0, id="seed104-3nodes-restarts"),
-    pytest.param(105, 5, "all", 1.0, id="seed105-5nodes-all"),
+    pytest.param(101, 3, "kills", 2.0, False, id="seed101-3nodes-kills"),
+    pytest.param(102, 3, "partitions", 1.0, False, id="seed102-3nodes-partitions"),
+    pytest.param(103, 3, "pauses", 0.5, False, id="seed103-3nodes-pauses"),
+    pytest.param(104, 3, "restarts", 2.0, False, id="seed104-3nodes-restarts"),
+    pytest.param(105, 5, "all", 1.0, False, id="seed105-5nodes-all"),
+    pytest.param(107, 3, "all", 1.0, True, id="seed107-3nodes-all-tls-auth"),
 ]
 
 
@@ -77,22 +83,27 @@ def firewall() -> Iterator[Firewall]:
 
 # --------------------------------------------------------------------------- the CI set
 @pytest.mark.timeout(RUN_SECONDS + 400)
-@pytest.mark.parametrize(("seed", "nodes", "mix", "server_timeout_s"), CI_RUNS)
+@pytest.mark.parametrize(("seed", "nodes", "mix", "server_timeout_s", "secure"), CI_RUNS)
 def test_history_is_linearizable_durable_and_converges_under_faults(
-        seed: int, nodes: int, mix: str, server_timeout_s: float, tmp_path: Path) -> None:
+        seed: int, nodes: int, mix: str, server_timeout_s: float, secure: bool,
+        tmp_path: Path) -> None:
     if mix == "partitions":
         fw, why = open_firewall()
         if fw is None:
             pytest.skip(why)
         fw.close()
+    if secure:
+        pytest.importorskip("cryptography", reason="peer TLS certificates need cryptography")
     cfg = RunConfig(seed=seed, nodes=nodes, seconds=RUN_SECONDS, mix=mix,
-                    server_timeout_s=server_timeout_s)
+                    server_timeout_s=server_timeout_s, secure=secure)
     result = run_faults(cfg, tmp_path, progress=print)
     write_results(result, tmp_path / "results")
     report = format_report(result)
     print(report)
     assert result.ok, f"{report}\n(history and node logs in {tmp_path / 'results'})"
     assert result.check is not None and result.check.checked_operations > 0
+    if secure:
+        assert result.summary["secure"] is True and "auth refused" not in report
 
 
 @pytest.mark.timeout(RUN_SECONDS + 400)
@@ -315,20 +326,31 @@ def test_client_outcome_is_failed_when_refused_and_unknown_when_no_answer() -> N
 
 
 class _FakeNodes:
-    """Two nodes' /status and stale reads, for testing the convergence check itself."""
+    """Two nodes' /status and stale reads, for testing the convergence check itself; with
+    `auth`, every request without exactly those headers is answered 401."""
 
-    def __init__(self, data: dict[str, dict[str, tuple[object, int]]]) -> None:
+    def __init__(self, data: dict[str, dict[str, tuple[object, int]]],
+                 auth: dict[str, str] | None = None) -> None:
         self.data = data
+        self.auth = auth or {}
         self.nodes = [NodeProc(nid, 1000 + i, 2000 + i, Path("/nonexistent"),
                                Path("/nonexistent")) for i, nid in enumerate(sorted(data))]
 
-    def status(self, node: NodeProc) -> dict[str, object]:
+    def _allowed(self, headers: Mapping[str, str] | None) -> bool:
+        return all((headers or {}).get(k) == v for k, v in self.auth.items())
+
+    def status(self, node: NodeProc, headers: Mapping[str, str]) -> dict[str, object]:
+        if not self._allowed(headers):
+            harness._refuse_auth(node, "/status", 401, {"error": "unauthenticated"})
         members = [{"id": n.node_id, "voter": True} for n in self.nodes]
         return {"role": "leader" if node is self.nodes[0] else "follower",
                 "applied_index": 10, "commit_index": 10, "members": members}
 
     def http_json(self, method: str, url: str, *_: object,
+                  headers: Mapping[str, str] | None = None,
                   **__: object) -> tuple[int, object, dict[str, str]]:
+        if not self._allowed(headers):
+            return 401, {"error": "unauthenticated"}, {}
         port = int(url.split("/", 1)[0].rsplit(":", 1)[1])
         node = next(n for n in self.nodes if n.http_port == port)
         data = self.data[node.node_id]
@@ -356,10 +378,112 @@ def test_convergence_check_flags_nodes_that_disagree(
     monkeypatch.setattr(harness, "http_json", fake.http_json)
     cluster = LocalCluster.__new__(LocalCluster)
     cluster.nodes = fake.nodes
+    cluster.auth_headers = {}
     result = harness.check_convergence(cluster, ["k0"], timeout_s=5)
     assert result.ok is agree, result.problems
     if not agree:
         assert "disagree" in result.problems[0]
+
+
+@pytest.mark.parametrize("sent", [{}, {"Authorization": "Bearer wrong"}])
+def test_convergence_check_sends_the_token_and_fails_at_once_on_401(
+        monkeypatch: pytest.MonkeyPatch, sent: dict[str, str]) -> None:
+    data: dict[str, dict[str, tuple[object, int]]] = {"n1": {"k0": ("a", 5)},
+                                                      "n2": {"k0": ("a", 5)}}
+    fake = _FakeNodes(data, auth={"Authorization": f"Bearer {ROOT}"})
+    monkeypatch.setattr(harness, "_status", fake.status)
+    monkeypatch.setattr(harness, "http_json", fake.http_json)
+    cluster = LocalCluster.__new__(LocalCluster)
+    cluster.nodes = fake.nodes
+    cluster.auth_headers = {"Authorization": f"Bearer {ROOT}"}
+    assert harness.check_convergence(cluster, ["k0"], timeout_s=5).ok
+    cluster.auth_headers = sent
+    started = time.monotonic()
+    result = harness.check_convergence(cluster, ["k0"], timeout_s=30)
+    assert not result.ok and "auth refused" in result.problems[0]
+    assert time.monotonic() - started < 5, "a 401 is not waited out"
+
+
+# --------------------------------------------------------------------------- secure runs
+ROOT = "faults-test-root-token-" + "x" * 20
+
+
+@pytest.fixture
+def auth_node() -> Iterator[NodeProc]:
+    """One node with auth on (root token ROOT), over real HTTP, as a NodeProc."""
+    with serving(SingleNodeService(root_token=ROOT)) as url:
+        host, _, port = url.removeprefix("http://").rpartition(":")
+        yield NodeProc("n1", int(port), 0, Path("/nonexistent"), None, http_host=host)
+
+
+def _register_client(node: NodeProc, recorder: harness.Recorder,
+                     headers: dict[str, str]) -> harness.Client:
+    cfg = RunConfig(seed=1, secure=True, retry_probability=0.0)
+    return harness.Client(0, node, [node], cfg, random.Random(1), ["k0", "k1"],
+                          time.monotonic, recorder, threading.Event(), run_tag="t",
+                          headers=headers)
+
+
+def test_the_register_clients_send_the_token_and_a_refused_token_is_a_problem(
+        auth_node: NodeProc) -> None:
+    recorder = harness.Recorder()
+    good = _register_client(auth_node, recorder, {"Authorization": f"Bearer {ROOT}"})
+    assert good.write("k0", "v1") == "ok"
+    assert good.batch(["k0", "k1"]) == "ok"
+    assert good.read("k0") == "ok"
+    assert good.write("k1", None) == "ok"
+    assert recorder.auth_refusals == []
+    assert harness._auth_problems(recorder.auth_refusals) == []
+
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+        bad = harness.Recorder()
+        client = _register_client(auth_node, bad, headers)
+        assert client.write("k0", "v2") == "failed"  # surely not applied: refused
+        assert client.read("k0") == "failed"
+        assert len(bad.auth_refusals) == 2 and "401" in bad.auth_refusals[0]
+        assert all(r.outcome == "failed" for r in bad.records)
+        problems = harness._auth_problems(bad.auth_refusals)
+        assert len(problems) == 2 and "auth refused" in problems[0]
+
+
+def test_the_lock_workers_send_the_token_and_a_refused_token_is_a_problem(
+        auth_node: NodeProc) -> None:
+    lock_cfg = LockConfig(ttl_s=2, acquire_timeout_s=2.0)
+    for token, refused in ((ROOT, False), (None, True), ("not-the-token", True)):
+        recorder = LockRecorder()
+        worker = LockWorker(0, [auth_node.http], lock_cfg, random.Random(1), time.monotonic,
+                            recorder, threading.Event(), token=token)
+        with Client([auth_node.http], timeout_s=2.0, token=token) as client:
+            hold = worker.hold_once(client)
+        assert (hold.outcome == "acquired") is not refused, hold
+        assert bool(recorder.auth_refusals) is refused, recorder.auth_refusals
+        final = final_guarded_read([auth_node.http], lock_cfg.guarded_key, time.monotonic,
+                                   token=token)
+        assert (final.outcome == "ok") is not refused, final
+
+
+def test_the_nemesis_sends_the_token_and_a_refused_token_is_an_error(
+        auth_node: NodeProc) -> None:
+    cluster = LocalCluster.__new__(LocalCluster)
+    cluster.nodes = [auth_node]
+    cluster.auth_headers = {"Authorization": f"Bearer {ROOT}"}
+    nemesis = Nemesis(cluster, random.Random(1), [], None, time.monotonic, threading.Event())
+    code, body = nemesis._http("GET", f"{auth_node.http}/cluster")
+    assert code == 200 and body["members"] and nemesis.errors == []
+    cluster.auth_headers = {"Authorization": "Bearer not-the-token"}
+    code, _ = nemesis._http("GET", f"{auth_node.http}/cluster")
+    assert code == 401 and len(nemesis.errors) == 1 and "401" in nemesis.errors[0]
+
+
+def test_a_secure_run_config_is_reported_and_replayed_with_secure() -> None:
+    cfg = RunConfig(seed=107, secure=True)
+    result = harness.RunResult(cfg, True, [], [], [], None,
+                               {"faults": {}, "operations": {}, "unknown_operations": 0,
+                                "timings_s": {}}, {})
+    report = format_report(result)
+    assert " secure " in report.splitlines()[0] and "--secure" in report
+    assert harness.root_token_for(cfg) == harness.root_token_for(RunConfig(seed=107))
+    assert "--secure" not in format_report(dataclasses.replace(result, config=RunConfig(1)))
 
 
 def test_index_check_flags_a_value_seen_at_two_indexes() -> None:

@@ -173,6 +173,8 @@ class LockRecorder:
         self.ops: list[GuardedOp] = []
         self.anomalies: list[str] = []
         self.internal_errors: list[str] = []
+        self.auth_refusals: list[str] = []
+        """401/403 answers: the workers' token was dropped or wrong (a problem)."""
 
     def hold(self, hold: LockHold) -> None:
         with self._lock:
@@ -187,10 +189,14 @@ class LockRecorder:
             self.anomalies.append(text)
 
     def error(self, process: int, what: str, e: ClientError) -> None:
-        """An answer no fault explains (a 5xx other than 503, 504 and 507) is a problem."""
+        """An answer no fault explains (a 5xx other than 503, 504 and 507) is a problem, and
+        so is a refused token (401, 403)."""
         if e.status >= 500 and e.status not in (503, 504, 507):
             with self._lock:
                 self.internal_errors.append(f"p{process} {what}: {e}")
+        elif e.status in (401, 403):
+            with self._lock:
+                self.auth_refusals.append(f"p{process} {what}: {e}")
 
 
 # =========================================================================== the worker
@@ -220,7 +226,8 @@ class LockWorker(threading.Thread):
 
     def __init__(self, process: int, urls: Sequence[str], cfg: LockConfig,
                  rng: random.Random, clock: Callable[[], float], recorder: LockRecorder,
-                 stop: threading.Event, *, lock_factory: LockFactory = _real_lock) -> None:
+                 stop: threading.Event, *, lock_factory: LockFactory = _real_lock,
+                 token: str | None = None) -> None:
         super().__init__(name=f"lock-worker-{process}", daemon=True)
         self.process = process
         self.urls = list(urls)
@@ -230,13 +237,15 @@ class LockWorker(threading.Thread):
         self.recorder = recorder
         self.stop_event = stop
         self.lock_factory = lock_factory
+        self.token = token
+        """Sent by the worker's Client (`Authorization: Bearer`); None: no header."""
         self._seq = 0
 
     def run(self) -> None:
         cfg = self.cfg
         try:
             with Client(self.urls, timeout_s=cfg.client_timeout_s,
-                        retries=cfg.client_retries) as client:
+                        retries=cfg.client_retries, token=self.token) as client:
                 while not self.stop_event.is_set():
                     self.hold_once(client)
                     self.stop_event.wait(self.rng.uniform(*cfg.think_s))
@@ -348,10 +357,10 @@ class LockWorker(threading.Thread):
 
 
 def final_guarded_read(urls: Sequence[str], key: str, clock: Callable[[], float],
-                       timeout_s: float = 5.0) -> GuardedOp:
+                       timeout_s: float = 5.0, *, token: str | None = None) -> GuardedOp:
     """A linearizable read of the guarded key once the load is over (process -1)."""
     op = GuardedOp(-1, None, "read", None, clock(), None, "failed")
-    with Client(list(urls), timeout_s=timeout_s) as client:
+    with Client(list(urls), timeout_s=timeout_s, token=token) as client:
         try:
             found = client.get(key)
             op.value, op.index = str(found.value), found.index
