@@ -390,7 +390,8 @@ class RaftkvCluster:
         self._busy_at = time.monotonic()
 
     def watches_held(self, endpoint: Endpoint) -> int | None:
-        code, st = self._req(endpoint, "GET", "/status", timeout_s=2.0)
+        # While 1,000 watch connections arrive, /status can take seconds on 2 busy cores.
+        code, st = self._req(endpoint, "GET", "/status", timeout_s=10.0)
         if code != 200 or not isinstance(st, dict):
             return None
         return int(st.get("extra", {}).get("watches", 0))
