@@ -40,6 +40,8 @@ DEFAULT_MAX_REQUEST_BODY_BYTES: Final = 8 << 20
 """Waitress's own bound. Keep it above the app's max_body_bytes so that the app, not waitress,
 answers an oversized body; waitress still never buffers more."""
 _POLL_S: Final = 1.0
+_SIT_OUT_S: Final = 0.001
+"""How long a worker that just accepted leaves the listening socket to the others."""
 GREEN_SEND_BYTES: Final = 65536
 """Output a green server buffers before it writes at once (see ServerHandle)."""
 _CLOSE_WAIT_S: Final = 5.0
@@ -102,6 +104,7 @@ class ServerHandle:
             clear_untrusted_proxy_headers=False, expose_tracebacks=False, ident="raftkv",
             head_timeout_s=head_timeout_s, max_connections_per_client=max_connections_per_client,
             **kwargs)
+        self._sitting_out: list[Callable[[], bool]] = []
         if self.dispatcher is not None:
             # Every task runs on this thread: the loop re-polls after each round anyway.
             self._server.pull_trigger = _no_trigger
@@ -109,8 +112,9 @@ class ServerHandle:
             # when the loop next polls, not in one send() each at once: waitress flushes at
             # every write once `send_bytes` are buffered, and its default is 1 byte.
             self._server.adj.send_bytes = GREEN_SEND_BYTES
-            for listener in [o for o in self._map.values() if isinstance(o, BaseWSGIServer)]:
+            self._sitting_out = [
                 _take_turns_accepting(listener)
+                for listener in [o for o in self._map.values() if isinstance(o, BaseWSGIServer)]]
         listen = getattr(self._server, "effective_listen", None)
         if listen is None:  # one listening socket: waitress returns that server itself
             listen = [(self._server.effective_host, self._server.effective_port)]
@@ -160,8 +164,12 @@ class ServerHandle:
         poll = wasyncore.poll2
         socket_map = self._map
         hooks = self.loop_hooks
+        sitting_out = self._sitting_out
         while not self._closing:
-            poll(dispatcher.timeout(_POLL_S), socket_map)
+            wait_s = dispatcher.timeout(_POLL_S)
+            if any(sits() for sits in sitting_out):  # a short turn: accept again right after
+                wait_s = min(wait_s, _SIT_OUT_S)
+            poll(wait_s, socket_map)
             dispatcher.run_ready()
             for hook in hooks:
                 hook()
@@ -209,13 +217,16 @@ def _no_trigger(*_args: Any) -> None:
     pass
 
 
-def _take_turns_accepting(listener: Any) -> None:
+def _take_turns_accepting(listener: Any) -> Callable[[], bool]:
     """After accepting a connection, leave the listening socket out of the next poll.
 
     The workers share one listening socket and each polls it: at a burst of connections
     (a client pool opening), they all wake and whoever calls accept() first takes the
     connection, so one worker could take most of a pool and the others idle. Sitting out one
-    turn after each accept hands the next connection to another worker."""
+    turn after each accept hands the next connection to another worker. That turn must be
+    short (the returned function says whether the worker sits out: the loop then polls for at
+    most _SIT_OUT_S): with nothing else to wake it, a worker would otherwise leave a burst of
+    connections (1,000 watches) in the backlog for a whole poll interval per accept."""
     accept, readable = listener.handle_accept, listener.readable
     just_accepted = [False]
 
@@ -233,6 +244,7 @@ def _take_turns_accepting(listener: Any) -> None:
 
     listener.handle_accept = handle_accept
     listener.readable = take_turns_readable
+    return lambda: just_accepted[0]
 
 
 _date_cache: list[Any] = [-1, ""]
