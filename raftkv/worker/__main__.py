@@ -100,8 +100,8 @@ class Worker:
             self.channel.send_frame(FrameKind.WORKER_STATS,
                                     codec.pack_value(self.stats.snapshot()))
         since = self._draining_since
-        drained = self.dispatcher.tasks == 0 and not self.server.unsent_output()
-        if since is not None and (drained or now - since > DRAIN_S):
+        if since is not None and (now - since > DRAIN_S or (
+                self.dispatcher.tasks == 0 and not self.server.unsent_output())):
             self.server.close()
 
 
