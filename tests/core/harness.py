@@ -156,6 +156,16 @@ class Network:
         self.snapshot_data[snapshot.checksum] = data
         return snapshot
 
+    def compact_at_applied(self, nid: NodeId, data: bytes) -> tuple[int, Snapshot]:
+        """Store `data` as node `nid`'s snapshot at its applied index and compact its log up
+        to there (a peer behind it then needs the snapshot); the index and the snapshot."""
+        node = self.node(nid)
+        applied = node.log.applied
+        meta = SnapshotMeta(applied, node.log.term(applied) or 0, node.membership_at(applied))
+        snapshot = self.snapshot_of(meta, data)
+        node.compact(snapshot, keep_from=applied + 1)
+        return applied, snapshot
+
     def _read_snapshot(self, snapshot: Snapshot, offset: int, size: int) -> bytes | None:
         data = self.snapshot_data.get(snapshot.checksum)
         return None if data is None else data[offset : offset + size]

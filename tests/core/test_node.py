@@ -1072,10 +1072,7 @@ def test_leader_sends_a_snapshot_in_chunks_to_a_follower_behind_its_compacted_lo
         net.node("n1").propose(d)
     net.stabilize()
     n1 = net.node("n1")
-    applied = n1.log.applied
-    meta = SnapshotMeta(applied, n1.log.term(applied) or 0, n1.membership_at(applied))
-    snap = net.snapshot_of(meta, SNAPSHOT_DATA)
-    n1.compact(snap, keep_from=applied + 1)
+    applied, snap = net.compact_at_applied("n1", SNAPSHOT_DATA)
     assert n1.log.first_index() == applied + 1
     net.heal()
     net.run(1)

@@ -227,10 +227,7 @@ def test_the_leader_backs_off_after_a_refusal_then_offers_again() -> None:
     for d in (b"a", b"b", b"c"):
         net.node("n1").propose(d)
     net.stabilize()
-    n1 = net.node("n1")
-    applied = n1.log.applied
-    meta = SnapshotMeta(applied, n1.log.term(applied) or 0, n1.membership_at(applied))
-    n1.compact(net.snapshot_of(meta, b"X-not-our-format-at-all"), keep_from=applied + 1)
+    applied, _ = net.compact_at_applied("n1", b"X-not-our-format-at-all")
     net.heal()
     net.run(1)
 
@@ -254,11 +251,7 @@ def test_a_snapshot_the_leader_cannot_read_is_not_sent_and_retried_later() -> No
     for d in (b"a", b"b"):
         net.node("n1").propose(d)
     net.stabilize()
-    n1 = net.node("n1")
-    applied = n1.log.applied
-    meta = SnapshotMeta(applied, n1.log.term(applied) or 0, n1.membership_at(applied))
-    snap = net.snapshot_of(meta, SNAP)
-    n1.compact(snap, keep_from=applied + 1)
+    _, snap = net.compact_at_applied("n1", SNAP)
     del net.snapshot_data[snap.checksum]  # e.g. already replaced in the store
     net.heal()
     net.run(2)
