@@ -209,6 +209,19 @@ def _post(host: str, path: str, body: bytes, method: str = "POST", extra: str = 
             ).encode() + body
 
 
+
+def connect_nonblocking(endpoint: Endpoint) -> socket.socket | None:
+    """A TCP connection to `endpoint` with Nagle off, non-blocking once connected (for a
+    selector); None when it cannot connect within _CONNECT_TIMEOUT_S."""
+    try:
+        sock = socket.create_connection((endpoint.host, endpoint.port),
+                                        timeout=_CONNECT_TIMEOUT_S)
+    except OSError:
+        return None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    return sock
+
 def auth_header(token: str | None) -> str:
     """The header line (CRLF included) that carries a raftkv token; empty for None."""
     if token is None:
@@ -378,13 +391,9 @@ class _Worker:
 
     # ------------------------------------------------------------------ connections
     def connect(self, conn: _Conn) -> bool:
-        ep = conn.spec.endpoint
-        try:
-            sock = socket.create_connection((ep.host, ep.port), timeout=_CONNECT_TIMEOUT_S)
-        except OSError:
+        sock = connect_nonblocking(conn.spec.endpoint)
+        if sock is None:
             return False
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
         conn.sock = sock
         conn.inbuf = bytearray()
         conn.outbuf = memoryview(b"")

@@ -55,6 +55,7 @@ from benchmarks.loadgen import (
     WindowObserver,
     auth_header,
     codec_for,
+    connect_nonblocking,
     expect,
     key_name,
     parse_response,
@@ -81,7 +82,6 @@ _FINISH: Final = "finish"
 _WINDOW_OPEN: Final = "window-open"
 _WINDOW_CLOSED: Final = "window-closed"
 _RECV_BYTES: Final = 65536
-_CONNECT_TIMEOUT_S: Final = 5.0
 _RETRY_S: Final = 0.2
 _LOOP_TICK_S: Final = 0.05
 _SPAWN_TIMEOUT_S: Final = 120.0
@@ -373,16 +373,11 @@ class _Watcher:
 
     def arm(self, w: _Watch, now: float) -> None:
         if w.sock is None:
-            try:
-                sock = socket.create_connection((self.spec.endpoint.host,
-                                                 self.spec.endpoint.port),
-                                                timeout=_CONNECT_TIMEOUT_S)
-            except OSError:
+            sock = connect_nonblocking(self.spec.endpoint)
+            if sock is None:
                 self.count("connect_failed")
                 self.retry.append(w)
                 return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
             w.sock = sock
             w.inbuf = bytearray()
             self.sel.register(sock, selectors.EVENT_READ, w)
@@ -586,13 +581,9 @@ class _Writer:
             self.log.errors[kind] = self.log.errors.get(kind, 0) + 1
 
     def connect(self, c: _WConn) -> bool:
-        try:
-            sock = socket.create_connection((self.spec.endpoint.host, self.spec.endpoint.port),
-                                            timeout=_CONNECT_TIMEOUT_S)
-        except OSError:
+        sock = connect_nonblocking(self.spec.endpoint)
+        if sock is None:
             return False
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
         c.sock = sock
         c.inbuf = bytearray()
         self.sel.register(sock, selectors.EVENT_READ, c)
