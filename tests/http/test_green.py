@@ -13,8 +13,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from greenlet import getcurrent
 
-from raftkv.http.green import TIMED_OUT, GreenCondition, GreenDispatcher, Suspended
+from raftkv.http.green import (
+    IDLE_RUNNERS,
+    TIMED_OUT,
+    GreenCondition,
+    GreenDispatcher,
+    Suspended,
+)
 
 WAIT_S = 5.0
 
@@ -244,6 +251,81 @@ def test_a_task_that_raises_is_logged_and_counted_finished(
         d.run_ready()
     assert "event=http_task_failed" in caplog.text
     assert ok.finished and d.tasks == 0
+
+
+def test_a_finished_task_leaves_its_greenlet_to_the_next_one_even_after_an_error() -> None:
+    d = GreenDispatcher()
+    ran_in: list[object] = []
+
+    def broken() -> None:
+        ran_in.append(getcurrent())
+        raise RuntimeError("bug in a task")
+
+    d.add_task(Task(broken))
+    d.run_ready()
+    nxt = Task(lambda: ran_in.append(getcurrent()))
+    d.add_task(nxt)
+    d.run_ready()
+    assert nxt.finished and d.tasks == 0
+    assert ran_in[0] is ran_in[1], "the second task ran in the first one's greenlet"
+
+
+def test_a_reused_greenlet_is_not_resumed_by_its_previous_tasks_handles() -> None:
+    """A handle of an earlier task (resumed by its answer, its deadline still queued) must
+    not wake the task that now runs in the same greenlet."""
+    d = GreenDispatcher()
+    first_handle: list[Suspended] = []
+
+    def first() -> object:
+        handle, wait = d.suspend(time.monotonic() + 0.05)
+        first_handle.append(handle)
+        return wait()
+
+    t1 = Task(first)
+    d.add_task(t1)
+    d.run_ready()
+    assert d.resume(first_handle[0], "answer")
+    d.run_ready()
+    assert t1.result == "answer"
+
+    second_handle: list[Suspended] = []
+
+    def second() -> object:
+        handle, wait = d.suspend(None)
+        second_handle.append(handle)
+        return wait()
+
+    t2 = Task(second)
+    d.add_task(t2)
+    d.run_ready()
+    assert not d.resume(first_handle[0], "stale"), "the old handle was resumed already"
+    turn_until(d, lambda: not d._timers)  # the first wait's deadline came due and was dropped
+    assert not t2.finished, "neither the stale answer nor the old deadline woke the new task"
+    d.resume(second_handle[0], "mine")
+    d.run_ready()
+    assert t2.result == "mine"
+
+
+def test_at_most_idle_runners_greenlets_are_kept() -> None:
+    d = GreenDispatcher()
+    handles: list[Suspended] = []
+
+    def waits() -> object:
+        handle, wait = d.suspend(None)
+        handles.append(handle)
+        return wait()
+
+    tasks = [Task(waits) for _ in range(IDLE_RUNNERS + 50)]
+    for task in tasks:
+        d.add_task(task)
+    d.run_ready()
+    for handle in handles:
+        d.resume(handle, None)
+    d.run_ready()
+    assert all(t.finished for t in tasks) and d.tasks == 0
+    assert len(d._idle) == IDLE_RUNNERS
+    assert len({id(g) for g in d._idle}) == IDLE_RUNNERS
+    assert all(not g.dead for g in d._idle)
 
 
 def test_in_request_tells_a_request_greenlet_from_the_loop() -> None:
