@@ -168,11 +168,16 @@ class GreenDispatcher:
             return max(0.0, min(default_s, self._timers[0][0] - time.monotonic()))
         return default_s
 
-    def run_ready(self) -> None:
-        """Run what was posted, the due timers, and every ready greenlet until all wait."""
+    def drain_wakeups(self) -> None:
+        """Empty the wake-up pipe: for the loop, when its poll found `wake_fd` readable (not
+        on every turn: a read that finds it empty costs an exception)."""
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(self._wake_r, 4096):
                 pass
+
+    def run_ready(self) -> None:
+        """Run what was posted, the due timers, and every ready greenlet until all wait.
+        (The loop drains `wake_fd` itself when it finds it readable: drain_wakeups.)"""
         posted = self._posted
         while posted:
             posted.popleft()()

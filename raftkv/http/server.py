@@ -50,8 +50,9 @@ _CLOSE_WAIT_S: Final = 5.0
 class _Wakeup(wasyncore.file_dispatcher):  # type: ignore[misc]
     """The dispatcher's wake-up pipe in waitress's socket map (its loop polls it)."""
 
-    def __init__(self, fd: int, socket_map: dict[Any, Any]) -> None:
-        super().__init__(fd, map=socket_map)
+    def __init__(self, dispatcher: GreenDispatcher, socket_map: dict[Any, Any]) -> None:
+        super().__init__(dispatcher.wake_fd, map=socket_map)
+        self._drain = dispatcher.drain_wakeups
 
     def readable(self) -> bool:
         return True
@@ -60,7 +61,7 @@ class _Wakeup(wasyncore.file_dispatcher):  # type: ignore[misc]
         return False
 
     def handle_read(self) -> None:
-        pass  # the dispatcher drains it in run_ready
+        self._drain()  # what was posted runs in the dispatcher's run_ready, right after
 
     def close(self) -> None:  # the dispatcher owns the fd
         self.del_channel()
@@ -93,7 +94,7 @@ class ServerHandle:
         kwargs: dict[str, Any] = {}
         if self.dispatcher is not None:
             kwargs["_dispatcher"] = self.dispatcher
-            _Wakeup(self.dispatcher.wake_fd, self._map)
+            _Wakeup(self.dispatcher, self._map)
         else:
             kwargs["threads"] = threads
         self._server = create_server(

@@ -44,7 +44,9 @@ def turn_until(d: GreenDispatcher, cond: Callable[[], bool], timeout_s: float = 
     deadline = time.monotonic() + timeout_s
     while not cond():
         assert time.monotonic() < deadline, "the condition never came true"
-        select.select([d.wake_fd], [], [], d.timeout(0.05))
+        readable, _, _ = select.select([d.wake_fd], [], [], d.timeout(0.05))
+        if readable:
+            d.drain_wakeups()
         d.run_ready()
 
 

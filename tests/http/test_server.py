@@ -4,6 +4,7 @@ own loop thread, on a bound socket; real sockets on loopback."""
 from __future__ import annotations
 
 import http.client
+import select
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -105,3 +106,27 @@ def test_a_burst_of_silent_connections_is_accepted_without_waiting_a_poll_interv
     finally:
         for s in silent:
             s.close()
+
+
+def test_a_post_from_another_thread_runs_on_the_loop_which_drains_its_wake_up(
+        server: ServerHandle) -> None:
+    """The loop drains the wake-up pipe when its poll finds it readable (not every turn): by
+    the time a posted callback runs, the pipe is empty again, so the loop goes back to
+    waiting instead of spinning on a readable pipe."""
+
+    dispatcher = server.dispatcher
+    assert dispatcher is not None
+    seen: list[tuple[str, bool]] = []
+    ran = threading.Event()
+
+    def callback() -> None:
+        readable, _, _ = select.select([dispatcher.wake_fd], [], [], 0)
+        seen.append((threading.current_thread().name, bool(readable)))
+        ran.set()
+
+    for _ in range(3):
+        ran.clear()
+        dispatcher.post(callback)
+        assert ran.wait(WAIT_S), "the posted callback never ran"
+    assert [readable for _name, readable in seen] == [False, False, False]
+    assert all(name != threading.current_thread().name for name, _ in seen)

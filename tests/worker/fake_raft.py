@@ -125,6 +125,7 @@ class Worker:
 
     def turn(self) -> None:
         wasyncore.poll2(self.dispatcher.timeout(0.01), self.socket_map)
+        self.dispatcher.drain_wakeups()  # the worker's loop does it when the pipe is readable
         self.dispatcher.run_ready()
         self.raft.poll()
 
