@@ -78,9 +78,12 @@ class GreenDispatcher:
 
     def add_task(self, task: Any) -> None:
         # Called by waitress while it holds the channel's requests_lock: run it later, from
-        # the loop (run_ready), never from inside that call.
+        # the loop (run_ready), never from inside that call. Also called from a request's
+        # greenlet (waitress queues a channel's next pipelined request at the end of
+        # service()): a new runner's parent is the loop all the same, so a runner that ends
+        # returns there, and not into the (parked, reusable) runner that created it.
         self.tasks += 1
-        runner = self._idle.pop() if self._idle else greenlet(self._serve)
+        runner = self._idle.pop() if self._idle else greenlet(self._serve, self._main)
         self._ready.append((runner, task))
 
     def shutdown(self, cancel_pending: bool = True, timeout: int = 5) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from greenlet import getcurrent
 
+from raftkv.http import green
 from raftkv.http.green import (
     IDLE_RUNNERS,
     TIMED_OUT,
@@ -306,6 +307,34 @@ def test_a_reused_greenlet_is_not_resumed_by_its_previous_tasks_handles() -> Non
     d.resume(second_handle[0], "mine")
     d.run_ready()
     assert t2.result == "mine"
+
+
+def test_a_runner_made_inside_a_request_ends_into_the_loop_not_into_its_maker(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Waitress adds a channel's next pipelined request from inside the current request's
+    greenlet. When that new runner later ends (enough runners idle), control must go back to
+    the loop, not resume the runner that made it (parked in the idle list, it would take
+    the return value for a task)."""
+    monkeypatch.setattr(green, "IDLE_RUNNERS", 1)
+    d = GreenDispatcher()
+    handles: list[Suspended] = []
+
+    def waits() -> object:
+        handle, wait = d.suspend(None)
+        handles.append(handle)
+        return wait()
+
+    b = Task(waits)
+    d.add_task(Task(lambda: d.add_task(b)))  # a: queues b from inside its greenlet
+    d.run_ready()  # a ends and parks; b runs in a runner made inside a, and waits
+    d.add_task(Task(lambda: None))  # takes a's parked runner, which parks again: 1 idle
+    d.run_ready()
+    with caplog.at_level(logging.ERROR, logger="raftkv.http.green"):
+        d.resume(handles[0], "done")
+        d.run_ready()  # b's runner ends (one is idle already)
+    assert b.finished and d.tasks == 0
+    assert "event=http_task_failed" not in caplog.text
+    assert len(d._idle) == 1
 
 
 def test_at_most_idle_runners_greenlets_are_kept() -> None:
