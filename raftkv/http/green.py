@@ -84,27 +84,32 @@ class GreenDispatcher:
         # returns there, and not into the (parked, reusable) runner that created it.
         self.tasks += 1
         runner = self._idle.pop() if self._idle else greenlet(self._serve, self._main)
-        self._ready.append((runner, task))
+        self._ready.append((runner, [task]))
 
     def shutdown(self, cancel_pending: bool = True, timeout: int = 5) -> bool:
         return True
 
-    def _serve(self, task: Any) -> None:
+    def _serve(self, box: list[Any]) -> None:
         """A runner: serves `task`, then parks in the idle list until add_task hands it the
         next one (or ends, when enough runners are idle already). A parked runner holds no
-        Suspended handle: each of its waits was resumed before its task could end."""
+        Suspended handle (each of its waits was resumed before its task could end) and no
+        reference to its last task (a request and its body would live on with it): tasks come
+        in a box that it empties (a new greenlet's first arguments stay referenced for as long
+        as it lives)."""
         idle, main = self._idle, self._main
         while True:
+            task = box.pop()
             try:
                 task.service()
             except BaseException:  # waitress's own handler logs app errors; this is a bug
                 log.exception("event=http_task_failed")
             finally:
                 self.tasks -= 1
+            task = None
             if len(idle) >= IDLE_RUNNERS:
                 return
             idle.append(getcurrent())
-            task = main.switch()
+            box = main.switch()
 
     # ------------------------------------------------------------------ for request code
     @property

@@ -337,6 +337,21 @@ def test_a_runner_made_inside_a_request_ends_into_the_loop_not_into_its_maker(
     assert len(d._idle) == 1
 
 
+def test_a_parked_runner_keeps_nothing_of_its_last_task_alive() -> None:
+    import gc
+    import weakref
+
+    d = GreenDispatcher()
+    task = Task(lambda: b"x" * 1024)
+    ref = weakref.ref(task)
+    d.add_task(task)
+    d.run_ready()
+    assert task.finished and len(d._idle) == 1
+    del task
+    gc.collect()
+    assert ref() is None, "the parked runner still holds its last task (and its request)"
+
+
 def test_at_most_idle_runners_greenlets_are_kept() -> None:
     d = GreenDispatcher()
     handles: list[Suspended] = []
