@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from typing import Final, Protocol
 
 from raftkv.codec import PEER_FRAME_KINDS, FrameKind
@@ -92,7 +91,8 @@ class Listener:
         self._sniffing = 0
         """Accepted connections whose first bytes (TLS or not) are awaited."""
         self._sniffed: set[socket.socket] = set()
-        self._paused_until = 0.0
+        self._accept_paused = False
+        self._closed = False
         loop.register(sock.fileno(), EPOLLIN, self._on_accept)
 
     @property
@@ -110,6 +110,7 @@ class Listener:
             conn.close("the peer was removed")
 
     def close(self) -> None:
+        self._closed = True
         self._loop.unregister(self._sock.fileno())
         self._sock.close()
         for sock in list(self._sniffed):
@@ -123,8 +124,6 @@ class Listener:
 
     # ------------------------------------------------------------------ accepting
     def _on_accept(self, _mask: int) -> None:
-        if time.monotonic() < self._paused_until:
-            return
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 sock, sockaddr = self._sock.accept()
@@ -135,9 +134,24 @@ class Listener:
             except OSError as e:  # e.g. out of file descriptors: do not spin
                 log.warning("event=accept_failed node=%s error=%s", self._owner.node_id,
                             e.strerror or e)
-                self._paused_until = time.monotonic() + ACCEPT_ERROR_PAUSE_S
+                self._pause_accepting()
                 return
             self._admit(sock, sockaddr)
+
+    def _pause_accepting(self) -> None:
+        """Stop polling the listening socket for ACCEPT_ERROR_PAUSE_S. The connection that
+        could not be accepted is still queued, so the socket stays readable: a loop that
+        kept polling it would wake at once, every turn, until the pause ended."""
+        fd = self._sock.fileno()
+        self._loop.unregister(fd)
+        self._accept_paused = True
+
+        def resume() -> None:
+            if self._accept_paused and not self._closed:
+                self._accept_paused = False
+                self._loop.register(fd, EPOLLIN, self._on_accept)
+
+        self._loop.call_later(ACCEPT_ERROR_PAUSE_S, resume)
 
     def _admit(self, sock: socket.socket, sockaddr: object) -> None:
         host, remote = _format(sockaddr)

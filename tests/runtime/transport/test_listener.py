@@ -5,10 +5,12 @@ unauthenticated connections cannot keep a real peer out."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
 import time
+import types
 from collections.abc import Iterator
 from contextlib import ExitStack
 
@@ -17,11 +19,14 @@ import pytest
 from raftkv.codec import FrameKind
 from raftkv.framing import FrameDecoder
 from raftkv.localcluster import wait_until
+from raftkv.runtime.eventloop import EventLoop
 from raftkv.runtime.transport.handshake import MAX_HANDSHAKE_FRAME_BYTES
 from raftkv.runtime.transport.listener import (
+    ACCEPT_ERROR_PAUSE_S,
     HANDSHAKE_TIMEOUT_S,
     MAX_UNAUTHENTICATED,
     MAX_UNAUTHENTICATED_PER_HOST,
+    Listener,
 )
 from raftkv.runtime.transport.probe import ProbeFailed, probe
 from tests.runtime.transport.harness import (
@@ -290,3 +295,53 @@ def test_slots_of_connections_that_handshook_or_left_are_given_back(
         open_idle(b, idle, "127.0.0.1")
     assert b.call(lambda t: t.unauthenticated_connections) == MAX_UNAUTHENTICATED_PER_HOST
 
+
+
+# -- accept errors ---------------------------------------------------------------------------
+
+
+class _FailingAccepts:
+    """A listening socket whose accept() fails as when the process is out of file
+    descriptors, while a connection waits in its backlog (so it stays readable)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.accepts = 0
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def getsockname(self) -> object:
+        return self._sock.getsockname()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        self.accepts += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_an_accept_error_pauses_polling_the_port_instead_of_spinning(
+        logs: LogWatcher) -> None:
+    listening = socket.create_server(("127.0.0.1", 0))
+    failing = _FailingAccepts(listening)
+    loop = EventLoop()
+    owner = types.SimpleNamespace(node_id="a")
+    listener = Listener(owner, loop, failing)  # type: ignore[arg-type]
+    with socket.create_connection(listening.getsockname(), timeout=WAIT_S):
+        window_s = 5 * ACCEPT_ERROR_PAUSE_S
+        loop.call_later(window_s, loop.stop)
+        started, cpu_started = time.monotonic(), time.thread_time()
+        loop.run()
+        elapsed, cpu = time.monotonic() - started, time.thread_time() - cpu_started
+    listener.close()
+    loop.close()
+    # One try per pause, and the loop asleep in between: polling the port (readable all
+    # along) during a pause would keep the loop turning at full speed.
+    assert 2 <= failing.accepts <= elapsed / ACCEPT_ERROR_PAUSE_S + 2, failing.accepts
+    assert cpu < 0.2 * window_s, f"the loop spun: {cpu:.3f} s of CPU in {elapsed:.3f} s"
+    logs.wait_for("event=accept_failed", "node=a", "Too many open files")
