@@ -51,6 +51,19 @@ def turn_until(d: GreenDispatcher, cond: Callable[[], bool], timeout_s: float = 
         d.run_ready()
 
 
+def waits_once(d: GreenDispatcher, handles: list[Suspended],
+               deadline: float | None = None) -> Callable[[], object]:
+    """A task body that waits once: its handle goes to `handles`, and it returns what it was
+    resumed with."""
+
+    def body() -> object:
+        handle, wait = d.suspend(deadline)
+        handles.append(handle)
+        return wait()
+
+    return body
+
+
 def test_a_task_runs_until_it_suspends_and_resumes_with_the_value_given() -> None:
     d = GreenDispatcher()
     handles: list[Suspended] = []
@@ -100,13 +113,7 @@ def test_a_handle_is_resumed_once() -> None:
 def test_a_wait_past_its_deadline_returns_timed_out_and_a_late_answer_is_refused() -> None:
     d = GreenDispatcher()
     handles: list[Suspended] = []
-
-    def body() -> object:
-        handle, wait = d.suspend(time.monotonic() + 0.05)
-        handles.append(handle)
-        return wait()
-
-    task = Task(body)
+    task = Task(waits_once(d, handles, time.monotonic() + 0.05))
     d.add_task(task)
     d.run_ready()
     assert 0 < d.timeout(10.0) <= 0.05, "the loop wakes up for the deadline"
@@ -278,13 +285,7 @@ def test_a_reused_greenlet_is_not_resumed_by_its_previous_tasks_handles() -> Non
     not wake the task that now runs in the same greenlet."""
     d = GreenDispatcher()
     first_handle: list[Suspended] = []
-
-    def first() -> object:
-        handle, wait = d.suspend(time.monotonic() + 0.05)
-        first_handle.append(handle)
-        return wait()
-
-    t1 = Task(first)
+    t1 = Task(waits_once(d, first_handle, time.monotonic() + 0.05))
     d.add_task(t1)
     d.run_ready()
     assert d.resume(first_handle[0], "answer")
@@ -292,13 +293,7 @@ def test_a_reused_greenlet_is_not_resumed_by_its_previous_tasks_handles() -> Non
     assert t1.result == "answer"
 
     second_handle: list[Suspended] = []
-
-    def second() -> object:
-        handle, wait = d.suspend(None)
-        second_handle.append(handle)
-        return wait()
-
-    t2 = Task(second)
+    t2 = Task(waits_once(d, second_handle))
     d.add_task(t2)
     d.run_ready()
     assert not d.resume(first_handle[0], "stale"), "the old handle was resumed already"
@@ -318,13 +313,7 @@ def test_a_runner_made_inside_a_request_ends_into_the_loop_not_into_its_maker(
     monkeypatch.setattr(green, "IDLE_RUNNERS", 1)
     d = GreenDispatcher()
     handles: list[Suspended] = []
-
-    def waits() -> object:
-        handle, wait = d.suspend(None)
-        handles.append(handle)
-        return wait()
-
-    b = Task(waits)
+    b = Task(waits_once(d, handles))
     d.add_task(Task(lambda: d.add_task(b)))  # a: queues b from inside its greenlet
     d.run_ready()  # a ends and parks; b runs in a runner made inside a, and waits
     d.add_task(Task(lambda: None))  # takes a's parked runner, which parks again: 1 idle
@@ -355,13 +344,7 @@ def test_a_parked_runner_keeps_nothing_of_its_last_task_alive() -> None:
 def test_at_most_idle_runners_greenlets_are_kept() -> None:
     d = GreenDispatcher()
     handles: list[Suspended] = []
-
-    def waits() -> object:
-        handle, wait = d.suspend(None)
-        handles.append(handle)
-        return wait()
-
-    tasks = [Task(waits) for _ in range(IDLE_RUNNERS + 50)]
+    tasks = [Task(waits_once(d, handles)) for _ in range(IDLE_RUNNERS + 50)]
     for task in tasks:
         d.add_task(task)
     d.run_ready()
