@@ -131,8 +131,11 @@ def open_node(settings: Settings) -> NodeState:
 def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
           snapshots: LmdbSnapshotStore) -> NodeState:
     identity = storage.identity()
-    has_state = storage.last_index() > 0 or storage.hard_state().term > 0
-    knows_members = has_state or snapshots.latest() is not None
+    has_entries = storage.last_index() > 0
+    has_state = has_entries or storage.hard_state().term > 0
+    # Members come only from log entries or a snapshot: a node that joined and then learnt
+    # nothing but a term (a heartbeat) before it stopped knows no member yet.
+    knows_members = has_entries or snapshots.latest() is not None
     bootstrapping = identity is None and bool(settings.peer_map) and not settings.join
     root_digest = _root_digest(settings, bootstrapping)
     plan = plan_start(settings, identity, has_state, knows_members, data, root_digest)
