@@ -26,20 +26,31 @@ class SnapshotPolicy:
                 f"SnapshotPolicy.trailing must be an int >= 0, got {self.trailing!r}"
             )
 
-    def should_snapshot(self, applied_index: int, last_snapshot_index: int) -> bool:
-        """True once `entries` entries were applied since the last snapshot."""
+    def should_snapshot(self, applied_index: int, last_snapshot_index: int, *,
+                        sending: bool = False) -> bool:
+        """True once `entries` entries were applied since the last snapshot; twice as many
+        while the leader is `sending` a snapshot to a peer (RaftNode.sending_snapshot): the
+        store keeps only the newest few snapshots, and the transfer in flight must not lose
+        its snapshot to newer ones before it finishes."""
         _check_index("applied_index", applied_index)
         _check_index("last_snapshot_index", last_snapshot_index)
-        return applied_index - last_snapshot_index >= self.entries
+        due = self.entries * 2 if sending else self.entries
+        return applied_index - last_snapshot_index >= due
 
-    def compact_before(self, snapshot_index: int) -> int:
+    def compact_before(self, snapshot_index: int, hold: int | None = None) -> int:
         """The first log index to keep after a snapshot at `snapshot_index` (never below 1).
 
         Entries `compact_before(s)` .. `s` (that is `trailing` of them) stay in the log; pass
-        the result to `LogStore.compact(before_index)`.
+        the result to `LogStore.compact(before_index)`. `hold` (RaftNode.compaction_hold) is
+        the lowest index a live peer still needs: entries from it stay too, up to `entries`
+        more than `trailing`, so the log stays bounded whatever a peer does.
         """
         _check_index("snapshot_index", snapshot_index)
-        return max(1, snapshot_index - self.trailing + 1)
+        first = max(1, snapshot_index - self.trailing + 1)
+        if hold is not None and hold < first:
+            _check_index("hold", hold)
+            first = max(1, hold, first - self.entries)
+        return first
 
 
 def _check_index(name: str, value: int) -> None:

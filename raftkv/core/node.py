@@ -314,6 +314,38 @@ class RaftNode:
         self._base_membership = self.membership_at(meta.index)
         self._conf_entries = [(i, m) for i, m in self._conf_entries if i > meta.index]
 
+    def sending_snapshot(self) -> bool:
+        """True while this leader sends a snapshot to a peer that answered it within an
+        election timeout. A new snapshot taken meanwhile does not restart that transfer, but
+        enough of them make the store drop the one in flight: the driver waits longer before
+        the next (SnapshotPolicy.should_snapshot)."""
+        if self.role is not Role.LEADER:
+            return False
+        live = self.config.election_timeout_ticks
+        return any(pr.state is ProgressState.SNAPSHOT and pr.idle_ticks < live
+                   for nid, pr in self._progress.items() if nid != self.id)
+
+    def compaction_hold(self) -> int | None:
+        """The first log index to keep for the peers that answered this leader within an
+        election timeout, or None (every one of them has the whole log, or not the leader):
+        the last entry a lagging peer holds (its term is the consistency check of the append
+        that sends the next), or the index of the snapshot being sent to it (the entries after
+        it are what it needs once installed: compacting past them makes the install useless
+        at once, and under a high write rate a follower never catches up).
+        SnapshotPolicy.compact_before keeps them, within a bound."""
+        if self.role is not Role.LEADER:
+            return None
+        live = self.config.election_timeout_ticks
+        last = self.log.last_index()
+        hold: int | None = None
+        for nid, pr in self._progress.items():
+            if nid == self.id or pr.idle_ticks >= live:
+                continue
+            need = pr.pending_snapshot if pr.state is ProgressState.SNAPSHOT else pr.match
+            if 0 < need < last and (hold is None or need < hold):
+                hold = need
+        return hold
+
     def step(self, m: Message) -> None:
         """Feed one message from a peer."""
         if m.to != self.id:
@@ -872,24 +904,34 @@ class RaftNode:
     def _start_snapshot(self, to: NodeId, pr: Progress) -> None:
         if not pr.recent_active or pr.snapshot_backoff_ticks:
             return  # the peer may be down, or it refused our last snapshot: not yet
-        pr.become_snapshot(self._snapshot.meta.index)
+        pr.become_snapshot(self._snapshot)
         self._send_snapshot_chunk(to, pr)
 
     def _send_snapshot_chunk(self, to: NodeId, pr: Progress) -> None:
-        snap = self._snapshot
-        if snap.meta.index != pr.pending_snapshot:
-            pr.become_snapshot(snap.meta.index)  # a newer snapshot replaced the one in flight
-        off = pr.snapshot_offset
-        size = min(self.config.snapshot_chunk_bytes, max(0, snap.length - off))
-        chunk = self._read_snapshot(snap, off, size) if self._read_snapshot else None
-        if chunk is None or len(chunk) != size:
-            # Not (or no longer) readable, e.g. replaced by a newer one being published:
-            # stop this transfer and offer a snapshot again after the back-off.
+        """The chunk at the transfer's offset, of the snapshot the transfer started with: a
+        newer snapshot does not restart it (snapshots taken faster than one transfer takes
+        would never let it finish). Only if that one is no longer readable (the store
+        dropped it for newer ones) does the transfer start over with the newest."""
+        snap = pr.snapshot or self._snapshot
+        chunk = self._snapshot_chunk(snap, pr.snapshot_offset)
+        if chunk is None and snap.meta != self._snapshot.meta:
+            snap = self._snapshot
+            pr.become_snapshot(snap)
+            chunk = self._snapshot_chunk(snap, 0)
+        if chunk is None:
+            # Not readable, e.g. being replaced by a newer one being published: stop this
+            # transfer and offer a snapshot again after the back-off.
             self._abort_snapshot(pr)
             return
+        off = pr.snapshot_offset
         done = off + len(chunk) >= snap.length
         self._send(SnapshotRequest(self.term, self.id, to, snap.meta, off, chunk, done,
                                    snap.length, snap.checksum))
+
+    def _snapshot_chunk(self, snap: Snapshot, off: int) -> bytes | None:
+        size = min(self.config.snapshot_chunk_bytes, max(0, snap.length - off))
+        chunk = self._read_snapshot(snap, off, size) if self._read_snapshot else None
+        return chunk if chunk is not None and len(chunk) == size else None
 
     def _abort_snapshot(self, pr: Progress) -> None:
         pr.pending_snapshot = 0  # the follower does not have it: probe from its match
@@ -903,14 +945,14 @@ class RaftNode:
             if m.snapshot_index == pr.pending_snapshot:
                 self._abort_snapshot(pr)
             return
-        if m.snapshot_index != self._snapshot.meta.index:
-            pr.become_snapshot(self._snapshot.meta.index)
-        elif m.done or m.next_offset == pr.snapshot_offset:
+        snap = pr.snapshot
+        if snap is None or m.snapshot_index != snap.meta.index:
+            return  # about a transfer this one replaced
+        if m.done or m.next_offset == pr.snapshot_offset:
             return  # finished (an AppendResponse follows the install) or a duplicate
-        elif m.next_offset > self._snapshot.length:
+        if m.next_offset > snap.length:
             return  # not an offset of this snapshot
-        else:
-            pr.snapshot_offset = m.next_offset
+        pr.snapshot_offset = m.next_offset
         self._send_snapshot_chunk(m.frm, pr)
 
     def _step_snapshot_request(self, m: SnapshotRequest) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from collections import deque
 
+from raftkv.core.types import Snapshot
+
 
 class ProgressState(enum.Enum):
     PROBE = "probe"
@@ -58,6 +60,7 @@ class Progress:
         "probe_sent",
         "read_seq",
         "recent_active",
+        "snapshot",
         "snapshot_backoff_ticks",
         "snapshot_offset",
         "state",
@@ -70,6 +73,9 @@ class Progress:
         self.probe_sent = False
         self.inflights = Inflights(max_inflight)
         self.pending_snapshot = 0
+        self.snapshot: Snapshot | None = None
+        """The snapshot being sent (SNAPSHOT state): the transfer finishes with this one even
+        if the leader takes newer ones meanwhile, as long as it stays readable."""
         self.snapshot_offset = 0
         self.recent_active = False
         self.idle_ticks = 0
@@ -87,6 +93,7 @@ class Progress:
         self.state = ProgressState.PROBE
         self.probe_sent = False
         self.pending_snapshot = 0
+        self.snapshot = None
         self.inflights.reset()
 
     def become_replicate(self) -> None:
@@ -95,9 +102,10 @@ class Progress:
         self.probe_sent = False
         self.inflights.reset()
 
-    def become_snapshot(self, snapshot_index: int) -> None:
+    def become_snapshot(self, snapshot: Snapshot) -> None:
         self.state = ProgressState.SNAPSHOT
-        self.pending_snapshot = snapshot_index
+        self.pending_snapshot = snapshot.meta.index
+        self.snapshot = snapshot
         self.snapshot_offset = 0
         self.probe_sent = False
         self.inflights.reset()

@@ -558,9 +558,14 @@ class RaftDriver:
                 self._full_alarm_seen = False
             if core.membership != self._members:
                 self._on_membership_change()
-        if not self._snapshot_in_progress and self._policy.should_snapshot(
-                self.sm.applied_index, self._last_snapshot_index):
+        if not self._snapshot_in_progress and self._snapshot_due():
             self._start_snapshot()
+
+    def _snapshot_due(self) -> bool:
+        applied, last = self.sm.applied_index, self._last_snapshot_index
+        policy = self._policy
+        return policy.should_snapshot(applied, last) and policy.should_snapshot(
+            applied, last, sending=self.core.sending_snapshot())
 
     def _handle(self, rd: Ready) -> None:
         self.handler.handle(rd)
@@ -762,7 +767,7 @@ class RaftDriver:
         if self.fatal is not None:
             return
         meta = snapshot.meta
-        keep_from = self._policy.compact_before(meta.index)
+        keep_from = self._policy.compact_before(meta.index, self.core.compaction_hold())
         self.core.compact(snapshot, keep_from)
         try:
             self.storage.compact(keep_from)

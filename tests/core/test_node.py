@@ -1093,6 +1093,99 @@ def test_leader_sends_a_snapshot_in_chunks_to_a_follower_behind_its_compacted_lo
     assert n1.status().peers["n3"].state == "replicate"
 
 
+NEWER_DATA = b"newer-state-of-the-machine"
+
+
+def _transfer_under_way(net: Network) -> Snapshot:
+    """n3 cut off while n1 commits and compacts (n3 then needs n1's snapshot); after the
+    heal, two chunks of that snapshot reach n3. Returns the snapshot in flight."""
+    net.elect("n1")
+    net.isolate("n3")
+    for d in (b"a", b"b", b"c"):
+        net.node("n1").propose(d)
+    net.stabilize()
+    n1 = net.node("n1")
+    applied = n1.log.applied
+    snap = net.snapshot_of(SnapshotMeta(applied, n1.log.term(applied) or 0,
+                                        n1.membership_at(applied)), SNAPSHOT_DATA)
+    n1.compact(snap, keep_from=applied)  # one trailing entry, as the runtime keeps some
+    net.heal()
+    net.tick("n1", n1.config.heartbeat_interval_ticks)
+    for _ in range(4):  # two chunk/response round trips
+        net.process_all()
+        net.deliver()
+    assert net.node("n1").status().peers["n3"].state == "snapshot"
+    return snap
+
+
+def _chunks_to_n3(net: Network) -> list[SnapshotRequest]:
+    return [m for m in sent_by(net, "n1") if isinstance(m, SnapshotRequest) and m.to == "n3"]
+
+
+def test_snapshot_transfer_finishes_with_its_snapshot_when_the_leader_takes_a_newer_one() -> None:
+    """A newer snapshot does not restart the transfer in flight: with snapshots taken faster
+    than one transfer takes, a restarted transfer never finishes (a fault run's new member
+    never caught up). The log after the snapshot in flight is what the compaction holds."""
+    net = cluster(snapshot_chunk_bytes=3)
+    snap = _transfer_under_way(net)
+    n1 = net.node("n1")
+    assert n1.sending_snapshot()
+    assert n1.compaction_hold() is None  # nothing after the snapshot yet
+    n1.propose(b"d")
+    net.stabilize(lambda m: "n3" not in (m.frm, m.to))
+    hold = n1.compaction_hold()
+    assert hold == snap.meta.index  # the term of its last entry checks the next append
+    applied = n1.log.applied
+    newer = net.snapshot_of(SnapshotMeta(applied, n1.log.term(applied) or 0,
+                                         n1.membership_at(applied)), NEWER_DATA)
+    n1.compact(newer, keep_from=hold)
+    net.stabilize()
+    chunks = _chunks_to_n3(net)
+    assert {m.meta for m in chunks} == {snap.meta}
+    assert [m.offset for m in chunks if m.offset == 0] == [0]  # never started over
+    assert net.peers["n3"].restored == [snap]
+    net.heartbeat("n1")
+    assert data_of(net.peers["n3"].applied) == [b"d"]  # then entries: no second snapshot
+    assert n1.status().peers["n3"].state == "replicate"
+    assert not n1.sending_snapshot()
+    assert n1.compaction_hold() is None
+
+
+def test_snapshot_transfer_starts_over_with_the_newest_when_its_snapshot_is_gone() -> None:
+    """When the store dropped the snapshot in flight (newer ones replaced it), the transfer
+    starts over with the newest at once, not after a back-off."""
+    net = cluster(snapshot_chunk_bytes=3)
+    snap = _transfer_under_way(net)
+    n1 = net.node("n1")
+    n1.propose(b"d")
+    net.stabilize(lambda m: "n3" not in (m.frm, m.to))
+    _, newer = net.compact_at_applied("n1", NEWER_DATA)
+    del net.snapshot_data[snap.checksum]
+    net.stabilize()
+    chunks = _chunks_to_n3(net)
+    assert [m.meta for m in chunks if m.offset == 0] == [snap.meta, newer.meta]
+    assert net.peers["n3"].restored == [newer]
+    assert net.peers["n3"].installed_data == [NEWER_DATA]
+
+
+def test_compaction_hold_is_what_a_live_follower_still_needs_and_none_once_it_is_silent() -> None:
+    net = cluster()
+    net.elect("n1")
+    n1 = net.node("n1")
+    assert n1.compaction_hold() is None  # every follower has everything
+    net.isolate("n3")
+    n1.propose(b"a")
+    net.stabilize()
+    behind = n1.status().peers["n3"].match
+    assert n1.compaction_hold() == behind
+    assert net.node("n2").compaction_hold() is None  # a follower holds nothing
+    assert not n1.sending_snapshot()
+    net.run(ET - 1, nodes=["n1", "n2"])
+    assert n1.compaction_hold() == behind
+    net.run(1, nodes=["n1", "n2"])  # n3 silent for an election timeout: hold nothing for it
+    assert n1.compaction_hold() is None
+
+
 def test_leader_sends_entries_not_a_snapshot_to_a_follower_within_the_trailing_log() -> None:
     """§7: a snapshot is needed only when "the leader has already discarded the next log entry
     that it needs to send"; entries kept before the snapshot serve slow followers."""

@@ -5,6 +5,11 @@ from __future__ import annotations
 import pytest
 
 from raftkv.core.progress import Inflights, Progress, ProgressState
+from raftkv.core.types import Membership, Snapshot, SnapshotMeta
+
+
+def snapshot_at(index: int) -> Snapshot:
+    return Snapshot(SnapshotMeta(index, 1, Membership(frozenset({"n1"}))), 10, "0" * 64)
 
 
 def progress(state: ProgressState, match: int, next_index: int, window: int = 4) -> Progress:
@@ -49,19 +54,22 @@ def test_become_probe_after_a_snapshot_resumes_past_the_snapshot(
     match: int, pending: int, expected_next: int
 ) -> None:
     pr = progress(ProgressState.PROBE, match=match, next_index=match + 1)
-    pr.become_snapshot(pending)
+    pr.become_snapshot(snapshot_at(pending))
     pr.become_probe()
     assert pr.state is ProgressState.PROBE
     assert pr.next == expected_next
     assert pr.pending_snapshot == 0
+    assert pr.snapshot is None
 
 
 def test_snapshot_state_is_paused_and_remembers_the_snapshot() -> None:
     pr = progress(ProgressState.REPLICATE, match=2, next_index=3)
     pr.inflights.add(3)
-    pr.become_snapshot(10)
+    snap = snapshot_at(10)
+    pr.become_snapshot(snap)
     assert pr.state is ProgressState.SNAPSHOT
     assert pr.pending_snapshot == 10
+    assert pr.snapshot is snap
     assert pr.snapshot_offset == 0
     assert len(pr.inflights) == 0
     assert pr.is_paused()

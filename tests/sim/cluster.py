@@ -63,6 +63,7 @@ from raftkv.core.types import (
 from raftkv.runtime.boot import load_boot_state
 from raftkv.runtime.ready_handler import ReadyHandler, chunk_reader
 from snapshots.memory import MemorySnapshotStore
+from snapshots.policy import SnapshotPolicy
 from storage.memory import MemoryRaftStorage
 from tests.sim.invariants import Invariants, InvariantViolation
 from tests.sim.model import DELETE, PUT, Applied, Command, RegisterMachine, encode_command
@@ -665,7 +666,11 @@ class Cluster:
         if not sn.snapshot_every or raft is None:
             return
         index = sn.sm.applied_index
-        if index - raft.snapshot_meta.index < sn.snapshot_every:
+        # The runtime's policy (raftkv.runtime.driver): trailing + 1 keeps the entry at the
+        # snapshot's index too, as this simulator always has.
+        policy = SnapshotPolicy(sn.snapshot_every, self.profile.trailing + 1)
+        if not policy.should_snapshot(index, raft.snapshot_meta.index,
+                                      sending=raft.sending_snapshot()):
             return
         term = raft.log.term(index)
         assert term is not None, f"{sn.id}: no term for applied index {index}"
@@ -674,7 +679,7 @@ class Cluster:
         for chunk in sn.sm.snapshot_chunks():
             sink.write(chunk)
         stored = sink.close()
-        keep_from = max(1, index - self.profile.trailing)
+        keep_from = policy.compact_before(index, raft.compaction_hold())
         raft.compact(stored, keep_from)
         sn.storage.compact(keep_from)
         self.stats.snapshots_taken += 1

@@ -305,6 +305,30 @@ def test_lagging_follower_catches_up_by_install_snapshot() -> None:
 
 
 @pytest.mark.sim
+def test_follower_catches_up_while_the_leader_snapshots_faster_than_a_transfer() -> None:
+    """A follower that needs the snapshot catches up even when the leader takes a new one
+    several times during one transfer and keeps almost no log behind it (found by a fault run:
+    a replaced member never caught up, its transfer restarted with every newer snapshot and
+    each installed one already compacted past). The transfer in flight is finished, and the
+    log after it is kept until the follower has it."""
+    c = _scripted(11, 3, snapshot_every=(12, 12), trailing=0, clients=4, think_ms=(0.2, 0.5),
+                  read_ratio=0.0, delete_ratio=0.0, keys=60, follow_leader=1.0)
+    leader = _leader_id(c)
+    lagging = next(x for x in c.ids if x != leader)
+    fid = c.isolate(lagging)
+    c.run_until(lambda: c.node(leader).log.first_index() > c.node(lagging).log.last_index() + 1
+                and c.nodes[leader].sm.applied_index > 400, 5000,
+                "the leader compacted past the isolated follower")
+    c.mend(fid)
+    target = c.node(leader).log.commit
+    taken = c.stats.snapshots_taken
+    c.run_until(lambda: c.nodes[lagging].sm.applied_index >= target, 3000,
+                f"{lagging} caught up to {target}")
+    assert c.stats.snapshots_taken > taken + 2  # snapshots kept coming during the catch-up
+    c.heal_and_converge()
+
+
+@pytest.mark.sim
 def test_install_snapshot_keeps_the_follower_suffix_that_matches_it() -> None:
     """§7 / Figure 13 step 6: if the follower holds the snapshot's last entry (same term), it
     keeps the entries after it. Random seeds rarely get here: the leader must send a snapshot

@@ -71,3 +71,43 @@ def test_negative_indices_are_refused() -> None:
 def test_policy_is_immutable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         SnapshotPolicy().entries = 5  # type: ignore[misc]
+
+
+def test_while_a_snapshot_is_being_sent_the_next_waits_for_twice_the_entries() -> None:
+    """A new snapshot would push the one in flight out of the store (it keeps a few)."""
+    policy = SnapshotPolicy(entries=100, trailing=10)
+    assert policy.should_snapshot(250, 150)
+    assert not policy.should_snapshot(250, 150, sending=True)
+    assert not policy.should_snapshot(349, 150, sending=True)
+    assert policy.should_snapshot(350, 150, sending=True)
+
+
+@pytest.mark.parametrize(
+    ("hold", "first_kept"),
+    [
+        (None, 991),  # nobody lags: trailing entries only
+        (995, 991),  # the lagging peer is within the trailing entries already
+        (991, 991),
+        (950, 950),  # held for a live peer that needs the entries after 950
+        (891, 891),  # up to `entries` more than trailing...
+        (500, 891),  # ...and no further: the log stays bounded
+        (0, 891),
+    ],
+)
+def test_compaction_keeps_what_a_live_peer_needs_within_a_bound(
+    hold: int | None, first_kept: int
+) -> None:
+    assert SnapshotPolicy(entries=100, trailing=10).compact_before(1000, hold) == first_kept
+
+
+@given(st.integers(1, 10**4), st.integers(0, 10**4), st.integers(0, 10**6),
+       st.integers(0, 10**6))
+def test_compaction_with_a_hold_never_keeps_less_nor_more_than_its_bound(
+    entries: int, trailing: int, snapshot_index: int, hold: int
+) -> None:
+    policy = SnapshotPolicy(entries, trailing)
+    plain = policy.compact_before(snapshot_index)
+    held = policy.compact_before(snapshot_index, hold)
+    assert 1 <= held <= plain
+    assert held <= max(1, hold) or held == max(1, plain - entries)
+    assert plain - held <= entries
