@@ -570,6 +570,7 @@ class RaftDriver:
     def _handle(self, rd: Ready) -> None:
         self.handler.handle(rd)
         if rd.snapshot is not None:
+            self._fail_covered(self.sm.applied_index)
             self.watches.restored(self.sm.applied_index, self.sm.get)
             self.metrics.snapshots.labels("installed").inc()
             self._state_changed()
@@ -579,6 +580,18 @@ class RaftDriver:
             log.info("event=snapshot_installed node=%s index=%d term=%d bytes=%d",
                      self.core.id, rd.snapshot.meta.index, rd.snapshot.meta.term,
                      rd.snapshot.length)
+
+    def _fail_covered(self, applied: int) -> None:
+        """Writes waiting for entries an installed snapshot covered (a forwarded write's
+        position, learnt from the leader, that never reached this node's log): they are
+        committed, but this node never applied them and cannot tell their results."""
+        covered = [i for i in self._proposals if i <= applied]
+        if covered:
+            err = OutcomeUnknownError("a snapshot covered the write before this node applied "
+                                      "it: the write's outcome is unknown")
+            for index in covered:
+                self._proposals.pop(index).done.fail(err)
+            self.metrics.proposals_unknown.inc(len(covered))
 
     def _log_dropped(self, why: str) -> None:
         """A peer message the core ignored as invalid: counted, one warning per

@@ -29,7 +29,10 @@ from raftkv.core import (
     HeartbeatRequest,
     RaftNode,
     Role,
+    SnapshotMeta,
+    SnapshotRequest,
 )
+from raftkv.core.snapshots import checksum_of
 from raftkv.kv.commands import LeaseGrant, Put, encode_command
 from raftkv.kv.state_machine import KVStateMachine, LeaseGrantResult, PutResult
 from raftkv.metrics import NodeMetrics
@@ -396,6 +399,33 @@ def test_a_leader_change_fails_forwarded_writes_as_outcome_unknown(net: Net) -> 
     n2.driver.propose(put("b", 2), unsent)
     n2.turn()
     assert [f.to for f in net.sent_of(FrameKind.FORWARD, frm="n2")][-1] == "n3"
+
+
+def test_a_forwarded_write_a_snapshot_covers_before_it_applies_here_is_answered_unknown(
+        net: Net) -> None:
+    """The leader answers with the write's log position; this follower never receives that
+    entry but installs a snapshot past it: it cannot tell the write's result, and says so at
+    once (504 outcome unknown) instead of holding the request until it times out."""
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    done = Done()
+    n2.driver.propose(put("k", "mine"), done)
+    net.settle(keep=lambda f: raft_to(f, "n2"))  # n2 gets the answer, never the entry
+    [answer] = results_sent(net)
+    assert answer.status is ForwardStatus.COMMITTED
+    assert not done.done
+    assert n2.driver.sm.applied_index < answer.index
+
+    index = n1.driver.sm.applied_index
+    data = n1.driver.sm.snapshot()
+    meta = SnapshotMeta(index, n1.core.log.term(index) or 0, n1.core.membership_at(index))
+    chunk = SnapshotRequest(n1.core.term, "n1", "n2", meta, 0, data, True, len(data),
+                            checksum_of(data))
+    net.inject("n1", "n2", FrameKind.RAFT, codec.encode_message(chunk))
+
+    assert n2.driver.sm.applied_index >= answer.index
+    assert n2.driver.sm.get("k") == ("mine", answer.index)
+    assert isinstance(done.error, OutcomeUnknownError)
+    assert not n2.driver._proposals  # nothing left waiting for an entry it will never apply
 
 
 def test_a_forward_never_answered_expires_as_outcome_unknown(net: Net) -> None:
