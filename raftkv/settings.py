@@ -147,6 +147,9 @@ def _meta(env: str, flag: str, help_text: str, **kw: Any) -> dict[str, Any]:
     return {"env": env, "flag": flag, "help": help_text, **kw}
 
 
+CPU_SCHEDULING_POLICIES = ("batch", "normal")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     node_id: str = field(metadata=_meta("RAFTKV_ID", "--id", "this node's name, e.g. n1"))
@@ -209,6 +212,11 @@ class Settings:
     http_workers: int = field(default=0, metadata=_meta(
         "RAFTKV_HTTP_WORKERS", "--http-workers",
         "HTTP worker processes (0: one per CPU)", kind=int))
+    cpu_scheduling: str = field(default="batch", metadata=_meta(
+        "RAFTKV_CPU_SCHEDULING", "--cpu-scheduling",
+        "Linux scheduling policy of the node's processes: batch (SCHED_BATCH: a process the "
+        "node's other processes wake does not preempt them mid-batch; fewer context "
+        "switches when the cores are busy) or normal (SCHED_OTHER)"))
     quota_bytes: int = field(default=0, metadata=_meta(
         "RAFTKV_QUOTA_BYTES", "--quota-bytes",
         "storage quota of the key-value data (bytes; K/M/G/T suffixes, powers of 1024): a "
@@ -274,6 +282,8 @@ class Settings:
                                 "RAFTKV_SNAPSHOT_TRAILING >= 0")
         if not 1 <= self.map_size_mb <= self.max_map_size_mb:
             raise SettingsError("need 1 <= RAFTKV_MAP_SIZE_MB <= RAFTKV_MAX_MAP_SIZE_MB")
+        if self.cpu_scheduling not in CPU_SCHEDULING_POLICIES:
+            raise SettingsError("RAFTKV_CPU_SCHEDULING must be batch or normal")
         if self.peer_tls and self.peer_tls not in ("off", "on", "migrate-accept",
                                                    "migrate-dial"):
             raise SettingsError("RAFTKV_PEER_TLS must be off, on, migrate-accept or "

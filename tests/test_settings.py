@@ -103,3 +103,11 @@ def test_http_limits_have_sane_defaults_and_are_checked() -> None:
         from_sources(None, settings_env(RAFTKV_HTTP_HEAD_TIMEOUT_MS="-1"))
     with pytest.raises(SettingsError, match="well under 1000"):
         from_sources(None, settings_env(RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT="1000000"))
+
+
+def test_cpu_scheduling_is_batch_by_default_and_checked() -> None:
+    assert from_sources(None, settings_env()).cpu_scheduling == "batch"
+    assert from_sources(None, settings_env(RAFTKV_CPU_SCHEDULING="normal")).cpu_scheduling == (
+        "normal")
+    with pytest.raises(SettingsError, match="RAFTKV_CPU_SCHEDULING must be batch or normal"):
+        from_sources(None, settings_env(RAFTKV_CPU_SCHEDULING="fifo"))

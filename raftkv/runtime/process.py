@@ -42,6 +42,7 @@ from raftkv.runtime.eventloop import EventLoop
 from raftkv.runtime.forwarding import Forwarder
 from raftkv.runtime.ready_handler import chunk_reader
 from raftkv.runtime.requests import NodeInfo, RequestHandler
+from raftkv.runtime.scheduling import apply_cpu_scheduling
 from raftkv.runtime.startup import FORMAT_VERSION, StartupError, join_headers, open_node
 from raftkv.runtime.transport import PeerTransport
 from raftkv.runtime.transport.refusals import RateLimitedLog
@@ -171,6 +172,7 @@ class RaftProcess:
         self._next_tick = 0.0
         self._stopping = False
         self._stopped_serving = False
+        self._scheduling = "unchanged"
 
     # ------------------------------------------------------------------ running
     def run(self) -> int:
@@ -179,6 +181,8 @@ class RaftProcess:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
+            self._scheduling = apply_cpu_scheduling(self.settings.cpu_scheduling,
+                                                    self.settings.node_id)
             self.driver.sync_peers()
             self._next_tick = time.monotonic() + self._tick_s
             self.loop.call_at(self._next_tick, self._tick)
@@ -195,9 +199,9 @@ class RaftProcess:
     def _serve(self) -> None:
         s = self.settings
         self.workers.start()
-        log.info("event=node_started node=%s http=%s raft=%s cluster=%s workers=%d",
-                 s.node_id, s.http_addr, s.raft_addr, self.cluster_id or "-",
-                 len(self.workers.channels))
+        log.info("event=node_started node=%s http=%s raft=%s cluster=%s workers=%d "
+                 "cpu_scheduling=%s", s.node_id, s.http_addr, s.raft_addr,
+                 self.cluster_id or "-", len(self.workers.channels), self._scheduling)
 
     def _tick(self) -> None:
         self.driver.tick()

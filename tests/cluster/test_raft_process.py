@@ -151,3 +151,24 @@ def test_sigterm_to_a_follower_answers_its_watches_then_exits_zero(
     assert time.monotonic() - started < 5.0
     assert not any(pid_alive(p) for p in pids)
     assert cluster.status(leader)["role"] == "leader", "a follower stopping changes nothing"
+
+
+def _policies(pids: list[int]) -> set[int]:
+    """The scheduling policy of every thread of `pids`."""
+    return {os.sched_getscheduler(int(tid)) for pid in pids
+            for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.parametrize(("setting", "policy"), [
+    ("batch", getattr(os, "SCHED_BATCH", -1)), ("normal", getattr(os, "SCHED_OTHER", -1))])
+def test_every_process_and_thread_of_a_node_runs_under_the_cpu_scheduling_policy(
+        tmp_path: Path, request: pytest.FixtureRequest, setting: str, policy: int) -> None:
+    if not hasattr(os, "sched_getscheduler"):
+        pytest.skip("no sched_getscheduler on this system")
+    env = {"RAFTKV_HTTP_WORKERS": str(WORKERS), "RAFTKV_CPU_SCHEDULING": setting}
+    with running_cluster(tmp_path, 1, request, env=env) as c:
+        node = c.nodes[0]
+        assert node.pid is not None
+        c.put("k", 1)
+        assert _policies([node.pid, *workers_of(c, node)]) == {policy}
+        assert f"cpu_scheduling={setting}" in node.log_text()
