@@ -1061,17 +1061,22 @@ def test_removed_leader_does_not_count_itself_toward_committing_its_removal() ->
 SNAPSHOT_DATA = b"state-of-the-machine"  # 20 bytes: 7 chunks of 3
 
 
-def test_leader_sends_a_snapshot_in_chunks_to_a_follower_behind_its_compacted_log() -> None:
-    """§7 (Figure 13): "the leader must occasionally send snapshots to followers that lag
-    behind ... when the leader has already discarded the next log entry that it needs to send
-    to a follower." The snapshot goes in chunks (offset, data, done)."""
-    net = cluster(snapshot_chunk_bytes=3)
+def _n3_left_behind(net: Network) -> RaftNode:
+    """n1 leads and commits three entries while n3 is cut off; returns n1."""
     net.elect("n1")
     net.isolate("n3")
     for d in (b"a", b"b", b"c"):
         net.node("n1").propose(d)
     net.stabilize()
-    n1 = net.node("n1")
+    return net.node("n1")
+
+
+def test_leader_sends_a_snapshot_in_chunks_to_a_follower_behind_its_compacted_log() -> None:
+    """§7 (Figure 13): "the leader must occasionally send snapshots to followers that lag
+    behind ... when the leader has already discarded the next log entry that it needs to send
+    to a follower." The snapshot goes in chunks (offset, data, done)."""
+    net = cluster(snapshot_chunk_bytes=3)
+    n1 = _n3_left_behind(net)
     applied, snap = net.compact_at_applied("n1", SNAPSHOT_DATA)
     assert n1.log.first_index() == applied + 1
     net.heal()
@@ -1099,12 +1104,7 @@ NEWER_DATA = b"newer-state-of-the-machine"
 def _transfer_under_way(net: Network) -> Snapshot:
     """n3 cut off while n1 commits and compacts (n3 then needs n1's snapshot); after the
     heal, two chunks of that snapshot reach n3. Returns the snapshot in flight."""
-    net.elect("n1")
-    net.isolate("n3")
-    for d in (b"a", b"b", b"c"):
-        net.node("n1").propose(d)
-    net.stabilize()
-    n1 = net.node("n1")
+    n1 = _n3_left_behind(net)
     applied = n1.log.applied
     snap = net.snapshot_of(SnapshotMeta(applied, n1.log.term(applied) or 0,
                                         n1.membership_at(applied)), SNAPSHOT_DATA)
