@@ -335,8 +335,10 @@ def test_install_snapshot_keeps_the_follower_suffix_that_matches_it() -> None:
     to a follower that holds entries past it but has not learned they are committed. Here F's
     acks are lost (the leader's view of F stays behind), F receives, in order, a burst of
     one-entry appends ahead of the leader's commit index, the leader compacts in the middle of
-    that burst, a few appends to F are lost, and the next one is rejected: the leader falls
-    back to F's old match, which it compacted away, and sends its snapshot."""
+    that burst (past F's old match: it holds compaction for a live follower only up to
+    snapshot_every entries, so the bursts go on until it does), a few appends to F are lost,
+    and the next one is rejected: the leader falls back to F's old match, which it compacted
+    away, and sends its snapshot."""
     options = SimOptions(max_append_entries=1, max_inflight_appends=16)
     c = _scripted(9, 3, options, snapshot_every=(10, 10), trailing=0, delay_ms=(1.0, 1.0))
     leader = _leader_id(c)
@@ -363,10 +365,14 @@ def test_install_snapshot_keeps_the_follower_suffix_that_matches_it() -> None:
     def f_holds_entries_past_the_snapshot() -> bool:
         s_index = c.node(leader).snapshot_meta.index
         fl = c.node(f).log
-        return fl.commit < s_index < fl.last_index()
+        # ...and the leader compacted past what it believes F holds: it holds compaction for
+        # a live follower only up to snapshot_every entries (SnapshotPolicy.compact_before).
+        known = c.node(leader).status().peers[f].match
+        return (fl.commit < s_index < fl.last_index()
+                and c.node(leader).log.first_index() > known + 1)
 
     while not f_holds_entries_past_the_snapshot():
-        write(burst=4)
+        write(burst=5)
         assert writes < 30, "no burst straddled a compaction"
     snap = c.node(leader).snapshot_meta
     gap = c.intercept(lambda m: None if isinstance(m, AppendRequest) and m.to == f else m,
