@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,16 +31,17 @@ class SnapshotPolicy:
                 f"SnapshotPolicy.trailing must be an int >= 0, got {self.trailing!r}"
             )
 
-    def should_snapshot(self, applied_index: int, last_snapshot_index: int, *,
-                        sending: bool = False) -> bool:
+    def should_snapshot(self, applied_index: int, last_snapshot_index: int,
+                        sending: Callable[[], bool] = _never) -> bool:
         """True once `entries` entries were applied since the last snapshot; twice as many
-        while the leader is `sending` a snapshot to a peer (RaftNode.sending_snapshot): the
-        store keeps only the newest few snapshots, and the transfer in flight must not lose
-        its snapshot to newer ones before it finishes."""
+        while the leader is `sending` a snapshot to a peer (RaftNode.sending_snapshot, asked
+        only once `entries` were applied: the check runs every loop turn): the store keeps
+        only the newest few snapshots, and the transfer in flight must not lose its snapshot
+        to newer ones before it finishes."""
         _check_index("applied_index", applied_index)
         _check_index("last_snapshot_index", last_snapshot_index)
-        due = self.entries * 2 if sending else self.entries
-        return applied_index - last_snapshot_index >= due
+        since = applied_index - last_snapshot_index
+        return since >= self.entries and (since >= 2 * self.entries or not sending())
 
     def compact_before(self, snapshot_index: int, hold: int | None = None) -> int:
         """The first log index to keep after a snapshot at `snapshot_index` (never below 1).

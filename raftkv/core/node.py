@@ -314,16 +314,21 @@ class RaftNode:
         self._base_membership = self.membership_at(meta.index)
         self._conf_entries = [(i, m) for i, m in self._conf_entries if i > meta.index]
 
+    def _live_peers(self) -> list[Progress]:
+        """The progress of the peers that answered this leader within an election timeout
+        (none on a node that is not the leader)."""
+        if self.role is not Role.LEADER:
+            return []
+        live = self.config.election_timeout_ticks
+        return [pr for nid, pr in self._progress.items()
+                if nid != self.id and pr.idle_ticks < live]
+
     def sending_snapshot(self) -> bool:
         """True while this leader sends a snapshot to a peer that answered it within an
         election timeout. A new snapshot taken meanwhile does not restart that transfer, but
         enough of them make the store drop the one in flight: the driver waits longer before
         the next (SnapshotPolicy.should_snapshot)."""
-        if self.role is not Role.LEADER:
-            return False
-        live = self.config.election_timeout_ticks
-        return any(pr.state is ProgressState.SNAPSHOT and pr.idle_ticks < live
-                   for nid, pr in self._progress.items() if nid != self.id)
+        return any(pr.state is ProgressState.SNAPSHOT for pr in self._live_peers())
 
     def compaction_hold(self) -> int | None:
         """The first log index to keep for the peers that answered this leader within an
@@ -333,18 +338,10 @@ class RaftNode:
         it are what it needs once installed: compacting past them makes the install useless
         at once, and under a high write rate a follower never catches up).
         SnapshotPolicy.compact_before keeps them, within a bound."""
-        if self.role is not Role.LEADER:
-            return None
-        live = self.config.election_timeout_ticks
         last = self.log.last_index()
-        hold: int | None = None
-        for nid, pr in self._progress.items():
-            if nid == self.id or pr.idle_ticks >= live:
-                continue
-            need = pr.pending_snapshot if pr.state is ProgressState.SNAPSHOT else pr.match
-            if 0 < need < last and (hold is None or need < hold):
-                hold = need
-        return hold
+        needs = [pr.pending_snapshot if pr.state is ProgressState.SNAPSHOT else pr.match
+                 for pr in self._live_peers()]
+        return min((need for need in needs if 0 < need < last), default=None)
 
     def step(self, m: Message) -> None:
         """Feed one message from a peer."""
@@ -912,7 +909,8 @@ class RaftNode:
         newer snapshot does not restart it (snapshots taken faster than one transfer takes
         would never let it finish). Only if that one is no longer readable (the store
         dropped it for newer ones) does the transfer start over with the newest."""
-        snap = pr.snapshot or self._snapshot
+        snap = pr.snapshot
+        assert snap is not None  # SNAPSHOT state: become_snapshot set it
         chunk = self._snapshot_chunk(snap, pr.snapshot_offset)
         if chunk is None and snap.meta != self._snapshot.meta:
             snap = self._snapshot
@@ -934,7 +932,7 @@ class RaftNode:
         return chunk if chunk is not None and len(chunk) == size else None
 
     def _abort_snapshot(self, pr: Progress) -> None:
-        pr.pending_snapshot = 0  # the follower does not have it: probe from its match
+        pr.snapshot = None  # the follower does not have it: probe from its match
         pr.become_probe()
         pr.snapshot_backoff_ticks = self._snapshot_backoff
 

@@ -56,7 +56,6 @@ class Progress:
         "inflights",
         "match",
         "next",
-        "pending_snapshot",
         "probe_sent",
         "read_seq",
         "recent_active",
@@ -72,7 +71,6 @@ class Progress:
         self.state = ProgressState.PROBE
         self.probe_sent = False
         self.inflights = Inflights(max_inflight)
-        self.pending_snapshot = 0
         self.snapshot: Snapshot | None = None
         """The snapshot being sent (SNAPSHOT state): the transfer finishes with this one even
         if the leader takes newer ones meanwhile, as long as it stays readable."""
@@ -85,6 +83,11 @@ class Progress:
         self.read_seq = 0
         """The highest heartbeat sequence this peer acknowledged (ReadIndex confirmation)."""
 
+    @property
+    def pending_snapshot(self) -> int:
+        """The index of the snapshot being sent (SNAPSHOT state), else 0."""
+        return self.snapshot.meta.index if self.snapshot is not None else 0
+
     def become_probe(self) -> None:
         if self.state is ProgressState.SNAPSHOT:
             self.next = max(self.match + 1, self.pending_snapshot + 1)
@@ -92,7 +95,6 @@ class Progress:
             self.next = self.match + 1
         self.state = ProgressState.PROBE
         self.probe_sent = False
-        self.pending_snapshot = 0
         self.snapshot = None
         self.inflights.reset()
 
@@ -104,7 +106,6 @@ class Progress:
 
     def become_snapshot(self, snapshot: Snapshot) -> None:
         self.state = ProgressState.SNAPSHOT
-        self.pending_snapshot = snapshot.meta.index
         self.snapshot = snapshot
         self.snapshot_offset = 0
         self.probe_sent = False

@@ -558,14 +558,9 @@ class RaftDriver:
                 self._full_alarm_seen = False
             if core.membership != self._members:
                 self._on_membership_change()
-        if not self._snapshot_in_progress and self._snapshot_due():
+        if not self._snapshot_in_progress and self._policy.should_snapshot(
+                self.sm.applied_index, self._last_snapshot_index, self.core.sending_snapshot):
             self._start_snapshot()
-
-    def _snapshot_due(self) -> bool:
-        applied, last = self.sm.applied_index, self._last_snapshot_index
-        policy = self._policy
-        return policy.should_snapshot(applied, last) and policy.should_snapshot(
-            applied, last, sending=self.core.sending_snapshot())
 
     def _handle(self, rd: Ready) -> None:
         self.handler.handle(rd)
@@ -587,11 +582,15 @@ class RaftDriver:
         committed, but this node never applied them and cannot tell their results."""
         covered = [i for i in self._proposals if i <= applied]
         if covered:
-            err = OutcomeUnknownError("a snapshot covered the write before this node applied "
-                                      "it: the write's outcome is unknown")
-            for index in covered:
-                self._proposals.pop(index).done.fail(err)
-            self.metrics.proposals_unknown.inc(len(covered))
+            self._fail_unknown(covered, OutcomeUnknownError(
+                "a snapshot covered the write before this node applied it: the write's "
+                "outcome is unknown"))
+
+    def _fail_unknown(self, indexes: list[int], err: OutcomeUnknownError) -> None:
+        """Answer the writes waiting at `indexes` with `err` (their outcome is unknown)."""
+        for index in indexes:
+            self._proposals.pop(index).done.fail(err)
+        self.metrics.proposals_unknown.inc(len(indexes))
 
     def _log_dropped(self, why: str) -> None:
         """A peer message the core ignored as invalid: counted, one warning per
@@ -814,10 +813,8 @@ class RaftDriver:
             # _on_applied compares terms; unless a snapshot already covered them.
             err = OutcomeUnknownError("leadership changed before the write was applied")
             applied = self.sm.applied_index
-            undecided = [i for i in self._proposals if i > core.log.commit or i <= applied]
-            for index in undecided:
-                self._proposals.pop(index).done.fail(err)
-            self.metrics.proposals_unknown.inc(len(undecided))
+            self._fail_unknown(
+                [i for i in self._proposals if i > core.log.commit or i <= applied], err)
         if ss.leader != prev.leader:
             self.metrics.leader_changes.inc()
             if prev.leader is not None and prev.leader not in core.membership.members:

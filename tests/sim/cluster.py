@@ -669,8 +669,7 @@ class Cluster:
         # The runtime's policy (raftkv.runtime.driver): trailing + 1 keeps the entry at the
         # snapshot's index too, as this simulator always has.
         policy = SnapshotPolicy(sn.snapshot_every, self.profile.trailing + 1)
-        if not policy.should_snapshot(index, raft.snapshot_meta.index,
-                                      sending=raft.sending_snapshot()):
+        if not policy.should_snapshot(index, raft.snapshot_meta.index, raft.sending_snapshot):
             return
         term = raft.log.term(index)
         assert term is not None, f"{sn.id}: no term for applied index {index}"

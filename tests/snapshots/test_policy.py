@@ -76,10 +76,18 @@ def test_policy_is_immutable() -> None:
 def test_while_a_snapshot_is_being_sent_the_next_waits_for_twice_the_entries() -> None:
     """A new snapshot would push the one in flight out of the store (it keeps a few)."""
     policy = SnapshotPolicy(entries=100, trailing=10)
+    asked: list[bool] = []
+
+    def sending() -> bool:
+        asked.append(True)
+        return True
+
+    assert not policy.should_snapshot(249, 150, sending)
+    assert not asked, "asked only once a snapshot would be due otherwise"
     assert policy.should_snapshot(250, 150)
-    assert not policy.should_snapshot(250, 150, sending=True)
-    assert not policy.should_snapshot(349, 150, sending=True)
-    assert policy.should_snapshot(350, 150, sending=True)
+    assert not policy.should_snapshot(250, 150, sending)
+    assert not policy.should_snapshot(349, 150, sending)
+    assert policy.should_snapshot(350, 150, sending)
 
 
 @pytest.mark.parametrize(
