@@ -91,7 +91,6 @@ class Listener:
         self._sniffing = 0
         """Accepted connections whose first bytes (TLS or not) are awaited."""
         self._sniffed: set[socket.socket] = set()
-        self._accept_paused = False
         self._closed = False
         loop.register(sock.fileno(), EPOLLIN, self._on_accept)
 
@@ -144,11 +143,9 @@ class Listener:
         kept polling it would wake at once, every turn, until the pause ended."""
         fd = self._sock.fileno()
         self._loop.unregister(fd)
-        self._accept_paused = True
 
         def resume() -> None:
-            if self._accept_paused and not self._closed:
-                self._accept_paused = False
+            if not self._closed:
                 self._loop.register(fd, EPOLLIN, self._on_accept)
 
         self._loop.call_later(ACCEPT_ERROR_PAUSE_S, resume)
