@@ -4,11 +4,13 @@ goes on. The test thread plays waitress's loop: it adds tasks and calls run_read
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import select
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -327,9 +329,6 @@ def test_a_runner_made_inside_a_request_ends_into_the_loop_not_into_its_maker(
 
 
 def test_a_parked_runner_keeps_nothing_of_its_last_task_alive() -> None:
-    import gc
-    import weakref
-
     d = GreenDispatcher()
     task = Task(lambda: b"x" * 1024)
     ref = weakref.ref(task)

@@ -16,13 +16,13 @@ from raftkv.core import Entry, HardState
 from raftkv.ports import NodeIdentity
 from raftkv.runtime.boot import bootstrap_entries
 from raftkv.runtime.startup import FORMAT_VERSION, NodeState, StartKind, open_node
-from raftkv.settings import from_sources
+from raftkv.settings import Settings, from_sources
 from storage.lmdb_store import LmdbRaftStorage
 
 MEMBERS = {"n1": "127.0.0.1:1", "n2": "127.0.0.1:2", "n3": "127.0.0.1:3"}
 
 
-def settings_for(data_dir: Path, join: bool) -> object:
+def settings_for(data_dir: Path, join: bool) -> Settings:
     env = {"RAFTKV_ID": "n4", "RAFTKV_DATA_DIR": str(data_dir),
            "RAFTKV_CLUSTER_TOKEN": "t" * 40}
     if join:
@@ -49,7 +49,7 @@ def opened() -> Iterator[list[NodeState]]:
 def test_a_joined_node_that_learnt_only_a_term_joins_again_after_a_restart(
         tmp_path: Path, opened: list[NodeState]) -> None:
     joined(tmp_path, HardState(39, None, 0), [])
-    state = open_node(settings_for(tmp_path, join=True))  # type: ignore[arg-type]
+    state = open_node(settings_for(tmp_path, join=True))
     opened.append(state)
     assert state.plan.kind is StartKind.RESTART
     assert state.plan.needs_join, "it knows no member: it must ask to join again"
@@ -60,7 +60,7 @@ def test_a_joined_node_that_holds_log_entries_restarts_without_joining(
         tmp_path: Path, opened: list[NodeState]) -> None:
     entries = bootstrap_entries(MEMBERS)
     joined(tmp_path, HardState(39, None, len(entries)), entries)
-    state = open_node(settings_for(tmp_path, join=True))  # type: ignore[arg-type]
+    state = open_node(settings_for(tmp_path, join=True))
     opened.append(state)
     assert state.plan.kind is StartKind.RESTART and not state.plan.needs_join
     assert [e.change.node_id for e in state.boot.entries if e.change] == sorted(MEMBERS)

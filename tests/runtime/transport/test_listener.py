@@ -296,7 +296,6 @@ def test_slots_of_connections_that_handshook_or_left_are_given_back(
     assert b.call(lambda t: t.unauthenticated_connections) == MAX_UNAUTHENTICATED_PER_HOST
 
 
-
 # -- accept errors ---------------------------------------------------------------------------
 
 
