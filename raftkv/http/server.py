@@ -108,7 +108,7 @@ class ServerHandle:
         self._sitting_out: list[Callable[[], bool]] = []
         if self.dispatcher is not None:
             # Every task runs on this thread: the loop re-polls after each round anyway.
-            self._server.pull_trigger = _no_trigger
+            self._server.pull_trigger = _nothing
             # A response's head and body (two writes of waitress's task) leave in one send()
             # when the loop next polls, not in one send() each at once: waitress flushes at
             # every write once `send_bytes` are buffered, and its default is 1 byte.
@@ -153,28 +153,31 @@ class ServerHandle:
             self._running = True
             self._run_thread = threading.get_ident()
         try:
-            if self.dispatcher is None:
-                self._server.run()
-            else:
-                self._run_green(self.dispatcher)
+            self._run_loop()
         finally:
             self._server.task_dispatcher.shutdown(timeout=_CLOSE_WAIT_S)
             self._stopped.set()
 
-    def _run_green(self, dispatcher: GreenDispatcher) -> None:
+    def _run_loop(self) -> None:
         poll = wasyncore.poll2
         socket_map = self._map
-        hooks = self.loop_hooks
-        sitting_out = self._sitting_out
-        while not self._closing:
-            wait_s = dispatcher.timeout(_POLL_S)
-            if any(sits() for sits in sitting_out):  # a short turn: accept again right after
-                wait_s = min(wait_s, _SIT_OUT_S)
-            poll(wait_s, socket_map)
-            dispatcher.run_ready()
-            for hook in hooks:
-                hook()
-        self._close_all()
+        dispatcher = self.dispatcher
+        if dispatcher is None:  # waitress's thread pool: its threads wake the loop themselves
+            while not self._closing:
+                poll(_POLL_S, socket_map)
+        else:
+            hooks = self.loop_hooks
+            sitting_out = self._sitting_out
+            while not self._closing:
+                wait_s = dispatcher.timeout(_POLL_S)
+                if any(sits() for sits in sitting_out):  # short turn: accept again right after
+                    wait_s = min(wait_s, _SIT_OUT_S)
+                poll(wait_s, socket_map)
+                dispatcher.run_ready()
+                for hook in hooks:
+                    hook()
+        with self._lock:  # close() wakes the loop under it: never after the trigger closed
+            self._close_all()
 
     def close(self) -> None:
         """Stop accepting, drop open connections, and wait for run() to return (bounded)."""
@@ -183,13 +186,14 @@ class ServerHandle:
                 return
             self._closing = True
             running = self._running
+            if running:  # wake the loop: it sees _closing, and closes the map under the lock
+                if self.dispatcher is not None:
+                    self.dispatcher.post(_nothing)
+                else:
+                    self._server.trigger.pull_trigger()
         if not running:
             self._close_all()
             return
-        if self.dispatcher is not None:
-            self.dispatcher.post(lambda: None)  # wake the loop: it sees _closing
-        else:
-            self._server.trigger.pull_trigger(self._close_all)
         if self._run_thread == threading.get_ident():
             return  # called on the loop itself: it ends after this turn
         if not self._stopped.wait(_CLOSE_WAIT_S):
@@ -214,7 +218,7 @@ class ServerHandle:
         wasyncore.close_all(self._map, ignore_all=True)
 
 
-def _no_trigger(*_args: Any) -> None:
+def _nothing(*_args: Any) -> None:
     pass
 
 

@@ -1,12 +1,15 @@
 """ServerHandle (raftkv.http.server) in green mode: waitress's requests as greenlets on its
-own loop thread, on a bound socket; real sockets on loopback."""
+own loop thread, on a bound socket; real sockets on loopback. And its thread-pool mode (test
+doubles) where it closes."""
 
 from __future__ import annotations
 
 import http.client
+import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -130,3 +133,33 @@ def test_a_post_from_another_thread_runs_on_the_loop_which_drains_its_wake_up(
         assert ran.wait(WAIT_S), "the posted callback never ran"
     assert [readable for _name, readable in seen] == [False, False, False]
     assert all(name != threading.current_thread().name for name, _ in seen)
+
+
+def test_close_wakes_a_threaded_loop_without_racing_it_to_close_the_trigger() -> None:
+    """With waitress's thread pool, close() wakes the loop through waitress's trigger (a
+    pipe). Its request threads pull that trigger too when they finish a task; a pull just
+    ahead of close() let the loop close the whole map, trigger included, before close()
+    wrote to it: EBADF there, or a byte into whatever descriptor reused the number. The
+    loop now closes the map only under the lock close() holds while it writes."""
+    handle = ServerHandle(app, [socket.create_server(("127.0.0.1", 0))], threads=2)
+    thread = threading.Thread(target=handle.run, daemon=True)
+    thread.start()
+    assert get(handle, "/") == (200, b"ok")  # the loop is running
+    trigger = handle._server.trigger
+    write_pull = trigger._physical_pull
+    trigger_closed_first: list[bool] = []
+
+    def pull_after_a_request_thread() -> None:
+        os.write(trigger.trigger, b"x")  # a request thread's pull, just ahead of close()'s
+        deadline = time.monotonic() + 0.5  # time enough for the loop to act on it
+        while not trigger._closed and time.monotonic() < deadline:
+            time.sleep(0.005)
+        trigger_closed_first.append(trigger._closed)
+        write_pull()
+
+    trigger._physical_pull = pull_after_a_request_thread
+    handle.close()
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), "the server loop did not stop"
+    assert trigger_closed_first == [False]
+    assert trigger._closed  # and the loop did close it, after close() had written
