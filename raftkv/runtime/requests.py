@@ -394,8 +394,11 @@ class RequestHandler:
 
         def start(_index: object) -> None:
             view = self._driver.sm.snapshot_view()  # consistent, cheap, on the loop
-            threading.Thread(target=self._write_backup, args=(replier, rid, view),
-                             name="backup-writer", daemon=True).start()
+            try:
+                threading.Thread(target=self._write_backup, args=(replier, rid, view),
+                                 name="backup-writer", daemon=True).start()
+            except RuntimeError as e:  # no thread to be had: the slot is free again
+                failed(UnavailableError(f"the backup could not be started: {e}"))
 
         self._barrier(consistency, time.monotonic() + request.timeout_s,
                       _Callback(start, failed))
@@ -411,8 +414,13 @@ class RequestHandler:
                     length += len(chunk)
                 f.flush()
                 fd = os.dup(f.fileno())
-        except OSError as e:
-            error = UnavailableError(f"the backup could not be written: {e.strerror or e}")
+        except Exception as e:  # the slot is freed and the client answered, whatever failed
+            if isinstance(e, OSError):
+                reason = f"the backup could not be written: {e.strerror or e}"
+            else:  # a bug, not the disk
+                log.exception("event=backup_failed rid=%d", rid)
+                reason = f"the backup failed ({type(e).__name__}); see the node's log"
+            error = UnavailableError(reason)
             self._loop.call_soon_threadsafe(lambda: self._backup_done(replier, rid, None,
                                                                       error))
             return

@@ -1,0 +1,117 @@
+"""RequestHandler (raftkv.runtime.requests) with fakes around it: the backup slots, which a
+failed backup must give back whatever went wrong (a leaked slot refuses every later backup
+with 503 until the node restarts)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from raftkv.codec import Request, RequestOp
+from raftkv.localcluster import wait_until
+from raftkv.runtime.requests import MAX_BACKUPS, NodeInfo, RequestHandler
+from raftkv.service import ServiceError, UnavailableError
+
+WAIT_S = 5.0
+
+
+class _Loop:
+    """Runs what other threads post when the test says so (the loop thread's place)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.posted: list[Callable[[], None]] = []
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self.posted.append(fn)
+
+    def run_posted(self) -> int:
+        with self._lock:
+            posted, self.posted = self.posted, []
+        for fn in posted:
+            fn()
+        return len(posted)
+
+
+class _Replier:
+    def __init__(self) -> None:
+        self.errors: dict[int, ServiceError] = {}
+        self.oks: dict[int, object] = {}
+
+    def reply_ok(self, rid: int, payload: object, fd: int | None = None) -> None:
+        self.oks[rid] = payload
+
+    def reply_error(self, rid: int, error: ServiceError) -> None:
+        self.errors[rid] = error
+
+
+class _BrokenView:
+    """A snapshot view whose serialization fails with a bug's exception, not an OSError."""
+
+    applied_index = 7
+
+    @property
+    def data(self) -> dict[str, Any]:
+        raise KeyError("a bug in the snapshot code")
+
+
+def _handler(tmp_path: Path, loop: _Loop, view: object) -> RequestHandler:
+    driver = SimpleNamespace(state_listeners=[], fatal=None,
+                             sm=SimpleNamespace(snapshot_view=lambda: view))
+    info = NodeInfo("n1", "127.0.0.1:1", tmp_path, "token")
+    return RequestHandler(driver=cast(Any, driver), loop=cast(Any, loop), info=info,
+                          cluster_id=lambda: "c", peer_http=lambda _n: None,
+                          extra_status=dict, render_metrics=bytes)
+
+
+def _backup(handler: RequestHandler, replier: _Replier, rid: int) -> None:
+    handler.handle(replier, [Request(rid, RequestOp.BACKUP, 5.0, ("stale",))])
+
+
+def test_a_backup_that_fails_with_a_bug_answers_503_and_gives_its_slot_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    loop, replier = _Loop(), _Replier()
+    handler = _handler(tmp_path, loop, _BrokenView())
+    for rid in range(1, 2 * MAX_BACKUPS + 2):  # more failed backups than there are slots
+        _backup(handler, replier, rid)
+        wait_until(lambda: loop.run_posted() > 0, WAIT_S, "the backup writer to report")
+        error = replier.errors.get(rid)
+        assert isinstance(error, UnavailableError), (rid, replier.errors, replier.oks)
+        assert "KeyError" in str(error) and "log" in str(error)
+    assert "event=backup_failed" in caplog.text
+    assert not list(tmp_path.iterdir())  # no temporary file left behind
+
+
+def test_backups_beyond_the_slots_are_refused_while_the_slots_are_taken(
+        tmp_path: Path) -> None:
+    loop, replier = _Loop(), _Replier()
+    handler = _handler(tmp_path, loop, _BrokenView())
+    for rid in range(1, MAX_BACKUPS + 1):
+        _backup(handler, replier, rid)
+    wait_until(lambda: len(loop.posted) == MAX_BACKUPS, WAIT_S, "both writers to report")
+    _backup(handler, replier, 99)  # both slots still taken: their answers not handled yet
+    assert "backups are being taken" in str(replier.errors[99])
+    loop.run_posted()
+    _backup(handler, replier, 100)  # a slot is free again
+    wait_until(lambda: loop.run_posted() > 0, WAIT_S, "the backup writer to report")
+    assert "backups are being taken" not in str(replier.errors[100])
+
+
+def test_a_backup_whose_writer_thread_cannot_start_answers_503_and_gives_its_slot_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop, replier = _Loop(), _Replier()
+    handler = _handler(tmp_path, loop, _BrokenView())
+
+    def no_thread(_self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    for rid in range(1, 2 * MAX_BACKUPS + 2):
+        _backup(handler, replier, rid)
+        assert "could not be started" in str(replier.errors[rid]), replier.errors
