@@ -97,8 +97,14 @@ def test_a_partial_write_queues_the_rest_and_flushes_it_when_the_socket_is_writa
     conn, theirs, _ = connect(lt)
     big = os.urandom(4 << 20)  # far more than a Unix socket buffer holds
     with theirs:
-        lt.call(lambda: (conn.send_frame(1, b"first"), conn.send_frame(2, big),
-                         conn.send_frame(3, b"last"), conn.flush()))
+
+        def send_and_flush() -> None:
+            conn.send_frame(1, b"first")
+            conn.send_frame(2, big)
+            conn.send_frame(3, b"last")
+            conn.flush()
+
+        lt.call(send_and_flush)
         left = lt.call(lambda: conn.out_bytes)
         assert 0 < left < len(big) + 20, "the socket took part of it, the rest is queued"
 
@@ -116,9 +122,14 @@ def test_a_file_descriptor_travels_with_its_frame_and_the_sender_keeps_its_own(
     with tempfile.TemporaryFile() as f, theirs:
         f.write(b"the backup")
         f.flush()
-        lt.call(lambda: (conn.send_frame(1, b"before"),
-                         conn.send_frame_with_fd(2, b"with fd", f.fileno()),
-                         conn.send_frame(3, b"after"), conn.flush()))
+
+        def send_and_flush() -> None:
+            conn.send_frame(1, b"before")
+            conn.send_frame_with_fd(2, b"with fd", f.fileno())
+            conn.send_frame(3, b"after")
+            conn.flush()
+
+        lt.call(send_and_flush)
 
         data = bytearray()
         fds: list[int] = []
@@ -180,7 +191,12 @@ def test_sending_on_a_closed_connection_is_a_no_op(lt: LoopThread) -> None:
     conn, theirs, rec = connect(lt)
     theirs.close()
     wait_until(lambda: rec.closed, WAIT_S, "on_closed")
-    lt.call(lambda: (conn.send_frame(1, b"x"), conn.flush()))
+
+    def send_and_flush() -> None:
+        conn.send_frame(1, b"x")
+        conn.flush()
+
+    lt.call(send_and_flush)
     assert lt.call(lambda: conn.out_bytes) == 0
 
 
@@ -264,7 +280,12 @@ def test_a_large_frame_to_a_reader_is_written_in_linear_time(lt: LoopThread) -> 
     thread.start()
     payload = bytes(size)
     started = time.monotonic()
-    lt.call(lambda: (conn.send_frame(1, payload), conn.flush()))
+
+    def send_and_flush() -> None:
+        conn.send_frame(1, payload)
+        conn.flush()
+
+    lt.call(send_and_flush)
     thread.join(60)
     elapsed_s = time.monotonic() - started
 

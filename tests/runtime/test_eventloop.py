@@ -3,10 +3,11 @@ file descriptors and end-of-turn hooks, on one thread."""
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -71,9 +72,12 @@ def test_call_soon_threadsafe_runs_callbacks_on_the_loop_thread_in_order(
     done = threading.Event()
     thread = run_in_thread(loop)
 
+    def record(i: int) -> None:
+        seen.append((i, loop.in_loop_thread()))
+
     def poster() -> None:
         for i in range(100):
-            loop.call_soon_threadsafe(lambda i=i: seen.append((i, loop.in_loop_thread())))
+            loop.call_soon_threadsafe(functools.partial(record, i))
         loop.call_soon_threadsafe(done.set)
 
     threading.Thread(target=poster).start()
@@ -141,8 +145,16 @@ def test_a_hung_up_fd_is_reported_readable_so_its_handler_sees_the_end(
 def test_end_of_turn_hooks_run_after_the_turns_events_in_the_order_added(
         loop: EventLoop) -> None:
     order: list[str] = []
-    loop.add_turn_hook(lambda: order.append("hook1") is None and False)
-    loop.add_turn_hook(lambda: order.append("hook2") is None and False)
+
+    def idle_hook(name: str) -> Callable[[], bool]:
+        def hook() -> bool:
+            order.append(name)
+            return False  # no work left: the loop may block
+
+        return hook
+
+    loop.add_turn_hook(idle_hook("hook1"))
+    loop.add_turn_hook(idle_hook("hook2"))
     loop.call_later(0, lambda: order.append("timer"))
     loop.call_later(0.01, loop.stop)
 

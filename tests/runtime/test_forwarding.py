@@ -33,7 +33,7 @@ from raftkv.core import (
     SnapshotRequest,
 )
 from raftkv.core.snapshots import checksum_of
-from raftkv.kv.commands import LeaseGrant, Put, encode_command
+from raftkv.kv.commands import JSONValue, LeaseGrant, Put, encode_command
 from raftkv.kv.state_machine import KVStateMachine, LeaseGrantResult, PutResult
 from raftkv.metrics import NodeMetrics
 from raftkv.runtime import forwarding
@@ -220,7 +220,7 @@ def net() -> Net:
     return n
 
 
-def put(key: str, value: object) -> bytes:
+def put(key: str, value: JSONValue) -> bytes:
     return encode_command(Put(key, value))
 
 

@@ -90,9 +90,12 @@ def test_a_batch_of_requests_reaches_the_handler_as_sent(lt: LoopThread) -> None
 
 def test_the_replies_of_a_turn_leave_in_one_frame(lt: LoopThread) -> None:
     channel, side, _, _ = open_channel(lt)
-    lt.call(lambda: (channel.reply_ok(1, ["v", 3, None]),
-                     channel.reply_error(2, KeyNotFoundError("key 'b' not found")),
-                     channel.flush()))
+    def reply_and_flush() -> None:
+        channel.reply_ok(1, ["v", 3, None])
+        channel.reply_error(2, KeyNotFoundError("key 'b' not found"))
+        channel.flush()
+
+    lt.call(reply_and_flush)
     [replies] = side.replies(1)
     assert replies == [Reply(1, True, ["v", 3, None]),
                        Reply(2, False, codec.ErrorReply("key_not_found",
@@ -105,9 +108,14 @@ def test_a_reply_with_a_descriptor_goes_in_a_frame_of_its_own_after_the_others(
     with tempfile.TemporaryFile() as f:
         f.write(b"backup")
         f.flush()
-        lt.call(lambda: (channel.reply_ok(1, "first"),
-                         channel.reply_ok(2, [5, "sum", 6, "blake2b-256"], fd=f.fileno()),
-                         channel.reply_ok(3, "third"), channel.flush()))
+
+        def reply_and_flush() -> None:
+            channel.reply_ok(1, "first")
+            channel.reply_ok(2, [5, "sum", 6, "blake2b-256"], fd=f.fileno())
+            channel.reply_ok(3, "third")
+            channel.flush()
+
+        lt.call(reply_and_flush)
     batches = side.replies(3)
     assert [[r.rid for r in batch] for batch in batches] == [[1], [2], [3]]
     assert len(side.fds) == 1
@@ -126,8 +134,14 @@ def test_a_reply_too_large_for_the_worker_is_an_error_and_the_rest_still_arrive(
     monkeypatch.setattr(workers, "CHANNEL_MAX_FRAME_BYTES", 64 << 10)
     channel, side, _, closed = open_channel(lt)
     huge = ["x" * 1000 for _ in range(100)]  # ~100 KB packed: over the (patched) limit
-    lt.call(lambda: (channel.reply_ok(1, "small"), channel.reply_ok(2, huge),
-                     channel.reply_ok(3, "also small"), channel.flush()))
+
+    def reply_and_flush() -> None:
+        channel.reply_ok(1, "small")
+        channel.reply_ok(2, huge)
+        channel.reply_ok(3, "also small")
+        channel.flush()
+
+    lt.call(reply_and_flush)
 
     replies = [r for batch in side.replies(3) for r in batch]
 

@@ -10,6 +10,7 @@ import socket
 import time
 
 from raftkv.localcluster import wait_until
+from raftkv.runtime.transport import PeerTransport
 from tests.runtime.transport.harness import (
     CLUSTER,
     RAFT,
@@ -240,7 +241,11 @@ def test_closing_flushes_what_was_queued_for_peers_that_are_up(make_node: MakeNo
     mesh(a, b)
     a.states.wait_for("b", True)
 
-    a.call(lambda t: (t.send("b", RAFT, b"last words"), t.close()))
+    def send_then_close(t: PeerTransport) -> None:
+        t.send("b", RAFT, b"last words")
+        t.close()
+
+    a.call(send_then_close)
 
     assert b.inbox.wait_for_count(1) == [("a", RAFT, b"last words")]
 
