@@ -4,9 +4,11 @@ to act on the HTTP worker that serves a given request."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,12 @@ def holder(client: socket.socket, pids: list[int]) -> int | None:
         if end.inode in socket_inodes(pid):
             return pid
     return None
+
+
+def holder_of(conn: http.client.HTTPConnection, pids: list[int]) -> Callable[[], int | None]:
+    """A wait_until condition: holder() of `conn`'s socket among `pids`, read anew at each
+    call."""
+    return lambda: holder(conn.sock, pids)
 
 
 def pid_alive(pid: int) -> bool:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,9 +114,12 @@ def test_cluster_command_runs_three_nodes_and_recovers_its_data(tmp_path: Path) 
             if write:
                 wait_until(lambda: http_json("PUT", f"{node}/keys/kept", {"value": "yes"},
                                              timeout_s=2)[0] == 200, 30, "a write")
-            _, body, _ = wait_until(
-                lambda: (r := http_json("GET", f"{node}/keys/kept", timeout_s=2))[0] == 200
-                and r, 30, "a read")
+
+            def read_kept() -> tuple[int, Any, dict[str, str]] | None:
+                r = http_json("GET", f"{node}/keys/kept", timeout_s=2)
+                return r if r[0] == 200 else None
+
+            _, body, _ = wait_until(read_kept, 30, "a read")
             assert body["value"] == "yes"
         finally:
             proc.send_signal(signal.SIGINT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,8 @@ def put(node: NodeProc, key: str, value: object, timeout_s: float = 10.0) -> int
     return int(body["index"])
 
 
-def get(node: NodeProc, key: str, consistency: str = "linearizable") -> tuple[int, object]:
+def get(node: NodeProc, key: str, consistency: str = "linearizable") -> tuple[int, Any]:
+    """(status, decoded JSON body): the body is as dynamic as http_json's."""
     code, body, _ = http_json("GET", f"{node.http}/keys/{key}?consistency={consistency}")
     return code, body
 
@@ -134,7 +136,7 @@ def test_leader_cut_off_never_serves_linearizable_read_and_steps_down(
     cluster.wait_for_leader(timeout_s=15)
 
 
-ERROR_CASES = [
+ERROR_CASES: list[tuple[str, str, bytes | None, dict[str, str], int, str]] = [
     # method, path, body (raw bytes), headers, status, code
     ("POST", "/keys/a", b"{not json", {}, 400, "invalid_json"),
     ("POST", "/keys/a", b'{}', {}, 400, "missing_field"),

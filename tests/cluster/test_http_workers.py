@@ -6,6 +6,7 @@ worker is enough."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -28,7 +29,7 @@ from raftkv.localcluster import (
     http_json,
     wait_until,
 )
-from tests.cluster.proc_net import holder, pid_alive
+from tests.cluster.proc_net import holder_of, pid_alive
 from tests.cluster.test_metrics import scrape
 from tests.support.clusters import running_cluster
 
@@ -45,8 +46,11 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalClu
 
 
 def workers_of(c: LocalCluster, node: NodeProc, count: int = WORKERS) -> list[int]:
-    return wait_until(lambda: (pids := c.worker_pids(node)) and len(pids) == count and pids,
-                      20, f"{count} workers of {node.node_id}")
+    def all_up() -> list[int] | None:
+        pids = c.worker_pids(node)
+        return pids if pids and len(pids) == count else None
+
+    return wait_until(all_up, 20, f"{count} workers of {node.node_id}")
 
 
 def status_workers(c: LocalCluster, node: NodeProc) -> list[dict[str, Any]]:
@@ -171,8 +175,8 @@ def test_a_write_cut_off_by_a_dying_worker_retried_with_its_key_applies_once(
                          headers={"Idempotency-Key": f"cut-{i}",
                                   "Content-Type": "application/json"})
             conns.append(conn)
-        holders = [wait_until(lambda c=c: holder(c.sock, pids), 20,
-                              "a worker to read the request") for c in conns]
+        holders = [wait_until(holder_of(c, pids), 20, "a worker to read the request")
+                   for c in conns]
         victim = max(pids, key=holders.count)
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: not pid_alive(victim), 10, "the worker to die")
@@ -194,10 +198,12 @@ def test_a_write_cut_off_by_a_dying_worker_retried_with_its_key_applies_once(
         assert (status, body.get("value")) == (200, i), body
     assert cut, "the victim held some of the writes"
 
+    def retried(i: int) -> tuple[int, Any] | None:
+        answer = put_on(node, f"cut{i}", i, f"cut-{i}")
+        return answer if answer[0] == 200 else None
+
     for i in cut:
-        _, body = wait_until(
-            lambda i=i: (answer := put_on(node, f"cut{i}", i, f"cut-{i}"))[0] == 200
-            and answer, 20, f"the retry of cut{i}")
+        _, body = wait_until(functools.partial(retried, i), 20, f"the retry of cut{i}")
         index = int(body["index"])
         got_code, got, _ = http_json("GET", f"{leader.http}/keys/cut{i}")
         assert (got_code, got) == (200, {"value": i, "index": index}), "applied once"

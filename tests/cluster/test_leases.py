@@ -231,7 +231,10 @@ def test_a_lock_held_across_a_leader_kill_is_held_by_one_client_at_a_time(
     assert [v.message for v in violations] == []
     won = sorted((h for h in recorder.holds if h.outcome == "acquired"),
                  key=lambda h: h.acquired_at or 0.0)
-    tokens = [h.token for h in won]
+    tokens: list[int] = []
+    for h in won:
+        assert h.token is not None, h  # an acquired hold has its fencing token
+        tokens.append(h.token)
     assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens), tokens
     assert len({h.process for h in won}) >= 2
 

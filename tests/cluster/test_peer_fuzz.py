@@ -98,10 +98,10 @@ def fuzz_frames(rng: random.Random, frm: str, to: str, count: int) -> list[bytes
             payload = codec.encode_message(random_message(rng, sender, to))
             out.append(encode_frame(FrameKind.RAFT, payload))
         elif roll < 0.7:  # a valid encoding, bit-flipped
-            payload = bytearray(codec.encode_message(random_message(rng, frm, to)))
+            flipped = bytearray(codec.encode_message(random_message(rng, frm, to)))
             for _ in range(rng.randrange(1, 4)):
-                payload[rng.randrange(len(payload))] ^= 1 << rng.randrange(8)
-            out.append(encode_frame(FrameKind.RAFT, bytes(payload)))
+                flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            out.append(encode_frame(FrameKind.RAFT, bytes(flipped)))
         elif roll < 0.8:  # forwards: garbage commands, absurd ops
             items = [[rng.randrange(1 << 40), rng.choice([1, 2, 3, 4, 5, 99]),
                       rng.randbytes(rng.randrange(30))] for _ in range(rng.randrange(1, 4))]

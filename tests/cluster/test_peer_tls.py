@@ -5,6 +5,7 @@ from plaintext to TLS one node at a time without losing a write."""
 
 from __future__ import annotations
 
+import functools
 import ssl
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def test_a_running_cluster_switches_to_tls_one_node_at_a_time(tmp_path: Path) ->
                 written[key] = value
         c.wait_all_ready()
         for key, value in written.items():
-            wait_until(lambda k=key, v=value: value_everywhere(c, k, v), 15,
+            wait_until(functools.partial(value_everywhere, c, key, value), 15,
                        f"{key} on every node")
         # Now TLS only: a plaintext dialer is refused.
         leader = c.wait_for_leader()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
-from tests.cluster.proc_net import holder, pid_alive
+from tests.cluster.proc_net import holder_of, pid_alive
 from tests.support.clusters import running_cluster
 
 pytestmark = pytest.mark.integration
@@ -39,8 +39,11 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalClu
 
 
 def workers_of(c: LocalCluster, node: NodeProc) -> list[int]:
-    return wait_until(lambda: (pids := c.worker_pids(node)) and len(pids) == WORKERS and pids,
-                      20, f"the workers of {node.node_id}")
+    def all_up() -> list[int] | None:
+        pids = c.worker_pids(node)
+        return pids if pids and len(pids) == WORKERS else None
+
+    return wait_until(all_up, 20, f"the workers of {node.node_id}")
 
 
 def send(node: NodeProc, method: str, path: str, body: object | None = None
@@ -76,8 +79,7 @@ def test_killing_the_raft_process_makes_its_workers_answer_what_they_hold_and_ex
         read = send(node, "GET", "/keys/watched")
         watch = send(node, "GET", f"/keys/watched?wait=true&index={index}&timeout=30")
         for conn in (write, read, watch):
-            wait_until(lambda conn=conn: holder(conn.sock, pids), 20,
-                       "a worker to read the request")
+            wait_until(holder_of(conn, pids), 20, "a worker to read the request")
     finally:
         os.kill(node.pid, signal.SIGKILL)
         node.proc.wait(10)
