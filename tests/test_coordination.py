@@ -129,7 +129,8 @@ def test_lock_holds_the_key_on_its_lease_and_release_deletes_it(kv: Client) -> N
         assert held.lease == lock.lease_id
         assert lock.fencing_token == held.index
         lease = lock.lease_id
-    assert not lock.held
+    still_held: bool = lock.held  # read anew: leaving the block released the lock
+    assert not still_held
     assert kv.list(LOCK_PREFIX) == []
     assert lease is not None
     with pytest.raises(LeaseNotFound):

@@ -214,7 +214,8 @@ def test_a_cluster_starts_elects_and_each_node_stops_restarts_and_pauses_by_pid(
         c.wait_for_ready(follower)
 
         assert c.terminate(follower) == 0
-        assert not follower.running
+        running: bool = follower.running  # read anew: terminate() stopped it
+        assert not running
         assert set(c.stop_all().values()) <= {0, -signal.SIGTERM}
         assert "event=node_started" in c.nodes[0].log_text()
     finally:

@@ -4,6 +4,7 @@ goes on. The test thread plays waitress's loop: it adds tasks and calls run_read
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import random
@@ -89,7 +90,8 @@ def test_a_task_runs_until_it_suspends_and_resumes_with_the_value_given() -> Non
 
     assert d.resume(handles[0], "the answer")
     d.run_ready()
-    assert task.finished and task.result == "the answer"
+    finished: bool = task.finished  # read anew: run_ready() ran the task to its end
+    assert finished and task.result == "the answer"
     assert steps == ["before", "after"]
     assert d.tasks == 0
 
@@ -192,7 +194,7 @@ def test_after_run_hooks_run_after_each_round_of_greenlets() -> None:
     events: list[str] = []
     d.after_run.append(lambda: events.append("flush"))
     for name in ("a", "b"):
-        d.add_task(Task(lambda name=name: events.append(name)))
+        d.add_task(Task(functools.partial(events.append, name)))
     d.run_ready()
     assert events == ["a", "b", "flush"]
 
@@ -387,7 +389,8 @@ def test_a_condition_wait_suspends_the_greenlet_until_notified() -> None:
     with cond:  # the loop's side: acquire never blocks
         cond.notify()
     d.run_ready()
-    assert task.finished and task.result is True
+    finished: bool = task.finished  # read anew: run_ready() ran the task to its end
+    assert finished and task.result is True
 
 
 def test_notify_wakes_one_waiter_and_notify_all_the_rest() -> None:
