@@ -80,9 +80,11 @@ def test_table_wire_round_trip_and_checks() -> None:
     assert TokenTable.from_wire(table.to_wire()) == table
     assert TokenTable.from_wire(TokenTable().to_wire()) == TokenTable()
     wire = table.to_wire()
+    tokens = wire["tokens"]
+    assert isinstance(tokens, list)
     for broken in (
         {**wire, "enabled": False},                               # tokens but auth off
-        {**wire, "tokens": [*wire["tokens"], wire["tokens"][0]]},  # repeated id
+        {**wire, "tokens": [*tokens, tokens[0]]},                 # repeated id
         {**wire, "version": -1},
         {**wire, "tokens": [["t", "superuser", [], bytes(32), 1]]},
         {**wire, "tokens": [["t", "read", ["b", "a"], bytes(32), 1]]},  # unsorted prefixes

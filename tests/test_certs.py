@@ -8,6 +8,7 @@ import socket
 import ssl
 import stat
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,8 @@ def client_context(d: Path, name: str | None, ca: Path | None = None) -> ssl.SSL
     return ctx
 
 
-def handshake(server: ssl.SSLContext, client: ssl.SSLContext,
-              server_hostname: str) -> tuple[dict[str, object], dict[str, object] | None]:
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext, server_hostname: str
+              ) -> tuple[Mapping[str, object], Mapping[str, object] | None]:
     """One TLS exchange over loopback; (the certificate each side saw of the other)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -65,6 +66,7 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext,
             tls.sendall(b"hello")
             assert tls.recv(5) == b"hello"
             peer = tls.getpeercert()
+            assert peer is not None, "the client verified the server's certificate"
     finally:
         thread.join(5)
         listener.close()
@@ -73,10 +75,12 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext,
     return peer, client_cert if isinstance(client_cert, dict) else None
 
 
-def common_name(cert: dict[str, object]) -> str:
+def common_name(cert: Mapping[str, object]) -> str:
     subject = cert["subject"]
     assert isinstance(subject, tuple)
-    return next(value for rdn in subject for key, value in rdn if key == "commonName")
+    name = next(value for rdn in subject for key, value in rdn if key == "commonName")
+    assert isinstance(name, str)
+    return name
 
 
 def test_files_and_modes(certs: Path) -> None:

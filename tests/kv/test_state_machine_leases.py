@@ -482,7 +482,8 @@ def _version1_snapshot(view: KVSnapshotView) -> bytes:
     header = msgpack.unpackb(chunks[0], raw=False)
     header["v"] = 1
     del header["leases"], header["attached"]
-    return msgpack.packb(header, use_bin_type=True) + b"".join(chunks[1:])
+    packed: bytes = msgpack.packb(header, use_bin_type=True)
+    return packed + b"".join(chunks[1:])
 
 
 def test_version_1_snapshots_are_still_read() -> None:

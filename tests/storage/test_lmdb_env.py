@@ -141,7 +141,7 @@ def test_an_eio_on_a_file_system_with_no_room_left_is_storage_full(
         return os.statvfs_result((st.f_bsize, st.f_frsize, st.f_blocks, 0, 3, st.f_files,
                                   st.f_ffree, st.f_favail, st.f_flag, st.f_namemax))
 
-    monkeypatch.setattr(lmdb_env.os, "statvfs", full)
+    monkeypatch.setattr("storage.lmdb_env.os.statvfs", full)
     error = lmdb_error(lmdb.Error, "mdb_txn_commit", errno.EIO)
     real = env.env
     env.env = CommitFails(real, error)  # type: ignore[assignment]
@@ -158,7 +158,7 @@ def test_nearly_full_means_under_a_floor_or_one_percent(
     def fs(total_blocks: int, free_blocks: int) -> None:
         result = os.statvfs_result((4096, 4096, total_blocks, free_blocks, free_blocks,
                                     0, 0, 0, 0, 255))
-        monkeypatch.setattr(lmdb_env.os, "statvfs", lambda path: result)
+        monkeypatch.setattr("storage.lmdb_env.os.statvfs", lambda path: result)
 
     fs(total_blocks=1 << 20, free_blocks=(1 << 20) // 200)  # 4 GiB, 0.5% free: 20 MiB
     assert lmdb_env.nearly_full(tmp_path)

@@ -5,6 +5,7 @@ waiting request LOST."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import tempfile
@@ -26,8 +27,8 @@ def worker() -> Iterator[Worker]:
 
 
 def test_requests_of_one_round_leave_in_one_frame(worker: Worker) -> None:
-    calls = [worker.start(lambda i=i: worker.channel.call(RequestOp.GET, 5.0, f"k{i}",
-                                                          "stale"))
+    calls = [worker.start(functools.partial(worker.channel.call, RequestOp.GET, 5.0, f"k{i}",
+                                            "stale"))
              for i in range(10)]
     requests = worker.requests_of(10)
     assert worker.raft.request_frames == 1
@@ -37,8 +38,8 @@ def test_requests_of_one_round_leave_in_one_frame(worker: Worker) -> None:
 
 
 def test_each_reply_resumes_its_own_request_whatever_the_order(worker: Worker) -> None:
-    calls = {key: worker.start(lambda key=key: worker.channel.call(RequestOp.GET, 5.0, key,
-                                                                  "stale"))
+    calls = {key: worker.start(functools.partial(worker.channel.call, RequestOp.GET, 5.0, key,
+                                                 "stale"))
              for key in ("a", "b", "c")}
     requests = {r.args[0]: r for r in worker.requests_of(3)}
 
