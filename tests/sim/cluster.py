@@ -66,7 +66,15 @@ from snapshots.memory import MemorySnapshotStore
 from snapshots.policy import SnapshotPolicy
 from storage.memory import MemoryRaftStorage
 from tests.sim.invariants import Invariants, InvariantViolation
-from tests.sim.model import DELETE, PUT, Applied, Command, RegisterMachine, encode_command
+from tests.sim.model import (
+    DELETE,
+    PUT,
+    Applied,
+    Command,
+    RegisterMachine,
+    SimMachine,
+    encode_command,
+)
 from tests.sim.profiles import Profile, profile_for_seed
 from tests.support.linearizability import Operation, Outcome, check_history, format_violation
 
@@ -284,7 +292,7 @@ class SimNode:
         self.tick_us = tick_us
         self.storage = SimStorage()
         self.snapshots = MemorySnapshotStore(retain=2)
-        self.sm = RegisterMachine()
+        self.sm: SimMachine = RegisterMachine()
         self.raft: RaftNode | None = None
         self.handler: ReadyHandler | None = None
         self.incarnation = 0
@@ -551,7 +559,7 @@ class Cluster:
     # =====================================================================================
     # Nodes: boot, tick, drive the Ready loop, crash, restart
     # =====================================================================================
-    def _new_machine(self) -> RegisterMachine:
+    def _new_machine(self) -> SimMachine:
         """The state machine a booting node starts from (tests/sim/leases.py: the KV one)."""
         return RegisterMachine()
 
@@ -968,7 +976,9 @@ class Cluster:
         if op is None:
             return  # timed out already, or a duplicated answer
         self.inv.on_read(sn.id, request_id, index, op.commit_at_invoke)
-        op.value = sn.sm.values.get(op.key)
+        sm = sn.sm
+        assert isinstance(sm, RegisterMachine), "register reads are served by registers"
+        op.value = sm.values.get(op.key)
         self._complete(op, Outcome.OK)
 
     def _on_read_failed(self, sn: SimNode, request_id: int) -> None:

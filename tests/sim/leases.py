@@ -365,7 +365,7 @@ class LeaseCluster(Cluster):
         return self._expired.get(lease)
 
     # ------------------------------------------------------------------ the driver
-    def _new_machine(self) -> LeaseMachine:  # type: ignore[override]
+    def _new_machine(self) -> LeaseMachine:
         return LeaseMachine()
 
     def _boot(self, sn: SimNode) -> None:

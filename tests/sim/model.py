@@ -12,8 +12,11 @@ import json
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
+from raftkv.core.snapshots import SnapshotDecoder
 from raftkv.core.types import Entry, EntryKind
+from raftkv.ports import StateMachine
 
 PUT = "put"
 DELETE = "delete"
@@ -45,6 +48,18 @@ class Applied:
     """What apply() returns: the op id of the command (None for no-ops and conf changes)."""
 
     op_id: int | None
+
+
+class SimMachine(StateMachine, Protocol):
+    """What the simulator needs of a node's state machine: a raftkv.ports.StateMachine with
+    the running checksum (`chain`), the whole state to compare replicas (`values`) and its
+    snapshot validator. RegisterMachine here; tests/sim/leases.LeaseMachine for the KV one."""
+
+    @property
+    def chain(self) -> int: ...
+    @property
+    def values(self) -> object: ...
+    def snapshot_decoder(self) -> SnapshotDecoder: ...
 
 
 class RegisterMachine:
