@@ -972,8 +972,8 @@ def write_results(result: RunResult, directory: Path) -> None:
     with open(directory / "history.jsonl", "w") as f:
         for r in sorted(result.records, key=lambda r: r.invoke):
             f.write(json.dumps(r.to_json(), default=repr) + "\n")
-        for item in sorted([*result.lock_holds, *result.lock_ops],
-                           key=lambda x: x.acquire_invoke if isinstance(x, LockHold)
+        lock_items: list[LockHold | GuardedOp] = [*result.lock_holds, *result.lock_ops]
+        for item in sorted(lock_items, key=lambda x: x.acquire_invoke if isinstance(x, LockHold)
                            else x.invoke):
             f.write(json.dumps(item.to_json(), default=repr) + "\n")
         for e in result.events:
