@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 typecheck: $(STAMP)
-	$(PY) -m mypy --strict raftkv storage snapshots
+	$(PY) -m mypy --strict raftkv storage snapshots tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not docker" $(PYTEST_ARGS)
