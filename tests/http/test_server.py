@@ -4,14 +4,16 @@ doubles) where it closes."""
 
 from __future__ import annotations
 
+import array
+import fcntl
 import http.client
 import os
 import select
 import socket
+import termios
 import threading
-import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -146,20 +148,52 @@ def test_close_wakes_a_threaded_loop_without_racing_it_to_close_the_trigger() ->
     thread.start()
     assert get(handle, "/") == (200, b"ok")  # the loop is running
     trigger = handle._server.trigger
-    write_pull = trigger._physical_pull
+    read_end = trigger._fds[0]
+    write_pull, read_wakeup = trigger._physical_pull, trigger.handle_read
+    pulled = threading.Event()
+    acted = threading.Event()
+    """The loop did what it does with the early pull: read it (and ran what was queued with
+    it), or it had seen the handle closing already and waits for close()'s lock."""
     trigger_closed_first: list[bool] = []
 
+    def handle_read() -> None:
+        read_wakeup()
+        if pulled.is_set() and (trigger._closed or _unread_bytes(read_end) == 0):
+            acted.set()
+
     def pull_after_a_request_thread() -> None:
+        pulled.set()
         os.write(trigger.trigger, b"x")  # a request thread's pull, just ahead of close()'s
-        deadline = time.monotonic() + 0.5  # time enough for the loop to act on it
-        while not trigger._closed and time.monotonic() < deadline:
-            time.sleep(0.005)
+        assert acted.wait(WAIT_S), "the loop did nothing with the trigger"
         trigger_closed_first.append(trigger._closed)
         write_pull()
 
+    trigger.handle_read = handle_read
     trigger._physical_pull = pull_after_a_request_thread
+    handle._lock = cast(Any, _NotingLock(handle._lock, thread, acted))
     handle.close()
     thread.join(WAIT_S)
     assert not thread.is_alive(), "the server loop did not stop"
     assert trigger_closed_first == [False]
     assert trigger._closed  # and the loop did close it, after close() had written
+
+
+class _NotingLock:
+    """A lock that sets `event` when `thread` comes to take it."""
+
+    def __init__(self, lock: Any, thread: threading.Thread, event: threading.Event) -> None:
+        self._lock, self._thread, self._event = lock, thread, event
+
+    def __enter__(self) -> bool:
+        if threading.current_thread() is self._thread:
+            self._event.set()
+        return bool(self._lock.__enter__())
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__(*exc)
+
+
+def _unread_bytes(fd: int) -> int:
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return buf[0]
