@@ -58,7 +58,8 @@ __all__ = [
 ]
 
 ETCD_INSTALL_HINT: Final = ("etcd is not installed: run `apt-get install etcd-server` "
-                            "(Debian bookworm ships etcd 3.4) and try again")
+                            "(Debian bookworm ships etcd 3.4; `make bench` does it as root) "
+                            "and try again")
 _START_TIMEOUT_S: Final = 60.0
 _LEADER_TIMEOUT_S: Final = 30.0
 _CONTROL_TIMEOUT_S: Final = 10.0

@@ -23,7 +23,7 @@ It writes to benchmarks/results/profile-<time>/ (or --out):
                                                      time it held the GIL, its top functions
                                                      by self and by cumulative samples
 
-Needs py-spy (`pip install py-spy`, in the bench extra) and the right to ptrace the nodes
+Needs py-spy (`pip install py-spy`, in the dev and bench extras) and the right to ptrace the nodes
 (root, or kernel.yama.ptrace_scope = 0).
 """
 
