@@ -79,9 +79,7 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-# An etcd comparison installs Debian's etcd-server with apt first if etcd is missing (root).
 bench: $(BENCH_STAMP)
-	$(if $(findstring etcd,$(ARGS)),bash scripts/ensure-etcd.sh)
 	$(PY) -m benchmarks.write_throughput $(ARGS)
 
 bench-storage: $(STAMP)

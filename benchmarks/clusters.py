@@ -54,12 +54,14 @@ __all__ = [
     "Target",
     "WorkerCounts",
     "etcd_binary",
+    "install_etcd",
     "parse_endpoints",
 ]
 
 ETCD_INSTALL_HINT: Final = ("etcd is not installed: run `apt-get install etcd-server` "
-                            "(Debian bookworm ships etcd 3.4; `make bench` does it as root) "
+                            "(Debian bookworm ships etcd 3.4; as root the benchmark does it) "
                             "and try again")
+APT_INSTALL: Final = Path(__file__).resolve().parents[1] / "scripts" / "apt-install.sh"
 _START_TIMEOUT_S: Final = 60.0
 _LEADER_TIMEOUT_S: Final = 30.0
 _CONTROL_TIMEOUT_S: Final = 10.0
@@ -438,6 +440,15 @@ class RaftkvCluster:
 # --------------------------------------------------------------------------- etcd
 def etcd_binary() -> str | None:
     return shutil.which("etcd")
+
+
+def install_etcd() -> str | None:
+    """Where no etcd is on PATH and this is root with apt: install Debian's etcd-server
+    (scripts/apt-install.sh, which says so and starts no system etcd). The etcd binary, or
+    None (not root, no apt, or the install failed: its output says why)."""
+    if etcd_binary() is None and os.geteuid() == 0 and shutil.which("apt-get") is not None:
+        subprocess.run(["bash", str(APT_INSTALL), "etcd-server"], check=False)
+    return etcd_binary()
 
 
 def _b64(text: str) -> str:

@@ -63,7 +63,7 @@ from benchmarks.clusters import (
     EtcdCluster,
     RaftkvCluster,
     Target,
-    etcd_binary,
+    install_etcd,
     parse_endpoints,
 )
 from benchmarks.loadgen import (
@@ -646,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_endpoints(args.etcd_urls)
     except ValueError as e:
         parser.error(str(e))
-    if args.compare == "etcd" and not args.etcd_urls and etcd_binary() is None:
+    if args.compare == "etcd" and not args.etcd_urls and install_etcd() is None:
         print(f"write_throughput: {ETCD_INSTALL_HINT}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     signal.signal(signal.SIGTERM, _raise_on_sigterm)

@@ -11,8 +11,7 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "setup_firewall: not root or no apt-get: partition faults will be skipped"
   exit 0
 fi
-export DEBIAN_FRONTEND=noninteractive
-if apt-get update -qq && apt-get install -y -qq --no-install-recommends nftables iptables; then
+if bash "$(dirname "$0")/../../scripts/apt-install.sh" nftables iptables; then
   echo "setup_firewall: installed nftables and iptables"
 else
   echo "setup_firewall: apt-get failed: partition faults will be skipped"
