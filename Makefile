@@ -26,7 +26,7 @@ help:
 	@echo "make test-docker   build the image and run the docker-compose test"
 	@echo "make docker-host   (root) install and start a Docker engine if need be; print the base image"
 	@echo "make bench [ARGS='--compare etcd']   write throughput of a fresh local cluster (JSON + PNG in benchmarks/results/)"
-	@echo "make bench-storage   synced appends/s and snapshot save/load times"
+	@echo "make bench-storage   synced appends/s, commits at once (1 and 3 processes), snapshot save/load times"
 	@echo "make profile [ARGS='--point put/leader/c16 --seconds 20']   py-spy of every process of a leader and a follower under load"
 	@echo "make faults SECONDS=300 SEED=n [NODES=5 MIX=all|kills|partitions|pauses|restarts WORKLOAD=register|locks SECURE=1]   a long fault-injection run (SECURE=1: peer TLS + auth)"
 

@@ -1,21 +1,35 @@
-"""Storage benchmarks: synced appends per second through LmdbRaftStorage.
+"""Storage benchmarks: synced appends per second through LmdbRaftStorage, and what a commit
+costs when several processes commit on the same disk at once.
 
-    python -m benchmarks.bench_storage [--repetitions N] [--dir PATH]
+    python -m benchmarks.bench_storage [--repetitions N] [--dir PATH] [--at-once 1,3]
 
 Each repetition appends to a fresh store in a temporary directory under --dir (fsync cost
 depends on the file system there: a tmpfs makes it look free). Figures are medians over the
 repetitions. Add another section by writing a `run_..._benchmarks(args) -> str` function and
 calling it from `main()`.
+
+Commits at once: a local cluster's nodes share one disk, and at one client connection every
+node commits one entry at about the same moment. `--at-once 1,3` times, in 1 and in 3
+processes started together (each on files of its own), three things per operation: one page
+overwritten and `fdatasync`ed (the disk's floor for one flush); that, then a second page
+written through an `O_DSYNC` descriptor (two ordered flushes, as an LMDB commit makes them:
+its pages, then its meta page); and `LmdbRaftStorage.save` of one 100-byte entry with the hard
+state (what a node's commit does at one connection).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import queue
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 from raftkv.core.types import Entry, HardState
@@ -105,6 +119,140 @@ def run_append_benchmarks(args: argparse.Namespace, root: Path) -> str:
     return format_table(title, header, rows)
 
 
+# ------------------------------------------------------------------------- commits at once
+PAGE = 4096
+AT_ONCE_OPS = ("fdatasync", "two flushes", "save")
+"""The operations `--at-once` times (module doc)."""
+
+
+def _flush_op(path: Path, flushes: int) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """An operation writing one page and flushing it (`flushes` 1), then one more page
+    through an O_DSYNC descriptor (2); and its clean-up."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    meta = os.open(path, os.O_RDWR | os.O_DSYNC)
+    os.pwrite(fd, b"\0" * (PAGE * 9), 0)  # the pages exist: overwrites, as LMDB's mostly are
+    os.fsync(fd)
+    page = b"x" * PAGE
+
+    def op(i: int) -> None:
+        os.pwrite(fd, page, PAGE * (1 + i % 8))
+        os.fdatasync(fd)
+        if flushes == 2:
+            os.pwrite(meta, page, 0)
+
+    def close() -> None:
+        os.close(meta)
+        os.close(fd)
+
+    return op, close
+
+
+def _save_op(path: Path) -> tuple[Callable[[int], None], Callable[[], None]]:
+    store = LmdbRaftStorage(path)
+    payload = b"x" * ENTRY_BYTES
+
+    def op(i: int) -> None:
+        store.save(HardState(1, "n1", i), [Entry(i + 1, 1, data=payload)])
+
+    return op, store.close
+
+
+def time_op_at_once(op_name: str, directory: Path, operations: int, start: Barrier,
+                    out: Queue[list[float]]) -> None:
+    """In one of the processes started together: `operations` times `op_name` on files of
+    this process's own under `directory`, the seconds of each put on `out`."""
+    if op_name == "save":
+        op, close = _save_op(directory)
+    else:
+        op, close = _flush_op(directory / "pages", AT_ONCE_OPS.index(op_name) + 1)
+    try:
+        op(0)  # warm: the store's first commit also creates its databases
+        start.wait()
+        durations = []
+        for i in range(1, operations + 1):
+            started = time.perf_counter()
+            op(i)
+            durations.append(time.perf_counter() - started)
+    finally:
+        close()
+    out.put(durations)
+
+
+@dataclass(frozen=True, slots=True)
+class AtOnceResult:
+    op: str
+    processes: int
+    p50_us: float
+    p99_us: float
+    mean_us: float
+
+
+def bench_at_once(root: Path, op_name: str, processes: int, operations: int,
+                  repetitions: int) -> AtOnceResult:
+    """`processes` processes time `op_name` together, `repetitions` times; the latency
+    figures pool every operation of every process."""
+    ctx = multiprocessing.get_context("fork")
+    durations: list[float] = []
+    for rep in range(repetitions):
+        start = ctx.Barrier(processes)
+        out: Queue[list[float]] = ctx.Queue()
+        procs = []
+        for i in range(processes):
+            directory = root / f"at-once-{op_name.replace(' ', '-')}-{processes}-{rep}-{i}"
+            directory.mkdir(parents=True)
+            procs.append(ctx.Process(target=time_op_at_once,
+                                     args=(op_name, directory, operations, start, out)))
+        for p in procs:
+            p.start()
+        try:
+            got = 0
+            while got < processes:
+                try:
+                    durations.extend(out.get(timeout=0.5))
+                    got += 1
+                except queue.Empty:
+                    failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if failed:  # the others wait at the barrier for it: stop them
+                        for p in procs:
+                            if p.exitcode is None:
+                                p.kill()
+                        raise RuntimeError(f"{op_name} at once: a timing process failed "
+                                           f"(exit codes {failed})") from None
+        finally:
+            for p in procs:
+                if p.exitcode is None:
+                    p.join(timeout=10)
+                if p.exitcode is None:
+                    p.kill()
+                    p.join()
+    durations.sort()
+    return AtOnceResult(op_name, processes, 1e6 * durations[len(durations) // 2],
+                        1e6 * durations[min(len(durations) - 1, int(len(durations) * 0.99))],
+                        1e6 * statistics.fmean(durations))
+
+
+def run_at_once_benchmarks(args: argparse.Namespace, root: Path) -> str:
+    results = [bench_at_once(root, op, n, args.at_once_ops, args.repetitions)
+               for op in AT_ONCE_OPS for n in args.at_once]
+    rows = [[r.op, str(r.processes), f"{r.p50_us:,.0f}", f"{r.p99_us:,.0f}",
+             f"{r.mean_us:,.0f}"] for r in results]
+    title = (f"commits at once: {args.at_once_ops} operations per process, processes started "
+             f"together ({args.repetitions} repetitions; 'save': one {ENTRY_BYTES}-byte entry "
+             f"+ hard state)")
+    return format_table(title, ["operation", "processes", "p50 us", "p99 us", "mean us"],
+                        rows)
+
+
+def _process_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of process counts: {text!r}") from None
+    if any(n < 1 or n > 64 for n in counts):
+        raise argparse.ArgumentTypeError(f"process counts are 1..64: {text!r}")
+    return counts
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--repetitions", type=int, default=5, help="runs per figure (median)")
@@ -113,7 +261,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--snapshot-keys", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--snapshot-repeats", type=int, default=3)
     parser.add_argument("--no-snapshots", action="store_true", help="appends only")
-    return parser.parse_args(argv)
+    parser.add_argument("--at-once", type=_process_counts, default=[1, 3],
+                        help="process counts for the commits-at-once section, e.g. 1,3 "
+                             "(empty: skip it)")
+    parser.add_argument("--at-once-ops", type=int, default=500,
+                        help="operations per process in the commits-at-once section")
+    args = parser.parse_args(argv)
+    if args.at_once_ops < 1:
+        parser.error("--at-once-ops must be at least 1")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         print(f"data dir: {root}")
         print(run_append_benchmarks(args, root))
+        if args.at_once:
+            print()
+            print(run_at_once_benchmarks(args, root))
         if not args.no_snapshots:
             from benchmarks import snapshot_bench
 
