@@ -28,7 +28,7 @@ help:
 	@echo "make bench [ARGS='--compare etcd']   write throughput of a fresh local cluster (JSON + PNG in benchmarks/results/)"
 	@echo "make bench-storage   synced appends/s, commits at once (1 and 3 processes), snapshot save/load times"
 	@echo "make profile [ARGS='--point put/leader/c16 --seconds 20']   py-spy of every process of a leader and a follower under load"
-	@echo "make faults SECONDS=300 SEED=n [NODES=5 MIX=all|kills|partitions|pauses|restarts WORKLOAD=register|locks SECURE=1]   a long fault-injection run (SECURE=1: peer TLS + auth)"
+	@echo "make faults SECONDS=300 SEED=n [NODES=5 MIX=all|kills|partitions|pauses|restarts WORKLOAD=register|locks SECURE=1]   a long fault-injection run (SECURE=1: peer TLS + auth; as root it apt-installs nftables/iptables for the partitions)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -96,7 +96,10 @@ MIX     ?= all
 WORKLOAD ?= register
 SECURE  ?=
 
+# The partition faults need nftables or iptables: as root with apt, the setup script installs
+# them (no service started); otherwise it says why the run will skip those faults.
 faults: $(STAMP)
+	@bash tests/faults/setup_firewall.sh
 	$(PY) -m tests.faults.run --seconds $(SECONDS) --seed $(SEED) --nodes $(NODES) --mix $(MIX) \
 	  --workload $(WORKLOAD) $(if $(filter 1,$(SECURE)),--secure) \
 	  --results results/faults/$(WORKLOAD)$(if $(filter 1,$(SECURE)),-secure)-seed-$(SEED)

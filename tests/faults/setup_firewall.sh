@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the firewall tools that the partition faults of tests/faults need (nftables, with
-# iptables as the fallback). CI calls it before the tests; it never fails the build: without
-# the tools (not root, no apt) the partition faults are skipped with the reason printed.
+# iptables as the fallback). CI calls it before the tests and `make faults` before a run; it
+# never fails either: without the tools (not root, no apt) the partition faults are skipped
+# with the reason printed.
 set -uo pipefail
 if command -v nft >/dev/null 2>&1 && command -v iptables >/dev/null 2>&1; then
   echo "setup_firewall: nft and iptables present"
