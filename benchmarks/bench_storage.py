@@ -53,6 +53,11 @@ class AppendResult:
     p99_save_ms: float
 
 
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    """The value at `fraction` (0.5: the median) of `ordered`, which is sorted."""
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
 def saves_for(batch_entries: int) -> int:
     wanted = ENTRIES_PER_REPETITION // batch_entries
     return max(MIN_SAVES_PER_REPETITION, min(MAX_SAVES_PER_REPETITION, wanted))
@@ -92,9 +97,8 @@ def bench_synced_appends(root: Path, batch_entries: int, repetitions: int) -> Ap
         saves_per_s=saves_per_s,
         entries_per_s=entries_per_s,
         mb_per_s=entries_per_s * ENTRY_BYTES / 1e6,
-        p50_save_ms=1e3 * all_durations[len(all_durations) // 2],
-        p99_save_ms=1e3 * all_durations[min(len(all_durations) - 1,
-                                            int(len(all_durations) * 0.99))],
+        p50_save_ms=1e3 * percentile(all_durations, 0.5),
+        p99_save_ms=1e3 * percentile(all_durations, 0.99),
     )
 
 
@@ -121,11 +125,11 @@ def run_append_benchmarks(args: argparse.Namespace, root: Path) -> str:
 
 # ------------------------------------------------------------------------- commits at once
 PAGE = 4096
-AT_ONCE_OPS = ("fdatasync", "two flushes", "save")
-"""The operations `--at-once` times (module doc)."""
+Operation = tuple[Callable[[int], None], Callable[[], None]]
+"""One timed operation (called with its sequence number) and its clean-up."""
 
 
-def _flush_op(path: Path, flushes: int) -> tuple[Callable[[int], None], Callable[[], None]]:
+def _flush_op(path: Path, flushes: int) -> Operation:
     """An operation writing one page and flushing it (`flushes` 1), then one more page
     through an O_DSYNC descriptor (2); and its clean-up."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -147,7 +151,7 @@ def _flush_op(path: Path, flushes: int) -> tuple[Callable[[int], None], Callable
     return op, close
 
 
-def _save_op(path: Path) -> tuple[Callable[[int], None], Callable[[], None]]:
+def _save_op(path: Path) -> Operation:
     store = LmdbRaftStorage(path)
     payload = b"x" * ENTRY_BYTES
 
@@ -157,14 +161,19 @@ def _save_op(path: Path) -> tuple[Callable[[int], None], Callable[[], None]]:
     return op, store.close
 
 
+AT_ONCE_OPS: dict[str, Callable[[Path], Operation]] = {
+    "fdatasync": lambda directory: _flush_op(directory / "pages", flushes=1),
+    "two flushes": lambda directory: _flush_op(directory / "pages", flushes=2),
+    "save": _save_op,
+}
+"""The operations `--at-once` times (module doc), in the order of its table."""
+
+
 def time_op_at_once(op_name: str, directory: Path, operations: int, start: Barrier,
                     out: Queue[list[float]]) -> None:
     """In one of the processes started together: `operations` times `op_name` on files of
     this process's own under `directory`, the seconds of each put on `out`."""
-    if op_name == "save":
-        op, close = _save_op(directory)
-    else:
-        op, close = _flush_op(directory / "pages", AT_ONCE_OPS.index(op_name) + 1)
+    op, close = AT_ONCE_OPS[op_name](directory)
     try:
         op(0)  # warm: the store's first commit also creates its databases
         start.wait()
@@ -226,9 +235,8 @@ def bench_at_once(root: Path, op_name: str, processes: int, operations: int,
                     p.kill()
                     p.join()
     durations.sort()
-    return AtOnceResult(op_name, processes, 1e6 * durations[len(durations) // 2],
-                        1e6 * durations[min(len(durations) - 1, int(len(durations) * 0.99))],
-                        1e6 * statistics.fmean(durations))
+    return AtOnceResult(op_name, processes, 1e6 * percentile(durations, 0.5),
+                        1e6 * percentile(durations, 0.99), 1e6 * statistics.fmean(durations))
 
 
 def run_at_once_benchmarks(args: argparse.Namespace, root: Path) -> str:

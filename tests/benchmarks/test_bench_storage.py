@@ -6,14 +6,19 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-from collections.abc import Callable
 from multiprocessing.queues import Queue
 from pathlib import Path
 
 import pytest
 
 from benchmarks import bench_storage
-from benchmarks.bench_storage import PAGE, bench_at_once, parse_args, time_op_at_once
+from benchmarks.bench_storage import (
+    PAGE,
+    Operation,
+    bench_at_once,
+    parse_args,
+    time_op_at_once,
+)
 from storage.lmdb_store import LmdbRaftStorage
 
 
@@ -45,7 +50,8 @@ def test_flush_operations_overwrite_pages(tmp_path: Path, op_name: str,
     assert data[:PAGE] == (b"x" * PAGE if meta_written else b"\0" * PAGE)
 
 
-def test_processes_start_together_and_their_figures_are_pooled(tmp_path: Path) -> None:
+def test_each_process_has_a_store_of_its_own_and_their_figures_are_pooled(
+        tmp_path: Path) -> None:
     result = bench_at_once(tmp_path, "save", processes=3, operations=4, repetitions=2)
     assert (result.op, result.processes) == ("save", 3)
     assert 0 < result.p50_us <= result.p99_us
@@ -62,12 +68,12 @@ def test_a_failing_process_fails_the_figure(tmp_path: Path,
     real = bench_storage._save_op
     parent = os.getpid()
 
-    def second_fails(path: Path) -> tuple[Callable[[int], None], Callable[[], None]]:
+    def second_fails(path: Path) -> Operation:
         if os.getpid() != parent and path.name.endswith("-1"):
             raise OSError("disk gone")
         return real(path)
 
-    monkeypatch.setattr(bench_storage, "_save_op", second_fails)
+    monkeypatch.setitem(bench_storage.AT_ONCE_OPS, "save", second_fails)
     with pytest.raises(RuntimeError, match="a timing process failed"):
         bench_at_once(tmp_path, "save", processes=2, operations=3, repetitions=1)
 
