@@ -43,7 +43,7 @@ from raftkv.core import (
     TimeoutNow,
 )
 from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
-from tests.support.clusters import running_cluster
+from tests.support.clusters import STEADY_LEADER, running_cluster
 from tests.support.peers import dial_as, send_raft
 
 pytestmark = pytest.mark.integration
@@ -167,11 +167,13 @@ def test_a_forged_timeout_now_moves_no_leadership(cluster: LocalCluster) -> None
 
 
 def test_an_append_with_a_gap_or_a_borrowed_name_is_dropped_and_the_node_keeps_running(
-        cluster: LocalCluster) -> None:
+        steady_cluster: LocalCluster) -> None:
     """Before: one AppendEntries with a gap, from a token holder claiming another node's id,
     stopped the node ("append at 1012 leaves a gap after 12"). Now a message must come from
     the peer that authenticated the connection, and an append must be contiguous: both are
-    dropped with a log line, and the node keeps serving."""
+    dropped with a log line, and the node keeps serving (and no election follows: hence the
+    cluster of its own with slower elections, see STEADY_LEADER)."""
+    cluster = steady_cluster
     index = cluster.put("before", 1)
     leader_id, term = _leader_and_term(cluster)
     target = next(n for n in cluster.nodes if n.node_id != leader_id)
@@ -272,8 +274,10 @@ def test_the_quota_raises_a_cluster_wide_alarm_until_space_is_freed_and_it_is_di
     Now: a write that would pass RAFTKV_QUOTA_BYTES raises the NOSPACE alarm through the log;
     every node refuses puts with 507 while reads and deletes go on, the leader stays; once
     keys are deleted and the alarm disarmed, writes work again."""
+    # Elections after 1-2 s (STEADY_LEADER): the claim is that the alarm causes no election,
+    # and a leader starved by a loaded machine under FAST_TIMING would let one happen.
     with running_cluster(tmp_path, request=request,
-                         env={"RAFTKV_QUOTA_BYTES": "1M"}) as c:
+                         env={**STEADY_LEADER, "RAFTKV_QUOTA_BYTES": "1M"}) as c:
         leader_id, term = _leader_and_term(c)
         leader = c.node(leader_id)
         value = "v" * 20_000

@@ -70,9 +70,11 @@ def test_dead_node_is_removed_and_replaced_while_writes_continue(cluster: LocalC
         assert code == 200 and body["value"] == value
 
 
-def test_removed_node_cannot_disrupt_the_cluster(cluster: LocalCluster) -> None:
+def test_removed_node_cannot_disrupt_the_cluster(steady_cluster: LocalCluster) -> None:
+    cluster = steady_cluster
     leader = cluster.wait_for_leader()
     victim = next(n for n in cluster.nodes if n is not leader)
+    campaigns = victim.log_text().count("event=became_pre_candidate")
     code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{victim.node_id}",
                               timeout_s=10)
     assert code == 200, body
@@ -81,6 +83,10 @@ def test_removed_node_cannot_disrupt_the_cluster(cluster: LocalCluster) -> None:
     # others must ignore it (pre-vote + leader lease), so the leader and term stay.
     for i in range(30):
         cluster.put(f"x{i}", i)
+    # It campaigns once its election timeout runs out (the leader stops sending to it as it
+    # appends the removal, which never reaches it): wait for that, elections being slow here.
+    wait_until(lambda: victim.log_text().count("event=became_pre_candidate") > campaigns, 20,
+               "the removed node to campaign")
     wait_until(lambda: cluster.status(victim)["role"] in ("follower", "pre_candidate",
                                                           "candidate"), 5, "victim alive")
     assert cluster.leader([n for n in cluster.nodes if n is not victim]) is leader

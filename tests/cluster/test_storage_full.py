@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json, wait_until
+from tests.support.clusters import STEADY_LEADER
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +96,10 @@ def _disarm_and_write(c: LocalCluster) -> None:
 @contextlib.contextmanager
 def _cluster(tmp_path: Path, request: pytest.FixtureRequest, env: dict[str, str],
              before_start: object = None) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path, 3, env={**FAST_TIMING, **env})
+    # Elections after 1-2 s (STEADY_LEADER): both tests claim that, once the alarm is raised,
+    # the leader and term stay; a leader starved by a loaded machine under FAST_TIMING would
+    # let the followers elect, which is not that.
+    c = LocalCluster(tmp_path, 3, env={**FAST_TIMING, **STEADY_LEADER, **env})
     try:
         if callable(before_start):
             before_start(c)

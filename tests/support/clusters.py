@@ -6,10 +6,19 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Final
 
 import pytest
 
 from raftkv.localcluster import FAST_TIMING, LocalCluster
+
+STEADY_LEADER: Final[Mapping[str, str]] = {"RAFTKV_ELECTION_TICKS": "50"}
+"""Elections after 1-2 s (50 ticks of FAST_TIMING's 20 ms) instead of 200-400 ms: for a test
+that asserts the leader and term stay. Its claim is that the action under test causes no
+election; on a loaded machine a leader can be starved for a few hundred ms (its fsync runs on
+its event loop's thread), and the followers then elect legitimately, which is not that. Only
+those tests' clusters get it: tests that kill a leader and wait for the next keep quick
+elections."""
 
 
 @contextmanager
