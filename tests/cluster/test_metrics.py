@@ -50,9 +50,11 @@ def test_metrics_move_with_writes_and_leader_changes(tmp_path: Path) -> None:
     c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
     c.start_all()
     try:
-        leader = c.wait_for_leader()
         for n in c.nodes:
             c.wait_for_ready(n)
+        # The leader once every node is ready (one that led before may have lost an election
+        # meanwhile).
+        leader = c.wait_for_leader()
         before = scrape(leader.http)
         assert before['raftkv_role{role="leader"}'] == 1.0
         for i in range(20):
