@@ -25,8 +25,8 @@ from raftkv.localcluster import (
     FAST_TIMING,
     LocalCluster,
     NodeProc,
-    free_port,
     http_json,
+    reserve_port,
     wait_until,
 )
 from tests.cluster.proc_net import holder_of, pid_alive
@@ -240,13 +240,18 @@ def test_status_lists_each_worker_and_metrics_count_each_workers_requests(
 def test_a_node_serves_with_one_http_worker(tmp_path: Path) -> None:
     """`raftkv serve --http-workers 1`: writes, reads and a watch waiting meanwhile, all on
     one worker process."""
-    http_port, raft_port = free_port(), free_port()
+    # Both ports stay bound here until the node starts (as LocalCluster does): two distinct
+    # ports, which nothing this process allocates meanwhile can be handed.
+    reserved = [reserve_port(), reserve_port()]
+    http_port, raft_port = (int(sock.getsockname()[1]) for sock in reserved)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTKV_")}
     env.update(FAST_TIMING)
     env.update({"RAFTKV_ID": "n1", "RAFTKV_DATA_DIR": str(tmp_path / "n1"),
                 "RAFTKV_PEERS": f"n1=127.0.0.1:{raft_port}",
                 "RAFTKV_CLUSTER_TOKEN": secrets.token_hex(16)})
     log = (tmp_path / "n1.log").open("wb")
+    for sock in reserved:
+        sock.close()  # the last moment: the node binds them next
     proc = subprocess.Popen(
         [sys.executable, "-m", "raftkv", "serve", "--http-workers", "1",
          "--http-addr", f"127.0.0.1:{http_port}", "--raft-addr", f"127.0.0.1:{raft_port}"],
