@@ -57,9 +57,12 @@ def test_a_timer_does_not_run_before_its_time(loop: EventLoop) -> None:
 
 def test_a_cancelled_timer_never_runs(loop: EventLoop) -> None:
     ran: list[str] = []
-    timer = loop.call_later(0.01, lambda: ran.append("cancelled"))
-    loop.call_later(0.005, timer.cancel)
-    loop.call_later(0.03, loop.stop)
+    # Every deadline from one `now` (call_later would read the clock at each call: a stall
+    # between two calls could put the cancelling timer after the one it cancels).
+    now = time.monotonic()
+    timer = loop.call_at(now + 0.01, lambda: ran.append("cancelled"))
+    loop.call_at(now + 0.005, timer.cancel)
+    loop.call_at(now + 0.03, loop.stop)
 
     loop.run()
 
