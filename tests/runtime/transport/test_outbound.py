@@ -214,7 +214,10 @@ def test_a_peer_that_never_came_up_is_a_warning_only_after_the_quiet_period(
         fake_listener: Callable[[Script], FakeListener]) -> None:
     """Peers still starting are not news: the first failures are DEBUG; one WARNING comes
     once QUIET_UNREACHABLE_S has passed since the peer was added, and none after it."""
-    quiet_s = 0.6
+    # The first failure (a connect, an accept and a hang-up away) must come within quiet_s
+    # of the peer being added, or it is rightly late: a WARNING. Wide enough for a loaded
+    # machine; every check below is relative to it.
+    quiet_s = 2.0
     monkeypatch.setattr(outbound, "QUIET_UNREACHABLE_S", quiet_s)
     monkeypatch.setattr(transport_package, "QUIET_UNREACHABLE_S", quiet_s)
     not_up_yet = fake_listener(lambda _conn, _over: None)  # accepts, then hangs up
@@ -267,22 +270,69 @@ class SlowResolver:
         return self.real(host, port, *args, **kwargs)  # type: ignore[arg-type]
 
 
+RESOLVER_BACKSTOP_S = 60.0
+"""How long a GatedResolver holds an answer the test never releases (a backstop: the fixture
+releases it at teardown; above the loop calls' own timeout, so that a loop stuck in the
+resolver fails the test's call first)."""
+
+
+class GatedResolver:
+    """socket.getaddrinfo, with names under `.test` answered only once the test sets `release`
+    (a resolver that takes as long as the test wants, and no longer). `asked` is set when a
+    name is looked up, `asked_from` names the threads that looked one up."""
+
+    def __init__(self, addresses: dict[str, str]) -> None:
+        self.addresses = addresses
+        self.real = socket.getaddrinfo
+        self.asked = threading.Event()
+        self.asked_from: list[str] = []
+        self.release = threading.Event()
+
+    def __call__(self, host: str, port: object, *args: object, **kwargs: object) -> Any:
+        numeric_only = int(kwargs.get("flags", 0)) & socket.AI_NUMERICHOST  # type: ignore[call-overload]
+        if isinstance(host, str) and host.endswith(".test") and not numeric_only:
+            self.asked_from.append(threading.current_thread().name)
+            self.asked.set()
+            if not self.release.wait(RESOLVER_BACKSTOP_S):
+                raise socket.gaierror(socket.EAI_AGAIN, "the test never released the answer")
+            if host not in self.addresses:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            host = self.addresses[host]
+        return self.real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def gated_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedResolver]:
+    """socket.getaddrinfo replaced by a GatedResolver (without names of its own: the test
+    adds them); released at teardown, so that no resolution outlives the test."""
+    resolver = GatedResolver({})
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    yield resolver
+    resolver.release.set()
+
+
 def test_resolving_a_peer_name_never_blocks_the_loop(
-        make_node: MakeNode, logs: LogWatcher, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_node: MakeNode, logs: LogWatcher, gated_resolver: GatedResolver) -> None:
     """Regression: the link resolved a peer's host name with a blocking getaddrinfo on the
     event loop at every (re)dial; a resolver that takes seconds (an unreachable DNS server:
     5 s per try) stalled the whole Raft process, heartbeats included. Peers are host names
-    in the compose deployment (n2:5001)."""
-    resolver = SlowResolver(1.0, {})
-    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    in the compose deployment (n2:5001).
+
+    The resolver here answers only when the test releases it: while it holds the answer, the
+    loop must go on running calls (a loop stuck in the resolver would not, and the call
+    would time out); no bound on how long anything takes."""
     a = make_node("a")
     a.lt.loop.call_soon_threadsafe(lambda: a.transport.set_peers({"b": "nowhere.test:5001"}))
-    assert resolver.asked.wait(WAIT_S)
+    assert gated_resolver.asked.wait(WAIT_S)
 
-    started = time.monotonic()
+    # Calls on the loop return while the resolver holds its answer (a loop blocked in the
+    # resolver would leave them to time out).
     assert a.send("b", b"queued meanwhile")
-    assert time.monotonic() - started < 0.5, "the loop answered while the name resolved"
+    assert a.reachable() == {"b": False}
+    assert not gated_resolver.release.is_set()  # the answer was held all along
+    assert set(gated_resolver.asked_from) == {"resolve-b"}, "not resolved off the loop"
 
+    gated_resolver.release.set()
     logs.wait_for("event=peer_unreachable", "node=a", "peer=b", "nowhere.test")
 
 
@@ -298,17 +348,53 @@ def test_a_peer_given_by_host_name_is_reached(
 
 
 def test_a_link_removed_while_its_peers_name_resolves_never_connects(
-        make_node: MakeNode, logs: LogWatcher, monkeypatch: pytest.MonkeyPatch) -> None:
-    resolver = SlowResolver(0.3, {"b.test": "127.0.0.1"})
-    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+        make_node: MakeNode, logs: LogWatcher, monkeypatch: pytest.MonkeyPatch,
+        gated_resolver: GatedResolver) -> None:
+    """The answer for a link that was removed meanwhile is dropped: no socket is opened. The
+    resolver holds its answer until the link is gone; then the test waits for the loop to
+    have handled that answer (`_resolved` returned) and checks that the link never began to
+    connect (`_connect`, where a dial opens its socket, synchronously from `_resolved`)."""
+    connects: list[tuple[str, str]] = []
+    """(node, peer) of every link that began to connect."""
+    asked: list[str] = []
+    """Peers whose links asked the resolver (on the loop)."""
+    answered: list[str] = []
+    """Peers whose links handled a resolver's answer (appended once `_resolved` returned)."""
+    real_connect = outbound.OutboundLink._connect
+    real_resolve = outbound.OutboundLink._resolve
+    real_resolved = outbound.OutboundLink._resolved
+
+    def connect(link: outbound.OutboundLink, *args: Any) -> None:
+        connects.append((link._owner.node_id, link.peer_id))
+        real_connect(link, *args)
+
+    def resolve(link: outbound.OutboundLink, *args: Any) -> None:
+        asked.append(link.peer_id)
+        real_resolve(link, *args)
+
+    def resolved(link: outbound.OutboundLink, *args: Any) -> None:
+        real_resolved(link, *args)
+        answered.append(link.peer_id)
+
+    monkeypatch.setattr(outbound.OutboundLink, "_connect", connect)
+    monkeypatch.setattr(outbound.OutboundLink, "_resolve", resolve)
+    monkeypatch.setattr(outbound.OutboundLink, "_resolved", resolved)
+    gated_resolver.addresses["b.test"] = "127.0.0.1"
     a, b = make_node("a"), make_node("b")
     b.set_peers({"a": a.address})
+    assert ("b", "a") in connects  # the spy sees a dial (b dials a by its IP address)
     a.set_peers({"b": f"b.test:{b.port}"})
-    assert resolver.asked.wait(WAIT_S)
+    assert gated_resolver.asked.wait(WAIT_S)
     a.set_peers({})
+    # Final now: a removed link asks no more. (More than one if the test thread came late:
+    # the resolution's own deadline ended the first one, and the link asked again.)
+    resolutions = len(asked)
+    assert resolutions >= 1
+    gated_resolver.release.set()
 
-    wait_until(lambda: not [t for t in threading.enumerate() if t.name == "resolve-b"], WAIT_S,
-               "the resolution to end")
-    a.call(lambda t: None)  # the loop has handled the late answer (posted before this)
+    wait_until(lambda: len(answered) >= resolutions, WAIT_S,
+               "the loop to handle the resolver's late answers")
+    assert answered == ["b"] * resolutions
+    assert ("a", "b") not in connects, "the removed link connected"
     assert a.reachable() == {}
     assert logs.lines("event=inbound_connected", "node=b") == []
