@@ -9,6 +9,8 @@ import os
 import socket
 import time
 
+import pytest
+
 from raftkv.localcluster import wait_until
 from raftkv.runtime.transport import PeerTransport
 from tests.runtime.transport.harness import (
@@ -193,24 +195,51 @@ def test_a_peer_that_moved_is_dialed_at_its_new_address(
 
 
 def test_set_peers_removing_a_peer_stops_its_link_and_drops_its_inbound_connection(
-        make_node: MakeNode, logs: LogWatcher) -> None:
+        make_node: MakeNode, logs: LogWatcher, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = make_node("a"), make_node("b")
     mesh(a, b)
     a.states.wait_for("b", True)
     b_up = b.states.wait_for("a", True)
     assert b.send("a", b"before")
     a.inbox.wait_for_count(1)
+    # a's refusals of b as a node it does not know, each one (the log has one per 10 s).
+    refusals_of_b: list[str] = []
+    refused = a.transport.refused
+
+    def counting_refused(remote_host: str, remote: str, reason: str, detail: str) -> None:
+        if (reason, detail) == ("unknown_node", "node=b"):
+            refusals_of_b.append(remote)
+        refused(remote_host, remote, reason, detail)
+
+    monkeypatch.setattr(a.transport, "refused", counting_refused)
+    earlier = len(logs.lines())  # lines from before the removal (b refusing a at start-up)
 
     a.set_peers({})
 
-    logs.wait_for("event=peer_removed", "node=a", "peer=b")
+    wait_for_new_line(logs, earlier, "event=peer_removed node=a peer=b")
     assert a.send("b", b"x") is False
     assert a.reachable() == {}
     # b's connection into a was closed; b redials and a refuses it: b is no peer of a's.
     b.states.wait_for("a", False, after=b_up)
-    logs.wait_for("event=peer_rejected", "node=a", "reason=unknown_node", "node=b")
-    b.send("a", b"after")
+    wait_for_new_line(logs, earlier, "event=peer_rejected node=a ", "reason=unknown_node",
+                      "detail='node=b'")
+    assert b.send("a", b"after")  # queued: b's link is down
+    refused_before = len(refusals_of_b)
+    # A barrier: a refused a dial of b's made with "after" queued on it (had a let it in,
+    # b would have written "after" at once, before any later dial).
+    wait_until(lambda: len(refusals_of_b) > refused_before, WAIT_S,
+               "a to refuse b's next redial")
     assert a.inbox.snapshot() == [("b", RAFT, b"before")]
+
+
+def wait_for_new_line(logs: LogWatcher, earlier: int, *fragments: str) -> logging.LogRecord:
+    """The first log line past the first `earlier` ones that holds every fragment."""
+
+    def found() -> logging.LogRecord | None:
+        return next((r for r in logs.lines()[earlier:]
+                     if all(f in r.getMessage() for f in fragments)), None)
+
+    return wait_until(found, WAIT_S, f"a log line with {fragments} past line {earlier}")
 
 
 def test_close_is_prompt_and_idempotent(make_node: MakeNode) -> None:
