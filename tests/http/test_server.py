@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import pytest
 
+from raftkv.http import server as server_module
 from raftkv.http.server import ServerHandle
 
 WAIT_S = 5.0
@@ -114,27 +115,56 @@ def test_a_burst_of_silent_connections_is_accepted_without_waiting_a_poll_interv
 
 
 def test_a_post_from_another_thread_runs_on_the_loop_which_drains_its_wake_up(
-        server: ServerHandle) -> None:
+        server: ServerHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loop drains the wake-up pipe when its poll finds it readable (not every turn): by
     the time a posted callback runs, the pipe is empty again, so the loop goes back to
-    waiting instead of spinning on a readable pipe."""
+    waiting instead of spinning on a readable pipe.
 
+    Each post is made while the loop waits in its poll (not while it still runs the round of
+    the previous callback, which would run the new one at once, its wake-up not yet polled):
+    the test waits for the loop to ask the wake-up pipe's dispatcher whether it is readable
+    (poll2 does, for each poll) after the previous callback ran. And no poll ends by its
+    timeout meanwhile (one ending between a post's queueing and its write to the pipe would
+    run the callback with that write undrained): each round is one the wake-up began."""
     dispatcher = server.dispatcher
     assert dispatcher is not None
-    seen: list[tuple[str, bool]] = []
+    monkeypatch.setattr(server_module, "_POLL_S", 3600.0)
+    wakeup = next(o for o in server.socket_map.values()
+                  if isinstance(o, server_module._Wakeup))
+    polls = [0]
+    """Polls the loop began (counted on the loop thread)."""
+    polled = threading.Condition()
+    is_readable = wakeup.readable
+
+    def counting_readable() -> bool:
+        with polled:
+            polls[0] += 1
+            polled.notify_all()
+        return bool(is_readable())
+
+    def wait_for_a_poll_after(count: int) -> None:
+        with polled:
+            assert polled.wait_for(lambda: polls[0] > count, WAIT_S), "the loop never polled"
+
+    monkeypatch.setattr(wakeup, "readable", counting_readable)
+    seen: list[tuple[str, bool, int]] = []
+    """(thread, wake-up pipe readable, polls begun) at each callback."""
     ran = threading.Event()
 
     def callback() -> None:
         readable, _, _ = select.select([dispatcher.wake_fd], [], [], 0)
-        seen.append((threading.current_thread().name, bool(readable)))
+        seen.append((threading.current_thread().name, bool(readable), polls[0]))
         ran.set()
 
-    for _ in range(3):
+    # A first round only to start the loop's next poll with _POLL_S patched (the poll under
+    # way may have begun with the old timeout): its pipe check is not counted.
+    for _ in range(4):
         ran.clear()
         dispatcher.post(callback)
         assert ran.wait(WAIT_S), "the posted callback never ran"
-    assert [readable for _name, readable in seen] == [False, False, False]
-    assert all(name != threading.current_thread().name for name, _ in seen)
+        wait_for_a_poll_after(seen[-1][2])
+    assert [readable for _name, readable, _polls in seen[1:]] == [False, False, False]
+    assert all(name != threading.current_thread().name for name, _, _ in seen)
 
 
 def test_close_wakes_a_threaded_loop_without_racing_it_to_close_the_trigger() -> None:
