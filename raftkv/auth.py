@@ -52,6 +52,7 @@ __all__ = [
     "TokenTable",
     "check_prefixes",
     "check_token_id",
+    "may_be_made_secret",
     "new_secret",
     "new_token_id",
     "parse_bearer",
@@ -91,6 +92,15 @@ def token_digest(secret: str) -> bytes:
 def new_secret() -> str:
     """A fresh secret: SECRET_PREFIX + 256 random bits in URL-safe base64 (47 characters)."""
     return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+_MADE_SECRET_CHARS: Final = len(SECRET_PREFIX) + 43
+
+
+def may_be_made_secret(secret: str) -> bool:
+    """Whether `secret` has the form new_secret() gives (what a token created through
+    /auth/tokens carries), without telling whether any token has it."""
+    return len(secret) == _MADE_SECRET_CHARS and secret.startswith(SECRET_PREFIX)
 
 
 def new_token_id() -> str:

@@ -830,6 +830,10 @@ class RequestOp(enum.IntEnum):
     read barrier."""
     ALARMS = 17
     """reply: the raised NOSPACE alarms as this node applied them (encode_alarms)."""
+    TOKENS_SINCE = 18
+    """args [consistency, version]; reply: the token table (TokenTable.to_wire) after the
+    read barrier if its version is above `version`, else nil (the caller's copy is current:
+    nothing serialised)."""
 
 
 class Request(NamedTuple):
@@ -886,6 +890,7 @@ _ARG_CHECKS.update({
     RequestOp.METRICS: (),
     RequestOp.TOKENS: (_str,),
     RequestOp.ALARMS: (),
+    RequestOp.TOKENS_SINCE: (_str, _nat),
 })
 _REQUEST_OPS: Final = {op.value: op for op in RequestOp}
 

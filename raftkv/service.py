@@ -530,6 +530,14 @@ class KVService(Protocol):
         Raft process to every HTTP worker whenever it changes (its `version` grows)."""
         ...
 
+    def caught_up_authorizer(self, timeout_s: float) -> Authorizer:
+        """The token table after a linearizable read barrier, as an Authorizer: it holds
+        every token created (anywhere in the cluster) before this call, which the local copy
+        of `authorizer()` may not yet (a token made through another node a moment ago, not
+        applied or pushed here yet). Asked only for a bearer the local copy does not know;
+        ReadTimeoutError / NoLeaderError when the barrier cannot be had."""
+        ...
+
     def token_create(self, role: Role, prefixes: tuple[str, ...], *,
                      request_id: str | None = None, timeout_s: float) -> TokenCreateResult:
         """Make a secret and an id HERE, propose the token (digest only) like a write, and

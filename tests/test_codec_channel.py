@@ -81,6 +81,7 @@ SAMPLE_ARGS: dict[RequestOp, tuple[Any, ...]] = {
     RequestOp.METRICS: (),
     RequestOp.TOKENS: ("linearizable",),
     RequestOp.ALARMS: (),
+    RequestOp.TOKENS_SINCE: ("linearizable", 12),
 }
 """One well-formed set of arguments per op."""
 

@@ -8,8 +8,12 @@ False) nothing is checked. With auth on, every request but the OPEN ones carries
 `forbidden`. Both go through the app's one error table. The token is never logged or echoed.
 
 The check needs only the service's Authorizer, a local copy of the token table: an HTTP worker
-answers it without asking the Raft process. A route missing from the table needs admin (fail
-closed); tests/http/test_auth.py checks that every responder of the app is in it.
+answers it without asking the Raft process. Only a bearer that copy does not know, shaped like
+a made token, costs a round trip: the copy may lag the cluster (a token created through
+another node a moment ago), so the worker reads the table once more behind a linearizable
+barrier (`caught_up_authorizer`) before it answers 401: a token works on every node as soon
+as its create was answered. A route missing from the table needs admin (fail closed);
+tests/http/test_auth.py checks that every responder of the app is in it.
 """
 
 from __future__ import annotations
@@ -21,10 +25,15 @@ from typing import Any, Final
 
 import falcon
 
-from raftkv.auth import Principal, parse_bearer
+from raftkv.auth import Principal, may_be_made_secret, parse_bearer
 from raftkv.service import ForbiddenError, KVService, UnauthenticatedError
 
-__all__ = ["PERMISSIONS", "AuthMiddleware", "Need", "authorize_keys", "principal_of"]
+__all__ = ["CATCH_UP_TIMEOUT_S", "PERMISSIONS", "AuthMiddleware", "Need", "authorize_keys",
+           "principal_of"]
+
+CATCH_UP_TIMEOUT_S: Final = 5.0
+"""How long a request with a token this node does not know may wait for the linearizable read
+of the token table that tells whether the token was made elsewhere a moment ago."""
 
 
 class Need(enum.Enum):
@@ -112,7 +121,13 @@ class AuthMiddleware:
         need = PERMISSIONS.get((req.uri_template or "", req.method), Need.ADMIN)
         if need is Need.OPEN or (need is Need.SCRAPE and self._metrics_open):
             return
-        principal = authorizer.authenticate(parse_bearer(req.get_header("Authorization")))
+        secret = parse_bearer(req.get_header("Authorization"))
+        principal = authorizer.authenticate(secret)
+        if principal is None and secret is not None and may_be_made_secret(secret):
+            # Made a moment ago through another node, it may not have reached this node's
+            # copy of the table yet: look again after a linearizable read of the table.
+            principal = self._service.caught_up_authorizer(CATCH_UP_TIMEOUT_S).authenticate(
+                secret)
         if principal is None:
             raise UnauthenticatedError(
                 "this cluster requires a token: send 'Authorization: Bearer <token>' with a "

@@ -141,6 +141,7 @@ class RequestHandler:
             RequestOp.METRICS: self._metrics,
             RequestOp.TOKENS: self._tokens,
             RequestOp.ALARMS: self._alarms,
+            RequestOp.TOKENS_SINCE: self._tokens_since,
         }
 
     def handle(self, replier: Replier, requests: list[Request]) -> None:
@@ -461,6 +462,17 @@ class RequestHandler:
         sm = self._driver.sm
         self._barrier(consistency, time.monotonic() + request.timeout_s, _Answer(
             replier, request.rid, lambda _index: sm.token_table.to_wire()))
+
+    def _tokens_since(self, replier: Replier, request: Request) -> None:
+        consistency, version = request.args
+        sm = self._driver.sm
+
+        def answer(_index: object) -> object:
+            table = sm.token_table
+            return table.to_wire() if table.version > version else None
+
+        self._barrier(consistency, time.monotonic() + request.timeout_s,
+                      _Answer(replier, request.rid, answer))
 
     def _alarms(self, replier: Replier, request: Request) -> None:
         replier.reply_ok(request.rid, codec.encode_alarms(self._driver.sm.alarms))

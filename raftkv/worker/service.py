@@ -118,13 +118,19 @@ class NodeView:
         self.stopping = bool(view.get("stopping"))
         wire = view.get("auth")
         if wire is not None:
-            try:
-                table = TokenTable.from_wire(wire)
-            except (ValueError, TypeError, KeyError):
-                return  # a malformed table: keep the one we have
-            current = self.authorizer.table
-            if table.version > current.version or table.enabled != current.enabled:
-                self.authorizer = Authorizer(table)
+            self.update_tokens(wire)
+
+    def update_tokens(self, wire: object) -> bool:
+        """Take a token table (TokenTable.to_wire) if it is newer than the one held; False
+        for a malformed one (the one held is kept)."""
+        try:
+            table = TokenTable.from_wire(wire)
+        except (ValueError, TypeError, KeyError):
+            return False
+        current = self.authorizer.table
+        if table.version > current.version or table.enabled != current.enabled:
+            self.authorizer = Authorizer(table)
+        return True
 
 
 class BackupFile:
@@ -367,6 +373,14 @@ class RemoteService:
     # ------------------------------------------------------------------ tokens
     def authorizer(self) -> Authorizer:
         return self._view.authorizer
+
+    def caught_up_authorizer(self, timeout_s: float) -> Authorizer:
+        view = self._view
+        wire = self._result(RequestOp.TOKENS_SINCE, timeout_s, Consistency.LINEARIZABLE.value,
+                            view.authorizer.table.version, on_timeout=self._read_timeout)
+        if wire is not None and not view.update_tokens(wire):
+            raise UnavailableError("the node gave a bad answer (a malformed token table)")
+        return view.authorizer
 
     def token_create(self, role: Role, prefixes: tuple[str, ...], *,
                      request_id: str | None = None, timeout_s: float) -> TokenCreateResult:

@@ -94,6 +94,10 @@ class FakeService:
         self.remaining_s = 1.5
         self.raised_alarms: list[Alarm] = []
         self.token_table = TokenTable()
+        self.lagging_token_table: TokenTable | None = None
+        """While set: this node's own copy of the table, older than the cluster's
+        (`token_table`): authorizer() answers from it, caught_up_authorizer() from the
+        cluster's."""
         self._token_ids = 0
 
     def enable_auth(self, root_secret: str) -> None:
@@ -252,7 +256,13 @@ class FakeService:
 
     # ------------------------------------------------------------------ tokens
     def authorizer(self) -> Authorizer:
-        return Authorizer(self.token_table)
+        lagging = self.lagging_token_table
+        return Authorizer(self.token_table if lagging is None else lagging)
+
+    def caught_up_authorizer(self, timeout_s: float) -> Authorizer:
+        with self._lock:
+            self._enter(Call("caught_up_authorizer", timeout_s=timeout_s))
+            return Authorizer(self.token_table)
 
     def token_create(self, role: Role, prefixes: tuple[str, ...], *,
                      request_id: str | None = None, timeout_s: float) -> TokenCreateResult:

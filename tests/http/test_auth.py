@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from falcon.testing import Result, TestClient
 
-from raftkv.auth import Role
+from raftkv.auth import Role, new_secret
 from raftkv.http import create_app
-from raftkv.http.auth import PERMISSIONS
+from raftkv.http.auth import CATCH_UP_TIMEOUT_S, PERMISSIONS
+from raftkv.service import NoLeaderError
 from tests.http.fake_service import FakeService
 
 ROOT = "root-secret-" + "x" * 40
@@ -210,3 +211,41 @@ def test_a_retried_create_is_a_conflict_naming_the_token(client: TestClient) -> 
     body = error(again, 409, "token_conflict")
     assert body["id"] == first.json["id"]
     assert first.json["token"] not in again.text
+
+
+def test_a_token_made_elsewhere_a_moment_ago_is_looked_up_again_before_a_401(
+        client: TestClient, fake: FakeService) -> None:
+    """This node's copy of the token table lags the cluster's (a token created through
+    another node, not applied or pushed here yet): a made-shaped bearer it does not know is
+    looked up once more, behind a linearizable read of the table, before the answer."""
+    lagging = fake.token_table
+    fresh = fake.add_token(Role.WRITE)
+    fake.lagging_token_table = lagging
+    assert client.simulate_put("/keys/k", json={"value": 1}, headers=bearer(fresh)).status_code \
+        == 200
+    assert [c.timeout_s for c in fake.calls_of("caught_up_authorizer")] == [
+        CATCH_UP_TIMEOUT_S]
+    # Known to the node's copy: no round trip.
+    fake.lagging_token_table = None
+    assert client.simulate_put("/keys/k", json={"value": 2}, headers=bearer(fresh)).status_code \
+        == 200
+    assert len(fake.calls_of("caught_up_authorizer")) == 1
+
+
+def test_an_unknown_token_is_401_after_the_look_up_and_garbage_costs_none(
+        client: TestClient, fake: FakeService) -> None:
+    unknown = new_secret()  # shaped like a made token, but made nowhere
+    error(client.simulate_get("/keys/k", headers=bearer(unknown)), 401, "unauthenticated")
+    assert len(fake.calls_of("caught_up_authorizer")) == 1
+    for garbage in ("rkv_short", "x" * len(unknown), ROOT[:-1]):
+        error(client.simulate_get("/keys/k", headers=bearer(garbage)), 401, "unauthenticated")
+    error(client.simulate_get("/keys/k"), 401, "unauthenticated")
+    assert len(fake.calls_of("caught_up_authorizer")) == 1
+
+
+def test_a_look_up_that_cannot_be_had_answers_its_error_not_a_401(
+        client: TestClient, fake: FakeService) -> None:
+    """No leader to confirm the table with: the token may be valid, so not 401 but the
+    read's own error (retry)."""
+    fake.fail_next.append(NoLeaderError("no leader is known yet; retry"))
+    error(client.simulate_get("/keys/k", headers=bearer(new_secret())), 503, "no_leader")

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import pytest
 
+from raftkv.auth import ROOT_TOKEN_ID, Role, TokenRecord, TokenTable, token_digest
 from raftkv.codec import Request, RequestOp
 from raftkv.localcluster import wait_until
 from raftkv.runtime.requests import MAX_BACKUPS, NodeInfo, RequestHandler
@@ -115,3 +116,26 @@ def test_a_backup_whose_writer_thread_cannot_start_answers_503_and_gives_its_slo
     for rid in range(1, 2 * MAX_BACKUPS + 2):
         _backup(handler, replier, rid)
         assert "could not be started" in str(replier.errors[rid]), replier.errors
+
+
+def test_tokens_since_answers_after_the_barrier_and_the_table_only_when_newer(
+        tmp_path: Path) -> None:
+    """What a worker asks for a bearer its copy of the table does not know: the node's table
+    after a linearizable barrier, or nil when the worker's copy (its version) is current."""
+    root = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), token_digest("r" * 40), 1)
+    table = TokenTable(True, (root,), 5)
+    barriers: list[Any] = []
+    driver = SimpleNamespace(state_listeners=[], fatal=None,
+                             sm=SimpleNamespace(token_table=table),
+                             read=lambda _deadline, then: barriers.append(then))
+    handler = RequestHandler(driver=cast(Any, driver), loop=cast(Any, _Loop()),
+                             info=NodeInfo("n1", "127.0.0.1:1", tmp_path, "token"),
+                             cluster_id=lambda: "c", peer_http=lambda _n: None,
+                             extra_status=dict, render_metrics=bytes)
+    replier = _Replier()
+    handler.handle(replier, [Request(1, RequestOp.TOKENS_SINCE, 5.0, ("linearizable", 5)),
+                             Request(2, RequestOp.TOKENS_SINCE, 5.0, ("linearizable", 4))])
+    assert len(barriers) == 2 and replier.oks == {}  # nothing before the barrier
+    for then in barriers:
+        then.ok(None)
+    assert replier.oks == {1: None, 2: table.to_wire()}

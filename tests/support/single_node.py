@@ -254,6 +254,9 @@ class SingleNodeService:
     def authorizer(self) -> Authorizer:
         return Authorizer(self.sm.token_table)
 
+    def caught_up_authorizer(self, timeout_s: float) -> Authorizer:
+        return Authorizer(self.sm.token_table)  # one node: its table is the cluster's
+
     def token_create(self, role: Role, prefixes: tuple[str, ...], *,
                      request_id: str | None = None, timeout_s: float) -> TokenCreateResult:
         cmd, secret = token_requests.create_command(self.sm.token_table, role, prefixes)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from raftkv import codec
+from raftkv.auth import ROOT_TOKEN_ID, Role, TokenRecord, TokenTable, new_secret, token_digest
 from raftkv.codec import RequestOp
 from raftkv.kv.commands import Put, decode_command
 from raftkv.kv.state_machine import ConditionFailed, DeleteResult, PutResult
@@ -190,3 +191,39 @@ def test_readiness_of_a_stopping_node_is_answered_without_asking(worker: Worker)
     assert call.outcome().ready is False
     worker.raft.poll()
     assert worker.raft.requests == []
+
+
+def test_a_caught_up_authorizer_asks_past_its_table_version_and_keeps_a_newer_table(
+        worker: Worker) -> None:
+    """For a bearer its copy does not know, a worker asks for the table behind a
+    linearizable barrier, naming the version it holds: nil keeps its copy (it was current),
+    a newer table replaces it (for later requests too), a malformed one is unavailable."""
+    root = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), token_digest("r" * 40), 1)
+    worker.raft.push({"auth": TokenTable(True, (root,), 3).to_wire()})
+    worker.turn_until(lambda: worker.view.authorizer.table.version == 3, "the table push")
+
+    current = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
+    [request] = worker.requests_of(1)
+    assert request.op is RequestOp.TOKENS_SINCE and request.args == ("linearizable", 3)
+    assert request.timeout_s == 5.0
+    worker.raft.reply((request.rid, True, None))
+    worker.finish(current)
+    assert current.outcome().table.version == 3
+
+    secret = new_secret()
+    made = TokenRecord("a1b2c3d4e5f60708", Role.READ, (), token_digest(secret), 9)
+    newer = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
+    request = worker.requests_of(2)[1]
+    worker.raft.reply((request.rid, True, TokenTable(True, (root, made), 9).to_wire()))
+    worker.finish(newer)
+    assert newer.outcome().authenticate(secret) is not None
+    assert worker.service.authorizer().authenticate(secret) is not None
+
+    bad = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
+    request = worker.requests_of(3)[2]
+    assert request.args == ("linearizable", 9)
+    worker.raft.reply((request.rid, True, {"enabled": True}))
+    worker.finish(bad)
+    with pytest.raises(UnavailableError, match="malformed token table"):
+        bad.outcome()
+    assert worker.service.authorizer().table.version == 9
