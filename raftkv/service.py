@@ -535,7 +535,8 @@ class KVService(Protocol):
         every token created (anywhere in the cluster) before this call, which the local copy
         of `authorizer()` may not yet (a token made through another node a moment ago, not
         applied or pushed here yet). Asked only for a bearer the local copy does not know;
-        ReadTimeoutError / NoLeaderError when the barrier cannot be had."""
+        ReadTimeoutError / NoLeaderError when the barrier cannot be had, UnavailableError
+        when the Raft process is gone or answers a malformed table."""
         ...
 
     def token_create(self, role: Role, prefixes: tuple[str, ...], *,

@@ -4,8 +4,10 @@ middleware that checks it before any resource runs.
 With auth off (a cluster bootstrapped without a root token: `service.authorizer().enabled` is
 False) nothing is checked. With auth on, every request but the OPEN ones carries
 `Authorization: Bearer <token>`; no token or an unknown one is 401 `unauthenticated` (with
-`WWW-Authenticate: Bearer`), a token whose role or key prefixes do not allow the request is 403
-`forbidden`. Both go through the app's one error table. The token is never logged or echoed.
+`WWW-Authenticate: Bearer`; for a made-shaped one the read below may answer its own 503/504
+first, when no leader can confirm the table), a token whose role or key prefixes do not
+allow the request is 403 `forbidden`. All go through the app's one error table. The token is
+never logged or echoed.
 
 The check needs only the service's Authorizer, a local copy of the token table: an HTTP worker
 answers it without asking the Raft process. Only a bearer that copy does not know, shaped like

@@ -227,3 +227,43 @@ def test_a_caught_up_authorizer_asks_past_its_table_version_and_keeps_a_newer_ta
     with pytest.raises(UnavailableError, match="malformed token table"):
         bad.outcome()
     assert worker.service.authorizer().table.version == 9
+
+
+def test_a_catch_up_answered_with_an_older_table_than_a_push_since_keeps_the_newer(
+        worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer was made before a newer table reached the worker by a push: the older one
+    is not taken, nor decoded (a table of up to MAX_TOKENS records)."""
+    root = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), token_digest("r" * 40), 1)
+    worker.raft.push({"auth": TokenTable(True, (root,), 3).to_wire()})
+    worker.turn_until(lambda: worker.view.authorizer.table.version == 3, "the table push")
+    call = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
+    [request] = worker.requests_of(1)
+    worker.raft.push({"auth": TokenTable(True, (root,), 12).to_wire()})
+    worker.turn_until(lambda: worker.view.authorizer.table.version == 12, "the newer push")
+    decoded: list[object] = []
+    from_wire = TokenTable.from_wire
+
+    def noting(wire: object) -> TokenTable:
+        decoded.append(wire)
+        return from_wire(wire)
+
+    monkeypatch.setattr(TokenTable, "from_wire", staticmethod(noting))
+    worker.raft.reply((request.rid, True, TokenTable(True, (root,), 7).to_wire()))
+    worker.finish(call)
+    assert call.outcome().table.version == 12
+    assert decoded == []
+
+
+def test_a_catch_up_not_answered_in_time_is_a_read_timeout_and_without_raft_unavailable(
+        worker: Worker) -> None:
+    late = worker.start(lambda: worker.service.caught_up_authorizer(0.05))
+    worker.requests_of(1)
+    worker.finish(late)
+    with pytest.raises(ReadTimeoutError):
+        late.outcome()
+    lost = worker.start(lambda: worker.service.caught_up_authorizer(30.0))
+    worker.requests_of(2)
+    worker.raft.sock.close()
+    worker.finish(lost)
+    with pytest.raises(UnavailableError):
+        lost.outcome()
