@@ -62,6 +62,10 @@ class ChannelClient(wasyncore.dispatcher):  # type: ignore[misc]
         self._rids = itertools.count(1)
         self.lost = False
 
+    @property
+    def dispatcher(self) -> GreenDispatcher:
+        return self._dispatcher
+
     # ------------------------------------------------------------------ requests
     def call(self, op: RequestOp, timeout_s: float, *args: object,
              wait_s: float | None = None) -> Reply | object:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
@@ -22,6 +23,7 @@ from raftkv import codec
 from raftkv import tokens as token_requests
 from raftkv.auth import OPEN_AUTHORIZER, Authorizer, Role, TokenTable
 from raftkv.codec import Reply, RequestOp
+from raftkv.http.green import GreenCondition
 from raftkv.kv.commands import (
     AlarmDisarm,
     Batch,
@@ -173,6 +175,12 @@ class RemoteService:
     def __init__(self, channel: ChannelClient, view: NodeView) -> None:
         self._channel = channel
         self._view = view
+        # Token catch-ups (caught_up_authorizer): one in flight at a time per worker.
+        self._catch_up_done = GreenCondition(channel.dispatcher)
+        self._catch_ups_begun = 0
+        self._catch_ups_ended = 0
+        self._catch_up_flying = False
+        self._catch_up_outcome: Authorizer | ServiceError = OPEN_AUTHORIZER
 
     # ------------------------------------------------------------------ plumbing
     def _ask(self, op: RequestOp, timeout_s: float, *args: object,
@@ -379,12 +387,46 @@ class RemoteService:
         return self._view.authorizer
 
     def caught_up_authorizer(self, timeout_s: float) -> Authorizer:
-        view = self._view
-        wire = self._result(RequestOp.TOKENS_SINCE, timeout_s, Consistency.LINEARIZABLE.value,
-                            view.authorizer.table.version, on_timeout=self._read_timeout)
-        if wire is not None and not view.update_tokens(wire):
-            raise UnavailableError("the node gave a bad answer (a malformed token table)")
-        return view.authorizer
+        """One catch-up in flight at a time per worker: a caller takes the outcome of the
+        first catch-up that BEGAN after it came (one already flying may have read the table
+        before the caller's token was made), so however many unknown bearers arrive together,
+        the Raft process sees at most one such read per worker at a time."""
+        deadline = time.monotonic() + timeout_s
+        wanted = self._catch_ups_begun + 1
+        while self._catch_ups_ended < wanted:
+            if not self._catch_up_flying:
+                return self._catch_up(deadline)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._catch_up_done.wait(remaining):
+                raise self._read_timeout()
+        outcome = self._catch_up_outcome
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome
+
+    def _catch_up(self, deadline: float) -> Authorizer:
+        self._catch_up_flying = True
+        self._catch_ups_begun += 1
+        begun = self._catch_ups_begun
+        outcome: Authorizer | ServiceError
+        try:
+            view = self._view
+            wire = self._result(RequestOp.TOKENS_SINCE, max(0.0, deadline - time.monotonic()),
+                                Consistency.LINEARIZABLE.value, view.authorizer.table.version,
+                                on_timeout=self._read_timeout)
+            if wire is not None and not view.update_tokens(wire):
+                raise UnavailableError("the node gave a bad answer (a malformed token table)")
+            outcome = view.authorizer
+        except ServiceError as e:
+            outcome = e
+        finally:  # whatever happened, the callers waiting go on (one of them asks next)
+            self._catch_up_flying = False
+            self._catch_up_done.notify_all()
+        self._catch_ups_ended = begun
+        self._catch_up_outcome = outcome
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome
 
     def token_create(self, role: Role, prefixes: tuple[str, ...], *,
                      request_id: str | None = None, timeout_s: float) -> TokenCreateResult:
