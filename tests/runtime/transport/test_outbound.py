@@ -250,26 +250,6 @@ def test_a_peer_that_was_never_up_coming_up_is_reported(
     assert a.reachable() == {"b": True}
 
 
-class SlowResolver:
-    """socket.getaddrinfo, with names under `.test` answered after `delay_s` (a slow DNS)."""
-
-    def __init__(self, delay_s: float, addresses: dict[str, str]) -> None:
-        self.delay_s = delay_s
-        self.addresses = addresses
-        self.real = socket.getaddrinfo
-        self.asked = threading.Event()
-
-    def __call__(self, host: str, port: object, *args: object, **kwargs: object) -> Any:
-        numeric_only = int(kwargs.get("flags", 0)) & socket.AI_NUMERICHOST  # type: ignore[call-overload]
-        if isinstance(host, str) and host.endswith(".test") and not numeric_only:
-            self.asked.set()
-            time.sleep(self.delay_s)  # the resolver's own slowness, off the tests' thread
-            if host not in self.addresses:
-                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-            host = self.addresses[host]
-        return self.real(host, port, *args, **kwargs)  # type: ignore[arg-type]
-
-
 RESOLVER_BACKSTOP_S = 60.0
 """How long a GatedResolver holds an answer the test never releases (a backstop: the fixture
 releases it at teardown; above the loop calls' own timeout, so that a loop stuck in the
@@ -337,13 +317,16 @@ def test_resolving_a_peer_name_never_blocks_the_loop(
 
 
 def test_a_peer_given_by_host_name_is_reached(
-        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(socket, "getaddrinfo", SlowResolver(0.2, {"b.test": "127.0.0.1"}))
+        make_node: MakeNode, gated_resolver: GatedResolver) -> None:
+    """A frame sent while the peer's name resolves waits for it, then goes out."""
+    gated_resolver.addresses["b.test"] = "127.0.0.1"
     a, b = make_node("a"), make_node("b")
     a.set_peers({"b": f"b.test:{b.port}"})
     b.set_peers({"a": a.address})
+    assert gated_resolver.asked.wait(WAIT_S)
 
     assert a.send("b", b"by name")
+    gated_resolver.release.set()
     assert b.inbox.wait_for_count(1) == [("a", RAFT, b"by name")]
 
 
