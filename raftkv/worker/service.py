@@ -179,7 +179,7 @@ class RemoteService:
         self._catch_up_done = GreenCondition(channel.dispatcher)
         self._catch_ups_begun = 0
         self._catch_ups_ended = 0
-        self._catch_up_flying = False
+        """Equal to _catch_ups_begun but while one flies."""
         self._catch_up_outcome: Authorizer | ServiceError = OPEN_AUTHORIZER
 
     # ------------------------------------------------------------------ plumbing
@@ -394,7 +394,7 @@ class RemoteService:
         deadline = time.monotonic() + timeout_s
         wanted = self._catch_ups_begun + 1
         while self._catch_ups_ended < wanted:
-            if not self._catch_up_flying:
+            if self._catch_ups_ended == self._catch_ups_begun:  # none flying: this one asks
                 return self._catch_up(deadline)
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._catch_up_done.wait(remaining):
@@ -405,10 +405,9 @@ class RemoteService:
         return outcome
 
     def _catch_up(self, deadline: float) -> Authorizer:
-        self._catch_up_flying = True
         self._catch_ups_begun += 1
-        begun = self._catch_ups_begun
-        outcome: Authorizer | ServiceError
+        outcome: Authorizer | ServiceError = UnavailableError(
+            "the token table could not be read; retry")
         try:
             view = self._view
             wire = self._result(RequestOp.TOKENS_SINCE, max(0.0, deadline - time.monotonic()),
@@ -419,11 +418,10 @@ class RemoteService:
             outcome = view.authorizer
         except ServiceError as e:
             outcome = e
-        finally:  # whatever happened, the callers waiting go on (one of them asks next)
-            self._catch_up_flying = False
+        finally:  # whatever happened, the callers waiting go on with its outcome
+            self._catch_ups_ended = self._catch_ups_begun
+            self._catch_up_outcome = outcome
             self._catch_up_done.notify_all()
-        self._catch_ups_ended = begun
-        self._catch_up_outcome = outcome
         if isinstance(outcome, ServiceError):
             raise outcome
         return outcome
