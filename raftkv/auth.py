@@ -30,6 +30,7 @@ digest of a secret they chose, which says nothing about any real secret (preimag
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
 import hmac
@@ -72,6 +73,8 @@ MAX_TOKEN_PREFIXES: Final = 32
 MAX_PREFIX_BYTES: Final = 1024
 MIN_ROOT_TOKEN_CHARS: Final = 32
 MAX_SECRET_CHARS: Final = 512
+SECRET_BYTES: Final = 32
+"""Random bytes in a new secret."""
 SECRET_PREFIX: Final = "rkv_"
 """New secrets start with this, so secret scanners and people can recognise them."""
 _PERSON: Final = b"raftkv-token-v1"
@@ -91,10 +94,11 @@ def token_digest(secret: str) -> bytes:
 
 def new_secret() -> str:
     """A fresh secret: SECRET_PREFIX + 256 random bits in URL-safe base64 (47 characters)."""
-    return SECRET_PREFIX + secrets.token_urlsafe(32)
+    return SECRET_PREFIX + secrets.token_urlsafe(SECRET_BYTES)
 
 
-_MADE_SECRET_CHARS: Final = len(SECRET_PREFIX) + 43
+_MADE_SECRET_CHARS: Final = len(SECRET_PREFIX) + len(
+    base64.urlsafe_b64encode(bytes(SECRET_BYTES)).rstrip(b"="))
 
 
 def may_be_made_secret(secret: str) -> bool:
