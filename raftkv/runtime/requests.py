@@ -141,7 +141,7 @@ class RequestHandler:
             RequestOp.METRICS: self._metrics,
             RequestOp.TOKENS: self._tokens,
             RequestOp.ALARMS: self._alarms,
-            RequestOp.TOKENS_SINCE: self._tokens_since,
+            RequestOp.TOKENS_SINCE: self._tokens,
         }
 
     def handle(self, replier: Replier, requests: list[Request]) -> None:
@@ -458,18 +458,14 @@ class RequestHandler:
 
     # ------------------------------------------------------------------ tokens
     def _tokens(self, replier: Replier, request: Request) -> None:
-        (consistency,) = request.args
-        sm = self._driver.sm
-        self._barrier(consistency, time.monotonic() + request.timeout_s, _Answer(
-            replier, request.rid, lambda _index: sm.token_table.to_wire()))
-
-    def _tokens_since(self, replier: Replier, request: Request) -> None:
-        consistency, version = request.args
+        """TOKENS [consistency] and TOKENS_SINCE [consistency, version]: the table after the
+        barrier (for TOKENS_SINCE only if newer than `version`, else nil)."""
+        consistency, since = (*request.args, -1)[:2]
         sm = self._driver.sm
 
         def answer(_index: object) -> object:
             table = sm.token_table
-            return table.to_wire() if table.version > version else None
+            return table.to_wire() if table.version > since else None
 
         self._barrier(consistency, time.monotonic() + request.timeout_s,
                       _Answer(replier, request.rid, answer))
