@@ -406,6 +406,12 @@ class RaftkvCluster:
         return [(n.node_id, Endpoint(n.http_host, n.http_port), n.pid)
                 for n in self._local.nodes if n.pid is not None and n.running]
 
+    def status(self, endpoint: Endpoint) -> dict[str, Any] | None:
+        """The node's /status (with the harness's token when auth is on); None if it does not
+        answer 200 with an object."""
+        code, st = self._req(endpoint, "GET", "/status", timeout_s=5.0)
+        return st if code == 200 and isinstance(st, dict) else None
+
     def worker_counts(self) -> dict[Endpoint, WorkerCounts] | None:
         if self._local is None:
             return None

@@ -3,6 +3,7 @@
     python -m benchmarks.profile_node                          # put/leader/c16, 20 s
     python -m benchmarks.profile_node --point put/spread/c64 --seconds 30 --http-workers 1
     make profile ARGS='--point get/leader/c16'
+    python -m benchmarks.profile_node --auth-tls              # auth on and peer mutual TLS
 
 Starts a local durable 3-node cluster (benchmarks.clusters), drives one point of the
 write-throughput benchmark at it (put/get/batch as `<kind>/<leader|spread>/c<n>`, or
@@ -45,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Final
+from typing import Any, Final
 
 from benchmarks.clusters import ClusterError, RaftkvCluster
 from benchmarks.loadgen import Endpoint, Kind, LoadError, run_load
@@ -59,7 +60,6 @@ from benchmarks.write_throughput import (
     watch_specs,
     worker_specs,
 )
-from raftkv.localcluster import http_json
 
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2
@@ -113,16 +113,15 @@ def processes_to_profile(cluster: RaftkvCluster, leader: Endpoint) -> list[Profi
             continue
         role = "leader" if endpoint == leader else "follower"
         out.append(Profiled(f"{node_id}-{role}-raft-{pid}", node_id, role, "raft", pid))
-        index = _worker_indices(endpoint)
+        index = _worker_indices(cluster.status(endpoint))
         for child in child_pids(pid):
             tag = f"w{index[child]}" if child in index else "worker"
             out.append(Profiled(f"{node_id}-{role}-{tag}-{child}", node_id, role, tag, child))
     return out
 
 
-def _worker_indices(endpoint: Endpoint) -> dict[int, int]:
-    code, st, _ = http_json("GET", f"{endpoint}/status", timeout_s=5.0)
-    if code != 200 or not isinstance(st, dict):
+def _worker_indices(st: dict[str, Any] | None) -> dict[int, int]:
+    if st is None:
         return {}
     return {int(w["pid"]): int(w["index"]) for w in st.get("extra", {}).get("workers", [])
             if w.get("pid")}
@@ -281,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let py-spy pause each process to sample it (more exact, slower)")
     p.add_argument("--http-workers", type=int, default=0,
                    help="RAFTKV_HTTP_WORKERS of the cluster (0: one per CPU)")
+    p.add_argument("--auth-tls", action="store_true",
+                   help="profile a cluster with auth on and peer mutual TLS (the load sends a "
+                        "write-role token), as the benchmark's raftkv-auth-tls variant")
     p.add_argument("--workers", type=int, default=2, help="load generator processes")
     p.add_argument("--keys", type=int, default=10_000)
     p.add_argument("--value-bytes", type=int, default=100)
@@ -320,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 grace_s=10.0))
     base_dir = Path(tempfile.mkdtemp(prefix="raftkv-profile-", dir=args.data_dir))
     try:
-        cluster = RaftkvCluster.start_local(base_dir, http_workers=args.http_workers)
+        cluster = RaftkvCluster.start_local(base_dir, http_workers=args.http_workers,
+                                            auth_tls=args.auth_tls)
     except ClusterError as e:
         print(f"profile_node: {e}\n(data and logs kept in {base_dir})", file=sys.stderr)
         return EXIT_UNAVAILABLE
@@ -335,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{', '.join(t.name for t in targets)}", file=sys.stderr, flush=True)
         if point.kind is Kind.WATCH:
             specs, writer = watch_specs(plan, point, cluster.system, leader.endpoint,
-                                        cluster.current_index(), "profile")
+                                        cluster.current_index(), "profile", cluster.token)
             result = run_watch_load(specs, writer, profiler, grace_s=plan.watch.grace_s,
                                     registered=lambda: cluster.watches_held(leader.endpoint))
             ops_per_s = (result.writes.completed_in_window() / result.writes.window_s
@@ -343,8 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             endpoints = [leader.endpoint] if point.mode == LEADER else (
                 [ep for ep in cluster.endpoints if ep != leader.endpoint] + [leader.endpoint])
-            load = run_load(worker_specs(plan, point, cluster.system, endpoints, "profile"),
-                            profiler)
+            load = run_load(worker_specs(plan, point, cluster.system, endpoints, "profile",
+                                         cluster.token), profiler)
             per = plan.batch_ops if point.kind is Kind.BATCH else 1
             ops_per_s = load.completed * per / load.window_s if load.window_s > 0 else 0.0
         codes = profiler.wait(args.seconds + 60)
@@ -368,13 +371,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         summaries.append(summarize_stacks(t.name, stacks, args.seconds, args.rate))
     header = (f"py-spy --gil --function{'' if args.blocking else ' --nonblocking'} at "
               f"{args.rate} Hz for {args.seconds:g} s, {point.label}, "
-              f"{args.http_workers or 'default'} HTTP workers; the load did {ops_per_s:,.0f} "
+              f"{args.http_workers or 'default'} HTTP workers"
+              f"{', auth and peer TLS on' if args.auth_tls else ''}; the load did {ops_per_s:,.0f} "
               "ops/s while profiled")
     text = header + "\n\n" + "\n\n".join(format_summary(s) for s in summaries) + "\n"
     (out / "summary.txt").write_text(text)
     (out / "summary.json").write_text(json.dumps(
         {"point": point.label, "seconds": args.seconds, "rate": args.rate,
          "blocking": args.blocking, "http_workers": args.http_workers,
+         "auth_tls": args.auth_tls,
          "ops_per_s": ops_per_s, "processes": [asdict(t) for t in targets],
          "summaries": [asdict(s) for s in summaries]}, indent=2) + "\n")
     print(text)

@@ -56,17 +56,22 @@ def test_flame_graph_is_well_formed_svg_with_every_frame() -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(180)
-def test_a_short_profile_of_every_process_of_the_leader_and_a_follower(tmp_path: Path) -> None:
+@pytest.mark.parametrize("secured", [[], ["--auth-tls"]], ids=["plain", "auth-tls"])
+def test_a_short_profile_of_every_process_of_the_leader_and_a_follower(
+        tmp_path: Path, secured: list[str]) -> None:
+    """With --auth-tls too: the load sends its token, and the workers are named from /status
+    asked with the harness's token."""
     if pyspy_binary() is None:
         pytest.skip("py-spy is not installed (pip install py-spy)")
     out = tmp_path / "profile"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.profile_node", "--seconds", "2", "--warmup", "1",
          "--point", "put/leader/c4", "--http-workers", "2", "--out", str(out),
-         "--data-dir", str(tmp_path)],
+         "--data-dir", str(tmp_path), *secured],
         cwd=ROOT, capture_output=True, text=True, timeout=150, check=False)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["auth_tls"] is bool(secured)
     names = [p["name"] for p in summary["processes"]]
     assert sorted(n.split("-")[1:3] for n in names) == [
         ["follower", "raft"], ["follower", "w0"], ["follower", "w1"],
