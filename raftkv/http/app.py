@@ -47,7 +47,7 @@ import falcon
 
 from raftkv import service as service_limits
 from raftkv.auth import Role, check_prefixes, check_token_id
-from raftkv.http.auth import AuthMiddleware, authorize_keys
+from raftkv.http.auth import AuthMiddleware, auth_waited_s, authorize_keys
 from raftkv.service import (
     MAX_KEY_BYTES,
     MAX_LEASE_ID,
@@ -100,6 +100,9 @@ MAX_LIST_LIMIT: Final = 10_000
 DEFAULT_LIST_LIMIT: Final = 1000
 MAX_TIMEOUT_S: Final = 60.0
 DEFAULT_WATCH_TIMEOUT_S: Final = 30.0
+MIN_TIMEOUT_LEFT_S: Final = 0.001
+"""A request's timeout less what its token check waited never goes below this (the check
+fails the request itself when it used the whole timeout)."""
 SNAPSHOT_MEDIA_TYPE: Final = "application/octet-stream"
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
 MAX_NODE_ID_CHARS: Final = 64
@@ -494,17 +497,20 @@ class _Api:
     default_timeout_s: float
 
     def timeout_s(self, req: falcon.Request, default_s: float | None = None) -> float:
+        """`?timeout` (else the default), less what the token check waited, if it did."""
         value = _param(req, "timeout")
         if value is None:
-            return self.default_timeout_s if default_s is None else default_s
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = math.nan
-        if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_S):
-            raise InvalidFieldError(
-                f"query parameter 'timeout' must be seconds in (0, {MAX_TIMEOUT_S:g}]")
-        return seconds
+            seconds = self.default_timeout_s if default_s is None else default_s
+        else:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = math.nan
+            if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_S):
+                raise InvalidFieldError(
+                    f"query parameter 'timeout' must be seconds in (0, {MAX_TIMEOUT_S:g}]")
+        waited = auth_waited_s(req)
+        return max(seconds - waited, MIN_TIMEOUT_LEFT_S) if waited else seconds
 
     def read_object(self, req: falcon.Request) -> dict[str, object]:
         return _read_object(req, self.max_body_bytes)
@@ -964,7 +970,8 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
         raise ValueError(f"default_timeout_s must be in (0, {MAX_TIMEOUT_S:g}]")
     api = _Api(service, max_body_bytes, default_timeout_s)
     middleware: list[Any] = [] if metrics is None else [_LatencyMiddleware(metrics)]
-    middleware.append(AuthMiddleware(service, metrics_open=metrics_open))
+    middleware.append(AuthMiddleware(service, metrics_open=metrics_open,
+                                     default_timeout_s=default_timeout_s))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True  # /keys/a/ is /keys/a
     app.req_options.auto_parse_qs_csv = False

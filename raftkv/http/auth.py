@@ -14,13 +14,16 @@ answers it without asking the Raft process. Only a bearer that copy does not kno
 a made token, costs a round trip: the copy may lag the cluster (a token created through
 another node a moment ago), so the worker reads the table once more behind a linearizable
 barrier (`caught_up_authorizer`) before it answers 401: a token works on every node as soon
-as its create was answered. A route missing from the table needs admin (fail closed);
-tests/http/test_auth.py checks that every responder of the app is in it.
+as its create was answered; that look-up counts against the request's own timeout. A route
+missing from the table needs admin (fail closed); tests/http/test_auth.py checks that every
+responder of the app is in it.
 """
 
 from __future__ import annotations
 
 import enum
+import math
+import time
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
@@ -28,14 +31,16 @@ from typing import Any, Final
 import falcon
 
 from raftkv.auth import Principal, may_be_made_secret, parse_bearer
-from raftkv.service import ForbiddenError, KVService, UnauthenticatedError
+from raftkv.service import ForbiddenError, KVService, ReadTimeoutError, UnauthenticatedError
 
-__all__ = ["CATCH_UP_TIMEOUT_S", "PERMISSIONS", "AuthMiddleware", "Need", "authorize_keys",
-           "principal_of"]
+__all__ = ["CATCH_UP_TIMEOUT_S", "PERMISSIONS", "AuthMiddleware", "Need", "auth_waited_s",
+           "authorize_keys", "principal_of"]
 
 CATCH_UP_TIMEOUT_S: Final = 5.0
-"""How long a request with a token this node does not know may wait for the linearizable read
-of the token table that tells whether the token was made elsewhere a moment ago."""
+"""How long a request with a token this node does not know may wait, at most, for the
+linearizable read of the token table that tells whether the token was made elsewhere a moment
+ago; never longer than the request's own timeout (`?timeout`, else the app's default), and
+what it waited is taken off that timeout (`auth_waited_s`)."""
 
 
 class Need(enum.Enum):
@@ -108,13 +113,16 @@ def authorize_keys(req: falcon.Request, keys: Iterable[str]) -> None:
 class AuthMiddleware:
     """Checks PERMISSIONS once the route is known (process_resource)."""
 
-    def __init__(self, service: KVService, *, metrics_open: bool = False) -> None:
+    def __init__(self, service: KVService, *, metrics_open: bool = False,
+                 default_timeout_s: float = CATCH_UP_TIMEOUT_S) -> None:
         self._service = service
         self._metrics_open = metrics_open
+        self._default_timeout_s = default_timeout_s
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
                          params: dict[str, Any]) -> None:
         req.context.principal = None
+        req.context.auth_waited_s = 0.0
         if resource is None:
             return  # no route: Falcon answers 404, nothing to protect
         authorizer = self._service.authorizer()
@@ -128,8 +136,7 @@ class AuthMiddleware:
         if principal is None and secret is not None and may_be_made_secret(secret):
             # Made a moment ago through another node, it may not have reached this node's
             # copy of the table yet: look again after a linearizable read of the table.
-            principal = self._service.caught_up_authorizer(CATCH_UP_TIMEOUT_S).authenticate(
-                secret)
+            principal = self._look_up_again(req, secret)
         if principal is None:
             raise UnauthenticatedError(
                 "this cluster requires a token: send 'Authorization: Bearer <token>' with a "
@@ -139,6 +146,43 @@ class AuthMiddleware:
             raise ForbiddenError(f"token {principal.token_id} ({principal.role.value}"
                                  f"{_limited(principal)}) may not {_what(need, req, params)}: "
                                  f"it needs {need.value}")
+
+    def _look_up_again(self, req: falcon.Request, secret: str) -> Principal | None:
+        """The token's principal in the caught-up table, looked up within the request's own
+        timeout, which loses what this waited (auth_waited_s: the resource's timeout_s takes
+        it off)."""
+        own = _asked_timeout_s(req) or self._default_timeout_s
+        started = time.monotonic()
+        try:
+            principal = self._service.caught_up_authorizer(
+                min(CATCH_UP_TIMEOUT_S, own)).authenticate(secret)
+        finally:
+            req.context.auth_waited_s = waited = max(0.0, time.monotonic() - started)
+        if principal is not None and waited >= own:
+            raise ReadTimeoutError("checking the token took the request's whole timeout "
+                                   "(this node was slow to read the token table); nothing "
+                                   "was done: retry")
+        return principal
+
+
+def auth_waited_s(req: falcon.Request) -> float:
+    """What the token check of this request waited (0.0 for all but an unknown made-shaped
+    bearer): the request's timeout has that much less left."""
+    waited = getattr(req.context, "auth_waited_s", 0.0)
+    return waited if isinstance(waited, float) else 0.0
+
+
+def _asked_timeout_s(req: falcon.Request) -> float | None:
+    """`?timeout` when it is one valid number of seconds; else None (the resource answers a
+    malformed one with its 400 once the request is authenticated)."""
+    value = req.params.get("timeout")
+    if not isinstance(value, str):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 def _allows(need: Need, principal: Principal, req: falcon.Request,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from raftkv.auth import (
@@ -98,6 +99,8 @@ class FakeService:
         """While set: this node's own copy of the table, older than the cluster's
         (`token_table`): authorizer() answers from it, caught_up_authorizer() from the
         cluster's."""
+        self.during_catch_up: Callable[[], None] | None = None
+        """Called inside caught_up_authorizer (a test's clock moves on there)."""
         self._token_ids = 0
 
     def enable_auth(self, root_secret: str) -> None:
@@ -262,6 +265,8 @@ class FakeService:
     def caught_up_authorizer(self, timeout_s: float) -> Authorizer:
         with self._lock:
             self._enter(Call("caught_up_authorizer", timeout_s=timeout_s))
+            if self.during_catch_up is not None:
+                self.during_catch_up()
             return Authorizer(self.token_table)
 
     def token_create(self, role: Role, prefixes: tuple[str, ...], *,

@@ -12,6 +12,7 @@ import pytest
 from falcon.testing import Result, TestClient
 
 from raftkv.auth import Role, new_secret
+from raftkv.http import auth as auth_module
 from raftkv.http import create_app
 from raftkv.http.auth import CATCH_UP_TIMEOUT_S, PERMISSIONS
 from raftkv.service import NoLeaderError
@@ -230,6 +231,67 @@ def test_a_token_made_elsewhere_a_moment_ago_is_looked_up_again_before_a_401(
     assert client.simulate_put("/keys/k", json={"value": 2}, headers=bearer(fresh)).status_code \
         == 200
     assert len(fake.calls_of("caught_up_authorizer")) == 1
+
+
+class SteppedClock:
+    """time.monotonic for raftkv.http.auth: moves only when a test steps it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def step(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> SteppedClock:
+    stepped = SteppedClock()
+    monkeypatch.setattr(auth_module, "time", stepped)
+    return stepped
+
+
+@pytest.mark.parametrize(("query", "asked", "budget", "left"), [
+    ("?timeout=2", 2.0, 2.0, 1.25),          # the request's own timeout bounds the look-up
+    ("", 5.0, CATCH_UP_TIMEOUT_S, 4.25),      # no ?timeout: the app's default (5 s)
+    ("?timeout=30", 30.0, CATCH_UP_TIMEOUT_S, 29.25),  # never longer than the cap
+])
+def test_the_look_up_counts_against_the_requests_own_timeout(
+        client: TestClient, fake: FakeService, clock: SteppedClock, query: str, asked: float,
+        budget: float, left: float) -> None:
+    """The look-up waits at most the request's timeout (capped), and what it waited is taken
+    off the timeout the write then gets: the whole request keeps to its ?timeout."""
+    lagging = fake.token_table
+    fresh = fake.add_token(Role.WRITE)
+    fake.lagging_token_table = lagging
+    fake.during_catch_up = lambda: clock.step(0.75)
+    result = client.simulate_put(f"/keys/k{query}", json={"value": 1}, headers=bearer(fresh))
+    assert result.status_code == 200, result.text
+    assert [c.timeout_s for c in fake.calls_of("caught_up_authorizer")] == [budget]
+    assert [c.timeout_s for c in fake.calls_of("put")] == [pytest.approx(left)]
+    assert asked - left == pytest.approx(0.75)
+
+
+def test_a_look_up_that_used_the_whole_timeout_does_nothing(
+        client: TestClient, fake: FakeService, clock: SteppedClock) -> None:
+    """The table came back just as the request's timeout ran out: 504, nothing proposed; an
+    unknown token is still 401 (the table says so, however long it took)."""
+    lagging = fake.token_table
+    fresh = fake.add_token(Role.WRITE)
+    fake.lagging_token_table = lagging
+    fake.during_catch_up = lambda: clock.step(1.0)
+    error(client.simulate_put("/keys/k?timeout=1", json={"value": 1}, headers=bearer(fresh)),
+          504, "read_timeout")
+    assert fake.calls_of("put") == []
+    error(client.simulate_put("/keys/k?timeout=1", json={"value": 1},
+                              headers=bearer(new_secret())), 401, "unauthenticated")
+    # A known token costs no look-up and keeps its whole timeout.
+    fake.lagging_token_table = None
+    assert client.simulate_put("/keys/k?timeout=1", json={"value": 1},
+                               headers=bearer(fresh)).status_code == 200
+    assert [c.timeout_s for c in fake.calls_of("put")] == [1.0]
 
 
 def test_an_unknown_token_is_401_after_the_look_up_and_garbage_costs_none(
