@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SEEDS  ?= 1000
+FIRST_SEED ?= 0
 PYTEST_ARGS ?=
 # The cluster token: one per cluster, made on its first `make run` / `make up` in
 # .cluster-token (mode 0600, ignored by git) and given to the nodes; nothing in the
@@ -19,7 +20,7 @@ help:
 	@echo "make run        start a 3-node cluster (docker if available, else local processes)"
 	@echo "make run TLS=1  the docker cluster with auth and an nginx TLS proxy per node (HTTPS on 127.0.0.1:8443..8445)"
 	@echo "make test       lint, type-check and run the test suite"
-	@echo "make sim SEEDS=N   run N simulator seeds (RAFTKV_SIM_SEED=s replays one)"
+	@echo "make sim SEEDS=N [FIRST_SEED=F]   run N simulator seeds from F (RAFTKV_SIM_SEED=s replays one)"
 	@echo "make up | down | logs | ps   the docker-compose cluster: start detached, stop, follow, list"
 	@echo "make clean      remove the docker cluster WITH its volumes (all its data) and wheels/"
 	@echo "make image      build the image (make wheels: the wheelhouse it is built from)"
@@ -66,7 +67,7 @@ cluster: $(STAMP) $(TOKEN_FILE)
 	RAFTKV_CLUSTER_TOKEN_FILE=$(TOKEN_FILE) $(PY) -m raftkv cluster --nodes 3
 
 sim: $(STAMP)
-	RAFTKV_SIM_SEEDS=$(SEEDS) $(PY) -m pytest -q -m sim tests/sim $(PYTEST_ARGS)
+	RAFTKV_SIM_SEEDS=$(SEEDS) RAFTKV_SIM_FIRST_SEED=$(FIRST_SEED) $(PY) -m pytest -q -m sim tests/sim $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

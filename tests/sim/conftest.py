@@ -2,7 +2,9 @@
 
 RAFTKV_SIM_SEEDS=N runs seeds 0..N-1 (default 1000) of the register simulator and seeds
 0..N/8-1 of the lease simulator (tests/sim/leases.py, as if it were one more profile);
-RAFTKV_SIM_SEED=s runs exactly seed s of each (and none of the other simulator tests).
+RAFTKV_SIM_FIRST_SEED=F starts both at F instead of 0 (F..F+N-1 and F..F+N/8-1), so a long
+run can explore seeds no earlier run tried; RAFTKV_SIM_SEED=s runs exactly seed s of each
+(and none of the other simulator tests).
 The summary line is printed at the end of the pytest run (whatever `-s`/`-q` say) and written
 to tests/sim/.last_summary.json.
 """
@@ -22,18 +24,31 @@ SUMMARY_KEY = pytest.StashKey[SimSummary]()
 SUMMARY_PATH = Path(__file__).with_name(".last_summary.json")
 
 
-def sim_seeds() -> list[int]:
+def _env_int(name: str, default: int, least: int) -> int:
+    text = os.environ.get(name, "").strip()
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        raise pytest.UsageError(f"{name}={text!r}: must be a whole number") from None
+    if value < least:
+        raise pytest.UsageError(f"{name}={value}: must be at least {least}")
+    return value
+
+
+def _seeds(count: int) -> list[int]:
     one = os.environ.get("RAFTKV_SIM_SEED", "").strip()
     if one:
-        return [int(one)]
-    return list(range(int(os.environ.get("RAFTKV_SIM_SEEDS", "1000"))))
+        return [_env_int("RAFTKV_SIM_SEED", 0, 0)]
+    first = _env_int("RAFTKV_SIM_FIRST_SEED", 0, 0)
+    return list(range(first, first + count))
+
+
+def sim_seeds() -> list[int]:
+    return _seeds(_env_int("RAFTKV_SIM_SEEDS", 1000, 0))
 
 
 def lease_sim_seeds() -> list[int]:
-    one = os.environ.get("RAFTKV_SIM_SEED", "").strip()
-    if one:
-        return [int(one)]
-    return list(range(max(1, int(os.environ.get("RAFTKV_SIM_SEEDS", "1000")) // 8)))
+    return _seeds(max(1, _env_int("RAFTKV_SIM_SEEDS", 1000, 0) // 8))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
