@@ -695,7 +695,7 @@ class ForwardResult:
     error: ErrorReply | None = None
 
 
-def encode_forwards(items: list[Forward]) -> bytes:
+def encode_forwards(items: Sequence[Forward]) -> bytes:
     wire: list[list[object]] = []
     for f in items:
         if f.op is ForwardOp.PROPOSE:
@@ -900,7 +900,7 @@ def encode_request(rid: int, op: RequestOp, timeout_s: float, *args: object) -> 
     return [rid, op.value, int(timeout_s * 1000), *args]
 
 
-def pack_batch(items: list[Any]) -> bytes:
+def pack_batch(items: Sequence[Any]) -> bytes:
     """The payload of WORKER_REQUESTS / WORKER_REPLIES: [CHANNEL_VERSION, items]."""
     return _pack((CHANNEL_VERSION, items))
 

@@ -11,9 +11,13 @@ Sans-IO: `FrameDecoder.feed(bytes)` returns the complete frames; `frame_header` 
 from __future__ import annotations
 
 import struct
-from typing import Final
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final, TypeVar
 
-__all__ = ["HEADER", "FrameDecoder", "FrameError", "encode_frame", "frame_header"]
+__all__ = ["HEADER", "FrameDecoder", "FrameError", "encode_frame", "frame_header",
+           "payloads_within"]
+
+_T = TypeVar("_T")
 
 HEADER: Final = struct.Struct(">IB")
 _LENGTH: Final = struct.Struct(">I")
@@ -34,6 +38,24 @@ def frame_header(kind: int, payload_bytes: int) -> bytes:
 
 def encode_frame(kind: int, payload: bytes) -> bytes:
     return HEADER.pack(len(payload) + 1, kind) + payload
+
+
+def payloads_within(items: Sequence[_T], encode: Callable[[Sequence[_T]], bytes],
+                    max_bytes: int) -> Iterator[tuple[Sequence[_T], bytes]]:
+    """(items, their payload) for consecutive runs of `items`, in order, each payload at most
+    `max_bytes` (a batch encoded too large is halved and encoded again; the common case, a
+    batch that fits, is encoded once). A single item larger than `max_bytes` comes out alone:
+    the caller decides what to do with it."""
+    pending: list[Sequence[_T]] = [items] if items else []
+    while pending:
+        batch = pending.pop()
+        payload = encode(batch)
+        if len(payload) <= max_bytes or len(batch) == 1:
+            yield batch, payload
+        else:
+            middle = len(batch) // 2
+            pending.append(batch[middle:])
+            pending.append(batch[:middle])
 
 
 class FrameDecoder:

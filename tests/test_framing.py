@@ -4,12 +4,19 @@ arrives, with the reader's limits enforced as soon as a length is in."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from raftkv.framing import FrameDecoder, FrameError, encode_frame, frame_header
+from raftkv.framing import (
+    FrameDecoder,
+    FrameError,
+    encode_frame,
+    frame_header,
+    payloads_within,
+)
 
 frames_strategy = st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=300)),
                            max_size=20)
@@ -113,3 +120,36 @@ def test_header_encodes_payload_length_plus_the_kind_byte() -> None:
 def test_decoder_refuses_a_limit_that_cannot_hold_a_frame(limit: int) -> None:
     with pytest.raises(ValueError, match="max_frame_bytes"):
         FrameDecoder(limit)
+
+
+# --------------------------------------------------------------------------- payloads_within
+def _encode(items: Sequence[bytes]) -> bytes:
+    return b"".join(items)
+
+
+@given(st.lists(st.binary(min_size=0, max_size=40), max_size=60),
+       st.integers(min_value=1, max_value=200))
+def test_payloads_within_keep_order_and_the_bound(items: list[bytes], limit: int) -> None:
+    out = list(payloads_within(items, _encode, limit))
+    assert [x for batch, _ in out for x in batch] == items
+    for batch, payload in out:
+        assert payload == _encode(batch) and batch
+        assert len(payload) <= limit or len(batch) == 1
+
+
+def test_a_batch_that_fits_is_encoded_once_and_nothing_gives_nothing() -> None:
+    calls: list[int] = []
+
+    def counting(items: Sequence[bytes]) -> bytes:
+        calls.append(len(items))
+        return _encode(items)
+
+    assert [len(b) for b, _ in payloads_within([b"ab"] * 10, counting, 20)] == [10]
+    assert calls == [10]
+    assert list(payloads_within([], counting, 20)) == []
+
+
+def test_an_item_over_the_bound_comes_out_alone() -> None:
+    items = [b"a", b"x" * 50, b"b"]
+    assert [list(b) for b, _ in payloads_within(items, _encode, 10)] == [
+        [b"a"], [b"x" * 50], [b"b"]]

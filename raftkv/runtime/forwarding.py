@@ -1,7 +1,8 @@
 """Follower-to-leader forwarding: what only the leader can do, asked by any node.
 
 Follower side: writes (client commands), membership changes and lease operations are queued
-during a loop turn and leave in ONE FORWARD frame to the leader at its end (`flush`). Each gets
+during a loop turn and leave in one FORWARD frame to the leader at its end (`flush`; more
+only past MAX_FORWARD_BATCH items or MAX_FORWARD_FRAME_BYTES, in order). Each gets
 a `fid`, random-started per run (an answer the leader queued for an earlier run of this node
 must not match a request of this run).
 
@@ -38,6 +39,7 @@ from raftkv.codec import (
     FrameKind,
 )
 from raftkv.core import ConfChange, RaftNode, Role
+from raftkv.framing import payloads_within
 from raftkv.kv.commands import CommandDecodeError, decode_command
 from raftkv.runtime.driver import Completion, Expect, FrameSender, RaftDriver
 from raftkv.runtime.transport.refusals import RateLimitedLog
@@ -54,6 +56,10 @@ log = logging.getLogger(__name__)
 
 FORWARD_TIMEOUT_S: Final = 60.0
 MAX_FORWARD_BATCH: Final = 4096
+MAX_FORWARD_FRAME_BYTES: Final = 16 << 20
+"""A turn's forwards leave in frames of at most this many bytes (one write is at most ~1 MiB;
+the leader's reader takes frames of up to 64 MiB and drops the link on a larger one, which
+would end every write in it as outcome unknown)."""
 
 
 @dataclass(slots=True)
@@ -134,10 +140,12 @@ class Forwarder:
             leader = self.core.leader
             sent = 0  # items handed to the transport: they may commit whatever happens next
             if leader is not None and leader != self.core.id:
-                for i in range(0, len(out), MAX_FORWARD_BATCH):
-                    chunk = out[i : i + MAX_FORWARD_BATCH]
-                    if not self._frames.send(leader, FrameKind.FORWARD,
-                                             codec.encode_forwards(chunk)):
+                frames = (frame for i in range(0, len(out), MAX_FORWARD_BATCH)
+                          for frame in payloads_within(out[i : i + MAX_FORWARD_BATCH],
+                                                       codec.encode_forwards,
+                                                       MAX_FORWARD_FRAME_BYTES))
+                for chunk, payload in frames:
+                    if not self._frames.send(leader, FrameKind.FORWARD, payload):
                         break
                     sent += len(chunk)
             for item in out[sent:]:  # only what never left this node surely had no effect

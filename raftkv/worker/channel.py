@@ -26,7 +26,7 @@ from waitress import wasyncore
 
 from raftkv import codec
 from raftkv.codec import FrameKind, Reply, RequestOp
-from raftkv.framing import FrameDecoder, FrameError, encode_frame
+from raftkv.framing import FrameDecoder, FrameError, encode_frame, payloads_within
 from raftkv.http.green import TIMED_OUT, GreenDispatcher, Suspended
 from raftkv.metrics import WorkerStats
 
@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 LOST: Final = object()
 """What `call` returns when the Raft process went away before answering."""
 MAX_FRAME_BYTES: Final = 256 << 20
+MAX_REQUESTS_FRAME_BYTES: Final = 64 << 20
+"""The requests of one round leave in frames of at most this many bytes: the Raft process
+reads frames of up to 256 MiB and drops the channel on a larger one (many large writes in one
+round would have made one)."""
 _READ_BYTES: Final = 256 << 10
 _MAX_FDS: Final = 8
 
@@ -93,8 +97,10 @@ class ChannelClient(wasyncore.dispatcher):  # type: ignore[misc]
         """Send what the greenlets queued, in one frame (after each round of greenlets)."""
         if self._queued and not self.lost:
             queued, self._queued = self._queued, []
-            self._stats.observe_batch(len(queued))
-            self._out += encode_frame(FrameKind.WORKER_REQUESTS, codec.pack_batch(queued))
+            for batch, payload in payloads_within(queued, codec.pack_batch,
+                                                  MAX_REQUESTS_FRAME_BYTES):
+                self._stats.observe_batch(len(batch))
+                self._out += encode_frame(FrameKind.WORKER_REQUESTS, payload)
             self._write()
 
     def _write(self) -> None:

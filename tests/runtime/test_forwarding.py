@@ -457,6 +457,25 @@ def test_forwards_of_one_turn_leave_in_one_frame_and_are_answered_in_one(net: Ne
         r.index for r in results_sent(net))
 
 
+def test_large_forwards_of_one_turn_leave_in_frames_under_the_bound(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many large writes in one turn: several FORWARD frames, each within
+    MAX_FORWARD_FRAME_BYTES (one over the leader's frame limit would drop the link and leave
+    every write in it unknown), all in order, all answered."""
+    monkeypatch.setattr(forwarding, "MAX_FORWARD_FRAME_BYTES", 4000)
+    n2 = net.nodes["n2"]
+    dones = [Done() for _ in range(12)]
+    for i, done in enumerate(dones):
+        n2.driver.propose(put(f"k{i}", "v" * 1000), done)
+    net.settle()
+
+    frames = net.sent_of(FrameKind.FORWARD, frm="n2")
+    assert len(frames) >= 3 and max(len(f.payload) for f in frames) <= 4000
+    assert all(isinstance(d.value, PutResult) for d in dones)
+    indexes = [d.value.index for d in dones]  # type: ignore[attr-defined]
+    assert indexes == sorted(indexes)  # proposed at the leader in the order they came
+
+
 def test_a_malformed_forward_result_is_dropped_and_logged(
         net: Net, caplog: pytest.LogCaptureFixture) -> None:
     n2 = net.nodes["n2"]

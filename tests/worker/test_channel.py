@@ -15,6 +15,7 @@ import pytest
 
 from raftkv.codec import FrameKind, Reply, RequestOp
 from raftkv.framing import encode_frame
+from raftkv.worker import channel as channel_module
 from raftkv.worker.channel import LOST, TIMED_OUT
 from tests.worker.fake_raft import Worker
 
@@ -35,6 +36,21 @@ def test_requests_of_one_round_leave_in_one_frame(worker: Worker) -> None:
     assert [r.args[0] for r in requests] == [f"k{i}" for i in range(10)]
     assert len({r.rid for r in requests}) == 10
     assert not any(c.done for c in calls)
+
+
+def test_a_round_of_large_requests_leaves_in_frames_under_the_bound(
+        worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many large writes in one round: several frames, each within MAX_REQUESTS_FRAME_BYTES
+    (one over the Raft process's limit would lose the channel and every request on it)."""
+    monkeypatch.setattr(channel_module, "MAX_REQUESTS_FRAME_BYTES", 10_000)
+    command = b"v" * 3000
+    for i in range(10):
+        worker.start(functools.partial(worker.channel.call, RequestOp.PROPOSE, 5.0,
+                                       command + bytes([i])))
+    requests = worker.requests_of(10)
+    assert [r.args[0] for r in requests] == [command + bytes([i]) for i in range(10)]
+    sizes = [len(p) for k, p in worker.raft.frames if k == FrameKind.WORKER_REQUESTS]
+    assert len(sizes) >= 4 and max(sizes) <= 10_000
 
 
 def test_each_reply_resumes_its_own_request_whatever_the_order(worker: Worker) -> None:
