@@ -100,9 +100,6 @@ MAX_LIST_LIMIT: Final = 10_000
 DEFAULT_LIST_LIMIT: Final = 1000
 MAX_TIMEOUT_S: Final = 60.0
 DEFAULT_WATCH_TIMEOUT_S: Final = 30.0
-MIN_TIMEOUT_LEFT_S: Final = 0.001
-"""A request's timeout less what its token check waited never goes below this (the check
-fails the request itself when it used the whole timeout)."""
 SNAPSHOT_MEDIA_TYPE: Final = "application/octet-stream"
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 128
 MAX_NODE_ID_CHARS: Final = 64
@@ -510,7 +507,13 @@ class _Api:
                 raise InvalidFieldError(
                     f"query parameter 'timeout' must be seconds in (0, {MAX_TIMEOUT_S:g}]")
         waited = auth_waited_s(req)
-        return max(seconds - waited, MIN_TIMEOUT_LEFT_S) if waited else seconds
+        if not waited:
+            return seconds
+        if seconds <= waited:
+            raise ReadTimeoutError("checking the token took the request's whole timeout (this "
+                                   "node was slow to read the token table); nothing was done: "
+                                   "retry")
+        return seconds - waited
 
     def read_object(self, req: falcon.Request) -> dict[str, object]:
         return _read_object(req, self.max_body_bytes)
@@ -970,8 +973,7 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
         raise ValueError(f"default_timeout_s must be in (0, {MAX_TIMEOUT_S:g}]")
     api = _Api(service, max_body_bytes, default_timeout_s)
     middleware: list[Any] = [] if metrics is None else [_LatencyMiddleware(metrics)]
-    middleware.append(AuthMiddleware(service, metrics_open=metrics_open,
-                                     default_timeout_s=default_timeout_s))
+    middleware.append(AuthMiddleware(service, metrics_open=metrics_open))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True  # /keys/a/ is /keys/a
     app.req_options.auto_parse_qs_csv = False

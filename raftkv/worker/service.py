@@ -390,19 +390,26 @@ class RemoteService:
         """One catch-up in flight at a time per worker: a caller takes the outcome of the
         first catch-up that BEGAN after it came (one already flying may have read the table
         before the caller's token was made), so however many unknown bearers arrive together,
-        the Raft process sees at most one such read per worker at a time."""
+        the Raft process sees at most one such read per worker at a time. A catch-up asks
+        with the deadline of the caller that began it; one that timed out that way is not the
+        answer for a caller with time left, who takes the next one (a caller with a tiny
+        ?timeout cannot make the others' look-ups fail)."""
         deadline = time.monotonic() + timeout_s
         wanted = self._catch_ups_begun + 1
-        while self._catch_ups_ended < wanted:
-            if self._catch_ups_ended == self._catch_ups_begun:  # none flying: this one asks
-                return self._catch_up(deadline)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._catch_up_done.wait(remaining):
-                raise self._read_timeout()
-        outcome = self._catch_up_outcome
-        if isinstance(outcome, ServiceError):
-            raise outcome
-        return outcome
+        while True:
+            while self._catch_ups_ended < wanted:
+                if self._catch_ups_ended == self._catch_ups_begun:  # none flying: this asks
+                    return self._catch_up(deadline)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._catch_up_done.wait(remaining):
+                    raise self._read_timeout()
+            outcome = self._catch_up_outcome
+            if isinstance(outcome, ReadTimeoutError) and time.monotonic() < deadline:
+                wanted = self._catch_ups_ended + 1
+                continue
+            if isinstance(outcome, ServiceError):
+                raise outcome
+            return outcome
 
     def _catch_up(self, deadline: float) -> Authorizer:
         self._catch_ups_begun += 1

@@ -253,35 +253,50 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> SteppedClock:
     return stepped
 
 
-@pytest.mark.parametrize(("query", "asked", "budget", "left"), [
-    ("?timeout=2", 2.0, 2.0, 1.25),          # the request's own timeout bounds the look-up
-    ("", 5.0, CATCH_UP_TIMEOUT_S, 4.25),      # no ?timeout: the app's default (5 s)
-    ("?timeout=30", 30.0, CATCH_UP_TIMEOUT_S, 29.25),  # never longer than the cap
-])
-def test_the_look_up_counts_against_the_requests_own_timeout(
-        client: TestClient, fake: FakeService, clock: SteppedClock, query: str, asked: float,
-        budget: float, left: float) -> None:
-    """The look-up waits at most the request's timeout (capped), and what it waited is taken
-    off the timeout the write then gets: the whole request keeps to its ?timeout."""
+def slow_look_up(fake: FakeService, clock: SteppedClock, seconds: float) -> str:
+    """A fresh write token this node's copy of the table lacks; looking it up again takes
+    `seconds` of the stepped clock."""
     lagging = fake.token_table
     fresh = fake.add_token(Role.WRITE)
     fake.lagging_token_table = lagging
-    fake.during_catch_up = lambda: clock.step(0.75)
+    fake.during_catch_up = lambda: clock.step(seconds)
+    return fresh
+
+
+@pytest.mark.parametrize(("query", "budget", "left"), [
+    ("?timeout=1.5", 1.5, 0.75),                # a shorter ?timeout bounds the look-up
+    ("", CATCH_UP_TIMEOUT_S, 1.25),              # no ?timeout: the cap; the app default is 2 s
+    ("?timeout=30", CATCH_UP_TIMEOUT_S, 29.25),  # never longer than the cap
+])
+def test_the_look_up_counts_against_the_requests_own_timeout(
+        fake: FakeService, clock: SteppedClock, query: str, budget: float,
+        left: float) -> None:
+    """The look-up waits at most 5 s or the request's ?timeout, and what it waited is taken
+    off the timeout the write then gets: the whole request keeps to its timeout."""
+    client = TestClient(create_app(fake, metrics=Sink(), default_timeout_s=2.0))
+    fresh = slow_look_up(fake, clock, 0.75)
     result = client.simulate_put(f"/keys/k{query}", json={"value": 1}, headers=bearer(fresh))
     assert result.status_code == 200, result.text
     assert [c.timeout_s for c in fake.calls_of("caught_up_authorizer")] == [budget]
     assert [c.timeout_s for c in fake.calls_of("put")] == [pytest.approx(left)]
-    assert asked - left == pytest.approx(0.75)
+
+
+def test_a_watch_keeps_its_own_default_less_the_look_up(
+        fake: FakeService, clock: SteppedClock) -> None:
+    """A watch's default is 30 s, not the app's 2 s: a 3 s look-up leaves it 27 s."""
+    client = TestClient(create_app(fake, metrics=Sink(), default_timeout_s=2.0))
+    fresh = slow_look_up(fake, clock, 3.0)
+    result = client.simulate_get("/keys/k", params={"wait": "true"}, headers=bearer(fresh))
+    assert result.status_code == 200, result.text
+    assert [c.timeout_s for c in fake.calls_of("caught_up_authorizer")] == [CATCH_UP_TIMEOUT_S]
+    assert [c.timeout_s for c in fake.calls_of("watch")] == [pytest.approx(27.0)]
 
 
 def test_a_look_up_that_used_the_whole_timeout_does_nothing(
         client: TestClient, fake: FakeService, clock: SteppedClock) -> None:
     """The table came back just as the request's timeout ran out: 504, nothing proposed; an
     unknown token is still 401 (the table says so, however long it took)."""
-    lagging = fake.token_table
-    fresh = fake.add_token(Role.WRITE)
-    fake.lagging_token_table = lagging
-    fake.during_catch_up = lambda: clock.step(1.0)
+    fresh = slow_look_up(fake, clock, 1.0)
     error(client.simulate_put("/keys/k?timeout=1", json={"value": 1}, headers=bearer(fresh)),
           504, "read_timeout")
     assert fake.calls_of("put") == []
@@ -292,6 +307,20 @@ def test_a_look_up_that_used_the_whole_timeout_does_nothing(
     assert client.simulate_put("/keys/k?timeout=1", json={"value": 1},
                                headers=bearer(fresh)).status_code == 200
     assert [c.timeout_s for c in fake.calls_of("put")] == [1.0]
+
+
+def test_a_slow_look_up_neither_times_out_a_route_without_a_timeout_nor_hides_a_400(
+        fake: FakeService, clock: SteppedClock) -> None:
+    """/status has no operation timeout: it answers after a slow look-up. A malformed
+    ?timeout gets the resource's 400 (the look-up took the cap meanwhile)."""
+    client = TestClient(create_app(fake, metrics=Sink(), default_timeout_s=2.0))
+    fresh = slow_look_up(fake, clock, CATCH_UP_TIMEOUT_S)
+    assert client.simulate_get("/status", headers=bearer(fresh)).status_code == 200
+    for bad in ("nan", "inf", "0", "-1", "soon", "100"):
+        error(client.simulate_put(f"/keys/k?timeout={bad}", json={"value": 1},
+                                  headers=bearer(fresh)), 400, "invalid_field")
+    assert {c.timeout_s for c in fake.calls_of("caught_up_authorizer")} == {CATCH_UP_TIMEOUT_S}
+    assert fake.calls_of("put") == []
 
 
 def test_an_unknown_token_is_401_after_the_look_up_and_garbage_costs_none(

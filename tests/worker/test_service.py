@@ -295,3 +295,32 @@ def test_catch_ups_fly_one_at_a_time_and_a_caller_takes_one_that_began_after_it_
     worker.finish(*later)
     assert all(c.outcome().authenticate(secret) is not None for c in later)
     assert len(worker.raft.requests) == 2
+
+
+def test_a_catch_up_cut_short_by_its_callers_timeout_is_not_the_answer_for_a_caller_with_time(
+        worker: Worker) -> None:
+    """A catch-up asks with the deadline of whoever began it: one begun by a caller with a
+    tiny timeout (any bearer sets ?timeout) times out for that caller only; a caller with
+    time left takes the next catch-up instead of that 504."""
+    root = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), token_digest("r" * 40), 1)
+    first = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
+    [asked] = worker.requests_of(1)
+    short = worker.start(lambda: worker.service.caught_up_authorizer(0.05))
+    patient = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
+    waiting = worker.service._catch_up_done._waiting
+    worker.turn_until(lambda: len(waiting) == 2, "both later callers to wait")
+
+    worker.raft.reply((asked.rid, True, None))
+    cut_short = worker.requests_of(2)[1]  # begun by `short`, with its 0.05 s
+    worker.finish(first, short)
+    with pytest.raises(ReadTimeoutError):
+        short.outcome()
+    assert not patient.done
+    retried = worker.requests_of(3)[2]  # `patient` asks again, with its own deadline
+    assert retried.timeout_s > 1.0
+    secret = new_secret()
+    made = TokenRecord("a1b2c3d4e5f60708", Role.READ, (), token_digest(secret), 9)
+    worker.raft.reply((cut_short.rid, True, None))  # late: nobody waits for it any more
+    worker.raft.reply((retried.rid, True, TokenTable(True, (root, made), 9).to_wire()))
+    worker.finish(patient)
+    assert patient.outcome().authenticate(secret) is not None
