@@ -41,12 +41,34 @@ def encode_frame(kind: int, payload: bytes) -> bytes:
 
 
 def payloads_within(items: Sequence[_T], encode: Callable[[Sequence[_T]], bytes],
-                    max_bytes: int) -> Iterator[tuple[Sequence[_T], bytes]]:
+                    max_bytes: int, size_of: Callable[[_T], int]) -> Iterator[
+                        tuple[Sequence[_T], bytes]]:
     """(items, their payload) for consecutive runs of `items`, in order, each payload at most
-    `max_bytes` (a batch encoded too large is halved and encoded again; the common case, a
-    batch that fits, is encoded once). A single item larger than `max_bytes` comes out alone:
-    the caller decides what to do with it."""
-    pending: list[Sequence[_T]] = [items] if items else []
+    `max_bytes`. A batch that fits (the common case) is encoded once, as one run. One that
+    does not is cut into runs by `size_of` (an estimate of an item's share of the payload),
+    each encoded once, a run the estimate let grow too large halved again. A single item
+    larger than `max_bytes` comes out alone: the caller decides what to do with it."""
+    if not items:
+        return
+    payload = encode(items)
+    if len(payload) <= max_bytes or len(items) == 1:
+        yield items, payload
+        return
+    start, count = 0, len(items)
+    while start < count:
+        end, total = start, 0
+        while end < count:
+            total += size_of(items[end])
+            if end > start and total > max_bytes:
+                break
+            end += 1
+        yield from _halved(items[start:end], encode, max_bytes)
+        start = end
+
+
+def _halved(items: Sequence[_T], encode: Callable[[Sequence[_T]], bytes],
+            max_bytes: int) -> Iterator[tuple[Sequence[_T], bytes]]:
+    pending: list[Sequence[_T]] = [items]
     while pending:
         batch = pending.pop()
         payload = encode(batch)

@@ -4,7 +4,7 @@ arrives, with the reader's limits enforced as soon as a length is in."""
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import given
@@ -128,28 +128,40 @@ def _encode(items: Sequence[bytes]) -> bytes:
 
 
 @given(st.lists(st.binary(min_size=0, max_size=40), max_size=60),
-       st.integers(min_value=1, max_value=200))
-def test_payloads_within_keep_order_and_the_bound(items: list[bytes], limit: int) -> None:
-    out = list(payloads_within(items, _encode, limit))
+       st.integers(min_value=1, max_value=200), st.sampled_from([len, lambda _x: 1]))
+def test_payloads_within_keep_order_and_the_bound(
+        items: list[bytes], limit: int, size_of: Callable[[bytes], int]) -> None:
+    """With a right estimate (len) and with one far too low (the halving catches it)."""
+    out = list(payloads_within(items, _encode, limit, size_of))
     assert [x for batch, _ in out for x in batch] == items
     for batch, payload in out:
         assert payload == _encode(batch) and batch
         assert len(payload) <= limit or len(batch) == 1
 
 
+def _counting(calls: list[int]) -> Callable[[Sequence[bytes]], bytes]:
+    def encode(items: Sequence[bytes]) -> bytes:
+        calls.append(sum(map(len, items)))
+        return _encode(items)
+    return encode
+
+
 def test_a_batch_that_fits_is_encoded_once_and_nothing_gives_nothing() -> None:
     calls: list[int] = []
+    assert [len(b) for b, _ in payloads_within([b"ab"] * 10, _counting(calls), 20, len)] == [10]
+    assert calls == [20]
+    assert list(payloads_within([], _counting(calls), 20, len)) == []
+    assert calls == [20]
 
-    def counting(items: Sequence[bytes]) -> bytes:
-        calls.append(len(items))
-        return _encode(items)
 
-    assert [len(b) for b, _ in payloads_within([b"ab"] * 10, counting, 20)] == [10]
-    assert calls == [10]
-    assert list(payloads_within([], counting, 20)) == []
+def test_a_batch_too_large_is_cut_by_the_estimate_and_each_run_encoded_once() -> None:
+    calls: list[int] = []
+    runs = list(payloads_within([b"x" * 100] * 256, _counting(calls), 1600, len))
+    assert [len(b) for b, _ in runs] == [16] * 16
+    assert sum(calls) == 2 * 25_600  # the whole once (too large), then each run once
 
 
 def test_an_item_over_the_bound_comes_out_alone() -> None:
     items = [b"a", b"x" * 50, b"b"]
-    assert [list(b) for b, _ in payloads_within(items, _encode, 10)] == [
+    assert [list(b) for b, _ in payloads_within(items, _encode, 10, len)] == [
         [b"a"], [b"x" * 50], [b"b"]]

@@ -62,6 +62,11 @@ the leader's reader takes frames of up to 64 MiB and drops the link on a larger 
 would end every write in it as outcome unknown)."""
 
 
+def _forward_bytes(item: Forward) -> int:
+    """About what `item` adds to a FORWARD frame (its command, and room for the rest)."""
+    return len(item.data) + 64
+
+
 @dataclass(slots=True)
 class _Waiting:
     sent_at: float
@@ -143,7 +148,7 @@ class Forwarder:
                 frames = (frame for i in range(0, len(out), MAX_FORWARD_BATCH)
                           for frame in payloads_within(out[i : i + MAX_FORWARD_BATCH],
                                                        codec.encode_forwards,
-                                                       MAX_FORWARD_FRAME_BYTES))
+                                                       MAX_FORWARD_FRAME_BYTES, _forward_bytes))
                 for chunk, payload in frames:
                     if not self._frames.send(leader, FrameKind.FORWARD, payload):
                         break

@@ -45,6 +45,12 @@ _READ_BYTES: Final = 256 << 10
 _MAX_FDS: Final = 8
 
 
+def _request_bytes(request: list[object]) -> int:
+    """About what an encoded request adds to a WORKER_REQUESTS frame: its byte and string
+    arguments (a write's command), and room for the rest."""
+    return 64 + sum(len(a) for a in request if isinstance(a, (bytes, str)))
+
+
 class ChannelClient(wasyncore.dispatcher):  # type: ignore[misc]
     def __init__(self, sock: socket.socket, dispatcher: GreenDispatcher,
                  socket_map: dict[Any, Any], stats: WorkerStats,
@@ -98,7 +104,7 @@ class ChannelClient(wasyncore.dispatcher):  # type: ignore[misc]
         if self._queued and not self.lost:
             queued, self._queued = self._queued, []
             for batch, payload in payloads_within(queued, codec.pack_batch,
-                                                  MAX_REQUESTS_FRAME_BYTES):
+                                                  MAX_REQUESTS_FRAME_BYTES, _request_bytes):
                 self._stats.observe_batch(len(batch))
                 self._out += encode_frame(FrameKind.WORKER_REQUESTS, payload)
             self._write()

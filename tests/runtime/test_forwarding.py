@@ -476,6 +476,27 @@ def test_large_forwards_of_one_turn_leave_in_frames_under_the_bound(
     assert indexes == sorted(indexes)  # proposed at the leader in the order they came
 
 
+def test_a_transport_refusing_midway_through_split_frames_fails_only_what_never_left(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames split by bytes: the writes of the frames the transport took keep waiting (they
+    may commit); only those after the refusal fail as surely without effect."""
+    monkeypatch.setattr(forwarding, "MAX_FORWARD_FRAME_BYTES", 2500)
+    n2 = net.nodes["n2"]
+    n2.frames.accept = 2
+    dones = [Done() for _ in range(8)]
+    for i, done in enumerate(dones):
+        n2.driver.propose(put(f"k{i}", "v" * 1000), done)
+
+    n2.forwarder.flush()
+
+    frames = net.sent_of(FrameKind.FORWARD, frm="n2")
+    left = sum(len(codec.decode_forwards(f.payload)) for f in frames)
+    assert len(frames) == 2 and 2 <= left < 8
+    assert not any(d.done for d in dones[:left])
+    assert all(isinstance(d.error, NoLeaderError) for d in dones[left:])
+    assert n2.forwarder.waiting == left
+
+
 def test_a_malformed_forward_result_is_dropped_and_logged(
         net: Net, caplog: pytest.LogCaptureFixture) -> None:
     n2 = net.nodes["n2"]
