@@ -305,19 +305,22 @@ def test_a_catch_up_cut_short_by_its_callers_timeout_is_not_the_answer_for_a_cal
     root = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), token_digest("r" * 40), 1)
     first = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
     [asked] = worker.requests_of(1)
-    short = worker.start(lambda: worker.service.caught_up_authorizer(0.05))
-    patient = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
+    # `short` must still have time when the first answer comes (it begins the next catch-up
+    # with what it has left), and runs out while that catch-up flies: 2 s, never answered.
+    short = worker.start(lambda: worker.service.caught_up_authorizer(2.0))
+    patient = worker.start(lambda: worker.service.caught_up_authorizer(30.0))
     waiting = worker.service._catch_up_done._waiting
     worker.turn_until(lambda: len(waiting) == 2, "both later callers to wait")
 
     worker.raft.reply((asked.rid, True, None))
-    cut_short = worker.requests_of(2)[1]  # begun by `short`, with its 0.05 s
+    cut_short = worker.requests_of(2)[1]  # begun by `short`, with what is left of its 2 s
+    assert cut_short.timeout_s <= 2.0
     worker.finish(first, short)
     with pytest.raises(ReadTimeoutError):
         short.outcome()
     assert not patient.done
     retried = worker.requests_of(3)[2]  # `patient` asks again, with its own deadline
-    assert retried.timeout_s > 1.0
+    assert retried.timeout_s > 20.0
     secret = new_secret()
     made = TokenRecord("a1b2c3d4e5f60708", Role.READ, (), token_digest(secret), 9)
     worker.raft.reply((cut_short.rid, True, None))  # late: nobody waits for it any more
