@@ -128,10 +128,12 @@ def _encode(items: Sequence[bytes]) -> bytes:
 
 
 @given(st.lists(st.binary(min_size=0, max_size=40), max_size=60),
-       st.integers(min_value=1, max_value=200), st.sampled_from([len, lambda _x: 1]))
+       st.integers(min_value=1, max_value=200),
+       st.sampled_from([len, lambda _x: 1, lambda _x: 10**6]))
 def test_payloads_within_keep_order_and_the_bound(
         items: list[bytes], limit: int, size_of: Callable[[bytes], int]) -> None:
-    """With a right estimate (len) and with one far too low (the halving catches it)."""
+    """With a right estimate (len), one far too low (the halving catches it) and one far too
+    high (runs of one item)."""
     out = list(payloads_within(items, _encode, limit, size_of))
     assert [x for batch, _ in out for x in batch] == items
     for batch, payload in out:

@@ -493,6 +493,17 @@ class _Api:
     max_body_bytes: int
     default_timeout_s: float
 
+    def default_timeout_s_of(self, req: falcon.Request) -> float:
+        """The timeout `req` gets without ?timeout: a watch's 30 s, else the app's default
+        (what the token look-up may wait at most, under its own cap)."""
+        if req.method == "GET" and req.uri_template == "/keys/{key:path}":
+            try:
+                if _flag(req, "wait"):
+                    return DEFAULT_WATCH_TIMEOUT_S
+            except InvalidFieldError:
+                pass  # the resource answers its 400
+        return self.default_timeout_s
+
     def timeout_s(self, req: falcon.Request, default_s: float | None = None) -> float:
         """`?timeout` (else the default), less what the token check waited, if it did."""
         value = _param(req, "timeout")
@@ -973,7 +984,8 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
         raise ValueError(f"default_timeout_s must be in (0, {MAX_TIMEOUT_S:g}]")
     api = _Api(service, max_body_bytes, default_timeout_s)
     middleware: list[Any] = [] if metrics is None else [_LatencyMiddleware(metrics)]
-    middleware.append(AuthMiddleware(service, metrics_open=metrics_open))
+    middleware.append(AuthMiddleware(service, metrics_open=metrics_open,
+                                     default_timeout_s_of=api.default_timeout_s_of))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True  # /keys/a/ is /keys/a
     app.req_options.auto_parse_qs_csv = False

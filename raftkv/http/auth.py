@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -39,8 +39,8 @@ __all__ = ["CATCH_UP_TIMEOUT_S", "PERMISSIONS", "AuthMiddleware", "Need", "auth_
 CATCH_UP_TIMEOUT_S: Final = 5.0
 """How long a request with a token this node does not know may wait, at most, for the
 linearizable read of the token table that tells whether the token was made elsewhere a moment
-ago; never longer than the request's `?timeout`, and what it waited is taken off the
-request's timeout (`auth_waited_s`)."""
+ago; never longer than the request's own timeout (`?timeout`, else its route's default), and
+what it waited is taken off that timeout (`auth_waited_s`)."""
 
 
 class Need(enum.Enum):
@@ -113,9 +113,14 @@ def authorize_keys(req: falcon.Request, keys: Iterable[str]) -> None:
 class AuthMiddleware:
     """Checks PERMISSIONS once the route is known (process_resource)."""
 
-    def __init__(self, service: KVService, *, metrics_open: bool = False) -> None:
+    def __init__(self, service: KVService, *, metrics_open: bool = False,
+                 default_timeout_s_of: Callable[[falcon.Request], float] | None = None
+                 ) -> None:
+        """`default_timeout_s_of`: the timeout a request gets without ?timeout (its route's
+        default); None: CATCH_UP_TIMEOUT_S."""
         self._service = service
         self._metrics_open = metrics_open
+        self._default_timeout_s_of = default_timeout_s_of
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
                          params: dict[str, Any]) -> None:
@@ -147,11 +152,14 @@ class AuthMiddleware:
 
     def _look_up_again(self, req: falcon.Request, secret: str) -> Principal | None:
         """The token's principal in the caught-up table. The look-up waits at most
-        CATCH_UP_TIMEOUT_S, or the request's ?timeout when that is shorter; what it waited
-        is recorded (auth_waited_s) and the resource's timeout loses it (a request whose
-        whole timeout went into the look-up answers 504 there, with nothing done)."""
-        asked = _asked_timeout_s(req)
-        budget = CATCH_UP_TIMEOUT_S if asked is None else min(CATCH_UP_TIMEOUT_S, asked)
+        CATCH_UP_TIMEOUT_S, or the request's own timeout when that is shorter (?timeout, else
+        its route's default); what it waited is recorded (auth_waited_s) and the resource's
+        timeout loses it (a request whose whole timeout went into the look-up answers 504
+        there, with nothing done)."""
+        own = _asked_timeout_s(req)
+        if own is None and self._default_timeout_s_of is not None:
+            own = self._default_timeout_s_of(req)
+        budget = CATCH_UP_TIMEOUT_S if own is None else min(CATCH_UP_TIMEOUT_S, own)
         started = time.monotonic()
         try:
             return self._service.caught_up_authorizer(budget).authenticate(secret)

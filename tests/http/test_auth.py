@@ -265,14 +265,15 @@ def slow_look_up(fake: FakeService, clock: SteppedClock, seconds: float) -> str:
 
 @pytest.mark.parametrize(("query", "budget", "left"), [
     ("?timeout=1.5", 1.5, 0.75),                # a shorter ?timeout bounds the look-up
-    ("", CATCH_UP_TIMEOUT_S, 1.25),              # no ?timeout: the cap; the app default is 2 s
+    ("", 2.0, 1.25),                             # no ?timeout: the app's default, 2 s
     ("?timeout=30", CATCH_UP_TIMEOUT_S, 29.25),  # never longer than the cap
 ])
 def test_the_look_up_counts_against_the_requests_own_timeout(
         fake: FakeService, clock: SteppedClock, query: str, budget: float,
         left: float) -> None:
-    """The look-up waits at most 5 s or the request's ?timeout, and what it waited is taken
-    off the timeout the write then gets: the whole request keeps to its timeout."""
+    """The look-up waits at most 5 s or the request's own timeout (?timeout, else the
+    default), and what it waited is taken off the timeout the write then gets: the whole
+    request keeps to its timeout."""
     client = TestClient(create_app(fake, metrics=Sink(), default_timeout_s=2.0))
     fresh = slow_look_up(fake, clock, 0.75)
     result = client.simulate_put(f"/keys/k{query}", json={"value": 1}, headers=bearer(fresh))
@@ -283,7 +284,8 @@ def test_the_look_up_counts_against_the_requests_own_timeout(
 
 def test_a_watch_keeps_its_own_default_less_the_look_up(
         fake: FakeService, clock: SteppedClock) -> None:
-    """A watch's default is 30 s, not the app's 2 s: a 3 s look-up leaves it 27 s."""
+    """A watch's default is 30 s, not the app's 2 s: its look-up may take the 5 s cap, and
+    one of 3 s leaves it 27 s."""
     client = TestClient(create_app(fake, metrics=Sink(), default_timeout_s=2.0))
     fresh = slow_look_up(fake, clock, 3.0)
     result = client.simulate_get("/keys/k", params={"wait": "true"}, headers=bearer(fresh))
@@ -312,14 +314,15 @@ def test_a_look_up_that_used_the_whole_timeout_does_nothing(
 def test_a_slow_look_up_neither_times_out_a_route_without_a_timeout_nor_hides_a_400(
         fake: FakeService, clock: SteppedClock) -> None:
     """/status has no operation timeout: it answers after a slow look-up. A malformed
-    ?timeout gets the resource's 400 (the look-up took the cap meanwhile)."""
+    ?timeout gets the resource's 400 (the look-up took the default or the cap meanwhile)."""
     client = TestClient(create_app(fake, metrics=Sink(), default_timeout_s=2.0))
     fresh = slow_look_up(fake, clock, CATCH_UP_TIMEOUT_S)
     assert client.simulate_get("/status", headers=bearer(fresh)).status_code == 200
     for bad in ("nan", "inf", "0", "-1", "soon", "100"):
         error(client.simulate_put(f"/keys/k?timeout={bad}", json={"value": 1},
                                   headers=bearer(fresh)), 400, "invalid_field")
-    assert {c.timeout_s for c in fake.calls_of("caught_up_authorizer")} == {CATCH_UP_TIMEOUT_S}
+    assert [c.timeout_s for c in fake.calls_of("caught_up_authorizer")] == [2.0] * 6 + [
+        CATCH_UP_TIMEOUT_S]  # /status and five malformed: the default; 100: the cap
     assert fake.calls_of("put") == []
 
 
