@@ -440,6 +440,17 @@ def _param(req: falcon.Request, name: str) -> str | None:
     return value
 
 
+def _positive_seconds(value: object) -> float | None:
+    """`value` as a positive, finite number of seconds; None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
 def _flag(req: falcon.Request, name: str) -> bool:
     value = _param(req, name)
     if value is None:
@@ -493,9 +504,13 @@ class _Api:
     max_body_bytes: int
     default_timeout_s: float
 
-    def default_timeout_s_of(self, req: falcon.Request) -> float:
-        """The timeout `req` gets without ?timeout: a watch's 30 s, else the app's default
-        (what the token look-up may wait at most, under its own cap)."""
+    def own_timeout_s(self, req: falcon.Request) -> float:
+        """The timeout `req` asks for, before any wait: ?timeout when it is a positive
+        number of seconds, else its route's default (a watch's 30 s, else the app's); a
+        malformed ?timeout gets its 400 from timeout_s. The token look-up waits no longer."""
+        asked = _positive_seconds(req.params.get("timeout"))
+        if asked is not None:
+            return asked
         if req.method == "GET" and req.uri_template == "/keys/{key:path}":
             try:
                 if _flag(req, "wait"):
@@ -510,13 +525,11 @@ class _Api:
         if value is None:
             seconds = self.default_timeout_s if default_s is None else default_s
         else:
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = math.nan
-            if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_S):
+            asked = _positive_seconds(value)
+            if asked is None or asked > MAX_TIMEOUT_S:
                 raise InvalidFieldError(
                     f"query parameter 'timeout' must be seconds in (0, {MAX_TIMEOUT_S:g}]")
+            seconds = asked
         waited = auth_waited_s(req)
         if not waited:
             return seconds
@@ -985,7 +998,7 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     api = _Api(service, max_body_bytes, default_timeout_s)
     middleware: list[Any] = [] if metrics is None else [_LatencyMiddleware(metrics)]
     middleware.append(AuthMiddleware(service, metrics_open=metrics_open,
-                                     default_timeout_s_of=api.default_timeout_s_of))
+                                     own_timeout_s_of=api.own_timeout_s))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True  # /keys/a/ is /keys/a
     app.req_options.auto_parse_qs_csv = False

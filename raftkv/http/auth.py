@@ -22,7 +22,6 @@ responder of the app is in it.
 from __future__ import annotations
 
 import enum
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -114,18 +113,17 @@ class AuthMiddleware:
     """Checks PERMISSIONS once the route is known (process_resource)."""
 
     def __init__(self, service: KVService, *, metrics_open: bool = False,
-                 default_timeout_s_of: Callable[[falcon.Request], float] | None = None
+                 own_timeout_s_of: Callable[[falcon.Request], float] | None = None
                  ) -> None:
-        """`default_timeout_s_of`: the timeout a request gets without ?timeout (its route's
-        default); None: CATCH_UP_TIMEOUT_S."""
+        """`own_timeout_s_of`: the timeout a request asks for (?timeout, else its route's
+        default; the app knows both); None: CATCH_UP_TIMEOUT_S."""
         self._service = service
         self._metrics_open = metrics_open
-        self._default_timeout_s_of = default_timeout_s_of
+        self._own_timeout_s_of = own_timeout_s_of
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
                          params: dict[str, Any]) -> None:
         req.context.principal = None
-        req.context.auth_waited_s = 0.0
         if resource is None:
             return  # no route: Falcon answers 404, nothing to protect
         authorizer = self._service.authorizer()
@@ -156,10 +154,8 @@ class AuthMiddleware:
         its route's default); what it waited is recorded (auth_waited_s) and the resource's
         timeout loses it (a request whose whole timeout went into the look-up answers 504
         there, with nothing done)."""
-        own = _asked_timeout_s(req)
-        if own is None and self._default_timeout_s_of is not None:
-            own = self._default_timeout_s_of(req)
-        budget = CATCH_UP_TIMEOUT_S if own is None else min(CATCH_UP_TIMEOUT_S, own)
+        own = self._own_timeout_s_of
+        budget = CATCH_UP_TIMEOUT_S if own is None else min(CATCH_UP_TIMEOUT_S, own(req))
         started = time.monotonic()
         try:
             return self._service.caught_up_authorizer(budget).authenticate(secret)
@@ -170,22 +166,8 @@ class AuthMiddleware:
 def auth_waited_s(req: falcon.Request) -> float:
     """What the token check of this request waited (0.0 for all but an unknown made-shaped
     bearer): the request's timeout has that much less left."""
-    waited = getattr(req.context, "auth_waited_s", 0.0)
-    return waited if isinstance(waited, float) else 0.0
-
-
-def _asked_timeout_s(req: falcon.Request) -> float | None:
-    """`?timeout` when it is one positive, finite number of seconds; else None (the resource
-    answers a malformed or out-of-range one with its 400 once the request is
-    authenticated)."""
-    value = req.params.get("timeout")
-    if not isinstance(value, str):
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds > 0 else None
+    waited: float = getattr(req.context, "auth_waited_s", 0.0)  # set only by a look-up
+    return waited
 
 
 def _allows(need: Need, principal: Principal, req: falcon.Request,
