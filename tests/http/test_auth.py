@@ -214,14 +214,20 @@ def test_a_retried_create_is_a_conflict_naming_the_token(client: TestClient) -> 
     assert first.json["token"] not in again.text
 
 
+def made_elsewhere(fake: FakeService) -> str:
+    """A fresh write token this node's copy of the table lacks (the cluster's has it)."""
+    lagging = fake.token_table
+    fresh = fake.add_token(Role.WRITE)
+    fake.lagging_token_table = lagging
+    return fresh
+
+
 def test_a_token_made_elsewhere_a_moment_ago_is_looked_up_again_before_a_401(
         client: TestClient, fake: FakeService) -> None:
     """This node's copy of the token table lags the cluster's (a token created through
     another node, not applied or pushed here yet): a made-shaped bearer it does not know is
     looked up once more, behind a linearizable read of the table, before the answer."""
-    lagging = fake.token_table
-    fresh = fake.add_token(Role.WRITE)
-    fake.lagging_token_table = lagging
+    fresh = made_elsewhere(fake)
     assert client.simulate_put("/keys/k", json={"value": 1}, headers=bearer(fresh)).status_code \
         == 200
     assert [c.timeout_s for c in fake.calls_of("caught_up_authorizer")] == [
@@ -254,13 +260,9 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> SteppedClock:
 
 
 def slow_look_up(fake: FakeService, clock: SteppedClock, seconds: float) -> str:
-    """A fresh write token this node's copy of the table lacks; looking it up again takes
-    `seconds` of the stepped clock."""
-    lagging = fake.token_table
-    fresh = fake.add_token(Role.WRITE)
-    fake.lagging_token_table = lagging
+    """made_elsewhere, and looking it up again takes `seconds` of the stepped clock."""
     fake.during_catch_up = lambda: clock.step(seconds)
-    return fresh
+    return made_elsewhere(fake)
 
 
 @pytest.mark.parametrize(("query", "budget", "left"), [

@@ -193,14 +193,27 @@ def test_readiness_of_a_stopping_node_is_answered_without_asking(worker: Worker)
     assert worker.raft.requests == []
 
 
+ROOT = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), token_digest("r" * 40), 1)
+
+
+def push_table(worker: Worker, version: int) -> None:
+    """The Raft process pushes a table of the root token alone at `version`."""
+    worker.raft.push({"auth": TokenTable(True, (ROOT,), version).to_wire()})
+    worker.turn_until(lambda: worker.view.authorizer.table.version == version, "the push")
+
+
+def made_token(index: int) -> tuple[str, TokenRecord]:
+    """A read token's secret and its record, as a create applied at `index` makes them."""
+    secret = new_secret()
+    return secret, TokenRecord("a1b2c3d4e5f60708", Role.READ, (), token_digest(secret), index)
+
+
 def test_a_caught_up_authorizer_asks_past_its_table_version_and_keeps_a_newer_table(
         worker: Worker) -> None:
     """For a bearer its copy does not know, a worker asks for the table behind a
     linearizable barrier, naming the version it holds: nil keeps its copy (it was current),
     a newer table replaces it (for later requests too), a malformed one is unavailable."""
-    root = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), token_digest("r" * 40), 1)
-    worker.raft.push({"auth": TokenTable(True, (root,), 3).to_wire()})
-    worker.turn_until(lambda: worker.view.authorizer.table.version == 3, "the table push")
+    push_table(worker, 3)
 
     current = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
     [request] = worker.requests_of(1)
@@ -210,11 +223,10 @@ def test_a_caught_up_authorizer_asks_past_its_table_version_and_keeps_a_newer_ta
     worker.finish(current)
     assert current.outcome().table.version == 3
 
-    secret = new_secret()
-    made = TokenRecord("a1b2c3d4e5f60708", Role.READ, (), token_digest(secret), 9)
+    secret, made = made_token(9)
     newer = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
     request = worker.requests_of(2)[1]
-    worker.raft.reply((request.rid, True, TokenTable(True, (root, made), 9).to_wire()))
+    worker.raft.reply((request.rid, True, TokenTable(True, (ROOT, made), 9).to_wire()))
     worker.finish(newer)
     assert newer.outcome().authenticate(secret) is not None
     assert worker.service.authorizer().authenticate(secret) is not None
@@ -233,13 +245,10 @@ def test_a_catch_up_answered_with_an_older_table_than_a_push_since_keeps_the_new
         worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
     """The answer was made before a newer table reached the worker by a push: the older one
     is not taken, nor decoded (a table of up to MAX_TOKENS records)."""
-    root = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), token_digest("r" * 40), 1)
-    worker.raft.push({"auth": TokenTable(True, (root,), 3).to_wire()})
-    worker.turn_until(lambda: worker.view.authorizer.table.version == 3, "the table push")
+    push_table(worker, 3)
     call = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
     [request] = worker.requests_of(1)
-    worker.raft.push({"auth": TokenTable(True, (root,), 12).to_wire()})
-    worker.turn_until(lambda: worker.view.authorizer.table.version == 12, "the newer push")
+    push_table(worker, 12)
     decoded: list[object] = []
     from_wire = TokenTable.from_wire
 
@@ -248,7 +257,7 @@ def test_a_catch_up_answered_with_an_older_table_than_a_push_since_keeps_the_new
         return from_wire(wire)
 
     monkeypatch.setattr(TokenTable, "from_wire", staticmethod(noting))
-    worker.raft.reply((request.rid, True, TokenTable(True, (root,), 7).to_wire()))
+    worker.raft.reply((request.rid, True, TokenTable(True, (ROOT,), 7).to_wire()))
     worker.finish(call)
     assert call.outcome().table.version == 12
     assert decoded == []
@@ -274,9 +283,7 @@ def test_catch_ups_fly_one_at_a_time_and_a_caller_takes_one_that_began_after_it_
     """Unknown bearers arriving together cost the Raft process one TOKENS_SINCE at a time
     per worker; those that came while one flew take the next one, not its answer (it may have
     read the table before their tokens were made)."""
-    root = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), token_digest("r" * 40), 1)
-    worker.raft.push({"auth": TokenTable(True, (root,), 3).to_wire()})
-    worker.turn_until(lambda: worker.view.authorizer.table.version == 3, "the table push")
+    push_table(worker, 3)
     first = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
     [asked] = worker.requests_of(1)
     later = [worker.start(lambda: worker.service.caught_up_authorizer(5.0)) for _ in range(3)]
@@ -289,9 +296,8 @@ def test_catch_ups_fly_one_at_a_time_and_a_caller_takes_one_that_began_after_it_
     asked_next = worker.requests_of(2)[1]
     assert first.done and first.outcome().table.version == 3
     assert not any(c.done for c in later)
-    secret = new_secret()
-    made = TokenRecord("a1b2c3d4e5f60708", Role.READ, (), token_digest(secret), 9)
-    worker.raft.reply((asked_next.rid, True, TokenTable(True, (root, made), 9).to_wire()))
+    secret, made = made_token(9)
+    worker.raft.reply((asked_next.rid, True, TokenTable(True, (ROOT, made), 9).to_wire()))
     worker.finish(*later)
     assert all(c.outcome().authenticate(secret) is not None for c in later)
     assert len(worker.raft.requests) == 2
@@ -302,7 +308,6 @@ def test_a_catch_up_cut_short_by_its_callers_timeout_is_not_the_answer_for_a_cal
     """A catch-up asks with the deadline of whoever began it: one begun by a caller with a
     tiny timeout (any bearer sets ?timeout) times out for that caller only; a caller with
     time left takes the next catch-up instead of that 504."""
-    root = TokenRecord(ROOT_TOKEN_ID, Role.ADMIN, (), token_digest("r" * 40), 1)
     first = worker.start(lambda: worker.service.caught_up_authorizer(5.0))
     [asked] = worker.requests_of(1)
     # `short` must still have time when the first answer comes (it begins the next catch-up
@@ -321,9 +326,8 @@ def test_a_catch_up_cut_short_by_its_callers_timeout_is_not_the_answer_for_a_cal
     assert not patient.done
     retried = worker.requests_of(3)[2]  # `patient` asks again, with its own deadline
     assert retried.timeout_s > 20.0
-    secret = new_secret()
-    made = TokenRecord("a1b2c3d4e5f60708", Role.READ, (), token_digest(secret), 9)
+    secret, made = made_token(9)
     worker.raft.reply((cut_short.rid, True, None))  # late: nobody waits for it any more
-    worker.raft.reply((retried.rid, True, TokenTable(True, (root, made), 9).to_wire()))
+    worker.raft.reply((retried.rid, True, TokenTable(True, (ROOT, made), 9).to_wire()))
     worker.finish(patient)
     assert patient.outcome().authenticate(secret) is not None
