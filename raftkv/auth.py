@@ -236,6 +236,12 @@ class TokenTable:
         return {"enabled": self.enabled, "version": self.version,
                 "tokens": [t.to_wire() for t in self.tokens]}
 
+    def covers(self, wire: object) -> bool:
+        """Whether a table in to_wire()'s form has nothing this one lacks (no newer version,
+        the same enabled), told from its header alone: a worker skips decoding it."""
+        return (type(wire) is dict and type(wire.get("version")) is int
+                and wire["version"] <= self.version and wire.get("enabled") is self.enabled)
+
     @staticmethod
     def from_wire(wire: object) -> TokenTable:
         if type(wire) is not dict:

@@ -96,6 +96,17 @@ def test_table_wire_round_trip_and_checks() -> None:
             TokenTable.from_wire(broken)
 
 
+def test_a_table_covers_a_wire_table_no_newer_and_alike_from_its_header() -> None:
+    table = TokenTable(True, (record("root", Role.ADMIN),), 9)
+    older = TokenTable(True, (record("root", Role.ADMIN),), 7).to_wire()
+    assert table.covers(table.to_wire()) and table.covers(older)
+    assert not table.covers(TokenTable(True, (record("root", Role.ADMIN),), 10).to_wire())
+    assert not TokenTable().covers(table.to_wire())  # auth switched on: not covered
+    garbage: list[object] = [None, [], {"version": "9", "enabled": True}, {"enabled": True}]
+    for wire in garbage:
+        assert not table.covers(wire)  # decoded (and refused) by from_wire instead
+
+
 def test_check_prefixes() -> None:
     assert check_prefixes(["b/", "a/", "b/"]) == ("a/", "b/")
     with pytest.raises(ValueError):

@@ -126,9 +126,7 @@ class NodeView:
         """Take a token table (TokenTable.to_wire) if it is newer than the one held; False
         for a malformed one (the one held is kept). One no newer is not decoded at all."""
         current = self.authorizer.table
-        if (type(wire) is dict and type(wire.get("version")) is int
-                and wire["version"] <= current.version
-                and wire.get("enabled") is current.enabled):
+        if current.covers(wire):
             return True
         try:
             table = TokenTable.from_wire(wire)
