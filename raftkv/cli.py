@@ -492,7 +492,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     print(f"raftkv restore: {args.file} -> {r.data_dir}: node {r.node_id} (raft address "
           f"{r.raft_address}) of a new cluster {r.cluster_id}, index {r.index}, {r.keys} keys.\n"
           f"Start it with: raftkv serve --data-dir {r.data_dir} --id {r.node_id} --raft-addr "
-          f"{r.raft_address} --http-addr HOST:PORT; add nodes with RAFTKV_JOIN=HOST:PORT")
+          f"{r.raft_address} --http-addr HOST:PORT and a cluster token of its own "
+          f"(RAFTKV_CLUSTER_TOKEN_FILE, from `raftkv token generate`); add nodes with "
+          f"RAFTKV_JOIN=HOST:PORT and the same token")
     return EXIT_OK
 
 
@@ -530,7 +532,10 @@ def _as_dict(obj: object) -> object:
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raftkv", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="raftkv", description="raftkv: a durable key-value store replicated with Raft. "
+        "`raftkv serve` runs a node, `raftkv cluster` a local cluster; the other commands "
+        "talk to a cluster (`raftkv COMMAND --help`).")
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run one node (settings as flags or RAFTKV_* env)")

@@ -107,6 +107,8 @@ def test_backup_restores_into_a_new_cluster_with_every_key_that_grows_by_a_join(
     done = raftkv("restore", str(backup), "--data-dir", str(n1.data_dir), "--id", "n1",
                   "--raft-addr", n1.raft)
     assert done.returncode == 0, done.stderr
+    # The hint it prints is enough to start the node: a node refuses to start without a token.
+    assert "RAFTKV_CLUSTER_TOKEN_FILE" in done.stdout and "raftkv token generate" in done.stdout
     restored.start(n1)
     restored.wait_for_leader()
     restored.wait_for_ready(n1)
