@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from raftkv.digits import parse_decimal
+
 NODE_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -29,10 +31,10 @@ class SettingsError(ValueError):
 
 def parse_host_port(value: str, name: str) -> tuple[str, int]:
     host, sep, port_s = value.rpartition(":")
-    if not sep or not host or not port_s.isdigit():
+    if not sep or not host or not port_s.isascii() or not port_s.isdigit():
         raise SettingsError(f"{name}={value!r}: expected host:port, e.g. 127.0.0.1:4001")
-    port = int(port_s)
-    if not 0 <= port <= 65535:
+    port = parse_decimal(port_s, 65535)
+    if port is None:
         raise SettingsError(f"{name}={value!r}: port must be 0..65535")
     return host.strip("[]"), port
 
@@ -123,6 +125,8 @@ MAX_QUOTA_BYTES = 1 << 40
 DEFAULT_QUOTA_BYTES = 2 << 30
 """Like etcd's default backend quota."""
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MAX_SIZE_BYTES = (1 << 63) - 1
+"""The largest size a setting may give."""
 
 
 def default_quota_bytes() -> int:
@@ -138,9 +142,11 @@ def parse_size(raw: str, env: str) -> int:
     """`2147483648`, `2G`, `512M`, `64k` (powers of 1024; an optional trailing B or iB)."""
     text = raw.strip().upper().removesuffix("IB").removesuffix("B")
     number, suffix = (text[:-1], text[-1]) if text and text[-1] in _SIZE_SUFFIXES else (text, "")
-    if not number.isdigit():
-        raise SettingsError(f"{env}={raw!r}: expected a size in bytes, e.g. 2147483648 or 2G")
-    return int(number) * _SIZE_SUFFIXES[suffix]
+    count = parse_decimal(number, MAX_SIZE_BYTES)
+    if count is None or count * _SIZE_SUFFIXES[suffix] > MAX_SIZE_BYTES:
+        raise SettingsError(f"{env}={raw!r}: expected a size in bytes up to 2**63 - 1, "
+                            "e.g. 2147483648 or 2G")
+    return count * _SIZE_SUFFIXES[suffix]
 
 
 def _meta(env: str, flag: str, help_text: str, **kw: Any) -> dict[str, Any]:

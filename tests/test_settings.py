@@ -72,10 +72,22 @@ def test_sizes_take_binary_suffixes(raw: str, size: int) -> None:
     assert parse_size(raw, "X") == size
 
 
-@pytest.mark.parametrize("raw", ["", "G", "1.5G", "-1", "2X", "lots"])
+@pytest.mark.parametrize("raw", ["", "G", "1.5G", "-1", "2X", "lots", "\u00b2G", "9" * 5000,
+                                 "9" * 19, "9000000000T"])
 def test_a_bad_size_is_refused(raw: str) -> None:
+    """Also, as regressions: a superscript digit and 5,000 digits raised int()'s ValueError
+    (a traceback at start), and a size past 2**63 - 1 was taken."""
     with pytest.raises(SettingsError, match="expected a size"):
         parse_size(raw, "RAFTKV_QUOTA_BYTES")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:\u00b2", "127.0.0.1:\u09ed", "127.0.0.1:65536",
+                                     "127.0.0.1:" + "9" * 5000, "127.0.0.1:", "nowhere"])
+def test_a_bad_listen_address_is_a_settings_error(address: str) -> None:
+    """Regression: a port of non-ASCII digits raised int()'s ValueError, a traceback at
+    start instead of the message that says what to fix."""
+    with pytest.raises(SettingsError, match="RAFTKV_RAFT_ADDR"):
+        from_sources(None, settings_env(RAFTKV_RAFT_ADDR=address))
 
 
 def test_the_quota_defaults_to_two_gib_or_an_eighth_of_memory() -> None:

@@ -47,6 +47,7 @@ import falcon
 
 from raftkv import service as service_limits
 from raftkv.auth import Role, check_prefixes, check_token_id
+from raftkv.digits import parse_decimal
 from raftkv.http.auth import AuthMiddleware, auth_waited_s, authorize_keys
 from raftkv.service import (
     MAX_KEY_BYTES,
@@ -404,9 +405,10 @@ def _check_ttl(value: object, where: str = "ttl") -> int:
 
 
 def _lease_in_path(value: str) -> int:
-    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_LEASE_ID:
+    lease_id = parse_decimal(value, MAX_LEASE_ID)
+    if lease_id is None or lease_id < 1:
         raise InvalidFieldError("the lease id in the path must be an integer >= 1")
-    return int(value)
+    return lease_id
 
 
 def _required(obj: Mapping[str, object], name: str, where: str = "") -> object:
@@ -427,7 +429,8 @@ def _check_node_id(value: object, where: str = "id") -> str:
 def _check_address(value: object, where: str = "address") -> str:
     if isinstance(value, str) and 3 <= len(value) <= MAX_ADDRESS_CHARS:
         host, sep, port = value.rpartition(":")
-        if sep and host and port.isdigit() and 1 <= int(port) <= 65535:
+        number = parse_decimal(port, 65535) if sep and host else None
+        if number is not None and number >= 1:
             return value
     raise InvalidFieldError(f"{where} must be 'host:port'")
 
@@ -478,9 +481,10 @@ def _int_param(req: falcon.Request, name: str, low: int, high: int) -> int | Non
     value = _param(req, name)
     if value is None:
         return None
-    if not value.isascii() or not value.isdigit() or not low <= int(value) <= high:
+    number = parse_decimal(value, high)
+    if number is None or number < low:
         raise InvalidFieldError(f"query parameter {name!r} must be an integer in {low}..{high}")
-    return int(value)
+    return number
 
 
 def _request_id(req: falcon.Request) -> str | None:

@@ -136,6 +136,18 @@ ERROR_CASES = [
     ErrorCase("bad redirect flag", "PUT", "/keys/k?redirect=perhaps", 400, "invalid_field",
               _put()),
     ErrorCase("list limit zero", "GET", "/keys?limit=0", 400, "invalid_field"),
+    # More than int()'s 4,300 digits raised ValueError: a 500 (regression).
+    ErrorCase("list limit of 5,000 digits", "GET", "/keys?limit=" + "9" * 5000, 400,
+              "invalid_field"),
+    ErrorCase("prev_index of 5,000 digits", "DELETE", "/keys/k?prev_index=" + "9" * 5000, 400,
+              "invalid_field"),
+    ErrorCase("watch index of 5,000 digits", "GET", "/keys/k?wait=true&index=" + "9" * 5000,
+              400, "invalid_field"),
+    ErrorCase("lease id of 4,301 digits", "GET", "/leases/" + "1" * 4301, 400, "invalid_field"),
+    ErrorCase("lease keepalive of 4,301 digits", "POST", "/leases/" + "1" * 4301 + "/keepalive",
+              400, "invalid_field"),
+    ErrorCase("lease id in superscript digits", "DELETE", "/leases/%C2%B2", 400,
+              "invalid_field"),
     ErrorCase("list limit too big", "GET", "/keys?limit=10001", 400, "invalid_field"),
     ErrorCase("batch without ops", "POST", "/batch", 400, "missing_field", {"json": {}}),
     ErrorCase("batch with no op", "POST", "/batch", 400, "invalid_field", {"json": {"ops": []}}),
@@ -157,6 +169,16 @@ ERROR_CASES = [
               {"json": {"id": "n4"}}),
     ErrorCase("join with bad address", "POST", "/cluster/join", 400, "invalid_field",
               {"json": {"id": "n4", "address": "nowhere"}}),
+    # str.isdigit() is true of '\u00b2' (int() refused it: a 500) and of '\u09ed' (a
+    # Bengali 7, which went on to the reachability probe); ports are ASCII digits.
+    ErrorCase("join with a superscript port", "POST", "/cluster/join", 400, "invalid_field",
+              {"json": {"id": "n4", "address": "h:\u00b2"}}),
+    ErrorCase("join with a non-ASCII digit port", "POST", "/cluster/join", 400,
+              "invalid_field", {"json": {"id": "n4", "address": "h:\u09ed"}}),
+    ErrorCase("join with port 0", "POST", "/cluster/join", 400, "invalid_field",
+              {"json": {"id": "n4", "address": "h:0"}}),
+    ErrorCase("join with a port over 65535", "POST", "/cluster/join", 400, "invalid_field",
+              {"json": {"id": "n4", "address": "h:65536"}}),
     ErrorCase("join with non-boolean voter", "POST", "/cluster/join", 400, "invalid_field",
               {"json": {"address": "h:7004", "voter": "yes"}}),
     ErrorCase("service rejects the request", "GET", "/keys/k", 400, "invalid_request",
@@ -402,6 +424,15 @@ def test_keys_may_contain_slashes_and_escaped_characters(client: TestClient,
 
     assert client.simulate_get("/keys/users/42/name").json["value"] == "ada"
     assert [c.key for c in fake.calls_of("put")] == ["users/42/name", "sp ace?&", "café"]
+
+
+def test_a_number_with_leading_zeros_is_that_number(client: TestClient,
+                                                   fake: FakeService) -> None:
+    for i in range(3):
+        client.simulate_put(f"/keys/k{i}", json={"value": i})
+    listed = client.simulate_get("/keys", query_string="limit=" + "0" * 5000 + "2")
+    assert listed.status_code == 200, listed.text
+    assert len(listed.json["keys"]) == 2
 
 
 @pytest.mark.parametrize("path", ["/keys/k", "/keys/k/"])

@@ -22,6 +22,7 @@ import time
 from typing import Final, Protocol
 
 from raftkv.codec import FrameKind
+from raftkv.digits import parse_decimal
 from raftkv.runtime.connection import Connection
 from raftkv.runtime.eventloop import EPOLLOUT, EventLoop, Timer
 from raftkv.runtime.transport.handshake import (
@@ -48,12 +49,12 @@ peers that are still starting are not news."""
 
 def parse_address(address: str) -> tuple[str, int]:
     host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not port_text.isascii() or not port_text.isdigit():
         raise ValueError(f"invalid address {address!r}: expected host:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    port = int(port_text)
-    if not 0 < port < 65536:
+    port = parse_decimal(port_text, 65535)
+    if port is None or port == 0:
         raise ValueError(f"invalid address {address!r}: port out of range")
     return host, port
 

@@ -26,6 +26,7 @@ from raftkv.runtime.transport.handshake import (
     PROTOCOL_VERSION,
     ListenerHandshake,
 )
+from raftkv.runtime.transport.outbound import parse_address
 from tests.runtime.transport.harness import (
     CLUSTER,
     RAFT,
@@ -381,3 +382,17 @@ def test_a_link_removed_while_its_peers_name_resolves_never_connects(
     assert ("a", "b") not in connects, "the removed link connected"
     assert a.reachable() == {}
     assert logs.lines("event=inbound_connected", "node=b") == []
+
+
+@pytest.mark.parametrize("address", ["h:\u00b2", "h:\u09ed", "h:0", "h:65536",
+                                     "h:" + "9" * 5000, "h:", ":7001", "nowhere"])
+def test_a_peer_address_must_be_host_and_an_ascii_port(address: str) -> None:
+    """ASCII digits only: int() took '\u09ed' (a Bengali 7) as port 7 and refused the
+    superscript and 5,000 digits with a message of its own."""
+    with pytest.raises(ValueError, match="invalid address"):
+        parse_address(address)
+
+
+def test_a_peer_address_parses_to_host_and_port() -> None:
+    assert parse_address("[::1]:7001") == ("::1", 7001)
+    assert parse_address("n1:5001") == ("n1", 5001)

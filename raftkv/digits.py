@@ -1,0 +1,23 @@
+"""Whole numbers written by someone else (a query parameter, a path, a port, a setting).
+
+`str.isdigit` is true of more than ASCII digits ('\u00b2', a superscript two; '\u09ed', a
+Bengali seven), and `int()` accepts some of those ('\u09ed' is 7) and refuses others with a
+ValueError, as it refuses any string of more than 4,300 digits (sys.get_int_max_str_digits):
+a check of `isdigit` before `int` lets both through to whoever catches the ValueError, or to
+no one. `parse_decimal` takes ASCII digits only, and never converts more of them than its
+bound needs.
+"""
+
+from __future__ import annotations
+
+
+def parse_decimal(text: str, high: int) -> int | None:
+    """`text` as an integer in 0..high when it is ASCII decimal digits only (leading zeros
+    allowed); None otherwise (no digits, any other character, or a number over `high`)."""
+    if not text.isascii() or not text.isdigit():
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(high)):
+        return None
+    value = int(digits)
+    return value if value <= high else None
