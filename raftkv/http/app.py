@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Protocol
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 import falcon
 
@@ -989,6 +989,32 @@ class _LatencyMiddleware:
         self._sink.observe_http(route, req.method, status, time.perf_counter() - started)
 
 
+class _Utf8Middleware:
+    """Refuses a path or query string whose percent-encoded bytes are not UTF-8.
+
+    Falcon decodes them with errors='replace': without this, /keys/a%ff and /keys/a%fe would
+    both name the key 'a\ufffd', and one client's write would overwrite another's."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        path = req.env.get("PATH_INFO", "")
+        if not path.isascii() and not _utf8(path.encode("latin-1")):
+            raise InvalidFieldError("the path is not UTF-8: percent-encoded bytes in it must "
+                                    "form UTF-8 characters")
+        query = req.env.get("QUERY_STRING", "")
+        if query and not (query.isascii() and "%" not in query) and not _utf8(
+                unquote_to_bytes(query.encode("latin-1"))):
+            raise InvalidFieldError("the query string is not UTF-8: percent-encoded bytes in "
+                                    "it must form UTF-8 characters")
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- the factory
 def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                default_timeout_s: float = 5.0, metrics: MetricsSink | None = None,
@@ -1001,6 +1027,7 @@ def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
         raise ValueError(f"default_timeout_s must be in (0, {MAX_TIMEOUT_S:g}]")
     api = _Api(service, max_body_bytes, default_timeout_s)
     middleware: list[Any] = [] if metrics is None else [_LatencyMiddleware(metrics)]
+    middleware.append(_Utf8Middleware())
     middleware.append(AuthMiddleware(service, metrics_open=metrics_open,
                                      own_timeout_s_of=api.own_timeout_s))
     app = falcon.App(middleware=middleware)

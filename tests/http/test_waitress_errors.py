@@ -351,3 +351,32 @@ def test_a_thousand_slow_heads_from_one_address_do_not_hold_the_port_from_others
         finally:
             for sock in slow:
                 sock.close()
+
+
+# --------------------------------------------------------------------------- bytes of a path
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("PUT", "/keys/fz/%ff"), ("PUT", "/keys/fz/%fe"), ("PUT", "/keys/fz/%c0%80"),
+    ("PUT", "/keys/fz/%ed%a0%80"), ("GET", "/keys?prefix=fz/%ff"),
+    ("GET", "/keys/k?consistency=%ff")])
+def test_percent_encoded_bytes_that_are_not_utf8_are_a_json_400_and_touch_nothing(
+        server: ServerHandle, fake: FakeService, method: str, path: str) -> None:
+    """Regression: Falcon decoded them with errors='replace', so /keys/fz/%ff and
+    /keys/fz/%fe both named the key 'fz/\\ufffd' and one write overwrote the other."""
+    body = b'{"value": 1}' if method == "PUT" else b""
+    answer = exchange(server, (f"{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: "
+                               f"application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                               ).encode(), body=body)
+    assert_json_error(answer, 400, "invalid_field")
+    assert fake.calls == []
+
+
+def test_a_percent_encoded_utf8_key_is_still_that_key(server: ServerHandle,
+                                                     fake: FakeService) -> None:
+    body = b'{"value": 1}'
+    answer = exchange(server, (f"PUT /keys/caf%C3%A9/%E2%82%AC HTTP/1.1\r\nHost: test\r\n"
+                               f"Content-Type: application/json\r\nContent-Length: {len(body)}"
+                               "\r\n\r\n").encode(), body=body)
+    assert answer.status == 200, answer
+    assert [c.key for c in fake.calls_of("put")] == ["café/€"]
