@@ -40,6 +40,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -134,6 +135,12 @@ def write_backup(path: str | os.PathLike[str], header: BackupHeader,
     bytes do not match the header's length or checksum, a write fails) `path` is untouched."""
     _check_algorithm(header)
     target = Path(path)
+    if not target.name or target.name in (".", ".."):
+        raise BackupError(f"{str(path)!r} is not a file name: give the backup file to write")
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.lstat(target).st_mode):  # a device, FIFO, symlink, directory
+            raise BackupError(f"{target} exists and is not a regular file: a backup only "
+                              "replaces a regular file; give another name")
     tmp = target.with_name(f".{target.name}.partial-{secrets.token_hex(4)}")
     try:
         with open(tmp, "xb") as out:

@@ -3,7 +3,9 @@ by booting the restored stores the way the Raft process does (raftkv.runtime.sta
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 from pathlib import Path
 
 import pytest
@@ -192,3 +194,30 @@ def test_restore_refuses_a_bad_id_or_address(tmp_path: Path, node_id: str,
     with pytest.raises(RestoreError):
         restore(tmp_path / "b", tmp_path / "new", node_id, address)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_write_replaces_only_a_regular_file(tmp_path: Path, kind: str) -> None:
+    """Regression: `raftkv backup /dev/full`, as root, replaced the device with a regular
+    file (os.replace takes whatever the name is); a FIFO or a symlink went the same way."""
+    data = b"snapshot bytes"
+    target = tmp_path / "target"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "symlink":
+        (tmp_path / "elsewhere").write_bytes(b"keep")
+        target.symlink_to(tmp_path / "elsewhere")
+    else:
+        target.mkdir()
+    with pytest.raises(BackupError, match="not a regular file"):
+        write_backup(target, BackupHeader(6, len(data), checksum_of(data)), [data])
+    mode = os.lstat(target).st_mode
+    assert {"fifo": stat.S_ISFIFO, "symlink": stat.S_ISLNK, "directory": stat.S_ISDIR}[kind](mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["target"] + (["elsewhere"] if kind == "symlink" else []))  # no partial file left
+
+
+def test_write_refuses_a_path_that_names_no_file(tmp_path: Path) -> None:
+    data = b"snapshot bytes"
+    with pytest.raises(BackupError, match="not a file name"):
+        write_backup("", BackupHeader(6, len(data), checksum_of(data)), [data])
