@@ -16,6 +16,7 @@ LOCK_LOST_GRACE_S).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -201,8 +202,18 @@ def _client_options(args: argparse.Namespace) -> dict[str, object]:
 def _client(args: argparse.Namespace) -> object:
     from raftkv.client import Client
 
-    urls = [u if u.startswith("http") else f"http://{u}" for u in args.urls.split(",") if u]
-    return Client(urls, timeout_s=args.timeout, **_client_options(args))  # type: ignore[arg-type]
+    urls = []
+    for url in args.urls.split(","):
+        scheme, sep, _rest = url.partition("://")
+        if sep and scheme not in ("http", "https"):
+            raise _UsageError(f"{url!r}: a node URL is host:port, http://host:port or "
+                              "https://host:port")
+        urls.append(url if sep else f"http://{url}")
+    try:
+        return Client(urls, timeout_s=args.timeout,
+                      **_client_options(args))  # type: ignore[arg-type]
+    except ValueError as e:
+        raise _UsageError(f"{e} (--urls, --timeout, --token)") from None
 
 
 def _print(obj: object) -> None:
@@ -226,14 +237,58 @@ def _run_client(args: argparse.Namespace) -> int:
         print(f"raftkv {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
     assert isinstance(cl, c.Client)
+    # The client bounds each attempt and the time it starts new ones, not a server that
+    # trickles bytes: the whole command gets the retry budget plus an attempt, then exits 3.
+    deadline_s = cl.retry_budget_s + args.timeout + _DEADLINE_SLACK_S
+    try:
+        with _deadline(deadline_s):
+            return _client_command(cl, args)
+    except _DeadlineReached:
+        print(f"raftkv {args.command}: no complete answer within {deadline_s:g} s",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+_DEADLINE_SLACK_S = 5.0
+
+
+class _DeadlineReached(BaseException):
+    """The command's own deadline passed (a BaseException: no `except Exception` in the
+    client swallows it)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise _DeadlineReached in this (main) thread after `seconds`; elsewhere nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(_signum: int, _frame: FrameType | None) -> None:
+        raise _DeadlineReached
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _client_command(cl: object, args: argparse.Namespace) -> int:
+    from raftkv import client as c
+
+    assert isinstance(cl, c.Client)
     try:
         if args.command == "get":
             _print(cl.get(args.key, consistency=args.consistency))
         elif args.command == "put":
             try:
-                value = json.loads(args.value)
-            except ValueError:
-                value = args.value  # a bare word is stored as a string
+                value = json.loads(args.value, parse_constant=_not_json,
+                                   parse_float=_finite_float)
+            except (ValueError, RecursionError):
+                value = args.value  # a bare word (or NaN, 1e999) is stored as a string
             _print(cl.put(args.key, value, prev_index=args.prev_index, lease=args.lease,
                           ttl=args.ttl))
         elif args.command == "delete":
@@ -272,10 +327,10 @@ def _run_client(args: argparse.Namespace) -> int:
         _print({"error": e.code, "message": str(e)})
         return EXIT_FAILED
     except (c.Unavailable, c.OutcomeUnknown) as e:
-        print(f"raftkv {args.command}: {e}", file=sys.stderr)
+        print(f"raftkv {args.command}: {_clean(str(e))}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except c.ClientError as e:
-        print(f"raftkv {args.command}: {e}", file=sys.stderr)
+        print(f"raftkv {args.command}: {_clean(str(e))}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -331,6 +386,15 @@ def cmd_lock(args: argparse.Namespace, command: list[str]) -> int:
     if not command:
         print("raftkv lock: give the command to run after --: raftkv lock NAME -- command ...",
               file=sys.stderr)
+        return EXIT_USAGE
+    from raftkv.service import MAX_LEASE_TTL_S, MIN_LEASE_TTL_S
+
+    if not MIN_LEASE_TTL_S <= args.ttl <= MAX_LEASE_TTL_S:
+        print(f"raftkv lock: --ttl must be {MIN_LEASE_TTL_S}..{MAX_LEASE_TTL_S} seconds",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.wait is not None and not 0 <= args.wait < float("inf"):
+        print("raftkv lock: --wait must be a number of seconds >= 0", file=sys.stderr)
         return EXIT_USAGE
     try:
         cl = _client(args)
@@ -505,7 +569,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     hosts = [h.strip() for h in (args.hosts or "").split(",") if h.strip()]
     try:
         made = init_certs(args.dir, nodes, hosts, days=args.days)
-    except CertsError as e:
+    except (CertsError, ValueError) as e:  # ValueError: a name a certificate cannot carry
         print(f"raftkv certs init: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
@@ -673,12 +737,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a server's odd text never ends a print
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
     if argv[:1] == ["lock"] and "--" in argv:  # everything after -- is the command, verbatim
         split = argv.index("--")
         argv, command = argv[:split], argv[split + 1:]
     args = build_parser().parse_args(argv)
+    undecodable = next((a for a in argv if not _is_text(a)), None)
+    if undecodable is not None:
+        print(f"raftkv {args.command}: the argument {undecodable!a} is not UTF-8 text",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.command in ("serve", "cluster"):
+        return _dispatch(args, command)
+    try:
+        return _dispatch(args, command)
+    except Exception as e:  # a bug, or an answer this client did not foresee: no traceback
+        print(f"raftkv {args.command}: unexpected {type(e).__name__}: {_clean(str(e))[:300]}",
+              file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _is_text(arg: str) -> bool:
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the command line (surrogateescape)
+        return False
+    return True
+
+
+def _clean(text: str) -> str:
+    """`text` with control characters escaped (a server's message goes to a terminal)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _not_json(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
+def _dispatch(args: argparse.Namespace, command: list[str]) -> int:
     if args.command == "lock":
         return cmd_lock(args, command)
     if args.command == "serve":

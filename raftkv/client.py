@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urlencode, urlsplit
 
 from raftkv.auth import Role
+from raftkv.digits import parse_decimal
 from raftkv.service import (
     Alarm,
     BatchOp,
@@ -247,13 +248,21 @@ class _Node:
 
     @staticmethod
     def parse(url: str) -> _Node:
+        if not url.isascii() or not url.isprintable() or any(c.isspace() for c in url):
+            raise ValueError(f"not an http(s)://host:port URL: {url!r}")
         parts = urlsplit(url if "//" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s)://host:port URL: {url!r}")
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            port = parts.port
         except ValueError:
             raise ValueError(f"bad port in {url!r}") from None
+        if port is None:
+            if parts.netloc.endswith(":"):
+                raise ValueError(f"bad port in {url!r}")
+            port = 443 if parts.scheme == "https" else 80
+        elif port == 0:
+            raise ValueError(f"bad port in {url!r}")
         return _Node(parts.hostname, port, parts.scheme)
 
 
@@ -279,8 +288,21 @@ class _MaybeSent(Exception):
 
 
 def _json_bytes(body: object) -> bytes:
-    return json.dumps(body, ensure_ascii=False, separators=_SEPARATORS,
-                      allow_nan=False).encode("utf-8")
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=_SEPARATORS,
+                          allow_nan=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError, RecursionError) as e:  # NaN, a lone surrogate
+        raise BadRequest(f"the request cannot be sent as JSON: {e}",
+                         code="invalid_value") from None
+
+
+def _path_part(text: str, what: str) -> str:
+    """`text` percent-encoded for a URL path (it must be Unicode text: no lone surrogates,
+    which is what undecodable bytes of a command line become)."""
+    try:
+        return quote(text, safe="")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what} is not valid Unicode text", code=f"invalid_{what}") from None
 
 
 def _int(payload: Mapping[str, Any], name: str) -> int:
@@ -297,7 +319,7 @@ def _key_path(key: str) -> str:
         # The server treats a trailing slash as optional, so the path would name another key.
         raise BadRequest("a key ending with '/' cannot be used in a path; use batch()",
                          code="invalid_key")
-    return "/keys/" + quote(key, safe="")
+    return "/keys/" + _path_part(key, "key")
 
 
 def _write_result(payload: Mapping[str, Any]) -> WriteResult | DeleteResult:
@@ -382,8 +404,10 @@ class Client:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._connections: dict[_Node, http.client.HTTPConnection] = {}
-        if token is not None and (not token or any(c in token for c in "\r\n")):
-            raise ValueError("a token is a non-empty single line")
+        if token is not None and (not token or not token.isascii() or not token.isprintable()
+                                  or any(c.isspace() for c in token)):
+            raise ValueError("a token is one word of printable ASCII (as `raftkv token create` "
+                             "prints it)")
         self._token = token
         self._ssl_context = ssl_context
         self._auth: dict[str, str] = {} if token is None else {
@@ -583,7 +607,7 @@ class Client:
                     "index")
 
     def remove(self, node_id: str) -> int:
-        path = "/cluster/members/" + quote(node_id, safe="")
+        path = "/cluster/members/" + _path_part(node_id, "id")
         return _int(self._call("DELETE", path, policy=_UNKEYED_WRITE), "index")
 
     # ------------------------------------------------------------------ tokens
@@ -606,9 +630,12 @@ class Client:
             raw_prefixes = payload.get("prefixes")
             if not isinstance(secret, str) or not isinstance(raw_prefixes, list):
                 raise _bad_response("no token in the answer")
-            return TokenCreateResult(str(payload.get("id")), secret,
-                                     Role(payload.get("role")), tuple(map(str, raw_prefixes)),
-                                     _int(payload, "index"))
+            try:
+                role = Role(payload.get("role"))
+            except ValueError:
+                raise _bad_response("the token's role is not one this client knows") from None
+            return TokenCreateResult(str(payload.get("id")), secret, role,
+                                     tuple(map(str, raw_prefixes)), _int(payload, "index"))
         raise AssertionError("unreachable")
 
     def tokens(self) -> builtins.list[TokenInfo]:
@@ -627,7 +654,7 @@ class Client:
         """Revoke a token: every node refuses it once it applied the returned index."""
         if not token_id or "/" in token_id:
             raise BadRequest("a token id is a non-empty name", code="invalid_token_id")
-        payload = self._call("DELETE", "/auth/tokens/" + quote(token_id, safe=""),
+        payload = self._call("DELETE", "/auth/tokens/" + _path_part(token_id, "token_id"),
                              policy=_KEYED_WRITE, idempotency_key=str(uuid.uuid4()))
         return TokenRevokeResult(str(payload.get("id")), _int(payload, "index"))
 
@@ -839,8 +866,8 @@ class Client:
         if not raw:
             return {}
         try:
-            payload = json.loads(raw)
-        except ValueError:
+            payload = json.loads(raw, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
             if status < 300:
                 raise _bad_response("the body is not JSON") from None
             return {}  # e.g. a proxy's HTML error page: the status says enough
@@ -852,10 +879,10 @@ class Client:
 def _snapshot_download(node: _Node, response: http.client.HTTPResponse,
                        chunk_bytes: int) -> SnapshotDownload:
     def header_int(name: str) -> int:
-        value = response.getheader(name, "")
-        if not value.isdigit():
+        number = parse_decimal(response.getheader(name, ""), MAX_HEADER_INT)
+        if number is None:
             raise _bad_response(f"header {name} is missing or not a number")
-        return int(value)
+        return number
 
     checksum = response.getheader("X-Raftkv-Checksum")
     if not checksum:
@@ -865,3 +892,11 @@ def _snapshot_download(node: _Node, response: http.client.HTTPResponse,
         checksum_algorithm=response.getheader("X-Raftkv-Checksum-Algorithm", ""),
         length_bytes=header_int("Content-Length"),
         chunks=iter(lambda: response.read(chunk_bytes), b""))
+
+
+MAX_HEADER_INT: Final = (1 << 63) - 1
+"""The largest number a snapshot header may carry."""
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
