@@ -328,6 +328,12 @@ class RequestHandler:
             done.fail(MembershipChangeError(f"{node_id} is already a member with another "
                                             "address; remove it first"))
             return
+        taken = next((m for m in sorted(membership.voters | membership.learners)
+                      if m != node_id and driver.address_of(m) == address), None)
+        if taken is not None:
+            done.fail(MembershipChangeError(f"{address} is the address of member {taken}: a "
+                                            "new member needs an address of its own"))
+            return
         if node_id in membership.learners:
             # Promote a learner now (the leader also promotes learners once caught up).
             change = ConfChange(ConfChangeOp.ADD_VOTER, node_id,

@@ -140,3 +140,16 @@ def test_cli_members_promote_makes_a_learner_a_voter(cluster: LocalCluster) -> N
                               "--urls", leader.http], capture_output=True, text=True,
                              timeout=30, check=False)
     assert missing.returncode == 1 and "not a member" in missing.stderr
+
+
+def test_a_new_member_with_a_members_address_is_refused(cluster: LocalCluster) -> None:
+    """Regression: `raftkv members add n8 --address <n1's raft address>` was accepted, and
+    the others dialled n1 as n8 until someone removed it."""
+    leader = cluster.wait_for_leader()
+    follower = next(n for n in cluster.nodes if n is not leader)
+    for asked in (leader, follower):
+        code, body, _ = http_json("POST", f"{asked.http}/cluster/join",
+                                  {"id": "n8", "address": follower.raft}, timeout_s=10)
+        assert code == 409 and body["error"] == "membership_change_rejected", body
+        assert f"member {follower.node_id}" in body["message"], body
+    assert "n8" not in members(cluster, leader)
