@@ -565,6 +565,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     from raftkv.certs import CertsError, init_certs
 
+    if not args.dir.strip():
+        print("raftkv certs init: give the directory to write into", file=sys.stderr)
+        return EXIT_USAGE
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     hosts = [h.strip() for h in (args.hosts or "").split(",") if h.strip()]
     try:

@@ -178,3 +178,12 @@ def test_certs_refuse_a_host_name_a_certificate_cannot_carry(
     status, text = run(capsys, "certs", "init", str(tmp_path / "c"), "--nodes", "n1",
                        "--hosts", "héllo.example")
     assert status == EXIT_USAGE, text
+
+
+def test_certs_refuse_an_empty_directory(capsys: pytest.CaptureFixture[str], tmp_path: Any,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: `raftkv certs init ""` wrote its six files into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    status, text = run(capsys, "certs", "init", "", "--nodes", "n1")
+    assert status == EXIT_USAGE, text
+    assert list(tmp_path.iterdir()) == []
