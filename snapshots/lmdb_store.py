@@ -133,7 +133,12 @@ class LmdbSnapshotStore:
         map_size_bytes: int = 256 * MIB,
         max_map_size_bytes: int = 64 * GIB,
         chunk_size_bytes: int = MIB,
+        discard_partial: bool = True,
     ) -> None:
+        """`discard_partial`: delete, now, the chunks of snapshots a writer left unpublished
+        (it died). A node passes False and calls `discard_partial()` once its data dir has
+        proven sound: when the catalog itself is damaged, every chunk looks unpublished, and a
+        start that then fails must not have deleted them."""
         if type(retain) is not int or retain < 1:
             raise ValueError(f"retain must be an int >= 1, got {retain!r}")
         if map_size_bytes < MIB:
@@ -158,7 +163,8 @@ class LmdbSnapshotStore:
                     "snapshot from the leader")
         try:
             self._init_databases()
-            self._next_id = self._discard_partial_snapshots() + 1
+            self._next_id = (self.discard_partial() if discard_partial
+                             else self._highest_id()) + 1
         except BaseException:
             self._lmdb.close()
             raise
@@ -294,7 +300,19 @@ class LmdbSnapshotStore:
 
         self._lmdb.write(init)
 
-    def _discard_partial_snapshots(self) -> int:
+    def _highest_id(self) -> int:
+        """The highest snapshot id in the catalog or among the chunks."""
+
+        def read(txn: lmdb.Transaction[memoryview]) -> int:
+            cursor = txn.cursor(self._catalog)
+            published = int(_ID.unpack(cursor.key())[0]) if cursor.last() else 0
+            cursor = txn.cursor(self._chunks)
+            chunked = int(_CHUNK_KEY.unpack(cursor.key())[0]) if cursor.last() else 0
+            return max(published, chunked)
+
+        return self._read(read)
+
+    def discard_partial(self) -> int:
         """Delete chunks that no catalog record owns; return the highest snapshot id seen."""
 
         def discard(txn: lmdb.Transaction[bytes]) -> tuple[int, dict[int, int]]:

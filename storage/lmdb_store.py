@@ -242,6 +242,8 @@ class LmdbRaftStorage:
         version = txn.get(_FORMAT, db=meta)
         if version is None or len(version) != _U64.size:
             raise StorageError(foreign)
+        if _U64.unpack(version)[0] == 0:  # no build ever wrote it: the marker is damaged
+            raise self._corrupt("the store format marker is 0")
         if _U64.unpack(version)[0] > STORE_FORMAT_VERSION:
             raise StorageError(
                 f"{self._file} was written by a newer raftkv (store format "

@@ -17,6 +17,7 @@ same way, without the hand-over, and the exit status is 1.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import ipaddress
 import json
 import logging
@@ -93,6 +94,13 @@ class RaftProcess:
         self.token = s.cluster_token  # Settings.validate refused to go on without one
         self.exit_code = 0
         self._join_headers = join_headers(s) if s.join else {}
+        # The TLS files are checked before the data dir is touched: a bootstrap writes it,
+        # and a start refused after that would leave a cluster of the refused settings.
+        try:
+            peer_tls = PeerTLS.load(TLSMode(s.peer_tls_mode), s.peer_cert_file,
+                                    s.peer_key_file, s.peer_trusted_ca_file)
+        except TLSSetupError as e:
+            raise StartupError(str(e)) from None
         state = open_node(s)
         self.state = state
         self.cluster_id = state.plan.cluster_id
@@ -121,15 +129,6 @@ class RaftProcess:
         except (RaftError, AssertionError, ValueError) as e:
             raise StartupError(f"the log in {s.data_dir} is inconsistent ({e}); move the data "
                                "dir away and let the node rejoin empty") from None
-        try:
-            peer_tls = PeerTLS.load(TLSMode(s.peer_tls_mode), s.peer_cert_file,
-                                    s.peer_key_file, s.peer_trusted_ca_file)
-        except TLSSetupError as e:
-            raft_sock.close()
-            self.http_sock.close()
-            state.storage.close()
-            state.snapshots.close()
-            raise StartupError(str(e)) from None
         self.peer_tls = peer_tls
         self.loop = loop = EventLoop()
         self.metrics = NodeMetrics()
@@ -310,8 +309,8 @@ class RaftProcess:
                 _http_json(f"{url}/cluster/join", body, 30.0, headers)
                 self.loop.call_soon_threadsafe(lambda: self._joined(url))
                 return
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                last_error = str(e)
+            except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as e:
+                last_error = str(e) or type(e).__name__
                 time.sleep(0.5)
         error = last_error
 

@@ -111,31 +111,77 @@ def open_node(settings: Settings) -> NodeState:
     except OSError as e:
         raise StartupError(f"cannot create the data dir {data}: {e.strerror}; check the path "
                            "and its permissions") from None
+    _check_raft_store_present(data)
     try:
         storage = LmdbRaftStorage(
             data / "raft", map_size_bytes=settings.map_size_mb * MIB,
             max_map_size_bytes=settings.max_map_size_mb * MIB,
             unsafe_no_fsync=settings.unsafe_no_fsync)
         snapshots = LmdbSnapshotStore(
-            data / "snapshots", max_map_size_bytes=max(settings.max_map_size_mb, 256) * MIB)
+            data / "snapshots", max_map_size_bytes=max(settings.max_map_size_mb, 256) * MIB,
+            discard_partial=False)
     except StorageError as e:
         raise StartupError(str(e)) from None
     try:
-        return _load(settings, data, storage, snapshots)
+        state = _load(settings, data, storage, snapshots)
+        snapshots.discard_partial()  # only once the data dir proved sound
+        return state
     except BaseException:
         storage.close()
         snapshots.close()
         raise
 
 
+def _check_raft_store_present(data: Path) -> None:
+    """Refuse a data dir whose snapshot store was made but whose Raft store is gone or
+    empty: LMDB would make a new, empty one, and the node would start over as a new node
+    (bootstrapping again), its log and identity lost without a word. A start makes the Raft
+    store first, and opening it writes its first pages: an empty one was never a start."""
+    raft, snapshots = data / "raft" / "data.mdb", data / "snapshots" / "data.mdb"
+    try:
+        if not snapshots.exists() or snapshots.stat().st_size == 0:
+            return
+        if raft.exists() and raft.stat().st_size > 0:
+            return
+    except OSError as e:
+        raise StartupError(f"cannot read the data dir {data}: {e.strerror}") from None
+    raise StartupError(
+        f"the data dir {data} holds a snapshot store but its Raft store ({raft}) is missing "
+        "or empty: the data dir is damaged, and starting would lose this node's log and "
+        "identity. Restore the file from a copy, or move the data dir away and let the node "
+        "rejoin empty (RAFTKV_JOIN)")
+
+
 def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
           snapshots: LmdbSnapshotStore) -> NodeState:
-    identity = storage.identity()
-    has_entries = storage.last_index() > 0
-    has_state = has_entries or storage.hard_state().term > 0
+    damaged = (f"If the data is damaged, move the data dir {data} away and let the node "
+               "rejoin empty (RAFTKV_JOIN)")
+    try:
+        identity = storage.identity()
+        last_index = storage.last_index()
+        hard = storage.hard_state()
+        last_term = storage.term(last_index) if last_index > 0 else 0
+        latest = snapshots.latest()
+    except (StorageError, ValueError) as e:
+        raise StartupError(f"cannot read the state in {data}: {e}. {damaged}") from None
+    if identity is not None and not 1 <= identity.format_version <= FORMAT_VERSION:
+        raise StartupError(
+            f"the data dir {data} was written in format {identity.format_version}; this "
+            f"build reads format {FORMAT_VERSION}: run the raftkv that wrote it, or move the "
+            "data dir away and let the node rejoin empty (RAFTKV_JOIN)")
+    if last_term is not None and hard.term < last_term:
+        raise StartupError(
+            f"the stored term {hard.term} is older than the last log entry's ({last_term}): "
+            f"the hard state was lost. {damaged}")
+    has_entries = last_index > 0
+    has_state = has_entries or hard.term > 0
+    if identity is None and not has_state and latest is not None:
+        raise StartupError(
+            f"the data dir {data} holds a snapshot but an empty Raft store: the Raft store "
+            f"was lost or replaced, and starting would begin a new log. {damaged}")
     # Members come only from log entries or a snapshot: a node that joined and then learnt
     # nothing but a term (a heartbeat) before it stopped knows no member yet.
-    knows_members = has_entries or snapshots.latest() is not None
+    knows_members = has_entries or latest is not None
     bootstrapping = identity is None and bool(settings.peer_map) and not settings.join
     root_digest = _root_digest(settings, bootstrapping)
     plan = plan_start(settings, identity, has_state, knows_members, data, root_digest)
@@ -150,9 +196,12 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
                  else "join_ignored reason=data_dir_has_state", settings.node_id)
     sm = KVStateMachine()
     try:
-        boot, stored = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
+        # The snapshot is restored (and so checked) before load_boot_state, which may reset
+        # the log to it: a damaged snapshot must not cost the log too.
+        stored = snapshots.latest()
         if stored is not None:
             sm.restore_chunks(snapshots.chunks(stored), stored.meta.index)
+        boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
     except (StorageError, StateMachineError, ValueError) as e:
         raise StartupError(f"cannot load the state in {data}: {e}. If the data is damaged, "
                            "move the data dir away and let the node rejoin empty "

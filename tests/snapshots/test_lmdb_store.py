@@ -7,6 +7,7 @@ import errno
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
@@ -228,7 +229,7 @@ def test_refuses_a_path_that_is_a_file(path: Path) -> None:
         {"retain": 0},
     ],
 )
-def test_refuses_bad_settings(path: Path, kwargs: dict[str, int]) -> None:
+def test_refuses_bad_settings(path: Path, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         LmdbSnapshotStore(path, **kwargs)
 
@@ -261,4 +262,25 @@ def test_disk_full_error_becomes_storage_full(path: Path) -> None:
     with pytest.raises(StorageFull, match=re.escape(str(path))):
         store.create(meta(1)).write(bytes(2 * MIB))
     store._lmdb.env = real_env
+    store.close()
+
+
+def test_a_store_opened_without_discarding_keeps_unpublished_chunks_until_asked(
+        path: Path) -> None:
+    """A node opens its store with discard_partial=False and discards once its data dir
+    proved sound: a damaged catalog makes every chunk look unpublished, and a start that
+    then fails must not have deleted them (found by damaging data dirs)."""
+    store = LmdbSnapshotStore(path, chunk_size_bytes=10)
+    publish(store, 1, b"a" * 30)
+    store.close()
+    write_and_die(path, meta(2), b"b" * 95, chunk_size=10)
+
+    store = LmdbSnapshotStore(path, chunk_size_bytes=10, discard_partial=False)
+    assert store.chunk_count() == 3 + 9
+    publish(store, 3, b"c" * 20)  # a fresh id all the same: after the dead writer's
+    assert store.chunk_count() == 3 + 9 + 2
+    store.discard_partial()
+    assert store.chunk_count() == 3 + 2
+    latest = store.latest()
+    assert latest is not None and data_of(store, latest) == b"c" * 20
     store.close()
