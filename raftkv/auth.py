@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from raftkv.files import FileProblem, read_small_file
+
 __all__ = [
     "DIGEST_BYTES",
     "MAX_TOKENS",
@@ -309,10 +311,9 @@ def read_root_token_file(path: str | Path) -> str:
     MIN_ROOT_TOKEN_CHARS printable ASCII characters without spaces (e.g. the 64 hex digits of
     `openssl rand -hex 32`). Read once, at a cluster's first start; never logged."""
     try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise RootTokenError(f"cannot read the root token file {path}: "
-                             f"{e.strerror or type(e).__name__}") from None
+        raw = read_small_file(str(path), 4096)
+    except FileProblem as e:
+        raise RootTokenError(f"cannot read the root token file: {e}") from None
     try:
         token = raw.decode("ascii").strip()
     except UnicodeDecodeError:

@@ -21,6 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from raftkv.digits import parse_decimal
+from raftkv.files import FileProblem, read_small_file
 
 NODE_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
 
@@ -36,7 +37,11 @@ def parse_host_port(value: str, name: str) -> tuple[str, int]:
     port = parse_decimal(port_s, 65535)
     if port is None:
         raise SettingsError(f"{name}={value!r}: port must be 0..65535")
-    return host.strip("[]"), port
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not bare or not bare.isprintable() or any(c.isspace() or c in "[]=" for c in bare):
+        raise SettingsError(f"{name}={value!r}: expected host:port, e.g. 127.0.0.1:4001 "
+                            "(an IPv6 host in brackets: [::1]:4001)")
+    return bare, port
 
 
 def parse_peers(value: str) -> dict[str, str]:
@@ -49,9 +54,15 @@ def parse_peers(value: str) -> dict[str, str]:
             raise SettingsError(
                 f"RAFTKV_PEERS item {item!r}: expected id=host:port, e.g. n1=127.0.0.1:5001")
         check_node_id(nid, "RAFTKV_PEERS")
-        parse_host_port(addr.strip(), f"RAFTKV_PEERS[{nid}]")
+        _host, port = parse_host_port(addr.strip(), f"RAFTKV_PEERS[{nid}]")
+        if port == 0:
+            raise SettingsError(f"RAFTKV_PEERS[{nid}]={addr.strip()!r}: a member's port "
+                                "cannot be 0")
         if nid in peers:
             raise SettingsError(f"RAFTKV_PEERS names {nid} twice")
+        if addr.strip() in peers.values():
+            raise SettingsError(f"RAFTKV_PEERS gives the address {addr.strip()} to two "
+                                "members: each member has an address of its own")
         peers[nid] = addr.strip()
     return peers
 
@@ -77,6 +88,10 @@ def check_cluster_token(token: str) -> None:
         raise SettingsError(
             "the cluster token is one that earlier versions of raftkv shipped, so it is "
             f"public: anyone could join the cluster; {_HOW_TO_MAKE_A_TOKEN}")
+    if not token.isascii() or not token.isprintable():
+        raise SettingsError(
+            "the cluster token must be printable ASCII (control characters and other bytes "
+            f"do not survive every shell and file); {_HOW_TO_MAKE_A_TOKEN}")
     if len(token) < MIN_TOKEN_CHARS or token != token.strip():
         raise SettingsError(
             f"the cluster token has {len(token)} characters: too short to be secret (at least "
@@ -93,9 +108,8 @@ def generate_token() -> str:
 def read_token_file(path: str) -> str:
     """The token in `path` (surrounding whitespace, e.g. a final newline, removed)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read(4096).strip()
-    except (OSError, UnicodeDecodeError) as e:
+        return read_small_file(path, 4096).decode("utf-8").strip()
+    except (FileProblem, UnicodeDecodeError) as e:
         raise SettingsError(f"RAFTKV_CLUSTER_TOKEN_FILE={path!r}: cannot read it ({e}); "
                             f"it must hold the cluster token: {_HOW_TO_MAKE_A_TOKEN}") from None
 
@@ -127,6 +141,10 @@ DEFAULT_QUOTA_BYTES = 2 << 30
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MAX_SIZE_BYTES = (1 << 63) - 1
 """The largest size a setting may give."""
+MAX_TICK_MS = 10_000
+MAX_ELECTION_TIMEOUT_MS = 600_000
+MAX_MAP_SIZE_MB = 1 << 26
+MAX_REQUEST_TIMEOUT_MS = 60_000
 
 
 def default_quota_bytes() -> int:
@@ -266,6 +284,9 @@ class Settings:
         if not self.data_dir:
             raise SettingsError("RAFTKV_DATA_DIR (--data-dir) is required: where this node "
                                 "keeps its data")
+        if not self.data_dir.strip() or not self.data_dir.isprintable():
+            raise SettingsError(f"RAFTKV_DATA_DIR={self.data_dir!r}: a path of printable "
+                                "characters is expected")
         parse_host_port(self.http_addr, "RAFTKV_HTTP_ADDR")
         parse_host_port(self.raft_addr, "RAFTKV_RAFT_ADDR")
         if self.http_advertise:
@@ -278,22 +299,34 @@ class Settings:
             raise SettingsError(f"RAFTKV_PEERS must include this node ({self.node_id}=host:port)")
         if self.join:
             parse_host_port(self.join.removeprefix("http://"), "RAFTKV_JOIN")
-        if self.tick_ms < 1:
-            raise SettingsError("RAFTKV_TICK_MS must be >= 1")
+        if not 1 <= self.tick_ms <= MAX_TICK_MS:
+            raise SettingsError(f"RAFTKV_TICK_MS must be 1..{MAX_TICK_MS}")
+        if self.election_ticks * self.tick_ms > MAX_ELECTION_TIMEOUT_MS:
+            raise SettingsError(
+                f"RAFTKV_ELECTION_TICKS x RAFTKV_TICK_MS is {self.election_ticks * self.tick_ms} "
+                f"ms: an election timeout over {MAX_ELECTION_TIMEOUT_MS // 1000} s would leave "
+                "a cluster without a leader that long")
         if self.heartbeat_ticks < 1 or self.election_ticks <= self.heartbeat_ticks:
             raise SettingsError("RAFTKV_ELECTION_TICKS must be greater than "
                                 "RAFTKV_HEARTBEAT_TICKS (>= 1)")
         if self.snapshot_entries < 1 or self.snapshot_trailing < 0:
             raise SettingsError("RAFTKV_SNAPSHOT_ENTRIES must be >= 1 and "
                                 "RAFTKV_SNAPSHOT_TRAILING >= 0")
-        if not 1 <= self.map_size_mb <= self.max_map_size_mb:
-            raise SettingsError("need 1 <= RAFTKV_MAP_SIZE_MB <= RAFTKV_MAX_MAP_SIZE_MB")
+        if not 1 <= self.map_size_mb <= self.max_map_size_mb <= MAX_MAP_SIZE_MB:
+            raise SettingsError("need 1 <= RAFTKV_MAP_SIZE_MB <= RAFTKV_MAX_MAP_SIZE_MB <= "
+                                f"{MAX_MAP_SIZE_MB} (64 TiB)")
         if self.cpu_scheduling not in CPU_SCHEDULING_POLICIES:
             raise SettingsError("RAFTKV_CPU_SCHEDULING must be batch or normal")
         if self.peer_tls and self.peer_tls not in ("off", "on", "migrate-accept",
                                                    "migrate-dial"):
             raise SettingsError("RAFTKV_PEER_TLS must be off, on, migrate-accept or "
                                 "migrate-dial")
+        if (not self.peer_tls and not self.peer_cert_file
+                and (self.peer_key_file or self.peer_trusted_ca_file)):
+            raise SettingsError(
+                "RAFTKV_PEER_KEY_FILE or RAFTKV_PEER_TRUSTED_CA_FILE is set without "
+                "RAFTKV_PEER_CERT_FILE: peer TLS would be off; give all three (or set "
+                "RAFTKV_PEER_TLS=off to run without it)")
         if self.peer_tls_mode != "off" and not (self.peer_cert_file and self.peer_key_file
                                                 and self.peer_trusted_ca_file):
             raise SettingsError(
@@ -324,8 +357,9 @@ class Settings:
             raise SettingsError("RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT must be 0 (no limit) "
                                 "to 100000; keep it well under 10000, a worker's connection "
                                 "limit, so that one address cannot take them all")
-        if self.request_timeout_ms < 1:
-            raise SettingsError("RAFTKV_REQUEST_TIMEOUT_MS must be >= 1")
+        if not 1 <= self.request_timeout_ms <= MAX_REQUEST_TIMEOUT_MS:
+            raise SettingsError(f"RAFTKV_REQUEST_TIMEOUT_MS must be 1..{MAX_REQUEST_TIMEOUT_MS} "
+                                "(a request's ?timeout is at most 60 s too)")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError("RAFTKV_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
 
@@ -389,10 +423,11 @@ def _convert(raw: str, kind: Callable[[str], object] | str | None, env: str) -> 
             return False
         raise SettingsError(f"{env}={raw!r}: expected true or false")
     if kind is int:
-        try:
-            return int(raw)
-        except ValueError:
-            raise SettingsError(f"{env}={raw!r}: expected a whole number") from None
+        text = raw.strip()
+        number = parse_decimal(text.removeprefix("-"), MAX_SIZE_BYTES)
+        if number is None:
+            raise SettingsError(f"{env}={raw!r}: expected a whole number")
+        return -number if text.startswith("-") else number
     if kind == "size":
         return parse_size(raw, env)
     return raw

@@ -3,10 +3,12 @@ and the snapshot cap; every bad value is a SettingsError that says what to do.""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from raftkv.auth import RootTokenError, read_root_token_file
 from raftkv.settings import (
     DEFAULT_QUOTA_BYTES,
     MIN_TOKEN_CHARS,
@@ -123,3 +125,53 @@ def test_cpu_scheduling_is_batch_by_default_and_checked() -> None:
         "normal")
     with pytest.raises(SettingsError, match="RAFTKV_CPU_SCHEDULING must be batch or normal"):
         from_sources(None, settings_env(RAFTKV_CPU_SCHEDULING="fifo"))
+
+
+# Found by starting nodes with hostile settings: each was taken (and the node then failed
+# later, hung, or listened where it should not), or ended in a traceback.
+@pytest.mark.parametrize("env", [
+    {"RAFTKV_HTTP_ADDR": "[]:4001"},  # listened on 0.0.0.0
+    {"RAFTKV_HTTP_ADDR": "[:4001"},
+    {"RAFTKV_JOIN": " 127.0.0.1:4001"},  # the join thread died, the node hung
+    {"RAFTKV_JOIN": "127.0.0.1 :4001"},
+    {"RAFTKV_PEERS": "n1=127.0.0.1:5001,n2=127.0.0.1:5001"},  # never a leader
+    {"RAFTKV_PEERS": "n1==127.0.0.1:5001"},
+    {"RAFTKV_PEERS": "n1=127.0.0.1:0"},
+    {"RAFTKV_REQUEST_TIMEOUT_MS": "60001"},  # workers restarted for ever
+    {"RAFTKV_TICK_MS": "99999999999999999999"},  # OverflowError
+    {"RAFTKV_ELECTION_TICKS": "100000"},  # a one-node cluster never elected itself
+    {"RAFTKV_MAP_SIZE_MB": "99999999999999999999",
+     "RAFTKV_MAX_MAP_SIZE_MB": "99999999999999999999"},  # OverflowError
+    {"RAFTKV_TICK_MS": "\u09ed"}, {"RAFTKV_TICK_MS": "1_000"}, {"RAFTKV_TICK_MS": "+5"},
+    {"RAFTKV_DATA_DIR": " "}, {"RAFTKV_DATA_DIR": "\x01"},
+    {"RAFTKV_CLUSTER_TOKEN": "\x01" * 40},
+    {"RAFTKV_PEER_KEY_FILE": "/k.pem", "RAFTKV_PEER_TRUSTED_CA_FILE": "/ca.pem"},  # TLS off
+], ids=repr)
+def test_hostile_settings_are_refused_with_a_message(env: dict[str, str]) -> None:
+    with pytest.raises(SettingsError):
+        from_sources(None, settings_env(**{"RAFTKV_PEERS": "n1=127.0.0.1:5001", **env}))
+
+
+def test_whole_numbers_take_surrounding_spaces_and_a_sign() -> None:
+    s = from_sources(None, settings_env(RAFTKV_TICK_MS=" 20 ", RAFTKV_PERSIST_DEFER_US="0"))
+    assert (s.tick_ms, s.persist_defer_us) == (20, 0)
+    with pytest.raises(SettingsError, match="RAFTKV_TICK_MS must be"):
+        from_sources(None, settings_env(RAFTKV_TICK_MS="-5"))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "huge"])
+def test_a_token_file_that_is_not_a_small_regular_file_is_refused_at_once(
+        tmp_path: Path, kind: str) -> None:
+    """Regression: a FIFO hung the start for ever, /dev/zero grew the node without end."""
+    path = tmp_path / "token"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"a" * (2 << 20))
+    with pytest.raises(SettingsError, match="RAFTKV_CLUSTER_TOKEN_FILE"):
+        from_sources(None, settings_env(RAFTKV_CLUSTER_TOKEN="-",
+                                        RAFTKV_CLUSTER_TOKEN_FILE=str(path)))
+    with pytest.raises(RootTokenError):
+        read_root_token_file(path)

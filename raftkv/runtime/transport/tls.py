@@ -30,6 +30,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Any, Final
 
+from raftkv.files import FileProblem, check_small_file
+
 __all__ = ["SNIFF_S", "TLS_RECORD_HANDSHAKE", "PeerTLS", "TLSMode", "TLSSetupError",
            "certificate_names"]
 
@@ -80,6 +82,11 @@ class PeerTLS:
         if missing:
             raise TLSSetupError(f"peer TLS ({mode.value}) needs {', '.join(missing)}: make them "
                                 "with `raftkv certs init DIR --nodes ...`")
+        for path in (cert_file, key_file, ca_file):
+            try:
+                check_small_file(path)
+            except FileProblem as e:
+                raise TLSSetupError(f"peer TLS: {e}") from None
         server = _context(ssl.Purpose.CLIENT_AUTH, cert_file, key_file, ca_file)
         client = _context(ssl.Purpose.SERVER_AUTH, cert_file, key_file, ca_file)
         return PeerTLS(mode, server, client)
