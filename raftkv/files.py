@@ -1,17 +1,22 @@
 """Files an operator names in the settings (tokens, certificates, keys).
 
-Each must be a regular file of bounded size: a FIFO blocks a read forever, /dev/zero never
-ends, and a directory or device is a mistake to report, not to read.
+Each must be a regular file or a pipe (`<(pass show raftkv)`), of bounded size: a pipe is read
+with a deadline (a FIFO nobody writes would block a read for ever), /dev/zero never ends, and a
+directory or device is a mistake to report, not to read.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import stat
+import time
 from typing import Final
 
 MAX_SMALL_FILE_BYTES: Final = 1 << 20
 """Tokens, certificates and keys are a few KiB; a CA bundle may be a few hundred."""
+PIPE_DEADLINE_S: Final = 5.0
+"""How long the writer of a pipe may take to write it and close its end."""
 
 
 class FileProblem(ValueError):
@@ -19,20 +24,22 @@ class FileProblem(ValueError):
 
 
 def check_small_file(path: str, limit: int = MAX_SMALL_FILE_BYTES) -> None:
-    """Raise FileProblem unless `path` is a readable regular file of at most `limit` bytes
-    (opened without blocking, so a FIFO is refused, not waited on)."""
-    read_small_file(path, limit, keep=False)
+    """Raise FileProblem unless `path` is a readable regular file of at most `limit` bytes."""
+    read_small_file(path, limit, keep=False, pipes=False)
 
 
 def read_small_file(path: str, limit: int = MAX_SMALL_FILE_BYTES, *,
-                    keep: bool = True) -> bytes:
-    """The bytes of `path`, a regular file of at most `limit` bytes; FileProblem otherwise."""
+                    keep: bool = True, pipes: bool = True) -> bytes:
+    """The bytes of `path`, a regular file (or, with `pipes`, a pipe read to its end within
+    PIPE_DEADLINE_S) of at most `limit` bytes; FileProblem otherwise."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise FileProblem(f"cannot open {path}: {e.strerror or type(e).__name__}") from None
     try:
         info = os.fstat(fd)
+        if pipes and stat.S_ISFIFO(info.st_mode):
+            return _read_pipe(fd, path, limit)
         if not stat.S_ISREG(info.st_mode):
             raise FileProblem(f"{path} is not a regular file")
         if info.st_size > limit:
@@ -53,3 +60,23 @@ def read_small_file(path: str, limit: int = MAX_SMALL_FILE_BYTES, *,
         raise FileProblem(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
     finally:
         os.close(fd)
+
+
+def _read_pipe(fd: int, path: str, limit: int) -> bytes:
+    deadline = time.monotonic() + PIPE_DEADLINE_S
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise FileProblem(f"{path} is a pipe that gave no end within {PIPE_DEADLINE_S:g} s")
+        try:
+            chunk = os.read(fd, limit + 1 - size)
+        except BlockingIOError:
+            continue
+        if not chunk:  # the writer closed its end (or there never was one)
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise FileProblem(f"{path} holds more than {limit} bytes")

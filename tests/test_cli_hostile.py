@@ -187,3 +187,9 @@ def test_certs_refuse_an_empty_directory(capsys: pytest.CaptureFixture[str], tmp
     status, text = run(capsys, "certs", "init", "", "--nodes", "n1")
     assert status == EXIT_USAGE, text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_items_of_urls_are_skipped(capsys: pytest.CaptureFixture[str],
+                                         node: FakeNode) -> None:
+    status, text = run(capsys, "get", "k", "--urls", f",{node.url},,")
+    assert status == 0, text

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from raftkv import files
 from raftkv.auth import RootTokenError, read_root_token_file
 from raftkv.settings import (
     DEFAULT_QUOTA_BYTES,
@@ -160,9 +161,11 @@ def test_whole_numbers_take_surrounding_spaces_and_a_sign() -> None:
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "huge"])
-def test_a_token_file_that_is_not_a_small_regular_file_is_refused_at_once(
-        tmp_path: Path, kind: str) -> None:
-    """Regression: a FIFO hung the start for ever, /dev/zero grew the node without end."""
+def test_a_token_file_that_is_not_a_small_regular_file_or_pipe_is_refused_at_once(
+        tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a FIFO nobody writes hung the start for ever, /dev/zero grew the node
+    without end."""
+    monkeypatch.setattr(files, "PIPE_DEADLINE_S", 0.2)
     path = tmp_path / "token"
     if kind == "fifo":
         os.mkfifo(path)
@@ -175,3 +178,16 @@ def test_a_token_file_that_is_not_a_small_regular_file_is_refused_at_once(
                                         RAFTKV_CLUSTER_TOKEN_FILE=str(path)))
     with pytest.raises(RootTokenError):
         read_root_token_file(path)
+
+
+def test_a_token_can_come_through_a_pipe(tmp_path: Path) -> None:
+    """`RAFTKV_CLUSTER_TOKEN_FILE=<(pass show raftkv)`: a pipe its writer fills and closes."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, (TOKEN + "\n").encode())
+    os.close(write_end)
+    try:
+        s = from_sources(None, settings_env(RAFTKV_CLUSTER_TOKEN="-",
+                                            RAFTKV_CLUSTER_TOKEN_FILE=f"/dev/fd/{read_end}"))
+    finally:
+        os.close(read_end)
+    assert s.cluster_token == TOKEN

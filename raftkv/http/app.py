@@ -430,7 +430,8 @@ def _check_address(value: object, where: str = "address") -> str:
     if isinstance(value, str) and 3 <= len(value) <= MAX_ADDRESS_CHARS:
         host, sep, port = value.rpartition(":")
         number = parse_decimal(port, 65535) if sep and host else None
-        if number is not None and number >= 1:
+        if (number is not None and number >= 1 and host.isprintable()
+                and not any(c.isspace() for c in host)):
             return value
     raise InvalidFieldError(f"{where} must be 'host:port'")
 
@@ -1001,8 +1002,10 @@ class _Utf8Middleware:
             raise InvalidFieldError("the path is not UTF-8: percent-encoded bytes in it must "
                                     "form UTF-8 characters")
         query = req.env.get("QUERY_STRING", "")
-        if query and not (query.isascii() and "%" not in query) and not _utf8(
-                unquote_to_bytes(query.encode("latin-1"))):
+        if not query.isascii():  # RFC 3986: anything else is percent-encoded
+            raise InvalidFieldError("the query string holds bytes that are not ASCII: "
+                                    "percent-encode them (as UTF-8)")
+        if "%" in query and not _utf8(unquote_to_bytes(query)):
             raise InvalidFieldError("the query string is not UTF-8: percent-encoded bytes in "
                                     "it must form UTF-8 characters")
 

@@ -63,6 +63,8 @@ def load_boot_state(
     storage: RaftStorage,
     snapshots: SnapshotStore,
     initial_membership: Membership | None,
+    *,
+    latest: tuple[StoredSnapshot | None] | None = None,
 ) -> tuple[BootState, StoredSnapshot | None]:
     """The state a RaftNode starts from, and the stored snapshot to restore the state machine.
 
@@ -77,8 +79,11 @@ def load_boot_state(
     `BootState.applied` is the snapshot's index: the caller restores its state machine from the
     returned StoredSnapshot (nothing to restore when it is None) and the core re-applies the
     committed entries after it.
+
+    `latest`: `(snapshots.latest(),)` when the caller has looked it up already (a look-up
+    reads and checks the whole snapshot).
     """
-    stored = snapshots.latest()
+    stored = snapshots.latest() if latest is None else latest[0]
     if stored is not None:
         snapshot = stored
     elif initial_membership is None:

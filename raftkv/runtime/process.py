@@ -37,7 +37,7 @@ from raftkv import codec
 from raftkv.codec import FrameKind
 from raftkv.core import Config, RaftError, RaftNode, Role, SoftState
 from raftkv.metrics import NodeMetrics
-from raftkv.ports import NodeIdentity
+from raftkv.ports import NodeIdentity, StorageError
 from raftkv.runtime.driver import RaftDriver
 from raftkv.runtime.eventloop import EventLoop
 from raftkv.runtime.forwarding import Forwarder
@@ -127,8 +127,16 @@ class RaftProcess:
                             snapshot_reader=chunk_reader(state.snapshots),
                             snapshot_validator=state.sm.snapshot_decoder)
         except (RaftError, AssertionError, ValueError) as e:
+            raft_sock.close()
+            self.http_sock.close()
+            state.storage.close()
+            state.snapshots.close()
             raise StartupError(f"the log in {s.data_dir} is inconsistent ({e}); move the data "
                                "dir away and let the node rejoin empty") from None
+        try:  # only now that the data dir proved sound (a damaged catalog orphans every chunk)
+            state.snapshots.discard_partial()
+        except StorageError as e:  # cleanup only: the chunks wait for the next start
+            log.warning("event=snapshot_partial_discard_failed node=%s error=%s", s.node_id, e)
         self.peer_tls = peer_tls
         self.loop = loop = EventLoop()
         self.metrics = NodeMetrics()

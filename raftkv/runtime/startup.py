@@ -123,9 +123,7 @@ def open_node(settings: Settings) -> NodeState:
     except StorageError as e:
         raise StartupError(str(e)) from None
     try:
-        state = _load(settings, data, storage, snapshots)
-        snapshots.discard_partial()  # only once the data dir proved sound
-        return state
+        return _load(settings, data, storage, snapshots)
     except BaseException:
         storage.close()
         snapshots.close()
@@ -198,10 +196,9 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
     try:
         # The snapshot is restored (and so checked) before load_boot_state, which may reset
         # the log to it: a damaged snapshot must not cost the log too.
-        stored = snapshots.latest()
-        if stored is not None:
-            sm.restore_chunks(snapshots.chunks(stored), stored.meta.index)
-        boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
+        if latest is not None:
+            sm.restore_chunks(snapshots.chunks(latest), latest.meta.index)
+        boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP, latest=(latest,))
     except (StorageError, StateMachineError, ValueError) as e:
         raise StartupError(f"cannot load the state in {data}: {e}. If the data is damaged, "
                            "move the data dir away and let the node rejoin empty "

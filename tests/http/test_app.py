@@ -175,6 +175,10 @@ ERROR_CASES = [
               {"json": {"id": "n4", "address": "h:\u00b2"}}),
     ErrorCase("join with a non-ASCII digit port", "POST", "/cluster/join", 400,
               "invalid_field", {"json": {"id": "n4", "address": "h:\u09ed"}}),
+    ErrorCase("join with a space in the host", "POST", "/cluster/join", 400, "invalid_field",
+              {"json": {"id": "n4", "address": "h h:7004"}}),
+    ErrorCase("join with a control character in the host", "POST", "/cluster/join", 400,
+              "invalid_field", {"json": {"id": "n4", "address": "h\u001b[31m:7004"}}),
     ErrorCase("join with port 0", "POST", "/cluster/join", 400, "invalid_field",
               {"json": {"id": "n4", "address": "h:0"}}),
     ErrorCase("join with a port over 65535", "POST", "/cluster/join", 400, "invalid_field",
@@ -735,3 +739,13 @@ def test_leader_transfer_to_a_named_node_that_cannot_lead_is_409(client: TestCli
     result = client.simulate_post("/cluster/leader", json={"id": "nobody"})
     assert result.status_code == 409
     assert result.json["error"] == "membership_change_rejected"
+
+
+@pytest.mark.parametrize("query", ["prefix=\xc3%a9", "prefix=\xc3%aa", "prefix=\xff%41"])
+def test_a_raw_query_byte_that_is_not_ascii_is_refused(client: TestClient, fake: FakeService,
+                                                       query: str) -> None:
+    """Falcon decodes raw bytes and percent-escapes of one query differently: `\xc3%a9` and
+    `\xc3%aa` both became the prefix 'Ã\ufffd'. A query is ASCII (RFC 3986)."""
+    result = client.simulate_get("/keys", extras={"QUERY_STRING": query})
+    assert_error(result, 400, "invalid_field")
+    assert fake.calls == []

@@ -380,3 +380,13 @@ def test_a_percent_encoded_utf8_key_is_still_that_key(server: ServerHandle,
                                "\r\n\r\n").encode(), body=body)
     assert answer.status == 200, answer
     assert [c.key for c in fake.calls_of("put")] == ["café/€"]
+
+
+
+def test_a_query_with_raw_bytes_that_are_not_ascii_is_a_json_400(
+        server: ServerHandle, fake: FakeService) -> None:
+    """Waitress refuses the request line itself; the app refuses such a query too, from any
+    server (test_app: a raw non-ASCII query)."""
+    answer = exchange(server, b"GET /keys?prefix=\xc3%a9 HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert_json_error(answer, 400, "malformed_request")
+    assert fake.calls == []

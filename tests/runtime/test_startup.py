@@ -176,3 +176,22 @@ def test_unusable_tls_files_refuse_the_start_before_the_data_dir_is_written(
     with pytest.raises(StartupError, match="peer certificate"):
         RaftProcess(from_sources(None, env))
     assert not (tmp_path / "data" / "raft").exists()
+
+
+def test_a_start_looks_the_latest_snapshot_up_once(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look-up reads and checks the whole snapshot (seconds for a few GiB): a start made
+    three or four of them."""
+    bootstrapped(tmp_path)
+    calls: list[int] = []
+    original = LmdbSnapshotStore.latest
+
+    def counted(self: LmdbSnapshotStore) -> object:
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(LmdbSnapshotStore, "latest", counted)
+    state = restart(tmp_path)
+    state.storage.close()
+    state.snapshots.close()
+    assert len(calls) == 1
