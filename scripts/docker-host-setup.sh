@@ -98,6 +98,16 @@ if ! engine_answers; then
     # No systemd: start dockerd ourselves, in its own session so it outlives this script.
     # It must not inherit fd 3 (our stdout, read by `$(...)`) or fd 9 (the lock), or the
     # caller and the next run would wait for dockerd to exit.
+    # A dockerd (or its containerd) that was killed leaves its pid file behind, and a new one
+    # refuses to start while it is there ("pid file found"): remove it when no such daemon
+    # runs under that pid.
+    for pidfile in /var/run/docker.pid:dockerd /var/run/docker/containerd/containerd.pid:containerd; do
+      file=${pidfile%%:*} name=${pidfile##*:}
+      if [ -f "$file" ] && [ "$(cat "/proc/$(cat "$file" 2>/dev/null)/comm" 2>/dev/null)" != "$name" ]; then
+        say "removing the stale $file (no $name runs under its pid)"
+        rm -f "$file"
+      fi
+    done
     say "starting dockerd in the background (log: $DOCKERD_LOG)"
     setsid dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null 3>&- 9>&- &
   fi
