@@ -52,6 +52,30 @@ NEARLY_FULL_BYTES: Final = 8 << 20
 """Free space under which an EIO from LMDB is taken for a full disk (see the module doc)."""
 
 
+LOCK_FILE_ROOM_BYTES: Final = 64 << 10
+"""Free space a new lock file needs (LMDB's reader table: about 8 KiB for its 126 readers)."""
+
+
+def _check_room_for_lock_file(path: Path, what: str) -> None:
+    """LMDB maps its lock file into memory and writes the reader table through that map: on a
+    disk with no room left, the first write faults and the kernel ends the process with
+    SIGBUS, before any error can be returned (a new data dir on a full disk died with no
+    message). A lock file that already has its size was written before: only a new or empty
+    one needs the room."""
+    lock_file = path / "lock.mdb"
+    try:
+        if lock_file.exists() and lock_file.stat().st_size > 0:
+            return
+        probe = path if path.exists() else path.parent
+        info = os.statvfs(probe)
+    except OSError:
+        return  # lmdb.open says what is wrong with the path
+    free = info.f_bavail * info.f_frsize
+    if free < LOCK_FILE_ROOM_BYTES:
+        raise StorageFull(f"cannot open {what} at {path}: the disk holding it has {free} bytes "
+                          "free; free some space and start the node again", cause="disk_full")
+
+
 def is_disk_full(e: lmdb.Error) -> bool:
     """Whether LMDB failed for want of disk space (ENOSPC, EDQUOT), by errno alone."""
     return isinstance(e, lmdb.DiskError) or getattr(e, "code", None) in FULL_ERRNOS
@@ -102,6 +126,7 @@ class LmdbEnvironment:
         self._damaged = damaged
         self._lock = threading.Lock()
         self._closed = False
+        _check_room_for_lock_file(path, what)
         try:
             self.env = lmdb.open(str(path), map_size=map_size_bytes, subdir=True,
                                  max_dbs=max_dbs, sync=sync, metasync=sync, writemap=False,
@@ -109,7 +134,7 @@ class LmdbEnvironment:
         except lmdb.InvalidError as e:
             raise StorageError(f"{self.file} is not an LMDB file ({e}); it is not {what}: "
                                f"{not_ours}") from e
-        except (lmdb.Error, OSError) as e:
+        except (lmdb.Error, OSError, OverflowError) as e:
             raise StorageError(f"cannot open {what} at {path} ({e}); check that it exists, is "
                                "writable and is not open in another process") from e
         try:

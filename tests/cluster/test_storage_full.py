@@ -18,8 +18,6 @@ otherwise).
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ import pytest
 
 from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json, wait_until
 from tests.support.clusters import STEADY_LEADER
+from tests.support.tmpfs import can_mount_tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -135,25 +134,10 @@ def test_a_full_lmdb_map_raises_the_alarm_and_the_leader_stops_changing(
         _disarm_and_write(c)
 
 
-def _can_mount_tmpfs(where: Path) -> str | None:
-    """Why a tmpfs cannot be mounted here, or None."""
-    if os.geteuid() != 0:
-        return "mounting a tmpfs needs root"
-    if shutil.which("mount") is None:
-        return "no mount command"
-    where.mkdir(parents=True, exist_ok=True)
-    probe = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
-                           capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        return f"cannot mount a tmpfs: {probe.stderr.strip()}"
-    subprocess.run(["umount", str(where)], check=True)
-    return None
-
-
 def test_a_full_disk_raises_the_alarm_and_stops_no_node(
         tmp_path: Path, request: pytest.FixtureRequest) -> None:
     probe_dir = tmp_path / "probe"
-    why = _can_mount_tmpfs(probe_dir)
+    why = can_mount_tmpfs(probe_dir)
     if why is not None:
         pytest.skip(why)
     mounted: list[Path] = []

@@ -4,10 +4,12 @@ StorageError."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from raftkv.ports import StorageError, StorageFull
 from storage import lmdb_env
 from storage.lmdb_env import LmdbEnvironment, is_disk_full
 from tests.support.lmdb_faults import CommitFails, lmdb_error
+from tests.support.tmpfs import can_mount_tmpfs
 
 SMALL_MAP_BYTES = 64 << 10
 
@@ -290,3 +293,32 @@ def test_a_truncated_file_is_refused(tmp_path: Path) -> None:
 def test_map_size_above_the_max_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         open_env(tmp_path, map_size_bytes=2 << 20, max_map_size_bytes=1 << 20)
+
+
+def test_a_new_store_on_a_full_disk_is_refused_with_a_message(tmp_path: Path) -> None:
+    """Regression: LMDB writes its new lock file through a memory map, and on a disk with no
+    room the kernel killed the process with SIGBUS (a new data dir on a full disk: exit -7,
+    no message). In a child process, so that the old behaviour fails this test instead of
+    killing the test run."""
+    disk = tmp_path / "disk"
+    why = can_mount_tmpfs(disk)
+    if why is not None:
+        pytest.skip(why)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        with open(disk / "fill", "wb") as fill, contextlib.suppress(OSError):
+            while True:
+                fill.write(b"\0" * 65536)
+        child = subprocess.run(
+            [sys.executable, "-c",
+             "import sys; from storage.lmdb_store import LmdbRaftStorage\n"
+             "from raftkv.ports import StorageFull\n"
+             "try:\n    LmdbRaftStorage(sys.argv[1])\n"
+             "except StorageFull as e:\n    print(e)\n",
+             str(disk / "raft")],
+            capture_output=True, text=True, timeout=60, check=False,
+            cwd=Path(__file__).resolve().parents[2])
+        assert child.returncode == 0, (child.returncode, child.stderr)
+        assert "free some space" in child.stdout
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
