@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
+from raftkv.digits import finite_json_float, reject_json_constant
 from raftkv.settings import SettingsError, add_arguments, from_sources
 
 log = logging.getLogger(__name__)
@@ -290,8 +291,8 @@ def _client_command(cl: object, args: argparse.Namespace) -> int:
             _print(cl.get(args.key, consistency=args.consistency))
         elif args.command == "put":
             try:
-                value = json.loads(args.value, parse_constant=_not_json,
-                                   parse_float=_finite_float)
+                value = json.loads(args.value, parse_constant=reject_json_constant,
+                                   parse_float=finite_json_float)
             except (ValueError, RecursionError):
                 value = args.value  # a bare word (or NaN, 1e999) is stored as a string
             _print(cl.put(args.key, value, prev_index=args.prev_index, lease=args.lease,
@@ -786,17 +787,6 @@ def _clean(text: str) -> str:
 
 def _clean_lines(text: str) -> str:
     return "\n".join(_clean(line) for line in text.split("\n"))
-
-
-def _not_json(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if number in (float("inf"), float("-inf")):
-        raise ValueError(f"{text} is out of range")
-    return number
 
 
 def _dispatch(args: argparse.Namespace, command: list[str]) -> int:

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urlencode, urlsplit
 
 from raftkv.auth import Role
-from raftkv.digits import parse_decimal
+from raftkv.digits import MAX_INT64, parse_decimal, reject_json_constant
 from raftkv.service import (
     Alarm,
     BatchOp,
@@ -866,7 +866,7 @@ class Client:
         if not raw:
             return {}
         try:
-            payload = json.loads(raw, parse_constant=_no_constant)
+            payload = json.loads(raw, parse_constant=reject_json_constant)
         except (ValueError, RecursionError):
             if status < 300:
                 raise _bad_response("the body is not JSON") from None
@@ -879,7 +879,7 @@ class Client:
 def _snapshot_download(node: _Node, response: http.client.HTTPResponse,
                        chunk_bytes: int) -> SnapshotDownload:
     def header_int(name: str) -> int:
-        number = parse_decimal(response.getheader(name, ""), MAX_HEADER_INT)
+        number = parse_decimal(response.getheader(name, ""), MAX_INT64)
         if number is None:
             raise _bad_response(f"header {name} is missing or not a number")
         return number
@@ -892,11 +892,3 @@ def _snapshot_download(node: _Node, response: http.client.HTTPResponse,
         checksum_algorithm=response.getheader("X-Raftkv-Checksum-Algorithm", ""),
         length_bytes=header_int("Content-Length"),
         chunks=iter(lambda: response.read(chunk_bytes), b""))
-
-
-MAX_HEADER_INT: Final = (1 << 63) - 1
-"""The largest number a snapshot header may carry."""
-
-
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")

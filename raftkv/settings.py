@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from raftkv.digits import parse_decimal
+from raftkv.digits import MAX_INT64, parse_decimal
 from raftkv.files import FileProblem, read_small_file
 
 NODE_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
@@ -139,7 +139,7 @@ MAX_QUOTA_BYTES = 1 << 40
 DEFAULT_QUOTA_BYTES = 2 << 30
 """Like etcd's default backend quota."""
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-MAX_SIZE_BYTES = (1 << 63) - 1
+MAX_SIZE_BYTES = MAX_INT64
 """The largest size a setting may give."""
 MAX_TICK_MS = 10_000
 MAX_ELECTION_TIMEOUT_MS = 600_000

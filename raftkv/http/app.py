@@ -47,7 +47,7 @@ import falcon
 
 from raftkv import service as service_limits
 from raftkv.auth import Role, check_prefixes, check_token_id
-from raftkv.digits import parse_decimal
+from raftkv.digits import finite_json_float, parse_decimal, reject_json_constant
 from raftkv.http.auth import AuthMiddleware, auth_waited_s, authorize_keys
 from raftkv.service import (
     MAX_KEY_BYTES,
@@ -268,17 +268,6 @@ def _message_of(ex: Exception, req: falcon.Request) -> str:
 
 
 # --------------------------------------------------------------------------- JSON in and out
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"the number {text[:20]} is out of range")
-    return number
-
-
 def _bounded_int(text: str) -> int:
     number = int(text)  # more than sys.get_int_max_str_digits() digits raises ValueError
     if not _MIN_JSON_INT <= number <= _MAX_JSON_INT:
@@ -286,8 +275,8 @@ def _bounded_int(text: str) -> int:
     return number
 
 
-_DECODER: Final = json.JSONDecoder(parse_float=_finite_float, parse_int=_bounded_int,
-                                   parse_constant=_reject_constant)
+_DECODER: Final = json.JSONDecoder(parse_float=finite_json_float, parse_int=_bounded_int,
+                                   parse_constant=reject_json_constant)
 
 
 def _dumps(body: object) -> bytes:

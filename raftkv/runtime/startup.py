@@ -200,9 +200,7 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
             sm.restore_chunks(snapshots.chunks(latest), latest.meta.index)
         boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP, latest=(latest,))
     except (StorageError, StateMachineError, ValueError) as e:
-        raise StartupError(f"cannot load the state in {data}: {e}. If the data is damaged, "
-                           "move the data dir away and let the node rejoin empty "
-                           "(RAFTKV_JOIN)") from None
+        raise StartupError(f"cannot load the state in {data}: {e}. {damaged}") from None
     if plan.kind is StartKind.BOOTSTRAP:
         storage.set_identity(NodeIdentity(settings.node_id, plan.cluster_id, FORMAT_VERSION))
     # Millions of long-lived objects make every full collection stall the loop for tens of
