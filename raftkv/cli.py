@@ -337,7 +337,9 @@ def _client_command(cl: object, args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     except c.ClientError as e:
         print(f"raftkv {args.command}: {_clean(str(e))}", file=sys.stderr)
-        return EXIT_FAILED
+        # Refused by the client before anything was sent (an empty key, lease 0): the
+        # command line is wrong, as for argparse's own refusals.
+        return EXIT_USAGE if isinstance(e, c.BadRequest) and not e.status else EXIT_FAILED
     return EXIT_OK
 
 
@@ -789,6 +791,24 @@ def _clean_lines(text: str) -> str:
     return "\n".join(_clean(line) for line in text.split("\n"))
 
 
+def _token_usage_problem(args: argparse.Namespace) -> str:
+    """What is wrong with a `raftkv token` command line ("" when nothing): each option
+    belongs to one action, and one given to another would be silently ignored."""
+    action = args.action
+    if action == "create" and not args.role:
+        return "--role is required"
+    if action == "revoke" and not args.id:
+        return "a token id is required"
+    for given, option, owner in ((args.role, "--role", "create"),
+                                 (args.prefix, "--prefix", "create"),
+                                 (args.file, "--file", "generate"),
+                                 (args.id, "a token id", "revoke"),
+                                 (args.json, "--json", "list")):
+        if given and action != owner:
+            return f"{option} is for {owner}"
+    return ""
+
+
 def _dispatch(args: argparse.Namespace, command: list[str]) -> int:
     if args.command == "lock":
         return cmd_lock(args, command)
@@ -796,8 +816,13 @@ def _dispatch(args: argparse.Namespace, command: list[str]) -> int:
         return cmd_serve(args)
     if args.command == "cluster":
         return cmd_cluster(args)
-    if args.command == "token" and args.action == "generate":
-        return cmd_token(args)
+    if args.command == "token":
+        problem = _token_usage_problem(args)
+        if problem:
+            print(f"raftkv token {args.action}: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.action == "generate":
+            return cmd_token(args)
     if args.command == "backup":
         return cmd_backup(args)
     if args.command == "certs":
@@ -807,14 +832,6 @@ def _dispatch(args: argparse.Namespace, command: list[str]) -> int:
     if args.command == "members" and args.action in ("add", "promote", "remove") and not args.id:
         print(f"raftkv members {args.action}: a node id is required", file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "token":
-        problem = ("--role is required" if args.action == "create" and not args.role else
-                   "a token id is required" if args.action == "revoke" and not args.id else
-                   "--prefix is for create" if args.action != "create" and args.prefix else
-                   "--file is for generate" if args.file else "")
-        if problem:
-            print(f"raftkv token {args.action}: {problem}", file=sys.stderr)
-            return EXIT_USAGE
     if args.command == "lease" and (args.arg is None) != (args.action == "list"):
         what = "no argument" if args.action == "list" else (
             "a TTL in seconds" if args.action == "grant" else "a lease id")

@@ -127,6 +127,26 @@ def test_a_hostile_answer_is_an_error_with_a_clean_message(
     assert "\x1b" not in text
 
 
+@pytest.mark.parametrize("argv", [
+    ["get", ""], ["put", "", "1"], ["delete", "dir/"], ["lease", "get", "0"],
+    ["lease", "revoke", "-3"],
+], ids=repr)
+def test_what_the_client_refuses_before_sending_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str], node: FakeNode, argv: list[str]) -> None:
+    """An empty key or lease 0 never reaches a server: the command line is wrong (exit 2, as
+    for argparse's refusals), not a failed request (it used to exit 1)."""
+    status, text = run(capsys, *argv, "--urls", node.url)
+    assert status == EXIT_USAGE, text
+    assert node.bodies == []
+
+
+def test_a_server_refusal_stays_a_failed_request(
+        capsys: pytest.CaptureFixture[str], node: FakeNode) -> None:
+    node.answer = json_answer(400, {"error": "invalid_value", "message": "no"})
+    status, text = run(capsys, "put", "k", "1", "--urls", node.url)
+    assert status == EXIT_FAILED and "invalid_value" in text, text
+
+
 def test_an_unknown_role_in_an_answer_is_a_bad_response(
         capsys: pytest.CaptureFixture[str], node: FakeNode) -> None:
     node.answer = json_answer(200, {"id": "t1", "token": "s", "role": "god", "prefixes": [],

@@ -35,3 +35,22 @@ def test_generate_refuses_to_keep_a_file_without_a_usable_token(
     assert main(["token", "generate", "--file", str(path)]) == EXIT_USAGE
     assert "too short" in capsys.readouterr().err
     assert path.read_text() == "short\n"
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["token", "generate", "--role", "admin"], "--role is for create"),
+    (["token", "generate", "--prefix", "a/"], "--prefix is for create"),
+    (["token", "generate", "t1"], "a token id is for revoke"),
+    (["token", "generate", "--json"], "--json is for list"),
+    (["token", "list", "--role", "read"], "--role is for create"),
+    (["token", "revoke", "t1", "--file", "x"], "--file is for generate"),
+    (["token", "create", "t1", "--role", "read"], "a token id is for revoke"),
+])
+def test_an_option_of_another_action_is_a_usage_error_not_ignored(
+        argv: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`token generate --role admin` used to print a cluster token as if the role meant
+    something; no request is sent and nothing is printed to stdout."""
+    assert main(argv) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert said in err
