@@ -643,6 +643,9 @@ class _KeysResource:
         self._api = api
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if _flag(req, "wait"):  # a list answered at once would look like a fired watch
+            raise InvalidFieldError("?wait watches one key (GET /keys/<key>/?wait=true); "
+                                    "the list of keys does not wait")
         prefix = _param(req, "prefix") or ""
         if prefix:
             _check_key(prefix, "query parameter 'prefix'")

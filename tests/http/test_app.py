@@ -544,6 +544,16 @@ def test_list_defaults_to_all_keys_up_to_1000(client: TestClient) -> None:
                                                             "index": 1}]}
 
 
+@pytest.mark.parametrize("path", ["/keys", "/keys/"])
+def test_a_watch_on_the_list_is_refused_not_answered_at_once(
+        client: TestClient, fake: FakeService, path: str) -> None:
+    """`GET /keys/?wait=true` used to list the keys at once, which a client waiting for a
+    change reads as one; `wait=false` stays a plain list."""
+    assert_error(client.simulate_get(path, params={"wait": "true"}), 400, "invalid_field")
+    assert fake.calls_of("list") == []
+    assert client.simulate_get(path, params={"wait": "false"}).json == {"keys": []}
+
+
 # --------------------------------------------------------------------------- batch
 def test_batch_applies_puts_and_deletes_at_one_index(client: TestClient) -> None:
     client.simulate_put("/keys/gone", json={"value": 0})
