@@ -18,7 +18,7 @@ import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from typing import Any, Final
 
 from raftkv.digits import MAX_INT64, parse_decimal
 from raftkv.files import FileProblem, read_small_file
@@ -30,16 +30,27 @@ class SettingsError(ValueError):
     """A setting is missing or invalid; the message names it and says how to fix it."""
 
 
+_SHOWN_CHARS: Final = 80
+
+
+def shown(value: str) -> str:
+    """`value` quoted for a message, cut to its first _SHOWN_CHARS characters when longer (a
+    5,000-digit setting is not echoed whole)."""
+    if len(value) <= _SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:_SHOWN_CHARS]!r}... ({len(value):,} characters)"
+
+
 def parse_host_port(value: str, name: str) -> tuple[str, int]:
     host, sep, port_s = value.rpartition(":")
     if not sep or not host or not port_s.isascii() or not port_s.isdigit():
-        raise SettingsError(f"{name}={value!r}: expected host:port, e.g. 127.0.0.1:4001")
+        raise SettingsError(f"{name}={shown(value)}: expected host:port, e.g. 127.0.0.1:4001")
     port = parse_decimal(port_s, 65535)
     if port is None:
-        raise SettingsError(f"{name}={value!r}: port must be 0..65535")
+        raise SettingsError(f"{name}={shown(value)}: port must be 0..65535")
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not bare or not bare.isprintable() or any(c.isspace() or c in "[]=" for c in bare):
-        raise SettingsError(f"{name}={value!r}: expected host:port, e.g. 127.0.0.1:4001 "
+        raise SettingsError(f"{name}={shown(value)}: expected host:port, e.g. 127.0.0.1:4001 "
                             "(an IPv6 host in brackets: [::1]:4001)")
     return bare, port
 
@@ -52,11 +63,11 @@ def parse_peers(value: str) -> dict[str, str]:
         nid = nid.strip()
         if not sep:
             raise SettingsError(
-                f"RAFTKV_PEERS item {item!r}: expected id=host:port, e.g. n1=127.0.0.1:5001")
+                f"RAFTKV_PEERS item {shown(item)}: expected id=host:port, e.g. n1=127.0.0.1:5001")
         check_node_id(nid, "RAFTKV_PEERS")
         _host, port = parse_host_port(addr.strip(), f"RAFTKV_PEERS[{nid}]")
         if port == 0:
-            raise SettingsError(f"RAFTKV_PEERS[{nid}]={addr.strip()!r}: a member's port "
+            raise SettingsError(f"RAFTKV_PEERS[{nid}]={shown(addr.strip())}: a member's port "
                                 "cannot be 0")
         if nid in peers:
             raise SettingsError(f"RAFTKV_PEERS names {nid} twice")
@@ -110,14 +121,14 @@ def read_token_file(path: str) -> str:
     try:
         return read_small_file(path, 4096).decode("utf-8").strip()
     except (FileProblem, UnicodeDecodeError) as e:
-        raise SettingsError(f"RAFTKV_CLUSTER_TOKEN_FILE={path!r}: cannot read it ({e}); "
+        raise SettingsError(f"RAFTKV_CLUSTER_TOKEN_FILE={shown(path)}: cannot read it ({e}); "
                             f"it must hold the cluster token: {_HOW_TO_MAKE_A_TOKEN}") from None
 
 
 def check_node_id(nid: str, name: str = "RAFTKV_ID") -> None:
     if not NODE_ID_RE.match(nid):
         raise SettingsError(
-            f"{name}: node id {nid!r} must be a name like n1 (a letter, then letters, digits, "
+            f"{name}: node id {shown(nid)} must be a name like n1 (a letter, then letters, digits, "
             "'.', '_' or '-', at most 63), never an address")
 
 
@@ -162,7 +173,7 @@ def parse_size(raw: str, env: str) -> int:
     number, suffix = (text[:-1], text[-1]) if text and text[-1] in _SIZE_SUFFIXES else (text, "")
     count = parse_decimal(number, MAX_SIZE_BYTES)
     if count is None or count * _SIZE_SUFFIXES[suffix] > MAX_SIZE_BYTES:
-        raise SettingsError(f"{env}={raw!r}: expected a size in bytes up to 2**63 - 1, "
+        raise SettingsError(f"{env}={shown(raw)}: expected a size in bytes up to 2**63 - 1, "
                             "e.g. 2147483648 or 2G")
     return count * _SIZE_SUFFIXES[suffix]
 
@@ -285,7 +296,7 @@ class Settings:
             raise SettingsError("RAFTKV_DATA_DIR (--data-dir) is required: where this node "
                                 "keeps its data")
         if not self.data_dir.strip() or not self.data_dir.isprintable():
-            raise SettingsError(f"RAFTKV_DATA_DIR={self.data_dir!r}: a path of printable "
+            raise SettingsError(f"RAFTKV_DATA_DIR={shown(self.data_dir)}: a path of printable "
                                 "characters is expected")
         parse_host_port(self.http_addr, "RAFTKV_HTTP_ADDR")
         parse_host_port(self.raft_addr, "RAFTKV_RAFT_ADDR")
@@ -421,12 +432,12 @@ def _convert(raw: str, kind: Callable[[str], object] | str | None, env: str) -> 
             return True
         if low in ("", "0", "false", "no", "off"):
             return False
-        raise SettingsError(f"{env}={raw!r}: expected true or false")
+        raise SettingsError(f"{env}={shown(raw)}: expected true or false")
     if kind is int:
         text = raw.strip()
         number = parse_decimal(text.removeprefix("-"), MAX_SIZE_BYTES)
         if number is None:
-            raise SettingsError(f"{env}={raw!r}: expected a whole number")
+            raise SettingsError(f"{env}={shown(raw)}: expected a whole number")
         return -number if text.startswith("-") else number
     if kind == "size":
         return parse_size(raw, env)

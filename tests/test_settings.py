@@ -93,6 +93,21 @@ def test_a_bad_listen_address_is_a_settings_error(address: str) -> None:
         from_sources(None, settings_env(RAFTKV_RAFT_ADDR=address))
 
 
+@pytest.mark.parametrize("env", [
+    {"RAFTKV_TICK_MS": "9" * 5000}, {"RAFTKV_QUOTA_BYTES": "9" * 5000},
+    {"RAFTKV_RAFT_ADDR": "127.0.0.1:" + "9" * 5000}, {"RAFTKV_PEERS": "n1=" + "h" * 5000},
+    {"RAFTKV_ID": "n" + "-" * 5000},
+], ids=lambda env: next(iter(env)))
+def test_a_long_bad_value_is_not_echoed_whole(env: dict[str, str]) -> None:
+    """A 5,000-character setting used to come back whole in its message (a screenful that
+    hid the advice); the message shows its start and its length."""
+    with pytest.raises(SettingsError) as refused:
+        from_sources(None, settings_env(**env))
+    message = str(refused.value)
+    assert len(message) < 600, message
+    assert next(iter(env)) in message and "characters)" in message
+
+
 def test_the_quota_defaults_to_two_gib_or_an_eighth_of_memory() -> None:
     s = from_sources(None, settings_env())
     assert s.effective_quota_bytes == default_quota_bytes() <= DEFAULT_QUOTA_BYTES
