@@ -26,8 +26,8 @@ MAX_BATCH_OPS = 1024
 MIN_LEASE_TTL_S = 2
 MAX_LEASE_TTL_S = 9_000_000_000
 """Lease TTLs in whole seconds; raftkv.kv.commands enforces the same bounds (see its
-MIN_LEASE_TTL_S for why 2 s), and a node may refuse TTLs below its own floor (a longer
-election timeout: raftkv.kv.leases.min_lease_ttl_s) with InvalidRequestError."""
+MIN_LEASE_TTL_S for why 2 s); a node whose election timeout is longer refuses TTLs below its
+own floor (raftkv.kv.leases.min_lease_ttl_s; the HTTP app's 400 invalid_field)."""
 MAX_LEASE_ID = 2**63 - 1
 MAX_LEASE_KEYS_SHOWN = 1000
 """Keys listed with one lease (LeaseInfo.keys); `key_count` says how many it has."""

@@ -385,11 +385,15 @@ def _check_lease_id(value: object, where: str = "lease") -> int | None:
     return value
 
 
-def _check_ttl(value: object, where: str = "ttl") -> int:
+def _check_ttl(value: object, floor_s: int, where: str = "ttl") -> int:
+    """A TTL in whole seconds, floor_s..MAX_LEASE_TTL_S (the node's floor: MIN_LEASE_TTL_S,
+    or 1.5 election timeouts when its timeout is longer)."""
     if (isinstance(value, bool) or not isinstance(value, int)
-            or not MIN_LEASE_TTL_S <= value <= MAX_LEASE_TTL_S):
+            or not floor_s <= value <= MAX_LEASE_TTL_S):
+        why = "" if floor_s == MIN_LEASE_TTL_S else (
+            " (this node's floor: 1.5 election timeouts, as a failover may take that long)")
         raise InvalidFieldError(f"{where} must be a whole number of seconds in "
-                                f"{MIN_LEASE_TTL_S}..{MAX_LEASE_TTL_S}")
+                                f"{floor_s}..{MAX_LEASE_TTL_S}{why}")
     return value
 
 
@@ -497,6 +501,7 @@ class _Api:
     service: KVService
     max_body_bytes: int
     default_timeout_s: float
+    min_lease_ttl_s: int
 
     def own_timeout_s(self, req: falcon.Request) -> float:
         """The timeout `req` asks for, before any wait: ?timeout when it is a positive
@@ -617,7 +622,8 @@ class _KeyResource:
         value = _check_value(_required(body, "value"))
         prev_index = _check_prev_index(body.get("prev_index"))
         lease = _check_lease_id(body.get("lease"))
-        ttl_s = None if body.get("ttl") is None else _check_ttl(body["ttl"])
+        ttl_s = (None if body.get("ttl") is None else
+                 _check_ttl(body["ttl"], self._api.min_lease_ttl_s))
         if lease is not None and ttl_s is not None:
             raise InvalidFieldError("give 'lease' (an existing lease) or 'ttl' (a new lease "
                                     "of the key's own), not both")
@@ -710,7 +716,7 @@ class _LeasesResource:
             return
         body = self._api.read_object(req)
         _only_fields(body, self._BODY_FIELDS, "")
-        ttl_s = _check_ttl(_required(body, "ttl"))
+        ttl_s = _check_ttl(_required(body, "ttl"), self._api.min_lease_ttl_s)
         result = self._api.service.lease_grant(ttl_s, request_id=request_id,
                                                timeout_s=timeout_s)
         _send(resp, {"id": result.lease_id, "ttl": result.ttl_s, "index": result.index})
@@ -1013,14 +1019,19 @@ def _utf8(raw: bytes) -> bool:
 # --------------------------------------------------------------------------- the factory
 def create_app(service: KVService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                default_timeout_s: float = 5.0, metrics: MetricsSink | None = None,
-               metrics_open: bool = False) -> falcon.App[falcon.Request, falcon.Response]:
+               metrics_open: bool = False, min_lease_ttl_s: int = MIN_LEASE_TTL_S,
+               ) -> falcon.App[falcon.Request, falcon.Response]:
     """The WSGI app of one node. `service` is the only thing it calls. `metrics_open`: with
-    auth on, /metrics and /status answer without a token (scrapers on a private network)."""
+    auth on, /metrics and /status answer without a token (scrapers on a private network).
+    `min_lease_ttl_s`: the shortest TTL this node grants (raftkv.kv.leases.min_lease_ttl_s of
+    its election timeout)."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, not {max_body_bytes}")
     if not 0 < default_timeout_s <= MAX_TIMEOUT_S:
         raise ValueError(f"default_timeout_s must be in (0, {MAX_TIMEOUT_S:g}]")
-    api = _Api(service, max_body_bytes, default_timeout_s)
+    if not MIN_LEASE_TTL_S <= min_lease_ttl_s <= MAX_LEASE_TTL_S:
+        raise ValueError(f"min_lease_ttl_s must be in {MIN_LEASE_TTL_S}..{MAX_LEASE_TTL_S}")
+    api = _Api(service, max_body_bytes, default_timeout_s, min_lease_ttl_s)
     middleware: list[Any] = [] if metrics is None else [_LatencyMiddleware(metrics)]
     middleware.append(_Utf8Middleware())
     middleware.append(AuthMiddleware(service, metrics_open=metrics_open,

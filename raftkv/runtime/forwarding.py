@@ -46,6 +46,7 @@ from raftkv.runtime.transport.refusals import RateLimitedLog
 from raftkv.service import (
     NoLeaderError,
     OutcomeUnknownError,
+    ReadTimeoutError,
     ServiceError,
     error_from_code,
 )
@@ -65,6 +66,12 @@ would end every write in it as outcome unknown)."""
 def _forward_bytes(item: Forward) -> int:
     """About what `item` adds to a FORWARD frame (its command, and room for the rest)."""
     return len(item.data) + 64
+
+
+def _is_write(expect: Expect | ForwardOp) -> bool:
+    """A forwarded command or membership change (it may commit without this node seeing
+    it); not a lease read or keepalive, which a retry repeats harmlessly."""
+    return not isinstance(expect, ForwardOp)
 
 
 @dataclass(slots=True)
@@ -187,15 +194,20 @@ class Forwarder:
                 self._driver.await_entry(r.index, r.term, expect, done)
 
     def leader_changed(self) -> None:
-        """Everything forwarded to the previous leader may or may not have happened."""
+        """Every write forwarded to the previous leader may or may not have happened; a lease
+        read or keepalive is simply retried (as on a leader that loses office mid-read)."""
         waiting, self._waiting = self._waiting, {}
         for w in waiting.values():
-            w.done.fail(OutcomeUnknownError("the leader changed while forwarding"))
+            w.done.fail(OutcomeUnknownError("the leader changed while forwarding")
+                        if _is_write(w.expect) else
+                        NoLeaderError("the leader changed while forwarding; retry"))
 
     def expire(self, now: float) -> None:
         stale = [fid for fid, w in self._waiting.items() if now - w.sent_at > FORWARD_TIMEOUT_S]
         for fid in stale:
-            self._waiting.pop(fid).done.fail(OutcomeUnknownError("no answer from the leader"))
+            w = self._waiting.pop(fid)
+            w.done.fail(OutcomeUnknownError("no answer from the leader") if _is_write(w.expect)
+                        else ReadTimeoutError("no answer from the leader"))
 
     def fail_all(self, error: ServiceError) -> None:
         waiting, self._waiting = self._waiting, {}

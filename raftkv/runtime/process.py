@@ -36,6 +36,7 @@ from typing import Final
 from raftkv import codec
 from raftkv.codec import FrameKind
 from raftkv.core import Config, RaftError, RaftNode, Role, SoftState
+from raftkv.kv.leases import min_lease_ttl_s
 from raftkv.metrics import NodeMetrics
 from raftkv.ports import NodeIdentity, StorageError
 from raftkv.runtime.driver import RaftDriver
@@ -166,6 +167,7 @@ class RaftProcess:
             loop, count=s.http_workers or (os.cpu_count() or 1), listen_sock=self.http_sock,
             config={"node_id": s.node_id, "http_address": s.http_advertise_addr,
                     "request_timeout_ms": s.request_timeout_ms, "log_level": s.log_level,
+                    "min_lease_ttl_s": min_lease_ttl_s(s.election_ticks * s.tick_ms / 1000),
                     "metrics_open": s.metrics_open,
                     "head_timeout_ms": s.http_head_timeout_ms,
                     "max_connections_per_client": s.http_max_connections_per_client},

@@ -70,7 +70,8 @@ class Worker:
         service = RemoteService(self.channel, self.view)
         metrics = _Metrics(self.stats, service, self.channel)
         app = create_app(service, default_timeout_s=int(config["request_timeout_ms"]) / 1000,
-                         metrics=metrics, metrics_open=bool(config.get("metrics_open")))
+                         metrics=metrics, metrics_open=bool(config.get("metrics_open")),
+                         min_lease_ttl_s=int(config["min_lease_ttl_s"]))
         self.server = ServerHandle(
             app, [listen], dispatcher=self.dispatcher, socket_map=socket_map,
             head_timeout_s=int(config.get("head_timeout_ms", 10_000)) / 1000,

@@ -387,3 +387,21 @@ def test_an_expiring_lease_deletes_its_keys_at_one_index_seen_by_watches_on_ever
         assert lease_gone(kv, lease)
         assert all(gone(kv, k) for k in keys)
         assert kv.get("exp/other") == ReadResult("stays", other)
+
+
+def test_a_node_with_a_long_election_timeout_refuses_ttls_a_failover_would_outlast(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """20 ticks of 100 ms: a 2 s election timeout, so the floor is 3 s (1.5 timeouts), not
+    the fixed 2 s; the Raft process hands the floor to its workers."""
+    env = {"RAFTKV_TICK_MS": "100", "RAFTKV_ELECTION_TICKS": "20",
+           "RAFTKV_HEARTBEAT_TICKS": "2"}
+    with running_cluster(tmp_path / "slow", 1, request, env=env) as c, \
+            Client(urls(c), timeout_s=5) as kv:
+        with pytest.raises(ClientError) as refused:
+            kv.lease_grant(2)
+        assert refused.value.status == 400 and refused.value.code == "invalid_field"
+        assert "3.." in refused.value.message
+        with pytest.raises(ClientError):
+            kv.put("k", 1, ttl=2)
+        assert kv.lease_grant(3).ttl_s == 3
+        assert kv.put("k", 1, ttl=3).index > 0

@@ -76,6 +76,27 @@ def test_ttl_the_node_refuses_is_400_from_the_service(client: TestClient,
     assert "minimum" in body["message"]
 
 
+def test_a_node_with_a_longer_election_timeout_refuses_ttls_below_its_floor(
+        fake: FakeService) -> None:
+    """A TTL shorter than 1.5 election timeouts would be lost at every failover (found by a
+    helper: the floor was written down but never applied). Grants and TTL puts alike."""
+    client = TestClient(create_app(fake, min_lease_ttl_s=6))
+    body = assert_error(client.simulate_post("/leases", json={"ttl": 5}), 400, "invalid_field")
+    assert "6.." in body["message"] and "election timeouts" in body["message"]
+    assert_error(client.simulate_put("/keys/k", json={"value": 1, "ttl": 5}), 400,
+                 "invalid_field")
+    assert fake.calls_of("lease_grant") == [] and fake.calls_of("put") == []
+    assert client.simulate_post("/leases", json={"ttl": 6}).json["ttl"] == 6
+    assert client.simulate_put("/keys/k", json={"value": 1, "ttl": 6}).status_code == 200
+
+
+@pytest.mark.parametrize("floor", [MIN_LEASE_TTL_S - 1, MAX_LEASE_TTL_S + 1])
+def test_a_floor_outside_the_ttl_range_is_a_programming_error(fake: FakeService,
+                                                              floor: int) -> None:
+    with pytest.raises(ValueError, match="min_lease_ttl_s"):
+        create_app(fake, min_lease_ttl_s=floor)
+
+
 # --------------------------------------------------------------------------- keepalive
 def test_keepalive_answers_the_ttl(client: TestClient, fake: FakeService) -> None:
     lease = grant(client, 7)

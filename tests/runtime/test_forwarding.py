@@ -44,6 +44,7 @@ from raftkv.service import (
     LeaseNotFoundError,
     NoLeaderError,
     OutcomeUnknownError,
+    ReadTimeoutError,
     ServiceError,
 )
 from snapshots.memory import MemorySnapshotStore
@@ -399,6 +400,43 @@ def test_a_leader_change_fails_forwarded_writes_as_outcome_unknown(net: Net) -> 
     n2.driver.propose(put("b", 2), unsent)
     n2.turn()
     assert [f.to for f in net.sent_of(FrameKind.FORWARD, frm="n2")][-1] == "n3"
+
+
+def test_a_leader_change_fails_forwarded_lease_reads_and_keepalives_as_retry(net: Net) -> None:
+    """A lease read or keepalive is not a write: 'outcome unknown, retry with the same
+    Idempotency-Key' made no sense for it (found by a helper's leader kills: 63 such 504s).
+    It fails as 503 no_leader, as on a leader that loses office mid-read; a write forwarded
+    in the same turn stays outcome unknown."""
+    n2 = net.nodes["n2"]
+    keepalive, info, listing, write = Done(), Done(), Done(), Done()
+    deadline = net.clock() + 5
+    n2.driver.lease_keepalive(5, deadline, keepalive)
+    n2.driver.lease_info(5, deadline, info)
+    n2.driver.lease_list(10, deadline, listing)
+    n2.driver.propose(put("a", 1), write)
+    net.settle(keep=lambda f: f.kind == FrameKind.FORWARD_RESULT)  # the leader never answers
+    assert not (keepalive.done or info.done or listing.done or write.done)
+
+    beat = HeartbeatRequest(n2.core.term + 1, "n3", "n2", n2.core.log.commit, 0)
+    net.inject("n3", "n2", FrameKind.RAFT, codec.encode_message(beat))
+
+    for done in (keepalive, info, listing):
+        assert isinstance(done.error, NoLeaderError), done.error
+    assert isinstance(write.error, OutcomeUnknownError)
+
+
+def test_a_lease_read_never_answered_expires_as_a_read_timeout(net: Net) -> None:
+    n2 = net.nodes["n2"]
+    info, write = Done(), Done()
+    n2.driver.lease_info(5, net.clock() + 5, info)
+    n2.driver.propose(put("a", 1), write)
+    n2.turn()
+    net.in_flight.clear()  # lost on the way
+
+    net.clock.now += FORWARD_TIMEOUT_S + 1
+    n2.forwarder.expire(net.clock())
+    assert isinstance(info.error, ReadTimeoutError)
+    assert isinstance(write.error, OutcomeUnknownError)
 
 
 def test_a_forwarded_write_a_snapshot_covers_before_it_applies_here_is_answered_unknown(
