@@ -297,6 +297,7 @@ class RaftProcess:
         body = json.dumps({"id": s.node_id, "address": s.raft_advertise_addr}).encode()
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         last_error = ""
+        asked = False
         while time.monotonic() < deadline and not self._stopping:
             try:
                 status = _http_json(f"{url}/status", None, 5.0, headers)
@@ -305,17 +306,30 @@ class RaftProcess:
                 if not isinstance(listing, list):
                     raise ValueError("unexpected /cluster answer")
                 addresses = {str(m["id"]): str(m["raft_address"]) for m in listing}
+                if not asked and any(m.get("id") == s.node_id and m.get("voter") is True
+                                     for m in listing):
+                    # This node starts knowing no member (no log, no snapshot), yet the
+                    # cluster counts it as a voter, which it became only after storing the
+                    # log: that log is lost. Checked before any peer is let in, so it casts
+                    # no vote: a voter that forgot what it acknowledged can lose writes.
+                    self.loop.call_soon_threadsafe(self._refuse_amnesiac_join)
+                    return
                 learnt = threading.Event()
 
                 def learn(cid: str = cluster_id, addrs: dict[str, str] = addresses,
                           done: threading.Event = learnt) -> None:
+                    # The identity before any Raft state: a node stopped mid-join restarts
+                    # as this cluster's (and joins again, or goes on from what it stored).
                     self.cluster_id = cid
+                    self.state.storage.set_identity(
+                        NodeIdentity(s.node_id, cid, FORMAT_VERSION))
                     self.transport.set_cluster_id(cid)
                     self.driver.learn_addresses(addrs)
                     done.set()
 
                 self.loop.call_soon_threadsafe(learn)
                 learnt.wait(5.0)
+                asked = True
                 _http_json(f"{url}/cluster/join", body, 30.0, headers)
                 self.loop.call_soon_threadsafe(lambda: self._joined(url))
                 return
@@ -333,10 +347,19 @@ class RaftProcess:
 
     def _joined(self, url: str) -> None:
         s = self.settings
-        self.state.storage.set_identity(NodeIdentity(s.node_id, self.cluster_id, FORMAT_VERSION))
         log.info("event=joined node=%s cluster=%s via=%s", s.node_id, self.cluster_id, url)
         if not self._stopping:
             self._serve()
+
+    def _refuse_amnesiac_join(self) -> None:
+        nid = self.settings.node_id
+        log.error("event=join_refused node=%s reason=voter_without_log: the cluster counts %s "
+                  "as a voter, but this data dir holds none of its log (lost or replaced), and "
+                  "a voter that forgot what it acknowledged can lose committed writes. Remove "
+                  "it first (raftkv members remove %s --urls <a member>), then start it again "
+                  "with RAFTKV_JOIN and an empty data dir", nid, nid, nid)
+        self.exit_code = 2
+        self._begin_stop(hand_over=False)
 
     # ------------------------------------------------------------------ stopping
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:

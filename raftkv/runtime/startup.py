@@ -71,9 +71,10 @@ def plan_start(settings: Settings, identity: NodeIdentity | None, has_raft_state
     the cluster id: members given different root tokens refuse each other)."""
     if identity is None and has_raft_state:
         raise StartupError(
-            f"the data dir {data_dir} holds Raft state but no identity (a join that never "
-            "finished?): it is not bootstrapped again over that state. Start it with "
-            "RAFTKV_JOIN, or move the data dir away to start empty")
+            f"the data dir {data_dir} holds Raft state but no identity (a join an older "
+            "version stopped before it finished, or damage): the node neither bootstraps nor "
+            "joins over that state. Move the data dir away, then start the node with an "
+            "empty data dir and RAFTKV_JOIN")
     if identity is not None:
         if identity.node_id != settings.node_id:
             raise StartupError(

@@ -3,8 +3,12 @@ or dead node, replacing a failed node, and a removed node that cannot disrupt th
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -153,3 +157,109 @@ def test_a_new_member_with_a_members_address_is_refused(cluster: LocalCluster) -
         assert code == 409 and body["error"] == "membership_change_rejected", body
         assert f"member {follower.node_id}" in body["message"], body
     assert "n8" not in members(cluster, leader)
+
+
+def test_a_voter_whose_data_was_lost_is_refused_until_it_is_removed(
+        cluster: LocalCluster) -> None:
+    """Found by a helper: a voter wiped and started again with RAFTKV_JOIN was taken back at
+    once (already a member), with an empty log, and its vote let a node that had missed an
+    acknowledged write be elected: the write was gone on every node. Now the node refuses to
+    join before it lets any peer in (so it casts no vote), and says to remove it first; once
+    removed, it joins empty and catches up."""
+    leader = cluster.wait_for_leader()
+    victim = next(n for n in cluster.nodes if n is not leader)
+    index = cluster.put("acknowledged", "kept")
+    cluster.wait_applied(victim, index)
+    cluster.kill(victim)
+    cluster.wipe(victim)
+
+    earlier = len(victim.log_text())
+    cluster.start(victim, join=leader.http)
+    assert victim.proc is not None
+    assert victim.proc.wait(timeout=30) == 2
+    log = victim.log_text()[earlier:]
+    assert "event=join_refused" in log and "reason=voter_without_log" in log
+    assert f"raftkv members remove {victim.node_id}" in log
+    assert "event=became_follower" not in log  # it took no part in any term
+    assert members(cluster, leader)[victim.node_id]["voter"] is True  # nothing changed
+
+    code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{victim.node_id}",
+                              timeout_s=10)
+    assert code == 200, body
+    cluster.wipe(victim)
+    cluster.start(victim, join=leader.http)
+    wait_until(lambda: members(cluster, leader).get(victim.node_id, {}).get("voter") is True,
+               30, "the emptied node to join again and be promoted")
+    last = cluster.put("after", 1)
+    cluster.wait_applied(victim, last)
+    code, body, _ = http_json("GET", f"{victim.http}/keys/acknowledged?consistency=stale")
+    assert code == 200 and body["value"] == "kept"
+
+
+class _JoinAnswerWithheld:
+    """A member's HTTP face that passes every request on to it but never answers the join:
+    the join is applied and the leader streams its log to the new node, which still waits
+    for its answer (the moment a kill used to leave Raft state without an identity)."""
+
+    def __init__(self, member: str) -> None:
+        self.release = threading.Event()
+        self.joined = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def _relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else None
+                code, body, _ = http_json(self.command, f"{member}{self.path}", raw_body=raw,
+                                          timeout_s=30)
+                if self.path == "/cluster/join":
+                    outer.joined.set()
+                    outer.release.wait(60)
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _relay  # noqa: N815 (http.server names)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_node_stopped_mid_join_restarts_and_finishes_it(cluster: LocalCluster) -> None:
+    """The identity is stored when the join learns the cluster, before any Raft state: a
+    node killed while its join's answer was on the way used to be refused at every restart
+    ('Raft state but no identity'), even with the RAFTKV_JOIN the message asked for."""
+    leader = cluster.wait_for_leader()
+    for i in range(50):
+        cluster.put(f"k{i}", i)
+    withheld = _JoinAnswerWithheld(leader.http)
+    try:
+        new = cluster.add_node()
+        cluster.start(new, join=withheld.url)
+        assert withheld.joined.wait(30), "the join never reached the member"
+        wait_until(lambda: "event=became_follower" in new.log_text(), 30,
+                   "the leader's log to reach the joining node")
+        assert "event=joined" not in new.log_text()
+        cluster.kill(new)
+    finally:
+        withheld.close()
+    cluster.start(new, join=leader.http)
+    wait_until(lambda: members(cluster, leader).get(new.node_id, {}).get("voter") is True, 30,
+               "the node to finish joining and be promoted")
+    last = cluster.put("after", 1)
+    cluster.wait_applied(new, last)
+    code, body, _ = http_json("GET", f"{new.http}/keys/k7?consistency=stale")
+    assert code == 200 and body["value"] == 7
