@@ -115,8 +115,7 @@ class RaftProcess:
                 raft_sock.close()
                 raise
         except BaseException:
-            state.storage.close()
-            state.snapshots.close()
+            state.close()
             raise
         self.http_sock.set_inheritable(True)
         rng = random.Random(int.from_bytes(os.urandom(8), "big"))
@@ -130,8 +129,7 @@ class RaftProcess:
         except (RaftError, AssertionError, ValueError) as e:
             raft_sock.close()
             self.http_sock.close()
-            state.storage.close()
-            state.snapshots.close()
+            state.close()
             raise StartupError(f"the log in {s.data_dir} is inconsistent ({e}); move the data "
                                "dir away and let the node rejoin empty") from None
         try:  # only now that the data dir proved sound (a damaged catalog orphans every chunk)
@@ -413,8 +411,7 @@ class RaftProcess:
         self.transport.close()
         with contextlib.suppress(OSError):
             self.http_sock.close()
-        self.state.storage.close()
-        self.state.snapshots.close()
+        self.state.close()
         self.loop.close()
         log.info("event=node_stopped node=%s", self.settings.node_id)
 

@@ -10,17 +10,23 @@ say, and nothing else:
                                         a root token the AuthEnable of its digest; boot.py)
     empty, RAFTKV_JOIN                  JOIN an existing cluster through a member's HTTP API
     empty, neither                      refuse: two clusters never form by accident
-    Raft state but no identity          refuse: a join that never finished
+    Raft state but no identity          refuse: damage, or a join an older version left
 
-`open_node` does the I/O around it. Every problem is a StartupError whose message says what to
+`open_node` does the I/O around it, holding the data dir's LOCK file (an exclusive flock, for
+the process's life: two processes on one data dir would be two copies of one voter). Every
+problem is a StartupError whose message says what to
 do; the CLI prints it without a traceback and exits with status 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
+import fcntl
 import gc
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -102,6 +108,49 @@ class NodeState:
     sm: KVStateMachine
     boot: BootState
     plan: StartPlan
+    lock_fd: int = -1
+    """The data dir's LOCK file, flocked: closed (and so released) by close()."""
+
+    def close(self) -> None:
+        self.storage.close()
+        self.snapshots.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+LOCK_FILE: Final = "LOCK"
+
+
+def lock_data_dir(data: Path) -> int:
+    """Take the data dir's LOCK (flock, exclusive, not waiting) and write this pid into it;
+    the descriptor holds it until closed or the process ends (workers do not inherit it).
+    A StartupError names the process that holds it."""
+    path = data / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise StartupError(f"cannot open {path}: {e.strerror}; check the data dir's "
+                           "permissions") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = b""
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 32, 0).strip()
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StartupError(f"cannot lock {path}: {e.strerror}") from None
+        who = f"process {holder.decode('ascii', 'replace')}" if holder.isdigit() else (
+            "another process")
+        raise StartupError(
+            f"the data dir {data} is in use by {who} (its {LOCK_FILE} file is locked): a "
+            "second node on one data dir would be two copies of one voter. Stop that node "
+            "first, or give this one its own data dir") from None
+    with contextlib.suppress(OSError):  # only a hint for the message above
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def open_node(settings: Settings) -> NodeState:
@@ -112,23 +161,30 @@ def open_node(settings: Settings) -> NodeState:
     except OSError as e:
         raise StartupError(f"cannot create the data dir {data}: {e.strerror}; check the path "
                            "and its permissions") from None
-    _check_raft_store_present(data)
+    lock_fd = lock_data_dir(data)
     try:
-        storage = LmdbRaftStorage(
-            data / "raft", map_size_bytes=settings.map_size_mb * MIB,
-            max_map_size_bytes=settings.max_map_size_mb * MIB,
-            unsafe_no_fsync=settings.unsafe_no_fsync)
-        snapshots = LmdbSnapshotStore(
-            data / "snapshots", max_map_size_bytes=max(settings.max_map_size_mb, 256) * MIB,
-            discard_partial=False)
-    except StorageError as e:
-        raise StartupError(str(e)) from None
-    try:
-        return _load(settings, data, storage, snapshots)
+        _check_raft_store_present(data)
+        try:
+            storage = LmdbRaftStorage(
+                data / "raft", map_size_bytes=settings.map_size_mb * MIB,
+                max_map_size_bytes=settings.max_map_size_mb * MIB,
+                unsafe_no_fsync=settings.unsafe_no_fsync)
+            snapshots = LmdbSnapshotStore(
+                data / "snapshots", max_map_size_bytes=max(settings.max_map_size_mb, 256) * MIB,
+                discard_partial=False)
+        except StorageError as e:
+            raise StartupError(str(e)) from None
+        try:
+            state = _load(settings, data, storage, snapshots)
+        except BaseException:
+            storage.close()
+            snapshots.close()
+            raise
     except BaseException:
-        storage.close()
-        snapshots.close()
+        os.close(lock_fd)
         raise
+    state.lock_fd = lock_fd
+    return state
 
 
 def _check_raft_store_present(data: Path) -> None:

@@ -86,6 +86,28 @@ def test_data_dir_of_another_node_is_refused(tmp_path: Path) -> None:
     assert "belongs to node 'n1'" in result.stderr
 
 
+def test_a_second_node_on_a_running_nodes_data_dir_is_refused(tmp_path: Path) -> None:
+    """Found by a helper: a second `raftkv serve` on a live node's data dir started, loaded
+    its state and ran as that node (LMDB lets several processes share an environment), two
+    copies of one voter's term, vote and log. The data dir's LOCK now refuses it, naming the
+    holder; the running node carries on."""
+    c = LocalCluster(tmp_path, 1, env=FAST_TIMING)
+    c.start_all()
+    try:
+        node = c.wait_for_leader()
+        c.put("before", 1)
+        env = base_env(tmp_path)
+        env["RAFTKV_DATA_DIR"] = str(node.data_dir)
+        result = serve(env)
+        assert result.returncode == 2
+        assert f"in use by process {node.pid}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert c.put("after", 2) > 0
+        assert c.status(node)["role"] == "leader"
+    finally:
+        c.close()
+
+
 def test_full_disk_refuses_writes_with_507_keeps_reads_and_loses_nothing(tmp_path: Path) -> None:
     c = LocalCluster(tmp_path, 1, env={**FAST_TIMING, "RAFTKV_MAP_SIZE_MB": "1",
                                        "RAFTKV_MAX_MAP_SIZE_MB": "2",

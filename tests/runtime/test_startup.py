@@ -7,6 +7,7 @@ snapshot), restarted as a plain restart: it knew no member, refused every peer a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,8 +52,7 @@ def opened() -> Iterator[list[NodeState]]:
     states: list[NodeState] = []
     yield states
     for state in states:
-        state.storage.close()
-        state.snapshots.close()
+        state.close()
 
 
 def test_a_joined_node_that_learnt_only_a_term_joins_again_after_a_restart(
@@ -85,8 +85,7 @@ def bootstrapped(data_dir: Path) -> None:
     env = {"RAFTKV_ID": "n1", "RAFTKV_DATA_DIR": str(data_dir),
            "RAFTKV_CLUSTER_TOKEN": "t" * 40, "RAFTKV_PEERS": "n1=127.0.0.1:1"}
     state = open_node(from_sources(None, env))
-    state.storage.close()
-    state.snapshots.close()
+    state.close()
 
 
 def restart(data_dir: Path) -> NodeState:
@@ -192,6 +191,23 @@ def test_a_start_looks_the_latest_snapshot_up_once(tmp_path: Path,
 
     monkeypatch.setattr(LmdbSnapshotStore, "latest", counted)
     state = restart(tmp_path)
-    state.storage.close()
-    state.snapshots.close()
+    state.close()
     assert len(calls) == 1
+
+
+def test_a_data_dir_in_use_is_refused_until_its_holder_closes_it(tmp_path: Path) -> None:
+    """The LOCK file's flock: a second open of the same data dir (here in the same process,
+    as a second `raftkv serve` would) is refused with the holder's pid, and nothing of the
+    first is disturbed; once the first closes, the data dir opens again."""
+    bootstrapped(tmp_path)
+    first = restart(tmp_path)
+    try:
+        with pytest.raises(StartupError, match=f"in use by process {os.getpid()}"):
+            restart(tmp_path)
+        assert first.storage.last_index() == 1
+    finally:
+        first.close()
+    again = restart(tmp_path)
+    again.close()
+    assert (tmp_path / "LOCK").read_text().strip() == str(os.getpid())
+
