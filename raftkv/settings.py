@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import ipaddress
 import os
 import re
 import secrets
@@ -55,6 +56,25 @@ def parse_host_port(value: str, name: str) -> tuple[str, int]:
     return bare, port
 
 
+def is_wildcard_host(host: str) -> bool:
+    """0.0.0.0, ::, [::] or *: a host to listen on, never one another node can dial."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if bare == "*":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_unspecified
+    except ValueError:
+        return False
+
+
+def check_dialable(value: str, name: str, advice: str) -> None:
+    """Refuse a host:port the other members would dial when its host is a wildcard."""
+    host, _port = parse_host_port(value, name)
+    if is_wildcard_host(host):
+        raise SettingsError(f"{name}={shown(value)}: other nodes dial this address, and "
+                            f"{host} names no host: {advice}")
+
+
 def parse_peers(value: str) -> dict[str, str]:
     """`n1=host:port,n2=host:port` -> {"n1": "host:port", ...} (raft addresses)."""
     peers: dict[str, str] = {}
@@ -69,6 +89,8 @@ def parse_peers(value: str) -> dict[str, str]:
         if port == 0:
             raise SettingsError(f"RAFTKV_PEERS[{nid}]={shown(addr.strip())}: a member's port "
                                 "cannot be 0")
+        check_dialable(addr.strip(), f"RAFTKV_PEERS[{nid}]",
+                       "give the host name or IP address the members reach it at")
         if nid in peers:
             raise SettingsError(f"RAFTKV_PEERS names {nid} twice")
         if addr.strip() in peers.values():
@@ -304,12 +326,17 @@ class Settings:
             parse_host_port(self.http_advertise.removeprefix("https://").removeprefix(
                 "http://"), "RAFTKV_HTTP_ADVERTISE")
         if self.raft_advertise:
-            parse_host_port(self.raft_advertise, "RAFTKV_RAFT_ADVERTISE")
+            check_dialable(self.raft_advertise, "RAFTKV_RAFT_ADVERTISE",
+                           "give the host name or IP address the members reach this node at")
         peers = self.peer_map
         if peers and self.node_id not in peers:
             raise SettingsError(f"RAFTKV_PEERS must include this node ({self.node_id}=host:port)")
         if self.join:
             parse_host_port(self.join.removeprefix("http://"), "RAFTKV_JOIN")
+            if not self.raft_advertise and self.node_id not in peers:
+                check_dialable(self.raft_addr, "RAFTKV_RAFT_ADDR",
+                               "a joining node tells the members the address to dial: set "
+                               "RAFTKV_RAFT_ADVERTISE (e.g. n4:5001)")
         if not 1 <= self.tick_ms <= MAX_TICK_MS:
             raise SettingsError(f"RAFTKV_TICK_MS must be 1..{MAX_TICK_MS}")
         if self.election_ticks * self.tick_ms > MAX_ELECTION_TIMEOUT_MS:

@@ -81,6 +81,7 @@ from raftkv.service import (
     UnavailableError,
     WriteResult,
 )
+from raftkv.settings import is_wildcard_host
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -425,6 +426,9 @@ def _check_address(value: object, where: str = "address") -> str:
         number = parse_decimal(port, 65535) if sep and host else None
         if (number is not None and number >= 1 and host.isprintable()
                 and not any(c.isspace() for c in host)):
+            if is_wildcard_host(host):
+                raise InvalidFieldError(f"{where} is dialled by the other members: {host} "
+                                        "names no host; give the node's host name or IP")
             return value
     raise InvalidFieldError(f"{where} must be 'host:port'")
 

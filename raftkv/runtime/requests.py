@@ -321,12 +321,17 @@ class RequestHandler:
         driver = self._driver
         membership = driver.core.membership
         done = _Answer(replier, rid, lambda _result: driver.sm.applied_index)
+        known = driver.address_of(node_id)
+        moved = MembershipChangeError(f"{node_id} is already a member with another address; "
+                                      "remove it first")
         if node_id in membership.voters or (node_id in membership.learners and not voter):
-            if driver.address_of(node_id) == address:
+            if known == address:
                 replier.reply_ok(rid, driver.core.log.commit)  # already a member
                 return
-            done.fail(MembershipChangeError(f"{node_id} is already a member with another "
-                                            "address; remove it first"))
+            done.fail(moved)
+            return
+        if node_id in membership.learners and known and known != address:
+            done.fail(moved)  # a promotion never moves a member: it kept the old address
             return
         taken = next((m for m in sorted(membership.voters | membership.learners)
                       if m != node_id and driver.address_of(m) == address), None)

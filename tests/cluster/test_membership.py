@@ -159,6 +159,24 @@ def test_a_new_member_with_a_members_address_is_refused(cluster: LocalCluster) -
     assert "n8" not in members(cluster, leader)
 
 
+def test_a_promotion_naming_another_address_is_refused_not_a_silent_move(
+        cluster: LocalCluster) -> None:
+    """Found by a helper: `members add n8 --address NEW` for a learner n8 at OLD was taken as
+    a promotion at OLD, NEW silently ignored; it is refused like the same request for a
+    voter or with voter false."""
+    leader = cluster.wait_for_leader()
+    old, new = "127.0.0.1:9", "127.0.0.1:10"
+    code, body, _ = http_json("POST", f"{leader.http}/cluster/join",
+                              {"id": "n8", "address": old, "voter": False}, timeout_s=10)
+    assert code == 200, body
+    for voter in (True, False):
+        code, body, _ = http_json("POST", f"{leader.http}/cluster/join",
+                                  {"id": "n8", "address": new, "voter": voter}, timeout_s=10)
+        assert code == 409 and "another address; remove it first" in body["message"], body
+    assert members(cluster, leader)["n8"]["raft_address"] == old
+    assert members(cluster, leader)["n8"]["voter"] is False
+
+
 def test_a_voter_whose_data_was_lost_is_refused_until_it_is_removed(
         cluster: LocalCluster) -> None:
     """Found by a helper: a voter wiped and started again with RAFTKV_JOIN was taken back at

@@ -181,6 +181,11 @@ ERROR_CASES = [
               "invalid_field", {"json": {"id": "n4", "address": "h\u001b[31m:7004"}}),
     ErrorCase("join with port 0", "POST", "/cluster/join", 400, "invalid_field",
               {"json": {"id": "n4", "address": "h:0"}}),
+    # A wildcard was recorded as the member's address: the others dialled themselves.
+    ErrorCase("join with a wildcard IPv4 host", "POST", "/cluster/join", 400, "invalid_field",
+              {"json": {"id": "n4", "address": "0.0.0.0:7004"}}),
+    ErrorCase("join with a wildcard IPv6 host", "POST", "/cluster/join", 400, "invalid_field",
+              {"json": {"id": "n4", "address": "[::]:7004"}}),
     ErrorCase("join with a port over 65535", "POST", "/cluster/join", 400, "invalid_field",
               {"json": {"id": "n4", "address": "h:65536"}}),
     ErrorCase("join with non-boolean voter", "POST", "/cluster/join", 400, "invalid_field",
