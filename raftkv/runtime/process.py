@@ -154,6 +154,7 @@ class RaftProcess:
             persist_defer_s=s.persist_defer_us / 1e6, quota_bytes=s.effective_quota_bytes)
         self.forwarder = Forwarder(driver, self.transport, rng)
         driver.forwarder = self.forwarder
+        _warn_of_moved_addresses(s, driver)
         driver.handler.before_persist = self._flush_outputs
         self.handler = RequestHandler(
             driver=driver, loop=loop,
@@ -418,6 +419,26 @@ class RaftProcess:
 
 def _nothing() -> None:
     pass
+
+
+def _warn_of_moved_addresses(s: Settings, driver: RaftDriver) -> None:
+    """The membership's addresses (from the log and snapshot) win over the settings': say
+    so when they differ, since the members dial what the membership holds (a node restarted
+    on a new address was cut off without a word)."""
+    stored = driver.address_of(s.node_id)
+    if stored and stored != s.raft_advertise_addr:
+        log.warning("event=address_mismatch node=%s stored=%s configured=%s: the members dial "
+                    "this node at %s (the membership's address), not at %s. If it moved, "
+                    "remove it and add it again at the new address (raftkv members remove, "
+                    "then start it empty with RAFTKV_JOIN); otherwise start it with "
+                    "RAFTKV_RAFT_ADVERTISE=%s", s.node_id, stored, s.raft_advertise_addr,
+                    stored, s.raft_advertise_addr, stored)
+    for nid, configured in sorted(s.peer_map.items()):
+        known = driver.address_of(nid)
+        if nid != s.node_id and known and known != configured:
+            log.warning("event=peers_setting_ignored node=%s member=%s stored=%s configured=%s:"
+                        " RAFTKV_PEERS only bootstraps a cluster; the membership's address is "
+                        "dialled", s.node_id, nid, known, configured)
 
 
 def _http_json(url: str, body: bytes | None, timeout_s: float,
