@@ -955,7 +955,13 @@ class RaftNode:
 
     def _step_snapshot_request(self, m: SnapshotRequest) -> None:
         inc = self._incoming_snapshot
-        if m.offset == 0:
+        # The first chunk again, of the very transfer under way (a leader resends its current
+        # chunk on a heartbeat response, often before the first chunk's answer came back):
+        # a duplicate, answered with the offset reached below. Starting over would drop and
+        # restage what arrived, again and again on a slow disk.
+        repeated = (inc is not None and inc.received > 0 and inc.meta == m.meta
+                    and inc.length == m.length and inc.checksum == m.checksum)
+        if m.offset == 0 and not repeated:
             self._abandon_incoming_snapshot()
             if m.meta.index <= self.log.commit:
                 # Nothing new in it: say so at once rather than receive it for nothing.

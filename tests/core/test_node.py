@@ -40,6 +40,7 @@ from raftkv.core import (
     Snapshot,
     SnapshotMeta,
     SnapshotRequest,
+    SnapshotResponse,
     TimeoutNow,
     VoteRequest,
     VoteResponse,
@@ -1212,6 +1213,42 @@ def test_leader_sends_entries_not_a_snapshot_to_a_follower_within_the_trailing_l
 def _snapshot_request(index: int, term: int, data: bytes = b"snap") -> SnapshotRequest:
     meta = SnapshotMeta(index, term, Membership(frozenset(THREE)))
     return SnapshotRequest(5, "n1", "n2", meta, 0, data, True, len(data), checksum_of(data))
+
+
+def test_the_first_chunk_again_of_the_transfer_under_way_is_a_duplicate_not_a_restart() -> None:
+    """Found by a helper: a leader resends its current chunk on a heartbeat response, often
+    the first one before its answer is back, and the follower took every chunk at offset 0
+    as a new transfer: it dropped and restaged what it had (41 restarts of one transfer in
+    2 s). The same first chunk of the same snapshot is now a duplicate: answered with the
+    offset reached, nothing dropped, and the transfer ends with one install."""
+    data = b"snapshot-in-three-chunks"
+    meta = SnapshotMeta(4, 2, Membership(frozenset(THREE)))
+
+    def chunk(offset: int, end: int) -> SnapshotRequest:
+        return SnapshotRequest(5, "n1", "n2", meta, offset, data[offset:end], end == len(data),
+                               len(data), checksum_of(data))
+
+    node = lone_node("n2", terms=(1, 1), hs=HardState(term=5))
+    node.step(chunk(0, 8))
+    node.advance(node.ready())
+    node.step(chunk(0, 8))  # the resend
+    rd = node.ready()
+    assert not rd.snapshot_discard and rd.snapshot_writes == ()
+    answers = of_type([*rd.messages, *rd.after_persist], SnapshotResponse)
+    assert [(a.next_offset, a.done) for a in answers] == [(8, False)]
+    node.advance(rd)
+    node.step(chunk(8, 16))
+    node.advance(node.ready())
+    node.step(chunk(16, len(data)))
+    rd = node.ready()
+    assert rd.snapshot is not None and rd.snapshot.meta == meta
+    node.advance(rd)
+    assert node.log.snapshot_index == 4
+    # A first chunk of another snapshot still starts a new transfer.
+    other = SnapshotMeta(6, 2, Membership(frozenset(THREE)))
+    node.step(SnapshotRequest(5, "n1", "n2", other, 0, b"x", False, 2, checksum_of(b"xy")))
+    node.step(SnapshotRequest(5, "n1", "n2", meta, 0, b"x", False, 2, checksum_of(b"xz")))
+    assert node.ready().snapshot_discard
 
 
 def test_follower_installing_a_snapshot_keeps_its_log_suffix_when_the_last_entry_matches() -> None:
