@@ -57,14 +57,17 @@ def parse_host_port(value: str, name: str) -> tuple[str, int]:
 
 
 def is_wildcard_host(host: str) -> bool:
-    """0.0.0.0, ::, [::] or *: a host to listen on, never one another node can dial."""
+    """0.0.0.0 (also as 0 or ::ffff:0.0.0.0), ::, [::] or *: a host to listen on, never one
+    another node can dial."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if bare == "*":
+    if bare in ("*", "0"):
         return True
     try:
-        return ipaddress.ip_address(bare).is_unspecified
+        ip = ipaddress.ip_address(bare)
     except ValueError:
         return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return ip.is_unspecified or (mapped is not None and mapped.is_unspecified)
 
 
 def check_dialable(value: str, name: str, advice: str) -> None:
@@ -89,8 +92,6 @@ def parse_peers(value: str) -> dict[str, str]:
         if port == 0:
             raise SettingsError(f"RAFTKV_PEERS[{nid}]={shown(addr.strip())}: a member's port "
                                 "cannot be 0")
-        check_dialable(addr.strip(), f"RAFTKV_PEERS[{nid}]",
-                       "give the host name or IP address the members reach it at")
         if nid in peers:
             raise SettingsError(f"RAFTKV_PEERS names {nid} twice")
         if addr.strip() in peers.values():
@@ -326,17 +327,12 @@ class Settings:
             parse_host_port(self.http_advertise.removeprefix("https://").removeprefix(
                 "http://"), "RAFTKV_HTTP_ADVERTISE")
         if self.raft_advertise:
-            check_dialable(self.raft_advertise, "RAFTKV_RAFT_ADVERTISE",
-                           "give the host name or IP address the members reach this node at")
+            parse_host_port(self.raft_advertise, "RAFTKV_RAFT_ADVERTISE")
         peers = self.peer_map
         if peers and self.node_id not in peers:
             raise SettingsError(f"RAFTKV_PEERS must include this node ({self.node_id}=host:port)")
         if self.join:
             parse_host_port(self.join.removeprefix("http://"), "RAFTKV_JOIN")
-            if not self.raft_advertise and self.node_id not in peers:
-                check_dialable(self.raft_addr, "RAFTKV_RAFT_ADDR",
-                               "a joining node tells the members the address to dial: set "
-                               "RAFTKV_RAFT_ADVERTISE (e.g. n4:5001)")
         if not 1 <= self.tick_ms <= MAX_TICK_MS:
             raise SettingsError(f"RAFTKV_TICK_MS must be 1..{MAX_TICK_MS}")
         if self.election_ticks * self.tick_ms > MAX_ELECTION_TIMEOUT_MS:

@@ -17,6 +17,7 @@ from raftkv.settings import (
     default_quota_bytes,
     from_sources,
     generate_token,
+    is_wildcard_host,
     parse_size,
 )
 
@@ -108,29 +109,12 @@ def test_a_long_bad_value_is_not_echoed_whole(env: dict[str, str]) -> None:
     assert next(iter(env)) in message and "characters)" in message
 
 
-@pytest.mark.parametrize(("env", "named"), [
-    ({"RAFTKV_PEERS": "n1=0.0.0.0:5001,n2=h2:5001"}, "RAFTKV_PEERS[n1]"),
-    ({"RAFTKV_PEERS": "n1=h1:5001,n2=[::]:5001"}, "RAFTKV_PEERS[n2]"),
-    ({"RAFTKV_RAFT_ADVERTISE": "0.0.0.0:5001"}, "RAFTKV_RAFT_ADVERTISE"),
-    ({"RAFTKV_PEERS": "-", "RAFTKV_JOIN": "h1:4001", "RAFTKV_RAFT_ADDR": "0.0.0.0:5001"},
-     "RAFTKV_RAFT_ADVERTISE (e.g. n4:5001)"),
-], ids=repr)
-def test_an_address_others_dial_cannot_be_a_wildcard(env: dict[str, str], named: str) -> None:
-    """Found by a helper: a node joining with RAFTKV_RAFT_ADDR=0.0.0.0:P and no advertise was
-    recorded by the cluster as 0.0.0.0:P, which works only while every node is on one host."""
-    with pytest.raises(SettingsError, match="names no host") as refused:
-        from_sources(None, settings_env(**env))
-    assert named in str(refused.value)
-
-
-@pytest.mark.parametrize("env", [
-    {"RAFTKV_PEERS": "n1=n1:5001,n2=n2:5001", "RAFTKV_RAFT_ADDR": "0.0.0.0:5001"},  # compose
-    {"RAFTKV_PEERS": "-", "RAFTKV_JOIN": "h1:4001", "RAFTKV_RAFT_ADDR": "0.0.0.0:5001",
-     "RAFTKV_RAFT_ADVERTISE": "n4:5001"},
-], ids=repr)
-def test_listening_on_a_wildcard_is_fine_when_the_advertised_address_is_not(
-        env: dict[str, str]) -> None:
-    assert from_sources(None, settings_env(**env)).raft_addr == "0.0.0.0:5001"
+@pytest.mark.parametrize(("host", "wildcard"), [
+    ("0.0.0.0", True), ("0", True), ("::", True), ("[::]", True), ("::ffff:0.0.0.0", True),
+    ("*", True), ("127.0.0.1", False), ("n1", False), ("[::1]", False), ("10.0.0.0", False),
+])
+def test_wildcard_hosts_are_told_from_dialable_ones(host: str, wildcard: bool) -> None:
+    assert is_wildcard_host(host) is wildcard
 
 
 def test_the_quota_defaults_to_two_gib_or_an_eighth_of_memory() -> None:

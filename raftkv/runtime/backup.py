@@ -55,7 +55,7 @@ from raftkv.kv.state_machine import (
     parse_snapshot,
 )
 from raftkv.ports import NodeIdentity
-from raftkv.settings import SettingsError, check_node_id, parse_host_port
+from raftkv.settings import SettingsError, check_dialable, check_node_id
 from snapshots.checksum import CHECKSUM_ALGORITHM, new_hasher
 
 __all__ = [
@@ -219,7 +219,10 @@ def restore(backup_path: str | os.PathLike[str], data_dir: str | os.PathLike[str
     for a bad backup file, StorageError if the stores cannot be written."""
     try:
         check_node_id(node_id, "--id")
-        parse_host_port(raft_address, "--raft-addr")
+        check_dialable(raft_address, "--raft-addr",
+                       "give the address the members will dial the node at (in a container "
+                       "whose RAFTKV_RAFT_ADDR listens on 0.0.0.0: --raft-addr <name>:<port>, "
+                       "or set RAFTKV_RAFT_ADVERTISE)")
     except SettingsError as e:
         raise RestoreError(str(e)) from None
     target = Path(data_dir)

@@ -17,6 +17,7 @@ same way, without the hand-over, and the exit status is 1.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import ipaddress
 import json
@@ -51,7 +52,7 @@ from raftkv.runtime.transport.refusals import RateLimitedLog
 from raftkv.runtime.transport.tls import PeerTLS, TLSMode, TLSSetupError
 from raftkv.runtime.workers import WorkerSupervisor
 from raftkv.service import ServiceError, UnavailableError
-from raftkv.settings import Settings, parse_host_port
+from raftkv.settings import Settings, SettingsError, is_wildcard_host, parse_host_port
 from snapshots.policy import SnapshotPolicy
 
 __all__ = ["RaftProcess", "StartupError", "peer_source_host"]
@@ -146,7 +147,10 @@ class RaftProcess:
             tls=peer_tls)
         self.driver = driver = RaftDriver(
             core=core, storage=state.storage, snapshots=state.snapshots, state_machine=state.sm,
-            frames=self.transport, addresses=s.peer_map,
+            # A node that joins links no peer before its join checks passed (RAFTKV_PEERS
+            # may be set beside RAFTKV_JOIN, as in docker-compose): it learns the members'
+            # addresses from the cluster, once it knows it may take part.
+            frames=self.transport, addresses={} if state.plan.needs_join else s.peer_map,
             snapshot_policy=SnapshotPolicy(s.snapshot_entries, s.snapshot_trailing), rng=rng,
             metrics=self.metrics, post=loop.call_soon_threadsafe,
             boot_commit=state.boot.hard_state.commit,
@@ -305,13 +309,28 @@ class RaftProcess:
                 if not isinstance(listing, list):
                     raise ValueError("unexpected /cluster answer")
                 addresses = {str(m["id"]): str(m["raft_address"]) for m in listing}
+                mine = self.state.plan.cluster_id
+                if mine and cluster_id != mine:
+                    error = (f"this data dir belongs to cluster {mine}, and {url} is a member "
+                             f"of cluster {cluster_id}: move the data dir away to join that "
+                             "cluster")
+                    self.loop.call_soon_threadsafe(functools.partial(
+                        self._join_refused, "other_cluster", error))
+                    return
                 if not asked and any(m.get("id") == s.node_id and m.get("voter") is True
                                      for m in listing):
                     # This node starts knowing no member (no log, no snapshot), yet the
                     # cluster counts it as a voter, which it became only after storing the
                     # log: that log is lost. Checked before any peer is let in, so it casts
                     # no vote: a voter that forgot what it acknowledged can lose writes.
-                    self.loop.call_soon_threadsafe(self._refuse_amnesiac_join)
+                    nid = s.node_id
+                    self.loop.call_soon_threadsafe(functools.partial(
+                        self._join_refused, "voter_without_log",
+                        f"the cluster counts {nid} as a voter, but this data dir holds none of "
+                        "its log (lost or replaced), and a voter that forgot what it "
+                        "acknowledged can lose committed writes. Remove it first (raftkv "
+                        f"members remove {nid} --urls <a member>), then start it again with "
+                        "RAFTKV_JOIN and an empty data dir"))
                     return
                 learnt = threading.Event()
 
@@ -350,13 +369,9 @@ class RaftProcess:
         if not self._stopping:
             self._serve()
 
-    def _refuse_amnesiac_join(self) -> None:
-        nid = self.settings.node_id
-        log.error("event=join_refused node=%s reason=voter_without_log: the cluster counts %s "
-                  "as a voter, but this data dir holds none of its log (lost or replaced), and "
-                  "a voter that forgot what it acknowledged can lose committed writes. Remove "
-                  "it first (raftkv members remove %s --urls <a member>), then start it again "
-                  "with RAFTKV_JOIN and an empty data dir", nid, nid, nid)
+    def _join_refused(self, reason: str, advice: str) -> None:
+        log.error("event=join_refused node=%s reason=%s: %s", self.settings.node_id, reason,
+                  advice)
         self.exit_code = 2
         self._begin_stop(hand_over=False)
 
@@ -424,15 +439,30 @@ def _nothing() -> None:
 def _warn_of_moved_addresses(s: Settings, driver: RaftDriver) -> None:
     """The membership's addresses (from the log and snapshot) win over the settings': say
     so when they differ, since the members dial what the membership holds (a node restarted
-    on a new address was cut off without a word)."""
+    on a new address was cut off without a word). A wildcard listen address is compared by
+    its port (unless an advertised address says where the members reach it)."""
     stored = driver.address_of(s.node_id)
-    if stored and stored != s.raft_advertise_addr:
-        log.warning("event=address_mismatch node=%s stored=%s configured=%s: the members dial "
-                    "this node at %s (the membership's address), not at %s. If it moved, "
-                    "remove it and add it again at the new address (raftkv members remove, "
-                    "then start it empty with RAFTKV_JOIN); otherwise start it with "
-                    "RAFTKV_RAFT_ADVERTISE=%s", s.node_id, stored, s.raft_advertise_addr,
-                    stored, s.raft_advertise_addr, stored)
+    if stored:
+        advertised = s.raft_advertise_addr
+        try:
+            _stored_host, stored_port = parse_host_port(stored, "the stored address")
+            advertised_host, _port = parse_host_port(advertised, "RAFTKV_RAFT_ADVERTISE")
+            _host, listen_port = parse_host_port(s.raft_addr, "RAFTKV_RAFT_ADDR")
+        except SettingsError:  # an address an older version recorded: nothing to compare
+            return
+        if not is_wildcard_host(advertised_host) and advertised != stored:
+            configured = advertised
+        elif not s.raft_advertise and listen_port != stored_port:
+            configured = s.raft_addr
+        else:
+            configured = ""
+        if configured:
+            log.warning("event=address_mismatch node=%s stored=%s configured=%s: the members "
+                        "dial this node at %s (the membership's address), not at %s. If it "
+                        "moved, remove it and add it again at the new address (raftkv members "
+                        "remove, then start it empty with RAFTKV_JOIN); otherwise give it back "
+                        "%s (or, behind a port mapping, RAFTKV_RAFT_ADVERTISE=%s)", s.node_id,
+                        stored, configured, stored, configured, stored, stored)
     for nid, configured in sorted(s.peer_map.items()):
         known = driver.address_of(nid)
         if nid != s.node_id and known and known != configured:

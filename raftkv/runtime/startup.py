@@ -4,7 +4,8 @@
 say, and nothing else:
 
     data dir holds an identity          RESTART (the settings' RAFTKV_JOIN is ignored, unless
-                                        the node knows no member yet: it joins again)
+                                        the node knows no member yet: it joins again, and
+                                        without RAFTKV_JOIN it is refused)
     empty, RAFTKV_PEERS, no RAFTKV_JOIN BOOTSTRAP a static cluster (every member writes the
                                         same first log entries: one ADD_VOTER each, and with
                                         a root token the AuthEnable of its digest; boot.py)
@@ -38,7 +39,7 @@ from raftkv.kv.state_machine import KVStateMachine, StateMachineError
 from raftkv.ports import NodeIdentity, StorageError
 from raftkv.runtime.boot import bootstrap_entries, load_boot_state
 from raftkv.runtime.driver import BASE_MEMBERSHIP
-from raftkv.settings import Settings, derive_cluster_id
+from raftkv.settings import Settings, SettingsError, check_dialable, derive_cluster_id
 from snapshots.lmdb_store import LmdbSnapshotStore
 from storage.lmdb_store import LmdbRaftStorage
 
@@ -86,11 +87,18 @@ def plan_start(settings: Settings, identity: NodeIdentity | None, has_raft_state
             raise StartupError(
                 f"the data dir {data_dir} belongs to node {identity.node_id!r}, not "
                 f"{settings.node_id!r}: use RAFTKV_ID={identity.node_id} or another data dir")
-        # A node whose join finished but that stopped before anything came from the cluster
-        # (no snapshot, no log: no member, no address) would refuse every peer as unknown:
-        # it joins again (the leader answers at once for a known member).
+        # A node whose join began (the identity is stored once it learns the cluster) but
+        # that stopped before anything came from the cluster (no snapshot, no log: no
+        # member, no address) would refuse every peer as unknown: it joins again (the
+        # leader answers at once for a known member), and without RAFTKV_JOIN it cannot.
+        if not knows_members and not settings.join:
+            raise StartupError(
+                f"the data dir {data_dir} belongs to node {identity.node_id} of cluster "
+                f"{identity.cluster_id}, whose join never finished (it knows no member yet): "
+                "start it with RAFTKV_JOIN=<a member's HTTP address>, or move the data dir "
+                "away to start afresh")
         return StartPlan(StartKind.RESTART, identity.cluster_id,
-                         needs_join=bool(settings.join) and not knows_members)
+                         needs_join=not knows_members)
     if settings.join:
         return StartPlan(StartKind.JOIN, "", needs_join=True)
     if settings.peer_map:
@@ -240,6 +248,7 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
     bootstrapping = identity is None and bool(settings.peer_map) and not settings.join
     root_digest = _root_digest(settings, bootstrapping)
     plan = plan_start(settings, identity, has_state, knows_members, data, root_digest)
+    check_recorded_addresses(settings, plan)
     if plan.kind is StartKind.BOOTSTRAP:
         entries = bootstrap_entries(settings.peer_map, root_digest)
         storage.save(HardState(1, None, len(entries)), entries)
@@ -266,6 +275,24 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     return NodeState(storage, snapshots, sm, boot, plan)
+
+
+def check_recorded_addresses(settings: Settings, plan: StartPlan) -> None:
+    """The addresses this start records in the membership, which the members will dial, are
+    never wildcards (0.0.0.0 works only while every node is on one host). Checked only when
+    they are recorded (a bootstrap, a join): a cluster that runs on them keeps starting."""
+    try:
+        if plan.kind is StartKind.BOOTSTRAP:
+            for nid, address in sorted(settings.peer_map.items()):
+                check_dialable(address, f"RAFTKV_PEERS[{nid}]",
+                               "give the host name or IP address the members reach it at")
+        elif plan.needs_join:
+            name = "RAFTKV_RAFT_ADVERTISE" if settings.raft_advertise else "RAFTKV_RAFT_ADDR"
+            check_dialable(settings.raft_advertise_addr, name,
+                           "a joining node tells the members the address to dial it at: set "
+                           "RAFTKV_RAFT_ADVERTISE (e.g. n4:5001)")
+    except SettingsError as e:
+        raise StartupError(str(e)) from None
 
 
 def _root_digest(settings: Settings, bootstrapping: bool) -> bytes | None:

@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 
 from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
+from raftkv.ports import NodeIdentity
+from raftkv.runtime.startup import FORMAT_VERSION
+from storage.lmdb_store import LmdbRaftStorage
 from tests.support.clusters import running_cluster
 
 pytestmark = pytest.mark.integration
@@ -193,9 +196,13 @@ def test_a_voter_whose_data_was_lost_is_refused_until_it_is_removed(
     cluster.wipe(victim)
 
     earlier = len(victim.log_text())
+    # RAFTKV_PEERS beside RAFTKV_JOIN, as docker-compose gives every node: its peers were
+    # linked (and their vote requests answered) before the check ran, found by a review.
+    victim.env["RAFTKV_PEERS"] = cluster.peers
     cluster.start(victim, join=leader.http)
     assert victim.proc is not None
     assert victim.proc.wait(timeout=30) == 2
+    victim.env.clear()
     log = victim.log_text()[earlier:]
     assert "event=join_refused" in log and "reason=voter_without_log" in log
     assert f"raftkv members remove {victim.node_id}" in log
@@ -288,23 +295,56 @@ def test_a_node_restarted_on_another_address_is_warned_the_members_dial_the_old_
         cluster: LocalCluster) -> None:
     """Found by a helper: n3 restarted with a new raft address started without a word and
     was never reached again (the members dial the address in the membership). Its start now
-    says so, and so does a RAFTKV_PEERS that disagrees with the membership."""
+    says so, and so does a RAFTKV_PEERS that disagrees with the membership; listening on
+    0.0.0.0 at the same port is no move."""
     leader = cluster.wait_for_leader()
     victim = next(n for n in cluster.nodes if n is not leader)
     other = next(n for n in cluster.nodes if n not in (leader, victim))
-    cluster.terminate(victim)
+    port = victim.raft_port
+
+    def restart_with(**env: str) -> str:
+        cluster.terminate(victim)
+        victim.env.clear()
+        victim.env.update(env)
+        earlier = len(victim.log_text())
+        cluster.start(victim)
+        wait_until(lambda: "event=node_started" in victim.log_text()[earlier:], 20, "a start")
+        return victim.log_text()[earlier:]
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         moved = f"127.0.0.1:{probe.getsockname()[1]}"
     peers = cluster.peers.replace(other.raft, "127.0.0.1:9")
-    victim.env.update({"RAFTKV_RAFT_ADDR": moved, "RAFTKV_RAFT_ADVERTISE": moved,
-                       "RAFTKV_PEERS": peers})
-    earlier = len(victim.log_text())
-    cluster.start(victim)
-    wait_until(lambda: "event=node_started" in victim.log_text()[earlier:], 20, "the start")
-    log = victim.log_text()[earlier:]
+    log = restart_with(RAFTKV_RAFT_ADDR=moved, RAFTKV_RAFT_ADVERTISE=moved,
+                       RAFTKV_PEERS=peers)
     assert (f"event=address_mismatch node={victim.node_id} stored={victim.raft} "
             f"configured={moved}") in log
     assert (f"event=peers_setting_ignored node={victim.node_id} member={other.node_id} "
             f"stored={other.raft} configured=127.0.0.1:9") in log
+    # As in docker-compose: every interface, a new port, RAFTKV_PEERS unchanged.
+    wildcard_moved = "0.0.0.0:" + moved.rpartition(":")[2]
+    log = restart_with(RAFTKV_RAFT_ADDR=wildcard_moved)
+    assert f"stored={victim.raft} configured={wildcard_moved}" in log
+    log = restart_with(RAFTKV_RAFT_ADDR=f"0.0.0.0:{port}")
+    assert "event=address_mismatch" not in log
+    wait_until(lambda: cluster.status(victim)["leader"] is not None, 20, "it to be reached")
+
+
+def test_a_join_that_began_with_another_cluster_is_not_resumed_with_this_one(
+        cluster: LocalCluster) -> None:
+    """A data dir whose join began with cluster c-other (its identity says so) and that
+    knows no member is refused when RAFTKV_JOIN now names a member of another cluster: it
+    may hold that cluster's term and vote (found by a review)."""
+    leader = cluster.wait_for_leader()
+    new = cluster.add_node()
+    (new.data_dir / "raft").mkdir(parents=True)
+    with LmdbRaftStorage(new.data_dir / "raft") as storage:
+        storage.set_identity(NodeIdentity(new.node_id, "c-other", FORMAT_VERSION))
+    cluster.start(new, join=leader.http)
+    assert new.proc is not None
+    assert new.proc.wait(timeout=30) == 2
+    log = new.log_text()
+    assert "event=join_refused" in log and "reason=other_cluster" in log
+    assert "belongs to cluster c-other" in log
+    assert new.node_id not in members(cluster, leader)
 

@@ -187,7 +187,8 @@ def test_restore_of_a_damaged_backup_creates_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("node_id", "address"), [("10.0.0.1", "127.0.0.1:7001"),
-                                                   ("n1", "no-port")])
+                                                   ("n1", "no-port"), ("n1", "0.0.0.0:5001"),
+                                                   ("n1", "[::]:5001")])
 def test_restore_refuses_a_bad_id_or_address(tmp_path: Path, node_id: str,
                                              address: str) -> None:
     write_source_backup(tmp_path / "b")

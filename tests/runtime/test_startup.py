@@ -65,6 +65,20 @@ def test_a_joined_node_that_learnt_only_a_term_joins_again_after_a_restart(
     assert state.plan.cluster_id == "c1"
 
 
+@pytest.mark.parametrize("peers", ["", "n4=127.0.0.1:4,n5=127.0.0.1:5"])
+def test_a_join_that_never_finished_needs_raftkv_join_to_go_on(tmp_path: Path,
+                                                                peers: str) -> None:
+    """The identity is stored once a join learns the cluster: if the join then fails, a start
+    without RAFTKV_JOIN ran as a member of that cluster knowing no member, silently, for
+    ever (or, with RAFTKV_PEERS, did not bootstrap them). It is refused and told how."""
+    joined(tmp_path, HardState(0, None, 0), [])
+    env = {"RAFTKV_ID": "n4", "RAFTKV_DATA_DIR": str(tmp_path),
+           "RAFTKV_CLUSTER_TOKEN": "t" * 40, "RAFTKV_PEERS": peers}
+    with pytest.raises(StartupError, match="join never finished") as refused:
+        open_node(from_sources(None, {k: v for k, v in env.items() if v}))
+    assert "RAFTKV_JOIN" in str(refused.value) and "cluster c1" in str(refused.value)
+
+
 def test_a_joined_node_that_holds_log_entries_restarts_without_joining(
         tmp_path: Path, opened: list[NodeState]) -> None:
     entries = bootstrap_entries(MEMBERS)
@@ -210,4 +224,47 @@ def test_a_data_dir_in_use_is_refused_until_its_holder_closes_it(tmp_path: Path)
     again = restart(tmp_path)
     again.close()
     assert (tmp_path / "LOCK").read_text().strip() == str(os.getpid())
+
+
+def wildcard_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {"RAFTKV_ID": "n1", "RAFTKV_DATA_DIR": str(data_dir),
+           "RAFTKV_CLUSTER_TOKEN": "t" * 40}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ({"RAFTKV_PEERS": "n1=0.0.0.0:5001,n2=h2:5001"}, "RAFTKV_PEERS[n1]"),
+    ({"RAFTKV_PEERS": "n1=h1:5001,n2=[::]:5001"}, "RAFTKV_PEERS[n2]"),
+    ({"RAFTKV_JOIN": "h1:4001", "RAFTKV_RAFT_ADDR": "0.0.0.0:5001"},
+     "RAFTKV_RAFT_ADDR='0.0.0.0:5001'"),
+    ({"RAFTKV_JOIN": "h1:4001", "RAFTKV_RAFT_ADVERTISE": "[::]:5001"},
+     "RAFTKV_RAFT_ADVERTISE='[::]:5001'"),
+], ids=repr)
+def test_an_address_the_start_records_for_others_to_dial_is_never_a_wildcard(
+        tmp_path: Path, extra: dict[str, str], named: str) -> None:
+    """Found by a helper: a node joining with RAFTKV_RAFT_ADDR=0.0.0.0:P and no advertise was
+    recorded by the cluster as 0.0.0.0:P, which works only while every node is on one host.
+    Refused before anything is bootstrapped or asked, saying what to set."""
+    with pytest.raises(StartupError, match="names no host") as refused:
+        open_node(from_sources(None, wildcard_env(tmp_path, **extra)))
+    assert named in str(refused.value)
+    with LmdbRaftStorage(tmp_path / "raft") as storage:
+        assert storage.last_index() == 0 and storage.identity() is None
+
+
+def test_a_cluster_bootstrapped_on_wildcards_keeps_starting(tmp_path: Path) -> None:
+    """Dialling 0.0.0.0:P reaches this host, so a one-host cluster bootstrapped that way
+    before the check ran; its restarts are not refused (RAFTKV_PEERS only seeds it)."""
+    peers = "n1=127.0.0.1:5001"
+    open_node(from_sources(None, wildcard_env(tmp_path, RAFTKV_PEERS=peers))).close()
+    with LmdbRaftStorage(tmp_path / "raft") as storage:
+        assert storage.identity() is not None
+    state = open_node(from_sources(None, wildcard_env(
+        tmp_path, RAFTKV_PEERS="n1=0.0.0.0:5001", RAFTKV_JOIN="h1:4001",
+        RAFTKV_RAFT_ADDR="0.0.0.0:5001")))
+    try:
+        assert state.plan.kind is StartKind.RESTART and not state.plan.needs_join
+    finally:
+        state.close()
 
