@@ -95,6 +95,8 @@ class RaftProcess:
         self.settings = s = settings
         self.token = s.cluster_token  # Settings.validate refused to go on without one
         self.exit_code = 0
+        self._removed_from: set[str] = set()
+        """Members that refused us as removed from the cluster (since a link last came up)."""
         self._join_headers = join_headers(s) if s.join else {}
         # The TLS files are checked before the data dir is touched: a bootstrap writes it,
         # and a start refused after that would leave a cluster of the refused settings.
@@ -143,7 +145,8 @@ class RaftProcess:
         self.transport = PeerTransport(
             loop, node_id=s.node_id, cluster_id=self.cluster_id, token=self.token,
             listen_sock=raft_sock, http_address=s.http_advertise_addr, deliver=self._deliver,
-            on_peer_state=self._peer_state, source_host=peer_source_host(raft_host),
+            on_peer_state=self._peer_state, on_removed_by=self._removed_by,
+            source_host=peer_source_host(raft_host),
             tls=peer_tls)
         self.driver = driver = RaftDriver(
             core=core, storage=state.storage, snapshots=state.snapshots, state_machine=state.sm,
@@ -261,6 +264,18 @@ class RaftProcess:
 
     def _peer_state(self, peer: str, up: bool) -> None:
         self.driver.note_peer_state(peer, up)
+        if up and self._removed_from:  # a member took us in: we are one (again)
+            self._removed_from.clear()
+            log.info("event=member_again node=%s via=%s", self.settings.node_id, peer)
+
+    def _removed_by(self, peer: str) -> None:
+        """`peer` refused our handshake as a member removed from the cluster."""
+        if not self._removed_from:
+            nid = self.settings.node_id
+            log.warning("event=removed_from_cluster node=%s by=%s: the members no longer count "
+                        "this node, so it will never hear from a leader: stop it. To add it "
+                        "back, move its data dir away and start it with RAFTKV_JOIN", nid, peer)
+        self._removed_from.add(peer)
 
     # ------------------------------------------------------------------ state for others
     def _view(self) -> dict[str, object]:
@@ -279,6 +294,7 @@ class RaftProcess:
 
     def _extra_status(self) -> dict[str, object]:
         return {"workers": self.workers.describe(),
+                "removed_from_cluster": bool(self._removed_from),
                 "forwards_waiting": self.forwarder.waiting,
                 "unauthenticated_peer_connections": self.transport.unauthenticated_connections}
 

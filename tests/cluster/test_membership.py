@@ -348,3 +348,22 @@ def test_a_join_that_began_with_another_cluster_is_not_resumed_with_this_one(
     assert "belongs to cluster c-other" in log
     assert new.node_id not in members(cluster, leader)
 
+
+def test_a_removed_node_learns_it_was_removed_and_says_so(cluster: LocalCluster) -> None:
+    """Found by a helper: a removed node stayed a pre-candidate for ever, answering 'no
+    leader is known yet; retry', with nothing in its log or status to say why. The members
+    now refuse its handshakes as removed_member: it logs event=removed_from_cluster and its
+    /status says removed_from_cluster; the others do not."""
+    leader = cluster.wait_for_leader()
+    victim = next(n for n in cluster.nodes if n is not leader)
+    code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{victim.node_id}",
+                              timeout_s=10)
+    assert code == 200, body
+    wait_until(lambda: "event=removed_from_cluster" in victim.log_text(), 30,
+               "the removed node to be told")
+    assert cluster.status(victim)["extra"]["removed_from_cluster"] is True
+    for node in cluster.nodes:
+        if node is not victim:
+            assert cluster.status(node)["extra"]["removed_from_cluster"] is False
+            assert "event=removed_from_cluster" not in node.log_text()
+

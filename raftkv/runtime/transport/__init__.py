@@ -57,12 +57,15 @@ DEFAULT_QUEUE_LIMIT_BYTES: Final = 256 << 20
 Deliver = Callable[[str, list[tuple[int, bytes]]], None]
 """(authenticated peer id, frames of one read), on the loop thread."""
 PeerStateChanged = Callable[[str, bool], None]
+RemovedBy = Callable[[str], None]
+"""(peer id): that member refused us as removed from the cluster."""
 
 
 class PeerTransport:
     def __init__(self, loop: EventLoop, *, node_id: str, cluster_id: str, token: str,
                  listen_sock: socket.socket, http_address: str, deliver: Deliver,
                  on_peer_state: PeerStateChanged | None = None,
+                 on_removed_by: RemovedBy | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  queue_limit_bytes: int = DEFAULT_QUEUE_LIMIT_BYTES,
                  source_host: str | None = None, tls: PeerTLS | None = None) -> None:
@@ -82,7 +85,11 @@ class PeerTransport:
         self._http_address = http_address
         self._deliver = deliver
         self._on_peer_state = on_peer_state
+        self._on_removed_by = on_removed_by
         self._links: dict[str, OutboundLink] = {}
+        self._removed: set[str] = set()
+        """Members whose links set_peers dropped (they left the membership) and not added
+        since: their handshakes are refused as removed_member, so they can tell."""
         self._dirty: set[OutboundLink] = set()
         """Links with frames queued since the last flush."""
         self._http_addresses: dict[str, str] = {}
@@ -112,7 +119,9 @@ class PeerTransport:
             if not peer_id or len(peer_id) > MAX_ID_CHARS:
                 raise ValueError(f"invalid peer id {peer_id!r}")
             parse_address(address)
+        self._removed.difference_update(wanted)
         for peer_id in [p for p in self._links if p not in wanted]:
+            self._removed.add(peer_id)
             self._links.pop(peer_id).stop()
             self._http_addresses.pop(peer_id, None)
             self._listener.drop_peer(peer_id)
@@ -188,6 +197,10 @@ class PeerTransport:
         self._http_addresses[link.peer_id] = listener.http_address
         return None
 
+    def link_refused(self, link: OutboundLink, reason: str) -> None:
+        if reason == "removed_member" and self._on_removed_by is not None:
+            self._on_removed_by(link.peer_id)
+
     def link_state(self, link: OutboundLink, up: bool, error: str) -> None:
         if up:
             log.info("event=peer_reachable node=%s peer=%s", self.node_id, link.peer_id)
@@ -213,6 +226,8 @@ class PeerTransport:
             raise Refused("certificate_mismatch",
                           f"node={auth.node_id} presented a certificate that does not name it")
         if not auth.probe and auth.node_id not in self._links:
+            if auth.node_id in self._removed:
+                raise Refused("removed_member", f"node={auth.node_id}")
             raise Refused("unknown_node", f"node={auth.node_id}")
 
     def inbound_up(self, peer_id: str, auth: PeerAuth) -> None:

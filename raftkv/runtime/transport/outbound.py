@@ -93,6 +93,10 @@ class LinkOwner(Protocol):
 
     def link_state(self, link: OutboundLink, up: bool, error: str) -> None: ...
 
+    def link_refused(self, link: OutboundLink, reason: str) -> None:
+        """The listener refused the handshake with this stable reason code."""
+        ...
+
 
 _DOWN, _RESOLVING, _CONNECTING, _HANDSHAKE, _UP, _STOPPED = range(6)
 
@@ -276,7 +280,11 @@ class OutboundLink:
                     self._handshake_step = 1
                     continue
                 listener = handshake.on_welcome(payload)
-            except (HandshakeRejected, HandshakeFailed) as e:
+            except HandshakeRejected as e:
+                self._owner.link_refused(self, e.reason)
+                self._drop(str(e))
+                return
+            except HandshakeFailed as e:
                 self._drop(str(e))
                 return
             if listener.node_id != self.peer_id:

@@ -202,12 +202,15 @@ def test_set_peers_removing_a_peer_stops_its_link_and_drops_its_inbound_connecti
     b_up = b.states.wait_for("a", True)
     assert b.send("a", b"before")
     a.inbox.wait_for_count(1)
-    # a's refusals of b as a node it does not know, each one (the log has one per 10 s).
+    # a's refusals of b as a member it removed (no longer "unknown_node": b is told it was
+    # removed, so it can say so), each one (the log has one per 10 s).
     refusals_of_b: list[str] = []
     refused = a.transport.refused
+    removed_by: list[str] = []
+    monkeypatch.setattr(b.transport, "_on_removed_by", removed_by.append)
 
     def counting_refused(remote_host: str, remote: str, reason: str, detail: str) -> None:
-        if (reason, detail) == ("unknown_node", "node=b"):
+        if (reason, detail) == ("removed_member", "node=b"):
             refusals_of_b.append(remote)
         refused(remote_host, remote, reason, detail)
 
@@ -221,8 +224,9 @@ def test_set_peers_removing_a_peer_stops_its_link_and_drops_its_inbound_connecti
     assert a.reachable() == {}
     # b's connection into a was closed; b redials and a refuses it: b is no peer of a's.
     b.states.wait_for("a", False, after=b_up)
-    wait_for_new_line(logs, earlier, "event=peer_rejected node=a ", "reason=unknown_node",
+    wait_for_new_line(logs, earlier, "event=peer_rejected node=a ", "reason=removed_member",
                       "detail='node=b'")
+    wait_until(lambda: "a" in removed_by, WAIT_S, "b to hear it was removed by a")
     assert b.send("a", b"after")  # queued: b's link is down
     refused_before = len(refusals_of_b)
     # A barrier: a refused a dial of b's made with "after" queued on it (had a let it in,
@@ -287,3 +291,23 @@ def test_a_newer_connection_from_a_peer_replaces_its_older_one(make_node: MakeNo
         read_until_closed(old)  # closed by b: the peer redialed
         new.sendall(b"\x00\x00\x00\x03\x01ok")
         assert b.inbox.wait_for_count(1) == [("a", RAFT, b"ok")]
+
+
+def test_a_peer_added_back_is_no_longer_refused_as_removed(make_node: MakeNode) -> None:
+    """The removed mark goes with the re-add: b's next dial into a is let in (b's link to a
+    comes up again), and b is not told it was removed after that."""
+    a, b = make_node("a"), make_node("b")
+    removed_by: list[str] = []
+    b.transport._on_removed_by = removed_by.append
+    mesh(a, b)
+    a.states.wait_for("b", True)
+    b_up = b.states.wait_for("a", True)
+    a.set_peers({})
+    b_down = b.states.wait_for("a", False, after=b_up)
+    wait_until(lambda: "a" in removed_by, WAIT_S, "b to hear it was removed by a")
+    mesh(a, b)  # b is a member of a's again
+    b_again = b.states.wait_for("a", True, after=b_down)
+    told = len(removed_by)
+    assert b.send("a", b"back")
+    a.inbox.wait_for_count(1)
+    assert b.states.changes[b_again + 1:] == [] and len(removed_by) == told
