@@ -23,6 +23,11 @@ class FileProblem(ValueError):
     """The file cannot be used; the message names it and says why."""
 
 
+def _named(path: str) -> str:
+    """`path` for a message: a long one by its start and its length."""
+    return path if len(path) <= 120 else f"{path[:80]}... ({len(path):,} characters)"
+
+
 def check_small_file(path: str, limit: int = MAX_SMALL_FILE_BYTES) -> None:
     """Raise FileProblem unless `path` is a readable regular file of at most `limit` bytes."""
     read_small_file(path, limit, keep=False, pipes=False)
@@ -35,15 +40,16 @@ def read_small_file(path: str, limit: int = MAX_SMALL_FILE_BYTES, *,
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise FileProblem(f"cannot open {path}: {e.strerror or type(e).__name__}") from None
+        raise FileProblem(f"cannot open {_named(path)}: {e.strerror or type(e).__name__}") from None
     try:
         info = os.fstat(fd)
         if pipes and stat.S_ISFIFO(info.st_mode):
             return _read_pipe(fd, path, limit)
         if not stat.S_ISREG(info.st_mode):
-            raise FileProblem(f"{path} is not a regular file")
+            raise FileProblem(f"{_named(path)} is not a regular file")
         if info.st_size > limit:
-            raise FileProblem(f"{path} is {info.st_size} bytes; at most {limit} are expected")
+            raise FileProblem(f"{_named(path)} is {info.st_size} bytes; at most {limit} are "
+                              "expected")
         if not keep:
             return b""
         chunks, size = [], 0
@@ -54,10 +60,10 @@ def read_small_file(path: str, limit: int = MAX_SMALL_FILE_BYTES, *,
             chunks.append(chunk)
             size += len(chunk)
         if size > limit:
-            raise FileProblem(f"{path} holds more than {limit} bytes")
+            raise FileProblem(f"{_named(path)} holds more than {limit} bytes")
         return b"".join(chunks)
     except OSError as e:
-        raise FileProblem(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
+        raise FileProblem(f"cannot read {_named(path)}: {e.strerror or type(e).__name__}") from None
     finally:
         os.close(fd)
 
@@ -69,7 +75,8 @@ def _read_pipe(fd: int, path: str, limit: int) -> bytes:
     while True:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise FileProblem(f"{path} is a pipe that gave no end within {PIPE_DEADLINE_S:g} s")
+            raise FileProblem(f"{_named(path)} is a pipe that gave no end within "
+                              f"{PIPE_DEADLINE_S:g} s")
         try:
             chunk = os.read(fd, limit + 1 - size)
         except BlockingIOError:
@@ -79,4 +86,4 @@ def _read_pipe(fd: int, path: str, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
         if size > limit:
-            raise FileProblem(f"{path} holds more than {limit} bytes")
+            raise FileProblem(f"{_named(path)} holds more than {limit} bytes")

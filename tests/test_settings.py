@@ -98,6 +98,7 @@ def test_a_bad_listen_address_is_a_settings_error(address: str) -> None:
     {"RAFTKV_TICK_MS": "9" * 5000}, {"RAFTKV_QUOTA_BYTES": "9" * 5000},
     {"RAFTKV_RAFT_ADDR": "127.0.0.1:" + "9" * 5000}, {"RAFTKV_PEERS": "n1=" + "h" * 5000},
     {"RAFTKV_ID": "n" + "-" * 5000},
+    {"RAFTKV_CLUSTER_TOKEN_FILE": "/tmp/" + "t" * 5000, "RAFTKV_CLUSTER_TOKEN": "-"},
 ], ids=lambda env: next(iter(env)))
 def test_a_long_bad_value_is_not_echoed_whole(env: dict[str, str]) -> None:
     """A 5,000-character setting used to come back whole in its message (a screenful that
