@@ -31,12 +31,13 @@ digest of a secret they chose, which says nothing about any real secret (preimag
 from __future__ import annotations
 
 import base64
+import contextvars
 import enum
 import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -46,6 +47,7 @@ __all__ = [
     "DIGEST_BYTES",
     "MAX_TOKENS",
     "MAX_TOKEN_PREFIXES",
+    "REQUEST_TOKEN_ID",
     "ROOT_TOKEN_ID",
     "Authorizer",
     "Principal",
@@ -232,6 +234,14 @@ class TokenTable:
     enabled: bool = False
     tokens: tuple[TokenRecord, ...] = ()
     version: int = 0
+    _ids: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_ids", frozenset(t.token_id for t in self.tokens))
+
+    def has(self, token_id: str) -> bool:
+        """Whether the token exists (created and not revoked): one set lookup."""
+        return token_id in self._ids
 
     def to_wire(self) -> dict[str, object]:
         """A msgpack-able map (for a snapshot section or a push to a worker)."""
@@ -284,6 +294,12 @@ class Authorizer:
             return None
         return record.principal
 
+
+REQUEST_TOKEN_ID: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
+    "raftkv_request_token_id", default=None)
+"""The id of the token the current request was authorised with (None: auth is off, or an
+open route). Set by the HTTP worker's auth check in the request's own greenlet (each has its
+own context); the commands the request proposes carry it, and apply checks it again."""
 
 OPEN_AUTHORIZER: Final = Authorizer(TokenTable())
 """Auth off: what a cluster bootstrapped without a root token has."""

@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import falcon
 
-from raftkv.auth import Principal, may_be_made_secret, parse_bearer
+from raftkv.auth import REQUEST_TOKEN_ID, Principal, may_be_made_secret, parse_bearer
 from raftkv.service import ForbiddenError, KVService, UnauthenticatedError
 
 __all__ = ["CATCH_UP_TIMEOUT_S", "PERMISSIONS", "AuthMiddleware", "Need", "auth_waited_s",
@@ -124,6 +124,7 @@ class AuthMiddleware:
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: object,
                          params: dict[str, Any]) -> None:
         req.context.principal = None
+        REQUEST_TOKEN_ID.set(None)
         if resource is None:
             return  # no route: Falcon answers 404, nothing to protect
         authorizer = self._service.authorizer()
@@ -143,6 +144,7 @@ class AuthMiddleware:
                 "this cluster requires a token: send 'Authorization: Bearer <token>' with a "
                 "valid, unrevoked token")
         req.context.principal = principal
+        REQUEST_TOKEN_ID.set(principal.token_id)  # the request's commands carry it
         if not _allows(need, principal, req, params):
             raise ForbiddenError(f"token {principal.token_id} ({principal.role.value}"
                                  f"{_limited(principal)}) may not {_what(need, req, params)}: "

@@ -18,6 +18,7 @@ from raftkv.kv.commands import (
     TokenRevoke,
     adds_data,
     decode_command,
+    decode_entry,
     encode_command,
 )
 from raftkv.kv.leases import LeaseExpiry, NotLeaseLeader, min_lease_ttl_s
@@ -94,6 +95,7 @@ __all__ = [
     "TokenRevoked",
     "adds_data",
     "decode_command",
+    "decode_entry",
     "encode_command",
     "iter_snapshot_chunks",
     "min_lease_ttl_s",

@@ -21,6 +21,11 @@ On the wire (the data of a log entry) a command travels in a versioned envelope:
     AlarmRaise  [16, node_id, cause]             cause: one of ALARM_CAUSES
     AlarmDisarm [17]
 
+A command a client sent with a token travels in version 2 of the envelope, `[2, request_id |
+nil, command, token_id]`: the token it was authorised with, which the state machine checks
+again when it applies the entry (a token revoked in between writes nothing). Entries without
+a token keep version 1, byte for byte.
+
 `decode_command` accepts exactly that and raises `CommandDecodeError` for anything else.
 
 Leases came to version 1 of the envelope as new shapes, not as a new version: every entry an
@@ -51,6 +56,8 @@ JSONValue: TypeAlias = (
 )
 
 ENVELOPE_VERSION = 1
+TOKEN_ENVELOPE_VERSION = 2
+"""The envelope of a command that carries the token its client was authorised with."""
 MAX_KEY_BYTES = 1024
 MAX_REQUEST_ID_CHARS = 256
 MAX_BATCH_OPS = 1024  # = raftkv.service.MAX_BATCH_OPS, the HTTP limit
@@ -378,18 +385,30 @@ def _check_prev_index(prev_index: object) -> None:
         raise ValueError("prev_index must be None or an int >= 0")
 
 
-def encode_command(cmd: Command, request_id: str | None = None) -> bytes:
-    """The entry data for `cmd`; `request_id` makes retries of it idempotent."""
+def encode_command(cmd: Command, request_id: str | None = None,
+                   token_id: str | None = None) -> bytes:
+    """The entry data for `cmd`; `request_id` makes retries of it idempotent; `token_id`:
+    the token the client was authorised with (checked again at apply)."""
     if request_id is not None:
         check_request_id(request_id)
-    data: bytes = msgpack.packb(
-        [ENVELOPE_VERSION, request_id, _command_to_wire(cmd)], use_bin_type=True
-    )
+    envelope: list[object] = [ENVELOPE_VERSION, request_id, _command_to_wire(cmd)]
+    if token_id is not None:
+        check_token_id(token_id)
+        envelope = [TOKEN_ENVELOPE_VERSION, request_id, envelope[2], token_id]
+    data: bytes = msgpack.packb(envelope, use_bin_type=True)
     return data
 
 
 def decode_command(data: bytes, *, logged: bool = False) -> tuple[Command, str | None]:
-    """The command and request id in entry data; CommandDecodeError if malformed.
+    """The command and request id in entry data; CommandDecodeError if malformed (see
+    decode_entry, which also gives the token)."""
+    cmd, request_id, _token_id = decode_entry(data, logged=logged)
+    return cmd, request_id
+
+
+def decode_entry(data: bytes, *, logged: bool = False
+                 ) -> tuple[Command, str | None, str | None]:
+    """The command, request id and token id in entry data; CommandDecodeError if malformed.
 
     `logged`: the data is a committed log entry (the hot path of applying): a plain put is
     rebuilt without the dataclass's checks, with the same checks done inline (a short ASCII
@@ -398,12 +417,19 @@ def decode_command(data: bytes, *, logged: bool = False) -> tuple[Command, str |
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
         raise CommandDecodeError(f"command is not valid msgpack ({type(e).__name__})") from e
-    if type(obj) is not list or len(obj) != 3:
-        raise CommandDecodeError("command envelope is not a 3-element array")
-    version, request_id, wire = obj
-    if version != ENVELOPE_VERSION or type(version) is not int:
+    if type(obj) is not list or len(obj) not in (3, 4):
+        raise CommandDecodeError("command envelope is not a 3- or 4-element array")
+    version = obj[0]
+    token_id: str | None = None
+    if version == TOKEN_ENVELOPE_VERSION and type(version) is int and len(obj) == 4:
+        token_id = obj[3]
+        if type(token_id) is not str:
+            raise CommandDecodeError("the envelope's token id is not a string")
+    elif version != ENVELOPE_VERSION or type(version) is not int or len(obj) != 3:
         shown = version if type(version) is int else type(version).__name__
-        raise CommandDecodeError(f"unsupported command envelope version {shown}")
+        raise CommandDecodeError(f"unsupported command envelope version {shown} "
+                                 f"of {len(obj)} elements")
+    request_id, wire = obj[1], obj[2]
     if (logged and type(wire) is list and len(wire) == 4 and wire[0] == _TAG_PUT
             and type(wire[1]) is str and wire[1] and wire[1].isascii()
             and len(wire[1]) <= MAX_KEY_BYTES
@@ -416,11 +442,13 @@ def decode_command(data: bytes, *, logged: bool = False) -> tuple[Command, str |
         _set(put, "prev_index", wire[3])
         _set(put, "lease", None)
         _set(put, "ttl_s", None)
-        return put, request_id
+        return put, request_id, token_id
     try:
         if request_id is not None:
             check_request_id(request_id)
-        return _command_from_wire(wire), request_id
+        if token_id is not None:
+            check_token_id(token_id)
+        return _command_from_wire(wire), request_id, token_id
     except (ValueError, TypeError) as e:
         raise CommandDecodeError(f"malformed command: {e}") from e
 

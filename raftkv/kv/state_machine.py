@@ -91,7 +91,7 @@ from raftkv.kv.commands import (
     TokenCreate,
     TokenRevoke,
     adds_data,
-    decode_command,
+    decode_entry,
     encode_command,
 )
 
@@ -259,6 +259,8 @@ AUTH_REFUSALS = {
     "auth_disabled": "the cluster was bootstrapped without auth (no root token): it has no "
                      "tokens",
     "auth_enabled": "auth is already on",
+    "token_revoked": "the token this request was sent with was revoked before it applied: "
+                     "nothing was written",
     "token_exists": "a token with this id exists already",
     "too_many_tokens": f"the cluster holds {MAX_TOKENS} tokens already: revoke some first",
     "last_admin": "this is the last admin token: create another admin token first",
@@ -383,13 +385,18 @@ class KVStateMachine:
         if not entry.data:
             return None  # the leader's no-op
         try:
-            cmd, request_id = decode_command(entry.data, logged=True)
+            cmd, request_id, token_id = decode_entry(entry.data, logged=True)
         except CommandDecodeError as e:
             logger.warning("event=kv_invalid_command index=%d reason=%s", index, e)
             return InvalidCommand(index, str(e))
+        if token_id is not None and not self._token_table.has(token_id):
+            # Authorised by a worker before the token's revoke applied, ordered after it:
+            # nothing is written (every replica decides it alike, from the replicated table).
+            logger.info("event=kv_revoked_token_refused index=%d token=%s", index, token_id)
+            return AuthRefused(index, "token_revoked")
         if request_id is None or isinstance(cmd, AlarmRaise | AlarmDisarm):
             return self._execute(cmd, index)  # the alarm commands are idempotent anyway
-        fingerprint = _fingerprint(_fingerprinted(cmd, entry.data))
+        fingerprint = _fingerprint(_fingerprinted(cmd, entry.data, request_id, token_id))
         known = self._requests.get(request_id)
         if known is not None:
             answer = _replay(known, cmd) if known.fingerprint == fingerprint else None
@@ -827,12 +834,16 @@ def _fingerprint(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=8).digest()
 
 
-def _fingerprinted(cmd: Command, data: bytes) -> bytes:
-    """What a retry must repeat to be recognised as one: the entry data, except for a token
-    create, whose id and secret the serving node makes anew for each attempt: its role and
-    prefixes."""
+def _fingerprinted(cmd: Command, data: bytes, request_id: str,
+                   token_id: str | None) -> bytes:
+    """What a retry must repeat to be recognised as one: the entry data without the token
+    it was sent with (a retry may come with another token of the client's), except for a
+    token create, whose id and secret the serving node makes anew for each attempt: its role
+    and prefixes."""
     if isinstance(cmd, TokenCreate):
         return encode_command(TokenCreate("-", cmd.role, cmd.prefixes, bytes(32)))
+    if token_id is not None:
+        return encode_command(cmd, request_id)
     return data
 
 

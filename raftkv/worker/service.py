@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from raftkv import codec
 from raftkv import tokens as token_requests
-from raftkv.auth import OPEN_AUTHORIZER, Authorizer, Role, TokenTable
+from raftkv.auth import OPEN_AUTHORIZER, REQUEST_TOKEN_ID, Authorizer, Role, TokenTable
 from raftkv.codec import Reply, RequestOp
 from raftkv.http.green import GreenCondition
 from raftkv.kv.commands import (
@@ -35,7 +35,9 @@ from raftkv.kv.commands import (
     encode_command,
 )
 from raftkv.kv.state_machine import (
+    AUTH_REFUSALS,
     AlarmResult,
+    AuthRefused,
     ConditionFailed,
     InvalidCommand,
     LeaseGrantResult,
@@ -73,6 +75,7 @@ from raftkv.service import (
     TokenCreateResult,
     TokenInfo,
     TokenRevokeResult,
+    UnauthenticatedError,
     UnavailableError,
     WatchResult,
     WriteResult,
@@ -163,8 +166,10 @@ class BackupFile:
 
 
 def _command(build: Callable[[], Command], request_id: str | None) -> bytes:
+    """The entry data of the command `build` makes, carrying the token the request was
+    authorised with (the state machine refuses it if that token was revoked meanwhile)."""
     try:
-        return encode_command(build(), request_id)
+        return encode_command(build(), request_id, REQUEST_TOKEN_ID.get())
     except (ValueError, TypeError) as e:
         raise InvalidRequestError(str(e)) from None
 
@@ -236,6 +241,8 @@ class RemoteService:
                                      lease_id=result.lease_id)
         if isinstance(result, InvalidCommand):
             raise InvalidRequestError(result.reason)
+        if isinstance(result, AuthRefused) and result.reason == "token_revoked":
+            raise UnauthenticatedError(AUTH_REFUSALS["token_revoked"])
         if isinstance(result, NoSpace):
             raise nospace_error(((a.node_id, a.cause) for a in result.alarms),
                                 self._view.leader_http)

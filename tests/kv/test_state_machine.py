@@ -149,8 +149,8 @@ def _envelope(*parts: object) -> bytes:
         (encode_command(Put("k", 1)) + b"\x00", "msgpack"),  # trailing bytes
         (_envelope(2, None, [0, "k", 1, None]), "version"),
         (_envelope(True, None, [0, "k", 1, None]), "version"),
-        (_envelope(1, None), "3-element"),
-        (_envelope({"v": 1}), "3-element"),
+        (_envelope(1, None), "3- or 4-element"),
+        (_envelope({"v": 1}), "3- or 4-element"),
         (_envelope(1, "", [0, "k", 1, None]), "request id"),
         (_envelope(1, 7, [0, "k", 1, None]), "request id"),
         (_envelope(1, None, [9, "k", 1, None]), "tag"),

@@ -15,9 +15,11 @@ from the log, or an address an authorised operator gave a join), and tokens are 
 secrets (raftkv.settings refuses short ones), so a MAC seen by an impostor listener gives it
 nothing to guess from.
 
-Version 2 (this one): forwarded operations are answered once committed (raftkv.codec's
-FORWARD formats) and the leader carries the commit index on appends and heartbeats only. A
-node refuses a peer of another version with the reason `version`: upgrade every node.
+Version 2: forwarded operations are answered once committed (raftkv.codec's FORWARD formats)
+and the leader carries the commit index on appends and heartbeats only. Version 3 (this one):
+a command sent with a token carries it in envelope 2 (raftkv.kv.commands), which an older
+node could not apply: it would skip writes the others apply. A node refuses a peer of
+another version with the reason `version`: upgrade every node.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ __all__ = [
     "reject_message",
 ]
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 MAX_HANDSHAKE_FRAME_BYTES: Final = 16 << 10
 MAX_ID_CHARS: Final = 256
 NONCE_BYTES: Final = 32
