@@ -367,6 +367,14 @@ class RaftProcess:
                 _http_json(f"{url}/cluster/join", body, 30.0, headers)
                 self.loop.call_soon_threadsafe(lambda: self._joined(url))
                 return
+            except _Refused as e:
+                if e.status in _JOIN_TOKEN_ADVICE:  # final: waiting will not make it an admin
+                    reason, advice = _JOIN_TOKEN_ADVICE[e.status]
+                    self.loop.call_soon_threadsafe(functools.partial(
+                        self._join_refused, reason, advice))
+                    return
+                last_error = str(e)
+                time.sleep(0.5)
             except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as e:
                 last_error = str(e) or type(e).__name__
                 time.sleep(0.5)
@@ -487,6 +495,23 @@ def _warn_of_moved_addresses(s: Settings, driver: RaftDriver) -> None:
                         "dialled", s.node_id, nid, known, configured)
 
 
+class _Refused(ValueError):
+    """An HTTP error answer (`status`)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_JOIN_TOKEN_ADVICE: Final = {
+    401: ("unauthenticated", "the cluster requires a token to join: set RAFTKV_JOIN_TOKEN_FILE "
+                             "to a file holding its root token or an admin token (`raftkv "
+                             "token create --role admin`)"),
+    403: ("forbidden", "the join token is not an admin token: RAFTKV_JOIN_TOKEN_FILE must hold "
+                       "the root token or an admin token (`raftkv token create --role admin`)"),
+}
+
+
 def _http_json(url: str, body: bytes | None, timeout_s: float,
                headers: dict[str, str] | None = None) -> dict[str, object]:
     req = urllib.request.Request(url, data=body, method="POST" if body else "GET",
@@ -495,7 +520,7 @@ def _http_json(url: str, body: bytes | None, timeout_s: float,
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             answer = json.loads(resp.read())
     except urllib.error.HTTPError as e:
-        raise ValueError(f"{url} answered {e.code}: {e.read()[:200]!r}") from None
+        raise _Refused(e.code, f"{url} answered {e.code}: {e.read()[:200]!r}") from None
     if not isinstance(answer, dict):
         raise ValueError(f"{url} gave an unexpected answer")
     return answer

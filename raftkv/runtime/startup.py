@@ -317,5 +317,8 @@ def join_headers(settings: Settings) -> dict[str, str]:
     try:
         token = read_root_token_file(settings.join_token_file)
     except RootTokenError as e:
-        raise StartupError(str(e).replace("root token", "join token")) from None
+        reason = str(e).replace("root token", "join token").split(", e.g.")[0]
+        raise StartupError(f"{reason}: RAFTKV_JOIN_TOKEN_FILE must hold the cluster's root "
+                           "token or an admin token (`raftkv token create --role admin`)"
+                           ) from None
     return {"Authorization": f"Bearer {token}"}

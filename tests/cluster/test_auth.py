@@ -251,3 +251,24 @@ def _writes_past_a_revoke(cluster: LocalCluster, admin: Client, prefix: str) -> 
         for t in threads:
             t.join(10)
     return sorted(i for i in acked if i > revoke_index)
+
+
+def test_a_join_without_an_admin_token_stops_at_once_and_says_which_token(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    """Found by a helper: a join with no token or a write token retried its 401/403 for 60 s
+    and ended with an error that never named RAFTKV_JOIN_TOKEN_FILE. It is final now."""
+    leader = cluster.wait_for_leader()
+    with Client([leader.http], token=ROOT) as admin:
+        write = admin.token_create("write")
+    write_file = tmp_path / "write.token"
+    write_file.write_text(write.token + "\n")
+    for token_file, reason in (("", "unauthenticated"), (str(write_file), "forbidden")):
+        new = cluster.add_node()
+        new.env["RAFTKV_JOIN_TOKEN_FILE"] = token_file
+        cluster.start(new, join=leader.http)
+        assert new.proc is not None
+        assert new.proc.wait(timeout=20) == 2
+        log = new.log_text()
+        assert f"event=join_refused node={new.node_id} reason={reason}" in log, log
+        assert "RAFTKV_JOIN_TOKEN_FILE" in log and "--role admin" in log
+        assert write.token not in log

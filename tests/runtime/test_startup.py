@@ -23,6 +23,7 @@ from raftkv.runtime.startup import (
     NodeState,
     StartKind,
     StartupError,
+    join_headers,
     open_node,
 )
 from raftkv.settings import Settings, from_sources
@@ -268,3 +269,18 @@ def test_a_cluster_bootstrapped_on_wildcards_keeps_starting(tmp_path: Path) -> N
     finally:
         state.close()
 
+
+
+def test_a_bad_join_token_file_says_what_a_join_token_is(tmp_path: Path) -> None:
+    """A join token is the root token or an admin token, never a random string: the root
+    token's advice (`openssl rand -hex 32`) was wrong here (found by a helper)."""
+    token_file = tmp_path / "join.token"
+    token_file.write_text("short\n")
+    settings = from_sources(None, {"RAFTKV_ID": "n4", "RAFTKV_DATA_DIR": str(tmp_path / "d"),
+                                   "RAFTKV_CLUSTER_TOKEN": "t" * 40,
+                                   "RAFTKV_JOIN": "http://127.0.0.1:1",
+                                   "RAFTKV_JOIN_TOKEN_FILE": str(token_file)})
+    with pytest.raises(StartupError) as refused:
+        join_headers(settings)
+    message = str(refused.value)
+    assert "join token" in message and "--role admin" in message and "openssl" not in message
