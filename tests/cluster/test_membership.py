@@ -3,6 +3,7 @@ or dead node, replacing a failed node, and a removed node that cannot disrupt th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -302,8 +303,21 @@ def test_a_node_restarted_on_another_address_is_warned_the_members_dial_the_old_
     other = next(n for n in cluster.nodes if n not in (leader, victim))
     port = victim.raft_port
 
+    # Listening on 0.0.0.0:<port> needs the port free on every address, and a port the
+    # victim has let go of may meanwhile be handed to another socket (it was once in CI:
+    # "Address already in use" after 10 s of retries). Sockets bound to the ports with
+    # SO_REUSEADDR that never listen keep them from being handed out (on 127.0.0.1: from
+    # connections; on 0.0.0.0, once the victim no longer listens: from any bind) and do
+    # not stop the node, whose listener sets SO_REUSEADDR too, from listening on them.
+    held = contextlib.ExitStack()
+    held.enter_context(held_port("127.0.0.1", port))
+    moved = f"127.0.0.1:{held.enter_context(held_port('0.0.0.0', 0)).getsockname()[1]}"
+    wildcard_held: list[socket.socket] = []
+
     def restart_with(**env: str) -> str:
         cluster.terminate(victim)
+        if not wildcard_held:
+            wildcard_held.append(held.enter_context(held_port("0.0.0.0", port)))
         victim.env.clear()
         victim.env.update(env)
         earlier = len(victim.log_text())
@@ -311,23 +325,35 @@ def test_a_node_restarted_on_another_address_is_warned_the_members_dial_the_old_
         wait_until(lambda: "event=node_started" in victim.log_text()[earlier:], 20, "a start")
         return victim.log_text()[earlier:]
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        moved = f"127.0.0.1:{probe.getsockname()[1]}"
-    peers = cluster.peers.replace(other.raft, "127.0.0.1:9")
-    log = restart_with(RAFTKV_RAFT_ADDR=moved, RAFTKV_RAFT_ADVERTISE=moved,
-                       RAFTKV_PEERS=peers)
-    assert (f"event=address_mismatch node={victim.node_id} stored={victim.raft} "
-            f"configured={moved}") in log
-    assert (f"event=peers_setting_ignored node={victim.node_id} member={other.node_id} "
-            f"stored={other.raft} configured=127.0.0.1:9") in log
-    # As in docker-compose: every interface, a new port, RAFTKV_PEERS unchanged.
-    wildcard_moved = "0.0.0.0:" + moved.rpartition(":")[2]
-    log = restart_with(RAFTKV_RAFT_ADDR=wildcard_moved)
-    assert f"stored={victim.raft} configured={wildcard_moved}" in log
-    log = restart_with(RAFTKV_RAFT_ADDR=f"0.0.0.0:{port}")
-    assert "event=address_mismatch" not in log
-    wait_until(lambda: cluster.status(victim)["leader"] is not None, 20, "it to be reached")
+    with held:
+        peers = cluster.peers.replace(other.raft, "127.0.0.1:9")
+        log = restart_with(RAFTKV_RAFT_ADDR=moved, RAFTKV_RAFT_ADVERTISE=moved,
+                           RAFTKV_PEERS=peers)
+        assert (f"event=address_mismatch node={victim.node_id} stored={victim.raft} "
+                f"configured={moved}") in log
+        assert (f"event=peers_setting_ignored node={victim.node_id} member={other.node_id} "
+                f"stored={other.raft} configured=127.0.0.1:9") in log
+        # As in docker-compose: every interface, a new port, RAFTKV_PEERS unchanged.
+        wildcard_moved = "0.0.0.0:" + moved.rpartition(":")[2]
+        log = restart_with(RAFTKV_RAFT_ADDR=wildcard_moved)
+        assert f"stored={victim.raft} configured={wildcard_moved}" in log
+        log = restart_with(RAFTKV_RAFT_ADDR=f"0.0.0.0:{port}")
+        assert "event=address_mismatch" not in log
+        wait_until(lambda: cluster.status(victim)["leader"] is not None, 20,
+                   "it to be reached")
+
+
+def held_port(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` (port 0: a free one) with SO_REUSEADDR that never
+    listens."""
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def test_a_join_that_began_with_another_cluster_is_not_resumed_with_this_one(
