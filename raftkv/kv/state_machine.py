@@ -389,15 +389,22 @@ class KVStateMachine:
         except CommandDecodeError as e:
             logger.warning("event=kv_invalid_command index=%d reason=%s", index, e)
             return InvalidCommand(index, str(e))
-        if token_id is not None and not self._token_table.has(token_id):
-            # Authorised by a worker before the token's revoke applied, ordered after it:
-            # nothing is written (every replica decides it alike, from the replicated table).
-            logger.info("event=kv_revoked_token_refused index=%d token=%s", index, token_id)
-            return AuthRefused(index, "token_revoked")
+        revoked = token_id is not None and not self._token_table.has(token_id)
         if request_id is None or isinstance(cmd, AlarmRaise | AlarmDisarm):
+            if revoked:
+                return self._refuse_revoked(index, token_id)
             return self._execute(cmd, index)  # the alarm commands are idempotent anyway
         fingerprint = _fingerprint(_fingerprinted(cmd, entry.data, request_id, token_id))
         known = self._requests.get(request_id)
+        if revoked:
+            # A retry of a request that applied while its token was valid (a 504, then the
+            # same Idempotency-Key) is told what happened; it writes nothing new.
+            answer = (_replay(known, cmd) if known is not None
+                      and known.fingerprint == fingerprint else None)
+            if known is None or answer is None:
+                return self._refuse_revoked(index, token_id)
+            logger.debug("event=kv_retry_answered index=%d first_index=%d", index, known.index)
+            return answer
         if known is not None:
             answer = _replay(known, cmd) if known.fingerprint == fingerprint else None
             if answer is None:
@@ -416,6 +423,13 @@ class KVStateMachine:
             if len(self._request_order) > self._max_request_ids:
                 del self._requests[self._request_order.popleft()]
         return result
+
+    @staticmethod
+    def _refuse_revoked(index: int, token_id: str | None) -> AuthRefused:
+        """Authorised by a worker before the token's revoke applied, ordered after it: nothing
+        is written (every replica decides it alike, from the replicated table)."""
+        logger.info("event=kv_revoked_token_refused index=%d token=%s", index, token_id)
+        return AuthRefused(index, "token_revoked")
 
     def snapshot(self) -> bytes:
         """The whole snapshot as one bytes (small states and tests; see snapshot_chunks)."""

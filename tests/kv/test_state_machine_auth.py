@@ -154,6 +154,22 @@ def test_a_write_whose_token_was_revoked_before_it_applied_writes_nothing() -> N
     assert d.apply(Put("k", "after"), "rid-1", ROOT_TOKEN_ID) == PutResult(9, "after", None)
 
 
+def test_a_retry_of_a_write_that_applied_before_its_token_was_revoked_is_told_so() -> None:
+    """Found by a review: the retry (a 504, then the same Idempotency-Key, let in by a worker
+    whose token table lagged) got 401 "nothing was written" for a write that was in the
+    store. It is answered with what the write did, and writes nothing new; a new request, or
+    the request id with another command, is still refused."""
+    d = enabled()
+    d.apply(create("w1", Role.WRITE))
+    assert d.apply(Put("k", "v"), "rid-1", "w1") == PutResult(3, "v", None)
+    assert d.apply(TokenRevoke("w1")) == TokenRevoked(4, "w1")
+    assert d.apply(Put("k", "v"), "rid-1", "w1") == PutResult(3, "v", None)
+    assert d.sm.get("k") == ("v", 3)
+    assert d.apply(Put("k", "other"), "rid-1", "w1") == AuthRefused(6, "token_revoked")
+    assert d.apply(Put("k", "v"), "rid-2", "w1") == AuthRefused(7, "token_revoked")
+    assert d.sm.get("k") == ("v", 3)
+
+
 def test_a_retry_with_another_token_of_the_client_is_the_same_request() -> None:
     d = enabled()
     d.apply(create("w1", Role.WRITE))
