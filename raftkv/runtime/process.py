@@ -90,12 +90,18 @@ def _bind(host: str, port: int, what: str, setting: str, backlog: int) -> socket
                                f"{e.strerror}; is another process using that port?") from None
 
 
+CATCH_UP_WARNING_S: Final = 30.0
+"""How often a joined node that has not yet applied its own addition says so."""
+
+
 class RaftProcess:
     def __init__(self, settings: Settings) -> None:
         self.settings = s = settings
         self.token = s.cluster_token  # Settings.validate refused to go on without one
         self.exit_code = 0
         self._removed_from: set[str] = set()
+        self._serve_at = -1
+        """>= 0: a joined node waiting to apply this index before its workers start."""
         """Members that refused us as removed from the cluster (since a link last came up)."""
         self._join_headers = join_headers(s) if s.join else {}
         # The TLS files are checked before the data dir is touched: a bootstrap writes it,
@@ -229,6 +235,8 @@ class RaftProcess:
     def _end_of_turn(self) -> bool:
         self.driver.process()
         self._flush_outputs()
+        if self._serve_at >= 0:
+            self._serve_once_caught_up()
         return False
 
     def _flush_outputs(self) -> None:
@@ -364,8 +372,10 @@ class RaftProcess:
                 self.loop.call_soon_threadsafe(learn)
                 learnt.wait(5.0)
                 asked = True
-                _http_json(f"{url}/cluster/join", body, 30.0, headers)
-                self.loop.call_soon_threadsafe(lambda: self._joined(url))
+                answer = _http_json(f"{url}/cluster/join", body, 30.0, headers)
+                index = answer.get("index")
+                self.loop.call_soon_threadsafe(functools.partial(
+                    self._joined, url, index if isinstance(index, int) else 0))
                 return
             except _Refused as e:
                 if e.status in _JOIN_TOKEN_ADVICE:  # final: waiting will not make it an admin
@@ -387,11 +397,38 @@ class RaftProcess:
 
         self.loop.call_soon_threadsafe(failed)
 
-    def _joined(self, url: str) -> None:
+    def _joined(self, url: str, index: int) -> None:
+        """Added at `index`. The workers start once this node has applied that far: until
+        then its state (the token table above all) is an empty node's, and its workers
+        would let in, without a token, requests that a cluster with auth refuses (found by
+        a review). Clients wait in the listening socket's backlog meanwhile."""
         s = self.settings
-        log.info("event=joined node=%s cluster=%s via=%s", s.node_id, self.cluster_id, url)
-        if not self._stopping:
+        applied = self.driver.sm.applied_index
+        log.info("event=joined node=%s cluster=%s via=%s index=%d applied=%d", s.node_id,
+                 self.cluster_id, url, index, applied)
+        if self._stopping:
+            return
+        if applied >= index:
             self._serve()
+        else:
+            self._serve_at = index
+            self.loop.call_later(CATCH_UP_WARNING_S, self._still_catching_up)
+
+    def _serve_once_caught_up(self) -> None:
+        if self.driver.sm.applied_index >= self._serve_at and not self._stopping:
+            self._serve_at = -1
+            self._serve()
+
+    def _still_catching_up(self) -> None:
+        if self._serve_at < 0 or self._stopping:
+            return
+        log.warning("event=catching_up node=%s applied=%d index=%d: this node serves HTTP once "
+                    "it has applied its own addition to the cluster (index %d). If nothing "
+                    "comes, the leader cannot reach it: check that its raft address in the "
+                    "membership (raftkv members list) is reachable from the members",
+                    self.settings.node_id, self.driver.sm.applied_index, self._serve_at,
+                    self._serve_at)
+        self.loop.call_later(CATCH_UP_WARNING_S, self._still_catching_up)
 
     def _join_refused(self, reason: str, advice: str) -> None:
         log.error("event=join_refused node=%s reason=%s: %s", self.settings.node_id, reason,

@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 
 from raftkv.client import Client
-from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json, wait_until
+from raftkv.localcluster import (
+    FAST_TIMING,
+    LocalCluster,
+    NodeProc,
+    http_json,
+    reserve_port,
+    wait_until,
+)
 from tests.support.clusters import running_cluster
 
 pytestmark = pytest.mark.integration
@@ -272,3 +279,59 @@ def test_a_join_without_an_admin_token_stops_at_once_and_says_which_token(
         assert f"event=join_refused node={new.node_id} reason={reason}" in log, log
         assert "RAFTKV_JOIN_TOKEN_FILE" in log and "--role admin" in log
         assert write.token not in log
+
+
+def test_a_joined_node_serves_only_once_it_has_applied_its_own_addition(
+        cluster: LocalCluster) -> None:
+    """Found by a review: a node's workers started as soon as its join was answered, with an
+    empty node's token table (auth off): until it caught up, it let in requests without a
+    token and forwarded them to the leader, which applied them. Here it never catches up
+    (its advertised raft address has nobody listening): it must not answer at all."""
+    leader = cluster.wait_for_leader()
+    new = cluster.add_node()
+    with reserve_port("127.0.0.1") as nobody:  # bound, never listening: refused
+        new.env["RAFTKV_RAFT_ADVERTISE"] = f"127.0.0.1:{nobody.getsockname()[1]}"
+        cluster.start(new, join=leader.http)
+        wait_until(lambda: "event=joined" in new.log_text(), 30, "the join")
+        with pytest.raises(OSError):  # held in the backlog: no answer, no write
+            http_json("PUT", f"{new.http}/keys/sneaked", {"value": 1}, timeout_s=3)
+        assert call(leader, "GET", "/keys/sneaked", ROOT)[0] == 404
+        assert "event=node_started" not in new.log_text()
+        assert new.running
+
+
+def test_writes_without_a_token_to_a_node_installing_its_first_snapshot_are_never_applied(
+        cluster: LocalCluster) -> None:
+    """The same, with a leader the new node knows: during the install of a 20 MB snapshot, a
+    write sent to it without a token was forwarded and applied (found by a review). Every
+    answer it gives must be 401, and no such write may reach the store."""
+    leader = cluster.wait_for_leader()
+    with Client([leader.http], token=ROOT) as admin:
+        for i in range(200):
+            admin.put(f"big/{i}", "x" * 100_000)
+    new = cluster.add_node()
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def sneak() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                code, _, _ = http_json("PUT", f"{new.http}/keys/sneaked/{i}", {"value": i},
+                                       timeout_s=2)
+            except OSError:
+                continue
+            answers.append(code)
+            i += 1
+
+    thread = threading.Thread(target=sneak, daemon=True)
+    cluster.start(new, join=leader.http)
+    thread.start()
+    try:
+        wait_until(lambda: len(answers) >= 20, 60, "answers from the new node")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert set(answers) == {401}, answers
+    code, body = call(leader, "GET", "/keys/?prefix=sneaked/", ROOT)
+    assert code == 200 and isinstance(body, dict) and body["keys"] == [], body
