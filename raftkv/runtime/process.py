@@ -65,6 +65,20 @@ WORKER_STOP_S: Final = 5.0
 JOIN_TIMEOUT_S: Final = 60.0
 
 
+def _bound(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
+    """socket.create_server's socket, without its listen()."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def peer_source_host(raft_bind_host: str) -> str | None:
     """The local address outgoing peer connections leave from: the raft bind host when it is
     one IP address (each node's peer traffic then carries its own address both ways), None
@@ -76,12 +90,16 @@ def peer_source_host(raft_bind_host: str) -> str | None:
     return None if ip.is_unspecified else str(ip)
 
 
-def _bind(host: str, port: int, what: str, setting: str, backlog: int) -> socket.socket:
+def _bind(host: str, port: int, what: str, setting: str, backlog: int | None) -> socket.socket:
+    """A socket bound to host:port, listening unless `backlog` is None (then listen() later:
+    until then a client is refused at once rather than left waiting in a backlog)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline = time.monotonic() + BIND_RETRY_S
     while True:
         try:
-            return socket.create_server((host, port), family=family, backlog=backlog)
+            if backlog is not None:
+                return socket.create_server((host, port), family=family, backlog=backlog)
+            return _bound(host, port, family)
         except OSError as e:
             if e.errno == 98 and time.monotonic() < deadline:  # EADDRINUSE: maybe exiting
                 time.sleep(0.1)
@@ -90,6 +108,7 @@ def _bind(host: str, port: int, what: str, setting: str, backlog: int) -> socket
                                f"{e.strerror}; is another process using that port?") from None
 
 
+HTTP_BACKLOG: Final = 2048
 CATCH_UP_WARNING_S: Final = 30.0
 """How often a joined node that has not yet applied its own addition says so."""
 
@@ -100,9 +119,9 @@ class RaftProcess:
         self.token = s.cluster_token  # Settings.validate refused to go on without one
         self.exit_code = 0
         self._removed_from: set[str] = set()
+        """Members that refused us as removed from the cluster (since a link last came up)."""
         self._serve_at = -1
         """>= 0: a joined node waiting to apply this index before its workers start."""
-        """Members that refused us as removed from the cluster (since a link last came up)."""
         self._join_headers = join_headers(s) if s.join else {}
         # The TLS files are checked before the data dir is touched: a bootstrap writes it,
         # and a start refused after that would leave a cluster of the refused settings.
@@ -119,7 +138,10 @@ class RaftProcess:
         try:
             raft_sock = _bind(raft_host, raft_port, "peers", "RAFTKV_RAFT_ADDR", 128)
             try:
-                self.http_sock = _bind(http_host, http_port, "HTTP", "RAFTKV_HTTP_ADDR", 2048)
+                # Bound now (the port is ours, a conflict stops the start), listening only
+                # once the workers start: a joining node does not take requests it cannot
+                # serve yet, to run them after their clients gave up.
+                self.http_sock = _bind(http_host, http_port, "HTTP", "RAFTKV_HTTP_ADDR", None)
             except BaseException:
                 raft_sock.close()
                 raise
@@ -219,6 +241,7 @@ class RaftProcess:
 
     def _serve(self) -> None:
         s = self.settings
+        self.http_sock.listen(HTTP_BACKLOG)
         self.workers.start()
         log.info("event=node_started node=%s http=%s raft=%s cluster=%s workers=%d "
                  "cpu_scheduling=%s", s.node_id, s.http_addr, s.raft_addr,
@@ -421,6 +444,9 @@ class RaftProcess:
 
     def _still_catching_up(self) -> None:
         if self._serve_at < 0 or self._stopping:
+            return
+        if self._removed_from:  # event=removed_from_cluster said what to do
+            self.loop.call_later(CATCH_UP_WARNING_S, self._still_catching_up)
             return
         log.warning("event=catching_up node=%s applied=%d index=%d: this node serves HTTP once "
                     "it has applied its own addition to the cluster (index %d). If nothing "

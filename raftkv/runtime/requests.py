@@ -325,8 +325,11 @@ class RequestHandler:
         moved = MembershipChangeError(f"{node_id} is already a member with another address; "
                                       "remove it first")
         if node_id in membership.voters or (node_id in membership.learners and not voter):
-            if known == address:
-                replier.reply_ok(rid, driver.core.log.commit)  # already a member
+            if known == address:  # already a member: it serves once it applied this far
+                # (its addition may be appended and not yet committed: the last index is
+                # past it either way)
+                core_log = driver.core.log
+                replier.reply_ok(rid, max(core_log.commit, core_log.last_index()))
                 return
             done.fail(moved)
             return
