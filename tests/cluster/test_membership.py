@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
+from raftkv.localcluster import LocalCluster, NodeProc, http_json, reserve_port, wait_until
 from raftkv.ports import NodeIdentity
 from raftkv.runtime.startup import FORMAT_VERSION
 from storage.lmdb_store import LmdbRaftStorage
@@ -393,3 +393,34 @@ def test_a_removed_node_learns_it_was_removed_and_says_so(cluster: LocalCluster)
             assert cluster.status(node)["extra"]["removed_from_cluster"] is False
             assert "event=removed_from_cluster" not in node.log_text()
 
+
+
+def test_a_join_asked_again_is_answered_an_index_past_the_members_addition(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A joining node serves once it has applied the index its join is answered. Asked again
+    while its addition is appended and not yet committed (here: both followers paused), the
+    leader answered its commit index, which is below the addition (found by a review). The
+    election timeout (3-6 s) keeps the leader a leader through the two 1 s requests."""
+    with running_cluster(tmp_path, request=request,
+                         env={"RAFTKV_ELECTION_TICKS": "150"}) as cluster:
+        _join_asked_again(cluster)
+
+
+def _join_asked_again(cluster: LocalCluster) -> None:
+    leader = cluster.wait_for_leader()
+    followers = [n for n in cluster.nodes if n is not leader]
+    with reserve_port("127.0.0.1") as spare:
+        address = f"127.0.0.1:{spare.getsockname()[1]}"
+        body = {"id": "n9", "address": address, "voter": False}
+        for n in followers:
+            cluster.pause(n)
+        try:
+            code, answer, _ = http_json("POST", f"{leader.http}/cluster/join?timeout=1", body)
+            assert code == 504, answer  # appended, not committed
+            added_at = cluster.status(leader)["last_index"]
+            code, answer, _ = http_json("POST", f"{leader.http}/cluster/join?timeout=1", body)
+            assert code == 200, answer
+            assert answer["index"] >= added_at > cluster.status(leader)["commit_index"]
+        finally:
+            for n in followers:
+                cluster.resume(n)
