@@ -424,7 +424,8 @@ class RaftProcess:
         """Added at `index`. The workers start once this node has applied that far: until
         then its state (the token table above all) is an empty node's, and its workers
         would let in, without a token, requests that a cluster with auth refuses (found by
-        a review). Clients wait in the listening socket's backlog meanwhile."""
+        a review). Its HTTP socket listens only from then on: connections are refused
+        meanwhile, never left in a backlog to run after their clients gave up."""
         s = self.settings
         applied = self.driver.sm.applied_index
         log.info("event=joined node=%s cluster=%s via=%s index=%d applied=%d", s.node_id,
