@@ -50,6 +50,7 @@ _LOG_START: Final = b"log_start"
 _NODE_ID: Final = b"node_id"
 _CLUSTER_ID: Final = b"cluster_id"
 _IDENTITY_FORMAT: Final = b"identity_format"
+_JOIN_INDEX: Final = b"join_index"
 
 if TYPE_CHECKING:
     from storage.lmdb_env import WriteTxn as _Txn
@@ -195,6 +196,32 @@ class LmdbRaftStorage:
             txn.put(_NODE_ID, identity.node_id.encode(), db=self._meta)
             txn.put(_CLUSTER_ID, identity.cluster_id.encode(), db=self._meta)
             txn.put(_IDENTITY_FORMAT, _u64(identity.format_version), db=self._meta)
+
+        self._lmdb.write(write)
+
+    def join_index(self) -> int:
+        """The index this node's join was answered with, kept until the node has applied that
+        far (0: none): a node stopped before it got there waits for it again when restarted,
+        instead of serving from the partial state it stored."""
+        with self._lmdb.reading() as txn:
+            value = txn.get(_JOIN_INDEX, db=self._meta)
+        if value is None:
+            return 0
+        try:
+            return int(_U64.unpack(value)[0])
+        except struct.error as e:
+            raise self._corrupt("the join index is unreadable") from e
+
+    def set_join_index(self, index: int) -> None:
+        """Keep `index` as the join index (0: forget it)."""
+        if not 0 <= index < 1 << 64:
+            raise ValueError("a join index must fit in 64 bits")
+
+        def write(txn: _Txn) -> None:
+            if index:
+                txn.put(_JOIN_INDEX, _u64(index), db=self._meta)
+            else:
+                txn.delete(_JOIN_INDEX, db=self._meta)
 
         self._lmdb.write(write)
 

@@ -232,7 +232,7 @@ class RaftProcess:
             if self.state.plan.needs_join:
                 threading.Thread(target=self._join, name="join", daemon=True).start()
             else:
-                self._serve()
+                self._serve_once_applied(self.state.storage.join_index(), restarted=True)
             self.loop.run()
         finally:
             signal.set_wakeup_fd(previous)
@@ -428,20 +428,43 @@ class RaftProcess:
         meanwhile, never left in a backlog to run after their clients gave up."""
         s = self.settings
         applied = self.driver.sm.applied_index
+        if applied < index and not self._stopping:
+            self._set_join_index(index)  # kept until applied: a restart waits for it too
         log.info("event=joined node=%s cluster=%s via=%s index=%d applied=%d", s.node_id,
                  self.cluster_id, url, index, applied)
-        if self._stopping:
-            return
+        if not self._stopping:
+            self._serve_once_applied(index, restarted=False)
+
+    def _serve_once_applied(self, index: int, *, restarted: bool) -> None:
+        """Serve now if this node has applied `index` (its join index), else once it has."""
+        applied = self.driver.sm.applied_index
         if applied >= index:
+            if restarted and index:
+                self._forget_join_index()
             self._serve()
-        else:
-            self._serve_at = index
-            self.loop.call_later(CATCH_UP_WARNING_S, self._still_catching_up)
+            return
+        if restarted:
+            log.info("event=catching_up node=%s applied=%d index=%d: stopped before it had "
+                     "applied its own addition, it serves once it has", self.settings.node_id,
+                     applied, index)
+        self._serve_at = index
+        self.loop.call_later(CATCH_UP_WARNING_S, self._still_catching_up)
 
     def _serve_once_caught_up(self) -> None:
         if self.driver.sm.applied_index >= self._serve_at and not self._stopping:
             self._serve_at = -1
+            self._forget_join_index()
             self._serve()
+
+    def _set_join_index(self, index: int) -> None:
+        try:
+            self.state.storage.set_join_index(index)
+        except StorageError as e:  # this run waits all the same; a restart would not
+            log.warning("event=join_index_not_stored node=%s index=%d error=%s",
+                        self.settings.node_id, index, e)
+
+    def _forget_join_index(self) -> None:
+        self._set_join_index(0)
 
     def _still_catching_up(self) -> None:
         if self._serve_at < 0 or self._stopping:

@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from raftkv.core.types import HardState
 from raftkv.localcluster import LocalCluster, NodeProc, http_json, reserve_port, wait_until
 from raftkv.ports import NodeIdentity
+from raftkv.runtime.boot import bootstrap_entries
 from raftkv.runtime.startup import FORMAT_VERSION
 from storage.lmdb_store import LmdbRaftStorage
 from tests.support.clusters import running_cluster
@@ -424,3 +426,31 @@ def _join_asked_again(cluster: LocalCluster) -> None:
         finally:
             for n in followers:
                 cluster.resume(n)
+
+
+def test_a_joined_node_restarted_before_it_applied_its_addition_waits_for_it_again(
+        cluster: LocalCluster) -> None:
+    """Found by a review: a joined node stopped after it had stored part of the cluster's log,
+    and not yet its own addition, served at once when restarted (a restart is no join), from
+    that partial state. The join's index is kept in the data dir until the node applied it.
+    Here the node can never be reached (nobody listens at its advertised raft address), and
+    it is given the cluster's first entries by hand, as if it had stored them: it must not
+    listen for HTTP."""
+    leader = cluster.wait_for_leader()
+    new = cluster.add_node()
+    with reserve_port("127.0.0.1") as nobody:
+        new.env["RAFTKV_RAFT_ADVERTISE"] = f"127.0.0.1:{nobody.getsockname()[1]}"
+        cluster.start(new, join=leader.http)
+        wait_until(lambda: "event=joined" in new.log_text(), 30, "the join")
+        cluster.kill(new)
+        peers = dict(p.split("=", 1) for p in cluster.peers.split(","))
+        first = bootstrap_entries(peers)
+        with LmdbRaftStorage(new.data_dir / "raft") as storage:
+            assert storage.join_index() > len(first)
+            storage.save(HardState(term=1, vote=None, commit=len(first)), first)
+        earlier = len(new.log_text())
+        cluster.start(new, join=leader.http)  # ignored: the data dir knows the members
+        wait_until(lambda: "event=catching_up" in new.log_text()[earlier:], 30, "its start")
+        with pytest.raises(ConnectionRefusedError):
+            http_json("GET", f"{new.http}/health", timeout_s=3)
+        assert "event=node_started" not in new.log_text()[earlier:]
