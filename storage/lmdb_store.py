@@ -8,6 +8,8 @@ Named databases:
                 b"log_start"            -> the first index while the log is empty (where the
                                            log was compacted or reset to)
                 b"node_id", b"cluster_id" (UTF-8), b"identity_format" (8-byte big-endian)
+                b"joining"              -> b"1" while a joined node has not yet applied its
+                                           own addition (absent otherwise)
 
 Durability: the environment is opened (storage.lmdb_env) with sync=True and metasync=True
 (never writemap or map_async), so every write transaction is fsynced when it commits; `save()`
@@ -50,7 +52,7 @@ _LOG_START: Final = b"log_start"
 _NODE_ID: Final = b"node_id"
 _CLUSTER_ID: Final = b"cluster_id"
 _IDENTITY_FORMAT: Final = b"identity_format"
-_JOIN_INDEX: Final = b"join_index"
+_JOINING: Final = b"joining"
 
 if TYPE_CHECKING:
     from storage.lmdb_env import WriteTxn as _Txn
@@ -199,29 +201,22 @@ class LmdbRaftStorage:
 
         self._lmdb.write(write)
 
-    def join_index(self) -> int:
-        """The index this node's join was answered with, kept until the node has applied that
-        far (0: none): a node stopped before it got there waits for it again when restarted,
-        instead of serving from the partial state it stored."""
+    def joining(self) -> bool:
+        """True from the moment this node's join learnt the cluster until the node has
+        applied its own addition: a node stopped in between waits for that again when
+        restarted, instead of serving from the partial state it stored."""
         with self._lmdb.reading() as txn:
-            value = txn.get(_JOIN_INDEX, db=self._meta)
-        if value is None:
-            return 0
-        try:
-            return int(_U64.unpack(value)[0])
-        except struct.error as e:
-            raise self._corrupt("the join index is unreadable") from e
+            value = txn.get(_JOINING, db=self._meta)
+        if value not in (None, b"1"):
+            raise self._corrupt("the joining mark is unreadable")
+        return value is not None
 
-    def set_join_index(self, index: int) -> None:
-        """Keep `index` as the join index (0: forget it)."""
-        if not 0 <= index < 1 << 64:
-            raise ValueError("a join index must fit in 64 bits")
-
+    def set_joining(self, joining: bool) -> None:
         def write(txn: _Txn) -> None:
-            if index:
-                txn.put(_JOIN_INDEX, _u64(index), db=self._meta)
+            if joining:
+                txn.put(_JOINING, b"1", db=self._meta)
             else:
-                txn.delete(_JOIN_INDEX, db=self._meta)
+                txn.delete(_JOINING, db=self._meta)
 
         self._lmdb.write(write)
 

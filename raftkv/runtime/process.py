@@ -120,8 +120,9 @@ class RaftProcess:
         self.exit_code = 0
         self._removed_from: set[str] = set()
         """Members that refused us as removed from the cluster (since a link last came up)."""
-        self._serve_at = -1
-        """>= 0: a joined node waiting to apply this index before its workers start."""
+        self._waiting_for_addition = False
+        """A joined node waiting to apply its own addition before its workers start."""
+        self._said_waiting = False
         self._join_headers = join_headers(s) if s.join else {}
         # The TLS files are checked before the data dir is touched: a bootstrap writes it,
         # and a start refused after that would leave a cluster of the refused settings.
@@ -232,7 +233,7 @@ class RaftProcess:
             if self.state.plan.needs_join:
                 threading.Thread(target=self._join, name="join", daemon=True).start()
             else:
-                self._serve_once_applied(self.state.storage.join_index(), restarted=True)
+                self._serve_once_a_member(self.state.joining)
             self.loop.run()
         finally:
             signal.set_wakeup_fd(previous)
@@ -258,7 +259,7 @@ class RaftProcess:
     def _end_of_turn(self) -> bool:
         self.driver.process()
         self._flush_outputs()
-        if self._serve_at >= 0:
+        if self._waiting_for_addition:
             self._serve_once_caught_up()
         return False
 
@@ -388,6 +389,9 @@ class RaftProcess:
                     self.cluster_id = cid
                     self.state.storage.set_identity(
                         NodeIdentity(s.node_id, cid, FORMAT_VERSION))
+                    # Before any entry can come: until it has applied its own addition, a
+                    # restart of this node waits for that too (_serve_once_a_member).
+                    self.state.storage.set_joining(True)
                     self.transport.set_cluster_id(cid)
                     self.driver.learn_addresses(addrs)
                     done.set()
@@ -421,63 +425,56 @@ class RaftProcess:
         self.loop.call_soon_threadsafe(failed)
 
     def _joined(self, url: str, index: int) -> None:
-        """Added at `index`. The workers start once this node has applied that far: until
-        then its state (the token table above all) is an empty node's, and its workers
-        would let in, without a token, requests that a cluster with auth refuses (found by
-        a review). Its HTTP socket listens only from then on: connections are refused
-        meanwhile, never left in a backlog to run after their clients gave up."""
+        """Added at `index` (committed: a member answers a join only then). The workers start
+        once this node has applied its own addition: until then its state (the token table
+        above all) is an empty or partial one, and its workers would let in, without a token,
+        requests that a cluster with auth refuses (found by a review). Its HTTP socket
+        listens only from then on: connections are refused meanwhile, never left in a
+        backlog to run after their clients gave up."""
         s = self.settings
-        applied = self.driver.sm.applied_index
-        if applied < index and not self._stopping:
-            self._set_join_index(index)  # kept until applied: a restart waits for it too
         log.info("event=joined node=%s cluster=%s via=%s index=%d applied=%d", s.node_id,
-                 self.cluster_id, url, index, applied)
+                 self.cluster_id, url, index, self.driver.sm.applied_index)
         if not self._stopping:
-            self._serve_once_applied(index, restarted=False)
+            self._serve_once_a_member(True)
 
-    def _serve_once_applied(self, index: int, *, restarted: bool) -> None:
-        """Serve now if this node has applied `index` (its join index), else once it has."""
-        applied = self.driver.sm.applied_index
-        if applied >= index:
-            if restarted and index:
-                self._forget_join_index()
-            self._serve()
-            return
-        if restarted:
-            log.info("event=catching_up node=%s applied=%d index=%d: stopped before it had "
-                     "applied its own addition, it serves once it has", self.settings.node_id,
-                     applied, index)
-        self._serve_at = index
-        self.loop.call_later(CATCH_UP_WARNING_S, self._still_catching_up)
+    def _serve_once_a_member(self, joining: bool) -> None:
+        """Serve now, or, for a node whose join began (`joining`: the data dir's mark), once
+        the membership it applied holds it. A membership rather than an index: an index a
+        member answered could belong to an entry a new leader overwrote."""
+        self._waiting_for_addition = joining
+        self._serve_once_caught_up()
+        if self._waiting_for_addition:
+            self.loop.call_later(CATCH_UP_WARNING_S, self._still_catching_up)
 
     def _serve_once_caught_up(self) -> None:
-        if self.driver.sm.applied_index >= self._serve_at and not self._stopping:
-            self._serve_at = -1
-            self._forget_join_index()
-            self._serve()
-
-    def _set_join_index(self, index: int) -> None:
-        try:
-            self.state.storage.set_join_index(index)
-        except StorageError as e:  # this run waits all the same; a restart would not
-            log.warning("event=join_index_not_stored node=%s index=%d error=%s",
-                        self.settings.node_id, index, e)
-
-    def _forget_join_index(self) -> None:
-        self._set_join_index(0)
+        if self._stopping:
+            return
+        if self._waiting_for_addition:
+            if self.settings.node_id not in self.driver.sm.addresses:
+                if (not self._said_waiting and self.driver.sm.applied_index
+                        >= self.state.boot.hard_state.commit):  # what it stored is applied
+                    self._said_waiting = True
+                    log.info("event=catching_up node=%s applied=%d: its join began and it has "
+                             "not applied its own addition yet: it serves HTTP once it has",
+                             self.settings.node_id, self.driver.sm.applied_index)
+                return
+            self._waiting_for_addition = False
+            try:
+                self.state.storage.set_joining(False)
+            except StorageError as e:
+                self.driver.die(f"storage failure: {e}")
+                return
+        self._serve()
 
     def _still_catching_up(self) -> None:
-        if self._serve_at < 0 or self._stopping:
+        if not self._waiting_for_addition or self._stopping:
             return
-        if self._removed_from:  # event=removed_from_cluster said what to do
-            self.loop.call_later(CATCH_UP_WARNING_S, self._still_catching_up)
-            return
-        log.warning("event=catching_up node=%s applied=%d index=%d: this node serves HTTP once "
-                    "it has applied its own addition to the cluster (index %d). If nothing "
-                    "comes, the leader cannot reach it: check that its raft address in the "
-                    "membership (raftkv members list) is reachable from the members",
-                    self.settings.node_id, self.driver.sm.applied_index, self._serve_at,
-                    self._serve_at)
+        if not self._removed_from:  # else event=removed_from_cluster said what to do
+            log.warning("event=catching_up node=%s applied=%d: this node serves HTTP once it "
+                        "has applied its own addition to the cluster. If nothing comes, the "
+                        "leader cannot reach it: check that its raft address in the "
+                        "membership (raftkv members list) is reachable from the members",
+                        self.settings.node_id, self.driver.sm.applied_index)
         self.loop.call_later(CATCH_UP_WARNING_S, self._still_catching_up)
 
     def _join_refused(self, reason: str, advice: str) -> None:

@@ -325,11 +325,12 @@ class RequestHandler:
         moved = MembershipChangeError(f"{node_id} is already a member with another address; "
                                       "remove it first")
         if node_id in membership.voters or (node_id in membership.learners and not voter):
-            if known == address:  # already a member: it serves once it applied this far
-                # (its addition may be appended and not yet committed: the last index is
-                # past it either way)
-                core_log = driver.core.log
-                replier.reply_ok(rid, max(core_log.commit, core_log.last_index()))
+            if known == address and node_id in driver.sm.addresses:
+                replier.reply_ok(rid, driver.sm.applied_index)  # already a member
+                return
+            if known == address:  # appended, not applied here: it may yet be overwritten
+                done.fail(UnavailableError(f"the addition of {node_id} is not committed yet; "
+                                           "retry"))
                 return
             done.fail(moved)
             return

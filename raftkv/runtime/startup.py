@@ -116,6 +116,9 @@ class NodeState:
     sm: KVStateMachine
     boot: BootState
     plan: StartPlan
+    joining: bool = False
+    """The data dir's joining mark (LmdbRaftStorage.joining): a join that began and whose
+    node has not applied its own addition yet."""
     lock_fd: int = -1
     """The data dir's LOCK file, flocked: closed (and so released) by close()."""
 
@@ -221,6 +224,7 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
                "rejoin empty (RAFTKV_JOIN)")
     try:
         identity = storage.identity()
+        joining = storage.joining()
         last_index = storage.last_index()
         hard = storage.hard_state()
         last_term = storage.term(last_index) if last_index > 0 else 0
@@ -274,7 +278,7 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
     # young-generation collections rarer.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    return NodeState(storage, snapshots, sm, boot, plan)
+    return NodeState(storage, snapshots, sm, boot, plan, joining=joining)
 
 
 def check_recorded_addresses(settings: Settings, plan: StartPlan) -> None:

@@ -397,11 +397,12 @@ def test_a_removed_node_learns_it_was_removed_and_says_so(cluster: LocalCluster)
 
 
 
-def test_a_join_asked_again_is_answered_an_index_past_the_members_addition(
+def test_a_join_asked_again_before_the_addition_committed_is_told_to_retry(
         tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """A joining node serves once it has applied the index its join is answered. Asked again
-    while its addition is appended and not yet committed (here: both followers paused), the
-    leader answered its commit index, which is below the addition (found by a review). The
+    """Asked again while the member's addition is appended and not yet committed (here: both
+    followers paused), the leader said "already a member" with its commit index, below the
+    addition, which a new leader could yet overwrite (found by reviews): it is a 503 "retry"
+    now, and once the addition committed, "already a member" with an index past it. The
     election timeout (3-6 s) keeps the leader a leader through the two 1 s requests."""
     with running_cluster(tmp_path, request=request,
                          env={"RAFTKV_ELECTION_TICKS": "150"}) as cluster:
@@ -414,25 +415,32 @@ def _join_asked_again(cluster: LocalCluster) -> None:
     with reserve_port("127.0.0.1") as spare:
         address = f"127.0.0.1:{spare.getsockname()[1]}"
         body = {"id": "n9", "address": address, "voter": False}
+        join = f"{leader.http}/cluster/join?timeout=1"
         for n in followers:
             cluster.pause(n)
         try:
-            code, answer, _ = http_json("POST", f"{leader.http}/cluster/join?timeout=1", body)
+            code, answer, _ = http_json("POST", join, body)
             assert code == 504, answer  # appended, not committed
             added_at = cluster.status(leader)["last_index"]
-            code, answer, _ = http_json("POST", f"{leader.http}/cluster/join?timeout=1", body)
-            assert code == 200, answer
-            assert answer["index"] >= added_at > cluster.status(leader)["commit_index"]
+            code, answer, _ = http_json("POST", join, body)
+            assert code == 503 and answer["error"] == "unavailable", answer
+            assert "not committed yet" in answer["message"]
         finally:
             for n in followers:
                 cluster.resume(n)
+        wait_until(lambda: cluster.status(leader)["commit_index"] >= added_at, 20,
+                   "the addition to commit")
+        code, answer, _ = http_json("POST", join, body)
+        assert code == 200, answer
+        assert answer["index"] >= added_at
 
 
 def test_a_joined_node_restarted_before_it_applied_its_addition_waits_for_it_again(
         cluster: LocalCluster) -> None:
     """Found by a review: a joined node stopped after it had stored part of the cluster's log,
     and not yet its own addition, served at once when restarted (a restart is no join), from
-    that partial state. The join's index is kept in the data dir until the node applied it.
+    that partial state. The data dir keeps a joining mark until the node applied its own
+    addition.
     Here the node can never be reached (nobody listens at its advertised raft address), and
     it is given the cluster's first entries by hand, as if it had stored them: it must not
     listen for HTTP."""
@@ -446,7 +454,7 @@ def test_a_joined_node_restarted_before_it_applied_its_addition_waits_for_it_aga
         peers = dict(p.split("=", 1) for p in cluster.peers.split(","))
         first = bootstrap_entries(peers)
         with LmdbRaftStorage(new.data_dir / "raft") as storage:
-            assert storage.join_index() > len(first)
+            assert storage.joining()
             storage.save(HardState(term=1, vote=None, commit=len(first)), first)
         earlier = len(new.log_text())
         cluster.start(new, join=leader.http)  # ignored: the data dir knows the members
@@ -454,3 +462,45 @@ def test_a_joined_node_restarted_before_it_applied_its_addition_waits_for_it_aga
         with pytest.raises(ConnectionRefusedError):
             http_json("GET", f"{new.http}/health", timeout_s=3)
         assert "event=node_started" not in new.log_text()[earlier:]
+
+
+def test_a_node_stopped_before_its_join_was_answered_waits_for_its_addition_when_restarted(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Found by a review: the mark of a join (then an index) was stored only when the join's
+    answer came, but the leader sends the log to a node as soon as it has appended its
+    addition. A node stopped in between (here: killed while its addition cannot commit,
+    both followers paused, after it stored the log) served at once when restarted, from that
+    partial state. It is restarted where the members cannot reach it (another raft port than
+    the membership's), so it can never apply its addition: it must not listen for HTTP."""
+    with running_cluster(tmp_path, request=request,
+                         env={"RAFTKV_ELECTION_TICKS": "150"}) as cluster:
+        leader = cluster.wait_for_leader()
+        followers = [n for n in cluster.nodes if n is not leader]
+        new = cluster.add_node()
+        for n in followers:
+            cluster.pause(n)
+        try:
+            cluster.start(new, join=leader.http)
+
+            def stored_by_new() -> bool:
+                status = cluster.status(leader)
+                peer = status["extra"]["peers"].get(new.node_id)
+                return peer is not None and peer["match"] >= status["last_index"]
+
+            wait_until(stored_by_new, 20, "the new node to store the leader's log")
+            cluster.kill(new)
+        finally:
+            for n in followers:
+                cluster.resume(n)
+        with LmdbRaftStorage(new.data_dir / "raft") as storage:
+            assert storage.last_index() > 0
+        with held_port("127.0.0.1", 0) as elsewhere:  # held: see held_port's users above
+            moved = f"127.0.0.1:{elsewhere.getsockname()[1]}"
+            new.env.update(RAFTKV_RAFT_ADDR=moved, RAFTKV_RAFT_ADVERTISE=moved)
+            earlier = len(new.log_text())
+            cluster.start(new, join=leader.http)  # ignored: the data dir knows the members
+            wait_until(lambda: "event=catching_up" in new.log_text()[earlier:]
+                       or "event=node_started" in new.log_text()[earlier:], 30, "its start")
+            assert "event=node_started" not in new.log_text()[earlier:]
+            with pytest.raises(ConnectionRefusedError):
+                http_json("GET", f"{new.http}/health", timeout_s=3)

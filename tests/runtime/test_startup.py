@@ -174,6 +174,29 @@ def test_an_unreadable_identity_is_a_startup_error_not_a_traceback(tmp_path: Pat
         restart(tmp_path)
 
 
+def test_an_unreadable_joining_mark_is_a_startup_error_not_a_traceback(tmp_path: Path) -> None:
+    """Found by a review: the join's mark (then an index) was read after the start's checks,
+    so a damaged one escaped as a traceback; it is read with the identity now."""
+    bootstrapped(tmp_path)
+    env = lmdb.open(str(tmp_path / "raft"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"joining", b"2", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with pytest.raises(StartupError, match="the joining mark is unreadable"):
+        restart(tmp_path)
+
+
+def test_a_joining_mark_reaches_the_node_state(tmp_path: Path) -> None:
+    bootstrapped(tmp_path)
+    with LmdbRaftStorage(tmp_path / "raft") as storage:
+        storage.set_joining(True)
+    state = restart(tmp_path)
+    try:
+        assert state.joining
+    finally:
+        state.close()
+
+
 def test_unusable_tls_files_refuse_the_start_before_the_data_dir_is_written(
         tmp_path: Path) -> None:
     """Regression: the node bootstrapped its data dir and only then found its TLS files

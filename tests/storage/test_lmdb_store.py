@@ -221,22 +221,20 @@ def test_unsynced_save_is_durable_with_lmdb(tmp_path: Path) -> None:
         assert store.hard_state() == HardState(2, "n1", 0)
 
 
-def test_the_join_index_is_kept_until_forgotten_and_a_damaged_one_is_refused(
+def test_the_joining_mark_is_kept_until_cleared_and_a_damaged_one_is_refused(
         tmp_path: Path) -> None:
     with LmdbRaftStorage(tmp_path / "raft") as store:
-        assert store.join_index() == 0
-        store.set_join_index(41)
+        assert not store.joining()
+        store.set_joining(True)
     with LmdbRaftStorage(tmp_path / "raft") as store:
-        assert store.join_index() == 41
-        store.set_join_index(0)
-        assert store.join_index() == 0
-        store.set_join_index(0)  # forgetting none is no error
-        with pytest.raises(ValueError):
-            store.set_join_index(-1)
+        assert store.joining()
+        store.set_joining(False)
+        assert not store.joining()
+        store.set_joining(False)  # clearing none is no error
     env = lmdb.open(str(tmp_path / "raft"), max_dbs=8)
     with env.begin(write=True) as txn:
-        txn.put(b"join_index", b"bad", db=env.open_db(b"meta", txn=txn))
+        txn.put(b"joining", b"bad", db=env.open_db(b"meta", txn=txn))
     env.close()
     with LmdbRaftStorage(tmp_path / "raft") as store, pytest.raises(StorageError,
-                                                                    match="join index"):
-        store.join_index()
+                                                                    match="joining mark"):
+        store.joining()
