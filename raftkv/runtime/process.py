@@ -65,8 +65,8 @@ WORKER_STOP_S: Final = 5.0
 JOIN_TIMEOUT_S: Final = 60.0
 
 
-def _bound(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
-    """socket.create_server's socket, without its listen()."""
+def bound_socket(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
+    """socket.create_server's socket (SO_REUSEADDR), without its listen()."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -99,7 +99,7 @@ def _bind(host: str, port: int, what: str, setting: str, backlog: int | None) ->
         try:
             if backlog is not None:
                 return socket.create_server((host, port), family=family, backlog=backlog)
-            return _bound(host, port, family)
+            return bound_socket(host, port, family)
         except OSError as e:
             if e.errno == 98 and time.monotonic() < deadline:  # EADDRINUSE: maybe exiting
                 time.sleep(0.1)

@@ -18,6 +18,7 @@ from raftkv.core.types import HardState
 from raftkv.localcluster import LocalCluster, NodeProc, http_json, reserve_port, wait_until
 from raftkv.ports import NodeIdentity
 from raftkv.runtime.boot import bootstrap_entries
+from raftkv.runtime.process import bound_socket
 from raftkv.runtime.startup import FORMAT_VERSION
 from storage.lmdb_store import LmdbRaftStorage
 from tests.support.clusters import running_cluster
@@ -348,14 +349,7 @@ def test_a_node_restarted_on_another_address_is_warned_the_members_dial_the_old_
 def held_port(host: str, port: int) -> socket.socket:
     """A socket bound to `host`:`port` (port 0: a free one) with SO_REUSEADDR that never
     listens."""
-    sock = socket.socket()
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return bound_socket(host, port, socket.AF_INET)
 
 
 def test_a_join_that_began_with_another_cluster_is_not_resumed_with_this_one(

@@ -162,27 +162,22 @@ def test_a_snapshot_that_cannot_be_restored_does_not_cost_the_log(tmp_path: Path
         assert storage.last_index() == 1 and storage.term(1) == 1
 
 
-def test_an_unreadable_identity_is_a_startup_error_not_a_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    (b"node_id", b"\xff\xfe", "the node identity is unreadable"),
+    (b"joining", b"2", "the joining mark is unreadable"),
+])
+def test_an_unreadable_meta_record_is_a_startup_error_not_a_traceback(
+        tmp_path: Path, key: bytes, value: bytes, problem: str) -> None:
     """Regression: the reads of identity, log bounds and hard state sat outside the code that
-    turns a storage error into the message the CLI prints (it printed a traceback)."""
+    turns a storage error into the message the CLI prints (it printed a traceback). Found by
+    a review: the join's mark (then an index) was read after the start's checks, so a
+    damaged one escaped as a traceback; it is read with the identity now."""
     bootstrapped(tmp_path)
     env = lmdb.open(str(tmp_path / "raft"), max_dbs=8)
     with env.begin(write=True) as txn:
-        txn.put(b"node_id", b"\xff\xfe", db=env.open_db(b"meta", txn=txn))
+        txn.put(key, value, db=env.open_db(b"meta", txn=txn))
     env.close()
-    with pytest.raises(StartupError, match="the node identity is unreadable"):
-        restart(tmp_path)
-
-
-def test_an_unreadable_joining_mark_is_a_startup_error_not_a_traceback(tmp_path: Path) -> None:
-    """Found by a review: the join's mark (then an index) was read after the start's checks,
-    so a damaged one escaped as a traceback; it is read with the identity now."""
-    bootstrapped(tmp_path)
-    env = lmdb.open(str(tmp_path / "raft"), max_dbs=8)
-    with env.begin(write=True) as txn:
-        txn.put(b"joining", b"2", db=env.open_db(b"meta", txn=txn))
-    env.close()
-    with pytest.raises(StartupError, match="the joining mark is unreadable"):
+    with pytest.raises(StartupError, match=problem):
         restart(tmp_path)
 
 
