@@ -218,6 +218,8 @@ class RaftDriver:
         self._next_read_id = 1
         self._soft = SoftState(core.role, core.leader, core.term)
         self._members = core.membership
+        self._applied_membership = core.membership_at(state_machine.applied_index)
+        """The configuration applied as of the last tick: its members keep their links."""
         self.watches = WatchRegistry(floor_index=state_machine.applied_index)
         self.leases = LeaseExpiry()
         self._lease_term: int | None = None
@@ -495,6 +497,12 @@ class RaftDriver:
         if self.fatal is not None:
             return
         self.core.tick()
+        applied = self.core.membership_at(self.sm.applied_index)
+        if applied != self._applied_membership:
+            # A tick runs before its turn's apply, so what earlier turns applied has been
+            # answered and flushed: a removed node's link can go now, not with its answer.
+            self._applied_membership = applied
+            self.sync_peers()
         self._ticks += 1
         if self._ticks % HOUSEKEEPING_TICKS == 0:
             self._housekeeping(self._clock())
@@ -686,6 +694,9 @@ class RaftDriver:
         # election.
         if self.core.leader is not None:
             members.add(self.core.leader)
+        # A member being removed keeps its link until the removal is applied: a removal it
+        # forwarded itself is answered over that link (see tick).
+        members.update(self._applied_membership.members)
         peers = {nid: self._addresses[nid] for nid in members
                  if nid != self.core.id and nid in self._addresses}
         self.frames.set_peers(peers)

@@ -38,7 +38,7 @@ from raftkv.codec import (
     ForwardStatus,
     FrameKind,
 )
-from raftkv.core import ConfChange, RaftNode, Role
+from raftkv.core import ConfChange, ConfChangeOp, RaftNode, Role
 from raftkv.framing import payloads_within
 from raftkv.kv.commands import CommandDecodeError, decode_command
 from raftkv.runtime.driver import Completion, Expect, FrameSender, RaftDriver
@@ -106,6 +106,19 @@ class _AnswerFollower:
         self._forwarder.answer(self._peer, ForwardResult(
             self._fid, ForwardStatus.FAILED,
             error=ErrorReply(error.code, error.message, error.details())))
+
+
+class _AnswerRemovedFollower(_AnswerFollower):
+    """Leader side: the answer to a removal forwarded by the node it removes. That node
+    will not apply the entry (the leader stops replicating to it as it appends the change):
+    it is told the removal's index as a VALUE once the leader applied it, over the link the
+    members keep to it until the removal commits (RaftDriver.sync_peers)."""
+
+    __slots__ = ()
+
+    def ok(self, value: object) -> None:
+        self._forwarder.answer(self._peer, ForwardResult(self._fid, ForwardStatus.VALUE,
+                                                         value=self._index))
 
 
 class Forwarder:
@@ -274,8 +287,10 @@ class Forwarder:
         except ServiceError as e:
             _AnswerFollower(self, peer, item.fid).fail(e)
             return
+        answer = (_AnswerRemovedFollower if change.op is ConfChangeOp.REMOVE
+                  and change.node_id == peer else _AnswerFollower)
         self._driver.on_apply(index, self.core.term,
-                              _AnswerFollower(self, peer, item.fid, index, self.core.term))
+                              answer(self, peer, item.fid, index, self.core.term))
 
     def answer(self, peer: str, result: ForwardResult) -> None:
         self._answers.setdefault(peer, []).append(result)

@@ -355,8 +355,11 @@ class RequestHandler:
     def _remove(self, replier: Replier, request: Request) -> None:
         (node_id,) = request.args
         driver = self._driver
+        # The removal's index: this node's applied index once it applied the entry, or the
+        # index the leader sent when this node is the one removed (it never applies it).
         driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, node_id), _Answer(
-            replier, request.rid, lambda _result: driver.sm.applied_index))
+            replier, request.rid,
+            lambda result: result if type(result) is int else driver.sm.applied_index))
 
     def _transfer(self, replier: Replier, request: Request) -> None:
         (target,) = request.args

@@ -498,3 +498,23 @@ def test_a_node_stopped_before_its_join_was_answered_waits_for_its_addition_when
             assert "event=node_started" not in new.log_text()[earlier:]
             with pytest.raises(ConnectionRefusedError):
                 http_json("GET", f"{new.http}/health", timeout_s=3)
+
+
+def test_a_removal_asked_through_the_node_it_removes_is_answered(cluster: LocalCluster) -> None:
+    """A removal asked through the node it removes used to commit with its answer lost: the
+    leader dropped its link to that node as it appended the change, so the FORWARD_RESULT
+    had no way back and the client got 504 commit_timeout for a removal that was done. The
+    members keep their link to a node until its removal commits."""
+    leader = cluster.wait_for_leader()
+    victim = next(n for n in cluster.nodes if n is not leader)
+    code, body, _ = http_json("DELETE", f"{victim.http}/cluster/members/{victim.node_id}",
+                              timeout_s=15)
+    assert code == 200, body
+    assert victim.node_id not in members(cluster, leader)
+    # the removal's own index (the removed node never applies it: the leader tells it)
+    assert body["index"] > cluster.status(victim)["commit_index"]
+    assert body["index"] <= cluster.status(leader)["commit_index"]
+    # the link is dropped once the removal committed: the node is told, as any removed node
+    wait_until(lambda: "event=removed_from_cluster" in victim.log_text(), 30,
+               "the removed node to be told")
+    cluster.put("after", 1)
