@@ -63,6 +63,8 @@ BIND_RETRY_S: Final = 10.0
 """How long to retry binding a port still held (by the workers of a previous run, exiting)."""
 WORKER_STOP_S: Final = 5.0
 JOIN_TIMEOUT_S: Final = 60.0
+JOIN_RETRY_WARNING_S: Final = 10.0
+"""A join that keeps failing says why at once, then this often, until JOIN_TIMEOUT_S."""
 
 
 def bound_socket(host: str, port: int, family: socket.AddressFamily) -> socket.socket:
@@ -346,10 +348,21 @@ class RaftProcess:
         url = s.join_url
         headers = self._join_headers
         body = json.dumps({"id": s.node_id, "address": s.raft_advertise_addr}).encode()
+        if names_own_socket(url, self.http_sock):
+            self.loop.call_soon_threadsafe(functools.partial(
+                self._join_refused, "join_names_this_node",
+                f"RAFTKV_JOIN={url} is this node's own HTTP address (it listens only once it "
+                "is a member): name a running member of the cluster to join"))
+            return
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         last_error = ""
         asked = False
+        said_at = 0.0
         while time.monotonic() < deadline and not self._stopping:
+            if last_error and time.monotonic() - said_at >= JOIN_RETRY_WARNING_S:
+                said_at = time.monotonic()
+                log.warning("event=join_retrying node=%s via=%s error=%s gives_up_in_s=%d",
+                            s.node_id, url, last_error, max(0, deadline - said_at))
             try:
                 status = _http_json(f"{url}/status", None, 5.0, headers)
                 cluster_id = str(status["cluster_id"])
@@ -594,6 +607,31 @@ _JOIN_TOKEN_ADVICE: Final = {
     403: ("forbidden", "the join token is not an admin token: RAFTKV_JOIN_TOKEN_FILE must hold "
                        "the root token or an admin token (`raftkv token create --role admin`)"),
 }
+
+
+def names_own_socket(url: str, sock: socket.socket) -> bool:
+    """Does `url` (http://host:port) reach `sock`, this node's HTTP socket? Its port, and its
+    address, or any address of this machine when the socket is bound to every interface. An
+    unresolvable host is not this node (the join says so when it fails)."""
+    try:
+        host, port = parse_host_port(url.split("://", 1)[-1].rstrip("/"), "RAFTKV_JOIN")
+        bound_host, bound_port = sock.getsockname()[:2]
+        if port != bound_port:
+            return False
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (SettingsError, OSError, UnicodeError):
+        return False
+    wildcard = ipaddress.ip_address(bound_host).is_unspecified
+    for family, _, _, _, addr in infos:
+        ip = str(addr[0])
+        if not wildcard:
+            if ip == bound_host:
+                return True
+            continue
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((ip, 0))  # only an address of this machine binds
+            return True
+    return False
 
 
 def _http_json(url: str, body: bytes | None, timeout_s: float,

@@ -518,3 +518,30 @@ def test_a_removal_asked_through_the_node_it_removes_is_answered(cluster: LocalC
     wait_until(lambda: "event=removed_from_cluster" in victim.log_text(), 30,
                "the removed node to be told")
     cluster.put("after", 1)
+
+
+def test_a_join_naming_the_node_itself_is_refused_at_once(cluster: LocalCluster) -> None:
+    """A node told to join through its own HTTP address (it listens only once a member) used
+    to retry its refused port for 60 s and fail with 'connection refused'. Now it stops at
+    once, exit 2, saying to name a running member; a join that keeps failing says why every
+    few seconds instead of only at the end."""
+    new = cluster.add_node()
+    cluster.start(new, join=new.http)
+    assert new.proc is not None
+    assert new.proc.wait(timeout=20) == 2
+    log = new.log_text()
+    assert "event=join_refused" in log and "reason=join_names_this_node" in log, log[-2000:]
+    assert "name a running member" in log
+    assert "event=join_failed" not in log
+
+
+def test_a_join_that_keeps_failing_says_why_before_it_gives_up(cluster: LocalCluster) -> None:
+    new = cluster.add_node()
+    with contextlib.closing(reserve_port()) as held:  # bound, never listening: refused
+        cluster.start(new, join=f"http://127.0.0.1:{held.getsockname()[1]}")
+        wait_until(lambda: "event=join_retrying" in new.log_text(), 15,
+                   "the join to say why it retries")
+        assert new.running  # it goes on trying (JOIN_TIMEOUT_S), it does not give up yet
+        cluster.kill(new)
+    line = next(x for x in new.log_text().splitlines() if "event=join_retrying" in x)
+    assert "refused" in line.lower() and "gives_up_in_s=" in line, line
