@@ -96,6 +96,8 @@ start rebuilds the membership."""
 RECENT_RESULTS: Final = 4096
 AUTH_RESULTS: Final = (AuthEnabled, TokenCreated, TokenRevoked, AuthRefused)
 HOUSEKEEPING_TICKS: Final = 10
+LINK_DRAIN_TICKS: Final = 20
+"""How many ticks a removed member's link may stay for its last frames to leave."""
 ALARM_RETRY_S: Final = 1.0
 """At most one AlarmRaise proposal per this many seconds from one node."""
 SAVE_RETRY_S: Final = 1.0
@@ -119,6 +121,8 @@ class FrameSender(Protocol):
     def send(self, to: str, kind: int, payload: bytes) -> bool: ...
 
     def flush(self) -> None: ...
+
+    def has_output(self, to: str) -> bool: ...
 
     def set_peers(self, peers: Mapping[str, str]) -> None: ...
 
@@ -218,8 +222,10 @@ class RaftDriver:
         self._next_read_id = 1
         self._soft = SoftState(core.role, core.leader, core.term)
         self._members = core.membership
-        self._applied_membership = core.membership_at(state_machine.applied_index)
-        """The configuration applied as of the last tick: its members keep their links."""
+        self._applied_membership = core.membership
+        """The configuration applied as of the last tick (until the first: the latest one):
+        its members keep their links."""
+        self._link_drain_ticks = 0
         self.watches = WatchRegistry(floor_index=state_machine.applied_index)
         self.leases = LeaseExpiry()
         self._lease_term: int | None = None
@@ -500,7 +506,14 @@ class RaftDriver:
         applied = self.core.membership_at(self.sm.applied_index)
         if applied != self._applied_membership:
             # A tick runs before its turn's apply, so what earlier turns applied has been
-            # answered and flushed: a removed node's link can go now, not with its answer.
+            # answered and flushed: a removed node's link can go now, not with its answer,
+            # unless that answer still waits behind other frames to it (a bounded wait).
+            gone = self._applied_membership.members - applied.members
+            if (any(self.frames.has_output(p) for p in gone)
+                    and self._link_drain_ticks < LINK_DRAIN_TICKS):
+                self._link_drain_ticks += 1
+                return
+            self._link_drain_ticks = 0
             self._applied_membership = applied
             self.sync_peers()
         self._ticks += 1
@@ -694,9 +707,10 @@ class RaftDriver:
         # election.
         if self.core.leader is not None:
             members.add(self.core.leader)
-        # A member being removed keeps its link until the removal is applied: a removal it
-        # forwarded itself is answered over that link (see tick).
+        # A member being removed keeps its link until the removal is applied, and until the
+        # next tick after that: a removal it forwarded itself is answered over that link.
         members.update(self._applied_membership.members)
+        members.update(self.core.membership_at(self.sm.applied_index).members)
         peers = {nid: self._addresses[nid] for nid in members
                  if nid != self.core.id and nid in self._addresses}
         self.frames.set_peers(peers)

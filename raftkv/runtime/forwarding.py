@@ -112,7 +112,7 @@ class _AnswerRemovedFollower(_AnswerFollower):
     """Leader side: the answer to a removal forwarded by the node it removes. That node
     will not apply the entry (the leader stops replicating to it as it appends the change):
     it is told the removal's index as a VALUE once the leader applied it, over the link the
-    members keep to it until the removal commits (RaftDriver.sync_peers)."""
+    members keep to it until they applied the removal (RaftDriver.sync_peers, tick)."""
 
     __slots__ = ()
 
@@ -210,6 +210,15 @@ class Forwarder:
         """Every write forwarded to the previous leader may or may not have happened; a lease
         read or keepalive is simply retried (as on a leader that loses office mid-read)."""
         waiting, self._waiting = self._waiting, {}
+        if self.core.leader is None:
+            # This node's own removal: the leader stops heartbeating it as it appends the
+            # change, so its election timer may run out before the answer comes. It waits
+            # for that answer, or FORWARD_TIMEOUT_S (then: outcome unknown, as any forward).
+            me = self.core.id
+            for fid, w in list(waiting.items()):
+                if (isinstance(w.expect, ConfChange) and w.expect.op is ConfChangeOp.REMOVE
+                        and w.expect.node_id == me):
+                    self._waiting[fid] = waiting.pop(fid)
         for w in waiting.values():
             w.done.fail(OutcomeUnknownError("the leader changed while forwarding")
                         if _is_write(w.expect) else

@@ -21,7 +21,7 @@ from raftkv.runtime.boot import bootstrap_entries
 from raftkv.runtime.process import bound_socket
 from raftkv.runtime.startup import FORMAT_VERSION
 from storage.lmdb_store import LmdbRaftStorage
-from tests.support.clusters import running_cluster
+from tests.support.clusters import STEADY_LEADER, running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -504,7 +504,8 @@ def test_a_removal_asked_through_the_node_it_removes_is_answered(cluster: LocalC
     """A removal asked through the node it removes used to commit with its answer lost: the
     leader dropped its link to that node as it appended the change, so the FORWARD_RESULT
     had no way back and the client got 504 commit_timeout for a removal that was done. The
-    members keep their link to a node until its removal commits."""
+    members keep their link to a node until they applied its removal, and the leader tells
+    the node the removal's index (it never applies the entry itself)."""
     leader = cluster.wait_for_leader()
     victim = next(n for n in cluster.nodes if n is not leader)
     code, body, _ = http_json("DELETE", f"{victim.http}/cluster/members/{victim.node_id}",
@@ -545,3 +546,53 @@ def test_a_join_that_keeps_failing_says_why_before_it_gives_up(cluster: LocalClu
         cluster.kill(new)
     line = next(x for x in new.log_text().splitlines() if "event=join_retrying" in x)
     assert "refused" in line.lower() and "gives_up_in_s=" in line, line
+
+
+def test_a_removal_through_the_node_it_removes_outlasting_its_election_timeout_is_answered(
+        steady_cluster: LocalCluster) -> None:
+    """Found by the review of the fix above: the leader stops heartbeating the node as it
+    appends the removal, so that node's election timer (not the forward timeout) ran out
+    first when the commit took longer: it became a pre-candidate, its leader None, and its
+    forwarded removal failed 504 'the leader changed while forwarding' though the removal
+    committed with the same leader in the same term. The node now waits for the answer to its
+    own removal while no other leader is known."""
+    cluster = steady_cluster
+    leader = cluster.wait_for_leader()
+    victim, other = [n for n in cluster.nodes if n is not leader]
+    cluster.terminate(victim)  # the victim alone gets quick elections (200-400 ms)
+    cluster.extra_env["RAFTKV_ELECTION_TICKS"] = "10"
+    try:
+        cluster.start(victim)
+    finally:
+        cluster.extra_env["RAFTKV_ELECTION_TICKS"] = STEADY_LEADER["RAFTKV_ELECTION_TICKS"]
+    cluster.wait_for_ready(victim)
+    leader = cluster.wait_for_leader()
+    if leader is victim:
+        code, body, _ = http_json("POST", f"{leader.http}/cluster/leader",
+                                  {"id": other.node_id}, timeout_s=10)
+        assert code == 200, body
+        leader = cluster.wait_for_leader()
+    victim, other = [n for n in cluster.nodes if n is not leader]
+    last = cluster.put("warm", 1)
+    cluster.wait_applied(other, last)  # the strict check counts `other` caught up
+    term = cluster.status(leader)["term"]
+    campaigns = victim.log_text().count("event=became_pre_candidate")
+    out: dict[str, Any] = {}
+
+    def remove() -> None:
+        out["r"] = http_json("DELETE", f"{victim.http}/cluster/members/{victim.node_id}",
+                             timeout_s=20)
+
+    asking = threading.Thread(target=remove)
+    cluster.pause(other)  # the removal cannot commit until `other` is back
+    try:
+        asking.start()
+        wait_until(lambda: victim.log_text().count("event=became_pre_candidate") > campaigns,
+                   10, "the victim's election timer to run out while its removal waits")
+    finally:
+        cluster.resume(other)
+    asking.join(25)
+    code, body, _ = out["r"]
+    assert victim.node_id not in members(cluster, leader)
+    assert cluster.status(leader)["term"] == term  # same leader, same term: it did commit
+    assert code == 200, body

@@ -38,7 +38,7 @@ from raftkv.kv.state_machine import KVStateMachine, LeaseGrantResult, PutResult
 from raftkv.metrics import NodeMetrics
 from raftkv.runtime import forwarding
 from raftkv.runtime.boot import bootstrap_entries, load_boot_state
-from raftkv.runtime.driver import BASE_MEMBERSHIP, RaftDriver
+from raftkv.runtime.driver import BASE_MEMBERSHIP, LINK_DRAIN_TICKS, RaftDriver
 from raftkv.runtime.forwarding import FORWARD_TIMEOUT_S, Forwarder
 from raftkv.service import (
     LeaseNotFoundError,
@@ -103,6 +103,10 @@ class Outbox:
         self.node_id = node_id
         self.net = net
         self.accept: int | None = None
+        self.unsent: set[str] = set()
+        """Peers whose link has_output() says still holds frames."""
+        self.linked: set[str] = set()
+        """The peers of the last set_peers."""
 
     def send(self, to: str, kind: int, payload: bytes) -> bool:
         if self.accept is not None:
@@ -116,8 +120,11 @@ class Outbox:
     def flush(self) -> None:
         pass
 
+    def has_output(self, to: str) -> bool:
+        return to in self.unsent
+
     def set_peers(self, peers: Mapping[str, str]) -> None:
-        pass
+        self.linked = set(peers)
 
 
 class FakeClock:
@@ -652,3 +659,108 @@ def test_a_lease_operation_answered_with_a_log_position_fails_as_unknown(net: Ne
     wrong = ForwardResult(forward.fid, ForwardStatus.COMMITTED, 4, 2)
     net.inject("n1", "n2", FrameKind.FORWARD_RESULT, codec.encode_forward_results([wrong]))
     assert isinstance(done.error, OutcomeUnknownError)
+
+
+# -- a removal asked through the node it removes ---------------------------------------------
+
+
+def _removal_index(node: Node, nid: str) -> int:
+    log = node.core.log
+    return next(e.index for e in log.slice(log.first_index(), log.last_index() + 1)
+                if e.change is not None and e.change.op is ConfChangeOp.REMOVE
+                and e.change.node_id == nid)
+
+
+def test_a_removal_forwarded_by_the_node_it_removes_is_answered_with_its_index(
+        net: Net) -> None:
+    """That node never applies the entry (the leader stops replicating to it as it appends
+    the change): the leader answers it with the removal's index as a VALUE once applied."""
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    done = Done()
+    n2.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), done)
+    net.settle()
+    index = _removal_index(n1, "n2")
+    assert done.value == index
+    assert n2.driver.sm.applied_index < index  # it was told, it did not apply
+    [result] = results_sent(net, to="n2")
+    assert result.status is ForwardStatus.VALUE and result.value == index
+
+
+def test_a_removal_of_another_node_is_answered_as_committed_and_applied_there(
+        net: Net) -> None:
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    done = Done()
+    n2.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n3"), done)
+    net.settle()
+    index = _removal_index(n1, "n3")
+    assert done.done and done.outcomes[0][0], done.outcomes
+    assert n2.driver.sm.applied_index >= index
+    [result] = results_sent(net, to="n2")
+    assert result.status is ForwardStatus.COMMITTED and result.index == index
+
+
+def test_the_node_being_removed_waits_for_its_answer_when_its_election_timer_runs_out(
+        net: Net) -> None:
+    """No heartbeat reaches it once the leader appended its removal: it campaigns, its leader
+    None. Its removal still waits for the leader's answer (a write of it would not: the leader
+    changed while forwarding); another leader's heartbeat ends that wait."""
+    n2 = net.nodes["n2"]
+    removal, write = Done(), Done()
+    n2.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), removal)
+    n2.driver.propose(put("w", 1), write)
+    net.settle(keep=lambda f: f.kind == FrameKind.FORWARD_RESULT)  # answers held back
+    assert not removal.done and not write.done
+    n2.core.campaign()  # as its election timer would
+    n2.turn()
+    assert n2.driver.leader is None
+    assert isinstance(write.error, OutcomeUnknownError)
+    assert not removal.done
+    net.deliver(keep=lambda f: f.kind != FrameKind.FORWARD_RESULT)
+    assert removal.value == _removal_index(net.nodes["n1"], "n2")
+
+
+def test_the_node_being_removed_waits_no_longer_than_any_forward(net: Net) -> None:
+    n2 = net.nodes["n2"]
+    removal = Done()
+    n2.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), removal)
+    net.settle(keep=lambda f: f.kind == FrameKind.FORWARD_RESULT)
+    n2.core.campaign()
+    n2.turn()
+    n2.forwarder.expire(net.clock.now + FORWARD_TIMEOUT_S - 1)
+    assert not removal.done
+    n2.forwarder.expire(net.clock.now + FORWARD_TIMEOUT_S + 1)
+    assert isinstance(removal.error, OutcomeUnknownError)
+
+
+def test_a_removed_nodes_link_goes_once_the_removal_is_applied_and_its_frames_left(
+        net: Net) -> None:
+    """Kept until the removal is applied (its answer goes over it), then dropped at a tick;
+    while frames to it are still unwritten, for at most LINK_DRAIN_TICKS ticks more."""
+    n1 = net.nodes["n1"]
+    n1.driver.sync_peers()
+    assert n1.frames.linked == {"n2", "n3"}
+    done = Done()
+    n1.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), done)
+    n1.turn()  # appended, not committed: the link stays
+    assert "n2" not in n1.core.membership.members
+    assert n1.frames.linked == {"n2", "n3"}
+    net.settle()
+    assert done.done
+    assert n1.frames.linked == {"n2", "n3"}  # applied: the next tick drops it
+    n1.frames.unsent.add("n2")
+    for _ in range(LINK_DRAIN_TICKS):
+        n1.driver.tick()
+        assert n1.frames.linked == {"n2", "n3"}
+    n1.driver.tick()
+    assert n1.frames.linked == {"n3"}  # waited long enough
+
+
+def test_a_removed_nodes_link_goes_at_the_first_tick_when_nothing_waits_for_it(
+        net: Net) -> None:
+    n1 = net.nodes["n1"]
+    done = Done()
+    n1.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), done)
+    net.settle()
+    assert done.done
+    n1.driver.tick()
+    assert n1.frames.linked == {"n3"}

@@ -163,6 +163,12 @@ class PeerTransport:
         self._dirty.add(link)
         return link.send(kind, payload)
 
+    def has_output(self, to: str) -> bool:
+        """Frames for `to` that have not reached the kernel yet (stopping its link would drop
+        them)."""
+        link = self._links.get(to)
+        return link is not None and link.pending_output
+
     def flush(self) -> None:
         """Write what was queued (each peer's frames in one write where the socket allows)."""
         if self._dirty:

@@ -159,6 +159,11 @@ class OutboundLink:
         conn = self._conn
         return conn is not None and self._state == _UP and conn.out_bytes > 0
 
+    @property
+    def pending_output(self) -> bool:
+        """Frames not yet handed to the kernel: queued while dialling, or unwritten."""
+        return bool(self._queue) or self.has_output
+
     # ------------------------------------------------------------------ dialing
     def start(self) -> None:
         if self._state == _DOWN:
