@@ -50,10 +50,15 @@ def parse_host_port(value: str, name: str) -> tuple[str, int]:
     if port is None:
         raise SettingsError(f"{name}={shown(value)}: port must be 0..65535")
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not bare or not bare.isprintable() or any(c.isspace() or c in "[]=" for c in bare):
+    if not bare or not bare.isprintable() or any(c.isspace() or c in "[]=/" for c in bare):
         raise SettingsError(f"{name}={shown(value)}: expected host:port, e.g. 127.0.0.1:4001 "
                             "(an IPv6 host in brackets: [::1]:4001)")
     return bare, port
+
+
+def _without_scheme(url: str) -> str:
+    return url.removeprefix("https://") if url.startswith("https://") else url.removeprefix(
+        "http://")
 
 
 def is_wildcard_host(host: str) -> bool:
@@ -332,7 +337,7 @@ class Settings:
         if peers and self.node_id not in peers:
             raise SettingsError(f"RAFTKV_PEERS must include this node ({self.node_id}=host:port)")
         if self.join:
-            parse_host_port(self.join.removeprefix("http://"), "RAFTKV_JOIN")
+            parse_host_port(_without_scheme(self.join), "RAFTKV_JOIN")
         if not 1 <= self.tick_ms <= MAX_TICK_MS:
             raise SettingsError(f"RAFTKV_TICK_MS must be 1..{MAX_TICK_MS}")
         if self.election_ticks * self.tick_ms > MAX_ELECTION_TIMEOUT_MS:
@@ -431,8 +436,9 @@ class Settings:
 
     @property
     def join_url(self) -> str:
+        """http://host:port, or https:// as given (a member behind a TLS-terminating proxy)."""
         j = self.join
-        return j if j.startswith("http://") else f"http://{j}"
+        return j if j.startswith(("http://", "https://")) else f"http://{j}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -160,6 +160,8 @@ def test_cpu_scheduling_is_batch_by_default_and_checked() -> None:
     {"RAFTKV_HTTP_ADDR": "[:4001"},
     {"RAFTKV_JOIN": " 127.0.0.1:4001"},  # the join thread died, the node hung
     {"RAFTKV_JOIN": "127.0.0.1 :4001"},
+    {"RAFTKV_JOIN": "https://https://127.0.0.1:4001"},
+    {"RAFTKV_JOIN": "ftp://127.0.0.1:4001"},
     {"RAFTKV_PEERS": "n1=127.0.0.1:5001,n2=127.0.0.1:5001"},  # never a leader
     {"RAFTKV_PEERS": "n1==127.0.0.1:5001"},
     {"RAFTKV_PEERS": "n1=127.0.0.1:0"},
@@ -216,3 +218,14 @@ def test_a_token_can_come_through_a_pipe(tmp_path: Path) -> None:
     finally:
         os.close(read_end)
     assert s.cluster_token == TOKEN
+
+
+def test_a_join_url_keeps_its_scheme() -> None:
+    """Regression (found by a review): https://member:4001 became http://https://member:4001,
+    which the settings took and the join then failed to resolve for 60 s."""
+    def join_url(value: str) -> str:
+        return from_sources(None, settings_env(RAFTKV_JOIN=value)).join_url
+
+    assert join_url("127.0.0.1:4001") == "http://127.0.0.1:4001"
+    assert join_url("http://127.0.0.1:4001") == "http://127.0.0.1:4001"
+    assert join_url("https://member.example:443") == "https://member.example:443"

@@ -512,10 +512,10 @@ class RaftDriver:
             if (any(self.frames.has_output(p) for p in gone)
                     and self._link_drain_ticks < LINK_DRAIN_TICKS):
                 self._link_drain_ticks += 1
-                return
-            self._link_drain_ticks = 0
-            self._applied_membership = applied
-            self.sync_peers()
+            else:
+                self._link_drain_ticks = 0
+                self._applied_membership = applied
+                self.sync_peers()
         self._ticks += 1
         if self._ticks % HOUSEKEEPING_TICKS == 0:
             self._housekeeping(self._clock())
@@ -844,7 +844,9 @@ class RaftDriver:
             self.metrics.leader_changes.inc()
             if prev.leader is not None and prev.leader not in core.membership.members:
                 self.sync_peers()  # the link to a removed leader was kept only while it led
-            if prev.leader is not None and self.forwarder is not None:
+            # (from no leader to one: only a node's wait for its own removal is left)
+            if self.forwarder is not None and (prev.leader is not None
+                                               or self.forwarder.waiting):
                 self.forwarder.leader_changed()
         for listener in self.state_listeners:
             listener(ss)
@@ -996,6 +998,9 @@ class Forwarding(Protocol):
     def forward_lease(self, op: codec.ForwardOp, number: int, done: Completion) -> None: ...
 
     def leader_changed(self) -> None: ...
+
+    @property
+    def waiting(self) -> int: ...
 
     def expire(self, now: float) -> None: ...
 

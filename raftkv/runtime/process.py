@@ -348,7 +348,7 @@ class RaftProcess:
         url = s.join_url
         headers = self._join_headers
         body = json.dumps({"id": s.node_id, "address": s.raft_advertise_addr}).encode()
-        if names_own_socket(url, self.http_sock):
+        if names_own_socket(url, self.http_sock, s.http_advertise):
             self.loop.call_soon_threadsafe(functools.partial(
                 self._join_refused, "join_names_this_node",
                 f"RAFTKV_JOIN={url} is this node's own HTTP address (it listens only once it "
@@ -357,9 +357,10 @@ class RaftProcess:
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         last_error = ""
         asked = False
-        said_at = 0.0
+        said_at: float | None = None
         while time.monotonic() < deadline and not self._stopping:
-            if last_error and time.monotonic() - said_at >= JOIN_RETRY_WARNING_S:
+            if last_error and (said_at is None
+                               or time.monotonic() - said_at >= JOIN_RETRY_WARNING_S):
                 said_at = time.monotonic()
                 log.warning("event=join_retrying node=%s via=%s error=%s gives_up_in_s=%d",
                             s.node_id, url, last_error, max(0, deadline - said_at))
@@ -609,12 +610,19 @@ _JOIN_TOKEN_ADVICE: Final = {
 }
 
 
-def names_own_socket(url: str, sock: socket.socket) -> bool:
-    """Does `url` (http://host:port) reach `sock`, this node's HTTP socket? Its port, and its
-    address, or any address of this machine when the socket is bound to every interface. An
-    unresolvable host is not this node (the join says so when it fails)."""
+def names_own_socket(url: str, sock: socket.socket, advertised: str = "") -> bool:
+    """Does `url` (http://host:port) name this node: its advertised HTTP address, or an address
+    that can only reach `sock`, its HTTP socket (bound, not listening yet)? Every address the
+    host resolves to must be of the socket's family and be its address, or, for a socket
+    bound to every interface, an address of this machine; and none may accept a connection
+    (this socket does not listen yet: something that answers is another node, e.g. behind a
+    virtual address). An unresolvable host is not this node (the join says so when it
+    fails)."""
     try:
-        host, port = parse_host_port(url.split("://", 1)[-1].rstrip("/"), "RAFTKV_JOIN")
+        target = url.split("://", 1)[-1].rstrip("/")
+        if advertised and target == advertised.split("://", 1)[-1].rstrip("/"):
+            return True
+        host, port = parse_host_port(target, "RAFTKV_JOIN")
         bound_host, bound_port = sock.getsockname()[:2]
         if port != bound_port:
             return False
@@ -623,15 +631,21 @@ def names_own_socket(url: str, sock: socket.socket) -> bool:
         return False
     wildcard = ipaddress.ip_address(bound_host).is_unspecified
     for family, _, _, _, addr in infos:
-        ip = str(addr[0])
-        if not wildcard:
-            if ip == bound_host:
-                return True
-            continue
-        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind((ip, 0))  # only an address of this machine binds
-            return True
-    return False
+        if family != sock.family:
+            return False
+        if not wildcard and str(addr[0]) != bound_host:
+            return False
+        if wildcard:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                try:
+                    probe.bind((addr[0], 0))  # only an address of this machine binds
+                except OSError:
+                    return False
+        with socket.socket(family, socket.SOCK_STREAM) as dial:
+            dial.settimeout(1.0)
+            if dial.connect_ex(addr) == 0:
+                return False  # something listens there: not this node's socket
+    return bool(infos)
 
 
 def _http_json(url: str, body: bytes | None, timeout_s: float,

@@ -161,8 +161,11 @@ class OutboundLink:
 
     @property
     def pending_output(self) -> bool:
-        """Frames not yet handed to the kernel: queued while dialling, or unwritten."""
-        return bool(self._queue) or self.has_output
+        """Frames not yet handed to the kernel that may still leave: unwritten on a live
+        connection, or queued while one is being set up (not while the peer is down)."""
+        if self._state in (_RESOLVING, _CONNECTING, _HANDSHAKE):
+            return bool(self._queue)
+        return self.has_output
 
     # ------------------------------------------------------------------ dialing
     def start(self) -> None:

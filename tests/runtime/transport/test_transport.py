@@ -311,3 +311,24 @@ def test_a_peer_added_back_is_no_longer_refused_as_removed(make_node: MakeNode) 
     assert b.send("a", b"back")
     a.inbox.wait_for_count(1)
     assert b.states.changes[b_again + 1:] == [] and len(removed_by) == told
+
+
+def test_output_for_a_peer_that_cannot_be_reached_is_not_pending_output(
+        make_node: MakeNode) -> None:
+    """has_output (what a removed member's link waits for before it goes) counts frames that
+    may still leave: not those queued for a peer that refuses every dial (found by a review:
+    a removal of an unreachable node waited out the whole bound)."""
+    a = make_node("a")
+    with socket.socket() as held:  # bound, never listening: every dial is refused
+        held.bind(("127.0.0.1", 0))
+        a.set_peers({"b": f"127.0.0.1:{held.getsockname()[1]}"})
+        assert a.send("b", b"queued")
+        wait_until(lambda: a.call(lambda t: t.reachable()) == {"b": False}, 10,
+                   "the dial to be refused")
+        assert a.call(lambda t: t.has_output("b")) is False
+    b = make_node("b")
+    a.set_peers({"b": b.address})
+    b.set_peers({"a": a.address})
+    assert b.inbox.wait_for_count(1) == [("a", RAFT, b"queued")]
+    assert a.call(lambda t: t.has_output("b")) is False  # written: nothing pending
+    assert a.call(lambda t: t.has_output("nobody")) is False
