@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,7 @@ _NODE_ID: Final = b"node_id"
 _CLUSTER_ID: Final = b"cluster_id"
 _IDENTITY_FORMAT: Final = b"identity_format"
 _JOINING: Final = b"joining"
+_INCARNATION: Final = b"incarnation"
 
 if TYPE_CHECKING:
     from storage.lmdb_env import WriteTxn as _Txn
@@ -219,6 +221,26 @@ class LmdbRaftStorage:
                 txn.delete(_JOINING, db=self._meta)
 
         self._lmdb.write(write)
+
+    def incarnation(self) -> str:
+        """This data dir's incarnation: a random id made the first time it is asked for
+        (once per data dir), so that a wiped or replaced one differs. The members record the
+        one they see (raftkv.kv.commands.MemberIncarnation)."""
+        with self._lmdb.reading() as txn:
+            value = txn.get(_INCARNATION, db=self._meta)
+        if value is None:
+            made = secrets.token_hex(16).encode()
+
+            def write(txn: _Txn) -> None:
+                if txn.get(_INCARNATION, db=self._meta) is None:
+                    txn.put(_INCARNATION, made, db=self._meta)
+
+            self._lmdb.write(write)
+            with self._lmdb.reading() as txn:
+                value = txn.get(_INCARNATION, db=self._meta)
+        if value is None or not 1 <= len(value) <= 64 or not value.isalnum():
+            raise self._corrupt("the data dir's incarnation is unreadable")
+        return value.decode()
 
     def close(self) -> None:
         self._lmdb.close()

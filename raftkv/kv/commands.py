@@ -20,6 +20,7 @@ On the wire (the data of a log entry) a command travels in a versioned envelope:
     TokenRevoke [7, token_id]
     AlarmRaise  [16, node_id, cause]             cause: one of ALARM_CAUSES
     AlarmDisarm [17]
+    MemberIncarnation [18, node_id, incarnation]    (the leader: which data dir a member runs)
 
 A command a client sent with a token travels in version 2 of the envelope, `[2, request_id |
 nil, command, token_id]`: the token it was authorised with, which the state machine checks
@@ -90,6 +91,7 @@ _TAG_TOKEN_CREATE = 6
 _TAG_TOKEN_REVOKE = 7
 _TAG_ALARM_RAISE = 16  # 16..: apart from the data commands (0..7)
 _TAG_ALARM_DISARM = 17
+_TAG_MEMBER_INCARNATION = 18
 
 
 _new = object.__new__
@@ -280,8 +282,30 @@ class AlarmDisarm:
     """Clear every alarm (the operator freed space: `raftkv alarm disarm`)."""
 
 
+MAX_INCARNATION_CHARS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class MemberIncarnation:
+    """Record which data dir member `node_id` runs on (the random `incarnation` its data dir
+    was given when made), the first time a leader sees it: from then on the members refuse
+    that node's connections when they present another one (its data dir was wiped or
+    replaced) until it is removed (the removal clears the record)."""
+
+    node_id: str
+    incarnation: str
+
+    def __post_init__(self) -> None:
+        if type(self.node_id) is not str or not 1 <= len(self.node_id) <= 256:
+            raise ValueError("a member incarnation names the member (1..256 characters)")
+        if (type(self.incarnation) is not str
+                or not 1 <= len(self.incarnation) <= MAX_INCARNATION_CHARS
+                or not self.incarnation.isascii() or not self.incarnation.isalnum()):
+            raise ValueError("an incarnation is 1..64 ASCII letters and digits")
+
+
 Command: TypeAlias = (Put | Delete | Batch | LeaseGrant | LeaseRevoke | AuthCommand | AlarmRaise
-                      | AlarmDisarm)
+                      | AlarmDisarm | MemberIncarnation)
 
 
 def adds_data(cmd: Command) -> bool:
@@ -480,6 +504,8 @@ def _command_to_wire(cmd: Command) -> list[object]:
         return [_TAG_ALARM_RAISE, cmd.node_id, cmd.cause]
     if isinstance(cmd, AlarmDisarm):
         return [_TAG_ALARM_DISARM]
+    if isinstance(cmd, MemberIncarnation):
+        return [_TAG_MEMBER_INCARNATION, cmd.node_id, cmd.incarnation]
     raise TypeError(f"not a command: {type(cmd).__name__}")
 
 
@@ -501,6 +527,8 @@ def _command_from_wire(wire: object) -> Command:
             return AlarmRaise(wire[1], wire[2])
         if wire[0] == _TAG_ALARM_DISARM and len(wire) == 1:
             return AlarmDisarm()
+        if wire[0] == _TAG_MEMBER_INCARNATION and len(wire) == 3:
+            return MemberIncarnation(wire[1], wire[2])
     return _op_from_wire(wire)
 
 

@@ -87,6 +87,7 @@ from raftkv.kv.commands import (
     JSONValue,
     LeaseGrant,
     LeaseRevoke,
+    MemberIncarnation,
     Put,
     TokenCreate,
     TokenRevoke,
@@ -210,6 +211,18 @@ class AlarmResult:
 
 
 @dataclass(frozen=True, slots=True)
+class IncarnationResult:
+    """A MemberIncarnation applied: the incarnation now recorded for that member (None: it
+    is no member), and whether this entry recorded it (False: one was recorded already, or
+    the node is no member)."""
+
+    index: int
+    node_id: str
+    incarnation: str | None
+    recorded: bool
+
+
+@dataclass(frozen=True, slots=True)
 class InvalidCommand:
     """The entry's data is not a command this version understands; nothing was applied."""
 
@@ -270,6 +283,7 @@ AuthResult: TypeAlias = AuthEnabled | TokenCreated | TokenRevoked | TokenNotFoun
 CommandResult: TypeAlias = (
     PutResult | DeleteResult | BatchResult | ConditionFailed | LeaseGrantResult
     | LeaseRevokeResult | LeaseNotFound | AuthResult | NoSpace | AlarmResult
+    | IncarnationResult
 )
 """What a decoded command returns (ApplyResult without InvalidCommand)."""
 ApplyResult: TypeAlias = CommandResult | InvalidCommand
@@ -324,6 +338,8 @@ class KVSnapshotView:
     """The token table (immutable: shared, not copied)."""
     alarms: dict[tuple[NodeId, str], int] = field(default_factory=dict)
     """(node id, cause) -> the index that raised that NOSPACE alarm."""
+    incarnations: dict[NodeId, str] = field(default_factory=dict)
+    """Member -> the incarnation of the data dir it runs on (MemberIncarnation)."""
     size_bytes: int = field(default=0, compare=False)
     """KVStateMachine.size_bytes of this state (0: unknown); sizes the snapshot's segments.
     Derived, so not compared (a parsed view does not carry it)."""
@@ -344,6 +360,7 @@ class KVStateMachine:
         self._requests: dict[str, RememberedAnswer] = {}
         self._request_order: deque[str] = deque()
         self._addresses: dict[NodeId, str] = {}
+        self._incarnations: dict[NodeId, str] = {}
         self._key_order = _KeyOrder()
         self._lease_ttls: dict[int, int] = {}
         self._key_leases: dict[str, int] = {}
@@ -390,7 +407,7 @@ class KVStateMachine:
             logger.warning("event=kv_invalid_command index=%d reason=%s", index, e)
             return InvalidCommand(index, str(e))
         revoked = token_id is not None and not self._token_table.has(token_id)
-        if request_id is None or isinstance(cmd, AlarmRaise | AlarmDisarm):
+        if request_id is None or isinstance(cmd, AlarmRaise | AlarmDisarm | MemberIncarnation):
             if revoked:
                 return self._refuse_revoked(index, token_id)
             return self._execute(cmd, index)  # the alarm commands are idempotent anyway
@@ -475,6 +492,7 @@ class KVStateMachine:
             key_leases=self._key_leases.copy(),
             auth=self._token_table,
             alarms=self._alarms.copy(),
+            incarnations=self._incarnations.copy(),
             size_bytes=self._size,
         )
 
@@ -497,6 +515,7 @@ class KVStateMachine:
             self._lease_keys[lease_id].add(key)
         self._token_table = view.auth
         self._alarms = view.alarms.copy()
+        self._incarnations = view.incarnations.copy()
         self._size = _state_size(self._data, self._lease_ttls)
         self._applied_index = view.applied_index
         self._key_order.clear()
@@ -531,6 +550,11 @@ class KVStateMachine:
     def addresses(self) -> Mapping[NodeId, str]:
         """node id -> address, from the applied membership changes (read-only)."""
         return MappingProxyType(self._addresses)
+
+    @property
+    def incarnations(self) -> Mapping[NodeId, str]:
+        """member -> the incarnation of its data dir, once a leader recorded it (read-only)."""
+        return MappingProxyType(self._incarnations)
 
     @property
     def max_request_ids(self) -> int:
@@ -595,6 +619,7 @@ class KVStateMachine:
     def _apply_change(self, change: ConfChange, index: int) -> None:
         if change.op is ConfChangeOp.REMOVE:
             self._addresses.pop(change.node_id, None)
+            self._incarnations.pop(change.node_id, None)  # it may come back on a new one
         elif change.address:
             self._addresses[change.node_id] = change.address
         logger.debug(
@@ -644,7 +669,20 @@ class KVStateMachine:
             return self._raise_alarm(cmd, index)
         if isinstance(cmd, AlarmDisarm):
             return self._disarm(index)
+        if isinstance(cmd, MemberIncarnation):
+            return self._record_incarnation(cmd, index)
         return self._execute_auth(cmd, index)
+
+    def _record_incarnation(self, cmd: MemberIncarnation, index: int) -> IncarnationResult:
+        """The first record of a member stays (another one is what the members refuse); a
+        node that is no member (removed since the leader proposed it) gets none."""
+        known = self._incarnations.get(cmd.node_id)
+        if known is not None or cmd.node_id not in self._addresses:
+            return IncarnationResult(index, cmd.node_id, known, recorded=False)
+        self._incarnations[cmd.node_id] = cmd.incarnation
+        logger.info("event=kv_member_incarnation index=%d node=%s incarnation=%s", index,
+                    cmd.node_id, cmd.incarnation)
+        return IncarnationResult(index, cmd.node_id, cmd.incarnation, recorded=True)
 
     def _execute_auth(self, cmd: AuthEnable | TokenCreate | TokenRevoke,
                       index: int) -> AuthResult:
@@ -1037,6 +1075,8 @@ def iter_snapshot_chunks(view: KVSnapshotView) -> Iterator[bytes]:
     }
     if view.alarms:
         header["alarms"] = len(view.alarms)  # optional section: absent means none
+    if view.incarnations:
+        header["incarnations"] = view.incarnations  # optional: absent means none
     yield packer.pack(header)
     # Columns, built with map() over existing objects: no container per key, so the
     # serialiser does not wake the garbage collector (a full collection of a big heap
@@ -1140,6 +1180,7 @@ class KVSnapshotDecoder:
         self._leases: dict[int, int] = {}
         self._key_leases: dict[str, int] = {}
         self._alarms: dict[tuple[NodeId, str], int] = {}
+        self._incarnations: dict[NodeId, str] = {}
         self._auth: TokenTable | None = None
 
     def feed(self, data: bytes) -> None:
@@ -1161,7 +1202,8 @@ class KVSnapshotDecoder:
             raise SnapshotCorrupt("key-value snapshot is truncated")
         return KVSnapshotView(self._applied_index, self._data, self._requests,
                               self._addresses, self._leases, self._key_leases,
-                              auth=self._auth or TokenTable(), alarms=self._alarms)
+                              auth=self._auth or TokenTable(), alarms=self._alarms,
+                              incarnations=self._incarnations)
 
     # ------------------------------------------------------------------ one object at a time
     def _take(self, obj: object) -> None:
@@ -1233,10 +1275,16 @@ class KVSnapshotDecoder:
             type(k) is str and type(v) is str for k, v in addresses.items()
         ):
             raise SnapshotCorrupt("key-value snapshot header has a bad address book")
+        incarnations = header.get("incarnations", {})  # optional: absent, none recorded
+        if type(incarnations) is not dict or not all(
+            type(k) is str and type(v) is str for k, v in incarnations.items()
+        ):
+            raise SnapshotCorrupt("key-value snapshot header has bad member incarnations")
         self._header = header
         self._applied_index = applied_index
         self._counts = counts
         self._addresses = addresses
+        self._incarnations = incarnations
 
     def _take_data(self, segment: object) -> None:
         if type(segment) is not list or len(segment) != 3:

@@ -49,6 +49,7 @@ from raftkv.kv.commands import (
     AlarmRaise,
     CommandDecodeError,
     LeaseRevoke,
+    MemberIncarnation,
     adds_data,
     decode_command,
     encode_command,
@@ -98,6 +99,8 @@ AUTH_RESULTS: Final = (AuthEnabled, TokenCreated, TokenRevoked, AuthRefused)
 HOUSEKEEPING_TICKS: Final = 10
 LINK_DRAIN_TICKS: Final = 20
 """How many ticks a removed member's link may stay for its last frames to leave."""
+INCARNATION_RETRY_S: Final = 5.0
+"""How long a leader waits for a MemberIncarnation it proposed before proposing it again."""
 ALARM_RETRY_S: Final = 1.0
 """At most one AlarmRaise proposal per this many seconds from one node."""
 SAVE_RETRY_S: Final = 1.0
@@ -226,6 +229,11 @@ class RaftDriver:
         """The configuration applied as of the last tick (until the first: the latest one):
         its members keep their links."""
         self._link_drain_ticks = 0
+        self.incarnation = ""
+        """This node's data dir's incarnation (the runtime sets it; "" in tests: none)."""
+        self._seen_incarnations: dict[str, str] = {}
+        """Members' incarnations seen in handshakes and not recorded yet (for the leader)."""
+        self._incarnation_retry_at: dict[str, float] = {}
         self.watches = WatchRegistry(floor_index=state_machine.applied_index)
         self.leases = LeaseExpiry()
         self._lease_term: int | None = None
@@ -855,7 +863,45 @@ class RaftDriver:
         for listener in self.state_listeners:
             listener(self._soft)
 
+    # ------------------------------------------------------------------ incarnations
+    def check_incarnation(self, node_id: str, incarnation: str) -> str | None:
+        """Member `node_id`'s handshake presented `incarnation` (its data dir's): why it is
+        refused, when the cluster recorded another one for it (its data dir was wiped or
+        replaced: a voter that forgot its votes and log can elect a node that missed
+        committed writes), else None. A first one is noted for the leader to record."""
+        known = self.sm.incarnations.get(node_id)
+        if known is None:
+            self._seen_incarnations[node_id] = incarnation
+            return None
+        if known != incarnation:
+            return (f"runs on another data dir (incarnation {incarnation}) than the one the "
+                    f"cluster recorded for it ({known}): it was wiped or replaced")
+        return None
+
+    def _record_incarnations(self, now: float) -> None:
+        """The leader proposes MemberIncarnation for each member it has seen (itself too)
+        that has none recorded (at most once per INCARNATION_RETRY_S each)."""
+        core = self.core
+        if core.role is not Role.LEADER:
+            return
+        recorded = self.sm.incarnations
+        seen = self._seen_incarnations
+        if self.incarnation and core.id not in recorded:
+            seen[core.id] = self.incarnation
+        for nid, incarnation in list(seen.items()):
+            if nid in recorded:
+                del seen[nid]
+                continue
+            if nid not in self.sm.addresses or now < self._incarnation_retry_at.get(nid, 0.0):
+                continue  # no member (yet): its addition applies first
+            try:
+                core.propose(encode_command(MemberIncarnation(nid, incarnation)))
+            except (NotLeader, ProposalDropped, ValueError):
+                return
+            self._incarnation_retry_at[nid] = now + INCARNATION_RETRY_S
+
     def _housekeeping(self, now: float) -> None:
+        self._record_incarnations(now)
         expired = [rid for rid, (deadline, _) in self._reads.items() if deadline < now]
         for rid in expired:
             self._reads.pop(rid)[1].fail(NoLeaderError("read timed out"))

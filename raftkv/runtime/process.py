@@ -122,6 +122,9 @@ class RaftProcess:
         self.exit_code = 0
         self._removed_from: set[str] = set()
         """Members that refused us as removed from the cluster (since a link last came up)."""
+        self._replaced_by: set[str] = set()
+        """Members that refused us as a member whose data dir was replaced (since a link to
+        each last came up)."""
         self._waiting_for_addition = False
         """A joined node waiting to apply its own addition before its workers start."""
         self._said_waiting = False
@@ -177,6 +180,9 @@ class RaftProcess:
             loop, node_id=s.node_id, cluster_id=self.cluster_id, token=self.token,
             listen_sock=raft_sock, http_address=s.http_advertise_addr, deliver=self._deliver,
             on_peer_state=self._peer_state, on_removed_by=self._removed_by,
+            incarnation=state.incarnation,
+            check_incarnation=self._check_incarnation,
+            on_replaced_by=self._replaced_by_peer,
             source_host=peer_source_host(raft_host),
             tls=peer_tls)
         self.driver = driver = RaftDriver(
@@ -190,6 +196,7 @@ class RaftProcess:
             boot_commit=state.boot.hard_state.commit,
             wake_at=lambda when: loop.call_at(when, _nothing),
             persist_defer_s=s.persist_defer_us / 1e6, quota_bytes=s.effective_quota_bytes)
+        driver.incarnation = state.incarnation
         self.forwarder = Forwarder(driver, self.transport, rng)
         driver.forwarder = self.forwarder
         _warn_of_moved_addresses(s, driver)
@@ -301,6 +308,8 @@ class RaftProcess:
         if up and self._removed_from:  # a member took us in: we are one (again)
             self._removed_from.clear()
             log.info("event=member_again node=%s via=%s", self.settings.node_id, peer)
+        if up:
+            self._replaced_by.discard(peer)
 
     def _removed_by(self, peer: str) -> None:
         """`peer` refused our handshake as a member removed from the cluster."""
@@ -310,6 +319,22 @@ class RaftProcess:
                         "this node, so it will never hear from a leader: stop it. To add it "
                         "back, move its data dir away and start it with RAFTKV_JOIN", nid, peer)
         self._removed_from.add(peer)
+
+    def _check_incarnation(self, node_id: str, incarnation: str) -> str | None:
+        return self.driver.check_incarnation(node_id, incarnation)
+
+    def _replaced_by_peer(self, peer: str) -> None:
+        """`peer` refused our handshake: the cluster recorded another data dir for us."""
+        if not self._replaced_by:
+            nid = self.settings.node_id
+            log.error("event=replaced_member node=%s by=%s: the cluster knows %s on another "
+                      "data dir: this one (%s) was wiped or replaced, and a voter that forgot "
+                      "what it acknowledged can help elect a node that missed committed "
+                      "writes, so the members refuse it. Stop this node, remove it (raftkv "
+                      "members remove %s --urls <a member>), then start it again with "
+                      "RAFTKV_JOIN and an empty data dir", nid, peer, nid,
+                      self.settings.data_dir, nid)
+        self._replaced_by.add(peer)
 
     # ------------------------------------------------------------------ state for others
     def _view(self) -> dict[str, object]:
@@ -329,6 +354,7 @@ class RaftProcess:
     def _extra_status(self) -> dict[str, object]:
         return {"workers": self.workers.describe(),
                 "removed_from_cluster": bool(self._removed_from),
+                "replaced_in_cluster": bool(self._replaced_by),
                 "forwards_waiting": self.forwarder.waiting,
                 "unauthenticated_peer_connections": self.transport.unauthenticated_connections}
 

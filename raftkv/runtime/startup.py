@@ -121,6 +121,8 @@ class NodeState:
     node has not applied its own addition yet."""
     lock_fd: int = -1
     """The data dir's LOCK file, flocked: closed (and so released) by close()."""
+    incarnation: str = ""
+    """The data dir's random id (LmdbRaftStorage.incarnation): a wiped one gets another."""
 
     def close(self) -> None:
         self.storage.close()
@@ -273,12 +275,17 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
         raise StartupError(f"cannot load the state in {data}: {e}. {damaged}") from None
     if plan.kind is StartKind.BOOTSTRAP:
         storage.set_identity(NodeIdentity(settings.node_id, plan.cluster_id, FORMAT_VERSION))
+    try:
+        incarnation = storage.incarnation()  # made now for a new data dir (or an older one)
+    except (StorageError, ValueError) as e:
+        raise StartupError(f"cannot read the state in {data}: {e}. {damaged}") from None
     # Millions of long-lived objects make every full collection stall the loop for tens of
     # milliseconds: move what boot loaded out of the collector's sight and make
     # young-generation collections rarer.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    return NodeState(storage, snapshots, sm, boot, plan, joining=joining)
+    return NodeState(storage, snapshots, sm, boot, plan, joining=joining,
+                     incarnation=incarnation)
 
 
 def check_recorded_addresses(settings: Settings, plan: StartPlan) -> None:

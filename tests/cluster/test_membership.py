@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 
 from raftkv.core.types import HardState
-from raftkv.localcluster import LocalCluster, NodeProc, http_json, reserve_port, wait_until
+from raftkv.localcluster import (
+    FAST_TIMING,
+    LocalCluster,
+    NodeProc,
+    http_json,
+    reserve_port,
+    wait_until,
+)
 from raftkv.ports import NodeIdentity
 from raftkv.runtime.boot import bootstrap_entries
 from raftkv.runtime.process import bound_socket
@@ -596,3 +603,69 @@ def test_a_removal_through_the_node_it_removes_outlasting_its_election_timeout_i
     assert victim.node_id not in members(cluster, leader)
     assert cluster.status(leader)["term"] == term  # same leader, same term: it did commit
     assert code == 200, body
+
+
+def _recorded(cluster: LocalCluster, node: NodeProc) -> bool:
+    return any("event=kv_member_incarnation index=" in line and f"node={node.node_id} " in line
+               for n in cluster.nodes for line in n.log_text().splitlines())
+
+
+def test_a_member_wiped_and_started_again_with_raftkv_peers_is_refused(
+        cluster: LocalCluster) -> None:
+    """A member whose data dir was wiped, started again with RAFTKV_PEERS, bootstrapped afresh
+    under its old id and cluster id, and nothing noticed: its empty vote could elect a node
+    that missed an acknowledged write. Each data dir now has a random incarnation, the
+    leader records each member's in the log, and the members refuse a member presenting
+    another one (replaced_member) until it is removed; the node says what to do."""
+    leader = cluster.wait_for_leader()
+    victim = next(n for n in cluster.nodes if n is not leader)
+    index = cluster.put("acknowledged", "kept")
+    cluster.wait_applied(victim, index)
+    wait_until(lambda: _recorded(cluster, victim), 20, "the victim's incarnation recorded")
+    cluster.kill(victim)
+    cluster.wipe(victim)
+    cluster.start(victim)  # RAFTKV_PEERS, an empty data dir: it bootstraps afresh
+
+    wait_until(lambda: "event=replaced_member" in victim.log_text(), 20,
+               "the wiped member to be told")
+    assert cluster.status(victim)["extra"]["replaced_in_cluster"] is True
+    assert "raftkv members remove" in victim.log_text()
+    others = [n for n in cluster.nodes if n is not victim]
+    wait_until(lambda: any("reason=replaced_member" in n.log_text() for n in others), 10,
+               "a member to refuse it")
+    after = cluster.put("after", 1)
+    assert cluster.status(victim)["applied_index"] < index  # it took no part
+    assert cluster.status(victim)["extra"]["replaced_in_cluster"] is True
+
+    # The way back: remove it (which clears the record), then join with an empty data dir.
+    code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{victim.node_id}",
+                              timeout_s=10)
+    assert code == 200, body
+    cluster.kill(victim)
+    cluster.wipe(victim)
+    cluster.start(victim, join=cluster.wait_for_leader().http)
+    wait_until(lambda: members(cluster, cluster.wait_for_leader()).get(
+        victim.node_id, {}).get("voter") is True, 30, "the emptied node to join again")
+    cluster.wait_applied(victim, after)
+    code, body, _ = http_json("GET", f"{victim.http}/keys/acknowledged?consistency=stale")
+    assert code == 200 and body["value"] == "kept"
+
+
+def test_a_member_that_starts_for_the_first_time_late_is_taken_in(tmp_path: Path) -> None:
+    """No false alarm: a member whose first start comes after the others have recorded
+    theirs and written is taken in (nothing was recorded for it)."""
+    c = LocalCluster(tmp_path, 3, env=FAST_TIMING)
+    try:
+        first, second, late = c.nodes
+        c.start(first)
+        c.start(second)
+        c.wait_for_leader(among=[first, second], timeout_s=30)
+        wait_until(lambda: _recorded(c, first) and _recorded(c, second), 20,
+                   "the first two incarnations recorded")
+        index = c.put("early", 1)
+        c.start(late)
+        c.wait_applied(late, index, timeout_s=30)
+        wait_until(lambda: _recorded(c, late), 20, "the late member's incarnation recorded")
+        assert "replaced_member" not in "".join(n.log_text() for n in c.nodes)
+    finally:
+        c.close()

@@ -815,3 +815,27 @@ def test_a_removed_nodes_link_goes_at_the_first_tick_when_nothing_waits_for_it(
     assert done.done
     n1.driver.tick()
     assert n1.frames.linked == {"n3"}
+
+
+# -- member incarnations ---------------------------------------------------------------------
+
+
+def test_the_leader_records_the_incarnations_it_sees_and_every_member_refuses_another(
+        net: Net) -> None:
+    n1, n3 = net.nodes["n1"], net.nodes["n3"]
+    n1.driver.incarnation = "i1"
+    assert n1.driver.check_incarnation("n2", "i2") is None  # seen in a handshake
+    assert n1.driver.check_incarnation("n9", "i9") is None  # no member: never recorded
+    for _ in range(HOUSEKEEPING_TICKS):
+        n1.driver.tick()
+    net.settle()
+    for _ in range(3):  # heartbeats: the followers learn the commit index
+        n1.driver.tick()
+        net.settle()
+    for node in net.nodes.values():
+        assert dict(node.driver.sm.incarnations) == {"n1": "i1", "n2": "i2"}
+    assert n3.driver.check_incarnation("n2", "i2") is None
+    why = n3.driver.check_incarnation("n2", "wiped")
+    assert why is not None and "wiped or replaced" in why
+    assert n3.driver.check_incarnation("n3", "i3") is None  # none recorded yet: taken
+

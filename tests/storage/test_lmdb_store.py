@@ -238,3 +238,21 @@ def test_the_joining_mark_is_kept_until_cleared_and_a_damaged_one_is_refused(
     with LmdbRaftStorage(tmp_path / "raft") as store, pytest.raises(StorageError,
                                                                     match="joining mark"):
         store.joining()
+
+
+def test_a_data_dir_gets_one_incarnation_for_good_and_a_new_one_another(
+        tmp_path: Path) -> None:
+    with LmdbRaftStorage(tmp_path / "raft") as store:
+        made = store.incarnation()
+        assert made == store.incarnation() and len(made) == 32 and made.isalnum()
+    with LmdbRaftStorage(tmp_path / "raft") as store:
+        assert store.incarnation() == made  # kept across a restart
+    with LmdbRaftStorage(tmp_path / "other") as store:
+        assert store.incarnation() != made  # a wiped or new data dir differs
+    env = lmdb.open(str(tmp_path / "raft"), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"incarnation", b"not/alnum", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with LmdbRaftStorage(tmp_path / "raft") as store, pytest.raises(StorageError,
+                                                                    match="incarnation"):
+        store.incarnation()

@@ -59,6 +59,9 @@ Deliver = Callable[[str, list[tuple[int, bytes]]], None]
 PeerStateChanged = Callable[[str, bool], None]
 RemovedBy = Callable[[str], None]
 """(peer id): that member refused us as removed from the cluster."""
+IncarnationCheck = Callable[[str, str], "str | None"]
+"""(peer id, the incarnation its handshake presented): why it is refused as a member whose data
+dir was replaced, or None."""
 
 
 class PeerTransport:
@@ -66,6 +69,8 @@ class PeerTransport:
                  listen_sock: socket.socket, http_address: str, deliver: Deliver,
                  on_peer_state: PeerStateChanged | None = None,
                  on_removed_by: RemovedBy | None = None,
+                 incarnation: str = "", check_incarnation: IncarnationCheck | None = None,
+                 on_replaced_by: RemovedBy | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  queue_limit_bytes: int = DEFAULT_QUEUE_LIMIT_BYTES,
                  source_host: str | None = None, tls: PeerTLS | None = None) -> None:
@@ -86,6 +91,9 @@ class PeerTransport:
         self._deliver = deliver
         self._on_peer_state = on_peer_state
         self._on_removed_by = on_removed_by
+        self._incarnation = incarnation
+        self._check_incarnation = check_incarnation
+        self._on_replaced_by = on_replaced_by
         self._links: dict[str, OutboundLink] = {}
         self._removed: set[str] = set()
         """Members whose links set_peers dropped (they left the membership) and not added
@@ -191,7 +199,7 @@ class PeerTransport:
     def dialer_handshake(self, address: str) -> DialerHandshake:
         return DialerHandshake(token=self._token, node_id=self.node_id,
                                cluster_id=self._cluster_id, http_address=self._http_address,
-                               probe=False, address=address)
+                               probe=False, address=address, incarnation=self._incarnation)
 
     def link_up(self, link: OutboundLink, listener: PeerInfo,
                 conn: Connection) -> str | None:
@@ -200,12 +208,20 @@ class PeerTransport:
         if conn.tls and listener.node_id not in certificate_names(conn.peer_certificate()):
             return (f"{link.address} (node {listener.node_id}) presented a certificate "
                     "that does not name it")
+        if listener.incarnation and self._check_incarnation is not None:
+            why = self._check_incarnation(listener.node_id, listener.incarnation)
+            if why is not None:
+                self.refused(link.address.rpartition(":")[0], link.address, "replaced_member",
+                             f"node={listener.node_id} {why}")
+                return f"{link.address} (node {listener.node_id}): {why}"
         self._http_addresses[link.peer_id] = listener.http_address
         return None
 
     def link_refused(self, link: OutboundLink, reason: str) -> None:
         if reason == "removed_member" and self._on_removed_by is not None:
             self._on_removed_by(link.peer_id)
+        elif reason == "replaced_member" and self._on_replaced_by is not None:
+            self._on_replaced_by(link.peer_id)
 
     def link_state(self, link: OutboundLink, up: bool, error: str) -> None:
         if up:
@@ -223,7 +239,8 @@ class PeerTransport:
     # ------------------------------------------------------------------ for the listener
     def listener_handshake(self) -> ListenerHandshake:
         return ListenerHandshake(token=self._token, node_id=self.node_id,
-                                 cluster_id=self._cluster_id, http_address=self._http_address)
+                                 cluster_id=self._cluster_id, http_address=self._http_address,
+                                 incarnation=self._incarnation)
 
     def admit(self, auth: PeerAuth, conn: Connection) -> None:
         if self._cluster_id and auth.cluster_id and auth.cluster_id != self._cluster_id:
@@ -235,6 +252,10 @@ class PeerTransport:
             if auth.node_id in self._removed:
                 raise Refused("removed_member", f"node={auth.node_id}")
             raise Refused("unknown_node", f"node={auth.node_id}")
+        if not auth.probe and auth.incarnation and self._check_incarnation is not None:
+            why = self._check_incarnation(auth.node_id, auth.incarnation)
+            if why is not None:
+                raise Refused("replaced_member", f"node={auth.node_id} {why}")
 
     def inbound_up(self, peer_id: str, auth: PeerAuth) -> None:
         self._http_addresses[peer_id] = auth.http_address

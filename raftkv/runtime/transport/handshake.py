@@ -2,9 +2,9 @@
 
 The first frames of every peer connection (kind FrameKind.HANDSHAKE, msgpack maps):
 
-    listener -> dialer   {"v", "type": "hello", "node", "cluster", "http", "nonce"}
+    listener -> dialer   {"v", "type": "hello", "node", "cluster", "http", "nonce", "inc"}
     dialer -> listener   {"v", "type": "auth", "node", "cluster", "http", "probe", "nonce",
-                          "mac": HMAC-SHA256(token, both nonces + both identities)}
+                          "inc", "mac": HMAC-SHA256(token, both nonces + both identities)}
     listener -> dialer   {"v", "type": "welcome", "mac": HMAC-SHA256(token, ...)}
                       or {"v", "type": "reject", "reason": "wrong_token" | ...}
 
@@ -20,6 +20,11 @@ and the leader carries the commit index on appends and heartbeats only. Version 
 a command sent with a token carries it in envelope 2 (raftkv.kv.commands), which an older
 node could not apply: it would skip writes the others apply. A node refuses a peer of
 another version with the reason `version`: upgrade every node.
+
+"inc" (optional, outside the MAC: it guards against an operator's mistake, not an attacker,
+and a version-3 node without it still links) is the incarnation of the sender's data dir, a
+random id each data dir is given when made: the members refuse a member whose incarnation
+differs from the one the cluster recorded for it (its data dir was wiped or replaced).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class PeerInfo:
     node_id: str
     http_address: str
     cluster_id: str
+    incarnation: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,7 @@ class PeerAuth:
     cluster_id: str
     http_address: str
     probe: bool
+    incarnation: str = ""
 
 
 class Refused(Exception):
@@ -128,6 +135,16 @@ def _nonce(message: dict[str, Any]) -> bytes:
     return value
 
 
+def _incarnation(message: dict[str, Any]) -> str:
+    """The optional "inc": "" when absent (a node of an earlier build); a bad one is a bad
+    handshake."""
+    value = message.get("inc", "")
+    if not isinstance(value, str) or len(value) > 64 or (value and not (
+            value.isascii() and value.isalnum())):
+        raise Refused("bad_handshake", "invalid field 'inc'")
+    return value
+
+
 def reject_message(reason: str) -> bytes:
     return _pack({"v": PROTOCOL_VERSION, "type": "reject", "reason": reason})
 
@@ -136,8 +153,9 @@ class ListenerHandshake:
     """The accepting side of one connection."""
 
     def __init__(self, *, token: bytes, node_id: str, cluster_id: str,
-                 http_address: str) -> None:
+                 http_address: str, incarnation: str = "") -> None:
         self._token = token
+        self._incarnation = incarnation
         self._node_id = node_id
         self._cluster_id = cluster_id
         self._http = http_address
@@ -147,7 +165,8 @@ class ListenerHandshake:
 
     def hello(self) -> bytes:
         return _pack({"v": PROTOCOL_VERSION, "type": "hello", "node": self._node_id,
-                      "cluster": self._cluster_id, "http": self._http, "nonce": self._nonce})
+                      "cluster": self._cluster_id, "http": self._http, "nonce": self._nonce,
+                      "inc": self._incarnation})
 
     def check_auth(self, payload: bytes) -> PeerAuth:
         """The dialer's auth message, verified; Refused(reason) if it is not acceptable."""
@@ -158,6 +177,7 @@ class ListenerHandshake:
         peer_cluster = _text(auth, "cluster")
         peer_http = _text(auth, "http")
         peer_nonce = _nonce(auth)
+        incarnation = _incarnation(auth)
         probe = auth.get("probe", False)
         mac = auth.get("mac")
         if not isinstance(probe, bool) or not isinstance(mac, bytes):
@@ -168,7 +188,7 @@ class ListenerHandshake:
             raise Refused("wrong_token", f"node={peer_id}")
         self._identity = identity
         self._peer_nonce = peer_nonce
-        return PeerAuth(peer_id, peer_cluster, peer_http, probe)
+        return PeerAuth(peer_id, peer_cluster, peer_http, probe, incarnation)
 
     def welcome(self) -> bytes:
         """After check_auth: the answer that proves we hold the token too."""
@@ -181,8 +201,9 @@ class DialerHandshake:
     """The connecting side of one connection."""
 
     def __init__(self, *, token: bytes, node_id: str, cluster_id: str, http_address: str,
-                 probe: bool, address: str) -> None:
+                 probe: bool, address: str, incarnation: str = "") -> None:
         self._token = token
+        self._incarnation = incarnation
         self._node_id = node_id
         self._cluster_id = cluster_id
         self._http = http_address
@@ -200,7 +221,7 @@ class DialerHandshake:
             raise HandshakeFailed(f"{self._address} did not start with a hello")
         try:
             listener = PeerInfo(_text(hello, "node", allow_empty=False), _text(hello, "http"),
-                                _text(hello, "cluster"))
+                                _text(hello, "cluster"), _incarnation(hello))
             self._listener_nonce = _nonce(hello)
         except Refused as exc:
             raise HandshakeFailed(f"{self._address} sent a bad hello: {exc}") from None
@@ -210,7 +231,7 @@ class DialerHandshake:
         mac = _mac(self._token, _AUTH_LABEL, [self._listener_nonce, self._nonce, *self._identity])
         return _pack({"v": PROTOCOL_VERSION, "type": "auth", "node": self._node_id,
                       "cluster": self._cluster_id, "http": self._http, "probe": self._probe,
-                      "nonce": self._nonce, "mac": mac})
+                      "nonce": self._nonce, "inc": self._incarnation, "mac": mac})
 
     def on_welcome(self, payload: bytes) -> PeerInfo:
         """The listener's answer to our auth: its verified identity."""

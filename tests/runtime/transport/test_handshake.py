@@ -140,3 +140,27 @@ def test_a_welcome_before_the_hello_fails_the_dialer() -> None:
     lis.check_auth(dialer().on_hello(lis.hello()))
     with pytest.raises(HandshakeFailed, match="before its hello"):
         dialer().on_welcome(lis.welcome())
+
+
+def test_both_sides_present_their_data_dirs_incarnation() -> None:
+    lis = ListenerHandshake(token=TOKEN, node_id="b", cluster_id="c1", http_address="b:8080",
+                            incarnation="bbb1")
+    dia = DialerHandshake(token=TOKEN, node_id="a", cluster_id="c1", http_address="a:8080",
+                          probe=False, address="b-host:5000", incarnation="aaa1")
+    auth = lis.check_auth(dia.on_hello(lis.hello()))
+    info = dia.on_welcome(lis.welcome())
+    assert auth.incarnation == "aaa1" and info.incarnation == "bbb1"
+
+
+def test_an_incarnation_is_optional_and_a_bad_one_is_refused() -> None:
+    """A node of an earlier build sends none (""); anything but 1..64 letters and digits is a
+    bad handshake."""
+    lis, dia = listener(), dialer()
+    assert lis.check_auth(dia.on_hello(lis.hello())).incarnation == ""
+    for bad in ("x" * 65, "a/b", 7):
+        lis, dia = listener(), dialer()
+        auth = msgpack.unpackb(dia.on_hello(lis.hello()), raw=False)
+        auth["inc"] = bad
+        with pytest.raises(Refused) as caught:
+            lis.check_auth(msgpack.packb(auth, use_bin_type=True))
+        assert caught.value.reason == "bad_handshake"

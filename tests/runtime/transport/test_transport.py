@@ -332,3 +332,41 @@ def test_output_for_a_peer_that_cannot_be_reached_is_not_pending_output(
     assert b.inbox.wait_for_count(1) == [("a", RAFT, b"queued")]
     assert a.call(lambda t: t.has_output("b")) is False  # written: nothing pending
     assert a.call(lambda t: t.has_output("nobody")) is False
+
+
+def test_a_member_presenting_another_incarnation_is_refused_both_ways(
+        make_node: MakeNode, logs: LogWatcher) -> None:
+    """The check (the runtime's: the incarnation the cluster recorded for that member) runs on
+    the listener (refused as replaced_member, which the dialer is told) and on the dialer
+    (the link is not taken). Frames go neither way."""
+    replaced: list[str] = []
+
+    def check(node_id: str, incarnation: str) -> str | None:
+        return "wiped" if (node_id, incarnation) == ("b", "new") else None
+
+    a = make_node("a", incarnation="aaa", check_incarnation=check)
+    b = make_node("b", incarnation="new", on_replaced_by=replaced.append)
+    a.set_peers({"b": b.address})
+    b.set_peers({"a": a.address})
+    wait_until(lambda: "a" in replaced, 10, "b to be told")
+    logs.wait_for("reason=replaced_member")
+    a.send("b", b"y")
+    b.send("a", b"x")
+    assert a.call(lambda t: t.reachable()) == {"b": False}
+    assert b.call(lambda t: t.reachable()) == {"a": False}
+    assert a.inbox.snapshot() == [] and b.inbox.snapshot() == []
+
+
+def test_a_member_presenting_the_recorded_incarnation_links(make_node: MakeNode) -> None:
+    seen: list[tuple[str, str]] = []
+
+    def check(node_id: str, incarnation: str) -> str | None:
+        seen.append((node_id, incarnation))
+        return None
+
+    a = make_node("a", incarnation="aaa", check_incarnation=check)
+    b = make_node("b", incarnation="bbb")
+    mesh(a, b)
+    assert b.send("a", b"x")
+    assert a.inbox.wait_for_count(1) == [("b", RAFT, b"x")]
+    assert ("b", "bbb") in seen
