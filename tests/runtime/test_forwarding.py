@@ -704,19 +704,29 @@ def test_a_removal_of_another_node_is_answered_as_committed_and_applied_there(
     assert result.status is ForwardStatus.COMMITTED and result.index == index
 
 
+def _removal_waiting_without_a_leader(net: Net) -> Done:
+    """n2 asks for its own removal; the leader appends and applies it, its answer held back;
+    then n2's election timer runs out (its leader None): what it waits for."""
+    n2 = net.nodes["n2"]
+    removal = Done()
+    n2.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), removal)
+    net.settle(keep=lambda f: f.kind == FrameKind.FORWARD_RESULT)  # answers held back
+    assert not removal.done
+    n2.core.campaign()  # as its election timer would
+    n2.turn()
+    assert not removal.done
+    return removal
+
+
 def test_the_node_being_removed_waits_for_its_answer_when_its_election_timer_runs_out(
         net: Net) -> None:
     """No heartbeat reaches it once the leader appended its removal: it campaigns, its leader
     None. Its removal still waits for the leader's answer (a write of it would not: the leader
     changed while forwarding)."""
     n2 = net.nodes["n2"]
-    removal, write = Done(), Done()
-    n2.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), removal)
+    write = Done()
     n2.driver.propose(put("w", 1), write)
-    net.settle(keep=lambda f: f.kind == FrameKind.FORWARD_RESULT)  # answers held back
-    assert not removal.done and not write.done
-    n2.core.campaign()  # as its election timer would
-    n2.turn()
+    removal = _removal_waiting_without_a_leader(net)
     assert n2.driver.leader is None
     assert isinstance(write.error, OutcomeUnknownError)
     assert not removal.done
@@ -726,11 +736,7 @@ def test_the_node_being_removed_waits_for_its_answer_when_its_election_timer_run
 
 def test_the_node_being_removed_waits_no_longer_than_any_forward(net: Net) -> None:
     n2 = net.nodes["n2"]
-    removal = Done()
-    n2.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), removal)
-    net.settle(keep=lambda f: f.kind == FrameKind.FORWARD_RESULT)
-    n2.core.campaign()
-    n2.turn()
+    removal = _removal_waiting_without_a_leader(net)
     n2.forwarder.expire(net.clock.now + FORWARD_TIMEOUT_S - 1)
     assert not removal.done
     n2.forwarder.expire(net.clock.now + FORWARD_TIMEOUT_S + 1)
@@ -741,12 +747,7 @@ def test_a_new_leader_ends_the_wait_of_the_node_being_removed(net: Net) -> None:
     """Found by a review: a leader learnt after none (the removal's leader lost office) did
     not end it, and the client waited the whole forward timeout."""
     n2 = net.nodes["n2"]
-    removal = Done()
-    n2.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), removal)
-    net.settle(keep=lambda f: f.kind == FrameKind.FORWARD_RESULT)
-    n2.core.campaign()
-    n2.turn()
-    assert not removal.done
+    removal = _removal_waiting_without_a_leader(net)
     beat = HeartbeatRequest(n2.core.term + 1, "n3", "n2", n2.core.log.commit, 0)
     net.inject("n3", "n2", FrameKind.RAFT, codec.encode_message(beat))
     assert n2.driver.leader == "n3"

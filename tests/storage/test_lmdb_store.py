@@ -221,6 +221,14 @@ def test_unsynced_save_is_durable_with_lmdb(tmp_path: Path) -> None:
         assert store.hard_state() == HardState(2, "n1", 0)
 
 
+def _put_meta(path: Path, key: bytes, value: bytes) -> None:
+    """Write `key` in the store's meta db behind its back (damage)."""
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(key, value, db=env.open_db(b"meta", txn=txn))
+    env.close()
+
+
 def test_the_joining_mark_is_kept_until_cleared_and_a_damaged_one_is_refused(
         tmp_path: Path) -> None:
     with LmdbRaftStorage(tmp_path / "raft") as store:
@@ -231,10 +239,7 @@ def test_the_joining_mark_is_kept_until_cleared_and_a_damaged_one_is_refused(
         store.set_joining(False)
         assert not store.joining()
         store.set_joining(False)  # clearing none is no error
-    env = lmdb.open(str(tmp_path / "raft"), max_dbs=8)
-    with env.begin(write=True) as txn:
-        txn.put(b"joining", b"bad", db=env.open_db(b"meta", txn=txn))
-    env.close()
+    _put_meta(tmp_path / "raft", b"joining", b"bad")
     with LmdbRaftStorage(tmp_path / "raft") as store, pytest.raises(StorageError,
                                                                     match="joining mark"):
         store.joining()
@@ -249,10 +254,7 @@ def test_a_data_dir_gets_one_incarnation_for_good_and_a_new_one_another(
         assert store.incarnation() == made  # kept across a restart
     with LmdbRaftStorage(tmp_path / "other") as store:
         assert store.incarnation() != made  # a wiped or new data dir differs
-    env = lmdb.open(str(tmp_path / "raft"), max_dbs=8)
-    with env.begin(write=True) as txn:
-        txn.put(b"incarnation", b"not/alnum", db=env.open_db(b"meta", txn=txn))
-    env.close()
+    _put_meta(tmp_path / "raft", b"incarnation", b"not/alnum")
     with LmdbRaftStorage(tmp_path / "raft") as store, pytest.raises(StorageError,
                                                                     match="incarnation"):
         store.incarnation()
