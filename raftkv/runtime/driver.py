@@ -704,6 +704,9 @@ class RaftDriver:
 
     def _on_membership_change(self) -> None:
         self._members = self.core.membership
+        for nid in [n for n in self._seen_incarnations if n not in self._members.members]:
+            del self._seen_incarnations[nid]  # what it presented before a removal is stale
+            self._incarnation_retry_at.pop(nid, None)
         self.sync_peers()
 
     def sync_peers(self) -> None:
@@ -871,7 +874,8 @@ class RaftDriver:
         committed writes), else None. A first one is noted for the leader to record."""
         known = self.sm.incarnations.get(node_id)
         if known is None:
-            self._seen_incarnations[node_id] = incarnation
+            if node_id in self.core.membership.members:  # (not a link kept after a removal)
+                self._seen_incarnations[node_id] = incarnation
             return None
         if known != incarnation:
             return (f"runs on another data dir (incarnation {incarnation}) than the one the "

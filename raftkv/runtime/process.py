@@ -327,13 +327,15 @@ class RaftProcess:
         """`peer` refused our handshake: the cluster recorded another data dir for us."""
         if not self._replaced_by:
             nid = self.settings.node_id
-            log.error("event=replaced_member node=%s by=%s: the cluster knows %s on another "
-                      "data dir: this one (%s) was wiped or replaced, and a voter that forgot "
-                      "what it acknowledged can help elect a node that missed committed "
-                      "writes, so the members refuse it. Stop this node, remove it (raftkv "
-                      "members remove %s --urls <a member>), then start it again with "
-                      "RAFTKV_JOIN and an empty data dir", nid, peer, nid,
-                      self.settings.data_dir, nid)
+            log.error("event=replaced_member node=%s by=%s: %s knows %s on another data "
+                      "dir: this one (%s) was wiped or replaced, and a voter that forgot what "
+                      "it acknowledged can help elect a node that missed committed writes, so "
+                      "the members refuse it. Stop this node, remove it (raftkv members remove "
+                      "%s --urls <a member>), then start it again with RAFTKV_JOIN and an "
+                      "empty data dir. (A node just added back after such a removal can meet "
+                      "this from a member that has not applied the removal yet: it clears "
+                      "once that member has.)", nid, peer, peer, nid, self.settings.data_dir,
+                      nid)
         self._replaced_by.add(peer)
 
     # ------------------------------------------------------------------ state for others

@@ -669,3 +669,27 @@ def test_a_member_that_starts_for_the_first_time_late_is_taken_in(tmp_path: Path
         assert "replaced_member" not in "".join(n.log_text() for n in c.nodes)
     finally:
         c.close()
+
+
+def test_a_member_removed_and_added_back_empty_after_a_leader_change_is_taken_in(
+        cluster: LocalCluster) -> None:
+    """The way back for a lost data dir, with another leader by then: the record of the old
+    data dir went with the removal, and the new one is taken (from the review of ba7c103)."""
+    leader = cluster.wait_for_leader()
+    victim = next(n for n in cluster.nodes if n is not leader)
+    cluster.put("x", 1)
+    wait_until(lambda: _recorded(cluster, victim), 20, "the victim's incarnation recorded")
+    code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{victim.node_id}",
+                              timeout_s=10)
+    assert code == 200, body
+    cluster.kill(victim)
+    cluster.wipe(victim)
+    code, body, _ = http_json("POST", f"{leader.http}/cluster/leader", timeout_s=10)
+    assert code == 200, body
+    new = cluster.node(body["leader"])
+    cluster.start(victim, join=new.http)
+    last = cluster.put("after", 2)
+    cluster.wait_applied(victim, last, timeout_s=30)
+    wait_until(lambda: members(cluster, cluster.wait_for_leader()).get(
+        victim.node_id, {}).get("voter") is True, 30, "the node to be a voter again")
+    assert "replaced_member" not in "".join(n.log_text() for n in cluster.nodes)

@@ -840,3 +840,37 @@ def test_the_leader_records_the_incarnations_it_sees_and_every_member_refuses_an
     assert why is not None and "wiped or replaced" in why
     assert n3.driver.check_incarnation("n3", "i3") is None  # none recorded yet: taken
 
+
+def test_an_incarnation_seen_before_a_removal_is_never_recorded_for_the_node_added_back(
+        net: Net) -> None:
+    """Found by a review: every node noted the first incarnation each peer presented, and
+    only a leader pruned those notes. n3 was removed, a follower that had noted n3's old data
+    dir became leader, n3 was added back (`raftkv members add` before its new, empty data dir
+    started), and that leader recorded the OLD incarnation: the new n3 was refused for good.
+    Notes now go with a member's removal, and only members are noted."""
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    n1.driver.incarnation = "i1"
+    for driver in (n1.driver, n2.driver):  # the first handshakes, as at a cluster's start
+        driver.check_incarnation("n3", "old")
+    for _ in range(HOUSEKEEPING_TICKS + 3):
+        n1.driver.tick()
+        net.settle()
+    assert n2.driver.sm.incarnations.get("n3") == "old"
+    n1.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n3"), Done())
+    for _ in range(3):
+        n1.driver.tick()
+        net.settle()
+    assert "n3" not in n2.driver.sm.incarnations  # the removal cleared it
+    assert n2.driver.check_incarnation("n3", "old") is None  # a link kept a moment: not noted
+    n1.core.transfer_leader("n2")
+    for _ in range(5):
+        n1.driver.tick()
+        net.settle()
+    assert n2.core.role is Role.LEADER
+    n2.driver.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n3", "127.0.0.1:3"),
+                                  Done())
+    for _ in range(HOUSEKEEPING_TICKS + 3):
+        n2.driver.tick()
+        net.settle()
+    assert "n3" not in n2.driver.sm.incarnations
+    assert n1.driver.check_incarnation("n3", "new") is None  # the new data dir is taken
