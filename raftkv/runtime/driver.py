@@ -575,6 +575,11 @@ class RaftDriver:
             for e in rd.entries:
                 if e.kind is EntryKind.CONF_CHANGE and e.change is not None:
                     self._note_address(e.change)
+                    if e.change.op is ConfChangeOp.REMOVE:  # (its re-add may be in this Ready)
+                        self._forget_incarnation(e.change.node_id)
+            if rd.snapshot is not None:  # it may cover a member's removal and re-add
+                for nid in list(self._seen_incarnations):
+                    self._forget_incarnation(nid)
             try:
                 self._handle(rd)
             except StorageFull as e:
@@ -702,11 +707,14 @@ class RaftDriver:
         if change.op is not ConfChangeOp.REMOVE and change.address:
             self._addresses[change.node_id] = change.address
 
+    def _forget_incarnation(self, node_id: str) -> None:
+        self._seen_incarnations.pop(node_id, None)
+        self._incarnation_retry_at.pop(node_id, None)
+
     def _on_membership_change(self) -> None:
         self._members = self.core.membership
         for nid in [n for n in self._seen_incarnations if n not in self._members.members]:
-            del self._seen_incarnations[nid]  # what it presented before a removal is stale
-            self._incarnation_retry_at.pop(nid, None)
+            self._forget_incarnation(nid)  # what it presented before a removal is stale
         self.sync_peers()
 
     def sync_peers(self) -> None:

@@ -141,9 +141,10 @@ class FakeClock:
 
 
 class Node:
-    def __init__(self, node_id: str, net: Net, seed: int) -> None:
+    def __init__(self, node_id: str, net: Net, seed: int,
+                 members: Mapping[str, str] = MEMBERS) -> None:
         storage = MemoryRaftStorage()
-        entries = bootstrap_entries(MEMBERS)
+        entries = bootstrap_entries(members)
         storage.save(HardState(1, None, len(entries)), entries)
         snapshots = MemorySnapshotStore()
         boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
@@ -153,7 +154,7 @@ class Node:
         self.frames = Outbox(node_id, net)
         self.driver = RaftDriver(
             core=core, storage=storage, snapshots=snapshots, state_machine=KVStateMachine(),
-            frames=self.frames, addresses=MEMBERS, snapshot_policy=SnapshotPolicy(),
+            frames=self.frames, addresses=members, snapshot_policy=SnapshotPolicy(),
             rng=random.Random(seed), metrics=NodeMetrics(), post=lambda callback: callback(),
             clock=net.clock)
         self.forwarder = Forwarder(self.driver, self.frames, random.Random(seed),
