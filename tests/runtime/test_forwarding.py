@@ -248,6 +248,17 @@ def results_sent(net: Net, to: str = "n2") -> list[ForwardResult]:
             for item in codec.decode_forward_results(f.payload)]
 
 
+def install_snapshot(net: Net, leader: Node, to: str) -> None:
+    """`leader` sends `to` a snapshot of its state as it applied it, in one chunk."""
+    index = leader.driver.sm.applied_index
+    data = leader.driver.sm.snapshot()
+    meta = SnapshotMeta(index, leader.core.log.term(index) or 0,
+                        leader.core.membership_at(index))
+    offer = SnapshotRequest(leader.core.term, leader.id, to, meta, 0, data, True, len(data),
+                            checksum_of(data))
+    net.inject(leader.id, to, FrameKind.RAFT, codec.encode_message(offer))
+
+
 def raft_to(frame: Frame, node: str) -> bool:
     return frame.kind == FrameKind.RAFT and frame.to == node
 
@@ -466,12 +477,7 @@ def test_a_forwarded_write_a_snapshot_covers_before_it_applies_here_is_answered_
     assert not done.done
     assert n2.driver.sm.applied_index < answer.index
 
-    index = n1.driver.sm.applied_index
-    data = n1.driver.sm.snapshot()
-    meta = SnapshotMeta(index, n1.core.log.term(index) or 0, n1.core.membership_at(index))
-    chunk = SnapshotRequest(n1.core.term, "n1", "n2", meta, 0, data, True, len(data),
-                            checksum_of(data))
-    net.inject("n1", "n2", FrameKind.RAFT, codec.encode_message(chunk))
+    install_snapshot(net, n1, "n2")
 
     assert n2.driver.sm.applied_index >= answer.index
     assert n2.driver.sm.get("k") == ("mine", answer.index)

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from raftkv import codec
-from raftkv.codec import FrameKind
-from raftkv.core import ConfChange, ConfChangeOp, Role, SnapshotMeta, SnapshotRequest
-from raftkv.core.snapshots import checksum_of
+from raftkv.core import ConfChange, ConfChangeOp, Role
 from raftkv.runtime.driver import HOUSEKEEPING_TICKS
-from tests.runtime.test_forwarding import Done, Net, Node
+from tests.runtime.test_forwarding import Done, Net, Node, install_snapshot
 
 FIVE = {f"n{i}": f"127.0.0.1:{i}" for i in range(1, 6)}
 
@@ -62,13 +59,8 @@ def test_a_follower_that_gets_a_removal_and_the_re_add_together_forgets_its_note
     ticks(net, n1, 3, cut_off="n4")
     assert "n5" not in n1.driver.sm.incarnations
     if by_snapshot:
-        index = n1.driver.sm.applied_index
-        data = n1.driver.sm.snapshot()
-        meta = SnapshotMeta(index, n1.core.log.term(index) or 0, n1.core.membership_at(index))
-        offer = SnapshotRequest(n1.core.term, "n1", "n4", meta, 0, data, True, len(data),
-                                checksum_of(data))
-        net.inject("n1", "n4", FrameKind.RAFT, codec.encode_message(offer))
-        assert n4.driver.sm.applied_index == index
+        install_snapshot(net, n1, "n4")
+        assert n4.driver.sm.applied_index == n1.driver.sm.applied_index
     ticks(net, n1, 10)  # healed: n4 catches up
     assert "n5" in n4.driver.sm.addresses and "n5" not in n4.driver.sm.incarnations
     n1.core.transfer_leader("n4")
