@@ -28,6 +28,16 @@ class StorageFull(StorageError):
         self.cause = cause
 
 
+MAX_INCARNATION_CHARS = 64
+
+
+def is_incarnation(value: object) -> bool:
+    """A data dir's incarnation (LmdbRaftStorage.incarnation): 1..64 ASCII letters and
+    digits. The peer handshake and the MemberIncarnation command carry one."""
+    return (type(value) is str and 1 <= len(value) <= MAX_INCARNATION_CHARS
+            and value.isascii() and value.isalnum())
+
+
 @dataclass(frozen=True, slots=True)
 class NodeIdentity:
     """Who owns a data dir. Written once when the data dir is created."""

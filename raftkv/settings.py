@@ -56,7 +56,8 @@ def parse_host_port(value: str, name: str) -> tuple[str, int]:
     return bare, port
 
 
-def _without_scheme(url: str) -> str:
+def without_scheme(url: str) -> str:
+    """`url` without one leading http:// or https://."""
     return url.removeprefix("https://") if url.startswith("https://") else url.removeprefix(
         "http://")
 
@@ -337,7 +338,7 @@ class Settings:
         if peers and self.node_id not in peers:
             raise SettingsError(f"RAFTKV_PEERS must include this node ({self.node_id}=host:port)")
         if self.join:
-            parse_host_port(_without_scheme(self.join), "RAFTKV_JOIN")
+            parse_host_port(without_scheme(self.join), "RAFTKV_JOIN")
         if not 1 <= self.tick_ms <= MAX_TICK_MS:
             raise SettingsError(f"RAFTKV_TICK_MS must be 1..{MAX_TICK_MS}")
         if self.election_ticks * self.tick_ms > MAX_ELECTION_TIMEOUT_MS:

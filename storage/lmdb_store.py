@@ -10,6 +10,7 @@ Named databases:
                 b"node_id", b"cluster_id" (UTF-8), b"identity_format" (8-byte big-endian)
                 b"joining"              -> b"1" while a joined node has not yet applied its
                                            own addition (absent otherwise)
+                b"incarnation"          -> this data dir's random id (ASCII), made once
 
 Durability: the environment is opened (storage.lmdb_env) with sync=True and metasync=True
 (never writemap or map_async), so every write transaction is fsynced when it commits; `save()`
@@ -34,7 +35,7 @@ import lmdb
 
 from raftkv import codec
 from raftkv.core.types import Entry, HardState
-from raftkv.ports import NodeIdentity, StorageError
+from raftkv.ports import NodeIdentity, StorageError, is_incarnation
 from storage.lmdb_env import LmdbEnvironment
 
 __all__ = ["STORE_FORMAT_VERSION", "LmdbRaftStorage"]
@@ -228,19 +229,14 @@ class LmdbRaftStorage:
         one they see (raftkv.kv.commands.MemberIncarnation)."""
         with self._lmdb.reading() as txn:
             value = txn.get(_INCARNATION, db=self._meta)
-        if value is None:
-            made = secrets.token_hex(16).encode()
-
-            def write(txn: _Txn) -> None:
-                if txn.get(_INCARNATION, db=self._meta) is None:
-                    txn.put(_INCARNATION, made, db=self._meta)
-
-            self._lmdb.write(write)
-            with self._lmdb.reading() as txn:
-                value = txn.get(_INCARNATION, db=self._meta)
-        if value is None or not 1 <= len(value) <= 64 or not value.isalnum():
+        if value is None:  # (one process per data dir: nobody else makes one meanwhile)
+            made = secrets.token_hex(16)
+            self._lmdb.write(lambda txn: txn.put(_INCARNATION, made.encode(), db=self._meta))
+            return made
+        text = value.decode("ascii", "replace")
+        if not is_incarnation(text):
             raise self._corrupt("the data dir's incarnation is unreadable")
-        return value.decode()
+        return text
 
     def close(self) -> None:
         self._lmdb.close()

@@ -51,6 +51,7 @@ from typing import TypeAlias
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 from raftkv.auth import DIGEST_BYTES, Role, check_prefixes, check_token_id
+from raftkv.ports import is_incarnation
 
 JSONValue: TypeAlias = (
     bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
@@ -282,9 +283,6 @@ class AlarmDisarm:
     """Clear every alarm (the operator freed space: `raftkv alarm disarm`)."""
 
 
-MAX_INCARNATION_CHARS = 64
-
-
 @dataclass(frozen=True, slots=True)
 class MemberIncarnation:
     """Record which data dir member `node_id` runs on (the random `incarnation` its data dir
@@ -298,9 +296,7 @@ class MemberIncarnation:
     def __post_init__(self) -> None:
         if type(self.node_id) is not str or not 1 <= len(self.node_id) <= 256:
             raise ValueError("a member incarnation names the member (1..256 characters)")
-        if (type(self.incarnation) is not str
-                or not 1 <= len(self.incarnation) <= MAX_INCARNATION_CHARS
-                or not self.incarnation.isascii() or not self.incarnation.isalnum()):
+        if not is_incarnation(self.incarnation):
             raise ValueError("an incarnation is 1..64 ASCII letters and digits")
 
 

@@ -572,12 +572,14 @@ class RaftDriver:
                 self._log_dropped(why)
             if rd.soft_state is not None:
                 self._on_soft_state(rd.soft_state)
+            # What a member presented goes with its removal, seen in these entries (its
+            # re-add may be in them too) or covered by a snapshot.
             for e in rd.entries:
                 if e.kind is EntryKind.CONF_CHANGE and e.change is not None:
                     self._note_address(e.change)
-                    if e.change.op is ConfChangeOp.REMOVE:  # (its re-add may be in this Ready)
+                    if e.change.op is ConfChangeOp.REMOVE:
                         self._forget_incarnation(e.change.node_id)
-            if rd.snapshot is not None:  # it may cover a member's removal and re-add
+            if rd.snapshot is not None:
                 for nid in list(self._seen_incarnations):
                     self._forget_incarnation(nid)
             try:
@@ -713,8 +715,6 @@ class RaftDriver:
 
     def _on_membership_change(self) -> None:
         self._members = self.core.membership
-        for nid in [n for n in self._seen_incarnations if n not in self._members.members]:
-            self._forget_incarnation(nid)  # what it presented before a removal is stale
         self.sync_peers()
 
     def sync_peers(self) -> None:

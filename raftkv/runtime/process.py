@@ -52,7 +52,13 @@ from raftkv.runtime.transport.refusals import RateLimitedLog
 from raftkv.runtime.transport.tls import PeerTLS, TLSMode, TLSSetupError
 from raftkv.runtime.workers import WorkerSupervisor
 from raftkv.service import ServiceError, UnavailableError
-from raftkv.settings import Settings, SettingsError, is_wildcard_host, parse_host_port
+from raftkv.settings import (
+    Settings,
+    SettingsError,
+    is_wildcard_host,
+    parse_host_port,
+    without_scheme,
+)
 from snapshots.policy import SnapshotPolicy
 
 __all__ = ["RaftProcess", "StartupError", "peer_source_host"]
@@ -647,8 +653,8 @@ def names_own_socket(url: str, sock: socket.socket, advertised: str = "") -> boo
     virtual address). An unresolvable host is not this node (the join says so when it
     fails)."""
     try:
-        target = url.split("://", 1)[-1].rstrip("/")
-        if advertised and target == advertised.split("://", 1)[-1].rstrip("/"):
+        target = without_scheme(url).rstrip("/")
+        if advertised and target == without_scheme(advertised).rstrip("/"):
             return True
         host, port = parse_host_port(target, "RAFTKV_JOIN")
         bound_host, bound_port = sock.getsockname()[:2]
@@ -661,14 +667,14 @@ def names_own_socket(url: str, sock: socket.socket, advertised: str = "") -> boo
     for family, _, _, _, addr in infos:
         if family != sock.family:
             return False
-        if not wildcard and str(addr[0]) != bound_host:
-            return False
         if wildcard:
             with socket.socket(family, socket.SOCK_DGRAM) as probe:
                 try:
                     probe.bind((addr[0], 0))  # only an address of this machine binds
                 except OSError:
                     return False
+        elif str(addr[0]) != bound_host:
+            return False
         with socket.socket(family, socket.SOCK_STREAM) as dial:
             dial.settimeout(1.0)
             if dial.connect_ex(addr) == 0:

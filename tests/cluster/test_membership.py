@@ -46,6 +46,16 @@ def members(c: LocalCluster, node: NodeProc) -> dict[str, dict[str, object]]:
     return {m["id"]: m for m in body["members"]}
 
 
+def rejoin_empty(c: LocalCluster, node: NodeProc, via: NodeProc) -> None:
+    """The way back for a lost data dir: `node`, removed already, is stopped, emptied and
+    started with RAFTKV_JOIN through `via`, until it is a voter again."""
+    c.kill(node)
+    c.wipe(node)
+    c.start(node, join=via.http)
+    wait_until(lambda: members(c, c.wait_for_leader()).get(node.node_id, {}).get("voter")
+               is True, 30, f"{node.node_id} to join again and be promoted")
+
+
 def test_new_node_joins_as_learner_is_promoted_and_serves_data(cluster: LocalCluster) -> None:
     for i in range(20):
         cluster.put(f"k{i}", i)
@@ -223,10 +233,7 @@ def test_a_voter_whose_data_was_lost_is_refused_until_it_is_removed(
     code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{victim.node_id}",
                               timeout_s=10)
     assert code == 200, body
-    cluster.wipe(victim)
-    cluster.start(victim, join=leader.http)
-    wait_until(lambda: members(cluster, leader).get(victim.node_id, {}).get("voter") is True,
-               30, "the emptied node to join again and be promoted")
+    rejoin_empty(cluster, victim, via=leader)
     last = cluster.put("after", 1)
     cluster.wait_applied(victim, last)
     code, body, _ = http_json("GET", f"{victim.http}/keys/acknowledged?consistency=stale")
@@ -522,7 +529,7 @@ def test_a_removal_asked_through_the_node_it_removes_is_answered(cluster: LocalC
     # the removal's own index (the removed node never applies it: the leader tells it)
     assert body["index"] > cluster.status(victim)["commit_index"]
     assert body["index"] <= cluster.status(leader)["commit_index"]
-    # the link is dropped once the removal committed: the node is told, as any removed node
+    # the link is dropped once the removal is applied: the node is told, as any removed node
     wait_until(lambda: "event=removed_from_cluster" in victim.log_text(), 30,
                "the removed node to be told")
     cluster.put("after", 1)
@@ -641,11 +648,7 @@ def test_a_member_wiped_and_started_again_with_raftkv_peers_is_refused(
     code, body, _ = http_json("DELETE", f"{leader.http}/cluster/members/{victim.node_id}",
                               timeout_s=10)
     assert code == 200, body
-    cluster.kill(victim)
-    cluster.wipe(victim)
-    cluster.start(victim, join=cluster.wait_for_leader().http)
-    wait_until(lambda: members(cluster, cluster.wait_for_leader()).get(
-        victim.node_id, {}).get("voter") is True, 30, "the emptied node to join again")
+    rejoin_empty(cluster, victim, via=cluster.wait_for_leader())
     cluster.wait_applied(victim, after)
     code, body, _ = http_json("GET", f"{victim.http}/keys/acknowledged?consistency=stale")
     assert code == 200 and body["value"] == "kept"
@@ -683,13 +686,9 @@ def test_a_member_removed_and_added_back_empty_after_a_leader_change_is_taken_in
                               timeout_s=10)
     assert code == 200, body
     cluster.kill(victim)
-    cluster.wipe(victim)
     code, body, _ = http_json("POST", f"{leader.http}/cluster/leader", timeout_s=10)
     assert code == 200, body
-    new = cluster.node(body["leader"])
-    cluster.start(victim, join=new.http)
+    rejoin_empty(cluster, victim, via=cluster.node(body["leader"]))
     last = cluster.put("after", 2)
     cluster.wait_applied(victim, last, timeout_s=30)
-    wait_until(lambda: members(cluster, cluster.wait_for_leader()).get(
-        victim.node_id, {}).get("voter") is True, 30, "the node to be a voter again")
     assert "replaced_member" not in "".join(n.log_text() for n in cluster.nodes)

@@ -10,7 +10,7 @@ import pytest
 
 from raftkv.core import ConfChange, ConfChangeOp, Role
 from raftkv.runtime.driver import HOUSEKEEPING_TICKS
-from tests.runtime.test_forwarding import Done, Net, Node, install_snapshot
+from tests.runtime.test_forwarding import Done, Net, Node, install_snapshot, ticks
 
 FIVE = {f"n{i}": f"127.0.0.1:{i}" for i in range(1, 6)}
 
@@ -23,21 +23,6 @@ def five_nodes() -> Net:
     net.settle()
     assert net.nodes["n1"].core.role is Role.LEADER
     return net
-
-
-def ticks(net: Net, leader: Node, count: int, cut_off: str | None = None) -> None:
-    """`count` ticks of the leader, each followed by every frame delivered, except those to
-    or from `cut_off` (dropped: a partition)."""
-    for _ in range(count):
-        leader.driver.tick()
-        for _ in range(50):
-            net.turn_all()
-            frames, net.in_flight = net.in_flight, []
-            moved = [f for f in frames if cut_off not in (f.frm, f.to)]
-            for f in moved:
-                net.nodes[f.to].receive(f)
-            if not moved and not any(n.core.has_ready() for n in net.nodes.values()):
-                break
 
 
 @pytest.mark.parametrize("by_snapshot", [False, True], ids=["by_log", "by_snapshot"])

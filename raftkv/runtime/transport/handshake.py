@@ -37,6 +37,8 @@ from typing import Any, Final
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
+from raftkv.ports import is_incarnation
+
 __all__ = [
     "MAX_HANDSHAKE_FRAME_BYTES",
     "PROTOCOL_VERSION",
@@ -139,10 +141,9 @@ def _incarnation(message: dict[str, Any]) -> str:
     """The optional "inc": "" when absent (a node of an earlier build); a bad one is a bad
     handshake."""
     value = message.get("inc", "")
-    if not isinstance(value, str) or len(value) > 64 or (value and not (
-            value.isascii() and value.isalnum())):
+    if value != "" and not is_incarnation(value):
         raise Refused("bad_handshake", "invalid field 'inc'")
-    return value
+    return str(value)
 
 
 def reject_message(reason: str) -> bytes:
