@@ -535,6 +535,18 @@ class LocalCluster:
         wait_until(lambda: self.status(node, 1.0)["applied_index"] >= index, timeout_s,
                    f"{node.node_id} to apply index {index}")
 
+    def wait_replicated(self, leader: NodeProc, timeout_s: float = 20.0) -> None:
+        """Wait until `leader` counts every running node's log as holding its commit index,
+        as a membership change's safety check does (a follower that applied an entry may
+        still have its acknowledgement on the way)."""
+        def done() -> bool:
+            st = self.status(leader, 1.0)
+            peers = st["extra"]["peers"]
+            return all(n.node_id in peers and peers[n.node_id]["match"] >= st["commit_index"]
+                       for n in self.nodes if n.running and n is not leader)
+
+        wait_until(done, timeout_s, f"{leader.node_id} to count every running node caught up")
+
     def dump_logs(self) -> str:
         return "\n".join(f"===== {n.node_id} =====\n{_tail(n.log_path, 6000)}"
                          for n in self.nodes)

@@ -114,6 +114,7 @@ def test_tokens_roles_revoke_restart_and_snapshot_install(cluster: LocalCluster)
     # it: the node learns the token from an installed snapshot. (It used to be wiped and
     # started again with RAFTKV_PEERS, bootstrapping afresh: the members now refuse that as
     # replaced_member. The way back for a lost data dir: remove, then join empty.)
+    cluster.wait_replicated(leader)
     assert call(leader, "DELETE", f"/cluster/members/{other.node_id}", ROOT)[0] == 200
     cluster.kill(other)
     cluster.wipe(other)
