@@ -22,4 +22,12 @@ class ProposalDropped(RaftError):
 
 
 class ConfChangeRejected(RaftError):
-    """The membership change cannot be proposed (one is pending, or it is invalid)."""
+    """The membership change cannot be proposed (one is pending, or it is invalid).
+
+    `transient`: it may well be accepted within a round trip or two, unchanged (the leader
+    has not committed an entry in its term yet, another change is uncommitted, or the
+    members it needs answer but have not acknowledged the commit index yet)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

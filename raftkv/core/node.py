@@ -197,9 +197,11 @@ class RaftNode:
         """Propose a single-server membership change; returns its index."""
         self._check_can_propose()
         if self.log.term(self.log.commit) != self.term:
-            raise ConfChangeRejected("the leader has not committed an entry in its term yet")
+            raise ConfChangeRejected("the leader has not committed an entry in its term yet",
+                                     transient=True)
         if self._pending_conf_index > self.log.commit:
-            raise ConfChangeRejected("another membership change is still uncommitted")
+            raise ConfChangeRejected("another membership change is still uncommitted",
+                                     transient=True)
         try:
             new = self.membership.apply(change)
         except ValueError as e:
@@ -223,12 +225,15 @@ class RaftNode:
         if nid == self.id:
             return self.role is Role.LEADER
         pr = self._progress.get(nid)
-        return (
-            self.role is Role.LEADER
-            and pr is not None
-            and pr.idle_ticks < self.config.election_timeout_ticks
-            and pr.match >= self.log.commit
-        )
+        return self._started(nid) and pr is not None and pr.match >= self.log.commit
+
+    def _started(self, nid: NodeId) -> bool:
+        """The leader heard from `nid` within the last election timeout (or is `nid`)."""
+        if self.role is not Role.LEADER:
+            return False
+        pr = self._progress.get(nid)
+        return nid == self.id or (
+            pr is not None and pr.idle_ticks < self.config.election_timeout_ticks)
 
     def _check_strict_reconfiguration(self, change: ConfChange, new: Membership) -> None:
         """Refuse a change that could leave the cluster without a working quorum (etcd's
@@ -244,7 +249,8 @@ class RaftNode:
                     f"{nid} is not a member: a new member joins as a learner first and is "
                     "promoted to voter once it has caught up")
             if not self.caught_up(nid):
-                raise ConfChangeRejected(self._lag_reason(nid, "cannot be promoted yet"))
+                raise ConfChangeRejected(self._lag_reason(nid, "cannot be promoted yet"),
+                                         transient=self._started(nid))
         if new.voters == old.voters:
             return
         need = quorum.majority(new.voters)
@@ -252,10 +258,12 @@ class RaftNode:
         if len(ready) < need:
             behind = ", ".join(self._lag_reason(v, "")
                                for v in sorted(new.voters) if v not in ready)
+            started = sum(1 for v in new.voters if self._started(v))
             raise ConfChangeRejected(
                 f"{change.op.name.lower()} {nid} would leave {len(ready)} started, caught-up "
                 f"voter(s) ({', '.join(ready) or 'none'}) of the {len(new.voters)} in the new "
-                f"configuration, fewer than its quorum of {need}: {behind}")
+                f"configuration, fewer than its quorum of {need}: {behind}",
+                transient=started >= need)  # enough answer: they are only behind
 
     def _lag_reason(self, nid: NodeId, what: str) -> str:
         pr = self._progress.get(nid)

@@ -107,6 +107,10 @@ SAVE_RETRY_S: Final = 1.0
 """After the disk refused a save for want of space: how long new entries from the leader are
 left for it to resend (each failed save rebuilds the core from the disk)."""
 DROPPED_LOG_S: Final = 10.0
+CONF_CHANGE_WAIT_S: Final = 2.0
+"""How long a membership change the leader refuses only for now (ConfChangeRejected.transient:
+no entry of its term committed yet, another change uncommitted, members that answer but lag
+an acknowledgement) is tried again before the refusal is the answer."""
 """At most one log line per this many seconds for peer messages the core dropped."""
 
 
@@ -140,6 +144,15 @@ class _Pending:
     term: int
     expect: Expect
     done: Completion
+
+
+@dataclass(slots=True)
+class _WaitingChange:
+    """A membership change the leader refused for now, tried again at every turn."""
+    change: ConfChange
+    proposed: Callable[[int], None]
+    failed: Callable[[ServiceError], None]
+    until: float
 
 
 class _Transport:
@@ -186,11 +199,15 @@ class RaftDriver:
         wake_at: Callable[[float], object] | None = None,
         persist_defer_s: float = 0.0,
         quota_bytes: int = 2 << 30,
+        conf_change_wait_s: float = CONF_CHANGE_WAIT_S,
     ) -> None:
         """`post` runs a callback on the loop thread from another thread (the snapshot
         writer). `boot_commit`: membership changes up to this index were logged before.
         `quota_bytes`: the state machine's size beyond which writes that add data raise the
-        NOSPACE alarm (RAFTKV_QUOTA_BYTES)."""
+        NOSPACE alarm (RAFTKV_QUOTA_BYTES). `conf_change_wait_s`: how long a membership
+        change refused only for now is tried again (at most CONF_CHANGE_WAIT_S; the runtime
+        keeps it within half the request timeout, so the answer comes before the client's
+        504)."""
         self.core = core
         self.storage = storage
         self.snapshots = snapshots
@@ -202,6 +219,7 @@ class RaftDriver:
         self._clock = clock
         self._wake_at: Callable[[float], object] = wake_at or (lambda _when: None)
         self.persist_defer_s = persist_defer_s
+        self._conf_change_wait_s = conf_change_wait_s
         """How long the leader's next fsync may wait for acks (0: never); see
         _defer_persist."""
         self._defer_started = 0.0
@@ -219,6 +237,7 @@ class RaftDriver:
             on_read=self._on_read, on_read_failed=self._on_read_failed,
             on_persist_timed=self._persist_timed, on_apply_timed=self._apply_timed)
         self._proposals: dict[int, _Pending] = {}
+        self._waiting_changes: list[_WaitingChange] = []
         self._recent: list[tuple[Entry, object] | None] = [None] * RECENT_RESULTS
         """The last RECENT_RESULTS applied entries and their results, by index modulo."""
         self._reads: dict[int, tuple[float, Completion]] = {}
@@ -373,24 +392,39 @@ class RaftDriver:
             else:
                 self.forwarder.forward_conf_change(change, done)
             return
-        try:
-            index = self.propose_conf_change_here(change)
-        except ServiceError as e:
-            done.fail(e)
-            return
-        self._proposals[index] = _Pending(core.term, None, done)
 
-    def propose_conf_change_here(self, change: ConfChange) -> int:
-        """As the leader, append a membership change; its index (MembershipChangeError or
-        NoLeaderError when it cannot)."""
-        try:
-            index = self.core.propose_conf_change(change)
-        except NotLeader as e:
-            raise NoLeaderError(str(e)) from None
-        except (ConfChangeRejected, ProposalDropped, RaftError) as e:
-            raise MembershipChangeError(str(e)) from None
-        self._note_address(change)
-        return index
+        def proposed(index: int) -> None:
+            self._proposals[index] = _Pending(self.core.term, None, done)
+
+        self.propose_conf_change_here(change, proposed, done.fail)
+
+    def propose_conf_change_here(self, change: ConfChange, proposed: Callable[[int], None],
+                                 failed: Callable[[ServiceError], None]) -> None:
+        """As the leader, append a membership change and pass its index to `proposed`, now or
+        within `conf_change_wait_s` when the core refuses it only for now; `failed` gets
+        MembershipChangeError or NoLeaderError when it cannot be appended."""
+        self._waiting_changes.append(
+            _WaitingChange(change, proposed, failed, self._clock() + self._conf_change_wait_s))
+        self._retry_conf_changes()
+
+    def _retry_conf_changes(self) -> None:
+        waiting, self._waiting_changes = self._waiting_changes, []
+        now = self._clock()
+        for w in waiting:
+            try:
+                index = self.core.propose_conf_change(w.change)
+            except NotLeader as e:
+                w.failed(NoLeaderError(str(e)))
+            except (ConfChangeRejected, ProposalDropped) as e:
+                if now < w.until and (isinstance(e, ProposalDropped) or e.transient):
+                    self._waiting_changes.append(w)
+                else:
+                    w.failed(MembershipChangeError(str(e)))
+            except RaftError as e:
+                w.failed(MembershipChangeError(str(e)))
+            else:
+                self._note_address(w.change)
+                w.proposed(index)
 
     def on_apply(self, index: int, term: int, done: Completion) -> None:
         """`done` gets the result of the entry this leader just proposed at (index, term)."""
@@ -511,6 +545,8 @@ class RaftDriver:
         if self.fatal is not None:
             return
         self.core.tick()
+        if self._waiting_changes:
+            self._retry_conf_changes()
         applied = self.core.membership_at(self.sm.applied_index)
         if applied != self._applied_membership:
             # A tick runs before its turn's apply, so what earlier turns applied has been
@@ -538,6 +574,9 @@ class RaftDriver:
             self._handle_readies()
         except StorageError as e:
             self.die(f"storage failure: {e}")
+            return
+        if self._waiting_changes:
+            self._retry_conf_changes()  # the acknowledgements just stepped may be enough
 
     def _defer_persist(self) -> bool:
         """Should the leader's next fsync wait for the acks of what it saved already?

@@ -291,15 +291,15 @@ class Forwarder:
             _AnswerFollower(self, peer, item.fid).fail(
                 NoLeaderError("this node is not the leader any more"))
             return
-        try:
-            index = self._driver.propose_conf_change_here(change)
-        except ServiceError as e:
-            _AnswerFollower(self, peer, item.fid).fail(e)
-            return
         answer = (_AnswerRemovedFollower if change.op is ConfChangeOp.REMOVE
                   and change.node_id == peer else _AnswerFollower)
-        self._driver.on_apply(index, self.core.term,
-                              answer(self, peer, item.fid, index, self.core.term))
+
+        def proposed(index: int) -> None:
+            self._driver.on_apply(index, self.core.term,
+                                  answer(self, peer, item.fid, index, self.core.term))
+
+        self._driver.propose_conf_change_here(
+            change, proposed, _AnswerFollower(self, peer, item.fid).fail)
 
     def answer(self, peer: str, result: ForwardResult) -> None:
         self._answers.setdefault(peer, []).append(result)

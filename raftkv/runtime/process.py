@@ -40,7 +40,7 @@ from raftkv.core import Config, RaftError, RaftNode, Role, SoftState
 from raftkv.kv.leases import min_lease_ttl_s
 from raftkv.metrics import NodeMetrics
 from raftkv.ports import NodeIdentity, StorageError
-from raftkv.runtime.driver import RaftDriver
+from raftkv.runtime.driver import CONF_CHANGE_WAIT_S, RaftDriver
 from raftkv.runtime.eventloop import EventLoop
 from raftkv.runtime.forwarding import Forwarder
 from raftkv.runtime.ready_handler import chunk_reader
@@ -201,7 +201,8 @@ class RaftProcess:
             metrics=self.metrics, post=loop.call_soon_threadsafe,
             boot_commit=state.boot.hard_state.commit,
             wake_at=lambda when: loop.call_at(when, _nothing),
-            persist_defer_s=s.persist_defer_us / 1e6, quota_bytes=s.effective_quota_bytes)
+            persist_defer_s=s.persist_defer_us / 1e6, quota_bytes=s.effective_quota_bytes,
+            conf_change_wait_s=min(CONF_CHANGE_WAIT_S, s.request_timeout_ms / 2000))
         driver.incarnation = state.incarnation
         self.forwarder = Forwarder(driver, self.transport, rng)
         driver.forwarder = self.forwarder

@@ -922,8 +922,9 @@ def test_leader_refuses_a_membership_change_before_committing_an_entry_of_its_te
     net.stabilize(where=lambda m: not isinstance(m, AppendRequest))
     n1 = net.node("n1")
     assert n1.role is Role.LEADER
-    with pytest.raises(ConfChangeRejected):
+    with pytest.raises(ConfChangeRejected) as refused:
         n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n4"))
+    assert refused.value.transient  # the runtime tries it again for a while
     net.stabilize()
     n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n4"))
 
@@ -935,8 +936,9 @@ def test_only_one_membership_change_may_be_uncommitted_at_a_time() -> None:
     net.elect("n1")
     n1 = net.node("n1")
     n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n4"))
-    with pytest.raises(ConfChangeRejected):
+    with pytest.raises(ConfChangeRejected) as refused:
         n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n5"))
+    assert refused.value.transient
     net.stabilize()
     n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n5"))
     net.stabilize()
