@@ -107,11 +107,12 @@ SAVE_RETRY_S: Final = 1.0
 """After the disk refused a save for want of space: how long new entries from the leader are
 left for it to resend (each failed save rebuilds the core from the disk)."""
 DROPPED_LOG_S: Final = 10.0
-CONF_CHANGE_WAIT_S: Final = 2.0
-"""How long a membership change the leader refuses only for now (ConfChangeRejected.transient:
-no entry of its term committed yet, another change uncommitted, members that answer but lag
-an acknowledgement) is tried again before the refusal is the answer."""
 """At most one log line per this many seconds for peer messages the core dropped."""
+CONF_CHANGE_WAIT_S: Final = 2.0
+"""How long a removal the leader refuses only for now (ConfChangeRejected.transient: no entry
+of its term committed yet, another change uncommitted, members that answer but lag an
+acknowledgement) is tried again before the refusal is the answer. Only removals wait: a
+join's checks (id and address not taken) were made against the membership of its asking."""
 
 
 class Completion(Protocol):
@@ -219,9 +220,9 @@ class RaftDriver:
         self._clock = clock
         self._wake_at: Callable[[float], object] = wake_at or (lambda _when: None)
         self.persist_defer_s = persist_defer_s
-        self._conf_change_wait_s = conf_change_wait_s
         """How long the leader's next fsync may wait for acks (0: never); see
         _defer_persist."""
+        self._conf_change_wait_s = conf_change_wait_s
         self._defer_started = 0.0
         self._policy = snapshot_policy
         self._boot_commit = boot_commit
@@ -384,7 +385,11 @@ class RaftDriver:
         else:
             self._alarm_proposed_at = -1e9
 
-    def propose_conf_change(self, change: ConfChange, done: Completion) -> None:
+    def propose_conf_change(self, change: ConfChange, done: Completion,
+                            wait_s: float | None = None) -> None:
+        """Propose a membership change here or forward it to the leader; `done` gets the
+        result once applied. `wait_s` bounds how long a removal refused only for now may
+        wait here (see propose_conf_change_here)."""
         core = self.core
         if core.role is not Role.LEADER:
             if core.leader is None or core.leader == core.id or self.forwarder is None:
@@ -396,15 +401,21 @@ class RaftDriver:
         def proposed(index: int) -> None:
             self._proposals[index] = _Pending(self.core.term, None, done)
 
-        self.propose_conf_change_here(change, proposed, done.fail)
+        self.propose_conf_change_here(change, proposed, done.fail, wait_s)
 
     def propose_conf_change_here(self, change: ConfChange, proposed: Callable[[int], None],
-                                 failed: Callable[[ServiceError], None]) -> None:
-        """As the leader, append a membership change and pass its index to `proposed`, now or
-        within `conf_change_wait_s` when the core refuses it only for now; `failed` gets
-        MembershipChangeError or NoLeaderError when it cannot be appended."""
+                                 failed: Callable[[ServiceError], None],
+                                 wait_s: float | None = None) -> None:
+        """As the leader, append a membership change and pass its index to `proposed`; a
+        removal the core refuses only for now is tried again for up to `conf_change_wait_s`
+        (or `wait_s`, if shorter). `failed` gets MembershipChangeError or NoLeaderError when
+        it cannot be appended."""
+        wait = 0.0
+        if change.op is ConfChangeOp.REMOVE:
+            wait = self._conf_change_wait_s if wait_s is None else min(wait_s,
+                                                                       self._conf_change_wait_s)
         self._waiting_changes.append(
-            _WaitingChange(change, proposed, failed, self._clock() + self._conf_change_wait_s))
+            _WaitingChange(change, proposed, failed, self._clock() + wait))
         self._retry_conf_changes()
 
     def _retry_conf_changes(self) -> None:
@@ -568,15 +579,16 @@ class RaftDriver:
 
     def process(self) -> None:
         """Handle every Ready (end of the loop turn)."""
-        if self.fatal is not None or self._defer_persist():
+        if self.fatal is not None:
+            return
+        if self._waiting_changes:
+            self._retry_conf_changes()  # the acknowledgements stepped this turn may do
+        if self._defer_persist():
             return
         try:
             self._handle_readies()
         except StorageError as e:
             self.die(f"storage failure: {e}")
-            return
-        if self._waiting_changes:
-            self._retry_conf_changes()  # the acknowledgements just stepped may be enough
 
     def _defer_persist(self) -> bool:
         """Should the leader's next fsync wait for the acks of what it saved already?
@@ -1029,6 +1041,9 @@ class RaftDriver:
         for pending in self._proposals.values():
             pending.done.fail(in_flight)
         self._proposals.clear()
+        waiting, self._waiting_changes = self._waiting_changes, []
+        for change in waiting:  # never proposed: surely without effect
+            change.failed(err)
         if self.forwarder is not None:
             self.forwarder.fail_all(in_flight)
         for _, done in self._reads.values():

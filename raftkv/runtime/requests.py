@@ -359,7 +359,8 @@ class RequestHandler:
         # index the leader sent when this node is the one removed (it never applies it).
         driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, node_id), _Answer(
             replier, request.rid,
-            lambda result: result if type(result) is int else driver.sm.applied_index))
+            lambda result: result if type(result) is int else driver.sm.applied_index),
+            wait_s=request.timeout_s / 2)  # a refusal-for-now's wait ends before the 504
 
     def _transfer(self, replier: Replier, request: Request) -> None:
         (target,) = request.args

@@ -52,6 +52,7 @@ from raftkv.service import (
     OutcomeUnknownError,
     ReadTimeoutError,
     ServiceError,
+    UnavailableError,
 )
 from snapshots.memory import MemorySnapshotStore
 from snapshots.policy import SnapshotPolicy
@@ -691,6 +692,59 @@ def test_a_removal_still_refused_when_the_wait_runs_out_gets_the_refusal(net: Ne
     assert done.error.code == "membership_change_rejected"
     assert "n3: has the log up to" in done.error.message
     assert n1.core.membership.voters == {"n1", "n2", "n3"}
+
+
+def test_a_removal_waits_no_longer_than_asked(net: Net) -> None:
+    """The request's own timeout bounds the wait (the runtime passes half of it), so the
+    refusal comes before the client's 504."""
+    held = _ack_on_its_way(net)
+    n1 = net.nodes["n1"]
+    done = Done()
+    n1.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), done, wait_s=0.5)
+    net.clock.now += 0.4
+    n1.driver.tick()
+    assert not done.done
+    net.clock.now += 0.2
+    n1.driver.tick()
+    assert done.error.code == "membership_change_rejected"
+    net.settle(keep=held)
+
+
+def test_a_removal_taken_at_the_acknowledgement_leaves_in_that_turn(net: Net) -> None:
+    """Found by review: the retry ran after the turn's Ready, so the entry it appended waited
+    for the next turn (up to a tick). It runs before it now."""
+    held = _ack_on_its_way(net)
+    n1 = net.nodes["n1"]
+    done = Done()
+    n1.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), done)
+    net.settle(keep=held)
+    assert net.deliver()  # n3's acknowledgement reaches n1
+    n1.turn()
+    last = n1.core.log.last_index()
+    assert n1.core.log.entry(last).change == ConfChange(ConfChangeOp.REMOVE, "n2")
+    assert not n1.core.has_ready()  # saved and sent in this turn
+
+
+def test_a_join_refused_for_now_is_refused_at_once(net: Net) -> None:
+    """Only removals wait: a join's checks (its id and address not taken) were made against
+    the membership when it was asked, which a wait would let go stale."""
+    n1 = net.nodes["n1"]
+    n1.driver.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n4", "h:4"), Done())
+    done = Done()
+    n1.driver.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n5", "h:5"), done)
+    assert done.error.code == "membership_change_rejected"
+    assert "another membership change is still uncommitted" in done.error.message
+
+
+def test_a_waiting_change_is_answered_when_the_node_stops(net: Net) -> None:
+    held = _ack_on_its_way(net)
+    n1 = net.nodes["n1"]
+    done = Done()
+    n1.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), done)
+    net.settle(keep=held)
+    n1.driver.die("the disk went away")
+    assert done.error.code == UnavailableError.code
+    assert "the disk went away" in done.error.message
 
 
 def test_a_change_that_cannot_be_made_is_refused_at_once(net: Net) -> None:
