@@ -111,8 +111,10 @@ DROPPED_LOG_S: Final = 10.0
 CONF_CHANGE_WAIT_S: Final = 2.0
 """How long a removal the leader refuses only for now (ConfChangeRejected.transient: no entry
 of its term committed yet, another change uncommitted, members that answer but lag an
-acknowledgement) is tried again before the refusal is the answer. Only removals wait: a
-join's checks (id and address not taken) were made against the membership of its asking."""
+acknowledgement, a leadership transfer under way) is tried again before the refusal is the
+answer. A removal forwarded by a follower waits as long as the leader's own bound allows
+(the forward carries no deadline). Only removals wait: a join's checks (id and address not
+taken) were made against the membership of its asking."""
 
 
 class Completion(Protocol):
@@ -205,8 +207,8 @@ class RaftDriver:
         """`post` runs a callback on the loop thread from another thread (the snapshot
         writer). `boot_commit`: membership changes up to this index were logged before.
         `quota_bytes`: the state machine's size beyond which writes that add data raise the
-        NOSPACE alarm (RAFTKV_QUOTA_BYTES). `conf_change_wait_s`: how long a membership
-        change refused only for now is tried again (at most CONF_CHANGE_WAIT_S; the runtime
+        NOSPACE alarm (RAFTKV_QUOTA_BYTES). `conf_change_wait_s`: how long a removal
+        refused only for now is tried again (at most CONF_CHANGE_WAIT_S; the runtime
         keeps it within half the request timeout, so the answer comes before the client's
         504)."""
         self.core = core
@@ -1042,8 +1044,10 @@ class RaftDriver:
             pending.done.fail(in_flight)
         self._proposals.clear()
         waiting, self._waiting_changes = self._waiting_changes, []
+        not_made = UnavailableError(f"{err.message}; the membership change was not made, "
+                                    "retry")
         for change in waiting:  # never proposed: surely without effect
-            change.failed(err)
+            change.failed(not_made)
         if self.forwarder is not None:
             self.forwarder.fail_all(in_flight)
         for _, done in self._reads.values():

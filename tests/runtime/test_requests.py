@@ -14,6 +14,7 @@ import pytest
 
 from raftkv.auth import ROOT_TOKEN_ID, Role, TokenRecord, TokenTable, token_digest
 from raftkv.codec import Request, RequestOp
+from raftkv.core import ConfChange, ConfChangeOp
 from raftkv.localcluster import wait_until
 from raftkv.runtime.requests import MAX_BACKUPS, NodeInfo, RequestHandler
 from raftkv.service import ServiceError, UnavailableError
@@ -139,3 +140,20 @@ def test_tokens_since_answers_after_the_barrier_and_the_table_only_when_newer(
     for then in barriers:
         then.ok(None)
     assert replier.oks == {1: None, 2: table.to_wire()}
+
+
+def test_a_removal_waits_at_most_half_its_request_timeout(tmp_path: Path) -> None:
+    """A removal refused only for now waits at the leader (raftkv.runtime.driver), but the
+    refusal must come before the client's own timeout turns it into a 504."""
+    calls: list[tuple[object, float | None]] = []
+    driver = SimpleNamespace(
+        state_listeners=[], fatal=None,
+        propose_conf_change=lambda change, done, wait_s=None: calls.append((change, wait_s)))
+    handler = RequestHandler(driver=cast(Any, driver), loop=cast(Any, _Loop()),
+                             info=NodeInfo("n1", "127.0.0.1:1", tmp_path, "token"),
+                             cluster_id=lambda: "c", peer_http=lambda _n: None,
+                             extra_status=dict, render_metrics=bytes)
+    handler.handle(_Replier(), [Request(1, RequestOp.REMOVE, 3.0, ("n2",))])
+    [(change, wait_s)] = calls
+    assert change == ConfChange(ConfChangeOp.REMOVE, "n2")
+    assert wait_s == 1.5
