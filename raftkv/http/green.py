@@ -67,6 +67,9 @@ class GreenDispatcher:
         self._posted: deque[Callable[[], None]] = deque()
         self._idle: list[greenlet] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_lock = threading.Lock()
+        """Orders post()'s write (any thread) against close(): a late post never writes into
+        a descriptor number the process has since reused."""
         self.tasks = 0
         """Requests being served (greenlets started and not finished)."""
         self.after_run: list[Callable[[], None]] = []
@@ -154,10 +157,21 @@ class GreenDispatcher:
         return value
 
     def post(self, callback: Callable[[], None]) -> None:
-        """From any thread: run `callback` on the loop thread."""
+        """From any thread: run `callback` on the loop thread (never, once closed)."""
         self._posted.append(callback)
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"\0")
+        with self._wake_lock, contextlib.suppress(BlockingIOError, OSError):
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"\0")
+
+    def close(self) -> None:
+        """Close the wake-up pipe, once the loop has stopped for good (its owner's call: a
+        server that made its own dispatcher closes it with its sockets)."""
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     @property
     def wake_fd(self) -> int:
@@ -179,6 +193,8 @@ class GreenDispatcher:
     def drain_wakeups(self) -> None:
         """Empty the wake-up pipe: for the loop, when its poll found `wake_fd` readable (not
         on every turn: a read that finds it empty costs an exception)."""
+        if self._wake_r < 0:
+            return
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(self._wake_r, 4096):
                 pass

@@ -87,10 +87,13 @@ class ServerHandle:
         # Waitress warns "Task queue depth is N" once per queued request under load.
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         self._map: dict[Any, Any] = {} if socket_map is None else socket_map
+        self._own_dispatcher: GreenDispatcher | None = None
         if threads:
             self.dispatcher: GreenDispatcher | None = None
         else:
-            self.dispatcher = dispatcher or GreenDispatcher()
+            if dispatcher is None:
+                dispatcher = self._own_dispatcher = GreenDispatcher()
+            self.dispatcher = dispatcher
         kwargs: dict[str, Any] = {}
         if self.dispatcher is not None:
             kwargs["_dispatcher"] = self.dispatcher
@@ -216,6 +219,8 @@ class ServerHandle:
 
     def _close_all(self) -> None:
         wasyncore.close_all(self._map, ignore_all=True)
+        if self._own_dispatcher is not None:  # a caller's dispatcher is the caller's to close
+            self._own_dispatcher.close()
 
 
 def _nothing(*_args: Any) -> None:

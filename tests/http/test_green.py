@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import os
 import random
 import select
 import threading
@@ -431,3 +432,23 @@ def test_a_condition_wait_outside_a_request_returns_at_once() -> None:
     assert cond.acquire(False) is True
     assert cond.wait() is False
     cond.release()
+
+
+def test_a_post_after_close_writes_nothing_anywhere() -> None:
+    """The wake-up pipe used to stay open for ever (two descriptors per server made in a
+    process), and a post() arriving after its owner was done wrote into it; were it closed
+    without care, into whatever reused the number. close() closes it, and a later post()
+    (a blocking task's thread finishing late) writes nothing."""
+    d = GreenDispatcher()
+    fds = (d._wake_r, d._wake_w)
+    d.close()
+    d.close()  # once is enough; twice is harmless
+    reused = os.pipe()  # the lowest free numbers: the ones the wake-up pipe had
+    try:
+        assert set(reused) == set(fds)
+        d.post(lambda: None)
+        d.drain_wakeups()
+        assert select.select([reused[0]], [], [], 0)[0] == []  # nothing was written
+    finally:
+        os.close(reused[0])
+        os.close(reused[1])

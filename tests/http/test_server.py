@@ -18,6 +18,7 @@ from typing import Any, cast
 import pytest
 
 from raftkv.http import server as server_module
+from raftkv.http.green import GreenDispatcher
 from raftkv.http.server import ServerHandle
 
 WAIT_S = 5.0
@@ -234,3 +235,20 @@ def _unread_bytes(fd: int) -> int:
     buf = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, buf)
     return buf[0]
+
+
+def test_a_server_closes_the_wake_up_pipe_of_the_dispatcher_it_made_only() -> None:
+    own = ServerHandle(app, [socket.create_server(("127.0.0.1", 0))])
+    assert own.dispatcher is not None
+    wake_fd = own.dispatcher.wake_fd
+    os.fstat(wake_fd)
+    own.close()
+    assert own.dispatcher.wake_fd == -1
+    with pytest.raises(OSError):
+        os.fstat(wake_fd)
+
+    given = GreenDispatcher()
+    borrowed = ServerHandle(app, [socket.create_server(("127.0.0.1", 0))], dispatcher=given)
+    borrowed.close()
+    os.fstat(given.wake_fd)  # the caller's to close
+    given.close()
