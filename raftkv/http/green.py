@@ -67,9 +67,10 @@ class GreenDispatcher:
         self._posted: deque[Callable[[], None]] = deque()
         self._idle: list[greenlet] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wake_lock = threading.Lock()
+        self._wake_lock = threading.RLock()
         """Orders post()'s write (any thread) against close(): a late post never writes into
-        a descriptor number the process has since reused."""
+        a descriptor number the process has since reused. Reentrant: a signal handler on the
+        loop thread (a worker's SIGTERM) may post while that thread is inside post()."""
         self.tasks = 0
         """Requests being served (greenlets started and not finished)."""
         self.after_run: list[Callable[[], None]] = []
@@ -167,11 +168,12 @@ class GreenDispatcher:
         """Close the wake-up pipe, once the loop has stopped for good (its owner's call: a
         server that made its own dispatcher closes it with its sockets)."""
         with self._wake_lock:
-            if self._wake_w < 0:
+            r, w = self._wake_r, self._wake_w
+            if w < 0:
                 return
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
+            self._wake_r = self._wake_w = -1  # first: a post() re-entering here skips
+            os.close(r)
+            os.close(w)
 
     @property
     def wake_fd(self) -> int:

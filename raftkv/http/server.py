@@ -63,8 +63,8 @@ class _Wakeup(wasyncore.file_dispatcher):  # type: ignore[misc]
     def handle_read(self) -> None:
         self._drain()  # what was posted runs in the dispatcher's run_ready, right after
 
-    def close(self) -> None:  # the dispatcher owns the fd
-        self.del_channel()
+    # close(): wasyncore's, which closes this object's own dup of the descriptor (the
+    # dispatcher keeps and closes the original)
 
 
 class ServerHandle:

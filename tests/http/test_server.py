@@ -247,6 +247,24 @@ def test_a_server_closes_the_wake_up_pipe_of_the_dispatcher_it_made_only() -> No
     with pytest.raises(OSError):
         os.fstat(wake_fd)
 
+    made: list[ServerHandle] = []
+    ready = threading.Event()
+
+    def run() -> None:  # made on the thread that runs it, as the `server` fixture says
+        made.append(ServerHandle(app, [socket.create_server(("127.0.0.1", 0))]))
+        ready.set()
+        made[0].run()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(WAIT_S)
+    running = made[0]
+    assert running.dispatcher is not None
+    assert get(running, "/") == (200, b"ok")
+    running.close()  # from another thread, while it runs
+    thread.join(WAIT_S)
+    assert running.dispatcher.wake_fd == -1
+
     given = GreenDispatcher()
     borrowed = ServerHandle(app, [socket.create_server(("127.0.0.1", 0))], dispatcher=given)
     borrowed.close()
