@@ -558,8 +558,6 @@ class RaftDriver:
         if self.fatal is not None:
             return
         self.core.tick()
-        if self._waiting_changes:
-            self._retry_conf_changes()
         applied = self.core.membership_at(self.sm.applied_index)
         if applied != self._applied_membership:
             # A tick runs before its turn's apply, so what earlier turns applied has been

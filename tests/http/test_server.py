@@ -33,8 +33,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[byt
     return [body]
 
 
-@pytest.fixture
-def server() -> Iterator[ServerHandle]:
+def start_green_server() -> tuple[ServerHandle, threading.Thread]:
     """A green server made and run on a thread of its own (its greenlets belong to the
     thread that made its dispatcher, as in a worker process)."""
     sock = socket.create_server(("127.0.0.1", 0))
@@ -51,6 +50,12 @@ def server() -> Iterator[ServerHandle]:
     assert ready.wait(WAIT_S)
     handle = made[0]
     assert handle.dispatcher is not None, "green mode"
+    return handle, thread
+
+
+@pytest.fixture
+def server() -> Iterator[ServerHandle]:
+    handle, thread = start_green_server()
     yield handle
     handle.close()
     thread.join(WAIT_S)
@@ -247,18 +252,7 @@ def test_a_server_closes_the_wake_up_pipe_of_the_dispatcher_it_made_only() -> No
     with pytest.raises(OSError):
         os.fstat(wake_fd)
 
-    made: list[ServerHandle] = []
-    ready = threading.Event()
-
-    def run() -> None:  # made on the thread that runs it, as the `server` fixture says
-        made.append(ServerHandle(app, [socket.create_server(("127.0.0.1", 0))]))
-        ready.set()
-        made[0].run()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(WAIT_S)
-    running = made[0]
+    running, thread = start_green_server()
     assert running.dispatcher is not None
     assert get(running, "/") == (200, b"ok")
     running.close()  # from another thread, while it runs

@@ -685,10 +685,12 @@ def test_a_removal_still_refused_when_the_wait_runs_out_gets_the_refusal(net: Ne
     n1.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), done)
     net.clock.now += CONF_CHANGE_WAIT_S - 0.1
     n1.driver.tick()
+    n1.turn()  # the tick's turn ends as every turn does
     net.settle(keep=held)
     assert not done.done
     net.clock.now += 0.2
     n1.driver.tick()
+    n1.turn()  # the tick's turn ends as every turn does
     assert done.error.code == "membership_change_rejected"
     assert "n3: has the log up to" in done.error.message
     assert n1.core.membership.voters == {"n1", "n2", "n3"}
@@ -703,9 +705,11 @@ def test_a_removal_waits_no_longer_than_asked(net: Net) -> None:
     n1.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), done, wait_s=0.5)
     net.clock.now += 0.4
     n1.driver.tick()
+    n1.turn()  # the tick's turn ends as every turn does
     assert not done.done
     net.clock.now += 0.2
     n1.driver.tick()
+    n1.turn()  # the tick's turn ends as every turn does
     assert done.error.code == "membership_change_rejected"
     net.settle(keep=held)
 

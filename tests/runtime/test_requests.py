@@ -63,9 +63,10 @@ class _BrokenView:
         raise KeyError("a bug in the snapshot code")
 
 
-def _handler(tmp_path: Path, loop: _Loop, view: object) -> RequestHandler:
+def _handler(tmp_path: Path, loop: _Loop, view: object = None,
+             **driver_attrs: object) -> RequestHandler:
     driver = SimpleNamespace(state_listeners=[], fatal=None,
-                             sm=SimpleNamespace(snapshot_view=lambda: view))
+                             sm=SimpleNamespace(snapshot_view=lambda: view), **driver_attrs)
     info = NodeInfo("n1", "127.0.0.1:1", tmp_path, "token")
     return RequestHandler(driver=cast(Any, driver), loop=cast(Any, loop), info=info,
                           cluster_id=lambda: "c", peer_http=lambda _n: None,
@@ -146,13 +147,9 @@ def test_a_removal_waits_at_most_half_its_request_timeout(tmp_path: Path) -> Non
     """A removal refused only for now waits at the leader (raftkv.runtime.driver), but the
     refusal must come before the client's own timeout turns it into a 504."""
     calls: list[tuple[object, float | None]] = []
-    driver = SimpleNamespace(
-        state_listeners=[], fatal=None,
+    handler = _handler(
+        tmp_path, _Loop(),
         propose_conf_change=lambda change, done, wait_s=None: calls.append((change, wait_s)))
-    handler = RequestHandler(driver=cast(Any, driver), loop=cast(Any, _Loop()),
-                             info=NodeInfo("n1", "127.0.0.1:1", tmp_path, "token"),
-                             cluster_id=lambda: "c", peer_http=lambda _n: None,
-                             extra_status=dict, render_metrics=bytes)
     handler.handle(_Replier(), [Request(1, RequestOp.REMOVE, 3.0, ("n2",))])
     [(change, wait_s)] = calls
     assert change == ConfChange(ConfChangeOp.REMOVE, "n2")
