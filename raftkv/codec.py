@@ -731,7 +731,7 @@ def decode_forwards(data: bytes) -> list[Forward]:
     return out
 
 
-def encode_forward_results(items: list[ForwardResult]) -> bytes:
+def encode_forward_results(items: Sequence[ForwardResult]) -> bytes:
     wire: list[list[object]] = []
     for r in items:
         if r.status is ForwardStatus.COMMITTED:

@@ -8,8 +8,13 @@ must not match a request of this run).
 
 Leader side (`serve`): every forwarded item is checked before it touches the core (a command
 must decode; raftkv.kv.commands), then proposed; its outcome goes back in one FORWARD_RESULT
-frame per follower per turn: a write or change once COMMITTED (its index and term: sent when
-the leader applies it), a lease operation's VALUE, or FAILED with the error.
+frame per follower per turn (more only past MAX_FORWARD_FRAME_BYTES, in order): a write or
+change once COMMITTED (its index and term: sent when the leader applies it), a lease
+operation's VALUE, or FAILED with the error. A frame the transport does not take (the link to
+that follower is gone, or down with its queue full) is kept and offered again at the next
+turns, before any newer answer to that follower; it is dropped (logged) once older than
+FORWARD_TIMEOUT_S, when the follower has given up on it, or when this node no longer keeps a
+link to that follower (it was removed).
 
 Follower side again (`on_results`): a committed write tells the follower that (index, term) is
 committed (the core's learn_commit: no wait for the next heartbeat), and the follower answers
@@ -25,6 +30,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -68,6 +74,14 @@ def _forward_bytes(item: Forward) -> int:
     return len(item.data) + 64
 
 
+def _result_bytes(result: ForwardResult) -> int:
+    """About what `result` adds to a FORWARD_RESULT frame (only asked of a turn's answers
+    that do not fit in one frame)."""
+    if result.status is ForwardStatus.COMMITTED:
+        return 32
+    return len(codec.encode_forward_results([result]))
+
+
 def _is_write(expect: Expect | ForwardOp) -> bool:
     """A forwarded command or membership change (it may commit without this node seeing
     it); not a lease read or keepalive, which a retry repeats harmlessly."""
@@ -80,6 +94,15 @@ class _Waiting:
     done: Completion
     expect: Expect | ForwardOp
     """The command or change sent (matched against the applied entry), or the lease op."""
+
+
+@dataclass(slots=True)
+class _Unsent:
+    """Leader side: a FORWARD_RESULT frame the transport did not take, to offer again."""
+    since: float
+    """When the transport first refused it (the turn its answers were made)."""
+    answers: int
+    payload: bytes
 
 
 class _AnswerFollower:
@@ -131,6 +154,8 @@ class Forwarder:
         self._out: list[Forward] = []
         self._waiting: dict[int, _Waiting] = {}
         self._answers: dict[str, list[ForwardResult]] = {}
+        self._unsent: dict[str, deque[_Unsent]] = {}
+        """Per follower, in order: frames of answers its link did not take yet."""
         self._next_fid = rng.getrandbits(52)
         self._drops = RateLimitedLog()
 
@@ -177,11 +202,8 @@ class Forwarder:
                 waiting = self._waiting.pop(item.fid, None)
                 if waiting is not None:
                     waiting.done.fail(NoLeaderError("cannot reach the leader"))
-        if self._answers:
-            answers, self._answers = self._answers, {}
-            for peer, results in answers.items():
-                self._frames.send(peer, FrameKind.FORWARD_RESULT,
-                                  codec.encode_forward_results(results))
+        if self._answers or self._unsent:
+            self._flush_answers()
 
     def on_results(self, peer: str, payload: bytes) -> None:
         """A FORWARD_RESULT frame from `peer`."""
@@ -303,6 +325,62 @@ class Forwarder:
 
     def answer(self, peer: str, result: ForwardResult) -> None:
         self._answers.setdefault(peer, []).append(result)
+
+    def _flush_answers(self) -> None:
+        """Each follower's answers: first the frames its link refused at earlier turns, then
+        this turn's, in frames within MAX_FORWARD_FRAME_BYTES (the follower's reader drops
+        the link on a frame over its bound); from the first frame refused on, the rest is
+        kept, in order, for the next turn."""
+        answers, self._answers = self._answers, {}
+        unsent = self._unsent
+        now = self._clock() if unsent else None
+        if now is not None:
+            self._drop_undeliverable(now)
+        send = self._frames.send
+        kind = FrameKind.FORWARD_RESULT
+        for peer in [*unsent, *(p for p in answers if p not in unsent)]:
+            kept = unsent.get(peer)
+            while kept and send(peer, kind, kept[0].payload):
+                kept.popleft()
+            if kept is not None and not kept:
+                del unsent[peer]
+                kept = None
+            results = answers.get(peer)
+            if not results:
+                continue
+            for chunk, payload in payloads_within(results, codec.encode_forward_results,
+                                                  MAX_FORWARD_FRAME_BYTES, _result_bytes):
+                if kept is None:
+                    if send(peer, kind, payload):
+                        continue
+                    kept = unsent[peer] = deque()
+                if now is None:
+                    now = self._clock()
+                kept.append(_Unsent(now, len(chunk), payload))
+
+    def _drop_undeliverable(self, now: float) -> None:
+        """Forget the answers kept for a follower this node no longer keeps a link to (it
+        was removed), and those older than FORWARD_TIMEOUT_S (the follower gave up on
+        them): what waits for a link that stays down is bounded."""
+        linked = self._driver.peer_links()
+        for peer, kept in list(self._unsent.items()):
+            if peer not in linked:
+                del self._unsent[peer]
+                self._answers_dropped(peer, "not_linked", sum(u.answers for u in kept))
+                continue
+            stale = 0
+            while kept and now - kept[0].since > FORWARD_TIMEOUT_S:
+                stale += kept.popleft().answers
+            if stale:
+                self._answers_dropped(peer, "too_old", stale)
+            if not kept:
+                del self._unsent[peer]
+
+    def _answers_dropped(self, peer: str, reason: str, answers: int) -> None:
+        suppressed = self._drops.admit(peer, f"forward_results_{reason}")
+        if suppressed is not None:
+            log.warning("event=forward_results_dropped node=%s peer=%s reason=%s answers=%d "
+                        "suppressed=%d", self.core.id, peer, reason, answers, suppressed)
 
     def _dropped(self, peer: str, reason: str, detail: str) -> None:
         suppressed = self._drops.admit(peer, reason)

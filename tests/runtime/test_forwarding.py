@@ -104,18 +104,23 @@ class Frame:
 
 class Outbox:
     """A node's FrameSender: frames wait here until the network moves them. `accept` limits
-    how many more frames it takes (then send() refuses, as a full transport queue does)."""
+    how many more frames it takes (then send() refuses, as a full transport queue does);
+    `refuse` names the (peer, frame kind) it takes none of (a link down with its queue full,
+    or gone)."""
 
     def __init__(self, node_id: str, net: Net) -> None:
         self.node_id = node_id
         self.net = net
         self.accept: int | None = None
+        self.refuse: set[tuple[str, int]] = set()
         self.unsent: set[str] = set()
         """Peers whose link has_output() says still holds frames."""
         self.linked: set[str] = set()
         """The peers of the last set_peers."""
 
     def send(self, to: str, kind: int, payload: bytes) -> bool:
+        if (to, kind) in self.refuse:
+            return False
         if self.accept is not None:
             if self.accept <= 0:
                 return False
@@ -955,6 +960,137 @@ def test_a_removed_nodes_link_goes_at_the_first_tick_when_nothing_waits_for_it(
     assert done.done
     n1.driver.tick()
     assert n1.frames.linked == {"n3"}
+
+
+# -- answers the leader's transport did not take --------------------------------------------
+
+
+def _value(fid: int, value: JSONValue = None) -> ForwardResult:
+    return ForwardResult(fid, ForwardStatus.VALUE, value=fid if value is None else value)
+
+
+def test_an_answer_the_transport_did_not_take_goes_at_the_next_turn(net: Net) -> None:
+    """The leader's link to the follower took no frame (down with its queue full): the answer
+    was lost, and the client waited FORWARD_TIMEOUT_S for a 504 although the leader knew the
+    outcome. It is offered again at the next turn."""
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    n1.frames.refuse.add(("n2", FrameKind.FORWARD_RESULT))
+    done = Done()
+    n2.driver.propose(put("k", "mine"), done)
+    net.settle()
+    assert not done.done and results_sent(net) == []
+
+    n1.frames.refuse.clear()
+    n1.turn()  # a turn with nothing new to answer
+    [answer] = results_sent(net)
+    net.settle()
+    result = done.value
+    assert isinstance(result, PutResult) and result.index == answer.index
+
+
+def test_answers_kept_leave_in_order_before_newer_ones(net: Net) -> None:
+    n1 = net.nodes["n1"]
+    n1.frames.refuse.add(("n2", FrameKind.FORWARD_RESULT))
+
+    def turn(*fids: int) -> list[int]:
+        for fid in fids:
+            n1.forwarder.answer("n2", _value(fid))
+        n1.forwarder.flush()
+        return [r.fid for r in results_sent(net)]
+
+    assert turn(1, 2) == []
+    assert turn(3) == []
+    n1.frames.refuse.clear()
+    n1.frames.accept = 1  # the link takes the first frame kept, then refuses again
+    assert turn(4) == [1, 2]  # 3 is refused: 4 must not overtake it
+    n1.frames.accept = None
+    assert turn(5, 6) == [1, 2, 3, 4, 5, 6]
+    assert turn() == [1, 2, 3, 4, 5, 6]  # nothing is sent twice
+
+
+def test_answers_kept_longer_than_the_forward_timeout_are_dropped(
+        net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    """By then the follower has given up on them (504 outcome unknown): a link that stays
+    down holds no more than FORWARD_TIMEOUT_S of answers."""
+    n1 = net.nodes["n1"]
+    n1.frames.refuse.add(("n2", FrameKind.FORWARD_RESULT))
+    with caplog.at_level(logging.WARNING, logger="raftkv.runtime.forwarding"):
+        n1.forwarder.answer("n2", _value(1))
+        n1.forwarder.flush()
+        net.clock.now += FORWARD_TIMEOUT_S - 1
+        n1.forwarder.answer("n2", _value(2))
+        n1.forwarder.flush()
+        assert "forward_results_dropped" not in caplog.text
+        net.clock.now += 2
+        n1.forwarder.flush()  # still refused: the old answer goes all the same
+    assert "event=forward_results_dropped node=n1 peer=n2 reason=too_old answers=1" in (
+        caplog.text)
+
+    n1.frames.refuse.clear()
+    n1.forwarder.flush()
+    assert [r.fid for r in results_sent(net)] == [2]
+
+
+def test_answers_kept_for_a_removed_follower_are_dropped_when_its_link_goes(
+        net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    n1 = net.nodes["n1"]
+    n1.frames.refuse.add(("n3", FrameKind.FORWARD_RESULT))
+    n1.forwarder.answer("n3", _value(1))
+    n1.forwarder.flush()
+    removal = Done()
+    n1.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n3"), removal)
+    net.settle()
+    assert removal.done
+    n1.driver.tick()  # the removal is applied: its link goes
+    assert n1.frames.linked == {"n2"}
+
+    with caplog.at_level(logging.WARNING, logger="raftkv.runtime.forwarding"):
+        n1.forwarder.flush()
+    assert "event=forward_results_dropped node=n1 peer=n3 reason=not_linked answers=1" in (
+        caplog.text)
+    n1.frames.refuse.clear()
+    n1.forwarder.flush()
+    assert results_sent(net, to="n3") == []
+
+
+def test_a_removal_forwarded_by_the_node_it_removes_is_answered_again_while_linked(
+        net: Net) -> None:
+    """No member any more once the leader appended its removal, the node keeps its link
+    until the removal is applied and a tick passed: an answer refused once goes over it."""
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    n1.frames.refuse.add(("n2", FrameKind.FORWARD_RESULT))
+    done = Done()
+    n2.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"), done)
+    net.settle()
+    assert not done.done
+    assert "n2" not in n1.core.membership.members
+
+    n1.frames.refuse.clear()
+    n1.turn()
+    net.deliver()
+    assert done.value == _removal_index(n1, "n2")
+
+
+def test_many_answers_of_one_turn_leave_in_frames_under_the_bound(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers to one follower in one turn (lease reads of up to ~1 MiB each; or all that
+    waited for a link) in frames within MAX_FORWARD_FRAME_BYTES: one over the follower's
+    frame limit would drop the link, and lose them all. A link that takes only some of
+    them gets the rest at the next turn, in order."""
+    monkeypatch.setattr(forwarding, "MAX_FORWARD_FRAME_BYTES", 4000)
+    n1 = net.nodes["n1"]
+    for fid in range(1, 13):
+        n1.forwarder.answer("n2", _value(fid, "v" * 1000))
+    n1.frames.accept = 2
+    n1.forwarder.flush()
+    first = [r.fid for r in results_sent(net)]
+    assert first == list(range(1, len(first) + 1)) and 0 < len(first) < 12
+
+    n1.frames.accept = None
+    n1.forwarder.flush()
+    frames = net.sent_of(FrameKind.FORWARD_RESULT, to="n2")
+    assert len(frames) >= 4 and max(len(f.payload) for f in frames) <= 4000
+    assert [r.fid for r in results_sent(net)] == list(range(1, 13))
 
 
 # -- member incarnations ---------------------------------------------------------------------
