@@ -20,6 +20,9 @@ keeps any of it, so every node of a cluster must run a build that sends tag 12.
 
 Decoding is fed bytes from the network and the disk: anything malformed, truncated, of the
 wrong type, out of range or unknown raises `DecodeError` and nothing else.
+
+`raft_message_bound(config)` bounds the encoding of every message a core of that config sends
+(the runtime checks it against the peers' frame bound before the node starts).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 
+from raftkv.core.config import Config
 from raftkv.core.messages import (
     MESSAGE_TYPES,
     AppendRequest,
@@ -89,6 +93,7 @@ __all__ = [
     "encode_hard_state",
     "encode_message",
     "encode_snapshot_meta",
+    "raft_message_bound",
 ]
 
 FORMAT_VERSION: Final = 1
@@ -451,6 +456,27 @@ _APPEND_TAG: Final = _LAYOUT_BY_TYPE[AppendRequest].tag
 
 if set(_LAYOUT_BY_TYPE) != set(MESSAGE_TYPES) or len(_LAYOUT_BY_TAG) != len(_SPECS):
     raise AssertionError("every message class needs exactly one codec layout with a unique tag")
+
+
+ENTRY_OVERHEAD_BYTES: Final = 24
+"""The most an entry inside an AppendRequest (its encoding, carried as bytes) takes beyond its
+Entry.size_bytes: 16 for one of data, 24 for a membership change."""
+MESSAGE_HEAD_BYTES: Final = 1 << 20
+"""Room for what a Raft message holds besides its entries or snapshot chunk: term, positions
+and two node ids (a few KiB at most, ids of up to 256 characters), a snapshot's checksum and
+membership (about 1000 members of such ids), or a ReadIndex message's up to 65,536 read ids
+(576 KiB)."""
+
+
+def raft_message_bound(config: Config) -> int:
+    """The most len(encode_message(m)) can be for any message `m` a core of `config` sends.
+    An AppendRequest holds at most max_append_entries entries whose Entry.size_bytes add up to
+    at most max_append_bytes, or one entry alone, of at most max_entry_bytes (the leader
+    appends no larger one); a SnapshotRequest holds a chunk of at most snapshot_chunk_bytes;
+    anything else fits in MESSAGE_HEAD_BYTES."""
+    entries = (max(config.max_append_bytes, config.max_entry_bytes)
+               + config.max_append_entries * ENTRY_OVERHEAD_BYTES)
+    return MESSAGE_HEAD_BYTES + max(entries, config.snapshot_chunk_bytes)
 
 
 # =============================================================================================

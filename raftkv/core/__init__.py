@@ -1,7 +1,13 @@
 """The Raft algorithm as a pure state machine: no IO, standard library only."""
 
 from raftkv.core.config import Config
-from raftkv.core.errors import ConfChangeRejected, NotLeader, ProposalDropped, RaftError
+from raftkv.core.errors import (
+    ConfChangeRejected,
+    NotLeader,
+    ProposalDropped,
+    ProposalTooLarge,
+    RaftError,
+)
 from raftkv.core.messages import (
     AppendRequest,
     AppendResponse,
@@ -58,6 +64,7 @@ __all__ = [
     "NotLeader",
     "PeerStatus",
     "ProposalDropped",
+    "ProposalTooLarge",
     "RaftError",
     "RaftNode",
     "ReadIndexRequest",

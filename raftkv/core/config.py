@@ -15,6 +15,14 @@ class Config:
     heartbeat_interval_ticks: int = 1
     max_append_entries: int = 512
     max_append_bytes: int = 1 << 20
+    """Entries in one AppendRequest: at most max_append_entries, whose Entry.size_bytes add up
+    to at most this, or one entry alone when it is larger (etcd-io/raft's MaxSizePerMsg)."""
+    max_entry_bytes: int = 8 << 20
+    """The largest entry (Entry.size_bytes) this node appends as the leader: a larger proposal
+    raises ProposalTooLarge. With max_append_bytes and snapshot_chunk_bytes it bounds every
+    message the node sends (raftkv.codec.raft_message_bound), which must fit in one frame to
+    a peer: the peer would close the link on a larger one, and the same message would be
+    sent again after every redial."""
     max_inflight_appends: int = 64
     """Window of AppendRequests in flight to one follower in the replicate state."""
     snapshot_chunk_bytes: int = 1 << 20
@@ -33,8 +41,8 @@ class Config:
             raise ValueError("heartbeat_interval_ticks must be >= 1")
         if self.election_timeout_ticks <= self.heartbeat_interval_ticks:
             raise ValueError("election_timeout_ticks must exceed heartbeat_interval_ticks")
-        for name in ("max_append_entries", "max_append_bytes", "max_inflight_appends",
-                     "snapshot_chunk_bytes", "max_snapshot_bytes"):
+        for name in ("max_append_entries", "max_append_bytes", "max_entry_bytes",
+                     "max_inflight_appends", "snapshot_chunk_bytes", "max_snapshot_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.snapshot_backoff_ticks < 0:

@@ -21,6 +21,11 @@ class ProposalDropped(RaftError):
     """The leader refused the proposal for now (e.g. a leadership transfer is under way)."""
 
 
+class ProposalTooLarge(RaftError):
+    """The entry is larger than Config.max_entry_bytes: no leader appends it, whatever the
+    time (every entry must fit in one message to a follower)."""
+
+
 class ConfChangeRejected(RaftError):
     """The membership change cannot be proposed (one is pending, or it is invalid).
 

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 from raftkv.core import quorum
 from raftkv.core.config import Config
-from raftkv.core.errors import ConfChangeRejected, NotLeader, ProposalDropped, RaftError
+from raftkv.core.errors import (
+    ConfChangeRejected,
+    NotLeader,
+    ProposalDropped,
+    ProposalTooLarge,
+    RaftError,
+)
 from raftkv.core.log import RaftLog
 from raftkv.core.messages import (
     AppendRequest,
@@ -47,6 +53,7 @@ from raftkv.core.snapshots import (
     new_hasher as new_snapshot_hasher,
 )
 from raftkv.core.types import (
+    ENTRY_HEAD_BYTES,
     ConfChange,
     ConfChangeOp,
     Entry,
@@ -62,7 +69,8 @@ from raftkv.core.types import (
 )
 
 MAX_READ_IDS = 65_536
-"""Read ids in one ReadIndex message (a follower batches one turn's reads into one)."""
+"""Read ids in one ReadIndex message: a follower sends one turn's reads in as few messages as
+that takes, and drops a message that holds more (_malformed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,15 +195,27 @@ class RaftNode:
             self._campaign(transfer=False)
 
     def propose(self, data: bytes) -> int:
-        """Append client data to the leader's log; returns its index (not yet committed)."""
+        """Append client data to the leader's log; returns its index (not yet committed).
+        ProposalTooLarge if its entry would be over Config.max_entry_bytes."""
         self._check_can_propose()
         entry = Entry(self.log.last_index() + 1, self.term, EntryKind.NORMAL, data)
+        self._check_entry_size(entry)
         self._append_entry(entry)
         return entry.index
 
+    def check_proposal_size(self, data: bytes) -> None:
+        """ProposalTooLarge if `propose(data)` would raise it, on any node (a follower refuses
+        such a command before it forwards it to the leader). Once per proposal: a length
+        check, no Entry made."""
+        if len(data) + ENTRY_HEAD_BYTES > self.config.max_entry_bytes:
+            self._check_entry_size(Entry(1, 1, EntryKind.NORMAL, data))
+
     def propose_conf_change(self, change: ConfChange) -> int:
-        """Propose a single-server membership change; returns its index."""
+        """Propose a single-server membership change; returns its index. ProposalTooLarge if
+        its entry would be over Config.max_entry_bytes."""
         self._check_can_propose()
+        self._check_entry_size(
+            Entry(self.log.last_index() + 1, self.term, EntryKind.CONF_CHANGE, change=change))
         if self.log.term(self.log.commit) != self.term:
             raise ConfChangeRejected("the leader has not committed an entry in its term yet",
                                      transient=True)
@@ -732,6 +752,14 @@ class RaftNode:
         if self._lead_transferee is not None:
             raise ProposalDropped(f"leadership is being transferred to {self._lead_transferee}")
 
+    def _check_entry_size(self, entry: Entry) -> None:
+        """Every entry must fit in one AppendRequest that fits in one frame to a follower
+        (Config.max_entry_bytes): a larger one would be sent, and refused, forever."""
+        if entry.size_bytes > self.config.max_entry_bytes:
+            raise ProposalTooLarge(
+                f"the entry would be {entry.size_bytes} bytes; a log entry holds at most "
+                f"{self.config.max_entry_bytes}")
+
     def _append_entry(self, entry: Entry) -> None:
         self.log.append(entry)
         if entry.kind is EntryKind.CONF_CHANGE:
@@ -1209,8 +1237,10 @@ class RaftNode:
             self._heartbeat_pending = False
         if self._forward_reads:
             if self.leader is not None and self.role is Role.FOLLOWER:
-                self._send(ReadIndexRequest(self.term, self.id, self.leader,
-                                            tuple(self._forward_reads)))
+                reads = self._forward_reads
+                for i in range(0, len(reads), MAX_READ_IDS):
+                    self._send(ReadIndexRequest(self.term, self.id, self.leader,
+                                                tuple(reads[i : i + MAX_READ_IDS])))
             else:
                 self._failed_reads.extend(self._forward_reads)
             self._forward_reads = []

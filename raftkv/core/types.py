@@ -75,6 +75,10 @@ class Membership:
         return Membership(voters, self.learners - {nid})
 
 
+ENTRY_HEAD_BYTES = 16
+"""What Entry.size_bytes counts for an entry besides its data or change."""
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     index: int
@@ -91,7 +95,13 @@ class Entry:
 
     @property
     def size_bytes(self) -> int:
-        return len(self.data) + 16
+        """The core's measure of the entry, the unit of Config's byte bounds: its data, or
+        its change's node id and address (UTF-8), and 16 bytes for the rest."""
+        c = self.change
+        if c is None:
+            return len(self.data) + ENTRY_HEAD_BYTES
+        return (len(c.node_id.encode("utf-8", "surrogatepass"))
+                + len(c.address.encode("utf-8", "surrogatepass")) + ENTRY_HEAD_BYTES)
 
 
 @dataclass(frozen=True, slots=True)

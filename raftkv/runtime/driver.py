@@ -36,6 +36,7 @@ from raftkv.core import (
     Message,
     NotLeader,
     ProposalDropped,
+    ProposalTooLarge,
     RaftError,
     RaftNode,
     Role,
@@ -74,6 +75,7 @@ from raftkv.runtime.ready_handler import ReadyHandler, chunk_reader
 from raftkv.runtime.watch import WatchRegistry
 from raftkv.service import (
     MAX_LEASE_KEYS_SHOWN,
+    InvalidRequestError,
     LeaseNotFoundError,
     MembershipChangeError,
     NoLeaderError,
@@ -305,9 +307,16 @@ class RaftDriver:
     # ------------------------------------------------------------------ writes
     def propose(self, data: bytes, done: Completion) -> None:
         """Propose a client command; `done` gets the apply result (or the error). A follower
-        forwards it to the leader. A command that adds data is refused here (507) while the
-        NOSPACE alarm is raised, or when it would take the state past the quota (which raises
-        the alarm)."""
+        forwards it to the leader. A command over the core's max_entry_bytes is refused here
+        (invalid_request, on any node: no leader appends it). A command that adds data is
+        refused here (507) while the NOSPACE alarm is raised, or when it would take the state
+        past the quota (which raises the alarm)."""
+        try:
+            self.core.check_proposal_size(data)
+        except ProposalTooLarge as e:
+            self.metrics.proposals_rejected.inc()
+            done.fail(InvalidRequestError(str(e)))
+            return
         refusal = self._space_refusal(data)
         if refusal is not None:
             self.metrics.proposals_rejected.inc()
@@ -328,12 +337,15 @@ class RaftDriver:
 
     def propose_here(self, data: bytes) -> int:
         """As the leader, append `data` to the log; its index. NoLeaderError when it
-        cannot."""
+        cannot for now, InvalidRequestError when it never will (over max_entry_bytes)."""
         try:
             return self.core.propose(data)
         except (NotLeader, ProposalDropped) as e:
             self.metrics.proposals_rejected.inc()
             raise NoLeaderError(str(e)) from None
+        except ProposalTooLarge as e:
+            self.metrics.proposals_rejected.inc()
+            raise InvalidRequestError(str(e)) from None
 
     # ------------------------------------------------------------------ quota and alarms
     def _space_refusal(self, data: bytes) -> StorageFullError | None:

@@ -47,7 +47,7 @@ from raftkv.runtime.ready_handler import chunk_reader
 from raftkv.runtime.requests import NodeInfo, RequestHandler
 from raftkv.runtime.scheduling import apply_cpu_scheduling
 from raftkv.runtime.startup import FORMAT_VERSION, StartupError, join_headers, open_node
-from raftkv.runtime.transport import PeerTransport
+from raftkv.runtime.transport import DEFAULT_MAX_FRAME_BYTES, PeerTransport
 from raftkv.runtime.transport.refusals import RateLimitedLog
 from raftkv.runtime.transport.tls import PeerTLS, TLSMode, TLSSetupError
 from raftkv.runtime.workers import WorkerSupervisor
@@ -61,7 +61,7 @@ from raftkv.settings import (
 )
 from snapshots.policy import SnapshotPolicy
 
-__all__ = ["RaftProcess", "StartupError", "peer_source_host"]
+__all__ = ["RaftProcess", "StartupError", "peer_source_host", "raft_config"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,24 @@ CATCH_UP_WARNING_S: Final = 30.0
 """How often a joined node that has not yet applied its own addition says so."""
 
 
+def raft_config(s: Settings, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Config:
+    """The core's settings for this node. StartupError if a message the core may send
+    (codec.raft_message_bound) would not fit in a frame of `max_frame_bytes`, the bound peers
+    read with: a peer closes the link on a larger frame, and the core would send the same
+    message again after every redial (that follower would never catch up)."""
+    config = Config(s.node_id, election_timeout_ticks=s.election_ticks,
+                    heartbeat_interval_ticks=s.heartbeat_ticks,
+                    max_snapshot_bytes=s.effective_max_snapshot_bytes)
+    bound = codec.raft_message_bound(config)
+    if bound >= max_frame_bytes:  # a frame's length counts its kind byte too
+        raise StartupError(
+            f"a Raft message may take {bound} bytes (max_append_bytes="
+            f"{config.max_append_bytes}, max_entry_bytes={config.max_entry_bytes}, "
+            f"snapshot_chunk_bytes={config.snapshot_chunk_bytes}), more than a peer frame "
+            f"holds ({max_frame_bytes - 1} bytes and its kind byte)")
+    return config
+
+
 class RaftProcess:
     def __init__(self, settings: Settings) -> None:
         self.settings = s = settings
@@ -142,6 +160,7 @@ class RaftProcess:
                                     s.peer_key_file, s.peer_trusted_ca_file)
         except TLSSetupError as e:
             raise StartupError(str(e)) from None
+        config = raft_config(s)
         state = open_node(s)
         self.state = state
         self.cluster_id = state.plan.cluster_id
@@ -162,9 +181,6 @@ class RaftProcess:
             raise
         self.http_sock.set_inheritable(True)
         rng = random.Random(int.from_bytes(os.urandom(8), "big"))
-        config = Config(s.node_id, election_timeout_ticks=s.election_ticks,
-                        heartbeat_interval_ticks=s.heartbeat_ticks,
-                        max_snapshot_bytes=s.effective_max_snapshot_bytes)
         try:
             core = RaftNode(config, state.boot, rng,
                             snapshot_reader=chunk_reader(state.snapshots),
@@ -189,6 +205,7 @@ class RaftProcess:
             incarnation=state.incarnation,
             check_incarnation=self._check_incarnation,
             on_replaced_by=self._replaced_by_peer,
+            max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
             source_host=peer_source_host(raft_host),
             tls=peer_tls)
         self.driver = driver = RaftDriver(

@@ -16,6 +16,8 @@ with the id of the peer that authenticated the connection it came on.
 Delivery is best effort, at most once, in order per link; what is queued for a peer that is
 down waits, bounded. Nothing a remote sends can crash the node: every error closes that one
 connection, and refusals are logged at WARNING, rate-limited per remote host and reason.
+Frames are at most `max_frame_bytes` both ways: a larger one is not sent (an ERROR, rate-limited
+per peer), since the peer, reading with the same bound, would close the link on it.
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ class PeerTransport:
                  queue_limit_bytes: int = DEFAULT_QUEUE_LIMIT_BYTES,
                  source_host: str | None = None, tls: PeerTLS | None = None) -> None:
         """`listen_sock`: the bound, listening peer socket. `source_host`: the local address
-        outgoing connections leave from (None: the kernel picks)."""
+        outgoing connections leave from (None: the kernel picks). `max_frame_bytes`: the
+        largest frame read from a peer, and sent to one (every node of a cluster uses the
+        same: DEFAULT_MAX_FRAME_BYTES)."""
         if not token:
             raise ValueError("the cluster token must not be empty")
         self.node_id = node_id
@@ -102,6 +106,7 @@ class PeerTransport:
         """Links with frames queued since the last flush."""
         self._http_addresses: dict[str, str] = {}
         self._refusals = RateLimitedLog()
+        self._too_large = RateLimitedLog()
         self._listener = Listener(self, loop, listen_sock)
         self._closed = False
 
@@ -164,7 +169,8 @@ class PeerTransport:
 
     # ------------------------------------------------------------------ frames
     def send(self, to: str, kind: int, payload: bytes) -> bool:
-        """Queue a frame for `to`; False when it was dropped (not a peer, backlog full)."""
+        """Queue a frame for `to`; False when it was dropped (not a peer, backlog full, over
+        max_frame_bytes)."""
         link = self._links.get(to)
         if link is None:
             return False
@@ -222,6 +228,15 @@ class PeerTransport:
             self._on_removed_by(link.peer_id)
         elif reason == "replaced_member" and self._on_replaced_by is not None:
             self._on_replaced_by(link.peer_id)
+
+    def frame_too_large(self, link: OutboundLink, kind: int, payload_bytes: int) -> None:
+        """A frame for `link` was not sent: over the bound the peer reads with, it would close
+        the link, and whatever made the frame would send it again after the redial."""
+        suppressed = self._too_large.admit(link.peer_id, str(kind))
+        if suppressed is not None:
+            log.error("event=peer_frame_too_large node=%s peer=%s kind=%d bytes=%d max=%d "
+                      "suppressed=%d", self.node_id, link.peer_id, kind, payload_bytes + 1,
+                      self.max_frame_bytes, suppressed)
 
     def link_state(self, link: OutboundLink, up: bool, error: str) -> None:
         if up:

@@ -7,6 +7,8 @@ connection. On the event loop, never blocking: a host name is resolved on a shor
 
 Frames queued while the link is down wait (bounded: `queue_limit_bytes`); when the queue or
 the socket's backlog is full, a NEW frame is dropped and `send` says so (Raft retransmits).
+A frame over `max_frame_bytes` (the bound the peer reads with) is never sent: the peer would
+close the link on it, and the same frame would come again after the redial, forever.
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ class LinkOwner(Protocol):
         """The listener refused the handshake with this stable reason code."""
         ...
 
+    def frame_too_large(self, link: OutboundLink, kind: int, payload_bytes: int) -> None:
+        """A frame for the link was refused: over max_frame_bytes."""
+        ...
+
 
 _DOWN, _RESOLVING, _CONNECTING, _HANDSHAKE, _UP, _STOPPED = range(6)
 
@@ -130,7 +136,12 @@ class OutboundLink:
 
     # ------------------------------------------------------------------ sending
     def send(self, kind: int, payload: bytes) -> bool:
-        """Queue a frame; False when it was dropped (stopped, or backlog full)."""
+        """Queue a frame; False when it was dropped (stopped, backlog full, or over
+        max_frame_bytes)."""
+        if len(payload) >= self._owner.max_frame_bytes:  # its length counts the kind byte
+            self.dropped += 1
+            self._owner.frame_too_large(self, kind, len(payload))
+            return False
         state = self._state
         if state == _UP:
             conn = self._conn

@@ -83,6 +83,30 @@ def test_frame_at_the_size_limit_arrives_intact(make_node: MakeNode) -> None:
     assert [p for _, _, p in frames] == [b"before", big, b"after"]
 
 
+def test_a_frame_over_the_size_limit_is_not_sent_and_the_link_stays_up(
+        make_node: MakeNode, logs: LogWatcher) -> None:
+    """The peer would close the link on it, and whatever made the frame (the Raft core
+    resending an append) would send it again after every redial: the sender refuses it."""
+    limit = 4096
+    a, b = make_node("a", max_frame_bytes=limit), make_node("b", max_frame_bytes=limit)
+    mesh(a, b)
+    assert a.send("b", b"before")
+    b.inbox.wait_for_count(1)
+    link_changes = list(a.states.changes)  # up (after any refusal while b was not meshed)
+
+    assert a.send("b", bytes(limit)) is False  # + the kind byte: one byte over the limit
+    assert a.send("b", b"after")
+
+    assert b.inbox.wait_for_count(2) == [("a", RAFT, b"before"), ("a", RAFT, b"after")]
+    assert a.call(lambda t: t.dropped_frames()) == {"b": 1}
+    record = logs.wait_for("event=peer_frame_too_large", "node=a", "peer=b",
+                           f"bytes={limit + 1}", f"max={limit}", level=logging.ERROR)
+    assert record.name == "raftkv.runtime.transport"
+    assert a.reachable() == {"b": True}
+    assert a.states.changes == link_changes
+    assert not logs.lines("frame_too_large", "node=b")  # b never saw it
+
+
 def test_send_to_unknown_peer_returns_false(make_node: MakeNode) -> None:
     a = make_node("a")
     a.set_peers({"b": f"127.0.0.1:{closed_port()}"})
