@@ -172,6 +172,10 @@ class NodeMetrics:
         self.leases_granted = Tick()
         self.leases_revoked = Tick()
         self.leases_expired = Tick()
+        self.forward_results_dropped = {reason: Tick()
+                                        for reason in ("too_old", "too_many", "not_linked")}
+        """Answers to followers' forwards the leader dropped unsent (its link to the
+        follower refused them: raftkv.runtime.forwarding), by reason."""
         self.fsync_seconds = Tally("raftkv_fsync_seconds",
                                    "Time of one synced save of a Ready", FAST_BUCKETS_S)
         self.batch_entries = Tally("raftkv_persist_batch_entries",
@@ -194,6 +198,9 @@ class NodeMetrics:
             ("raftkv_leases", "Leases granted, revoked by a client, expired", "event",
              {"granted": self.leases_granted, "revoked": self.leases_revoked,
               "expired": self.leases_expired}),
+            ("raftkv_forward_results_dropped",
+             "Answers to a follower's forwards the leader dropped unsent, by reason",
+             "reason", self.forward_results_dropped),
         )
         r.register(_HotCollector(self))
         # Off the hot path (the snapshot writer thread, worker restarts): prometheus-client.

@@ -574,9 +574,13 @@ class RaftDriver:
         if applied != self._applied_membership:
             # A tick runs before its turn's apply, so what earlier turns applied has been
             # answered and flushed: a removed node's link can go now, not with its answer,
-            # unless that answer still waits behind other frames to it (a bounded wait).
+            # unless that answer still waits behind other frames to it, or the link refused
+            # it and the forwarder keeps it to offer again (a bounded wait).
             gone = self._applied_membership.members - applied.members
-            if (any(self.frames.has_output(p) for p in gone)
+            forwarder = self.forwarder
+            if (any(self.frames.has_output(p)
+                    or (forwarder is not None and forwarder.keeps_answers_for(p))
+                    for p in gone)
                     and self._link_drain_ticks < LINK_DRAIN_TICKS):
                 self._link_drain_ticks += 1
             else:
@@ -1134,3 +1138,5 @@ class Forwarding(Protocol):
     def expire(self, now: float) -> None: ...
 
     def fail_all(self, error: ServiceError) -> None: ...
+
+    def keeps_answers_for(self, peer: str) -> bool: ...

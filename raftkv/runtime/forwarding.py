@@ -11,10 +11,13 @@ must decode; raftkv.kv.commands), then proposed; its outcome goes back in one FO
 frame per follower per turn (more only past MAX_FORWARD_FRAME_BYTES, in order): a write or
 change once COMMITTED (its index and term: sent when the leader applies it), a lease
 operation's VALUE, or FAILED with the error. A frame the transport does not take (the link to
-that follower is gone, or down with its queue full) is kept and offered again at the next
-turns, before any newer answer to that follower; it is dropped (logged) once older than
-FORWARD_TIMEOUT_S, when the follower has given up on it, or when this node no longer keeps a
-link to that follower (it was removed).
+that follower down with its queue full) is kept and offered again at the next turns, before
+any newer answer to that follower; it is dropped (logged, counted) once older than
+FORWARD_TIMEOUT_S, when the follower has given up on it, when that follower's kept frames
+pass MAX_KEPT_ANSWER_BYTES (the oldest first), or at the next turn once this node keeps no
+link to that follower (it was removed: a frame refused as the link is gone is not offered
+again). While answers are kept for a removed member, its link stays (RaftDriver.tick, for at
+most LINK_DRAIN_TICKS ticks: `keeps_answers_for`).
 
 Follower side again (`on_results`): a committed write tells the follower that (index, term) is
 committed (the core's learn_commit: no wait for the next heartbeat), and the follower answers
@@ -67,6 +70,10 @@ MAX_FORWARD_FRAME_BYTES: Final = 16 << 20
 """A turn's forwards leave in frames of at most this many bytes (one write is at most ~1 MiB;
 the leader's reader takes frames of up to 64 MiB and drops the link on a larger one, which
 would end every write in it as outcome unknown)."""
+MAX_KEPT_ANSWER_BYTES: Final = 64 << 20
+"""At most this many bytes of FORWARD_RESULT frames a follower's link refused are kept for it
+(the oldest are dropped past it): with FORWARD_TIMEOUT_S, what waits for a link that stays
+down is bounded in size as well as in time."""
 
 
 def _forward_bytes(item: Forward) -> int:
@@ -100,9 +107,30 @@ class _Waiting:
 class _Unsent:
     """Leader side: a FORWARD_RESULT frame the transport did not take, to offer again."""
     since: float
-    """When the transport first refused it (the turn its answers were made)."""
+    """The turn its answers were made (it was refused then, or queued behind a frame that
+    was, and not offered)."""
     answers: int
     payload: bytes
+
+
+class _Kept:
+    """Leader side: one follower's FORWARD_RESULT frames its link did not take yet, oldest
+    first, and their bytes (MAX_KEPT_ANSWER_BYTES)."""
+
+    __slots__ = ("frames", "nbytes")
+
+    def __init__(self) -> None:
+        self.frames: deque[_Unsent] = deque()
+        self.nbytes = 0
+
+    def append(self, frame: _Unsent) -> None:
+        self.frames.append(frame)
+        self.nbytes += len(frame.payload)
+
+    def popleft(self) -> _Unsent:
+        frame = self.frames.popleft()
+        self.nbytes -= len(frame.payload)
+        return frame
 
 
 class _AnswerFollower:
@@ -154,7 +182,7 @@ class Forwarder:
         self._out: list[Forward] = []
         self._waiting: dict[int, _Waiting] = {}
         self._answers: dict[str, list[ForwardResult]] = {}
-        self._unsent: dict[str, deque[_Unsent]] = {}
+        self._unsent: dict[str, _Kept] = {}
         """Per follower, in order: frames of answers its link did not take yet."""
         self._next_fid = rng.getrandbits(52)
         self._drops = RateLimitedLog()
@@ -326,11 +354,17 @@ class Forwarder:
     def answer(self, peer: str, result: ForwardResult) -> None:
         self._answers.setdefault(peer, []).append(result)
 
+    def keeps_answers_for(self, peer: str) -> bool:
+        """Answers to `peer` wait here: queued this turn, or kept after its link refused them
+        (RaftDriver.tick keeps a removed member's link for them, a bounded wait)."""
+        return peer in self._unsent or peer in self._answers
+
     def _flush_answers(self) -> None:
         """Each follower's answers: first the frames its link refused at earlier turns, then
         this turn's, in frames within MAX_FORWARD_FRAME_BYTES (the follower's reader drops
         the link on a frame over its bound); from the first frame refused on, the rest is
-        kept, in order, for the next turn."""
+        kept, in order, for the next turn (not offered now: a smaller newer frame the link
+        would take must not overtake a larger one it refused)."""
         answers, self._answers = self._answers, {}
         unsent = self._unsent
         now = self._clock() if unsent else None
@@ -340,11 +374,12 @@ class Forwarder:
         kind = FrameKind.FORWARD_RESULT
         for peer in [*unsent, *(p for p in answers if p not in unsent)]:
             kept = unsent.get(peer)
-            while kept and send(peer, kind, kept[0].payload):
-                kept.popleft()
-            if kept is not None and not kept:
-                del unsent[peer]
-                kept = None
+            if kept is not None:
+                while kept.frames and send(peer, kind, kept.frames[0].payload):
+                    kept.popleft()
+                if not kept.frames:
+                    del unsent[peer]
+                    kept = None
             results = answers.get(peer)
             if not results:
                 continue
@@ -353,10 +388,22 @@ class Forwarder:
                 if kept is None:
                     if send(peer, kind, payload):
                         continue
-                    kept = unsent[peer] = deque()
+                    kept = unsent[peer] = _Kept()
                 if now is None:
                     now = self._clock()
                 kept.append(_Unsent(now, len(chunk), payload))
+            if kept is not None and kept.nbytes > MAX_KEPT_ANSWER_BYTES:
+                self._drop_oldest(peer, kept)
+
+    def _drop_oldest(self, peer: str, kept: _Kept) -> None:
+        """`peer`'s kept frames passed MAX_KEPT_ANSWER_BYTES: the oldest go (their follower
+        is the nearest to giving up on them)."""
+        dropped = 0
+        while kept.frames and kept.nbytes > MAX_KEPT_ANSWER_BYTES:
+            dropped += kept.popleft().answers
+        if not kept.frames:
+            del self._unsent[peer]
+        self._answers_dropped(peer, "too_many", dropped)
 
     def _drop_undeliverable(self, now: float) -> None:
         """Forget the answers kept for a follower this node no longer keeps a link to (it
@@ -366,17 +413,18 @@ class Forwarder:
         for peer, kept in list(self._unsent.items()):
             if peer not in linked:
                 del self._unsent[peer]
-                self._answers_dropped(peer, "not_linked", sum(u.answers for u in kept))
+                self._answers_dropped(peer, "not_linked", sum(u.answers for u in kept.frames))
                 continue
             stale = 0
-            while kept and now - kept[0].since > FORWARD_TIMEOUT_S:
+            while kept.frames and now - kept.frames[0].since > FORWARD_TIMEOUT_S:
                 stale += kept.popleft().answers
             if stale:
                 self._answers_dropped(peer, "too_old", stale)
-            if not kept:
+            if not kept.frames:
                 del self._unsent[peer]
 
     def _answers_dropped(self, peer: str, reason: str, answers: int) -> None:
+        self._driver.metrics.forward_results_dropped[reason].inc(answers)
         suppressed = self._drops.admit(peer, f"forward_results_{reason}")
         if suppressed is not None:
             log.warning("event=forward_results_dropped node=%s peer=%s reason=%s answers=%d "

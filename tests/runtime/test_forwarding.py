@@ -106,13 +106,15 @@ class Outbox:
     """A node's FrameSender: frames wait here until the network moves them. `accept` limits
     how many more frames it takes (then send() refuses, as a full transport queue does);
     `refuse` names the (peer, frame kind) it takes none of (a link down with its queue full,
-    or gone)."""
+    or gone); `refuse_over` refuses a frame larger than that many bytes and takes a smaller
+    one (the room left in a link's queue: the transport refuses a frame by its size)."""
 
     def __init__(self, node_id: str, net: Net) -> None:
         self.node_id = node_id
         self.net = net
         self.accept: int | None = None
         self.refuse: set[tuple[str, int]] = set()
+        self.refuse_over: int | None = None
         self.unsent: set[str] = set()
         """Peers whose link has_output() says still holds frames."""
         self.linked: set[str] = set()
@@ -120,6 +122,8 @@ class Outbox:
 
     def send(self, to: str, kind: int, payload: bytes) -> bool:
         if (to, kind) in self.refuse:
+            return False
+        if self.refuse_over is not None and len(payload) > self.refuse_over:
             return False
         if self.accept is not None:
             if self.accept <= 0:
@@ -989,23 +993,42 @@ def test_an_answer_the_transport_did_not_take_goes_at_the_next_turn(net: Net) ->
 
 
 def test_answers_kept_leave_in_order_before_newer_ones(net: Net) -> None:
+    """The transport refuses a frame by its size (the room left in the link's queue): a
+    newer small frame it would take waits behind a larger one it refused (found by a
+    review: this test refused every frame at that moment, so it could not fail)."""
     n1 = net.nodes["n1"]
     n1.frames.refuse.add(("n2", FrameKind.FORWARD_RESULT))
 
-    def turn(*fids: int) -> list[int]:
-        for fid in fids:
-            n1.forwarder.answer("n2", _value(fid))
+    def turn(*answers: ForwardResult) -> list[int]:
+        for answer in answers:
+            n1.forwarder.answer("n2", answer)
         n1.forwarder.flush()
         return [r.fid for r in results_sent(net)]
 
-    assert turn(1, 2) == []
-    assert turn(3) == []
+    assert turn(_value(1), _value(2)) == []
+    assert turn(_value(3, "v" * 5000)) == []
     n1.frames.refuse.clear()
-    n1.frames.accept = 1  # the link takes the first frame kept, then refuses again
-    assert turn(4) == [1, 2]  # 3 is refused: 4 must not overtake it
-    n1.frames.accept = None
-    assert turn(5, 6) == [1, 2, 3, 4, 5, 6]
-    assert turn() == [1, 2, 3, 4, 5, 6]  # nothing is sent twice
+    n1.frames.refuse_over = 1000  # the link takes small frames only
+    assert turn(_value(4)) == [1, 2]  # 3 is refused: 4, which would fit, must not overtake it
+    assert turn(_value(5)) == [1, 2]
+    n1.frames.refuse_over = None
+    assert turn(_value(6), _value(7)) == [1, 2, 3, 4, 5, 6, 7]
+    assert turn() == [1, 2, 3, 4, 5, 6, 7]  # nothing is sent twice
+
+
+def test_a_large_answer_kept_holds_back_a_small_newer_one_until_it_goes(net: Net) -> None:
+    n1 = net.nodes["n1"]
+    n1.frames.refuse_over = 1000
+    n1.forwarder.answer("n2", _value(1, "v" * 5000))
+    n1.forwarder.flush()
+    n1.forwarder.answer("n2", _value(2))
+    n1.forwarder.flush()
+    n1.forwarder.flush()
+    assert results_sent(net) == []
+
+    n1.frames.refuse_over = None
+    n1.forwarder.flush()
+    assert [r.fid for r in results_sent(net)] == [1, 2]
 
 
 def test_answers_kept_longer_than_the_forward_timeout_are_dropped(
@@ -1033,6 +1056,8 @@ def test_answers_kept_longer_than_the_forward_timeout_are_dropped(
 
 def test_answers_kept_for_a_removed_follower_are_dropped_when_its_link_goes(
         net: Net, caplog: pytest.LogCaptureFixture) -> None:
+    """The removal is applied: the link waits for the answers kept for that node (as for
+    frames its transport holds), LINK_DRAIN_TICKS ticks at most, then goes with them."""
     n1 = net.nodes["n1"]
     n1.frames.refuse.add(("n3", FrameKind.FORWARD_RESULT))
     n1.forwarder.answer("n3", _value(1))
@@ -1041,13 +1066,19 @@ def test_answers_kept_for_a_removed_follower_are_dropped_when_its_link_goes(
     n1.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n3"), removal)
     net.settle()
     assert removal.done
-    n1.driver.tick()  # the removal is applied: its link goes
-    assert n1.frames.linked == {"n2"}
+    assert n1.forwarder.keeps_answers_for("n3")
+    for _ in range(LINK_DRAIN_TICKS):
+        n1.driver.tick()
+        assert n1.frames.linked == {"n2", "n3"}
+    n1.driver.tick()
+    assert n1.frames.linked == {"n2"}  # waited long enough
 
     with caplog.at_level(logging.WARNING, logger="raftkv.runtime.forwarding"):
         n1.forwarder.flush()
     assert "event=forward_results_dropped node=n1 peer=n3 reason=not_linked answers=1" in (
         caplog.text)
+    assert not n1.forwarder.keeps_answers_for("n3")
+    assert n1.driver.metrics.forward_results_dropped["not_linked"].value == 1
     n1.frames.refuse.clear()
     n1.forwarder.flush()
     assert results_sent(net, to="n3") == []
@@ -1056,7 +1087,9 @@ def test_answers_kept_for_a_removed_follower_are_dropped_when_its_link_goes(
 def test_a_removal_forwarded_by_the_node_it_removes_is_answered_again_while_linked(
         net: Net) -> None:
     """No member any more once the leader appended its removal, the node keeps its link
-    until the removal is applied and a tick passed: an answer refused once goes over it."""
+    until the removal is applied and a tick passed: an answer refused once goes over it.
+    A tick while the answer is kept keeps the link (found by a review: the link went at
+    that tick, and the kept answer was then dropped as not linked: a 504 after 60 s)."""
     n1, n2 = net.nodes["n1"], net.nodes["n2"]
     n1.frames.refuse.add(("n2", FrameKind.FORWARD_RESULT))
     done = Done()
@@ -1064,11 +1097,16 @@ def test_a_removal_forwarded_by_the_node_it_removes_is_answered_again_while_link
     net.settle()
     assert not done.done
     assert "n2" not in n1.core.membership.members
+    assert n1.driver.sm.applied_index >= _removal_index(n1, "n2")  # answered, refused
 
+    n1.driver.tick()  # nothing else waits for n2: only the kept answer keeps its link
+    assert n1.frames.linked == {"n2", "n3"}
     n1.frames.refuse.clear()
     n1.turn()
     net.deliver()
     assert done.value == _removal_index(n1, "n2")
+    n1.driver.tick()  # the answer has left: the link goes
+    assert n1.frames.linked == {"n3"}
 
 
 def test_many_answers_of_one_turn_leave_in_frames_under_the_bound(
@@ -1091,6 +1129,52 @@ def test_many_answers_of_one_turn_leave_in_frames_under_the_bound(
     frames = net.sent_of(FrameKind.FORWARD_RESULT, to="n2")
     assert len(frames) >= 4 and max(len(f.payload) for f in frames) <= 4000
     assert [r.fid for r in results_sent(net)] == list(range(1, 13))
+
+
+def test_answers_kept_past_the_byte_cap_drop_the_oldest(
+        net: Net, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Kept answers are bounded in size as well as in time: a follower's link that stays
+    down for FORWARD_TIMEOUT_S must not hold the leader's memory for every answer of that
+    time (found by a review)."""
+    n1 = net.nodes["n1"]
+    n1.frames.refuse.add(("n2", FrameKind.FORWARD_RESULT))
+
+    def answer(fid: int) -> None:
+        n1.forwarder.answer("n2", _value(fid, "v" * 1000))
+        n1.forwarder.flush()
+
+    answer(1)
+    frame_bytes = len(codec.encode_forward_results([_value(1, "v" * 1000)]))
+    monkeypatch.setattr(forwarding, "MAX_KEPT_ANSWER_BYTES", 3 * frame_bytes)
+    with caplog.at_level(logging.WARNING, logger="raftkv.runtime.forwarding"):
+        answer(2)
+        answer(3)
+        assert "forward_results_dropped" not in caplog.text
+        answer(4)
+        answer(5)
+    assert "event=forward_results_dropped node=n1 peer=n2 reason=too_many answers=1" in (
+        caplog.text)
+    assert n1.driver.metrics.forward_results_dropped["too_many"].value == 2
+
+    n1.frames.refuse.clear()
+    n1.forwarder.flush()
+    assert [r.fid for r in results_sent(net)] == [3, 4, 5]
+    assert not n1.forwarder.keeps_answers_for("n2")
+
+
+def test_answers_dropped_unsent_are_counted_by_reason(net: Net) -> None:
+    n1 = net.nodes["n1"]
+    n1.frames.refuse.add(("n2", FrameKind.FORWARD_RESULT))
+    n1.forwarder.answer("n2", _value(1))
+    n1.forwarder.answer("n2", _value(2))
+    n1.forwarder.flush()
+    net.clock.now += FORWARD_TIMEOUT_S + 1
+    n1.forwarder.flush()
+    dropped = n1.driver.metrics.forward_results_dropped
+    assert {reason: tick.value for reason, tick in dropped.items()} == {
+        "too_old": 2, "too_many": 0, "not_linked": 0}
+    assert (b'raftkv_forward_results_dropped_total{reason="too_old"} 2.0'
+            in n1.driver.metrics.render())
 
 
 # -- member incarnations ---------------------------------------------------------------------
