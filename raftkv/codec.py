@@ -463,9 +463,15 @@ ENTRY_OVERHEAD_BYTES: Final = 24
 Entry.size_bytes: 16 for one of data, 24 for a membership change."""
 MESSAGE_HEAD_BYTES: Final = 1 << 20
 """Room for what a Raft message holds besides its entries or snapshot chunk: term, positions
-and two node ids (a few KiB at most, ids of up to 256 characters), a snapshot's checksum and
-membership (about 1000 members of such ids), or a ReadIndex message's up to 65,536 read ids
-(576 KiB)."""
+and two node ids (a few KiB at most: the transport takes ids of up to 256 characters), a
+snapshot's checksum and membership, or a ReadIndex message's up to 65,536 read ids
+(576 KiB).
+
+An assumption, not a bound: nothing limits the number of members, and a SnapshotRequest
+carries them all. The room holds about 1000 members of the longest ids (256 characters of
+4 bytes), about 4000 of the longest a join or removal over HTTP takes (64 characters,
+raftkv.http.app.MAX_NODE_ID_CHARS), about 16,000 of ASCII ids of RAFTKV_ID's 63 characters.
+A membership past that could make a SnapshotRequest larger than raft_message_bound."""
 
 
 def raft_message_bound(config: Config) -> int:

@@ -332,11 +332,25 @@ def test_message_with_a_field_missing_or_extra_raises_decode_error(delta: int) -
     ([1, 1, 1, 7, b"", None], "unknown kind"),
     ([1, 1, 1, 1, b"", [9, "n1", ""]], "unknown change op"),
     ([1, 1, 1, 1, b"", [0, "", ""]], "empty node id"),
+    ([1, 1, 1, 1, b"d", [0, "n1", ""]], "conf change carrying data"),
 ])
 def test_entry_violating_its_invariants_raises_decode_error(tree: list[object],
                                                             reason: str) -> None:
     with pytest.raises(DecodeError):
         codec.decode_entry(msgpack.packb(tree, use_bin_type=True))
+
+
+def test_an_append_carrying_a_conf_change_with_data_raises_decode_error() -> None:
+    """No node makes such an entry (Entry refuses it), and Entry.size_bytes does not count
+    its data: from a peer it is malformed, not an entry of unmeasured size."""
+    change = Entry(1, 1, EntryKind.CONF_CHANGE, change=ConfChange(ConfChangeOp.REMOVE, "n1"))
+    tree = msgpack.unpackb(codec.encode_message(AppendRequest(1, "a", "b", 0, 0, (change,), 0)))
+    entry = msgpack.unpackb(tree[7][0])
+    assert entry[4] == b""  # the data field, empty
+    entry[4] = b"d" * 1000
+    tree[7][0] = msgpack.packb(entry, use_bin_type=True)
+    with pytest.raises(DecodeError, match="entry: a conf change entry carries no data"):
+        codec.decode_message(msgpack.packb(tree, use_bin_type=True))
 
 
 def test_snapshot_meta_with_a_voter_also_learner_raises_decode_error() -> None:

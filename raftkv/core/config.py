@@ -21,8 +21,8 @@ class Config:
     """The largest entry (Entry.size_bytes) this node appends as the leader: a larger proposal
     raises ProposalTooLarge. With max_append_bytes and snapshot_chunk_bytes it bounds every
     message the node sends (raftkv.codec.raft_message_bound), which must fit in one frame to
-    a peer: the peer would close the link on a larger one, and the same message would be
-    sent again after every redial."""
+    a peer: the peer would close the link on a larger frame, so the link refuses to send one
+    (and logs it), and a follower that needs that message would stall."""
     max_inflight_appends: int = 64
     """Window of AppendRequests in flight to one follower in the replicate state."""
     snapshot_chunk_bytes: int = 1 << 20

@@ -70,7 +70,8 @@ from raftkv.core.types import (
 
 MAX_READ_IDS = 65_536
 """Read ids in one ReadIndex message: a follower sends one turn's reads in as few messages as
-that takes, and drops a message that holds more (_malformed)."""
+that takes; the node that receives a ReadIndex message (request or response) holding more
+drops it whole, answering none of its ids (_malformed)."""
 
 
 @dataclass(frozen=True, slots=True)

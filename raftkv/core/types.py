@@ -92,11 +92,16 @@ class Entry:
             raise ValueError(f"bad entry position index={self.index} term={self.term}")
         if (self.kind is EntryKind.CONF_CHANGE) != (self.change is not None):
             raise ValueError("a conf change entry carries a change and nothing else does")
+        if self.change is not None and self.data:
+            # No node makes one (the core, the bootstrap entries): from a peer or the disk it
+            # is a DecodeError (raftkv.codec), and size_bytes need not count its data.
+            raise ValueError("a conf change entry carries no data")
 
     @property
     def size_bytes(self) -> int:
         """The core's measure of the entry, the unit of Config's byte bounds: its data, or
-        its change's node id and address (UTF-8), and 16 bytes for the rest."""
+        its change's node id and address (UTF-8; such an entry has no data), and 16 bytes
+        for the rest."""
         c = self.change
         if c is None:
             return len(self.data) + ENTRY_HEAD_BYTES

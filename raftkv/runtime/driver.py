@@ -110,6 +110,9 @@ SAVE_RETRY_S: Final = 1.0
 left for it to resend (each failed save rebuilds the core from the disk)."""
 DROPPED_LOG_S: Final = 10.0
 """At most one log line per this many seconds for peer messages the core dropped."""
+TOO_LARGE_LOG_S: Final = 10.0
+"""At most one log line per this many seconds for each kind of the driver's own proposals
+(AlarmRaise, LeaseRevoke, MemberIncarnation) the core refuses as over max_entry_bytes."""
 CONF_CHANGE_WAIT_S: Final = 2.0
 """How long a removal the leader refuses only for now (ConfChangeRejected.transient: no entry
 of its term committed yet, another change uncommitted, members that answer but lag an
@@ -273,6 +276,7 @@ class RaftDriver:
         self._alarm_proposed_at = -1e9
         self._dropped_count = 0
         self._dropped_log_at = 0.0
+        self._too_large_log_at: dict[str, float] = {}
         self.fatal: str | None = None
         self.reachable: dict[str, bool] = {}
         self.state_listeners: list[Callable[[SoftState], None]] = []
@@ -394,6 +398,8 @@ class RaftDriver:
                 core.propose(data)
             except (NotLeader, ProposalDropped):
                 self._alarm_proposed_at = -1e9  # try again at the next chance
+            except ProposalTooLarge as e:  # tried again after ALARM_RETRY_S, in vain
+                self._own_proposal_too_large("alarm_raise", e)
         elif core.leader is not None and self.forwarder is not None:
             self.forwarder.forward_proposal(data, _IGNORED)
         else:
@@ -423,7 +429,8 @@ class RaftDriver:
         """As the leader, append a membership change and pass its index to `proposed`; a
         removal the core refuses only for now is tried again for up to `conf_change_wait_s`
         (or `wait_s`, if shorter). `failed` gets MembershipChangeError or NoLeaderError when
-        it cannot be appended."""
+        it cannot be appended, InvalidRequestError when it never will (its entry is over
+        max_entry_bytes)."""
         wait = 0.0
         if change.op is ConfChangeOp.REMOVE:
             wait = self._conf_change_wait_s if wait_s is None else min(wait_s,
@@ -445,6 +452,8 @@ class RaftDriver:
                     self._waiting_changes.append(w)
                 else:
                     w.failed(MembershipChangeError(str(e)))
+            except ProposalTooLarge as e:
+                w.failed(InvalidRequestError(str(e)))
             except RaftError as e:
                 w.failed(MembershipChangeError(str(e)))
             else:
@@ -706,6 +715,16 @@ class RaftDriver:
             log.warning("event=peer_message_dropped node=%s dropped=%d reason=%s",
                         self.core.id, self._dropped_count, why)
 
+    def _own_proposal_too_large(self, proposal: str, e: ProposalTooLarge) -> None:
+        """The core refused a proposal of the driver's own as over Config.max_entry_bytes (a
+        config that leaves too little room): logged at most once per TOO_LARGE_LOG_S for
+        each kind; the caller retries as it does after any refusal."""
+        now = self._clock()
+        if now >= self._too_large_log_at.get(proposal, -1e9):
+            self._too_large_log_at[proposal] = now + TOO_LARGE_LOG_S
+            log.error("event=proposal_too_large node=%s proposal=%s error=%s", self.core.id,
+                      proposal, e)
+
     def _persist_timed(self, seconds: float, entries: int) -> None:
         self.metrics.fsync_seconds.observe(seconds)
         self.metrics.batch_entries.observe(entries)
@@ -767,6 +786,10 @@ class RaftDriver:
                 index = self.core.propose(encode_command(LeaseRevoke(lease_id, expired=True)))
             except (NotLeader, ProposalDropped):
                 self.leases.revoke_failed(lease_id)
+                continue
+            except ProposalTooLarge as e:  # due again at the next tick, in vain
+                self.leases.revoke_failed(lease_id)
+                self._own_proposal_too_large("lease_revoke", e)
                 continue
             log.debug("event=lease_expiring node=%s lease=%d index=%d", self.core.id,
                       lease_id, index)
@@ -978,6 +1001,8 @@ class RaftDriver:
                 continue  # no member (yet): its addition applies first
             try:
                 core.propose(encode_command(MemberIncarnation(nid, incarnation)))
+            except ProposalTooLarge as e:  # tried again after INCARNATION_RETRY_S, in vain
+                self._own_proposal_too_large("member_incarnation", e)
             except (NotLeader, ProposalDropped, ValueError):
                 return
             self._incarnation_retry_at[nid] = now + INCARNATION_RETRY_S

@@ -124,8 +124,8 @@ CATCH_UP_WARNING_S: Final = 30.0
 def raft_config(s: Settings, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Config:
     """The core's settings for this node. StartupError if a message the core may send
     (codec.raft_message_bound) would not fit in a frame of `max_frame_bytes`, the bound peers
-    read with: a peer closes the link on a larger frame, and the core would send the same
-    message again after every redial (that follower would never catch up)."""
+    read with: the link refuses to send a larger frame (and logs it), and a follower that
+    needs that message would stall (never catch up)."""
     config = Config(s.node_id, election_timeout_ticks=s.election_ticks,
                     heartbeat_interval_ticks=s.heartbeat_ticks,
                     max_snapshot_bytes=s.effective_max_snapshot_bytes)

@@ -1,6 +1,6 @@
 """Every Raft message a node sends fits in one frame to a peer (DEFAULT_MAX_FRAME_BYTES, the
-bound peers read with). A peer closes the link on a larger frame, and the core would send the
-same message again after every redial: that follower would never catch up.
+bound peers read with). A peer closes the link on a larger frame, so the link refuses to send
+one (logged), and a follower that needs that message would stall.
 
 The chain, one test per link: the HTTP limits bound a command (far) below the core's
 max_entry_bytes; the driver refuses a larger command on any node (a forwarded one too), and
@@ -12,7 +12,10 @@ sends a frame over the bound (tests/runtime/transport/test_transport.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import random
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -60,12 +63,24 @@ from raftkv.kv.commands import (
 from raftkv.kv.state_machine import KVStateMachine
 from raftkv.metrics import NodeMetrics
 from raftkv.runtime.boot import bootstrap_entries, load_boot_state
-from raftkv.runtime.driver import BASE_MEMBERSHIP, RaftDriver
+from raftkv.runtime.driver import (
+    ALARM_RETRY_S,
+    BASE_MEMBERSHIP,
+    HOUSEKEEPING_TICKS,
+    INCARNATION_RETRY_S,
+    TOO_LARGE_LOG_S,
+    RaftDriver,
+)
 from raftkv.runtime.process import raft_config
 from raftkv.runtime.startup import StartupError
 from raftkv.runtime.transport import DEFAULT_MAX_FRAME_BYTES
 from raftkv.runtime.transport.handshake import MAX_ID_CHARS
-from raftkv.service import MAX_VALUE_BYTES, InvalidRequestError, ServiceError
+from raftkv.service import (
+    MAX_VALUE_BYTES,
+    InvalidRequestError,
+    MembershipChangeError,
+    ServiceError,
+)
 from raftkv.settings import Settings, from_sources
 from snapshots.memory import MemorySnapshotStore
 from snapshots.policy import SnapshotPolicy
@@ -178,6 +193,48 @@ def test_no_message_a_core_sends_is_encoded_over_raft_message_bound(config: Conf
                                       * ENTRY_OVERHEAD_BYTES + config.max_entry_bytes)
 
 
+APPEND_LARGEST = Config("n1", max_append_entries=8, max_append_bytes=9000,
+                        max_entry_bytes=6000, snapshot_chunk_bytes=5000)
+CHUNK_LARGEST = Config("n1", max_append_entries=8, max_append_bytes=9000,
+                       max_entry_bytes=6000, snapshot_chunk_bytes=50000)
+
+
+@pytest.mark.parametrize(("config", "largest"), [
+    (APPEND_LARGEST, "max_append_bytes"),
+    (SMALL, "max_entry_bytes"),
+    (CHUNK_LARGEST, "snapshot_chunk_bytes"),
+])
+def test_what_the_bound_has_beyond_the_head_holds_the_entries_or_the_chunk(
+        config: Config, largest: str) -> None:
+    """MESSAGE_HEAD_BYTES (1 MiB) dwarfs these configs: a whole message against the whole
+    bound passes with a term of the bound forgotten. So what the entries add to an
+    AppendRequest's encoding, and a SnapshotRequest's chunk (its bin header is the head's),
+    are held against what the bound has beyond the head, each of its terms the largest in
+    turn: fails if raft_message_bound drops max_append_bytes, max_entry_bytes, the per-entry
+    overhead or snapshot_chunk_bytes, or counts one twice."""
+    terms = ("max_append_bytes", "max_entry_bytes", "snapshot_chunk_bytes")
+    assert all(getattr(config, largest) > getattr(config, t) for t in terms if t != largest)
+    room = raft_message_bound(config) - MESSAGE_HEAD_BYTES
+    no_entries = len(encode_message(append()))
+    sizes: dict[str, int] = {}
+    for m in largest_messages(config):
+        if isinstance(m, AppendRequest):
+            size = len(encode_message(m)) - no_entries
+        elif isinstance(m, SnapshotRequest):
+            size = len(m.data)
+        else:
+            continue
+        kind = type(m).__name__
+        assert size <= room, (kind, size, room)
+        sizes[kind] = max(sizes.get(kind, 0), size)
+    # Tight: over the largest by no more than the overhead allowed for every entry.
+    assert room - max(sizes.values()) <= config.max_append_entries * ENTRY_OVERHEAD_BYTES
+    if largest == "snapshot_chunk_bytes":
+        assert sizes["SnapshotRequest"] == room
+    else:
+        assert sizes["AppendRequest"] > getattr(config, largest)
+
+
 # -- what enters the log, against max_entry_bytes ---------------------------------------------
 def floats(json_bytes: int) -> list[JSONValue]:
     """A list of floats whose JSON ([1.5,1.5,...]) is at most `json_bytes`: the value that
@@ -240,18 +297,19 @@ LIMIT = 2000
 """max_entry_bytes of the drivers below."""
 
 
-def driver(node_id: str, members: dict[str, str]) -> RaftDriver:
+def driver(node_id: str, members: dict[str, str], limit: int = LIMIT,
+           clock: Callable[[], float] = time.monotonic) -> RaftDriver:
     storage = MemoryRaftStorage()
     entries = bootstrap_entries(members)
     storage.save(HardState(1, None, len(entries)), entries)
     snapshots = MemorySnapshotStore()
     boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
-    core = RaftNode(Config(node_id, election_timeout_ticks=1000, max_entry_bytes=LIMIT),
+    core = RaftNode(Config(node_id, election_timeout_ticks=1000, max_entry_bytes=limit),
                     boot, random.Random(1))
     return RaftDriver(core=core, storage=storage, snapshots=snapshots,
                       state_machine=KVStateMachine(), frames=NoFrames(), addresses=members,
                       snapshot_policy=SnapshotPolicy(), rng=random.Random(1),
-                      metrics=NodeMetrics(), post=lambda callback: callback())
+                      metrics=NodeMetrics(), post=lambda callback: callback(), clock=clock)
 
 
 def command(size_bytes: int) -> bytes:
@@ -311,3 +369,66 @@ def test_a_follower_refuses_a_command_over_max_entry_bytes_instead_of_forwarding
     ((ok, error),) = too_large.outcomes
     assert not ok and isinstance(error, InvalidRequestError)
     assert forwards.proposals == [command(LIMIT)]
+
+
+def test_the_leader_refuses_a_membership_change_over_max_entry_bytes_as_invalid(
+        leader: RaftDriver) -> None:
+    """Asked here or forwarded (propose_conf_change_here answers the follower with what
+    `failed` gets): no leader ever appends it, so a 400, not a refused change (409)."""
+    last = leader.core.log.last_index()
+    huge = ConfChange(ConfChangeOp.ADD_LEARNER, "n4", "h" * LIMIT)
+    asked_here = Done()
+    forwarded: list[ServiceError] = []
+
+    leader.propose_conf_change(huge, asked_here)
+    leader.propose_conf_change_here(huge, lambda index: None, forwarded.append)
+
+    ((ok, error),) = asked_here.outcomes
+    assert not ok and isinstance(error, InvalidRequestError), error
+    assert f"at most {LIMIT}" in str(error)
+    assert [type(e) for e in forwarded] == [InvalidRequestError]
+    assert not isinstance(error, MembershipChangeError)
+    assert leader.core.log.last_index() == last
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_drivers_own_proposals_over_max_entry_bytes_are_logged_not_raised(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A config whose max_entry_bytes leaves no room for the driver's own proposals (here:
+    no command at all fits) must not end the loop turn in ProposalTooLarge: each kind is
+    logged, at most once per TOO_LARGE_LOG_S, and tried again as after any refusal."""
+    clock = Clock()
+    d = driver("n1", {"n1": "127.0.0.1:1"}, limit=20, clock=clock)
+    d.core.campaign()
+    d.process()  # the no-op (16 bytes) is the leader's own, not a proposal
+    assert d.core.role is Role.LEADER and d.leases.leading
+    d.incarnation = "i" * 32
+    d.leases.granted(7, 10, clock.now)
+    last = d.core.log.last_index()
+
+    def turns(seconds: float) -> list[str]:
+        """Loop turns over `seconds`, a housekeeping round each; the proposals logged."""
+        caplog.clear()
+        end = clock.now + seconds
+        while clock.now < end:
+            clock.now += max(ALARM_RETRY_S, INCARNATION_RETRY_S)
+            for _ in range(HOUSEKEEPING_TICKS):
+                d.tick()
+            d.raise_alarm("disk_full")
+            d.process()
+        return sorted(r.getMessage().split("proposal=")[1].split()[0] for r in caplog.records
+                      if "event=proposal_too_large" in r.getMessage())
+
+    with caplog.at_level(logging.ERROR, logger="raftkv.runtime.driver"):
+        first = turns(TOO_LARGE_LOG_S - 1)
+        again = turns(TOO_LARGE_LOG_S)
+    assert first == ["alarm_raise", "lease_revoke", "member_incarnation"]
+    assert again == first  # once more after TOO_LARGE_LOG_S, not once per try
+    assert d.core.log.last_index() == last

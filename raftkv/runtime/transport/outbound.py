@@ -136,13 +136,17 @@ class OutboundLink:
 
     # ------------------------------------------------------------------ sending
     def send(self, kind: int, payload: bytes) -> bool:
-        """Queue a frame; False when it was dropped (stopped, backlog full, or over
-        max_frame_bytes)."""
+        """Queue a frame. False when it was not taken: either the backlog is full or the link
+        is stopped (Raft retransmits what still matters), or the frame is over
+        max_frame_bytes, the bound the peer reads with, and so never sendable (the owner
+        logs that, for a link that is not stopped)."""
+        state = self._state
+        if state == _STOPPED:
+            return False
         if len(payload) >= self._owner.max_frame_bytes:  # its length counts the kind byte
             self.dropped += 1
             self._owner.frame_too_large(self, kind, len(payload))
             return False
-        state = self._state
         if state == _UP:
             conn = self._conn
             assert conn is not None
@@ -151,8 +155,6 @@ class OutboundLink:
                 return False
             conn.send_frame(kind, payload)
             return True
-        if state == _STOPPED:
-            return False
         if self._queued_bytes + len(payload) > self._owner.queue_limit_bytes:
             self.dropped += 1
             return False

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]
 import pytest
@@ -396,3 +396,35 @@ def test_a_peer_address_must_be_host_and_an_ascii_port(address: str) -> None:
 def test_a_peer_address_parses_to_host_and_port() -> None:
     assert parse_address("[::1]:7001") == ("::1", 7001)
     assert parse_address("n1:5001") == ("n1", 5001)
+
+
+class TooLargeOwner:
+    """The little of a LinkOwner that `send` uses: records the frames refused as too
+    large."""
+
+    max_frame_bytes = 64
+    queue_limit_bytes = 1 << 20
+
+    def __init__(self) -> None:
+        self.too_large: list[tuple[str, int, int]] = []
+
+    def frame_too_large(self, link: outbound.OutboundLink, kind: int,
+                        payload_bytes: int) -> None:
+        self.too_large.append((link.peer_id, kind, payload_bytes))
+
+
+def test_a_stopped_link_refuses_a_frame_over_the_bound_without_reporting_it() -> None:
+    """A stopped link takes nothing: a frame over the bound is no news there (it would be
+    logged as an ERROR, for a link that is gone)."""
+    owner = TooLargeOwner()
+    link = outbound.OutboundLink(cast(Any, owner), cast(Any, None), "b", "127.0.0.1:1")
+    assert link.send(RAFT, bytes(64)) is False  # + the kind byte: one over the bound
+    assert owner.too_large == [("b", RAFT, 64)]
+    assert link.send(RAFT, bytes(63))  # queued while the link is down
+
+    link.stop()
+
+    assert link.send(RAFT, bytes(64)) is False
+    assert link.send(RAFT, bytes(63)) is False
+    assert owner.too_large == [("b", RAFT, 64)]  # not reported again
+    assert link.dropped == 1
