@@ -669,7 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="add joins as a learner, promoted automatically once caught up; "
                               "promote makes a learner a voter now")
     members.add_argument("id", nargs="?")
-    members.add_argument("--address", help="raft address host:port of the new member")
+    members.add_argument("--address", help="raft address host:port of the new member (it must "
+                         "answer there as ID: the join is probed)")
     client_args(members)
     lease = sub.add_parser(
         "lease", help="grant TTL | keepalive ID | revoke ID | get ID | list: leases, whose "

@@ -6,6 +6,14 @@ applied, a linearizable read once the state machine applied up to its read index
 a turn share one ReadIndex round), a watch at the first change or when its time runs out.
 Nothing here blocks the loop: the only slow things (a probe of a joining node's address, the
 serialisation of a backup) run on short-lived threads and come back through the loop.
+
+A join adds a new member only once a probe found a raftkv node of this cluster answering at
+its address as the id it names (the id the probe learns, for a join that names none),
+with a certificate naming that id under peer TLS: the handshake the leader's link to it will
+run. Without it, a node that is not listening, or is another node, would be added as a
+learner that never catches up (every handshake of the link failing) until removed. A join
+that names its id meets the membership checks first: a member's re-join, a promotion and a
+refusal need no probe.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from raftkv.kv.state_machine import (
 )
 from raftkv.runtime.driver import Completion, RaftDriver
 from raftkv.runtime.eventloop import EventLoop, Timer
+from raftkv.runtime.transport.handshake import PeerInfo
 from raftkv.runtime.transport.probe import ProbeFailed, probe
 from raftkv.runtime.watch import KeyState, Watch
 from raftkv.service import (
@@ -296,28 +305,21 @@ class RequestHandler:
     # ------------------------------------------------------------------ membership
     def _join(self, replier: Replier, request: Request) -> None:
         node_id, address, voter = request.args
+        # The probe ends by half the request's timeout: its answer, not a 504, says what failed.
+        probe_s = min(PROBE_TIMEOUT_S, request.timeout_s / 2)
         if node_id is not None:
-            self._join_as(replier, request.rid, node_id, address, voter)
+            self._join_as(replier, request.rid, node_id, address, voter, probe_s)
             return
-        # No id given: ask whoever listens at the address, off the loop.
-        info = self._info
-
-        def ask() -> None:
-            try:
-                peer = probe(address, token=info.token, node_id=info.node_id,
-                             cluster_id=self._cluster_id(), timeout_s=PROBE_TIMEOUT_S,
-                             tls=info.tls)
-            except (ProbeFailed, ValueError) as e:
-                error = MembershipChangeError(f"no raftkv node answered at {address}: {e}")
-                self._loop.call_soon_threadsafe(lambda: replier.reply_error(request.rid, error))
-                return
-            self._loop.call_soon_threadsafe(
-                lambda: self._join_as(replier, request.rid, peer.node_id, address, voter))
-
-        threading.Thread(target=ask, name="join-probe", daemon=True).start()
+        # No id given: ask whoever listens at the address, and add that node.
+        self._probe(address, None, probe_s,
+                    lambda peer: self._join_as(replier, request.rid, peer.node_id, address,
+                                               voter, None),
+                    lambda error: replier.reply_error(request.rid, error))
 
     def _join_as(self, replier: Replier, rid: int, node_id: str, address: str,
-                 voter: bool) -> None:
+                 voter: bool, probe_s: float | None) -> None:
+        """`probe_s`: a new member is added only once a probe of `address` (this long at
+        most) found node `node_id` there; None: it was probed already."""
         driver = self._driver
         membership = driver.core.membership
         done = _Answer(replier, rid, lambda _result: driver.sm.applied_index)
@@ -344,13 +346,58 @@ class RequestHandler:
                                             "new member needs an address of its own"))
             return
         if node_id in membership.learners:
-            # Promote a learner now (the leader also promotes learners once caught up).
+            # Promote a learner now (the leader also promotes learners once caught up). No
+            # probe: the core promotes only a learner caught up, over a link that checked it.
             change = ConfChange(ConfChangeOp.ADD_VOTER, node_id,
                                 driver.address_of(node_id) or address)
+        elif probe_s is not None:
+            # A new member, once `node_id` answers at `address` (else it would stay a learner
+            # that never catches up: the leader's link to it would fail every handshake).
+            # The checks run again then: the membership may have changed meanwhile.
+            self._probe(address, node_id, probe_s,
+                        lambda _peer: self._join_as(replier, rid, node_id, address, voter,
+                                                    None),
+                        done.fail)
+            return
         else:
             # New members start as learners; the leader promotes them once caught up.
             change = ConfChange(ConfChangeOp.ADD_LEARNER, node_id, address)
         driver.propose_conf_change(change, done)
+
+    def _probe(self, address: str, expected: str | None, timeout_s: float,
+               then: Callable[[PeerInfo], None], failed: Callable[[ServiceError], None]) -> None:
+        """Who listens at `address` (node `expected`, if not None), asked off the loop; the
+        answer comes back on the loop: `then(peer)`, or `failed(error)`: a 503 when nothing
+        answered (the node may not listen yet: retry), a 409 when something else did."""
+        info = self._info
+        cluster_id = self._cluster_id()
+        post = self._loop.call_soon_threadsafe
+
+        def ask() -> None:
+            try:
+                peer = probe(address, token=info.token, node_id=info.node_id,
+                             cluster_id=cluster_id, timeout_s=timeout_s, tls=info.tls)
+            except ProbeFailed as e:
+                error: ServiceError = (
+                    MembershipChangeError(f"no raftkv node of this cluster answered at "
+                                          f"{address}: {e}") if e.definite else
+                    UnavailableError(f"no raftkv node answered at {address} ({e}): retry once "
+                                     "it listens there"))
+            except ValueError as e:
+                error = MembershipChangeError(f"no raftkv node answered at {address}: {e}")
+            else:
+                if expected is None or peer.node_id == expected:
+                    post(lambda: then(peer))
+                    return
+                error = MembershipChangeError(
+                    f"the node at {address} answers as {peer.node_id}, not {expected}: give "
+                    f"{expected}'s own raft address")
+            post(lambda: failed(error))
+
+        try:
+            threading.Thread(target=ask, name="join-probe", daemon=True).start()
+        except RuntimeError as e:  # no thread to be had
+            failed(UnavailableError(f"the join's probe could not be started: {e}; retry"))
 
     def _remove(self, replier: Replier, request: Request) -> None:
         (node_id,) = request.args

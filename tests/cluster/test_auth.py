@@ -24,10 +24,10 @@ from raftkv.localcluster import (
     LocalCluster,
     NodeProc,
     http_json,
-    reserve_port,
     wait_until,
 )
 from tests.support.clusters import running_cluster
+from tests.support.peers import answering_as
 
 pytestmark = pytest.mark.integration
 
@@ -290,13 +290,14 @@ def test_a_joined_node_serves_only_once_it_has_applied_its_own_addition(
     """Found by a review: a node's workers started as soon as its join was answered, with an
     empty node's token table (auth off): until it caught up, it let in requests without a
     token and forwarded them to the leader, which applied them. Here it never catches up
-    (its advertised raft address has nobody listening): it must not take requests at all,
-    nor hold them in its backlog to run them once it caught up, after their clients gave up
-    (found by the next review: a write held so overwrote a newer acknowledged one)."""
+    (at its advertised raft address a stand-in answers the join's probe as it, and drops the
+    leader's log): it must not take requests at all, nor hold them in its backlog to run them
+    once it caught up, after their clients gave up (found by the next review: a write held
+    so overwrote a newer acknowledged one)."""
     leader = cluster.wait_for_leader()
     new = cluster.add_node()
-    with reserve_port("127.0.0.1") as nobody:  # bound, never listening: refused
-        new.env["RAFTKV_RAFT_ADVERTISE"] = f"127.0.0.1:{nobody.getsockname()[1]}"
+    with answering_as(cluster.token, new.node_id) as nobody:
+        new.env["RAFTKV_RAFT_ADVERTISE"] = nobody
         cluster.start(new, join=leader.http)
         wait_until(lambda: "event=joined" in new.log_text(), 30, "the join")
         with pytest.raises(ConnectionRefusedError):

@@ -29,6 +29,7 @@ from raftkv.runtime.process import bound_socket
 from raftkv.runtime.startup import FORMAT_VERSION
 from storage.lmdb_store import LmdbRaftStorage
 from tests.support.clusters import STEADY_LEADER, running_cluster
+from tests.support.peers import answering_as
 
 pytestmark = pytest.mark.integration
 
@@ -185,20 +186,58 @@ def test_a_new_member_with_a_members_address_is_refused(cluster: LocalCluster) -
     assert "n8" not in members(cluster, leader)
 
 
+def test_a_join_naming_an_id_is_refused_unless_that_node_answers_at_its_address(
+        cluster: LocalCluster) -> None:
+    """Found by a review (a documented gap): a join naming its id (what RAFTKV_JOIN sends, and
+    `raftkv members add`) was not probed, so an address where nothing listens, or another
+    node does, was added as a learner that never caught up, until an operator removed it.
+    Now nothing answering is a 503 (a node started with RAFTKV_JOIN asks again), another node
+    answering a 409; and a node refused so joins once the members reach it."""
+    leader = cluster.wait_for_leader()
+    join = f"{leader.http}/cluster/join"
+    with contextlib.closing(reserve_port()) as held:  # bound, never listening: refused
+        nowhere = f"127.0.0.1:{held.getsockname()[1]}"
+        code, body, _ = http_json("POST", join, {"id": "n4", "address": nowhere}, timeout_s=10)
+        assert code == 503 and body["error"] == "unavailable", body
+        assert f"no raftkv node answered at {nowhere}" in body["message"], body
+        with answering_as(cluster.token, "n5") as other:
+            code, body, _ = http_json("POST", join, {"id": "n4", "address": other},
+                                      timeout_s=10)
+        assert code == 409 and body["error"] == "membership_change_rejected", body
+        assert f"the node at {other} answers as n5, not n4" in body["message"], body
+        # A node started with RAFTKV_JOIN that advertises a raft address nobody listens at.
+        new = cluster.add_node()
+        assert new.node_id == "n4"
+        new.env["RAFTKV_RAFT_ADVERTISE"] = nowhere
+        cluster.start(new, join=leader.http)
+        wait_until(lambda: "event=join_retrying" in new.log_text(), 15,
+                   "the refused join to be asked again")
+        line = next(x for x in new.log_text().splitlines() if "event=join_retrying" in x)
+        assert "answered 503" in line and "no raftkv node answered" in line, line
+        assert new.running
+        cluster.kill(new)
+    assert "n4" not in members(cluster, leader)
+    del new.env["RAFTKV_RAFT_ADVERTISE"]  # its own address: its join goes on, and through
+    cluster.start(new, join=leader.http)
+    wait_until(lambda: members(cluster, leader).get("n4", {}).get("voter") is True, 30,
+               "n4 to join at its own address and be promoted")
+
+
 def test_a_promotion_naming_another_address_is_refused_not_a_silent_move(
         cluster: LocalCluster) -> None:
     """Found by a helper: `members add n8 --address NEW` for a learner n8 at OLD was taken as
     a promotion at OLD, NEW silently ignored; it is refused like the same request for a
     voter or with voter false."""
     leader = cluster.wait_for_leader()
-    old, new = "127.0.0.1:9", "127.0.0.1:10"
-    code, body, _ = http_json("POST", f"{leader.http}/cluster/join",
-                              {"id": "n8", "address": old, "voter": False}, timeout_s=10)
-    assert code == 200, body
-    for voter in (True, False):
+    with answering_as(cluster.token, "n8") as old:  # what n8's addition probes
         code, body, _ = http_json("POST", f"{leader.http}/cluster/join",
-                                  {"id": "n8", "address": new, "voter": voter}, timeout_s=10)
-        assert code == 409 and "another address; remove it first" in body["message"], body
+                                  {"id": "n8", "address": old, "voter": False}, timeout_s=10)
+        assert code == 200, body
+        for voter in (True, False):
+            code, body, _ = http_json("POST", f"{leader.http}/cluster/join",
+                                      {"id": "n8", "address": "127.0.0.1:10", "voter": voter},
+                                      timeout_s=10)
+            assert code == 409 and "another address; remove it first" in body["message"], body
     assert members(cluster, leader)["n8"]["raft_address"] == old
     assert members(cluster, leader)["n8"]["voter"] is False
 
@@ -422,8 +461,7 @@ def test_a_join_asked_again_before_the_addition_committed_is_told_to_retry(
 def _join_asked_again(cluster: LocalCluster) -> None:
     leader = cluster.wait_for_leader()
     followers = [n for n in cluster.nodes if n is not leader]
-    with reserve_port("127.0.0.1") as spare:
-        address = f"127.0.0.1:{spare.getsockname()[1]}"
+    with answering_as(cluster.token, "n9") as address:  # what n9's addition probes
         body = {"id": "n9", "address": address, "voter": False}
         join = f"{leader.http}/cluster/join?timeout=1"
         for n in followers:
@@ -451,13 +489,13 @@ def test_a_joined_node_restarted_before_it_applied_its_addition_waits_for_it_aga
     and not yet its own addition, served at once when restarted (a restart is no join), from
     that partial state. The data dir keeps a joining mark until the node applied its own
     addition.
-    Here the node can never be reached (nobody listens at its advertised raft address), and
-    it is given the cluster's first entries by hand, as if it had stored them: it must not
-    listen for HTTP."""
+    Here the node can never be reached (at its advertised raft address a stand-in answers
+    the join's probe as it, and drops the leader's log), and it is given the cluster's first
+    entries by hand, as if it had stored them: it must not listen for HTTP."""
     leader = cluster.wait_for_leader()
     new = cluster.add_node()
-    with reserve_port("127.0.0.1") as nobody:
-        new.env["RAFTKV_RAFT_ADVERTISE"] = f"127.0.0.1:{nobody.getsockname()[1]}"
+    with answering_as(cluster.token, new.node_id) as nobody:
+        new.env["RAFTKV_RAFT_ADVERTISE"] = nobody
         cluster.start(new, join=leader.http)
         wait_until(lambda: "event=joined" in new.log_text(), 30, "the join")
         cluster.kill(new)

@@ -1,6 +1,7 @@
 """Mutual TLS on the peer port (raftkv.runtime.transport.tls), with real processes: a cluster
 elects and replicates over TLS; plaintext, a certificate from another CA, and a certificate
-that names another node are refused with a logged reason; and a running cluster switches
+that names another node are refused with a logged reason; a node joins over TLS, and one
+that presents another node's certificate is not added; and a running cluster switches
 from plaintext to TLS one node at a time without losing a write."""
 
 from __future__ import annotations
@@ -75,6 +76,44 @@ def test_a_cluster_elects_and_replicates_over_tls_and_refuses_the_rest(tmp_path:
                                 "reason=certificate_mismatch") if r in text}
 
         wait_until(lambda: len(reasons()) == 3, 10, "the three refusals in the leader's log")
+        c.put("still", "serving")
+    finally:
+        c.close()
+
+
+def test_a_node_joins_over_tls_and_one_with_another_nodes_certificate_is_not_added(
+        tmp_path: Path) -> None:
+    """A join is probed over TLS like the leader's link to the new node: with its own
+    certificate n4 joins and is promoted; n5 presenting n2's certificate was added as a
+    learner that never caught up (every handshake of the leader's link failing). Now its join
+    is refused (409, asked again by the node until it gives up) and it is never a member."""
+    c = LocalCluster(tmp_path / "c", 3, env=FAST_TIMING)
+    certs = tmp_path / "certs"
+    c.use_peer_tls(certs)  # certificates for n1..n5
+    try:
+        c.start_all()
+        c.wait_all_ready()
+        leader = c.wait_for_leader()
+        n4 = c.add_node()
+        c.use_peer_tls(certs, nodes=[n4])
+        c.start(n4, join=leader.http)
+        n5 = c.add_node()
+        c.use_peer_tls(certs, nodes=[n5])
+        n5.env["RAFTKV_PEER_CERT_FILE"] = str(certs / "n2.pem")
+        n5.env["RAFTKV_PEER_KEY_FILE"] = str(certs / "n2.key")
+        c.start(n5, join=leader.http)
+
+        def voter() -> dict[str, bool]:
+            code, body, _ = http_json("GET", f"{leader.http}/cluster")
+            assert code == 200, body
+            return {m["id"]: m["voter"] for m in body["members"]}
+
+        wait_until(lambda: voter().get("n4"), 30, "n4 to join over TLS and be promoted")
+        wait_until(lambda: "event=join_retrying" in n5.log_text(), 15,
+                   "n5's refused join to be asked again")
+        line = next(x for x in n5.log_text().splitlines() if "event=join_retrying" in x)
+        assert "answered 409" in line and "certificate does not name n5" in line, line
+        assert "n5" not in voter()
         c.put("still", "serving")
     finally:
         c.close()

@@ -1,6 +1,7 @@
 """RequestHandler (raftkv.runtime.requests) with fakes around it: the backup slots, which a
 failed backup must give back whatever went wrong (a leaked slot refuses every later backup
-with 503 until the node restarts)."""
+with 503 until the node restarts), and the probe that must find a joining node at its
+address, as the id its join names, before it is added."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from raftkv.auth import ROOT_TOKEN_ID, Role, TokenRecord, TokenTable, token_dige
 from raftkv.codec import Request, RequestOp
 from raftkv.core import ConfChange, ConfChangeOp
 from raftkv.localcluster import wait_until
-from raftkv.runtime.requests import MAX_BACKUPS, NodeInfo, RequestHandler
-from raftkv.service import ServiceError, UnavailableError
+from raftkv.runtime.requests import MAX_BACKUPS, PROBE_TIMEOUT_S, NodeInfo, RequestHandler
+from raftkv.runtime.transport.handshake import PeerInfo
+from raftkv.runtime.transport.probe import ProbeFailed
+from raftkv.service import MembershipChangeError, ServiceError, UnavailableError
 
 WAIT_S = 5.0
 
@@ -65,8 +68,8 @@ class _BrokenView:
 
 def _handler(tmp_path: Path, loop: _Loop, view: object = None,
              **driver_attrs: object) -> RequestHandler:
-    driver = SimpleNamespace(state_listeners=[], fatal=None,
-                             sm=SimpleNamespace(snapshot_view=lambda: view), **driver_attrs)
+    driver_attrs.setdefault("sm", SimpleNamespace(snapshot_view=lambda: view))
+    driver = SimpleNamespace(state_listeners=[], fatal=None, **driver_attrs)
     info = NodeInfo("n1", "127.0.0.1:1", tmp_path, "token")
     return RequestHandler(driver=cast(Any, driver), loop=cast(Any, loop), info=info,
                           cluster_id=lambda: "c", peer_http=lambda _n: None,
@@ -154,3 +157,166 @@ def test_a_removal_waits_at_most_half_its_request_timeout(tmp_path: Path) -> Non
     [(change, wait_s)] = calls
     assert change == ConfChange(ConfChangeOp.REMOVE, "n2")
     assert wait_s == 1.5
+
+
+# --------------------------------------------------------------------------- joins
+N4 = "127.0.0.1:5004"
+
+
+class _Cluster:
+    """The driver as a join sees it: the membership, the addresses, and what is proposed."""
+
+    def __init__(self, voters: dict[str, str], learners: dict[str, str] | None = None,
+                 applied: bool = True) -> None:
+        self.addresses = {**voters, **(learners or {})}
+        self.membership = SimpleNamespace(voters=frozenset(voters),
+                                          learners=frozenset(learners or {}))
+        self.sm = SimpleNamespace(addresses=dict(self.addresses) if applied else {},
+                                  applied_index=7)
+        self.proposed: list[ConfChange] = []
+
+    def handler(self, tmp_path: Path, loop: _Loop) -> RequestHandler:
+        return _handler(tmp_path, loop, core=SimpleNamespace(membership=self.membership),
+                        sm=self.sm, address_of=self.addresses.get,
+                        propose_conf_change=lambda change, _done, wait_s=None:
+                        self.proposed.append(change))
+
+
+class _Probe:
+    """raftkv.runtime.requests.probe: records what it was asked, waits until `release` is set
+    (the loop must not wait meanwhile), then answers `answer` (a PeerInfo) or raises it."""
+
+    def __init__(self, answer: PeerInfo | Exception) -> None:
+        self.answer = answer
+        self.asked: list[tuple[str, float]] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, address: str, *, timeout_s: float, **_kwargs: object) -> PeerInfo:
+        self.asked.append((address, timeout_s))
+        assert self.release.wait(WAIT_S)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.fixture
+def fake_probe(monkeypatch: pytest.MonkeyPatch) -> Callable[[PeerInfo | Exception], _Probe]:
+    def install(answer: PeerInfo | Exception) -> _Probe:
+        fake = _Probe(answer)
+        monkeypatch.setattr("raftkv.runtime.requests.probe", fake)
+        return fake
+
+    return install
+
+
+def _join(handler: RequestHandler, replier: _Replier, rid: int, node_id: str | None,
+          address: str, voter: bool = True, timeout_s: float = 5.0) -> None:
+    handler.handle(replier, [Request(rid, RequestOp.JOIN, timeout_s, (node_id, address, voter))])
+
+
+def _probe_answered(loop: _Loop) -> None:
+    wait_until(lambda: loop.run_posted() > 0, WAIT_S, "the probe to answer on the loop")
+
+
+def test_a_join_naming_its_id_adds_the_node_only_once_a_probe_found_it_there(
+        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe]) -> None:
+    """The known gap, closed: a join with an id (what RAFTKV_JOIN sends) was added unprobed,
+    so a node that listened nowhere, or was another node, stayed a learner that never caught
+    up. The probe runs off the loop (handle returns while it waits) and bounded by half the
+    request's timeout, so its answer comes before the worker's 504."""
+    loop, replier, cluster = _Loop(), _Replier(), _Cluster({"n1": "127.0.0.1:5001"})
+    probe = fake_probe(PeerInfo("n4", "127.0.0.1:4004", "c"))
+    probe.release.clear()
+    _join(cluster.handler(tmp_path, loop), replier, 1, "n4", N4, timeout_s=3.0)
+    wait_until(lambda: probe.asked, WAIT_S, "the probe to be asked")
+    assert cluster.proposed == [] and replier.oks == {} and replier.errors == {}
+    probe.release.set()
+    _probe_answered(loop)
+    assert probe.asked == [(N4, 1.5)]
+    assert cluster.proposed == [ConfChange(ConfChangeOp.ADD_LEARNER, "n4", N4)]
+    assert replier.errors == {}
+
+
+@pytest.mark.parametrize(("answer", "error", "message"), [
+    (ProbeFailed(f"cannot reach {N4}: Connection refused"), UnavailableError,
+     f"no raftkv node answered at {N4} (cannot reach {N4}: Connection refused): retry"),
+    (ProbeFailed(f"{N4} refused the handshake: wrong_token", definite=True),
+     MembershipChangeError, f"no raftkv node of this cluster answered at {N4}: {N4} refused"),
+    (ProbeFailed(f"{N4}'s certificate does not name n4", definite=True),
+     MembershipChangeError, "certificate does not name n4"),
+    (PeerInfo("n5", "127.0.0.1:4005", "c"), MembershipChangeError,
+     f"the node at {N4} answers as n5, not n4"),
+], ids=["nothing-listens", "another-token", "certificate-of-another", "another-node"])
+def test_a_join_naming_its_id_is_refused_when_another_node_or_none_answers(
+        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe],
+        answer: PeerInfo | Exception, error: type[ServiceError], message: str) -> None:
+    """Nothing answering is a 503 (a node started with RAFTKV_JOIN may not listen yet: its
+    join is asked again); something that answers, and not as that node, a 409."""
+    loop, replier, cluster = _Loop(), _Replier(), _Cluster({"n1": "127.0.0.1:5001"})
+    fake_probe(answer)
+    _join(cluster.handler(tmp_path, loop), replier, 1, "n4", N4)
+    _probe_answered(loop)
+    assert type(replier.errors.get(1)) is error, replier.errors
+    assert message in str(replier.errors[1])
+    assert cluster.proposed == [] and replier.oks == {}
+
+
+def test_a_members_rejoin_a_promotion_and_a_refusal_need_no_probe(
+        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe]) -> None:
+    """What the membership answers alone is answered at once, as before the probe: a member
+    asking again (a joining node's retry), a learner's promotion (the core promotes only a
+    caught-up learner), a member that moved, an address that is a member's."""
+    loop, replier = _Loop(), _Replier()
+    cluster = _Cluster({"n1": "127.0.0.1:5001"}, {"n4": N4})
+    probe = fake_probe(AssertionError("no probe"))
+    handler = cluster.handler(tmp_path, loop)
+    _join(handler, replier, 1, "n1", "127.0.0.1:5001")
+    _join(handler, replier, 2, "n4", N4, voter=False)
+    _join(handler, replier, 3, "n4", N4, voter=True)
+    _join(handler, replier, 4, "n4", "127.0.0.1:9", voter=False)
+    _join(handler, replier, 5, "n5", "127.0.0.1:5001")
+    assert replier.oks == {1: 7, 2: 7}
+    assert cluster.proposed == [ConfChange(ConfChangeOp.ADD_VOTER, "n4", N4)]
+    assert "another address; remove it first" in str(replier.errors[4])
+    assert "is the address of member n1" in str(replier.errors[5])
+    assert probe.asked == [] and loop.posted == []
+
+
+def test_a_join_checks_the_membership_again_once_the_probe_answered(
+        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe]) -> None:
+    """The membership may change while the probe runs (the same join asked twice, say): the
+    second addition is not proposed, the checks made anew answer it."""
+    loop, replier, cluster = _Loop(), _Replier(), _Cluster({"n1": "127.0.0.1:5001"})
+    probe = fake_probe(PeerInfo("n4", "127.0.0.1:4004", "c"))
+    probe.release.clear()
+    _join(cluster.handler(tmp_path, loop), replier, 1, "n4", N4, voter=False)
+    wait_until(lambda: probe.asked, WAIT_S, "the probe to be asked")
+    cluster.membership.learners = frozenset({"n4"})  # appended meanwhile, not applied here
+    cluster.addresses["n4"] = N4
+    probe.release.set()
+    _probe_answered(loop)
+    assert cluster.proposed == []
+    assert isinstance(replier.errors.get(1), UnavailableError), replier.errors
+    assert "not committed yet" in str(replier.errors[1])
+
+
+def test_a_join_without_an_id_adds_whom_the_probe_found_with_one_probe(
+        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe]) -> None:
+    loop, replier, cluster = _Loop(), _Replier(), _Cluster({"n1": "127.0.0.1:5001"})
+    probe = fake_probe(PeerInfo("n4", "127.0.0.1:4004", "c"))
+    _join(cluster.handler(tmp_path, loop), replier, 1, None, N4, timeout_s=60.0)
+    _probe_answered(loop)
+    assert probe.asked == [(N4, PROBE_TIMEOUT_S)]
+    assert cluster.proposed == [ConfChange(ConfChangeOp.ADD_LEARNER, "n4", N4)]
+
+
+def test_a_join_without_an_id_where_nothing_answers_is_a_503_to_retry(
+        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe]) -> None:
+    """It was a 409 like a definite mismatch, though the node may only not listen yet."""
+    loop, replier, cluster = _Loop(), _Replier(), _Cluster({"n1": "127.0.0.1:5001"})
+    fake_probe(ProbeFailed(f"{N4} did not finish the handshake in time"))
+    _join(cluster.handler(tmp_path, loop), replier, 1, None, N4)
+    _probe_answered(loop)
+    assert isinstance(replier.errors.get(1), UnavailableError), replier.errors
+    assert cluster.proposed == []

@@ -1,5 +1,6 @@
-"""A blocking, one-shot handshake: who listens at a raft address (for a join that names no
-node id). Runs off the event loop (a short-lived thread); the connection is closed at once."""
+"""A blocking, one-shot handshake: who listens at a raft address (for a join: the id of the node
+there, which must be the id a join names). Runs off the event loop (a short-lived thread);
+the connection is closed at once."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import socket
 import ssl
 import time
+from typing import Final
 
 from raftkv.codec import FrameKind
 from raftkv.framing import FrameDecoder, FrameError, encode_frame
@@ -23,8 +25,22 @@ from raftkv.runtime.transport.tls import certificate_names
 __all__ = ["ProbeFailed", "probe"]
 
 
+_DEFINITE_REJECTIONS: Final = frozenset({"wrong_token", "wrong_cluster", "version"})
+"""A listener's refusals that asking again will not lift: another token, cluster or version."""
+
+
 class ProbeFailed(Exception):
-    """Nobody answered at the address, or not as a raftkv node holding our token."""
+    """Nobody answered at the address, or not as a raftkv node holding our token.
+
+    `definite`: something answered, and not as a node that could be a member (it speaks no
+    raftkv protocol, holds another token, belongs to another cluster or protocol version,
+    presents a certificate of another CA or one that does not name the id it answers with):
+    asking again will not change that. Otherwise nothing answered in full (no listener yet,
+    unreachable, closed, timed out): the node may not be listening yet."""
+
+    def __init__(self, message: str, *, definite: bool = False) -> None:
+        super().__init__(message)
+        self.definite = definite
 
 
 def probe(address: str, *, token: str, node_id: str, cluster_id: str,
@@ -54,7 +70,8 @@ def probe(address: str, *, token: str, node_id: str, cluster_id: str,
                     if frames:
                         kind, payload = frames[0]
                         if kind != FrameKind.HANDSHAKE:
-                            raise ProbeFailed(f"{address} does not speak the raftkv protocol")
+                            raise ProbeFailed(f"{address} does not speak the raftkv protocol",
+                                              definite=True)
                         return payload
 
             auth = handshake.on_hello(next_frame())
@@ -64,9 +81,14 @@ def probe(address: str, *, token: str, node_id: str, cluster_id: str,
                 names = certificate_names(sock.getpeercert())
                 if listener.node_id not in names:
                     raise ProbeFailed(f"{address}'s certificate does not name "
-                                      f"{listener.node_id}")
+                                      f"{listener.node_id}, the id it answers with",
+                                      definite=True)
             return listener
-    except (HandshakeRejected, HandshakeFailed, FrameError, ssl.SSLError) as e:
+    except HandshakeRejected as e:
+        raise ProbeFailed(str(e), definite=e.reason in _DEFINITE_REJECTIONS) from None
+    except (HandshakeFailed, FrameError, ssl.SSLCertVerificationError) as e:
+        raise ProbeFailed(str(e), definite=True) from None
+    except ssl.SSLError as e:  # the TLS handshake broke off: maybe only this connection
         raise ProbeFailed(str(e)) from None
     except OSError as e:
         raise ProbeFailed(f"cannot reach {address}: {e.strerror or e}") from None

@@ -1,5 +1,5 @@
 """The blocking one-shot probe (raftkv.runtime.transport.probe): who listens at a raft
-address, asked from outside the event loop (a join that names no node id)."""
+address, asked from outside the event loop (a join: who is there, and is it the node named)."""
 
 from __future__ import annotations
 
@@ -24,22 +24,25 @@ def test_probe_returns_the_listener_identity_even_to_an_unknown_node(make_node: 
 def test_probe_with_a_wrong_token_fails_with_the_reason(make_node: MakeNode) -> None:
     b = make_node("b")
 
-    with pytest.raises(ProbeFailed, match="wrong_token"):
+    with pytest.raises(ProbeFailed, match="wrong_token") as failed:
         probe(b.address, cluster_id=CLUSTER, token="wrong", node_id="joiner", timeout_s=WAIT_S)
+    assert failed.value.definite  # asking again will not change it: a join is a 409
 
 
 def test_probe_from_another_cluster_fails_with_the_reason(make_node: MakeNode) -> None:
     b = make_node("b")
 
-    with pytest.raises(ProbeFailed, match="wrong_cluster"):
+    with pytest.raises(ProbeFailed, match="wrong_cluster") as failed:
         probe(b.address, cluster_id="elsewhere", token=TOKEN, node_id="joiner",
               timeout_s=WAIT_S)
+    assert failed.value.definite
 
 
 def test_probe_of_a_closed_port_fails() -> None:
-    with pytest.raises(ProbeFailed, match="cannot reach"):
+    with pytest.raises(ProbeFailed, match="cannot reach") as failed:
         probe(f"127.0.0.1:{closed_port()}", cluster_id="", token=TOKEN, node_id="x",
               timeout_s=WAIT_S)
+    assert not failed.value.definite  # the node may not listen yet: a join is a 503
 
 
 def test_probe_of_something_that_is_not_a_raftkv_node_fails() -> None:
@@ -53,17 +56,19 @@ def test_probe_of_something_that_is_not_a_raftkv_node_fails() -> None:
 
         t = threading.Thread(target=http_server, daemon=True)
         t.start()
-        with pytest.raises(ProbeFailed):
+        with pytest.raises(ProbeFailed) as failed:
             probe(f"127.0.0.1:{port}", cluster_id="", token=TOKEN, node_id="x",
                   timeout_s=WAIT_S)
         t.join(WAIT_S)
+    assert failed.value.definite
 
 
 def test_probe_of_a_listener_that_never_answers_fails_at_its_deadline() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
-        with pytest.raises(ProbeFailed):
+        with pytest.raises(ProbeFailed) as failed:
             probe(f"127.0.0.1:{port}", cluster_id="", token=TOKEN, node_id="x", timeout_s=0.3)
+    assert not failed.value.definite
 
 
 def test_probe_of_a_bad_address_fails_with_value_error() -> None:
