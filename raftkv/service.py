@@ -327,7 +327,19 @@ def nospace_error(raised: Iterable[tuple[str, str]],
 
 
 class MembershipChangeError(ServiceError):
+    """409. `probe`: "mismatch" when a join's probe found something other than the node it
+    names at its address (another node id, a certificate not naming it, a node of another
+    cluster, no raftkv node): final, where other refusals may pass (a change under way)."""
+
     code = "membership_change_rejected"
+
+    def __init__(self, message: str, *, probe: str | None = None,
+                 leader: str | None = None) -> None:
+        super().__init__(message, leader=leader)
+        self.probe = probe
+
+    def details(self) -> dict[str, object]:
+        return {} if self.probe is None else {"probe": self.probe}
 
 
 class UnauthenticatedError(ServiceError):
@@ -394,6 +406,10 @@ def error_from_code(code: str, message: str, details: dict[str, object],
             token_id = details.get("token_id")
             return TokenConflictError(message, token_id=token_id if isinstance(token_id, str)
                                       else None, leader=leader)
+        elif cls is MembershipChangeError:
+            probe = details.get("probe")
+            return MembershipChangeError(message, probe=probe if isinstance(probe, str)
+                                         else None, leader=leader)
         elif cls is not None:
             return cls(message, leader=leader)
     except TypeError:  # a subclass with other required arguments: see below

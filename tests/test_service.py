@@ -11,6 +11,7 @@ from raftkv.codec import ErrorReply, ForwardResult, ForwardStatus, Reply
 from raftkv.service import (
     ConditionFailedError,
     LeaseNotFoundError,
+    MembershipChangeError,
     ServiceError,
     TokenConflictError,
     UnavailableError,
@@ -35,10 +36,12 @@ def sample_error(cls: type[ServiceError]) -> ServiceError:
         return LeaseNotFoundError("no such lease", lease_id=12)
     if cls is TokenConflictError:
         return TokenConflictError("already created", token_id="abcd1234")
+    if cls is MembershipChangeError:
+        return MembershipChangeError("the node at h:1 answers as n5, not n4", probe="mismatch")
     return cls(f"a {cls.__name__}")
 
 
-FIELDS = ("key", "current_index", "lease_id", "token_id")
+FIELDS = ("key", "current_index", "lease_id", "token_id", "probe")
 """Every field beyond the message that an error class has."""
 
 
@@ -84,6 +87,15 @@ def test_a_token_conflict_without_a_token_id_crosses_without_one() -> None:
     error = TokenConflictError("the last admin token cannot be revoked")
     again = error_from_code(error.code, error.message, error.details())
     assert type(again) is TokenConflictError and again.token_id is None
+
+
+def test_a_membership_change_refusal_without_a_probe_mark_crosses_without_one() -> None:
+    """Only a join's probe mismatch is marked (a joining node gives up on it): another 409,
+    one that may pass, must not arrive marked."""
+    error = MembershipChangeError("another membership change is not committed yet")
+    assert error.details() == {}
+    again = error_from_code(error.code, error.message, error.details())
+    assert type(again) is MembershipChangeError and again.probe is None
 
 
 def test_an_unknown_error_code_becomes_unavailable_naming_the_code() -> None:

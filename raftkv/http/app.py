@@ -237,6 +237,8 @@ class _ErrorRenderer:
             body["outcome"] = "unknown"
         elif isinstance(ex, TokenConflictError) and ex.token_id is not None:
             body["id"] = ex.token_id
+        elif isinstance(ex, MembershipChangeError) and ex.probe is not None:
+            body["probe"] = ex.probe  # a join's probe found another node: asking again is vain
         elif isinstance(ex, UnauthenticatedError):
             resp.set_header("WWW-Authenticate", 'Bearer realm="raftkv"')
         if isinstance(ex, falcon.HTTPError) and ex.headers:

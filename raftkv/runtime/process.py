@@ -44,7 +44,7 @@ from raftkv.runtime.driver import CONF_CHANGE_WAIT_S, RaftDriver
 from raftkv.runtime.eventloop import EventLoop
 from raftkv.runtime.forwarding import Forwarder
 from raftkv.runtime.ready_handler import chunk_reader
-from raftkv.runtime.requests import NodeInfo, RequestHandler
+from raftkv.runtime.requests import PROBE_MISMATCH, NodeInfo, RequestHandler
 from raftkv.runtime.scheduling import apply_cpu_scheduling
 from raftkv.runtime.startup import FORMAT_VERSION, StartupError, join_headers, open_node
 from raftkv.runtime.transport import DEFAULT_MAX_FRAME_BYTES, PeerTransport
@@ -228,7 +228,8 @@ class RaftProcess:
         self.handler = RequestHandler(
             driver=driver, loop=loop,
             info=NodeInfo(s.node_id, s.http_advertise_addr, Path(s.data_dir), self.token,
-                          peer_tls.client if peer_tls.mode.dials_tls else None),
+                          peer_tls.client if peer_tls.mode.dials_tls else None,
+                          source_host=self.transport.source_host),  # a probe leaves as a link
             cluster_id=lambda: self.cluster_id, peer_http=self.transport.peer_http_address,
             extra_status=self._extra_status, render_metrics=self.metrics.render)
         self.workers = WorkerSupervisor(
@@ -476,6 +477,19 @@ class RaftProcess:
                     self.loop.call_soon_threadsafe(functools.partial(
                         self._join_refused, reason, advice))
                     return
+                if e.status == 409 and e.body.get("probe") == PROBE_MISMATCH:
+                    # Final too: the member probed our raft address and found another node,
+                    # or none of this cluster (other 409s may pass: a change under way).
+                    self.loop.call_soon_threadsafe(functools.partial(
+                        self._join_refused, "wrong_identity",
+                        f"{url} probed this node's raft address {s.raft_advertise_addr} and "
+                        f"did not find {s.node_id} there: {e.message}. Check that the address "
+                        "(RAFTKV_RAFT_ADVERTISE, else its entry in RAFTKV_PEERS, else "
+                        "RAFTKV_RAFT_ADDR) is this node's own raft address as the members reach "
+                        f"it, that its peer certificate (under peer TLS) names {s.node_id}, and "
+                        "that it holds this cluster's token (RAFTKV_CLUSTER_TOKEN); then start "
+                        "it again"))
+                    return
                 last_error = str(e)
                 time.sleep(0.5)
             except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as e:
@@ -646,11 +660,20 @@ def _warn_of_moved_addresses(s: Settings, driver: RaftDriver) -> None:
 
 
 class _Refused(ValueError):
-    """An HTTP error answer (`status`)."""
+    """An HTTP error answer (`status`); `body`: its JSON object ({} if it was none),
+    `message`: its "message" (at most MAX_ANSWER_MESSAGE_CHARS, on one line)."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, status: int, text: str, message: str,
+                 body: dict[str, object] | None = None) -> None:
+        super().__init__(text)
         self.status = status
+        self.message = message
+        self.body = body or {}
+
+
+MAX_ANSWER_MESSAGE_CHARS: Final = 2000
+"""The most of a member's error message a join logs (a join's reasons say what to fix)."""
+_MAX_ERROR_BODY_BYTES: Final = 64 * 1024
 
 
 _JOIN_TOKEN_ADVICE: Final = {
@@ -700,6 +723,26 @@ def names_own_socket(url: str, sock: socket.socket, advertised: str = "") -> boo
     return bool(infos)
 
 
+def _refused(url: str, status: int, raw: bytes) -> _Refused:
+    """The _Refused of an error answer: its JSON message in full (bounded), else its first
+    bytes."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return _Refused(status, f"{url} answered {status}: {raw[:200]!r}", "")
+    message = body.get("message")
+    text = "" if not isinstance(message, str) else "".join(
+        c if c.isprintable() else " " for c in message[:MAX_ANSWER_MESSAGE_CHARS])
+    if isinstance(message, str) and len(message) > MAX_ANSWER_MESSAGE_CHARS:
+        text += "..."
+    error = body.get("error")
+    code = f" {error}" if isinstance(error, str) and error.isidentifier() else ""
+    return _Refused(status, f"{url} answered {status}{code}: {text or repr(raw[:200])}", text,
+                    body)
+
+
 def _http_json(url: str, body: bytes | None, timeout_s: float,
                headers: dict[str, str] | None = None) -> dict[str, object]:
     req = urllib.request.Request(url, data=body, method="POST" if body else "GET",
@@ -708,7 +751,7 @@ def _http_json(url: str, body: bytes | None, timeout_s: float,
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             answer = json.loads(resp.read())
     except urllib.error.HTTPError as e:
-        raise _Refused(e.code, f"{url} answered {e.code}: {e.read()[:200]!r}") from None
+        raise _refused(url, e.code, e.read(_MAX_ERROR_BODY_BYTES)) from None
     if not isinstance(answer, dict):
         raise ValueError(f"{url} gave an unexpected answer")
     return answer

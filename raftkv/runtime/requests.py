@@ -9,11 +9,13 @@ serialisation of a backup) run on short-lived threads and come back through the 
 
 A join adds a new member only once a probe found a raftkv node of this cluster answering at
 its address as the id it names (the id the probe learns, for a join that names none),
-with a certificate naming that id under peer TLS: the handshake the leader's link to it will
-run. Without it, a node that is not listening, or is another node, would be added as a
-learner that never catches up (every handshake of the link failing) until removed. A join
-that names its id meets the membership checks first: a member's re-join, a promotion and a
-refusal need no probe.
+with a certificate naming that id under peer TLS: the same handshake a link runs, from the
+member asked (the change then goes to the leader, forwarded if this node is not it), leaving
+from the address this node's links leave from. Without it, a node that is not listening, or
+is another node, would be added as a learner that never catches up (every handshake of the
+leader's link failing) until removed. A join that names its id meets the membership checks
+first: a member's re-join, a promotion and a refusal need no probe. At most MAX_PROBES
+probes run at once.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from raftkv.service import (
 )
 from snapshots.checksum import CHECKSUM_ALGORITHM, new_hasher
 
-__all__ = ["MAX_BACKUPS", "MAX_WATCHES", "Replier", "RequestHandler"]
+__all__ = ["MAX_BACKUPS", "MAX_PROBES", "MAX_WATCHES", "Replier", "RequestHandler"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,12 @@ MAX_BACKUPS: Final = 2
 MAX_WATCHES: Final = 100_000
 """Watches one node keeps waiting (each costs a few hundred bytes here and in a worker)."""
 PROBE_TIMEOUT_S: Final = 5.0
+MAX_PROBES: Final = 8
+"""Joins' probes running at once (each a thread, a connection and up to PROBE_TIMEOUT_S);
+a join beyond them is a 503 to retry."""
+PROBE_MISMATCH: Final = "mismatch"
+"""MembershipChangeError.probe of a join whose probe found another node, or none of this
+cluster, at the address: asking again will not change it (a joining node gives up)."""
 
 
 class Replier(Protocol):
@@ -84,6 +92,9 @@ class NodeInfo:
     token: str
     tls: ssl.SSLContext | None = None
     """The client context of peer TLS, when this node dials peers with TLS (a probe too)."""
+    source_host: str | None = None
+    """The local address this node's peer links leave from (process.peer_source_host), a
+    probe too: None, the kernel picks."""
 
 
 class _Answer:
@@ -130,6 +141,7 @@ class RequestHandler:
         self._extra_status = extra_status
         self._render_metrics = render_metrics
         self._backups = 0
+        self._probes = 0
         self._transfers: list[tuple[str, float, _Answer]] = []
         driver.state_listeners.append(self._on_state)
         self._ops: dict[RequestOp, Callable[[Replier, Request], None]] = {
@@ -321,6 +333,9 @@ class RequestHandler:
         """`probe_s`: a new member is added only once a probe of `address` (this long at
         most) found node `node_id` there; None: it was probed already."""
         driver = self._driver
+        if driver.fatal is not None:  # stopped while the probe ran: as handle() on arrival
+            replier.reply_error(rid, UnavailableError(f"node stopped: {driver.fatal}"))
+            return
         membership = driver.core.membership
         done = _Answer(replier, rid, lambda _result: driver.sm.applied_index)
         known = driver.address_of(node_id)
@@ -368,35 +383,48 @@ class RequestHandler:
                then: Callable[[PeerInfo], None], failed: Callable[[ServiceError], None]) -> None:
         """Who listens at `address` (node `expected`, if not None), asked off the loop; the
         answer comes back on the loop: `then(peer)`, or `failed(error)`: a 503 when nothing
-        answered (the node may not listen yet: retry), a 409 when something else did."""
+        answered (the node may not listen yet: retry) or MAX_PROBES run already, a 409
+        marked probe="mismatch" when something else did."""
+        if self._probes >= MAX_PROBES:
+            failed(UnavailableError(f"too many joins being checked ({MAX_PROBES} probes run on "
+                                    "this node); retry"))
+            return
         info = self._info
         cluster_id = self._cluster_id()
         post = self._loop.call_soon_threadsafe
 
+        def answer(outcome: Callable[[], None]) -> None:  # on the loop
+            self._probes -= 1
+            outcome()
+
         def ask() -> None:
+            error: ServiceError
             try:
                 peer = probe(address, token=info.token, node_id=info.node_id,
-                             cluster_id=cluster_id, timeout_s=timeout_s, tls=info.tls)
+                             cluster_id=cluster_id, timeout_s=timeout_s, tls=info.tls,
+                             source_host=info.source_host)
             except ProbeFailed as e:
-                error: ServiceError = (
-                    MembershipChangeError(f"no raftkv node of this cluster answered at "
-                                          f"{address}: {e}") if e.definite else
-                    UnavailableError(f"no raftkv node answered at {address} ({e}): retry once "
-                                     "it listens there"))
+                error = _probe_error(address, expected, e)
             except ValueError as e:
-                error = MembershipChangeError(f"no raftkv node answered at {address}: {e}")
+                error = MembershipChangeError(f"{address} is not a raft address to probe: {e}")
+            except Exception as e:  # a bug: the join is answered, the slot given back
+                log.exception("event=join_probe_failed address=%s", address)
+                error = UnavailableError(f"the join's probe of {address} failed "
+                                         f"({type(e).__name__}); see the node's log; retry")
             else:
                 if expected is None or peer.node_id == expected:
-                    post(lambda: then(peer))
+                    post(lambda: answer(lambda: then(peer)))
                     return
                 error = MembershipChangeError(
                     f"the node at {address} answers as {peer.node_id}, not {expected}: give "
-                    f"{expected}'s own raft address")
-            post(lambda: failed(error))
+                    f"{expected}'s own raft address", probe=PROBE_MISMATCH)
+            post(lambda: answer(lambda: failed(error)))
 
+        self._probes += 1
         try:
             threading.Thread(target=ask, name="join-probe", daemon=True).start()
         except RuntimeError as e:  # no thread to be had
+            self._probes -= 1
             failed(UnavailableError(f"the join's probe could not be started: {e}; retry"))
 
     def _remove(self, replier: Replier, request: Request) -> None:
@@ -559,6 +587,29 @@ class _Callback:
 
     def fail(self, error: ServiceError) -> None:
         self._fail(error)
+
+
+def _probe_error(address: str, expected: str | None, e: ProbeFailed) -> ServiceError:
+    """The answer to a join whose probe of `address` failed so: a 503 to retry when nothing
+    answered in full, else a 409 marked probe="mismatch" that says what answered."""
+    node = expected or "the node"
+    if e.mismatch is None:
+        return UnavailableError(f"no raftkv node answered at {address} ({e}): retry once it "
+                                "listens there, or check that this is its raft address (a "
+                                "server that never speaks first, an HTTP port say, is not)")
+    if e.mismatch == "certificate":
+        what = (f"the peer certificate presented at {address} does not prove it is {node} "
+                f"({e}): a member presents its own certificate, naming its id, from the "
+                "cluster's CA")
+    elif e.mismatch == "cluster":
+        what = (f"the node at {address} belongs to another cluster, or holds another cluster "
+                f"token ({e}): a member needs this cluster's token and id")
+    elif e.mismatch == "version":
+        what = f"the node at {address} speaks another protocol version ({e}): upgrade it"
+    else:
+        what = (f"what answers at {address} is not a raftkv node ({e}): give {node}'s raft "
+                "address, not its HTTP one")
+    return MembershipChangeError(what, probe=PROBE_MISMATCH)
 
 
 def _watch_row(state: KeyState, *, changed: bool) -> list[object]:

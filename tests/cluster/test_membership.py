@@ -200,11 +200,13 @@ def test_a_join_naming_an_id_is_refused_unless_that_node_answers_at_its_address(
         code, body, _ = http_json("POST", join, {"id": "n4", "address": nowhere}, timeout_s=10)
         assert code == 503 and body["error"] == "unavailable", body
         assert f"no raftkv node answered at {nowhere}" in body["message"], body
+        assert "probe" not in body, body  # it may listen soon: a joining node asks again
         with answering_as(cluster.token, "n5") as other:
             code, body, _ = http_json("POST", join, {"id": "n4", "address": other},
                                       timeout_s=10)
         assert code == 409 and body["error"] == "membership_change_rejected", body
         assert f"the node at {other} answers as n5, not n4" in body["message"], body
+        assert body["probe"] == "mismatch", body  # final: a joining node stops on it
         # A node started with RAFTKV_JOIN that advertises a raft address nobody listens at.
         new = cluster.add_node()
         assert new.node_id == "n4"
@@ -221,6 +223,29 @@ def test_a_join_naming_an_id_is_refused_unless_that_node_answers_at_its_address(
     cluster.start(new, join=leader.http)
     wait_until(lambda: members(cluster, leader).get("n4", {}).get("voter") is True, 30,
                "n4 to join at its own address and be promoted")
+
+
+def test_a_joining_node_that_another_node_answers_for_stops_at_once_saying_why(
+        cluster: LocalCluster) -> None:
+    """Found by a review: a join refused because its probe found another node at the joining
+    node's raft address (a 409 as final as a refused token: asking again finds the same) was
+    asked again for 60 s like a refusal that may pass, and logged cut at 200 bytes. The 409
+    is marked "probe": "mismatch" now: the node stops at once (exit 2), logging the member's
+    whole message and what to check."""
+    leader = cluster.wait_for_leader()
+    new = cluster.add_node()
+    with answering_as(cluster.token, "n9") as other:
+        new.env["RAFTKV_RAFT_ADVERTISE"] = other
+        cluster.start(new, join=leader.http)
+        assert new.proc is not None
+        assert new.proc.wait(timeout=20) == 2
+    log = new.log_text()
+    nid = new.node_id
+    assert f"event=join_refused node={nid} reason=wrong_identity" in log, log
+    assert (f"the node at {other} answers as n9, not {nid}: give {nid}'s own raft address"
+            in log), log
+    assert "RAFTKV_RAFT_ADVERTISE" in log and "event=join_retrying" not in log, log
+    assert nid not in members(cluster, leader)
 
 
 def test_a_promotion_naming_another_address_is_refused_not_a_silent_move(
@@ -452,9 +477,12 @@ def test_a_join_asked_again_before_the_addition_committed_is_told_to_retry(
     followers paused), the leader said "already a member" with its commit index, below the
     addition, which a new leader could yet overwrite (found by reviews): it is a 503 "retry"
     now, and once the addition committed, "already a member" with an index past it. The
-    election timeout (3-6 s) keeps the leader a leader through the two 1 s requests."""
-    with running_cluster(tmp_path, request=request,
-                         env={"RAFTKV_ELECTION_TICKS": "150"}) as cluster:
+    first request's probe gets 2 s (half its 4 s timeout: with 1 s, a probe's 0.5 s could
+    run out under load); the election timeout (6-12 s, the check-quorum step-down 6 s after
+    the pause at the earliest) keeps the leader a leader through the 4 s request and the
+    next one, answered at once."""
+    with running_cluster(tmp_path, request=request, timeout_s=30,
+                         env={"RAFTKV_ELECTION_TICKS": "300"}) as cluster:
         _join_asked_again(cluster)
 
 
@@ -463,7 +491,7 @@ def _join_asked_again(cluster: LocalCluster) -> None:
     followers = [n for n in cluster.nodes if n is not leader]
     with answering_as(cluster.token, "n9") as address:  # what n9's addition probes
         body = {"id": "n9", "address": address, "voter": False}
-        join = f"{leader.http}/cluster/join?timeout=1"
+        join = f"{leader.http}/cluster/join?timeout=4"
         for n in followers:
             cluster.pause(n)
         try:

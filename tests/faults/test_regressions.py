@@ -133,7 +133,14 @@ def test_a_node_killed_right_after_its_join_catches_up_when_restarted(
     the join (its data dir "has state") and, knowing no peer, refused every peer's handshake
     as unknown_node (PeerTransport only admits known peers): the leader could never reach it
     and it stayed a learner with an empty log forever. The leader's traffic to the joining
-    node is blocked here until it has been killed, to make that window wide."""
+    node is blocked here until it has been killed, to make that window wide.
+    The join is asked at the other member, which the block spares: a join is probed by the
+    member asked, from the raft address its links leave from, so a join asked at the leader
+    found nothing answering (a 503 the joining node asks again, until it gives up). This
+    test once blocked every member and asked the leader, and passed only because the probe
+    left from 127.0.0.1, past the rules. The member asked forwards the addition to the
+    leader and, a follower, sends the joining node no log: nothing but the leader's could
+    give it any, and the leader's is blocked, as the bug needed."""
     fw, why = open_firewall()
     if fw is None:
         pytest.skip(why)
@@ -145,12 +152,17 @@ def test_a_node_killed_right_after_its_join_catches_up_when_restarted(
         _remove(c, victim.node_id)
         c.kill(victim)
         c.wipe(victim)
-        for other in c.nodes:
-            if other is not victim:
-                fw.block(PeerEndpoint(other.node_id, other.raft_host, other.raft_port),
-                         PeerEndpoint(victim.node_id, victim.raft_host, victim.raft_port))
-        c.start(victim, join=leader.http)
+        leader = c.wait_for_leader(among=[n for n in c.nodes if n is not victim],
+                                   timeout_s=10)
+        asked = next(n for n in c.nodes if n is not leader and n is not victim)
+        fw.block(PeerEndpoint(leader.node_id, leader.raft_host, leader.raft_port),
+                 PeerEndpoint(victim.node_id, victim.raft_host, victim.raft_port))
+        c.start(victim, join=asked.http)
         wait_until(lambda: "event=joined" in victim.log_text(), 30, "the join to finish")
+        # The window is open: nothing came from the leader (it applied nothing), so the
+        # restart below is the bug's restart.
+        joined = next(x for x in victim.log_text().splitlines() if "event=joined" in x)
+        assert " applied=0" in joined, joined
         c.kill(victim)
         fw.heal()
         c.start(victim, join=leader.http)

@@ -196,3 +196,16 @@ def test_a_refused_membership_change_is_409_with_the_reason(client: TestClient,
     assert result.status_code == 409
     assert result.json["error"] == "membership_change_rejected"
     assert "caught-up" in result.json["message"]
+    assert "probe" not in result.json
+
+
+def test_a_join_whose_probe_found_another_node_is_409_marked_as_a_mismatch(
+        client: TestClient, fake: FakeService) -> None:
+    """The mark a joining node stops on (other 409s of a join may pass: it asks again)."""
+    fake.fail_next.append(MembershipChangeError("the node at h:1 answers as n5, not n4",
+                                                probe="mismatch"))
+    result = client.simulate_post("/cluster/join", json={"id": "n4", "address": "h:1"})
+    assert result.status_code == 409
+    assert result.json["error"] == "membership_change_rejected"
+    assert result.json["probe"] == "mismatch"
+    assert "answers as n5, not n4" in result.json["message"]

@@ -1199,8 +1199,8 @@ def test_an_incarnation_seen_before_a_removal_is_never_recorded_for_the_node_add
         net: Net) -> None:
     """Found by a review: every node noted the first incarnation each peer presented, and
     only a leader pruned those notes. n3 was removed, a follower that had noted n3's old data
-    dir became leader, n3 was added back (`raftkv members add` before its new, empty data dir
-    started), and that leader recorded the OLD incarnation: the new n3 was refused for good.
+    dir became leader, n3 was added back by a join (with its new, empty data dir), and that
+    leader recorded the OLD incarnation: the new n3 was refused for good.
     Notes now go with a member's removal (seen in the entries of a Ready, or covered by a
     snapshot), and only members are noted."""
     n1, n2 = net.nodes["n1"], net.nodes["n2"]

@@ -35,8 +35,7 @@ def test_a_follower_that_gets_a_removal_and_the_re_add_together_forgets_its_note
         driver.check_incarnation("n5", "old")
     ticks(net, n1, HOUSEKEEPING_TICKS + 3)
     assert n4.driver.sm.incarnations.get("n5") == "old"
-    # n4 is cut off (its process runs on); n5 is removed, wiped and added back
-    # (`raftkv members add` before its new, empty data dir starts)
+    # n4 is cut off (its process runs on); n5 is removed, wiped and added back by a join
     n1.driver.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n5"), Done())
     ticks(net, n1, 3, cut_off="n4")
     n1.driver.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n5", "127.0.0.1:5"),

@@ -5,6 +5,7 @@ address, as the id its join names, before it is added."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +18,20 @@ from raftkv.auth import ROOT_TOKEN_ID, Role, TokenRecord, TokenTable, token_dige
 from raftkv.codec import Request, RequestOp
 from raftkv.core import ConfChange, ConfChangeOp
 from raftkv.localcluster import wait_until
-from raftkv.runtime.requests import MAX_BACKUPS, PROBE_TIMEOUT_S, NodeInfo, RequestHandler
+from raftkv.runtime.requests import (
+    MAX_BACKUPS,
+    MAX_PROBES,
+    PROBE_TIMEOUT_S,
+    NodeInfo,
+    RequestHandler,
+)
 from raftkv.runtime.transport.handshake import PeerInfo
 from raftkv.runtime.transport.probe import ProbeFailed
 from raftkv.service import MembershipChangeError, ServiceError, UnavailableError
 
 WAIT_S = 5.0
+SOURCE_HOST = "127.0.0.9"
+"""The raft host this node's links leave from (NodeInfo.source_host)."""
 
 
 class _Loop:
@@ -70,7 +79,7 @@ def _handler(tmp_path: Path, loop: _Loop, view: object = None,
              **driver_attrs: object) -> RequestHandler:
     driver_attrs.setdefault("sm", SimpleNamespace(snapshot_view=lambda: view))
     driver = SimpleNamespace(state_listeners=[], fatal=None, **driver_attrs)
-    info = NodeInfo("n1", "127.0.0.1:1", tmp_path, "token")
+    info = NodeInfo("n1", "127.0.0.1:1", tmp_path, "token", source_host=SOURCE_HOST)
     return RequestHandler(driver=cast(Any, driver), loop=cast(Any, loop), info=info,
                           cluster_id=lambda: "c", peer_http=lambda _n: None,
                           extra_status=dict, render_metrics=bytes)
@@ -176,10 +185,12 @@ class _Cluster:
         self.proposed: list[ConfChange] = []
 
     def handler(self, tmp_path: Path, loop: _Loop) -> RequestHandler:
-        return _handler(tmp_path, loop, core=SimpleNamespace(membership=self.membership),
-                        sm=self.sm, address_of=self.addresses.get,
-                        propose_conf_change=lambda change, _done, wait_s=None:
-                        self.proposed.append(change))
+        handler = _handler(tmp_path, loop, core=SimpleNamespace(membership=self.membership),
+                           sm=self.sm, address_of=self.addresses.get,
+                           propose_conf_change=lambda change, _done, wait_s=None:
+                           self.proposed.append(change))
+        self.driver = cast(SimpleNamespace, handler._driver)
+        return handler
 
 
 class _Probe:
@@ -189,10 +200,12 @@ class _Probe:
     def __init__(self, answer: PeerInfo | Exception) -> None:
         self.answer = answer
         self.asked: list[tuple[str, float]] = []
+        self.sources: list[object] = []
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(self, address: str, *, timeout_s: float, **_kwargs: object) -> PeerInfo:
+    def __call__(self, address: str, *, timeout_s: float, **kwargs: object) -> PeerInfo:
+        self.sources.append(kwargs.get("source_host"))
         self.asked.append((address, timeout_s))
         assert self.release.wait(WAIT_S)
         if isinstance(self.answer, Exception):
@@ -234,42 +247,75 @@ def test_a_join_naming_its_id_adds_the_node_only_once_a_probe_found_it_there(
     probe.release.set()
     _probe_answered(loop)
     assert probe.asked == [(N4, 1.5)]
+    assert probe.sources == [SOURCE_HOST]  # it leaves from where the links leave from
     assert cluster.proposed == [ConfChange(ConfChangeOp.ADD_LEARNER, "n4", N4)]
     assert replier.errors == {}
 
 
 @pytest.mark.parametrize(("answer", "error", "message"), [
     (ProbeFailed(f"cannot reach {N4}: Connection refused"), UnavailableError,
-     f"no raftkv node answered at {N4} (cannot reach {N4}: Connection refused): retry"),
-    (ProbeFailed(f"{N4} refused the handshake: wrong_token", definite=True),
-     MembershipChangeError, f"no raftkv node of this cluster answered at {N4}: {N4} refused"),
-    (ProbeFailed(f"{N4}'s certificate does not name n4", definite=True),
-     MembershipChangeError, "certificate does not name n4"),
+     f"no raftkv node answered at {N4} (cannot reach {N4}: Connection refused): retry once "
+     "it listens there, or check that this is its raft address"),
+    (ProbeFailed(f"{N4} did not finish the handshake in time"), UnavailableError,
+     "a server that never speaks first, an HTTP port say, is not"),
+    (ProbeFailed(f"{N4} refused the handshake: wrong_token", mismatch="cluster"),
+     MembershipChangeError, f"the node at {N4} belongs to another cluster, or holds another "
+     f"cluster token ({N4} refused the handshake: wrong_token)"),
+    (ProbeFailed(f"{N4} refused the handshake: version", mismatch="version"),
+     MembershipChangeError, f"the node at {N4} speaks another protocol version"),
+    (ProbeFailed(f"{N4}'s certificate does not name n5, the id it answers with",
+                 mismatch="certificate"),
+     MembershipChangeError, f"the peer certificate presented at {N4} does not prove it is n4 "
+     f"({N4}'s certificate does not name n5"),
+    (ProbeFailed(f"{N4} does not speak the raftkv protocol", mismatch="protocol"),
+     MembershipChangeError, f"what answers at {N4} is not a raftkv node"),
     (PeerInfo("n5", "127.0.0.1:4005", "c"), MembershipChangeError,
      f"the node at {N4} answers as n5, not n4"),
-], ids=["nothing-listens", "another-token", "certificate-of-another", "another-node"])
+], ids=["nothing-listens", "never-speaks", "another-token", "another-version",
+        "certificate-of-another", "not-raftkv", "another-node"])
 def test_a_join_naming_its_id_is_refused_when_another_node_or_none_answers(
         tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe],
         answer: PeerInfo | Exception, error: type[ServiceError], message: str) -> None:
     """Nothing answering is a 503 (a node started with RAFTKV_JOIN may not listen yet: its
-    join is asked again); something that answers, and not as that node, a 409."""
+    join is asked again); something that answers, and not as that node, a 409 marked
+    probe="mismatch" (a joining node stops: asking again would not change it), whose message
+    says what answered (it said "no raftkv node of this cluster answered" for a node of this
+    cluster with another certificate)."""
     loop, replier, cluster = _Loop(), _Replier(), _Cluster({"n1": "127.0.0.1:5001"})
     fake_probe(answer)
     _join(cluster.handler(tmp_path, loop), replier, 1, "n4", N4)
     _probe_answered(loop)
-    assert type(replier.errors.get(1)) is error, replier.errors
-    assert message in str(replier.errors[1])
+    refusal = replier.errors.get(1)
+    assert type(refusal) is error, replier.errors
+    assert message in str(refusal)
+    assert refusal.details() == ({"probe": "mismatch"} if error is MembershipChangeError
+                                 else {})
     assert cluster.proposed == [] and replier.oks == {}
 
 
+def _thread_recorder(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """raftkv.runtime.requests.threading, replaced: the names of the threads the handler
+    starts (none runs), seen as the handler starts them, not once they ran."""
+    started: list[str] = []
+
+    def thread(*, target: Callable[[], None], name: str, daemon: bool) -> SimpleNamespace:
+        return SimpleNamespace(start=lambda: started.append(name))
+
+    monkeypatch.setattr("raftkv.runtime.requests.threading", SimpleNamespace(Thread=thread))
+    return started
+
+
 def test_a_members_rejoin_a_promotion_and_a_refusal_need_no_probe(
-        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe]) -> None:
+        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """What the membership answers alone is answered at once, as before the probe: a member
     asking again (a joining node's retry), a learner's promotion (the core promotes only a
-    caught-up learner), a member that moved, an address that is a member's."""
+    caught-up learner), a member that moved, an address that is a member's. (A probe's
+    thread is seen as it is started: a stray probe still running would not be.)"""
     loop, replier = _Loop(), _Replier()
     cluster = _Cluster({"n1": "127.0.0.1:5001"}, {"n4": N4})
     probe = fake_probe(AssertionError("no probe"))
+    threads = _thread_recorder(monkeypatch)
     handler = cluster.handler(tmp_path, loop)
     _join(handler, replier, 1, "n1", "127.0.0.1:5001")
     _join(handler, replier, 2, "n4", N4, voter=False)
@@ -280,7 +326,7 @@ def test_a_members_rejoin_a_promotion_and_a_refusal_need_no_probe(
     assert cluster.proposed == [ConfChange(ConfChangeOp.ADD_VOTER, "n4", N4)]
     assert "another address; remove it first" in str(replier.errors[4])
     assert "is the address of member n1" in str(replier.errors[5])
-    assert probe.asked == [] and loop.posted == []
+    assert threads == [] and probe.asked == [] and loop.posted == []
 
 
 def test_a_join_checks_the_membership_again_once_the_probe_answered(
@@ -320,3 +366,70 @@ def test_a_join_without_an_id_where_nothing_answers_is_a_503_to_retry(
     _probe_answered(loop)
     assert isinstance(replier.errors.get(1), UnavailableError), replier.errors
     assert cluster.proposed == []
+
+
+def test_a_join_whose_node_stopped_while_the_probe_ran_is_a_503(
+        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe]) -> None:
+    """Found by a review: handle() answers 503 "node stopped" to what arrives after a fatal
+    error, but the join's second half, on the probe's answer, proposed all the same."""
+    loop, replier, cluster = _Loop(), _Replier(), _Cluster({"n1": "127.0.0.1:5001"})
+    probe = fake_probe(PeerInfo("n4", "127.0.0.1:4004", "c"))
+    probe.release.clear()
+    _join(cluster.handler(tmp_path, loop), replier, 1, "n4", N4)
+    wait_until(lambda: probe.asked, WAIT_S, "the probe to be asked")
+    cluster.driver.fatal = "storage failure: disk gone"
+    probe.release.set()
+    _probe_answered(loop)
+    assert isinstance(replier.errors.get(1), UnavailableError), replier.errors
+    assert "node stopped: storage failure: disk gone" in str(replier.errors[1])
+    assert cluster.proposed == [] and replier.oks == {}
+
+
+def test_a_probe_that_fails_with_a_bug_answers_503_and_logs_it(
+        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a review: the probe's thread caught ProbeFailed and ValueError only; anything
+    else ended it without an answer (the join waited for its 504) and kept its slot."""
+    loop, replier, cluster = _Loop(), _Replier(), _Cluster({"n1": "127.0.0.1:5001"})
+    fake_probe(KeyError("a bug in the probe"))
+    handler = cluster.handler(tmp_path, loop)
+    with caplog.at_level(logging.ERROR, logger="raftkv.runtime.requests"):
+        _join(handler, replier, 1, "n4", N4)
+        _probe_answered(loop)
+    assert isinstance(replier.errors.get(1), UnavailableError), replier.errors
+    assert "probe of 127.0.0.1:5004 failed (KeyError); see the node's log" in str(
+        replier.errors[1])
+    [record] = [r for r in caplog.records if "event=join_probe_failed" in r.getMessage()]
+    assert record.exc_info is not None and "a bug in the probe" in str(record.exc_info[1])
+    assert cluster.proposed == []
+
+
+def test_joins_beyond_max_probes_are_refused_while_their_probes_run(
+        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe]) -> None:
+    """Each probe is a thread and a connection for up to PROBE_TIMEOUT_S: joins to addresses
+    that never answer must not pile them up without bound. Beyond MAX_PROBES a join is a
+    503 to retry, answered at once; a probe's answer frees its place."""
+    loop, replier, cluster = _Loop(), _Replier(), _Cluster({"n1": "127.0.0.1:5001"})
+    probe = fake_probe(ProbeFailed("timed out"))
+    probe.release.clear()
+    handler = cluster.handler(tmp_path, loop)
+    for rid in range(MAX_PROBES):
+        _join(handler, replier, rid, f"n{10 + rid}", f"127.0.0.1:{6000 + rid}")
+    wait_until(lambda: len(probe.asked) == MAX_PROBES, WAIT_S, "the probes to be asked")
+    _join(handler, replier, 100, "n99", "127.0.0.1:6099")
+    assert isinstance(replier.errors.get(100), UnavailableError), replier.errors
+    assert "too many joins being checked" in str(replier.errors[100])
+    assert len(probe.asked) == MAX_PROBES and len(replier.errors) == 1
+    probe.release.set()
+    answered = [0]
+
+    def all_answered() -> bool:
+        answered[0] += loop.run_posted()
+        return answered[0] == MAX_PROBES
+
+    wait_until(all_answered, WAIT_S, "the probes to answer")
+    assert len(replier.errors) == MAX_PROBES + 1
+    _join(handler, replier, 101, "n99", "127.0.0.1:6099")
+    _probe_answered(loop)
+    assert len(probe.asked) == MAX_PROBES + 1
+    assert "no raftkv node answered" in str(replier.errors[101])

@@ -22,11 +22,20 @@ from raftkv.runtime.transport.handshake import (
 from raftkv.runtime.transport.outbound import parse_address
 from raftkv.runtime.transport.tls import certificate_names
 
-__all__ = ["ProbeFailed", "probe"]
+__all__ = ["MISMATCHES", "ProbeFailed", "probe"]
 
 
-_DEFINITE_REJECTIONS: Final = frozenset({"wrong_token", "wrong_cluster", "version"})
-"""A listener's refusals that asking again will not lift: another token, cluster or version."""
+_DEFINITE_REJECTIONS: Final = {"wrong_token": "cluster", "wrong_cluster": "cluster",
+                                "version": "version"}
+"""A listener's refusals that asking again will not lift (another token, cluster or version),
+and the mismatch each is."""
+
+
+MISMATCHES: Final = ("certificate", "cluster", "version", "protocol")
+"""What a definite failure found (ProbeFailed.mismatch): a certificate that does not prove the
+id (another CA's, or one not naming the id the node answers with); a node of another cluster
+(another token or cluster id); another protocol version; no raftkv node (it does not speak
+the handshake)."""
 
 
 class ProbeFailed(Exception):
@@ -35,18 +44,28 @@ class ProbeFailed(Exception):
     `definite`: something answered, and not as a node that could be a member (it speaks no
     raftkv protocol, holds another token, belongs to another cluster or protocol version,
     presents a certificate of another CA or one that does not name the id it answers with):
-    asking again will not change that. Otherwise nothing answered in full (no listener yet,
-    unreachable, closed, timed out): the node may not be listening yet."""
+    asking again will not change that; `mismatch` says which (one of MISMATCHES). Otherwise
+    nothing answered in full (no listener yet, unreachable, closed, timed out): the node may
+    not be listening yet."""
 
-    def __init__(self, message: str, *, definite: bool = False) -> None:
+    def __init__(self, message: str, *, mismatch: str | None = None) -> None:
         super().__init__(message)
-        self.definite = definite
+        assert mismatch is None or mismatch in MISMATCHES, mismatch
+        self.mismatch = mismatch
+
+    @property
+    def definite(self) -> bool:
+        return self.mismatch is not None
 
 
 def probe(address: str, *, token: str, node_id: str, cluster_id: str,
-          timeout_s: float, tls: ssl.SSLContext | None = None) -> PeerInfo:
+          timeout_s: float, tls: ssl.SSLContext | None = None,
+          source_host: str | None = None) -> PeerInfo:
     """`tls`: the peer TLS client context, when the cluster's peer port speaks TLS; the
-    listener's certificate must then name the node id it answers with."""
+    listener's certificate must then name the node id it answers with. `source_host`: the
+    local address to leave from, the one this node's peer links leave from
+    (PeerTransport.source_host; None: the kernel picks), so that the probe reaches what the
+    links reach, through the same firewall rules."""
     host, port = parse_address(address)
     deadline = time.monotonic() + timeout_s
     handshake = DialerHandshake(token=token.encode(), node_id=node_id, cluster_id=cluster_id,
@@ -54,7 +73,9 @@ def probe(address: str, *, token: str, node_id: str, cluster_id: str,
     decoder = FrameDecoder(MAX_HANDSHAKE_FRAME_BYTES)
     try:
         with contextlib.ExitStack() as stack:
-            raw = stack.enter_context(socket.create_connection((host, port), timeout=timeout_s))
+            source = None if source_host is None else (source_host, 0)
+            raw = stack.enter_context(socket.create_connection(
+                (host, port), timeout=timeout_s, source_address=source))
             sock = raw if tls is None else stack.enter_context(tls.wrap_socket(raw))
 
             def next_frame() -> bytes:
@@ -71,7 +92,7 @@ def probe(address: str, *, token: str, node_id: str, cluster_id: str,
                         kind, payload = frames[0]
                         if kind != FrameKind.HANDSHAKE:
                             raise ProbeFailed(f"{address} does not speak the raftkv protocol",
-                                              definite=True)
+                                              mismatch="protocol")
                         return payload
 
             auth = handshake.on_hello(next_frame())
@@ -82,12 +103,14 @@ def probe(address: str, *, token: str, node_id: str, cluster_id: str,
                 if listener.node_id not in names:
                     raise ProbeFailed(f"{address}'s certificate does not name "
                                       f"{listener.node_id}, the id it answers with",
-                                      definite=True)
+                                      mismatch="certificate")
             return listener
     except HandshakeRejected as e:
-        raise ProbeFailed(str(e), definite=e.reason in _DEFINITE_REJECTIONS) from None
-    except (HandshakeFailed, FrameError, ssl.SSLCertVerificationError) as e:
-        raise ProbeFailed(str(e), definite=True) from None
+        raise ProbeFailed(str(e), mismatch=_DEFINITE_REJECTIONS.get(e.reason)) from None
+    except ssl.SSLCertVerificationError as e:
+        raise ProbeFailed(str(e), mismatch="certificate") from None
+    except (HandshakeFailed, FrameError) as e:
+        raise ProbeFailed(str(e), mismatch="protocol") from None
     except ssl.SSLError as e:  # the TLS handshake broke off: maybe only this connection
         raise ProbeFailed(str(e)) from None
     except OSError as e:

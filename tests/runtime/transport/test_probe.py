@@ -27,6 +27,7 @@ def test_probe_with_a_wrong_token_fails_with_the_reason(make_node: MakeNode) -> 
     with pytest.raises(ProbeFailed, match="wrong_token") as failed:
         probe(b.address, cluster_id=CLUSTER, token="wrong", node_id="joiner", timeout_s=WAIT_S)
     assert failed.value.definite  # asking again will not change it: a join is a 409
+    assert failed.value.mismatch == "cluster"
 
 
 def test_probe_from_another_cluster_fails_with_the_reason(make_node: MakeNode) -> None:
@@ -36,6 +37,7 @@ def test_probe_from_another_cluster_fails_with_the_reason(make_node: MakeNode) -
         probe(b.address, cluster_id="elsewhere", token=TOKEN, node_id="joiner",
               timeout_s=WAIT_S)
     assert failed.value.definite
+    assert failed.value.mismatch == "cluster"
 
 
 def test_probe_of_a_closed_port_fails() -> None:
@@ -61,6 +63,7 @@ def test_probe_of_something_that_is_not_a_raftkv_node_fails() -> None:
                   timeout_s=WAIT_S)
         t.join(WAIT_S)
     assert failed.value.definite
+    assert failed.value.mismatch == "protocol"
 
 
 def test_probe_of_a_listener_that_never_answers_fails_at_its_deadline() -> None:
@@ -69,6 +72,28 @@ def test_probe_of_a_listener_that_never_answers_fails_at_its_deadline() -> None:
         with pytest.raises(ProbeFailed) as failed:
             probe(f"127.0.0.1:{port}", cluster_id="", token=TOKEN, node_id="x", timeout_s=0.3)
     assert not failed.value.definite
+    assert failed.value.mismatch is None
+
+
+@pytest.mark.parametrize("source_host", ["127.0.0.2", None])
+def test_probe_leaves_from_the_source_host_its_links_leave_from(
+        make_node: MakeNode, source_host: str | None) -> None:
+    """Found by a review: outbound links bind to the node's raft host, the probe did not (it
+    left from 127.0.0.1 where each node has its own 127.x address), so firewall rules that
+    match the source, those of tests/faults above all, did not apply to it: a join's probe
+    reached a node that the member's links could not."""
+    b = make_node("b")
+    with socket.create_server(("127.0.0.1", 0)) as server:  # never speaks: the probe waits
+        port = server.getsockname()[1]
+        with pytest.raises(ProbeFailed):
+            probe(f"127.0.0.1:{port}", cluster_id="", token=TOKEN, node_id="x", timeout_s=0.2,
+                  source_host=source_host)
+        conn, (peer_host, _port) = server.accept()  # queued by the kernel meanwhile
+        conn.close()
+    assert peer_host == (source_host or "127.0.0.1")
+    # And a probe from the source host goes through to a node as before.
+    assert probe(b.address, cluster_id="", token=TOKEN, node_id="x", timeout_s=WAIT_S,
+                 source_host=source_host).node_id == "b"
 
 
 def test_probe_of_a_bad_address_fails_with_value_error() -> None:
