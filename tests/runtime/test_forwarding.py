@@ -51,47 +51,14 @@ from raftkv.service import (
     NoLeaderError,
     OutcomeUnknownError,
     ReadTimeoutError,
-    ServiceError,
     UnavailableError,
 )
 from snapshots.memory import MemorySnapshotStore
 from snapshots.policy import SnapshotPolicy
 from storage.memory import MemoryRaftStorage
+from tests.support.completions import Done
 
 MEMBERS = {"n1": "127.0.0.1:1", "n2": "127.0.0.1:2", "n3": "127.0.0.1:3"}
-
-
-class Done:
-    """A Completion that records its one outcome."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[tuple[bool, object]] = []
-
-    def ok(self, value: object) -> None:
-        self.outcomes.append((True, value))
-
-    def fail(self, error: ServiceError) -> None:
-        self.outcomes.append((False, error))
-
-    @property
-    def done(self) -> bool:
-        assert len(self.outcomes) <= 1, f"completed more than once: {self.outcomes}"
-        return bool(self.outcomes)
-
-    @property
-    def value(self) -> object:
-        assert self.done, "not completed"
-        ok, value = self.outcomes[0]
-        assert ok, f"failed: {value!r}"
-        return value
-
-    @property
-    def error(self) -> ServiceError:
-        assert self.done, "not completed"
-        ok, value = self.outcomes[0]
-        assert not ok, f"succeeded: {value!r}"
-        assert isinstance(value, ServiceError)
-        return value
 
 
 @dataclass

@@ -85,6 +85,7 @@ from raftkv.settings import Settings, from_sources
 from snapshots.memory import MemorySnapshotStore
 from snapshots.policy import SnapshotPolicy
 from storage.memory import MemoryRaftStorage
+from tests.support.completions import Done
 
 
 def settings(tmp_path: Path) -> Settings:
@@ -256,17 +257,6 @@ def test_the_largest_command_an_http_request_makes_fits_in_an_entry() -> None:
     for cmd in (one_value, batch):
         data = encode_command(cmd, request_id, token_id)
         assert Entry(1, 1, EntryKind.NORMAL, data).size_bytes <= limit, len(data)
-
-
-class Done:
-    def __init__(self) -> None:
-        self.outcomes: list[tuple[bool, object]] = []
-
-    def ok(self, value: object) -> None:
-        self.outcomes.append((True, value))
-
-    def fail(self, error: ServiceError) -> None:
-        self.outcomes.append((False, error))
 
 
 class NoFrames:
