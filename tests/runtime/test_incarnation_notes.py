@@ -10,7 +10,8 @@ import pytest
 
 from raftkv.core import ConfChange, ConfChangeOp, Role
 from raftkv.runtime.driver import HOUSEKEEPING_TICKS
-from tests.runtime.test_forwarding import Done, Net, Node, install_snapshot, ticks
+from tests.runtime.test_forwarding import Net, Node, install_snapshot, ticks
+from tests.support.completions import Done
 
 FIVE = {f"n{i}": f"127.0.0.1:{i}" for i in range(1, 6)}
 
