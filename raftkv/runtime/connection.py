@@ -36,6 +36,7 @@ READ_BYTES: Final = 256 << 10
 READS_PER_TURN: Final = 16
 MAX_IOV: Final = 512
 """Buffers per sendmsg() (Linux takes up to 1024)."""
+HEAD_BYTES: Final = 2
 
 
 @dataclass(slots=True)
@@ -51,7 +52,7 @@ OnClosed = Callable[[str], None]
 class Connection:
     __slots__ = ("_closed", "_decoder", "_incoming", "_loop", "_on_closed", "_on_frames",
                  "_on_tls_ready", "_out", "_outgoing", "_plain", "_tls", "_tls_ready",
-                 "_want_write", "fd", "name", "out_bytes", "sock")
+                 "_want_write", "fd", "head", "name", "out_bytes", "sock")
 
     def __init__(self, loop: EventLoop, sock: socket.socket, *, max_frame_bytes: int,
                  on_frames: OnFrames, on_closed: OnClosed, name: str) -> None:
@@ -74,6 +75,9 @@ class Connection:
         self._plain: list[bytes] = []
         """TLS: plaintext waiting to be encrypted (until the TLS handshake is done)."""
         self._on_tls_ready: Callable[[], None] | None = None
+        self.head = b""
+        """The first bytes read off the socket (up to HEAD_BYTES, before any TLS): enough to
+        tell a TLS record from a frame when a handshake fails."""
         loop.register(self.fd, EPOLLIN, self._on_events)
 
     @property
@@ -230,6 +234,8 @@ class Connection:
                 reason = "closed by the other side"
                 break
             more = len(data) == READ_BYTES
+            if len(self.head) < HEAD_BYTES:
+                self.head += data[:HEAD_BYTES - len(self.head)]
             if self._tls is not None:
                 try:
                     data = self._tls_read(data)

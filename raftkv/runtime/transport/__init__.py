@@ -107,6 +107,7 @@ class PeerTransport:
         self._http_addresses: dict[str, str] = {}
         self._refusals = RateLimitedLog()
         self._too_large = RateLimitedLog()
+        self._mismatches = RateLimitedLog()
         self._listener = Listener(self, loop, listen_sock)
         self._closed = False
 
@@ -229,6 +230,15 @@ class PeerTransport:
         elif reason == "replaced_member" and self._on_replaced_by is not None:
             self._on_replaced_by(link.peer_id)
 
+    def tls_mismatch(self, link: OutboundLink, reason: str, advice: str) -> None:
+        """The link's handshake failed on the ends' TLS settings: one warning per address and
+        reason per interval (the link redials with back-off, the warning need not)."""
+        suppressed = self._mismatches.admit(link.address, reason)
+        if suppressed is not None:
+            log.warning("event=peer_tls_mismatch node=%s peer=%s address=%s reason=%s "
+                        "suppressed=%d advice=%r", self.node_id, link.peer_id, link.address,
+                        reason, suppressed, advice)
+
     def frame_too_large(self, link: OutboundLink, kind: int, payload_bytes: int) -> None:
         """A frame for `link` was not sent: over the bound the peer reads with, it would close
         the link, and whatever made the frame would send it again after the redial."""
@@ -279,11 +289,14 @@ class PeerTransport:
     def deliver(self, peer_id: str, frames: list[tuple[int, bytes]]) -> None:
         self._deliver(peer_id, frames)
 
-    def refused(self, remote_host: str, remote: str, reason: str, detail: str) -> None:
-        """A connection or frame was refused: one warning per host and reason per interval."""
+    def refused(self, remote_host: str, remote: str, reason: str, detail: str,
+                advice: str = "") -> None:
+        """A connection or frame was refused: one warning per host and reason per interval.
+        The detail (it may quote the remote) is cut short; the advice (ours) is not."""
         if self._closed:
             return
         suppressed = self._refusals.admit(remote_host, reason)
         if suppressed is not None:
             log.warning("event=peer_rejected node=%s remote=%s reason=%s suppressed=%d "
-                        "detail=%r", self.node_id, remote, reason, suppressed, detail[:200])
+                        "detail=%r%s", self.node_id, remote, reason, suppressed, detail[:200],
+                        f" advice={advice!r}" if advice else "")

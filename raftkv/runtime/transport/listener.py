@@ -25,7 +25,13 @@ from raftkv.runtime.transport.handshake import (
     reject_message,
 )
 from raftkv.runtime.transport.outbound import tune
-from raftkv.runtime.transport.tls import SNIFF_S, TLS_RECORD_HANDSHAKE, PeerTLS
+from raftkv.runtime.transport.tls import (
+    SNIFF_S,
+    TLS_RECORD_HANDSHAKE,
+    PeerTLS,
+    is_tls_record,
+    mismatch_advice,
+)
 
 __all__ = ["Listener"]
 
@@ -55,7 +61,10 @@ class ListenerOwner(Protocol):
 
     def deliver(self, peer_id: str, frames: list[tuple[int, bytes]]) -> None: ...
 
-    def refused(self, remote_host: str, remote: str, reason: str, detail: str) -> None: ...
+    def refused(self, remote_host: str, remote: str, reason: str, detail: str,
+                advice: str = "") -> None:
+        """Log it (rate-limited); `advice`, what the operator should change, in full."""
+        ...
 
 
 def _format(sockaddr: object) -> tuple[str, str]:
@@ -193,7 +202,9 @@ class Listener:
             self._release_host(host)
             sock.close()
             self._owner.refused(host, remote, "plaintext_refused",
-                                "this peer port speaks TLS only (--peer-tls on)")
+                                "this peer port speaks TLS only (RAFTKV_PEER_TLS=on)",
+                                mismatch_advice(remote, peer_tls=False, dialing=False,
+                                                here=self._owner.tls.mode.value))
 
         def readable(_mask: int) -> None:
             try:
@@ -246,8 +257,7 @@ class Listener:
     def _on_deadline(self, conn: Connection) -> None:
         pending = self._forget(conn)
         if pending is not None:
-            self._owner.refused(pending.host, pending.remote, "bad_handshake",
-                                "handshake timed out")
+            self._refused(conn, pending, "bad_handshake", "handshake timed out")
             conn.set_handlers(_ignore_frames, _ignore_close)
             conn.close("handshake timed out")
 
@@ -255,7 +265,17 @@ class Listener:
         pending = self._forget(conn)
         if pending is not None:
             code = "tls_failed" if reason.startswith("TLS failed") else "bad_handshake"
-            self._owner.refused(pending.host, pending.remote, code, reason)
+            self._refused(conn, pending, code, reason)
+
+    def _refused(self, conn: Connection, pending: _Pending, code: str, detail: str) -> None:
+        """A plaintext handshake that broke on a TLS record (a TLS dialer at a plaintext peer
+        port) is refused as `tls_peer`, saying what to change; anything else as `code`."""
+        if conn.tls or not is_tls_record(conn.head):
+            self._owner.refused(pending.host, pending.remote, code, detail)
+            return
+        self._owner.refused(pending.host, pending.remote, "tls_peer", detail,
+                            mismatch_advice(pending.remote, peer_tls=True, dialing=False,
+                                            here=self._owner.tls.mode.value))
 
     def _on_handshake(self, conn: Connection, frames: list[tuple[int, bytes]]) -> None:
         pending = self._pending.get(conn)

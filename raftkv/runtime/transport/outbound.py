@@ -34,7 +34,7 @@ from raftkv.runtime.transport.handshake import (
     HandshakeRejected,
     PeerInfo,
 )
-from raftkv.runtime.transport.tls import PeerTLS
+from raftkv.runtime.transport.tls import PeerTLS, is_tls_record, mismatch_advice
 
 __all__ = ["OutboundLink", "parse_address"]
 
@@ -101,6 +101,11 @@ class LinkOwner(Protocol):
 
     def frame_too_large(self, link: OutboundLink, kind: int, payload_bytes: int) -> None:
         """A frame for the link was refused: over max_frame_bytes."""
+        ...
+
+    def tls_mismatch(self, link: OutboundLink, reason: str, advice: str) -> None:
+        """The handshake failed because the peer speaks TLS and this node not (reason
+        tls_peer), or the reverse (plaintext_peer): `advice` says what to change."""
         ...
 
 
@@ -341,8 +346,33 @@ class OutboundLink:
 
     def _on_closed(self, reason: str) -> None:
         if self._state in (_HANDSHAKE, _UP):
-            self._conn = None
+            conn, self._conn = self._conn, None
+            if self._state == _HANDSHAKE and conn is not None:
+                reason = self._tls_mismatch(conn, reason)
             self._failed(reason)
+
+    def _tls_mismatch(self, conn: Connection, reason: str) -> str:
+        """The handshake's connection closed: if that is the two ends disagreeing on TLS, tell
+        the owner and return the reason with the advice; else the reason as it was."""
+        if conn.tls:
+            # Our ClientHello was answered with something other than a TLS record (a
+            # plaintext peer port's hello frame).
+            mismatch = bool(conn.head) and not is_tls_record(conn.head)
+        else:
+            # A TLS record back, or closed before the listener's hello without a byte: what
+            # a TLS-only peer port does to a dialer silent for its sniff window.
+            mismatch = is_tls_record(conn.head) or (
+                not conn.head and self._handshake_step == 0
+                and reason == "closed by the other side")
+        if not mismatch:
+            return reason
+        code = "plaintext_peer" if conn.tls else "tls_peer"
+        advice = mismatch_advice(self.address, peer_tls=not conn.tls, dialing=True,
+                                 here=self._owner.tls.mode.value)
+        if not conn.tls and not conn.head:
+            advice = f"probably {advice} (it closed the connection before its hello)"
+        self._owner.tls_mismatch(self, code, advice)
+        return f"{reason}: {code}: {advice}"
 
     def _on_timeout(self) -> None:
         self._timer = None

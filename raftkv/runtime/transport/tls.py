@@ -21,6 +21,12 @@ end that understands the other. (Backwards, to turn it off: the same steps in re
 A listener that accepts both tells them apart by the first bytes: a TLS ClientHello starts
 with the handshake record type (0x16); a plaintext dialer sends nothing until it hears the
 listener's hello, so after SNIFF_S of silence the listener takes it for plaintext.
+
+Ends that disagree (one node's mode forgotten) are named as such at both ends, with what to
+change (mismatch_advice): a TLS-only listener refuses a plaintext dialer as plaintext_refused,
+a plaintext listener whose handshake broke on a TLS record refuses it as tls_peer, and a
+dialer answered in the other kind (or, dialing plaintext, closed on before any hello) logs
+event=peer_tls_mismatch (reason tls_peer or plaintext_peer, once per address per interval).
 """
 
 from __future__ import annotations
@@ -33,10 +39,40 @@ from typing import Any, Final
 from raftkv.files import FileProblem, check_small_file
 
 __all__ = ["SNIFF_S", "TLS_RECORD_HANDSHAKE", "PeerTLS", "TLSMode", "TLSSetupError",
-           "certificate_names"]
+           "certificate_names", "is_tls_record", "mismatch_advice"]
 
 SNIFF_S: Final = 0.2
 TLS_RECORD_HANDSHAKE: Final = 0x16
+
+
+_CERT_SETTINGS: Final = ("RAFTKV_PEER_CERT_FILE, RAFTKV_PEER_KEY_FILE and "
+                         "RAFTKV_PEER_TRUSTED_CA_FILE")
+
+
+def is_tls_record(head: bytes) -> bool:
+    """Do a stream's first bytes start a TLS record (type 0x14-0x17, major version 3)? A
+    peer frame starts with its 4-byte length instead, never that large."""
+    return len(head) >= 2 and 0x14 <= head[0] <= 0x17 and head[1] == 0x03
+
+
+def mismatch_advice(peer: str, *, peer_tls: bool, here: str, dialing: bool) -> str:
+    """What to change when the two ends of a peer connection disagree on TLS: `peer_tls`,
+    the peer at `peer` speaks TLS and this node (in mode `here`) plaintext, else the reverse;
+    `dialing`, this node dialed it. Either end can be moved, by the rolling switch's modes."""
+    certs = f", with {_CERT_SETTINGS}"
+    if peer_tls:
+        what = f"the peer at {peer} speaks TLS, this node plaintext"
+        fix_there = "accept plaintext (RAFTKV_PEER_TLS=migrate-accept)" if dialing \
+            else "dial plaintext (RAFTKV_PEER_TLS=migrate-accept)"
+        fix_here = (f"dial TLS (RAFTKV_PEER_TLS=migrate-dial{certs})" if dialing
+                    else f"accept TLS (RAFTKV_PEER_TLS=migrate-accept{certs})")
+    else:
+        what = f"the peer at {peer} speaks plaintext, this node TLS"
+        fix_there = (f"accept TLS (RAFTKV_PEER_TLS=migrate-accept{certs})" if dialing
+                     else f"dial TLS (RAFTKV_PEER_TLS=migrate-dial{certs})")
+        fix_here = "dial plaintext (RAFTKV_PEER_TLS=migrate-accept)" if dialing \
+            else "accept plaintext (RAFTKV_PEER_TLS=migrate-accept)"
+    return f"{what} (RAFTKV_PEER_TLS={here}): let it {fix_there}, or let this node {fix_here}"
 
 
 class TLSMode(enum.Enum):
