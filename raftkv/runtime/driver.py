@@ -72,6 +72,7 @@ from raftkv.metrics import NodeMetrics
 from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StorageFull
 from raftkv.runtime.boot import load_boot_state
 from raftkv.runtime.ready_handler import ReadyHandler, chunk_reader
+from raftkv.runtime.transport.refusals import RateLimitedLog
 from raftkv.runtime.watch import WatchRegistry
 from raftkv.service import (
     MAX_LEASE_KEYS_SHOWN,
@@ -276,7 +277,7 @@ class RaftDriver:
         self._alarm_proposed_at = -1e9
         self._dropped_count = 0
         self._dropped_log_at = 0.0
-        self._too_large_log_at: dict[str, float] = {}
+        self._too_large_log = RateLimitedLog(TOO_LARGE_LOG_S, clock=self._clock)
         self.fatal: str | None = None
         self.reachable: dict[str, bool] = {}
         self.state_listeners: list[Callable[[SoftState], None]] = []
@@ -719,9 +720,7 @@ class RaftDriver:
         """The core refused a proposal of the driver's own as over Config.max_entry_bytes (a
         config that leaves too little room): logged at most once per TOO_LARGE_LOG_S for
         each kind; the caller retries as it does after any refusal."""
-        now = self._clock()
-        if now >= self._too_large_log_at.get(proposal, -1e9):
-            self._too_large_log_at[proposal] = now + TOO_LARGE_LOG_S
+        if self._too_large_log.admit(self.core.id, proposal) is not None:
             log.error("event=proposal_too_large node=%s proposal=%s error=%s", self.core.id,
                       proposal, e)
 

@@ -5,6 +5,7 @@ connections or frames must not become a flood of log lines."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Final
 
 __all__ = ["RateLimitedLog"]
@@ -17,14 +18,16 @@ class RateLimitedLog:
     """Decides when to log; the caller logs. One thread (the event loop)."""
 
     def __init__(self, interval_s: float = DEFAULT_INTERVAL_S,
-                 max_keys: int = DEFAULT_MAX_KEYS) -> None:
+                 max_keys: int = DEFAULT_MAX_KEYS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._interval_s = interval_s
+        self._clock = clock
         self._max_keys = max_keys
         self._seen: dict[tuple[str, str], tuple[float, int]] = {}
 
     def admit(self, source: str, reason: str) -> int | None:
         """None: stay quiet; else log now, saying this many were suppressed before."""
-        now = time.monotonic()
+        now = self._clock()
         key = (source, reason)
         last = self._seen.get(key)
         if last is not None and now - last[0] < self._interval_s:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from raftkv.runtime.transport import refusals
 from raftkv.runtime.transport.refusals import RateLimitedLog
 
 
@@ -18,15 +17,13 @@ class FakeClock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr(refusals, "time", fake)
-    return fake
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 def test_the_first_refusal_is_logged_then_quiet_until_the_interval_passes(
         clock: FakeClock) -> None:
-    log = RateLimitedLog(interval_s=10.0)
+    log = RateLimitedLog(interval_s=10.0, clock=clock.monotonic)
     assert log.admit("10.0.0.1", "wrong_token") == 0
     assert [log.admit("10.0.0.1", "wrong_token") for _ in range(5)] == [None] * 5
     clock.now += 9.9
@@ -37,7 +34,7 @@ def test_the_first_refusal_is_logged_then_quiet_until_the_interval_passes(
 
 
 def test_sources_and_reasons_are_limited_apart(clock: FakeClock) -> None:
-    log = RateLimitedLog(interval_s=10.0)
+    log = RateLimitedLog(interval_s=10.0, clock=clock.monotonic)
     assert log.admit("10.0.0.1", "wrong_token") == 0
     assert log.admit("10.0.0.2", "wrong_token") == 0
     assert log.admit("10.0.0.1", "malformed") == 0
@@ -45,7 +42,7 @@ def test_sources_and_reasons_are_limited_apart(clock: FakeClock) -> None:
 
 
 def test_many_sources_do_not_grow_it_without_bound(clock: FakeClock) -> None:
-    log = RateLimitedLog(interval_s=10.0, max_keys=100)
+    log = RateLimitedLog(interval_s=10.0, max_keys=100, clock=clock.monotonic)
     for i in range(1000):
         assert log.admit(f"10.0.{i // 256}.{i % 256}", "bad_handshake") == 0
     assert len(log._seen) <= 100  # the bound is the behaviour under test
