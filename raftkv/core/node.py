@@ -200,7 +200,7 @@ class RaftNode:
         ProposalTooLarge if its entry would be over Config.max_entry_bytes."""
         self._check_can_propose()
         entry = Entry(self.log.last_index() + 1, self.term, EntryKind.NORMAL, data)
-        self._check_entry_size(entry)
+        self._check_entry_size(entry.size_bytes)
         self._append_entry(entry)
         return entry.index
 
@@ -208,15 +208,14 @@ class RaftNode:
         """ProposalTooLarge if `propose(data)` would raise it, on any node (a follower refuses
         such a command before it forwards it to the leader). Once per proposal: a length
         check, no Entry made."""
-        if len(data) + ENTRY_HEAD_BYTES > self.config.max_entry_bytes:
-            self._check_entry_size(Entry(1, 1, EntryKind.NORMAL, data))
+        self._check_entry_size(len(data) + ENTRY_HEAD_BYTES)
 
     def propose_conf_change(self, change: ConfChange) -> int:
         """Propose a single-server membership change; returns its index. ProposalTooLarge if
         its entry would be over Config.max_entry_bytes."""
         self._check_can_propose()
-        self._check_entry_size(
-            Entry(self.log.last_index() + 1, self.term, EntryKind.CONF_CHANGE, change=change))
+        entry = Entry(self.log.last_index() + 1, self.term, EntryKind.CONF_CHANGE, change=change)
+        self._check_entry_size(entry.size_bytes)
         if self.log.term(self.log.commit) != self.term:
             raise ConfChangeRejected("the leader has not committed an entry in its term yet",
                                      transient=True)
@@ -228,7 +227,6 @@ class RaftNode:
         except ValueError as e:
             raise ConfChangeRejected(str(e)) from None
         self._check_strict_reconfiguration(change, new)
-        entry = Entry(self.log.last_index() + 1, self.term, EntryKind.CONF_CHANGE, change=change)
         self._append_entry(entry)
         return entry.index
 
@@ -753,12 +751,13 @@ class RaftNode:
         if self._lead_transferee is not None:
             raise ProposalDropped(f"leadership is being transferred to {self._lead_transferee}")
 
-    def _check_entry_size(self, entry: Entry) -> None:
-        """Every entry must fit in one AppendRequest that fits in one frame to a follower
-        (Config.max_entry_bytes): a larger one would be sent, and refused, forever."""
-        if entry.size_bytes > self.config.max_entry_bytes:
+    def _check_entry_size(self, size_bytes: int) -> None:
+        """Every entry (of Entry.size_bytes `size_bytes`) must fit in one AppendRequest that
+        fits in one frame to a follower (Config.max_entry_bytes): the link refuses a larger
+        frame, and that follower would stall."""
+        if size_bytes > self.config.max_entry_bytes:
             raise ProposalTooLarge(
-                f"the entry would be {entry.size_bytes} bytes; a log entry holds at most "
+                f"the entry would be {size_bytes} bytes; a log entry holds at most "
                 f"{self.config.max_entry_bytes}")
 
     def _append_entry(self, entry: Entry) -> None:

@@ -160,7 +160,7 @@ class RaftProcess:
                                     s.peer_key_file, s.peer_trusted_ca_file)
         except TLSSetupError as e:
             raise StartupError(str(e)) from None
-        config = raft_config(s)
+        config = raft_config(s, DEFAULT_MAX_FRAME_BYTES)  # the bound the transport reads with
         state = open_node(s)
         self.state = state
         self.cluster_id = state.plan.cluster_id
