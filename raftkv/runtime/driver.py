@@ -140,6 +140,8 @@ class FrameSender(Protocol):
 
     def has_output(self, to: str) -> bool: ...
 
+    def has_link(self, to: str) -> bool: ...
+
     def set_peers(self, peers: Mapping[str, str]) -> None: ...
 
 
@@ -807,10 +809,6 @@ class RaftDriver:
         self.sync_peers()
 
     def sync_peers(self) -> None:
-        self.frames.set_peers(self.peer_links())
-
-    def peer_links(self) -> dict[str, str]:
-        """node id -> address of every peer this node keeps a link to (sync_peers)."""
         # A node that is joining knows no members yet: it accepts every known address.
         members = set(self.core.membership.members or self._addresses)
         # A leader that is removing itself is no member in the configuration its followers
@@ -823,8 +821,8 @@ class RaftDriver:
         # next tick after that: a removal it forwarded itself is answered over that link.
         members.update(self._applied_membership.members)
         members.update(self.core.membership_at(self.sm.applied_index).members)
-        return {nid: self._addresses[nid] for nid in members
-                if nid != self.core.id and nid in self._addresses}
+        self.frames.set_peers({nid: self._addresses[nid] for nid in members
+                               if nid != self.core.id and nid in self._addresses})
 
     def learn_addresses(self, addresses: Mapping[str, str]) -> None:
         """Peer addresses learned outside the log (a joining node asks the cluster)."""

@@ -113,26 +113,6 @@ class _Unsent:
     payload: bytes
 
 
-class _Kept:
-    """Leader side: one follower's FORWARD_RESULT frames its link did not take yet, oldest
-    first, and their bytes (MAX_KEPT_ANSWER_BYTES)."""
-
-    __slots__ = ("frames", "nbytes")
-
-    def __init__(self) -> None:
-        self.frames: deque[_Unsent] = deque()
-        self.nbytes = 0
-
-    def append(self, frame: _Unsent) -> None:
-        self.frames.append(frame)
-        self.nbytes += len(frame.payload)
-
-    def popleft(self) -> _Unsent:
-        frame = self.frames.popleft()
-        self.nbytes -= len(frame.payload)
-        return frame
-
-
 class _AnswerFollower:
     """Leader side: the outcome of one forwarded item, queued for its follower."""
 
@@ -182,7 +162,7 @@ class Forwarder:
         self._out: list[Forward] = []
         self._waiting: dict[int, _Waiting] = {}
         self._answers: dict[str, list[ForwardResult]] = {}
-        self._unsent: dict[str, _Kept] = {}
+        self._unsent: dict[str, deque[_Unsent]] = {}
         """Per follower, in order: frames of answers its link did not take yet."""
         self._next_fid = rng.getrandbits(52)
         self._drops = RateLimitedLog()
@@ -372,12 +352,13 @@ class Forwarder:
             self._drop_undeliverable(now)
         send = self._frames.send
         kind = FrameKind.FORWARD_RESULT
-        for peer in [*unsent, *(p for p in answers if p not in unsent)]:
+        peers = [*unsent, *(p for p in answers if p not in unsent)] if unsent else answers
+        for peer in peers:
             kept = unsent.get(peer)
             if kept is not None:
-                while kept.frames and send(peer, kind, kept.frames[0].payload):
+                while kept and send(peer, kind, kept[0].payload):
                     kept.popleft()
-                if not kept.frames:
+                if not kept:
                     del unsent[peer]
                     kept = None
             results = answers.get(peer)
@@ -388,20 +369,25 @@ class Forwarder:
                 if kept is None:
                     if send(peer, kind, payload):
                         continue
-                    kept = unsent[peer] = _Kept()
+                    kept = unsent[peer] = deque()
                 if now is None:
                     now = self._clock()
                 kept.append(_Unsent(now, len(chunk), payload))
-            if kept is not None and kept.nbytes > MAX_KEPT_ANSWER_BYTES:
+            if kept is not None:
                 self._drop_oldest(peer, kept)
 
-    def _drop_oldest(self, peer: str, kept: _Kept) -> None:
-        """`peer`'s kept frames passed MAX_KEPT_ANSWER_BYTES: the oldest go (their follower
-        is the nearest to giving up on them)."""
+    def _drop_oldest(self, peer: str, kept: deque[_Unsent]) -> None:
+        """Past MAX_KEPT_ANSWER_BYTES of `peer`'s kept frames, the oldest go (their follower
+        is the nearest to giving up on them). Only after a refusal: the sum is not kept."""
+        excess = sum(len(u.payload) for u in kept) - MAX_KEPT_ANSWER_BYTES
+        if excess <= 0:
+            return
         dropped = 0
-        while kept.frames and kept.nbytes > MAX_KEPT_ANSWER_BYTES:
-            dropped += kept.popleft().answers
-        if not kept.frames:
+        while kept and excess > 0:
+            frame = kept.popleft()
+            excess -= len(frame.payload)
+            dropped += frame.answers
+        if not kept:
             del self._unsent[peer]
         self._answers_dropped(peer, "too_many", dropped)
 
@@ -409,18 +395,18 @@ class Forwarder:
         """Forget the answers kept for a follower this node no longer keeps a link to (it
         was removed), and those older than FORWARD_TIMEOUT_S (the follower gave up on
         them): what waits for a link that stays down is bounded."""
-        linked = self._driver.peer_links()
+        has_link = self._frames.has_link
         for peer, kept in list(self._unsent.items()):
-            if peer not in linked:
+            if not has_link(peer):
                 del self._unsent[peer]
-                self._answers_dropped(peer, "not_linked", sum(u.answers for u in kept.frames))
+                self._answers_dropped(peer, "not_linked", sum(u.answers for u in kept))
                 continue
             stale = 0
-            while kept.frames and now - kept.frames[0].since > FORWARD_TIMEOUT_S:
+            while kept and now - kept[0].since > FORWARD_TIMEOUT_S:
                 stale += kept.popleft().answers
             if stale:
                 self._answers_dropped(peer, "too_old", stale)
-            if not kept.frames:
+            if not kept:
                 del self._unsent[peer]
 
     def _answers_dropped(self, peer: str, reason: str, answers: int) -> None:

@@ -106,6 +106,9 @@ class Outbox:
     def has_output(self, to: str) -> bool:
         return to in self.unsent
 
+    def has_link(self, to: str) -> bool:
+        return to in self.linked
+
     def set_peers(self, peers: Mapping[str, str]) -> None:
         self.linked = set(peers)
 
@@ -138,6 +141,7 @@ class Node:
         self.forwarder = Forwarder(self.driver, self.frames, random.Random(seed),
                                    clock=net.clock)
         self.driver.forwarder = self.forwarder
+        self.driver.sync_peers()  # as the Raft process does at start
 
     @property
     def core(self) -> RaftNode:

@@ -269,6 +269,9 @@ class NoFrames:
     def has_output(self, to: str) -> bool:
         return False
 
+    def has_link(self, to: str) -> bool:
+        return False
+
     def set_peers(self, peers: Any) -> None:
         pass
 

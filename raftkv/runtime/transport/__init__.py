@@ -178,6 +178,10 @@ class PeerTransport:
         self._dirty.add(link)
         return link.send(kind, payload)
 
+    def has_link(self, to: str) -> bool:
+        """Whether this node keeps a link to `to` (set_peers)."""
+        return to in self._links
+
     def has_output(self, to: str) -> bool:
         """Frames for `to` that have not reached the kernel yet (stopping its link would drop
         them)."""
