@@ -78,7 +78,6 @@ from raftkv.runtime.transport.handshake import MAX_ID_CHARS
 from raftkv.service import (
     MAX_VALUE_BYTES,
     InvalidRequestError,
-    MembershipChangeError,
     ServiceError,
 )
 from raftkv.settings import Settings, from_sources
@@ -86,6 +85,7 @@ from snapshots.memory import MemorySnapshotStore
 from snapshots.policy import SnapshotPolicy
 from storage.memory import MemoryRaftStorage
 from tests.support.completions import Done
+from tests.support.single_node import FakeClock
 
 
 def settings(tmp_path: Path) -> Settings:
@@ -330,10 +330,10 @@ def test_the_leader_refuses_a_command_over_max_entry_bytes(leader: RaftDriver) -
     leader.propose(command(LIMIT), fits)
     leader.process()
 
-    ((ok, error),) = too_large.outcomes
-    assert not ok and isinstance(error, InvalidRequestError)
+    error = too_large.error
+    assert isinstance(error, InvalidRequestError)
     assert f"at most {LIMIT}" in str(error)
-    assert fits.outcomes and fits.outcomes[0][0]
+    assert fits.value is not None
     assert leader.core.log.last_index() == last + 1  # only the one that fits
 
 
@@ -359,8 +359,7 @@ def test_a_follower_refuses_a_command_over_max_entry_bytes_instead_of_forwarding
     follower.propose(command(LIMIT + 1), too_large)
     follower.propose(command(LIMIT), fits)
 
-    ((ok, error),) = too_large.outcomes
-    assert not ok and isinstance(error, InvalidRequestError)
+    assert isinstance(too_large.error, InvalidRequestError)
     assert forwards.proposals == [command(LIMIT)]
 
 
@@ -376,20 +375,12 @@ def test_the_leader_refuses_a_membership_change_over_max_entry_bytes_as_invalid(
     leader.propose_conf_change(huge, asked_here)
     leader.propose_conf_change_here(huge, lambda index: None, forwarded.append)
 
-    ((ok, error),) = asked_here.outcomes
-    assert not ok and isinstance(error, InvalidRequestError), error
+    error = asked_here.error
+    assert isinstance(error, InvalidRequestError), error
     assert f"at most {LIMIT}" in str(error)
     assert [type(e) for e in forwarded] == [InvalidRequestError]
-    assert not isinstance(error, MembershipChangeError)
+    assert error.code == "invalid_request"  # a 400, not membership_change_rejected (409)
     assert leader.core.log.last_index() == last
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_the_drivers_own_proposals_over_max_entry_bytes_are_logged_not_raised(
@@ -397,7 +388,7 @@ def test_the_drivers_own_proposals_over_max_entry_bytes_are_logged_not_raised(
     """A config whose max_entry_bytes leaves no room for the driver's own proposals (here:
     no command at all fits) must not end the loop turn in ProposalTooLarge: each kind is
     logged, at most once per TOO_LARGE_LOG_S, and tried again as after any refusal."""
-    clock = Clock()
+    clock = FakeClock()
     d = driver("n1", {"n1": "127.0.0.1:1"}, limit=20, clock=clock)
     d.core.campaign()
     d.process()  # the no-op (16 bytes) is the leader's own, not a proposal
