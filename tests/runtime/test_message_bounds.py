@@ -178,7 +178,8 @@ def test_an_entry_takes_at_most_its_size_bytes_and_the_overhead_in_an_append() -
 
 
 @pytest.mark.parametrize("config", [SMALL, Config("n1")], ids=["small", "default"])
-def test_no_message_a_core_sends_is_encoded_over_raft_message_bound(config: Config) -> None:
+def test_the_largest_messages_of_every_kind_encode_within_raft_message_bound(
+        config: Config) -> None:
     bound = raft_message_bound(config)
     sizes = {type(m).__name__: 0 for m in largest_messages(config)}
     for m in largest_messages(config):
