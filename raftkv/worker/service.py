@@ -95,6 +95,8 @@ __all__ = ["BackupFile", "NodeView", "RemoteService"]
 WATCH_SLACK_S: Final = 5.0
 """A watch is answered by the Raft process when its time runs out; the worker waits this much
 longer before it gives up on the Raft process."""
+WATCH_TOKEN_REVOKED: Final = ("the token this watch was sent with was revoked while it waited: "
+                              "nothing of the key is told to a revoked token")
 STATUS_TIMEOUT_S: Final = 5.0
 _BLOCK_BYTES: Final = 256 << 10
 
@@ -299,6 +301,13 @@ class RemoteService:
     def watch(self, key: str, after_index: int | None, timeout_s: float) -> WatchResult:
         row = self._result(RequestOp.WATCH, timeout_s, key, after_index,
                            on_timeout=self._busy, wait_s=timeout_s + WATCH_SLACK_S)
+        # A watch waits for up to a minute: the token it was let in with may have been
+        # revoked meanwhile. The Raft process pushes the new token table before it sends the
+        # answers of the turn that applied the revoke, so a watch that ends once this node
+        # applied the revoke tells a revoked token nothing (neither a change nor the key).
+        token_id = REQUEST_TOKEN_ID.get()
+        if token_id is not None and not self._view.authorizer.table.has(token_id):
+            raise UnauthenticatedError(WATCH_TOKEN_REVOKED)
         k, value, index, deleted, changed = row
         return WatchResult(k, value, index, deleted, changed)
 

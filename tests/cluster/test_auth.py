@@ -264,6 +264,48 @@ def _writes_past_a_revoke(cluster: LocalCluster, admin: Client, prefix: str) -> 
     return sorted(i for i in acked if i > revoke_index)
 
 
+def test_a_watch_ends_401_once_its_node_applied_its_tokens_revoke(
+        cluster: LocalCluster) -> None:
+    """Found on the left-alone list: a watch let in before its token's revoke was answered
+    with the change written after the revoke (the value, to a token that no longer exists).
+    Now a watch that ends once its node applied the revoke is 401, on every node (leader and
+    followers alike), and says why."""
+    nodes = cluster.nodes
+    with Client([n.http for n in nodes], timeout_s=5, token=ROOT) as admin:
+        admin.put("watched", 0)
+        reader = admin.token_create("read")
+        answers: dict[str, tuple[int, object]] = {}
+
+        def watch(node: NodeProc) -> None:
+            code, payload, _ = http_json("GET", f"{node.http}/keys/watched/?wait=true&timeout=30",
+                                         timeout_s=40, headers=bearer(reader.token))
+            answers[node.node_id] = (code, payload)
+
+        def watches_held(node: NodeProc) -> int:
+            code, status = call(node, "GET", "/status", ROOT)
+            assert code == 200 and isinstance(status, dict), status
+            return int(status.get("extra", {}).get("watches", 0))
+
+        threads = [threading.Thread(target=watch, args=(n,), daemon=True) for n in nodes]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: all(watches_held(n) >= 1 for n in nodes), 15,
+                       "every node to hold its watch")
+            admin.token_revoke(reader.token_id)
+            wait_until(lambda: all(error_code(n, "GET", "/keys/watched/", reader.token)[0] == 401
+                                   for n in nodes), 15, "every node to refuse the revoked token")
+            admin.put("watched", 1)
+        finally:
+            for t in threads:
+                t.join(45)
+    for n in nodes:
+        code, payload = answers[n.node_id]
+        assert code == 401 and isinstance(payload, dict), (n.node_id, code, payload)
+        assert payload["error"] == "unauthenticated", payload
+        assert "revoked while it waited" in payload["message"], payload
+
+
 def test_a_join_without_an_admin_token_stops_at_once_and_says_which_token(
         cluster: LocalCluster, tmp_path: Path) -> None:
     """Found by a helper: a join with no token or a write token retried its 401/403 for 60 s
