@@ -15,6 +15,11 @@ overwritten and `fdatasync`ed (the disk's floor for one flush); that, then a sec
 written through an `O_DSYNC` descriptor (two ordered flushes, as an LMDB commit makes them:
 its pages, then its meta page); and `LmdbRaftStorage.save` of one 100-byte entry with the hard
 state (what a node's commit does at one connection).
+
+CPU of a commit (`--cycle-writes 1,8,20`): benchmarks.commit_cycle runs a leader and two
+followers in this process, on LMDB, without sockets, and gives the CPU (user + kernel) of each
+per commit of that many writes, synced and with `unsafe_no_fsync`: what the node's code and
+the disk's flushes cost apart from its event loop, sockets and HTTP workers.
 """
 
 from __future__ import annotations
@@ -251,6 +256,29 @@ def run_at_once_benchmarks(args: argparse.Namespace, root: Path) -> str:
                         rows)
 
 
+def run_cycle_benchmarks(args: argparse.Namespace, root: Path) -> str:
+    """benchmarks.commit_cycle at each --cycle-writes, synced and not: medians of the
+    repetitions (per figure)."""
+    from benchmarks import commit_cycle
+
+    results = []
+    for writes in args.cycle_writes:
+        for synced in (True, False):
+            runs = [commit_cycle.measure(root, writes, args.cycle_commits, synced=synced)
+                    for _ in range(args.repetitions)]
+
+            def median(field: str, runs: list[commit_cycle.CycleResult] = runs) -> float:
+                return float(statistics.median(float(getattr(r, field)) for r in runs))
+
+            results.append(commit_cycle.CycleResult(
+                writes, synced, args.cycle_commits, median("leader_user_us"),
+                median("leader_sys_us"), median("follower_user_us"), median("follower_sys_us")))
+    title = (f"CPU of a commit, in one process (benchmarks.commit_cycle: three drivers on LMDB, "
+             f"no sockets; {args.cycle_commits} commits, median of {args.repetitions} "
+             "repetitions; 'no fsync' is RAFTKV_UNSAFE_NO_FSYNC)")
+    return title + "\n" + commit_cycle.format_table(results)
+
+
 def _process_counts(text: str) -> list[int]:
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
@@ -258,6 +286,16 @@ def _process_counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"not a list of process counts: {text!r}") from None
     if any(n < 1 or n > 64 for n in counts):
         raise argparse.ArgumentTypeError(f"process counts are 1..64: {text!r}")
+    return counts
+
+
+def _write_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of writes per commit: {text!r}") from None
+    if any(n < 1 or n > 1000 for n in counts):
+        raise argparse.ArgumentTypeError(f"writes per commit are 1..1000: {text!r}")
     return counts
 
 
@@ -274,7 +312,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(empty: skip it)")
     parser.add_argument("--at-once-ops", type=int, default=500,
                         help="operations per process in the commits-at-once section")
+    parser.add_argument("--cycle-writes", type=_write_counts, default=[1, 8, 20],
+                        help="writes per commit for the commit-CPU section, e.g. 1,8,20 (the "
+                             "batches of c1, c16 and c64; empty: skip it)")
+    parser.add_argument("--cycle-commits", type=int, default=1000,
+                        help="timed commits per figure in the commit-CPU section")
     args = parser.parse_args(argv)
+    if args.cycle_commits < 1:
+        parser.error("--cycle-commits must be at least 1")
     if args.at_once_ops < 1:
         parser.error("--at-once-ops must be at least 1")
     return args
@@ -289,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.at_once:
             print()
             print(run_at_once_benchmarks(args, root))
+        if args.cycle_writes:
+            print()
+            print(run_cycle_benchmarks(args, root))
         if not args.no_snapshots:
             from benchmarks import snapshot_bench
 
