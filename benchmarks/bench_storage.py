@@ -25,6 +25,7 @@ the disk's flushes cost apart from its event loop, sockets and HTTP workers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import queue
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import TypeVar
 
 from raftkv.core.types import Entry, HardState
 from storage.lmdb_store import LmdbRaftStorage
@@ -45,6 +47,8 @@ ENTRY_BYTES = 100
 MAX_SAVES_PER_REPETITION = 300
 MIN_SAVES_PER_REPETITION = 20
 ENTRIES_PER_REPETITION = 5000
+
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +260,12 @@ def run_at_once_benchmarks(args: argparse.Namespace, root: Path) -> str:
                         rows)
 
 
+def _median_run(runs: Sequence[_R], key: Callable[[_R], float]) -> _R:
+    """The run whose `key` is the median (the lower middle one of an even count)."""
+    ordered = sorted(runs, key=key)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def run_cycle_benchmarks(args: argparse.Namespace, root: Path) -> str:
     """benchmarks.commit_cycle at each --cycle-writes, synced and not: medians of the
     repetitions (per figure)."""
@@ -266,16 +276,16 @@ def run_cycle_benchmarks(args: argparse.Namespace, root: Path) -> str:
         for synced in (True, False):
             runs = [commit_cycle.measure(root, writes, args.cycle_commits, synced=synced)
                     for _ in range(args.repetitions)]
-
-            def median(field: str, runs: list[commit_cycle.CycleResult] = runs) -> float:
-                return float(statistics.median(float(getattr(r, field)) for r in runs))
-
-            results.append(commit_cycle.CycleResult(
-                writes, synced, args.cycle_commits, median("leader_user_us"),
-                median("leader_sys_us"), median("follower_user_us"), median("follower_sys_us")))
+            # Per role, the run with the median total, with that run's own split.
+            leader = _median_run(runs, lambda r: r.leader_us)
+            follower = _median_run(runs, lambda r: r.follower_us)
+            results.append(dataclasses.replace(
+                leader, follower_us=follower.follower_us,
+                follower_user_us=follower.follower_user_us,
+                follower_sys_us=follower.follower_sys_us))
     title = (f"CPU of a commit, in one process (benchmarks.commit_cycle: three drivers on LMDB, "
-             f"no sockets; {args.cycle_commits} commits, median of {args.repetitions} "
-             "repetitions; 'no fsync' is RAFTKV_UNSAFE_NO_FSYNC)")
+             f"no sockets; {args.cycle_commits} commits; per role the run of median CPU of "
+             f"{args.repetitions} repetitions; 'no fsync' is RAFTKV_UNSAFE_NO_FSYNC)")
     return title + "\n" + commit_cycle.format_table(results)
 
 

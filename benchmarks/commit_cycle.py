@@ -16,12 +16,14 @@ cost in CPU (the kernel's work, and the caches a process finds cold after sleepi
 apart from Python. What a node spends beyond these figures in a cluster is its event loop,
 sockets and HTTP workers (`make bench` measures the whole).
 
-Every write must be answered and applied on all three nodes, with the same value, or the run
-fails: a figure is of replication that happened.
+Every node must have saved each cycle's entries by the cycle's end, and every write must be
+answered and applied on all three nodes with the same value, or the run fails: a figure is
+of replication that happened.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import resource
 import tempfile
@@ -99,13 +101,17 @@ class _Answers:
 
 @dataclass(frozen=True, slots=True)
 class CycleResult:
-    """CPU per commit of `writes` writes, microseconds (a follower's: the mean of the two)."""
+    """CPU per commit of `writes` writes, microseconds (a follower's: the mean of the two).
+    The totals are exact; their user/kernel split is the kernel's tick estimate, NaN when no
+    tick fell in the run (too short a run to say)."""
 
     writes: int
     synced: bool
     commits: int
+    leader_us: float
     leader_user_us: float
     leader_sys_us: float
+    follower_us: float
     follower_user_us: float
     follower_sys_us: float
 
@@ -129,10 +135,10 @@ class _Spent:
         self.sys += after[2] - before[2]
 
     def split(self) -> tuple[float, float]:
-        """(user, kernel) seconds: the exact CPU, split as the ticks say."""
+        """(user, kernel) seconds: the exact CPU, split as the ticks say (NaN: no tick)."""
         ticks = self.user + self.sys
         if ticks <= 0:
-            return self.cpu, 0.0
+            return math.nan, math.nan
         return self.cpu * self.user / ticks, self.cpu * self.sys / ticks
 
 
@@ -140,6 +146,13 @@ class _Cluster:
     def __init__(self, root: Path, *, synced: bool) -> None:
         self.drivers: dict[str, RaftDriver] = {}
         self._stores: list[LmdbRaftStorage | LmdbSnapshotStore] = []
+        try:
+            self._start(root, synced)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, root: Path, synced: bool) -> None:
         for nid in MEMBERS:
             raft_dir, snap_dir = root / nid / "raft", root / nid / "snapshots"
             raft_dir.mkdir(parents=True)
@@ -206,7 +219,18 @@ def _run(cluster: _Cluster, writes: int, commits: int, answers: _Answers,
         spent_leader.add(t0, t1)
         spent_leader.add(t2, t3)
         spent_followers.add(t1, t2)
+        _check_saved(cluster)
     return spent_leader, spent_followers
+
+
+def _check_saved(cluster: _Cluster) -> None:
+    """Every node saved the cycle's entries (untimed): a follower that fell behind would make
+    the followers' figure one of less work, and the leader would still commit with the other."""
+    last = cluster.drivers[LEADER].core.log.last_index()
+    for nid, driver in cluster.drivers.items():
+        if driver.core.log.stable_index != last:
+            raise CycleError(f"{nid} saved up to {driver.core.log.stable_index}, the leader's "
+                             f"log ends at {last}: it did not keep up")
 
 
 def _check(cluster: _Cluster, answers: _Answers, expected: int) -> None:
@@ -249,10 +273,12 @@ def measure(root: Path, writes: int, commits: int, *, synced: bool) -> CycleResu
         finally:
             cluster.close()
     per = 1e6 / commits
+    followers = len(FOLLOWERS)
     lu, ls = spent_leader.split()
     fu, fs = spent_followers.split()
-    return CycleResult(writes, synced, commits, lu * per, ls * per,
-                       fu * per / len(FOLLOWERS), fs * per / len(FOLLOWERS))
+    return CycleResult(writes, synced, commits, spent_leader.cpu * per, lu * per, ls * per,
+                       spent_followers.cpu * per / followers, fu * per / followers,
+                       fs * per / followers)
 
 
 def format_table(results: Sequence[CycleResult]) -> str:
@@ -261,15 +287,19 @@ def format_table(results: Sequence[CycleResult]) -> str:
               "follower us/commit (user+sys)", "per write"]
     rows = []
     for r in results:
-        leader = r.leader_user_us + r.leader_sys_us
-        follower = r.follower_user_us + r.follower_sys_us
         rows.append([str(r.writes), "synced" if r.synced else "no fsync",
-                     f"{leader:,.0f} ({r.leader_user_us:,.0f}+{r.leader_sys_us:,.0f})",
-                     f"{leader / r.writes:,.1f}",
-                     f"{follower:,.0f} ({r.follower_user_us:,.0f}+{r.follower_sys_us:,.0f})",
-                     f"{follower / r.writes:,.1f}"])
+                     _with_split(r.leader_us, r.leader_user_us, r.leader_sys_us),
+                     f"{r.leader_us / r.writes:,.1f}",
+                     _with_split(r.follower_us, r.follower_user_us, r.follower_sys_us),
+                     f"{r.follower_us / r.writes:,.1f}"])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
+
+
+def _with_split(total: float, user: float, kernel: float) -> str:
+    if math.isnan(user) or math.isnan(kernel):
+        return f"{total:,.0f} (split unknown)"
+    return f"{total:,.0f} ({user:,.0f}+{kernel:,.0f})"
