@@ -269,7 +269,8 @@ def test_a_watch_ends_401_once_its_node_applied_its_tokens_revoke(
     """Found on the left-alone list: a watch let in before its token's revoke was answered
     with the change written after the revoke (the value, to a token that no longer exists).
     Now a watch that ends once its node applied the revoke is 401, on every node (leader and
-    followers alike), and says why."""
+    followers alike), and says why: the Raft process pushes the new token table to its
+    workers before the answers of the turns after it."""
     nodes = cluster.nodes
     with Client([n.http for n in nodes], timeout_s=5, token=ROOT) as admin:
         admin.put("watched", 0)
@@ -293,8 +294,9 @@ def test_a_watch_ends_401_once_its_node_applied_its_tokens_revoke(
             wait_until(lambda: all(watches_held(n) >= 1 for n in nodes), 15,
                        "every node to hold its watch")
             admin.token_revoke(reader.token_id)
-            wait_until(lambda: all(error_code(n, "GET", "/keys/watched/", reader.token)[0] == 401
-                                   for n in nodes), 15, "every node to refuse the revoked token")
+            # At once: every node applies the put after the revoke, and its watch fires in the
+            # turn that applies the put, so the answer must follow the push of the new table
+            # (a review delayed the push: this fails then; waiting here first did not).
             admin.put("watched", 1)
         finally:
             for t in threads:
