@@ -289,24 +289,23 @@ def run_cycle_benchmarks(args: argparse.Namespace, root: Path) -> str:
     return title + "\n" + commit_cycle.format_table(results)
 
 
-def _process_counts(text: str) -> list[int]:
-    try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of process counts: {text!r}") from None
-    if any(n < 1 or n > 64 for n in counts):
-        raise argparse.ArgumentTypeError(f"process counts are 1..64: {text!r}")
-    return counts
+def _counts(what: str, maximum: int) -> Callable[[str], list[int]]:
+    """An argparse type: a comma-separated list of `what`, each 1..maximum (empty: none)."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            counts = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list of {what}: {text!r}") from None
+        if any(n < 1 or n > maximum for n in counts):
+            raise argparse.ArgumentTypeError(f"{what} are 1..{maximum}: {text!r}")
+        return counts
+
+    return parse
 
 
-def _write_counts(text: str) -> list[int]:
-    try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of writes per commit: {text!r}") from None
-    if any(n < 1 or n > 1000 for n in counts):
-        raise argparse.ArgumentTypeError(f"writes per commit are 1..1000: {text!r}")
-    return counts
+_process_counts = _counts("process counts", 64)
+_write_counts = _counts("writes per commit", 1000)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
