@@ -25,7 +25,6 @@ from raftkv.core import (
     ConfChange,
     ConfChangeOp,
     Config,
-    HardState,
     HeartbeatRequest,
     RaftNode,
     Role,
@@ -37,9 +36,7 @@ from raftkv.kv.commands import JSONValue, LeaseGrant, Put, encode_command
 from raftkv.kv.state_machine import KVStateMachine, LeaseGrantResult, PutResult
 from raftkv.metrics import NodeMetrics
 from raftkv.runtime import forwarding
-from raftkv.runtime.boot import bootstrap_entries, load_boot_state
 from raftkv.runtime.driver import (
-    BASE_MEMBERSHIP,
     CONF_CHANGE_WAIT_S,
     HOUSEKEEPING_TICKS,
     LINK_DRAIN_TICKS,
@@ -53,10 +50,9 @@ from raftkv.service import (
     ReadTimeoutError,
     UnavailableError,
 )
-from snapshots.memory import MemorySnapshotStore
 from snapshots.policy import SnapshotPolicy
-from storage.memory import MemoryRaftStorage
 from tests.support.completions import Done
+from tests.support.drivers import new_member
 
 MEMBERS = {"n1": "127.0.0.1:1", "n2": "127.0.0.1:2", "n3": "127.0.0.1:3"}
 
@@ -124,13 +120,8 @@ class FakeClock:
 class Node:
     def __init__(self, node_id: str, net: Net, seed: int,
                  members: Mapping[str, str] = MEMBERS) -> None:
-        storage = MemoryRaftStorage()
-        entries = bootstrap_entries(members)
-        storage.save(HardState(1, None, len(entries)), entries)
-        snapshots = MemorySnapshotStore()
-        boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
-        core = RaftNode(Config(node_id, election_timeout_ticks=1000), boot,
-                        random.Random(seed))
+        core, storage, snapshots = new_member(Config(node_id, election_timeout_ticks=1000),
+                                              members, seed=seed)
         self.id = node_id
         self.frames = Outbox(node_id, net)
         self.driver = RaftDriver(

@@ -35,12 +35,10 @@ from raftkv.core import (
     Config,
     Entry,
     EntryKind,
-    HardState,
     HeartbeatRequest,
     HeartbeatResponse,
     Membership,
     Message,
-    RaftNode,
     ReadIndexRequest,
     ReadIndexResponse,
     Role,
@@ -62,10 +60,8 @@ from raftkv.kv.commands import (
 )
 from raftkv.kv.state_machine import KVStateMachine
 from raftkv.metrics import NodeMetrics
-from raftkv.runtime.boot import bootstrap_entries, load_boot_state
 from raftkv.runtime.driver import (
     ALARM_RETRY_S,
-    BASE_MEMBERSHIP,
     HOUSEKEEPING_TICKS,
     INCARNATION_RETRY_S,
     TOO_LARGE_LOG_S,
@@ -81,10 +77,9 @@ from raftkv.service import (
     ServiceError,
 )
 from raftkv.settings import Settings, from_sources
-from snapshots.memory import MemorySnapshotStore
 from snapshots.policy import SnapshotPolicy
-from storage.memory import MemoryRaftStorage
 from tests.support.completions import Done
+from tests.support.drivers import new_member
 from tests.support.single_node import FakeClock
 
 
@@ -293,13 +288,8 @@ LIMIT = 2000
 
 def driver(node_id: str, members: dict[str, str], limit: int = LIMIT,
            clock: Callable[[], float] = time.monotonic) -> RaftDriver:
-    storage = MemoryRaftStorage()
-    entries = bootstrap_entries(members)
-    storage.save(HardState(1, None, len(entries)), entries)
-    snapshots = MemorySnapshotStore()
-    boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
-    core = RaftNode(Config(node_id, election_timeout_ticks=1000, max_entry_bytes=limit),
-                    boot, random.Random(1))
+    core, storage, snapshots = new_member(
+        Config(node_id, election_timeout_ticks=1000, max_entry_bytes=limit), members)
     return RaftDriver(core=core, storage=storage, snapshots=snapshots,
                       state_machine=KVStateMachine(), frames=NoFrames(), addresses=members,
                       snapshot_policy=SnapshotPolicy(), rng=random.Random(1),
