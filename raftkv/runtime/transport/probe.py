@@ -32,30 +32,25 @@ and the mismatch each is."""
 
 
 MISMATCHES: Final = ("certificate", "cluster", "version", "protocol")
-"""What a definite failure found (ProbeFailed.mismatch): a certificate that does not prove the
-id (another CA's, or one not naming the id the node answers with); a node of another cluster
-(another token or cluster id); another protocol version; no raftkv node (it does not speak
-the handshake)."""
+"""What a failure that asking again will not change found (ProbeFailed.mismatch): a
+certificate that does not prove the id (another CA's, or one not naming the id the node
+answers with); a node of another cluster (another token or cluster id); another protocol
+version; no raftkv node (it does not speak the handshake)."""
 
 
 class ProbeFailed(Exception):
     """Nobody answered at the address, or not as a raftkv node holding our token.
 
-    `definite`: something answered, and not as a node that could be a member (it speaks no
-    raftkv protocol, holds another token, belongs to another cluster or protocol version,
-    presents a certificate of another CA or one that does not name the id it answers with):
-    asking again will not change that; `mismatch` says which (one of MISMATCHES). Otherwise
-    nothing answered in full (no listener yet, unreachable, closed, timed out): the node may
-    not be listening yet."""
+    `mismatch` (one of MISMATCHES): something answered, and not as a node that could be a
+    member (it speaks no raftkv protocol, holds another token, belongs to another cluster or
+    protocol version, presents a certificate of another CA or one that does not name the id
+    it answers with): asking again will not change that. None: nothing answered in full (no
+    listener yet, unreachable, closed, timed out): the node may not be listening yet."""
 
     def __init__(self, message: str, *, mismatch: str | None = None) -> None:
         super().__init__(message)
         assert mismatch is None or mismatch in MISMATCHES, mismatch
         self.mismatch = mismatch
-
-    @property
-    def definite(self) -> bool:
-        return self.mismatch is not None
 
 
 def probe(address: str, *, token: str, node_id: str, cluster_id: str,
