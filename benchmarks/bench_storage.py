@@ -286,7 +286,7 @@ def run_cycle_benchmarks(args: argparse.Namespace, root: Path) -> str:
     title = (f"CPU of a commit, in one process (benchmarks.commit_cycle: three drivers on LMDB, "
              f"no sockets; {args.cycle_commits} commits; per role the run of median CPU of "
              f"{args.repetitions} repetitions; 'no fsync' is RAFTKV_UNSAFE_NO_FSYNC)")
-    return title + "\n" + commit_cycle.format_table(results)
+    return format_table(title, commit_cycle.HEADER, commit_cycle.table_rows(results))
 
 
 def _counts(what: str, maximum: int) -> Callable[[str], list[int]]:

@@ -47,7 +47,7 @@ from snapshots.lmdb_store import LmdbSnapshotStore
 from snapshots.policy import SnapshotPolicy
 from storage.lmdb_store import LmdbRaftStorage
 
-__all__ = ["CycleResult", "format_table", "measure"]
+__all__ = ["HEADER", "CycleResult", "measure", "table_rows"]
 
 MEMBERS: Final = {"n1": "127.0.0.1:1", "n2": "127.0.0.1:2", "n3": "127.0.0.1:3"}
 LEADER: Final = "n1"
@@ -145,6 +145,7 @@ class _Spent:
 class _Cluster:
     def __init__(self, root: Path, *, synced: bool) -> None:
         self.drivers: dict[str, RaftDriver] = {}
+        self._routers: dict[str, _Router] = {}
         self._stores: list[LmdbRaftStorage | LmdbSnapshotStore] = []
         try:
             self._start(root, synced)
@@ -165,9 +166,10 @@ class _Cluster:
             boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
             core = RaftNode(Config(nid, election_timeout_ticks=1_000_000), boot,
                             random.Random(1))
+            router = self._routers[nid] = _Router()
             self.drivers[nid] = RaftDriver(
                 core=core, storage=storage, snapshots=snapshots, state_machine=KVStateMachine(),
-                frames=_Router(), addresses=MEMBERS,
+                frames=router, addresses=MEMBERS,
                 snapshot_policy=SnapshotPolicy(entries=1 << 40, trailing=0),
                 rng=random.Random(1), metrics=NodeMetrics(), post=lambda callback: callback())
         leader = self.drivers[LEADER]
@@ -182,8 +184,8 @@ class _Cluster:
     def deliver(self, nid: str) -> None:
         """Every frame the others queued for `nid`, decoded and stepped; then its turn's end."""
         driver = self.drivers[nid]
-        for sender, other in self.drivers.items():
-            for _kind, payload in other.frames.out.pop(nid, ()):  # type: ignore[attr-defined]
+        for sender, router in self._routers.items():
+            for _kind, payload in router.out.pop(nid, ()):
                 problem = driver.step(sender, codec.decode_message(payload))
                 if problem is not None:
                     raise CycleError(f"{nid} refused a message from {sender}: {problem}")
@@ -281,22 +283,17 @@ def measure(root: Path, writes: int, commits: int, *, synced: bool) -> CycleResu
                        fs * per / followers)
 
 
-def format_table(results: Sequence[CycleResult]) -> str:
-    """Per commit and per write, synced and not, and the difference the flushes make."""
-    header = ["writes/commit", "disk", "leader us/commit (user+sys)", "per write",
-              "follower us/commit (user+sys)", "per write"]
-    rows = []
-    for r in results:
-        rows.append([str(r.writes), "synced" if r.synced else "no fsync",
-                     _with_split(r.leader_us, r.leader_user_us, r.leader_sys_us),
-                     f"{r.leader_us / r.writes:,.1f}",
-                     _with_split(r.follower_us, r.follower_user_us, r.follower_sys_us),
-                     f"{r.follower_us / r.writes:,.1f}"])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+HEADER: Final = ("writes/commit", "disk", "leader us/commit (user+sys)", "per write",
+                  "follower us/commit (user+sys)", "per write")
+
+
+def table_rows(results: Sequence[CycleResult]) -> list[list[str]]:
+    """Rows under HEADER: per commit (with its user/kernel split) and per write."""
+    return [[str(r.writes), "synced" if r.synced else "no fsync",
+             _with_split(r.leader_us, r.leader_user_us, r.leader_sys_us),
+             f"{r.leader_us / r.writes:,.1f}",
+             _with_split(r.follower_us, r.follower_user_us, r.follower_sys_us),
+             f"{r.follower_us / r.writes:,.1f}"] for r in results]
 
 
 def _with_split(total: float, user: float, kernel: float) -> str:
