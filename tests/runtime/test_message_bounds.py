@@ -176,8 +176,9 @@ def test_an_entry_takes_at_most_its_size_bytes_and_the_overhead_in_an_append() -
 def test_the_largest_messages_of_every_kind_encode_within_raft_message_bound(
         config: Config) -> None:
     bound = raft_message_bound(config)
-    sizes = {type(m).__name__: 0 for m in largest_messages(config)}
-    for m in largest_messages(config):
+    messages = largest_messages(config)
+    sizes = {type(m).__name__: 0 for m in messages}
+    for m in messages:
         if isinstance(m, AppendRequest):
             assert (sum(e.size_bytes for e in m.entries) <= config.max_append_bytes
                     or len(m.entries) == 1)

@@ -175,13 +175,11 @@ N4 = "127.0.0.1:5004"
 class _Cluster:
     """The driver as a join sees it: the membership, the addresses, and what is proposed."""
 
-    def __init__(self, voters: dict[str, str], learners: dict[str, str] | None = None,
-                 applied: bool = True) -> None:
+    def __init__(self, voters: dict[str, str], learners: dict[str, str] | None = None) -> None:
         self.addresses = {**voters, **(learners or {})}
         self.membership = SimpleNamespace(voters=frozenset(voters),
                                           learners=frozenset(learners or {}))
-        self.sm = SimpleNamespace(addresses=dict(self.addresses) if applied else {},
-                                  applied_index=7)
+        self.sm = SimpleNamespace(addresses=dict(self.addresses), applied_index=7)
         self.proposed: list[ConfChange] = []
 
     def handler(self, tmp_path: Path, loop: _Loop) -> RequestHandler:

@@ -38,4 +38,3 @@ class Done:
         assert not ok, f"succeeded: {value!r}"
         assert isinstance(value, ServiceError)
         return value
-

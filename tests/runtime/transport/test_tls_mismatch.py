@@ -5,7 +5,6 @@ refused as before."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,12 +28,12 @@ CLIENT_HELLO_HEAD = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from raftkv.certs import init_certs
 
     directory = tmp_path_factory.mktemp("certs")
     init_certs(directory, ["a", "b"])
-    yield directory
+    return directory
 
 
 def peer_tls(certs: Path, node_id: str, mode: TLSMode) -> PeerTLS:
