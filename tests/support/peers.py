@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from raftkv import codec
 from raftkv.codec import FrameKind
@@ -47,65 +47,104 @@ def send_raft(sock: socket.socket, *messages: Message) -> None:
                           for m in messages))
 
 
+Script = Callable[[socket.socket, threading.Event], None]
+"""What a fake listener does with one accepted connection (in a thread of its own); the event
+is set when the test ends (a script that holds its connection waits for it)."""
+
+
+class FakeListener:
+    """A listening socket whose accepted connections are handed to `script`, in a thread;
+    `close` stops it and waits for those threads (each for at most `wait_s`)."""
+
+    def __init__(self, script: Script, host: str = "127.0.0.1", wait_s: float = 5.0) -> None:
+        self.sock = socket.create_server((host, 0))
+        self.sock.settimeout(0.2)
+        self.script = script
+        self.accepted = 0
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self._wait_s = wait_s
+        self._served: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            conn.settimeout(self._wait_s)
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._served.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self.script(conn, self.stop)
+        except (OSError, ConnectionError) as e:
+            self.errors.append(e)
+
+    def close(self) -> None:
+        self.stop.set()
+        self._thread.join(self._wait_s)
+        self.sock.close()
+        for t in self._served:
+            t.join(self._wait_s)
+
+
+def _handshake_as(token: str, node_id: str) -> Script:
+    """Answer the peer handshake as node `node_id` holding `token` (refusing a dialer the
+    handshake refuses, with its reason), then drop whatever the dialer sends."""
+
+    def script(conn: socket.socket, stop: threading.Event) -> None:
+        conn.settimeout(0.5)
+        hs = ListenerHandshake(token=token.encode(), node_id=node_id, cluster_id="",
+                               http_address="")
+        decoder = FrameDecoder(MAX_HANDSHAKE_FRAME_BYTES)
+        try:
+            conn.sendall(encode_frame(FrameKind.HANDSHAKE, hs.hello()))
+            frames: list[tuple[int, bytes]] = []
+            while not frames and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    frames = decoder.feed(data)
+            if not frames:
+                return
+            try:
+                hs.check_auth(frames[0][1])
+            except Refused as e:
+                conn.sendall(encode_frame(FrameKind.HANDSHAKE, reject_message(e.reason)))
+                return
+            conn.sendall(encode_frame(FrameKind.HANDSHAKE, hs.welcome()))
+            while not stop.is_set():  # a member's link: take its frames, answer none
+                with contextlib.suppress(TimeoutError):
+                    if not conn.recv(1 << 20):
+                        return
+        except (OSError, FrameError):
+            return
+
+    return script
+
+
 @contextlib.contextmanager
 def answering_as(token: str, node_id: str, host: str = "127.0.0.1") -> Iterator[str]:
     """A raft address (yielded) where a stand-in answers the peer handshake as node `node_id`,
     holding the cluster token, then drops whatever it is sent: it passes a join's probe, and
     as a member it is a learner that never catches up."""
-    server = socket.create_server((host, 0))
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(0.5)
-            hs = ListenerHandshake(token=token.encode(), node_id=node_id, cluster_id="",
-                                   http_address="")
-            decoder = FrameDecoder(MAX_HANDSHAKE_FRAME_BYTES)
-            try:
-                conn.sendall(encode_frame(FrameKind.HANDSHAKE, hs.hello()))
-                frames: list[tuple[int, bytes]] = []
-                while not frames and not stop.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        data = conn.recv(65536)
-                        if not data:
-                            return
-                        frames = decoder.feed(data)
-                if not frames:
-                    return
-                try:
-                    hs.check_auth(frames[0][1])
-                except Refused as e:
-                    conn.sendall(encode_frame(FrameKind.HANDSHAKE, reject_message(e.reason)))
-                    return
-                conn.sendall(encode_frame(FrameKind.HANDSHAKE, hs.welcome()))
-                while not stop.is_set():  # a member's link: take its frames, answer none
-                    with contextlib.suppress(TimeoutError):
-                        if not conn.recv(1 << 20):
-                            return
-            except (OSError, FrameError):
-                return
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=serve, args=(conn,), daemon=True)
-            threads.append(t)
-            t.start()
-
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
+    listener = FakeListener(_handshake_as(token, node_id), host)
     try:
-        yield f"{host}:{server.getsockname()[1]}"
+        yield listener.address
     finally:
-        stop.set()
-        acceptor.join(5)
-        server.close()
-        for t in threads:
-            t.join(5)
+        listener.close()

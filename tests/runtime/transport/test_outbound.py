@@ -38,52 +38,7 @@ from tests.runtime.transport.harness import (
     frame,
     read_frame,
 )
-
-Script = Callable[[socket.socket, threading.Event], None]
-"""What a fake listener does with one accepted connection (in a thread of its own); the event
-is set when the test ends (a script that holds its connection waits for it)."""
-
-
-class FakeListener:
-    """A listening socket whose accepted connections are handed to `script`, in a thread."""
-
-    def __init__(self, script: Script) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.script = script
-        self.accepted = 0
-        self.errors: list[BaseException] = []
-        self.stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.sock.getsockname()[1]}"
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.settimeout(WAIT_S)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                self.script(conn, self.stop)
-        except (OSError, ConnectionError) as e:
-            self.errors.append(e)
-
-    def close(self) -> None:
-        self.stop.set()
-        self._thread.join(WAIT_S)
-        self.sock.close()
+from tests.support.peers import FakeListener, Script
 
 
 @pytest.fixture
@@ -91,7 +46,7 @@ def fake_listener() -> Iterator[Callable[[Script], FakeListener]]:
     made: list[FakeListener] = []
 
     def make(script: Script) -> FakeListener:
-        made.append(FakeListener(script))
+        made.append(FakeListener(script, wait_s=WAIT_S))
         return made[-1]
 
     yield make
