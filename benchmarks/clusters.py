@@ -227,15 +227,28 @@ class _KeepAlive:
 
 # --------------------------------------------------------------------------- raftkv
 AUTH_TLS_SUFFIX: Final = "-auth-tls"
+NO_FSYNC_LEADER: Final = "leader"
+NO_FSYNC_ALL: Final = "all"
+NO_FSYNC_SUFFIXES: Final = {NO_FSYNC_LEADER: "-leader-no-fsync", NO_FSYNC_ALL: "-no-fsync"}
+"""The flush bounds (`RaftkvCluster.start_local(no_fsync=...)`): variants that are not durable,
+run only to measure what the nodes' flushes cost."""
 LOAD_TOKEN_ROLE: Final = "write"
 """The role of the token the load of an auth variant sends: what a writing application has."""
 
 
-def variant_label(http_workers: int | None, auth_tls: bool = False) -> str:
+def variant_label(http_workers: int | None, auth_tls: bool = False,
+                  no_fsync: str | None = None) -> str:
     """`raftkv` for the default worker count (one per CPU), `raftkv-w<n>` otherwise; with
-    `-auth-tls` appended for a cluster with auth and peer TLS on."""
+    `-auth-tls` appended for a cluster with auth and peer TLS on, and a flush bound's suffix
+    (NO_FSYNC_SUFFIXES) for one that skips fsyncs."""
     base = "raftkv" if not http_workers else f"raftkv-w{http_workers}"
-    return base + (AUTH_TLS_SUFFIX if auth_tls else "")
+    base += AUTH_TLS_SUFFIX if auth_tls else ""
+    return base + (NO_FSYNC_SUFFIXES[no_fsync] if no_fsync else "")
+
+
+def is_flush_bound(label: str) -> bool:
+    """A variant that skips fsyncs: never held to the targets or budgets."""
+    return label.endswith(tuple(NO_FSYNC_SUFFIXES.values()))
 
 
 class RaftkvCluster:
@@ -247,7 +260,8 @@ class RaftkvCluster:
     def __init__(self, endpoints: list[Endpoint], local: LocalCluster | None = None,
                  settings: Mapping[str, str] | None = None, label: str = "raftkv", *,
                  token: str | None = None, control_token: str | None = None,
-                 secured: Mapping[str, object] | None = None) -> None:
+                 secured: Mapping[str, object] | None = None,
+                 pinned_leader: str | None = None) -> None:
         self._endpoints = endpoints
         self._local = local
         self._settings = dict(settings or {})
@@ -256,22 +270,36 @@ class RaftkvCluster:
         self._headers: dict[str, str] = (
             {} if control_token is None else {"Authorization": f"Bearer {control_token}"})
         self._secured = dict(secured or {})
+        self.pinned_leader = pinned_leader
+        """The node that must lead every run (the leader-no-fsync bound's unsynced node)."""
         self._busy_at = time.monotonic()
 
     @classmethod
     def start_local(cls, base_dir: Path, nodes: int = 3, http_workers: int | None = None,
-                    auth_tls: bool = False) -> RaftkvCluster:
+                    auth_tls: bool = False, no_fsync: str | None = None) -> RaftkvCluster:
         """`http_workers`: RAFTKV_HTTP_WORKERS (None or 0: the default, one per CPU).
-        `auth_tls`: auth and peer mutual TLS on (see the module doc)."""
+        `auth_tls`: auth and peer mutual TLS on (see the module doc). `no_fsync`: a flush
+        bound, NOT durable: NO_FSYNC_ALL starts every node with RAFTKV_UNSAFE_NO_FSYNC,
+        NO_FSYNC_LEADER the first node only, which is then made the leader and kept so
+        (`keep_leader`): its commits wait for a follower's flush but never for its own, the
+        most that committing on the followers' acks before the leader's own flush can give."""
+        if no_fsync not in (None, NO_FSYNC_LEADER, NO_FSYNC_ALL):
+            raise ValueError(f"no_fsync: {no_fsync!r}")
         # The watch point holds 1,000 connections from this one address: above the default
         # per-client limit (128 per worker), which guards against one greedy address, not
         # against a load generator. etcd has no such limit.
         settings = {"RAFTKV_UNSAFE_NO_FSYNC": "false", "RAFTKV_LOG_LEVEL": "INFO",
                     "RAFTKV_HTTP_WORKERS": str(http_workers or 0),
                     "RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT": "4000"}
+        if no_fsync == NO_FSYNC_ALL:
+            settings["RAFTKV_UNSAFE_NO_FSYNC"] = "true"
         root = secrets.token_hex(32) if auth_tls else None
         # a random cluster token; with auth_tls, bootstrapped with the root token
         local = LocalCluster(base_dir, nodes, env=settings, root_token=root)
+        pinned: str | None = None
+        if no_fsync == NO_FSYNC_LEADER:
+            local.nodes[0].env["RAFTKV_UNSAFE_NO_FSYNC"] = "true"
+            pinned = local.nodes[0].node_id
         if auth_tls:
             try:
                 local.use_peer_tls(base_dir / "certs")
@@ -279,13 +307,15 @@ class RaftkvCluster:
                 local.close()
                 raise ClusterError(f"peer TLS certificates: {e}") from e
         endpoints = [Endpoint(n.http_host, n.http_port) for n in local.nodes]
-        cluster = cls(endpoints, local, settings, variant_label(http_workers, auth_tls),
-                      control_token=root,
+        cluster = cls(endpoints, local, settings,
+                      variant_label(http_workers, auth_tls, no_fsync), control_token=root,
                       secured={"auth": True, "peer_tls": "on",
-                               "load_token_role": LOAD_TOKEN_ROLE} if auth_tls else None)
+                               "load_token_role": LOAD_TOKEN_ROLE} if auth_tls else None,
+                      pinned_leader=pinned)
         try:
             local.start_all()
             cluster.wait_ready(_START_TIMEOUT_S)
+            cluster.keep_leader()
             if auth_tls:
                 cluster.token = cluster.create_load_token()
         except BaseException:
@@ -336,6 +366,19 @@ class RaftkvCluster:
             return None
 
         return wait_until(find, _LEADER_TIMEOUT_S, "a raftkv leader")
+
+    def keep_leader(self) -> None:
+        """With a pinned leader: hand leadership back to it (POST /cluster/leader) if it moved,
+        and wait until it leads."""
+        pinned = self.pinned_leader
+        if pinned is None or self.leader().node == pinned:
+            return
+        code, body = self._req(self.leader().endpoint, "POST", "/cluster/leader",
+                               {"id": pinned}, timeout_s=_LEADER_TIMEOUT_S)
+        if code != 200:
+            raise ClusterError(f"handing leadership to {pinned} answered {code}: {body}")
+        wait_until(lambda: self.leader().node == pinned or None, _LEADER_TIMEOUT_S,
+                   f"{pinned} to lead")
 
     def preload(self, key_count: int, value_bytes: int) -> None:
         conn = _KeepAlive(self.leader().endpoint, self._headers)
@@ -436,7 +479,10 @@ class RaftkvCluster:
         return {"system": "raftkv", "label": self.label,
                 "nodes": [str(ep) for ep in self._endpoints],
                 "started_here": self._local is not None, "settings": self._settings,
-                **({"security": self._secured} if self._secured else {})}
+                **({"security": self._secured} if self._secured else {}),
+                **({"unsynced": [n.node_id for n in self._local.nodes
+                                 if n.env.get("RAFTKV_UNSAFE_NO_FSYNC") == "true"]}
+                   if self._local is not None and self.pinned_leader else {})}
 
     def close(self) -> None:
         if self._local is not None:

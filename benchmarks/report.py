@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from benchmarks.clusters import is_flush_bound
 from benchmarks.loadgen import Kind, System
 from benchmarks.records import LEADER, SPREAD, PointSummary
 
@@ -203,10 +204,10 @@ def _check(label: str, what: str, value: float | None, limit: float, *, at_most:
 
 
 def budgets(summaries: Sequence[PointSummary]) -> list[Check]:
-    """The issue's per-process budgets, at put/leader/c16, for every raftkv variant."""
+    """The issue's per-process budgets, at put/leader/c16, for every durable raftkv variant."""
     out: list[Check] = []
     for s in summaries:
-        if s.system != System.RAFTKV.value or s.point != BUDGET_POINT:
+        if s.system != System.RAFTKV.value or s.point != BUDGET_POINT or is_flush_bound(s.label):
             continue
         out += [
             _check(s.label, "Raft process CPU per write", s.leader_main_us_per_op, 50,
@@ -224,11 +225,12 @@ def budgets(summaries: Sequence[PointSummary]) -> list[Check]:
 
 
 def targets(summaries: Sequence[PointSummary]) -> list[Check]:
-    """The issue's targets against etcd in the same run, for every raftkv variant."""
+    """The issue's targets against etcd in the same run, for every durable raftkv variant."""
     by_key = _by_key(summaries)
     etcd: dict[str, PointSummary] = {s.point: s for s in summaries
                                      if s.system == System.ETCD.value}
-    labels = sorted({s.label for s in summaries if s.system == System.RAFTKV.value})
+    labels = sorted({s.label for s in summaries
+                     if s.system == System.RAFTKV.value and not is_flush_bound(s.label)})
     out: list[Check] = []
     for label in labels:
         def ratio_of(point: str, pick: Callable[[PointSummary], float | None],

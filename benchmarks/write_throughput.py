@@ -17,7 +17,11 @@ on a cluster of its own, labelled `raftkv` and `raftkv-w1`. --auth-tls adds `raf
 raftkv's defaults on a cluster of its own with auth on (bootstrapped with a root token) and
 mutual TLS between the nodes, the load sending `Authorization: Bearer` with a token of role
 `write` made through the API; the report gives its ratio to plain `raftkv` at every point
-(the target: >= 0.9x).
+(the target: >= 0.9x). --flush-bounds adds two variants that are NOT durable, to measure what
+the nodes' flushes cost: `raftkv-leader-no-fsync` (the leader alone skips its fsyncs and is kept
+the leader: a commit waits for a follower's flush, never for the leader's own, the most that
+committing on the followers' acks before the leader's flush could give) and `raftkv-no-fsync`
+(no node fsyncs); they are shown against etcd but never held to the targets or budgets.
 
 After every write run, every acknowledged key is read back linearizably from the leader: a run
 that lost an acknowledged write is a FAILURE whatever its speed (exit status 1); so is a
@@ -59,11 +63,14 @@ from benchmarks.accounting import CpuRecord, WorkerCounts, account
 from benchmarks.clusters import (
     ETCD_INSTALL_HINT,
     ETCD_MAX_TXN_OPS,
+    NO_FSYNC_ALL,
+    NO_FSYNC_LEADER,
     ClusterError,
     EtcdCluster,
     RaftkvCluster,
     Target,
     install_etcd,
+    is_flush_bound,
     parse_endpoints,
 )
 from benchmarks.loadgen import (
@@ -315,6 +322,9 @@ def _watch_run(target: Target, plan: Plan, point: Point, leader: Endpoint, run_t
 
 def run_point(target: Target, plan: Plan, point: Point, repeat: int,
               run_tag: str) -> RunRecord:
+    pinned = target.pinned_leader if isinstance(target, RaftkvCluster) else None
+    if isinstance(target, RaftkvCluster):
+        target.keep_leader()
     leader = target.leader()
     if point.kind is Kind.GET:
         target.preload(plan.keys, plan.value_bytes)
@@ -330,6 +340,10 @@ def run_point(target: Target, plan: Plan, point: Point, repeat: int,
     anomalies = 0
     if outcome.acked:
         lost, anomalies = find_lost_writes(target, outcome.acked, outcome.unknown, plan.keys)
+    if pinned is not None and (pinned != leader.node or changed_leader != leader):
+        raise ClusterError(f"{target.label}: {pinned} must lead the whole run, but "
+                           f"{leader.node} led it at the start and {changed_leader.node} "
+                           "at the end; run again")
     latencies = sorted(outcome.latencies_s)
     window_s = outcome.window_s
     by_node = {} if cpu is None else {n: s / sampler.seconds for n, s in cpu.node_cpu_s.items()}
@@ -424,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the variant raftkv-auth-tls: raftkv's defaults with auth on and "
                    "peer mutual TLS, the load sending a write-role token; reported against "
                    "plain raftkv at every point")
+    p.add_argument("--flush-bounds", action="store_true",
+                   help="add the variants raftkv-leader-no-fsync and raftkv-no-fsync (NOT "
+                   "durable: what the flushes cost; never held to the targets)")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each")
     p.add_argument("--repeats", type=int, default=3, help="runs per point (medians shown)")
@@ -493,6 +510,10 @@ def plan_from(args: argparse.Namespace) -> Plan:
          "--auth-tls starts a cluster of its own: not with --urls"),
         (not args.auth_tls or 0 in args.http_workers,
          "--auth-tls is measured against plain raftkv: keep 0 in --http-workers"),
+        (not args.urls or not args.flush_bounds,
+         "--flush-bounds starts clusters of its own: not with --urls"),
+        (not args.flush_bounds or 0 in args.http_workers,
+         "--flush-bounds is measured against plain raftkv: keep 0 in --http-workers"),
         (args.compare != "etcd" or args.batch_ops <= ETCD_MAX_TXN_OPS,
          f"etcd takes at most {ETCD_MAX_TXN_OPS} operations per transaction (--max-txn-ops): "
          "lower --batch-ops"),
@@ -568,6 +589,11 @@ def start_targets(args: argparse.Namespace, base_dir: Path) -> list[Target]:
                 cluster_dir = base_dir / "raftkv-auth-tls"
                 cluster_dir.mkdir()
                 targets.append(RaftkvCluster.start_local(cluster_dir, auth_tls=True))
+            if args.flush_bounds:
+                for no_fsync in (NO_FSYNC_LEADER, NO_FSYNC_ALL):
+                    cluster_dir = base_dir / f"raftkv-no-fsync-{no_fsync}"
+                    cluster_dir.mkdir()
+                    targets.append(RaftkvCluster.start_local(cluster_dir, no_fsync=no_fsync))
         if args.compare == "etcd":
             if args.etcd_urls:
                 targets.append(EtcdCluster(parse_endpoints(args.etcd_urls)))
@@ -603,6 +629,10 @@ def _print_report(records: Sequence[RunRecord], plan: Plan,
     if ratio_rows:
         print("\nagainst etcd, same run")
         print(format_ratios(ratio_rows))
+    if any(is_flush_bound(s.label) for s in points):
+        print("\n*-no-fsync: flush bounds, NOT durable (--flush-bounds): raftkv-leader-no-fsync "
+              "skips the leader's fsyncs only (a commit still waits for a follower's), "
+              "raftkv-no-fsync every node's; never held to the targets or budgets")
     if auth_rows:
         print(f"\n{AUTH_TLS_LABEL} (auth on: a write-role token with every request; peer "
               f"mutual TLS) against plain raftkv, same run; wanted >= "
