@@ -40,6 +40,7 @@ from typing import Any, Final, Protocol
 from urllib.parse import quote
 
 from benchmarks.accounting import WorkerCounts
+from benchmarks.labels import NO_FSYNC_ALL, NO_FSYNC_LEADER, NoFsync, variant_label
 from benchmarks.loadgen import KEY_PREFIX, Endpoint, System, key_name, preload_value
 from benchmarks.procstat import NodeSample, read_sample, sample_node
 from raftkv.localcluster import ClusterError, LocalCluster, free_port, http_json, wait_until
@@ -65,6 +66,7 @@ APT_INSTALL: Final = Path(__file__).resolve().parents[1] / "scripts" / "apt-inst
 _START_TIMEOUT_S: Final = 60.0
 _LEADER_TIMEOUT_S: Final = 30.0
 _CONTROL_TIMEOUT_S: Final = 10.0
+_TRANSFER_TIMEOUT_S: Final = 10.0
 _RAFTKV_PRELOAD_OPS: Final = 1000
 ETCD_MAX_TXN_OPS: Final = 128
 """etcd refuses transactions of more operations (its --max-txn-ops default)."""
@@ -95,6 +97,15 @@ class Target(Protocol):
     def leader(self) -> Leadership: ...
 
     def preload(self, key_count: int, value_bytes: int) -> None: ...
+
+    @property
+    def pinned_leader(self) -> str | None:
+        """The node that must lead every run (a flush bound's unsynced leader), or None."""
+        ...
+
+    def keep_leader(self) -> None:
+        """Hand leadership back to `pinned_leader` if it moved (nothing without one)."""
+        ...
 
     def read_back(self, key_count: int) -> dict[int, str]:
         """key id -> value of every benchmark key, read linearizably from the leader."""
@@ -226,29 +237,13 @@ class _KeepAlive:
 
 
 # --------------------------------------------------------------------------- raftkv
-AUTH_TLS_SUFFIX: Final = "-auth-tls"
-NO_FSYNC_LEADER: Final = "leader"
-NO_FSYNC_ALL: Final = "all"
-NO_FSYNC_SUFFIXES: Final = {NO_FSYNC_LEADER: "-leader-no-fsync", NO_FSYNC_ALL: "-no-fsync"}
-"""The flush bounds (`RaftkvCluster.start_local(no_fsync=...)`): variants that are not durable,
-run only to measure what the nodes' flushes cost."""
 LOAD_TOKEN_ROLE: Final = "write"
 """The role of the token the load of an auth variant sends: what a writing application has."""
-
-
-def variant_label(http_workers: int | None, auth_tls: bool = False,
-                  no_fsync: str | None = None) -> str:
-    """`raftkv` for the default worker count (one per CPU), `raftkv-w<n>` otherwise; with
-    `-auth-tls` appended for a cluster with auth and peer TLS on, and a flush bound's suffix
-    (NO_FSYNC_SUFFIXES) for one that skips fsyncs."""
-    base = "raftkv" if not http_workers else f"raftkv-w{http_workers}"
-    base += AUTH_TLS_SUFFIX if auth_tls else ""
-    return base + (NO_FSYNC_SUFFIXES[no_fsync] if no_fsync else "")
-
-
-def is_flush_bound(label: str) -> bool:
-    """A variant that skips fsyncs: never held to the targets or budgets."""
-    return label.endswith(tuple(NO_FSYNC_SUFFIXES.values()))
+UNSYNCED_SETTINGS: Final[Mapping[str, str]] = {"RAFTKV_UNSAFE_NO_FSYNC": "true",
+                                                "RAFTKV_PERSIST_DEFER_US": "0"}
+"""A flush bound's unsynced node. The persist defer holds a leader's next batch back while
+the acks of the previous one are due, only so that its one loop thread is not inside a fsync
+when they arrive: a leader that does not flush (or flushes off its loop) needs none."""
 
 
 class RaftkvCluster:
@@ -270,21 +265,18 @@ class RaftkvCluster:
         self._headers: dict[str, str] = (
             {} if control_token is None else {"Authorization": f"Bearer {control_token}"})
         self._secured = dict(secured or {})
-        self.pinned_leader = pinned_leader
-        """The node that must lead every run (the leader-no-fsync bound's unsynced node)."""
+        self._pinned_leader = pinned_leader
         self._busy_at = time.monotonic()
 
     @classmethod
     def start_local(cls, base_dir: Path, nodes: int = 3, http_workers: int | None = None,
-                    auth_tls: bool = False, no_fsync: str | None = None) -> RaftkvCluster:
+                    auth_tls: bool = False, no_fsync: NoFsync | None = None) -> RaftkvCluster:
         """`http_workers`: RAFTKV_HTTP_WORKERS (None or 0: the default, one per CPU).
         `auth_tls`: auth and peer mutual TLS on (see the module doc). `no_fsync`: a flush
-        bound, NOT durable: NO_FSYNC_ALL starts every node with RAFTKV_UNSAFE_NO_FSYNC,
+        bound, NOT durable: NO_FSYNC_ALL starts every node with UNSYNCED_SETTINGS,
         NO_FSYNC_LEADER the first node only, which is then made the leader and kept so
-        (`keep_leader`): its commits wait for a follower's flush but never for its own, the
-        most that committing on the followers' acks before the leader's own flush can give."""
-        if no_fsync not in (None, NO_FSYNC_LEADER, NO_FSYNC_ALL):
-            raise ValueError(f"no_fsync: {no_fsync!r}")
+        (`keep_leader`): its commits wait for a follower's flush but never for its own, what
+        committing on the followers' acks while the leader flushes off its loop could give."""
         # The watch point holds 1,000 connections from this one address: above the default
         # per-client limit (128 per worker), which guards against one greedy address, not
         # against a load generator. etcd has no such limit.
@@ -292,13 +284,13 @@ class RaftkvCluster:
                     "RAFTKV_HTTP_WORKERS": str(http_workers or 0),
                     "RAFTKV_HTTP_MAX_CONNECTIONS_PER_CLIENT": "4000"}
         if no_fsync == NO_FSYNC_ALL:
-            settings["RAFTKV_UNSAFE_NO_FSYNC"] = "true"
+            settings.update(UNSYNCED_SETTINGS)
         root = secrets.token_hex(32) if auth_tls else None
         # a random cluster token; with auth_tls, bootstrapped with the root token
         local = LocalCluster(base_dir, nodes, env=settings, root_token=root)
         pinned: str | None = None
         if no_fsync == NO_FSYNC_LEADER:
-            local.nodes[0].env["RAFTKV_UNSAFE_NO_FSYNC"] = "true"
+            local.nodes[0].env.update(UNSYNCED_SETTINGS)
             pinned = local.nodes[0].node_id
         if auth_tls:
             try:
@@ -367,18 +359,34 @@ class RaftkvCluster:
 
         return wait_until(find, _LEADER_TIMEOUT_S, "a raftkv leader")
 
+    @property
+    def pinned_leader(self) -> str | None:
+        return self._pinned_leader
+
     def keep_leader(self) -> None:
-        """With a pinned leader: hand leadership back to it (POST /cluster/leader) if it moved,
-        and wait until it leads."""
-        pinned = self.pinned_leader
-        if pinned is None or self.leader().node == pinned:
+        """With a pinned leader: hand leadership back to it (POST /cluster/leader to the
+        leader of the moment, again until it leads: leadership may move between the look-up
+        and the request)."""
+        pinned = self._pinned_leader
+        if pinned is None:
             return
-        code, body = self._req(self.leader().endpoint, "POST", "/cluster/leader",
-                               {"id": pinned}, timeout_s=_LEADER_TIMEOUT_S)
-        if code != 200:
-            raise ClusterError(f"handing leadership to {pinned} answered {code}: {body}")
-        wait_until(lambda: self.leader().node == pinned or None, _LEADER_TIMEOUT_S,
-                   f"{pinned} to lead")
+        answers: list[str] = []
+
+        def leads() -> bool | None:
+            current = self.leader()
+            if current.node == pinned:
+                return True
+            code, body = self._req(
+                current.endpoint, "POST",
+                f"/cluster/leader?timeout={_TRANSFER_TIMEOUT_S:g}", {"id": pinned},
+                timeout_s=_TRANSFER_TIMEOUT_S + _CONTROL_TIMEOUT_S)
+            answers[:] = [f"{current.node} answered {code}: {body}"]
+            return None
+
+        try:
+            wait_until(leads, _LEADER_TIMEOUT_S, f"{pinned} to lead")
+        except ClusterError as e:
+            raise ClusterError(f"{e} (last hand-over: {answers[0] if answers else '-'})") from e
 
     def preload(self, key_count: int, value_bytes: int) -> None:
         conn = _KeepAlive(self.leader().endpoint, self._headers)
@@ -480,9 +488,18 @@ class RaftkvCluster:
                 "nodes": [str(ep) for ep in self._endpoints],
                 "started_here": self._local is not None, "settings": self._settings,
                 **({"security": self._secured} if self._secured else {}),
-                **({"unsynced": [n.node_id for n in self._local.nodes
-                                 if n.env.get("RAFTKV_UNSAFE_NO_FSYNC") == "true"]}
-                   if self._local is not None and self.pinned_leader else {})}
+                **({} if self._local is None else self._durability(self._local))}
+
+    def _durability(self, local: LocalCluster) -> dict[str, object]:
+        """Which nodes skip their fsyncs (a flush bound), with the settings that only they
+        have: `durable` is false if any does."""
+        unsynced = [n.node_id for n in local.nodes
+                    if {**local.extra_env, **n.env}.get("RAFTKV_UNSAFE_NO_FSYNC") == "true"]
+        node_settings = {n.node_id: {k: v for k, v in n.env.items() if k in UNSYNCED_SETTINGS}
+                         for n in local.nodes}
+        return {"durable": not unsynced, "unsynced": unsynced,
+                **({"node_settings": {k: v for k, v in node_settings.items() if v}}
+                   if any(node_settings.values()) else {})}
 
     def close(self) -> None:
         if self._local is not None:
@@ -562,6 +579,13 @@ class EtcdCluster:
     @property
     def endpoints(self) -> list[Endpoint]:
         return list(self._endpoints)
+
+    @property
+    def pinned_leader(self) -> str | None:
+        return None  # etcd's leader is wherever its election put it
+
+    def keep_leader(self) -> None:
+        pass
 
     def leader(self) -> Leadership:
         def find() -> Leadership | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks.clusters import is_flush_bound
+from benchmarks.labels import is_flush_bound
 from benchmarks.loadgen import Kind, System
 from benchmarks.records import LEADER, SPREAD, PointSummary
 
@@ -343,12 +343,15 @@ def plot(summaries: Sequence[PointSummary], path: Path, title: str) -> bool:
         points.sort(key=lambda p: p.concurrency)
         xs = [p.concurrency for p in points]
         color, style = colors.get(label, "gray"), styles.get(mode, ":")
+        name = label
+        if is_flush_bound(label):  # never to be taken for a durable variant
+            style, name = ":", f"{label} (NOT durable)"
         ax_tp.plot(xs, [p.ops_per_s for p in points], style, marker="o", color=color,
-                   label=f"{label} put, {mode}")
+                   label=f"{name} put, {mode}")
         ax_lat.plot(xs, [p.p50_ms for p in points], style, marker="o", color=color,
-                    label=f"{label} put, {mode}: p50")
+                    label=f"{name} put, {mode}: p50")
         ax_lat.plot(xs, [p.p99_ms for p in points], style, marker="^", color=color,
-                    alpha=0.5, label=f"{label} put, {mode}: p99")
+                    alpha=0.5, label=f"{name} put, {mode}: p99")
     markers = {Kind.GET.value: ("s", "linearizable get"), Kind.BATCH.value: ("*", "batch keys/s")}
     for s in summaries:
         if s.kind in markers:

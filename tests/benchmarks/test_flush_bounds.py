@@ -1,6 +1,7 @@
 """--flush-bounds: two variants that skip fsyncs (the leader's only, or every node's), measured
 to bound what the flushes cost. They must skip exactly the fsyncs they say (the leader-only one
-on the node that leads every run), and they are never held to the issue's targets or budgets."""
+on the node that leads every run, or the run fails), and they are never held to the issue's
+targets or budgets."""
 
 from __future__ import annotations
 
@@ -8,17 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.clusters import (
-    NO_FSYNC_ALL,
-    NO_FSYNC_LEADER,
-    RaftkvCluster,
-    is_flush_bound,
-    variant_label,
-)
+from benchmarks.clusters import UNSYNCED_SETTINGS, ClusterError, Leadership, RaftkvCluster
+from benchmarks.labels import NO_FSYNC_ALL, NO_FSYNC_LEADER, is_flush_bound, variant_label
+from benchmarks.loadgen import Endpoint
 from benchmarks.records import PointSummary
-from benchmarks.report import budgets, ratios, targets
+from benchmarks.report import batch_target, budgets, ratios, targets
+from benchmarks.write_throughput import check_pinned_leader
 from raftkv.localcluster import http_json, wait_until
-from tests.benchmarks.test_write_throughput import run_benchmark
+from tests.support.bench_runs import RUN_TIMEOUT_S, run_benchmark
 
 UNSYNCED_LOG_EVENT = "event=storage_unsafe_no_fsync"
 
@@ -46,29 +44,29 @@ def _summary(system: str, label: str, point: str, ops_per_s: float) -> PointSumm
 
 def test_a_bound_is_shown_against_etcd_but_never_checked_against_the_targets() -> None:
     summaries = [_summary(system, label, point, ops)
-                 for point in ("put/leader/c1", "put/leader/c16")
+                 for point in ("put/leader/c1", "put/leader/c16", "batch/leader/c16")
                  for system, label, ops in (("raftkv", "raftkv", 900.0),
                                             ("raftkv", "raftkv-no-fsync", 1500.0),
                                             ("raftkv", "raftkv-leader-no-fsync", 1000.0),
                                             ("etcd", "etcd", 1000.0))]
     assert {c.label for c in budgets(summaries)} == {"raftkv"}
     assert {c.label for c in targets(summaries)} == {"raftkv"}
+    batch = batch_target(summaries, 16)
+    assert batch is not None and batch["raftkv_batch_keys_per_s"] == 900.0  # plain raftkv's
     shown = {(r["label"], r["point"]): r["ratio"] for r in ratios(summaries)}
     assert shown[("raftkv-no-fsync", "put/leader/c1")] == 1.5
     assert shown[("raftkv-leader-no-fsync", "put/leader/c16")] == 1.0
     assert shown[("raftkv", "put/leader/c16")] == 0.9
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--flush-bounds", "--urls", "127.0.0.1:4001"], "--flush-bounds starts clusters"),
-    (["--flush-bounds", "--http-workers", "1"], "keep 0 in --http-workers"),
-])
-def test_flush_bounds_need_plain_raftkv_clusters_of_their_own(args: list[str],
-                                                             message: str) -> None:
-    from benchmarks.write_throughput import build_parser, plan_from
-
-    with pytest.raises(ValueError, match=message):
-        plan_from(build_parser().parse_args(args))
+def test_a_run_the_pinned_node_did_not_lead_in_one_term_fails() -> None:
+    ep = Endpoint("127.0.0.1", 1)
+    n1, n2 = Leadership(ep, "n1", 3), Leadership(ep, "n2", 4)
+    check_pinned_leader("b", "n1", n1, n1)
+    check_pinned_leader("durable", None, n1, n2)  # nothing pinned: a change is only noted
+    for start, end in ((n1, Leadership(ep, "n1", 5)), (n1, n2), (n2, n1), (n2, n2)):
+        with pytest.raises(ClusterError, match="n1 must lead the whole run"):
+            check_pinned_leader("b", "n1", start, end)
 
 
 def _unsynced_logs(base_dir: Path) -> set[str]:
@@ -83,7 +81,9 @@ def test_the_leader_bound_skips_the_leaders_fsyncs_only_and_keeps_it_leading(
     try:
         assert cluster.leader().node == "n1"
         assert _unsynced_logs(tmp_path) == {"n1"}
-        assert cluster.describe()["unsynced"] == ["n1"]
+        described = cluster.describe()
+        assert described["durable"] is False and described["unsynced"] == ["n1"]
+        assert described["node_settings"] == {"n1": dict(UNSYNCED_SETTINGS)}
         # Moved away (as an election would), it is handed back before the next run.
         code, body, _ = http_json("POST", f"{cluster.leader().endpoint}/cluster/leader",
                                   {"id": "n2"}, timeout_s=10.0)
@@ -96,21 +96,22 @@ def test_the_leader_bound_skips_the_leaders_fsyncs_only_and_keeps_it_leading(
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
 def test_a_run_with_the_bounds_measures_both_beside_plain_raftkv(tmp_path: Path) -> None:
     report = run_benchmark(tmp_path, "--concurrency", "1", "--modes", "leader",
                            "--workloads", "put", "--http-workers", "0", "--flush-bounds")
     labels = {"raftkv", "raftkv-leader-no-fsync", "raftkv-no-fsync"}
     assert {p["label"] for p in report["points"]} == labels
     systems = {s["label"]: s for s in report["systems"]}
+    assert (systems["raftkv"]["durable"], systems["raftkv"]["unsynced"]) == (True, [])
     assert systems["raftkv"]["settings"]["RAFTKV_UNSAFE_NO_FSYNC"] == "false"
-    assert systems["raftkv-no-fsync"]["settings"]["RAFTKV_UNSAFE_NO_FSYNC"] == "true"
+    everywhere = systems["raftkv-no-fsync"]
+    assert (everywhere["durable"], everywhere["unsynced"]) == (False, ["n1", "n2", "n3"])
+    assert everywhere["settings"]["RAFTKV_UNSAFE_NO_FSYNC"] == "true"
     assert systems["raftkv-leader-no-fsync"]["unsynced"] == ["n1"]
-    assert "unsynced" not in systems["raftkv"]
     runs = report["runs"]
     assert {r["label"] for r in runs} == labels
-    assert all(r["leader"] == "n1" and not r["leader_changed"]
-               for r in runs if r["label"] == "raftkv-leader-no-fsync")
+    assert [r["leader"] for r in runs if r["label"] == "raftkv-leader-no-fsync"] == ["n1"]
     assert all(r["acknowledged_keys"] > 0 and r["lost_writes"] == [] for r in runs)
-    assert {c["label"] for c in report["targets"]} <= {"raftkv"}
+    assert {c["label"] for c in report["targets"]} == {"raftkv"}
     assert report["ok"] is True

@@ -8,32 +8,13 @@ change and writes its JSON report. No assertion on speed.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-RUN_TIMEOUT_S = 120
+from tests.support.bench_runs import RUN_TIMEOUT_S, run_benchmark
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(RUN_TIMEOUT_S + 30)]
-
-
-def run_benchmark(tmp_path: Path, *args: str) -> dict[str, Any]:
-    out, data = tmp_path / "results", tmp_path / "data"
-    data.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.write_throughput", "--quick", "--out", str(out),
-         "--data-dir", str(data), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    reports = list(out.glob("write_throughput-*.json"))
-    assert len(reports) == 1, f"expected one JSON report in {out}: {reports}"
-    assert list(data.iterdir()) == [], "the clusters' data dir was not cleaned up"
-    report: dict[str, Any] = json.loads(reports[0].read_text())
-    return report
 
 
 def test_quick_benchmark_measures_every_point_and_loses_no_acknowledged_write(
@@ -109,9 +90,12 @@ def test_the_auth_tls_variant_runs_secured_and_is_reported_against_plain_raftkv(
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--auth-tls", "--urls", "127.0.0.1:4001"], "--auth-tls starts a cluster"),
-    (["--auth-tls", "--http-workers", "1"], "keep 0 in --http-workers"),
+    (["--auth-tls", "--http-workers", "1"], "--auth-tls .* keep 0 in --http-workers"),
+    (["--flush-bounds", "--urls", "127.0.0.1:4001"], "--flush-bounds starts clusters"),
+    (["--flush-bounds", "--http-workers", "1"], "--flush-bounds .* keep 0 in --http-workers"),
 ])
-def test_auth_tls_needs_a_plain_raftkv_cluster_of_its_own(args: list[str], message: str) -> None:
+def test_variants_against_plain_raftkv_need_clusters_of_their_own_beside_it(
+        args: list[str], message: str) -> None:
     from benchmarks.write_throughput import build_parser, plan_from
 
     with pytest.raises(ValueError, match=message):
