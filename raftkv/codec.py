@@ -467,11 +467,9 @@ and two node ids (a few KiB at most: the transport takes ids of up to 256 charac
 snapshot's checksum and membership, or a ReadIndex message's up to 65,536 read ids
 (576 KiB).
 
-An assumption, not a bound: nothing limits the number of members, and a SnapshotRequest
-carries them all. The room holds about 1000 members of the longest ids (256 characters of
-4 bytes), about 4000 of the longest a join or removal over HTTP takes (64 characters,
-raftkv.http.app.MAX_NODE_ID_CHARS), about 16,000 of ASCII ids of RAFTKV_ID's 63 characters.
-A membership past that could make a SnapshotRequest larger than raft_message_bound."""
+A SnapshotRequest carries the whole membership: the room holds about 1000 members of the
+longest ids (256 characters of 4 bytes), and a cluster has at most Config.max_members (256:
+a change past it is refused, and so is a bootstrap naming more)."""
 
 
 def raft_message_bound(config: Config) -> int:

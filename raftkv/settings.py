@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Final
 
+from raftkv.core.config import MAX_MEMBERS
 from raftkv.digits import MAX_INT64, parse_decimal
 from raftkv.files import FileProblem, read_small_file
 
@@ -337,6 +338,9 @@ class Settings:
         peers = self.peer_map
         if peers and self.node_id not in peers:
             raise SettingsError(f"RAFTKV_PEERS must include this node ({self.node_id}=host:port)")
+        if len(peers) > MAX_MEMBERS:
+            raise SettingsError(f"RAFTKV_PEERS names {len(peers)} members: a cluster has at "
+                                f"most {MAX_MEMBERS}")
         if self.join:
             parse_host_port(without_scheme(self.join), "RAFTKV_JOIN")
         if not 1 <= self.tick_ms <= MAX_TICK_MS:

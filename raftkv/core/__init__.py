@@ -1,6 +1,6 @@
 """The Raft algorithm as a pure state machine: no IO, standard library only."""
 
-from raftkv.core.config import Config
+from raftkv.core.config import MAX_MEMBERS, Config
 from raftkv.core.errors import (
     ConfChangeRejected,
     NotLeader,
@@ -46,6 +46,7 @@ from raftkv.core.types import (
 )
 
 __all__ = [
+    "MAX_MEMBERS",
     "AppendRequest",
     "AppendResponse",
     "BootState",

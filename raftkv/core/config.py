@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from raftkv.core.types import NodeId
+
+MAX_MEMBERS: Final = 256
+"""The default Config.max_members, and the most members a bootstrap may name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +32,11 @@ class Config:
     snapshot_chunk_bytes: int = 1 << 20
     max_snapshot_bytes: int = 8 << 30
     """A follower refuses a snapshot declared (or growing) larger than this."""
+    max_members: int = MAX_MEMBERS
+    """A membership change that would make more members (voters and learners) than this is
+    refused (ConfChangeRejected); one that makes fewer never is. A SnapshotRequest carries the
+    whole membership in raftkv.codec.MESSAGE_HEAD_BYTES, which holds 256 of the longest ids the
+    transport takes with room to spare."""
     snapshot_backoff_ticks: int = 0
     """After a follower refused a snapshot (or it could not be read), the leader waits this
     long before offering one again; 0: one election timeout."""
@@ -42,7 +51,8 @@ class Config:
         if self.election_timeout_ticks <= self.heartbeat_interval_ticks:
             raise ValueError("election_timeout_ticks must exceed heartbeat_interval_ticks")
         for name in ("max_append_entries", "max_append_bytes", "max_entry_bytes",
-                     "max_inflight_appends", "snapshot_chunk_bytes", "max_snapshot_bytes"):
+                     "max_inflight_appends", "snapshot_chunk_bytes", "max_snapshot_bytes",
+                     "max_members"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.snapshot_backoff_ticks < 0:

@@ -39,6 +39,8 @@ def base_env(tmp_path: Path) -> dict[str, str]:
     ({"RAFTKV_HTTP_ADDR": "nonsense"}, "RAFTKV_HTTP_ADDR"),
     ({"RAFTKV_PEERS": "n2=127.0.0.1:5"}, "must include this node"),
     ({"RAFTKV_PEERS": "n1"}, "expected id=host:port"),
+    ({"RAFTKV_PEERS": ",".join(f"n{i}=127.0.0.1:{1000 + i}" for i in range(1, 258))},
+     "RAFTKV_PEERS names 257 members: a cluster has at most 256"),
     ({"RAFTKV_TICK_MS": "fast"}, "RAFTKV_TICK_MS"),
     ({"RAFTKV_ELECTION_TICKS": "1"}, "RAFTKV_ELECTION_TICKS"),
 ])
