@@ -467,9 +467,10 @@ and two node ids (a few KiB at most: the transport takes ids of up to 256 charac
 snapshot's checksum and membership, or a ReadIndex message's up to 65,536 read ids
 (576 KiB).
 
-A SnapshotRequest carries the whole membership: the room holds about 1000 members of the
-longest ids (256 characters of 4 bytes), and a cluster has at most Config.max_members (256:
-a change past it is refused, and so is a bootstrap naming more)."""
+A SnapshotRequest carries the whole membership: the room holds MAX_MEMBERS_IN_HEAD members
+of the longest ids (256 characters of 4 bytes), and no change makes a cluster grow past
+Config.max_members (256 by default; raft_message_bound refuses a config above the room)."""
+MAX_MEMBERS_IN_HEAD: Final = 1000
 
 
 def raft_message_bound(config: Config) -> int:
@@ -477,7 +478,11 @@ def raft_message_bound(config: Config) -> int:
     An AppendRequest holds at most max_append_entries entries whose Entry.size_bytes add up to
     at most max_append_bytes, or one entry alone, of at most max_entry_bytes (the leader
     appends no larger one); a SnapshotRequest holds a chunk of at most snapshot_chunk_bytes;
-    anything else fits in MESSAGE_HEAD_BYTES."""
+    anything else fits in MESSAGE_HEAD_BYTES. ValueError for a Config.max_members over
+    MAX_MEMBERS_IN_HEAD."""
+    if config.max_members > MAX_MEMBERS_IN_HEAD:
+        raise ValueError(f"max_members {config.max_members}: a SnapshotRequest's head holds "
+                         f"the ids of at most {MAX_MEMBERS_IN_HEAD} members")
     entries = (max(config.max_append_bytes, config.max_entry_bytes)
                + config.max_append_entries * ENTRY_OVERHEAD_BYTES)
     return MESSAGE_HEAD_BYTES + max(entries, config.snapshot_chunk_bytes)

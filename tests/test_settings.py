@@ -229,3 +229,13 @@ def test_a_join_url_keeps_its_scheme() -> None:
     assert join_url("127.0.0.1:4001") == "http://127.0.0.1:4001"
     assert join_url("http://127.0.0.1:4001") == "http://127.0.0.1:4001"
     assert join_url("https://member.example:443") == "https://member.example:443"
+
+
+def _peers(count: int) -> str:
+    return ",".join(f"n{i}=127.0.0.1:{1000 + i}" for i in range(1, count + 1))
+
+
+def test_peers_may_name_as_many_members_as_a_cluster_may_have_and_no_more() -> None:
+    assert len(from_sources(None, settings_env(RAFTKV_PEERS=_peers(256))).peer_map) == 256
+    with pytest.raises(SettingsError, match="names 257 members: a cluster has at most 256"):
+        from_sources(None, settings_env(RAFTKV_PEERS=_peers(257)))

@@ -226,12 +226,13 @@ class RaftNode:
             new = self.membership.apply(change)
         except ValueError as e:
             raise ConfChangeRejected(str(e)) from None
+        self._check_strict_reconfiguration(change, new)
         limit = self.config.max_members
         if len(new.members) > max(limit, len(self.membership.members)):
             raise ConfChangeRejected(
                 f"adding {change.node_id} would make {len(new.members)} members (voters and "
-                f"learners), more than the cluster's limit of {limit}: remove one first")
-        self._check_strict_reconfiguration(change, new)
+                f"learners), more than the cluster's limit of {limit}: remove "
+                f"{len(new.members) - limit} first")
         self._append_entry(entry)
         return entry.index
 

@@ -360,6 +360,13 @@ class RequestHandler:
             done.fail(MembershipChangeError(f"{address} is the address of member {taken}: a "
                                             "new member needs an address of its own"))
             return
+        limit = driver.core.config.max_members
+        if node_id not in membership.members and len(membership.members) >= limit:
+            # Refused before any probe (the leader's core checks again when proposed).
+            done.fail(MembershipChangeError(
+                f"the cluster has {len(membership.members)} members, its limit of {limit}: "
+                f"remove one before {node_id} can join"))
+            return
         if node_id in membership.learners:
             # Promote a learner now (the leader also promotes learners once caught up). No
             # probe: the core promotes only a learner caught up, over a link that checked it.

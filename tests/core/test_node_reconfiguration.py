@@ -185,10 +185,13 @@ def test_a_change_past_the_member_limit_is_refused_and_one_within_it_is_not() ->
     net.stabilize()
     net.run(1)  # the new learner is probed on the next heartbeat, and catches up
     with pytest.raises(ConfChangeRejected,
-                       match=r"adding n5 would make 5 members .* limit of 4") as refused:
+                       match=r"adding n5 would make 5 members .* limit of 4: remove 1") as refused:
         n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n5", "10.0.0.5:5001"))
     assert not refused.value.transient
     assert n1.membership.members == {"n1", "n2", "n3", "n4"}
+    # A new member asked for as a voter is told to join as a learner first, not to remove one.
+    with pytest.raises(ConfChangeRejected, match="joins as a learner first"):
+        n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "n5", "10.0.0.5:5001"))
     # At the limit, a promotion (the count stays) and a removal go through, and then an add.
     n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "n4"))
     net.stabilize()
@@ -210,6 +213,8 @@ def test_a_cluster_already_past_a_lowered_limit_can_still_shrink_and_promote() -
     n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"))
     net.stabilize()
     assert n1.membership.voters == {"n1", "n3", "n4"}
+    with pytest.raises(ConfChangeRejected, match=r"would make 4 members .* remove 2 first"):
+        n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n5", "10.0.0.5:5001"))
 
 
 def _cluster_with(max_members: int, learners: tuple[str, ...]) -> Network:

@@ -23,6 +23,7 @@ import pytest
 
 from raftkv.codec import (
     ENTRY_OVERHEAD_BYTES,
+    MAX_MEMBERS_IN_HEAD,
     MESSAGE_HEAD_BYTES,
     encode_message,
     raft_message_bound,
@@ -96,6 +97,12 @@ def test_the_raft_config_of_a_node_fits_in_a_peer_frame(tmp_path: Path) -> None:
     assert raft_message_bound(config) < DEFAULT_MAX_FRAME_BYTES
 
 
+def test_a_member_limit_past_what_a_snapshot_head_holds_is_refused() -> None:
+    assert raft_message_bound(Config("n1", max_members=MAX_MEMBERS_IN_HEAD)) > 0
+    with pytest.raises(ValueError, match="holds the ids of at most 1000 members"):
+        raft_message_bound(Config("n1", max_members=MAX_MEMBERS_IN_HEAD + 1))
+
+
 def test_a_raft_config_whose_messages_may_not_fit_in_a_peer_frame_is_refused(
         tmp_path: Path) -> None:
     s = settings(tmp_path)
@@ -135,11 +142,12 @@ def change_entry(size_bytes: int, i: int = 0) -> Entry:
 
 def largest_messages(config: Config) -> list[Message]:
     """The largest message of each kind a core of `config` may send: entries, ids and
-    positions at their largest, a snapshot's membership of 1000 members (MESSAGE_HEAD_BYTES
-    has room for about that many)."""
+    positions at their largest, a snapshot's membership of MAX_MEMBERS_IN_HEAD members (the
+    most a Config may allow)."""
     n = config.max_append_entries
     share = config.max_append_bytes // n // 4 * 4
-    members = frozenset(f"{i:04}" + "\U0010ffff" * (MAX_ID_CHARS - 4) for i in range(1000))
+    members = frozenset(f"{i:04}" + "\U0010ffff" * (MAX_ID_CHARS - 4)
+                        for i in range(MAX_MEMBERS_IN_HEAD))
     meta = SnapshotMeta(BIG, BIG, Membership(members))
     return [
         append(*(data_entry(share, i) for i in range(n))),

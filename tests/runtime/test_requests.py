@@ -16,7 +16,7 @@ import pytest
 
 from raftkv.auth import ROOT_TOKEN_ID, Role, TokenRecord, TokenTable, token_digest
 from raftkv.codec import Request, RequestOp
-from raftkv.core import ConfChange, ConfChangeOp
+from raftkv.core import MAX_MEMBERS, ConfChange, ConfChangeOp, Config, Membership
 from raftkv.localcluster import wait_until
 from raftkv.runtime.requests import (
     MAX_BACKUPS,
@@ -175,15 +175,17 @@ N4 = "127.0.0.1:5004"
 class _Cluster:
     """The driver as a join sees it: the membership, the addresses, and what is proposed."""
 
-    def __init__(self, voters: dict[str, str], learners: dict[str, str] | None = None) -> None:
+    def __init__(self, voters: dict[str, str], learners: dict[str, str] | None = None,
+                 max_members: int = MAX_MEMBERS) -> None:
         self.addresses = {**voters, **(learners or {})}
-        self.membership = SimpleNamespace(voters=frozenset(voters),
-                                          learners=frozenset(learners or {}))
+        self.membership = Membership(frozenset(voters), frozenset(learners or {}))
+        self.config = Config("n1", max_members=max_members)
         self.sm = SimpleNamespace(addresses=dict(self.addresses), applied_index=7)
         self.proposed: list[ConfChange] = []
 
     def handler(self, tmp_path: Path, loop: _Loop) -> RequestHandler:
-        handler = _handler(tmp_path, loop, core=SimpleNamespace(membership=self.membership),
+        handler = _handler(tmp_path, loop,
+                           core=SimpleNamespace(membership=self.membership, config=self.config),
                            sm=self.sm, address_of=self.addresses.get,
                            propose_conf_change=lambda change, _done, wait_s=None:
                            self.proposed.append(change))
@@ -327,6 +329,30 @@ def test_a_members_rejoin_a_promotion_and_a_refusal_need_no_probe(
     assert threads == [] and probe.asked == [] and loop.posted == []
 
 
+def test_a_join_to_a_full_cluster_is_refused_before_any_probe(
+        tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At Config.max_members a new member is a 409 at once: no probe (nothing listening
+    would have been a 503, and a retrying joiner would take a probe slot every time) and
+    nothing proposed; a member asking again and a learner's promotion still go through."""
+    loop, replier = _Loop(), _Replier()
+    cluster = _Cluster({"n1": "127.0.0.1:5001"}, {"n4": N4}, max_members=2)
+    probe = fake_probe(AssertionError("no probe"))
+    threads = _thread_recorder(monkeypatch)
+    handler = cluster.handler(tmp_path, loop)
+    _join(handler, replier, 1, "n5", "127.0.0.1:4005")
+    _join(handler, replier, 2, "n1", "127.0.0.1:5001")
+    _join(handler, replier, 3, "n4", N4, voter=True)
+    refusal = replier.errors.get(1)
+    assert type(refusal) is MembershipChangeError, replier.errors
+    assert "the cluster has 2 members, its limit of 2: remove one before n5 can join" in str(
+        refusal)
+    assert refusal.details() == {}  # not a probe mismatch: a joiner asks again
+    assert replier.oks == {2: 7}
+    assert cluster.proposed == [ConfChange(ConfChangeOp.ADD_VOTER, "n4", N4)]
+    assert threads == [] and probe.asked == [] and loop.posted == []
+
+
 def test_a_join_checks_the_membership_again_once_the_probe_answered(
         tmp_path: Path, fake_probe: Callable[[PeerInfo | Exception], _Probe]) -> None:
     """The membership may change while the probe runs (the same join asked twice, say): the
@@ -336,7 +362,8 @@ def test_a_join_checks_the_membership_again_once_the_probe_answered(
     probe.release.clear()
     _join(cluster.handler(tmp_path, loop), replier, 1, "n4", N4, voter=False)
     wait_until(lambda: probe.asked, WAIT_S, "the probe to be asked")
-    cluster.membership.learners = frozenset({"n4"})  # appended meanwhile, not applied here
+    # appended meanwhile, not applied here
+    cluster.driver.core.membership = Membership(cluster.membership.voters, frozenset({"n4"}))
     cluster.addresses["n4"] = N4
     probe.release.set()
     _probe_answered(loop)
