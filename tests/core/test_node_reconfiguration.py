@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from raftkv.core import ConfChange, ConfChangeOp, ConfChangeRejected, Config
+from raftkv.core import MAX_MEMBERS, ConfChange, ConfChangeOp, ConfChangeRejected, Config
 from tests.core.harness import Network, between
 
 ET = 10
@@ -19,8 +19,9 @@ THREE = ("n1", "n2", "n3")
 
 
 def _cluster(voters: tuple[str, ...] = THREE, learners: tuple[str, ...] = (),
-             joining: tuple[str, ...] = ()) -> Network:
-    net = Network(voters, learners, joining=joining, election_timeout_ticks=ET)
+             joining: tuple[str, ...] = (), max_members: int = MAX_MEMBERS) -> Network:
+    net = Network(voters, learners, joining=joining, election_timeout_ticks=ET,
+                  max_members=max_members)
     net.elect("n1")
     net.run(1)
     return net
@@ -177,12 +178,9 @@ def test_a_removal_refused_only_for_an_acknowledgement_on_its_way_is_transient()
 
 def test_a_change_past_the_member_limit_is_refused_and_one_within_it_is_not() -> None:
     """Config.max_members bounds what a SnapshotRequest carries (the whole membership)."""
-    net = Network(THREE, joining=("n4", "n5"), election_timeout_ticks=ET, max_members=4)
-    net.elect("n1")
-    net.run(1)
+    net = _cluster(joining=("n4", "n5"), max_members=4)
     n1 = net.node("n1")
-    n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n4", "10.0.0.4:5001"))
-    net.stabilize()
+    _applied(net, ConfChange(ConfChangeOp.ADD_LEARNER, "n4", "10.0.0.4:5001"))
     net.run(1)  # the new learner is probed on the next heartbeat, and catches up
     with pytest.raises(ConfChangeRejected,
                        match=r"adding n5 would make 5 members .* limit of 4: remove 1") as refused:
@@ -193,35 +191,29 @@ def test_a_change_past_the_member_limit_is_refused_and_one_within_it_is_not() ->
     with pytest.raises(ConfChangeRejected, match="joins as a learner first"):
         n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "n5", "10.0.0.5:5001"))
     # At the limit, a promotion (the count stays) and a removal go through, and then an add.
-    n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "n4"))
-    net.stabilize()
-    n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n3"))
-    net.stabilize()
-    n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n5", "10.0.0.5:5001"))
-    net.stabilize()
+    _applied(net, ConfChange(ConfChangeOp.ADD_VOTER, "n4"))
+    _applied(net, ConfChange(ConfChangeOp.REMOVE, "n3"))
+    _applied(net, ConfChange(ConfChangeOp.ADD_LEARNER, "n5", "10.0.0.5:5001"))
     assert n1.membership.voters == {"n1", "n2", "n4"}
     assert n1.membership.learners == {"n5"}
 
 
 def test_a_cluster_already_past_a_lowered_limit_can_still_shrink_and_promote() -> None:
-    net = _cluster_with(max_members=2, learners=("n4",))
+    net = _cluster(learners=("n4",), max_members=2)
     n1 = net.node("n1")
     with pytest.raises(ConfChangeRejected, match="limit of 2"):
         n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n5", "10.0.0.5:5001"))
-    n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_VOTER, "n4"))
-    net.stabilize()
-    n1.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, "n2"))
-    net.stabilize()
+    _applied(net, ConfChange(ConfChangeOp.ADD_VOTER, "n4"))
+    _applied(net, ConfChange(ConfChangeOp.REMOVE, "n2"))
     assert n1.membership.voters == {"n1", "n3", "n4"}
     with pytest.raises(ConfChangeRejected, match=r"would make 4 members .* remove 2 first"):
         n1.propose_conf_change(ConfChange(ConfChangeOp.ADD_LEARNER, "n5", "10.0.0.5:5001"))
 
 
-def _cluster_with(max_members: int, learners: tuple[str, ...]) -> Network:
-    net = Network(THREE, learners, election_timeout_ticks=ET, max_members=max_members)
-    net.elect("n1")
-    net.run(1)
-    return net
+def _applied(net: Network, change: ConfChange) -> None:
+    """Proposed by the leader n1 and delivered until nothing moves."""
+    net.node("n1").propose_conf_change(change)
+    net.stabilize()
 
 
 @pytest.mark.parametrize("limit", [0, -1])
