@@ -227,8 +227,8 @@ class RaftNode:
         except ValueError as e:
             raise ConfChangeRejected(str(e)) from None
         self._check_strict_reconfiguration(change, new)
-        limit = self.config.max_members
-        if len(new.members) > max(limit, len(self.membership.members)):
+        if not self.membership.has_room_for(change.node_id, self.config.max_members):
+            limit = self.config.max_members
             raise ConfChangeRejected(
                 f"adding {change.node_id} would make {len(new.members)} members (voters and "
                 f"learners), more than the cluster's limit of {limit}: remove "

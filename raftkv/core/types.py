@@ -58,6 +58,11 @@ class Membership:
     def members(self) -> frozenset[NodeId]:
         return self.voters | self.learners
 
+    def has_room_for(self, nid: NodeId, limit: int) -> bool:
+        """Whether `nid` may be in it without it having more than `limit` members (a member
+        takes no more room; one already past the limit may still shrink, never grow)."""
+        return nid in self.members or len(self.members) < limit
+
     def apply(self, change: ConfChange) -> Membership:
         """The membership after `change`; raises ValueError if it cannot apply."""
         nid = change.node_id

@@ -361,7 +361,7 @@ class RequestHandler:
                                             "new member needs an address of its own"))
             return
         limit = driver.core.config.max_members
-        if node_id not in membership.members and len(membership.members) >= limit:
+        if not membership.has_room_for(node_id, limit):
             # Refused before any probe (the leader's core checks again when proposed).
             done.fail(MembershipChangeError(
                 f"the cluster has {len(membership.members)} members, its limit of {limit}: "
