@@ -26,7 +26,7 @@ from raftkv.localcluster import (
     http_json,
     wait_until,
 )
-from tests.support.clusters import running_cluster
+from tests.support.clusters import running_cluster, watches
 from tests.support.peers import answering_as
 
 pytestmark = pytest.mark.integration
@@ -282,16 +282,11 @@ def test_a_watch_ends_401_once_its_node_applied_its_tokens_revoke(
                                          timeout_s=40, headers=bearer(reader.token))
             answers[node.node_id] = (code, payload)
 
-        def watches_held(node: NodeProc) -> int:
-            code, status = call(node, "GET", "/status", ROOT)
-            assert code == 200 and isinstance(status, dict), status
-            return int(status.get("extra", {}).get("watches", 0))
-
         threads = [threading.Thread(target=watch, args=(n,), daemon=True) for n in nodes]
         for t in threads:
             t.start()
         try:
-            wait_until(lambda: all(watches_held(n) >= 1 for n in nodes), 15,
+            wait_until(lambda: all(watches(cluster, n) >= 1 for n in nodes), 15,
                        "every node to hold its watch")
             admin.token_revoke(reader.token_id)
             # At once: every node applies the put after the revoke, and its watch fires in the

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
-from tests.support.clusters import running_cluster
+from tests.support.clusters import running_cluster, watches
 
 pytestmark = pytest.mark.integration
 
@@ -35,10 +35,6 @@ def own_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Loca
     with running_cluster(tmp_path, request=request) as c:
         yield c
 
-
-
-def watches(c: LocalCluster, node: NodeProc) -> int:
-    return int(c.status(node)["extra"]["watches"])
 
 
 class BackgroundWatch:

@@ -10,7 +10,7 @@ from typing import Final
 
 import pytest
 
-from raftkv.localcluster import FAST_TIMING, LocalCluster
+from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc
 
 STEADY_LEADER: Final[Mapping[str, str]] = {"RAFTKV_ELECTION_TICKS": "50"}
 """Elections after 1-2 s (50 ticks of FAST_TIMING's 20 ms) instead of 200-400 ms: for a test
@@ -47,3 +47,8 @@ def running_cluster(base_dir: Path, n: int = 3, request: pytest.FixtureRequest |
         if rep is not None and rep.failed:
             print(c.dump_logs())
         c.close()
+
+
+def watches(c: LocalCluster, node: NodeProc) -> int:
+    """The watches `node` holds (its /status, with the cluster's root token if any)."""
+    return int(c.status(node)["extra"]["watches"])
