@@ -36,11 +36,11 @@ from typing import Final
 
 from raftkv import codec
 from raftkv.core import Config, RaftNode
-from raftkv.core.types import HardState, Role
+from raftkv.core.types import Role
 from raftkv.kv.commands import Put, encode_command
 from raftkv.kv.state_machine import KVStateMachine
 from raftkv.metrics import NodeMetrics
-from raftkv.runtime.boot import bootstrap_entries, load_boot_state
+from raftkv.runtime.boot import load_boot_state, save_bootstrap
 from raftkv.runtime.driver import BASE_MEMBERSHIP, RaftDriver
 from raftkv.service import ServiceError
 from snapshots.lmdb_store import LmdbSnapshotStore
@@ -161,8 +161,7 @@ class _Cluster:
             storage = LmdbRaftStorage(raft_dir, unsafe_no_fsync=not synced)
             snapshots = LmdbSnapshotStore(snap_dir)
             self._stores += [storage, snapshots]
-            entries = bootstrap_entries(MEMBERS)
-            storage.save(HardState(1, None, len(entries)), entries)
+            save_bootstrap(storage, MEMBERS)
             boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
             core = RaftNode(Config(nid, election_timeout_ticks=1_000_000), boot,
                             random.Random(1))

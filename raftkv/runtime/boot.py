@@ -29,6 +29,7 @@ from raftkv.core.types import (
     ConfChangeOp,
     Entry,
     EntryKind,
+    HardState,
     Membership,
     Snapshot,
     SnapshotMeta,
@@ -36,7 +37,7 @@ from raftkv.core.types import (
 from raftkv.kv.commands import AuthEnable, encode_command
 from raftkv.ports import RaftStorage, SnapshotStore, StorageError, StoredSnapshot
 
-__all__ = ["bootstrap_entries", "load_boot_state"]
+__all__ = ["bootstrap_entries", "load_boot_state", "save_bootstrap"]
 
 
 def bootstrap_entries(peers: Mapping[str, str], root_digest: bytes | None = None) -> list[Entry]:
@@ -57,6 +58,14 @@ def bootstrap_entries(peers: Mapping[str, str], root_digest: bytes | None = None
         entries.append(Entry(len(entries) + 1, 1, EntryKind.NORMAL,
                              data=encode_command(AuthEnable(root_digest))))
     return entries
+
+
+def save_bootstrap(storage: RaftStorage, peers: Mapping[str, str],
+                   root_digest: bytes | None = None) -> None:
+    """What a new static cluster's member saves at its first start: bootstrap_entries,
+    committed, in term 1."""
+    entries = bootstrap_entries(peers, root_digest)
+    storage.save(HardState(1, None, len(entries)), entries)
 
 
 def load_boot_state(

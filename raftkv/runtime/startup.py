@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Final
 
 from raftkv.auth import RootTokenError, read_root_token_file, token_digest
-from raftkv.core import HardState
 from raftkv.core.ready import BootState
 from raftkv.kv.state_machine import KVStateMachine, StateMachineError
 from raftkv.ports import NodeIdentity, StorageError
-from raftkv.runtime.boot import bootstrap_entries, load_boot_state
+from raftkv.runtime.boot import load_boot_state, save_bootstrap
 from raftkv.runtime.driver import BASE_MEMBERSHIP
 from raftkv.settings import Settings, SettingsError, check_dialable, derive_cluster_id
 from snapshots.lmdb_store import LmdbSnapshotStore
@@ -256,8 +255,7 @@ def _load(settings: Settings, data: Path, storage: LmdbRaftStorage,
     plan = plan_start(settings, identity, has_state, knows_members, data, root_digest)
     check_recorded_addresses(settings, plan)
     if plan.kind is StartKind.BOOTSTRAP:
-        entries = bootstrap_entries(settings.peer_map, root_digest)
-        storage.save(HardState(1, None, len(entries)), entries)
+        save_bootstrap(storage, settings.peer_map, root_digest)
         log.info("event=bootstrap node=%s cluster=%s members=%s auth=%s", settings.node_id,
                  plan.cluster_id, ",".join(sorted(settings.peer_map)),
                  "on" if root_digest else "off")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
-from raftkv.core import Config, HardState, RaftNode
-from raftkv.runtime.boot import bootstrap_entries, load_boot_state
+from raftkv.core import Config, RaftNode
+from raftkv.runtime.boot import load_boot_state, save_bootstrap
 from raftkv.runtime.driver import BASE_MEMBERSHIP
 from snapshots.memory import MemorySnapshotStore
 from storage.memory import MemoryRaftStorage
@@ -21,8 +21,7 @@ def new_member(config: Config, members: Mapping[str, str], *, seed: int = 1
     """Node `config.node_id` of a cluster bootstrapped with `members` (id -> raft address):
     its core (random.Random(seed)) and its stores."""
     storage = MemoryRaftStorage()
-    entries = bootstrap_entries(members)
-    storage.save(HardState(1, None, len(entries)), entries)
+    save_bootstrap(storage, members)
     snapshots = MemorySnapshotStore()
     boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
     return RaftNode(config, boot, random.Random(seed)), storage, snapshots
