@@ -239,11 +239,8 @@ class _KeepAlive:
 # --------------------------------------------------------------------------- raftkv
 LOAD_TOKEN_ROLE: Final = "write"
 """The role of the token the load of an auth variant sends: what a writing application has."""
-UNSYNCED_SETTINGS: Final[Mapping[str, str]] = {"RAFTKV_UNSAFE_NO_FSYNC": "true",
-                                                "RAFTKV_PERSIST_DEFER_US": "0"}
-"""A flush bound's unsynced node. The persist defer holds a leader's next batch back while
-the acks of the previous one are due, only so that its one loop thread is not inside a fsync
-when they arrive: a leader that does not flush (or flushes off its loop) needs none."""
+UNSYNCED_SETTINGS: Final[Mapping[str, str]] = {"RAFTKV_UNSAFE_NO_FSYNC": "true"}
+"""A flush bound's unsynced node (which then defers no save: Settings.persist_defer_s)."""
 
 
 class RaftkvCluster:
@@ -495,11 +492,10 @@ class RaftkvCluster:
         have: `durable` is false if any does."""
         unsynced = [n.node_id for n in local.nodes
                     if {**local.extra_env, **n.env}.get("RAFTKV_UNSAFE_NO_FSYNC") == "true"]
-        node_settings = {n.node_id: {k: v for k, v in n.env.items() if k in UNSYNCED_SETTINGS}
-                         for n in local.nodes}
+        node_settings = {n.node_id: own for n in local.nodes
+                         if (own := {k: v for k, v in n.env.items() if k in UNSYNCED_SETTINGS})}
         return {"durable": not unsynced, "unsynced": unsynced,
-                **({"node_settings": {k: v for k, v in node_settings.items() if v}}
-                   if any(node_settings.values()) else {})}
+                **({"node_settings": node_settings} if node_settings else {})}
 
     def close(self) -> None:
         if self._local is not None:

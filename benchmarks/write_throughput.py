@@ -21,7 +21,7 @@ mutual TLS between the nodes, the load sending `Authorization: Bearer` with a to
 the nodes' flushes cost: `raftkv-leader-no-fsync` (the leader alone skips its fsyncs and is kept
 the leader: a commit waits for a follower's flush, never for the leader's own: what committing
 on the followers' acks while the leader flushes off its loop could give) and `raftkv-no-fsync`
-(no node fsyncs); an unsynced node runs without the persist defer (clusters.UNSYNCED_SETTINGS).
+(no node fsyncs); an unsynced node defers no save (Settings.persist_defer_s).
 They are shown against etcd but never held to the targets or budgets.
 
 After every write run, every acknowledged key is read back linearizably from the leader: a run

@@ -272,7 +272,8 @@ class Settings:
         "off, on, migrate-accept or migrate-dial (default: on with certificates, else off)"))
     persist_defer_us: int = field(default=1500, metadata=_meta(
         "RAFTKV_PERSIST_DEFER_US", "--persist-defer-us",
-        "how long a leader's fsync may wait for the acks of its previous batch (0: never)",
+        "how long a leader's fsync may wait for the acks of its previous batch (0: never; "
+        "never with RAFTKV_UNSAFE_NO_FSYNC)",
         kind=int))
     http_workers: int = field(default=0, metadata=_meta(
         "RAFTKV_HTTP_WORKERS", "--http-workers",
@@ -420,6 +421,13 @@ class Settings:
         node's memory for its data stays within about 3x the quota, up to 6x while it
         installs a snapshot from the leader: README, Security and limits)."""
         return self.quota_bytes or default_quota_bytes()
+
+    @property
+    def persist_defer_s(self) -> float:
+        """How long a leader's save may wait for the acks of its previous batch. The wait
+        keeps the one loop thread out of a fsync when they arrive: a node that does not
+        fsync (unsafe_no_fsync) has none to keep out of the way."""
+        return 0.0 if self.unsafe_no_fsync else self.persist_defer_us / 1e6
 
     @property
     def effective_max_snapshot_bytes(self) -> int:

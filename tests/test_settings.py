@@ -239,3 +239,10 @@ def test_peers_may_name_as_many_members_as_a_cluster_may_have_and_no_more() -> N
     assert len(from_sources(None, settings_env(RAFTKV_PEERS=_peers(256))).peer_map) == 256
     with pytest.raises(SettingsError, match="names 257 members: a cluster has at most 256"):
         from_sources(None, settings_env(RAFTKV_PEERS=_peers(257)))
+
+
+def test_a_node_that_does_not_fsync_defers_no_save() -> None:
+    """The defer keeps a leader's loop out of a fsync while acks are due: none to keep out."""
+    assert from_sources(None, settings_env()).persist_defer_s == 0.0015
+    unsynced = from_sources(None, settings_env(RAFTKV_UNSAFE_NO_FSYNC="true"))
+    assert (unsynced.persist_defer_us, unsynced.persist_defer_s) == (1500, 0.0)

@@ -218,7 +218,7 @@ class RaftProcess:
             metrics=self.metrics, post=loop.call_soon_threadsafe,
             boot_commit=state.boot.hard_state.commit,
             wake_at=lambda when: loop.call_at(when, _nothing),
-            persist_defer_s=s.persist_defer_us / 1e6, quota_bytes=s.effective_quota_bytes,
+            persist_defer_s=s.persist_defer_s, quota_bytes=s.effective_quota_bytes,
             conf_change_wait_s=min(CONF_CHANGE_WAIT_S, s.request_timeout_ms / 2000))
         driver.incarnation = state.incarnation
         self.forwarder = Forwarder(driver, self.transport, rng)
