@@ -26,7 +26,7 @@ from raftkv.localcluster import (
     http_json,
     wait_until,
 )
-from tests.support.clusters import running_cluster, watches
+from tests.support.clusters import BackgroundWatch, running_cluster, watches
 from tests.support.peers import answering_as
 
 pytestmark = pytest.mark.integration
@@ -273,31 +273,19 @@ def test_a_watch_ends_401_once_its_node_applied_its_tokens_revoke(
     workers before the answers of the turns after it."""
     nodes = cluster.nodes
     with Client([n.http for n in nodes], timeout_s=5, token=ROOT) as admin:
-        admin.put("watched", 0)
+        start = admin.put("watched", 0).index
         reader = admin.token_create("read")
-        answers: dict[str, tuple[int, object]] = {}
-
-        def watch(node: NodeProc) -> None:
-            code, payload, _ = http_json("GET", f"{node.http}/keys/watched/?wait=true&timeout=30",
-                                         timeout_s=40, headers=bearer(reader.token))
-            answers[node.node_id] = (code, payload)
-
-        threads = [threading.Thread(target=watch, args=(n,), daemon=True) for n in nodes]
-        for t in threads:
-            t.start()
-        try:
-            wait_until(lambda: all(watches(cluster, n) >= 1 for n in nodes), 15,
-                       "every node to hold its watch")
-            admin.token_revoke(reader.token_id)
-            # At once: every node applies the put after the revoke, and its watch fires in the
-            # turn that applies the put, so the answer must follow the push of the new table
-            # (a review delayed the push: this fails then; waiting here first did not).
-            admin.put("watched", 1)
-        finally:
-            for t in threads:
-                t.join(45)
+        watched = {n.node_id: BackgroundWatch(n, "watched", start, 30,
+                                              headers=bearer(reader.token)) for n in nodes}
+        wait_until(lambda: all(watches(cluster, n) >= 1 for n in nodes), 15,
+                   "every node to hold its watch")
+        admin.token_revoke(reader.token_id)
+        # At once: every node applies the put after the revoke, and its watch fires in the
+        # turn that applies the put, so the answer must follow the push of the new table
+        # (a review delayed the push: this fails then; waiting here first did not).
+        admin.put("watched", 1)
     for n in nodes:
-        code, payload = answers[n.node_id]
+        code, payload = watched[n.node_id].answer(45)
         assert code == 401 and isinstance(payload, dict), (n.node_id, code, payload)
         assert payload["error"] == "unauthenticated", payload
         assert "revoked while it waited" in payload["message"], payload

@@ -19,7 +19,7 @@ from raftkv.client import Client, ClientError, KeyNotFound, LeaseNotFound, Unava
 from raftkv.coordination import Session
 from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, wait_until
 from raftkv.service import ReadResult, WatchResult
-from tests.support.clusters import running_cluster
+from tests.support.clusters import running_cluster, watches
 from tests.support.lock_workload import (
     LockConfig,
     LockHold,
@@ -367,8 +367,8 @@ def test_an_expiring_lease_deletes_its_keys_at_one_index_seen_by_watches_on_ever
     with KeepAlive(urls(c), lease, ttl / 4) as keeper:
         for w in watchers:
             w.start()
-        wait_until(lambda: all(int(c.status(n)["extra"]["watches"]) >= len(keys)
-                               for n in c.nodes), 10, "every watch to be filed")
+        wait_until(lambda: all(watches(c, n) >= len(keys) for n in c.nodes), 10,
+                   "every watch to be filed")
     assert keeper.ok and keeper.not_found == []
     assert not any(w.answer for w in watchers)
     for w in watchers:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from raftkv.localcluster import LocalCluster, NodeProc, http_json, wait_until
-from tests.support.clusters import running_cluster, watches
+from tests.support.clusters import BackgroundWatch, running_cluster, watches
 
 pytestmark = pytest.mark.integration
 
@@ -35,33 +35,6 @@ def own_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Loca
     with running_cluster(tmp_path, request=request) as c:
         yield c
 
-
-
-class BackgroundWatch:
-    """A watch request waiting in a thread of its own."""
-
-    def __init__(self, node: NodeProc, key: str, index: int, timeout_s: float) -> None:
-        self._answer: tuple[int, Any] | None = None
-        self._error: BaseException | None = None
-        url = f"{node.http}/keys/{key}?wait=true&index={index}&timeout={timeout_s}"
-        self._thread = threading.Thread(target=self._run, args=(url, timeout_s + 10),
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, url: str, socket_timeout_s: float) -> None:
-        try:
-            code, body, _ = http_json("GET", url, timeout_s=socket_timeout_s)
-            self._answer = (code, body)
-        except BaseException as e:  # handed to the test thread
-            self._error = e
-
-    def answer(self, timeout_s: float) -> tuple[int, Any]:
-        self._thread.join(timeout_s)
-        assert not self._thread.is_alive(), f"the watch did not answer in {timeout_s}s"
-        if self._error is not None:
-            raise self._error
-        assert self._answer is not None
-        return self._answer
 
 
 def a_follower(c: LocalCluster) -> NodeProc:

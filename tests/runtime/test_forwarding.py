@@ -53,6 +53,7 @@ from raftkv.service import (
 from snapshots.policy import SnapshotPolicy
 from tests.support.completions import Done
 from tests.support.drivers import new_member
+from tests.support.single_node import FakeClock
 
 MEMBERS = {"n1": "127.0.0.1:1", "n2": "127.0.0.1:2", "n3": "127.0.0.1:3"}
 
@@ -107,14 +108,6 @@ class Outbox:
 
     def set_peers(self, peers: Mapping[str, str]) -> None:
         self.linked = set(peers)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Node:

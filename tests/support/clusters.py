@@ -3,14 +3,15 @@ nodes' logs printed when starting or the test failed, every process killed after
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 
-from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc
+from raftkv.localcluster import FAST_TIMING, LocalCluster, NodeProc, http_json
 
 STEADY_LEADER: Final[Mapping[str, str]] = {"RAFTKV_ELECTION_TICKS": "50"}
 """Elections after 1-2 s (50 ticks of FAST_TIMING's 20 ms) instead of 200-400 ms: for a test
@@ -52,3 +53,33 @@ def running_cluster(base_dir: Path, n: int = 3, request: pytest.FixtureRequest |
 def watches(c: LocalCluster, node: NodeProc) -> int:
     """The watches `node` holds (its /status, with the cluster's root token if any)."""
     return int(c.status(node)["extra"]["watches"])
+
+
+class BackgroundWatch:
+    """A watch request waiting in a thread of its own."""
+
+    def __init__(self, node: NodeProc, key: str, index: int, timeout_s: float,
+                 headers: Mapping[str, str] | None = None) -> None:
+        self._answer: tuple[int, Any] | None = None
+        self._error: BaseException | None = None
+        url = f"{node.http}/keys/{key}?wait=true&index={index}&timeout={timeout_s}"
+        self._headers = headers
+        self._thread = threading.Thread(target=self._run, args=(url, timeout_s + 10),
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, socket_timeout_s: float) -> None:
+        try:
+            code, body, _ = http_json("GET", url, timeout_s=socket_timeout_s,
+                                      headers=self._headers)
+            self._answer = (code, body)
+        except BaseException as e:  # handed to the test thread
+            self._error = e
+
+    def answer(self, timeout_s: float) -> tuple[int, Any]:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"the watch did not answer in {timeout_s}s"
+        if self._error is not None:
+            raise self._error
+        assert self._answer is not None
+        return self._answer

@@ -8,6 +8,7 @@ import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from typing import Final
 
 from raftkv import codec
 from raftkv.codec import FrameKind
@@ -52,18 +53,21 @@ Script = Callable[[socket.socket, threading.Event], None]
 is set when the test ends (a script that holds its connection waits for it)."""
 
 
-class FakeListener:
-    """A listening socket whose accepted connections are handed to `script`, in a thread;
-    `close` stops it and waits for those threads (each for at most `wait_s`)."""
+LISTENER_WAIT_S: Final = 5.0
 
-    def __init__(self, script: Script, host: str = "127.0.0.1", wait_s: float = 5.0) -> None:
-        self.sock = socket.create_server((host, 0))
+
+class FakeListener:
+    """A listening socket on 127.0.0.1 whose accepted connections are handed to `script`, in
+    a thread; `close` stops it and waits for those threads (each for at most
+    LISTENER_WAIT_S)."""
+
+    def __init__(self, script: Script) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
         self.script = script
         self.accepted = 0
-        self.errors: list[BaseException] = []
         self.stop = threading.Event()
-        self._wait_s = wait_s
+        self._wait_s = LISTENER_WAIT_S
         self._served: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -88,11 +92,8 @@ class FakeListener:
             t.start()
 
     def _serve(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                self.script(conn, self.stop)
-        except (OSError, ConnectionError) as e:
-            self.errors.append(e)
+        with contextlib.suppress(OSError), conn:
+            self.script(conn, self.stop)
 
     def close(self) -> None:
         self.stop.set()
@@ -139,11 +140,11 @@ def _handshake_as(token: str, node_id: str) -> Script:
 
 
 @contextlib.contextmanager
-def answering_as(token: str, node_id: str, host: str = "127.0.0.1") -> Iterator[str]:
+def answering_as(token: str, node_id: str) -> Iterator[str]:
     """A raft address (yielded) where a stand-in answers the peer handshake as node `node_id`,
     holding the cluster token, then drops whatever it is sent: it passes a join's probe, and
     as a member it is a learner that never catches up."""
-    listener = FakeListener(_handshake_as(token, node_id), host)
+    listener = FakeListener(_handshake_as(token, node_id))
     try:
         yield listener.address
     finally:

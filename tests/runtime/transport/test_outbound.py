@@ -46,7 +46,7 @@ def fake_listener() -> Iterator[Callable[[Script], FakeListener]]:
     made: list[FakeListener] = []
 
     def make(script: Script) -> FakeListener:
-        made.append(FakeListener(script, wait_s=WAIT_S))
+        made.append(FakeListener(script))
         return made[-1]
 
     yield make

@@ -81,8 +81,9 @@ def test_probe_leaves_from_the_source_host_its_links_leave_from(
     b = make_node("b")
     with socket.create_server(("127.0.0.1", 0)) as server:  # never speaks: the probe waits
         port = server.getsockname()[1]
-        # It connected, then waited in vain (a probe that could not connect fails too, but
-        # the accept below would then wait for nothing: a deadline, not a hang).
+        # It connects, then times out waiting for the handshake (the message does not tell
+        # that from a connect that timed out: the accept below does, and a probe that never
+        # connected makes it fail at its deadline instead of hanging).
         with pytest.raises(ProbeFailed, match=r"timed out|in time"):
             probe(f"127.0.0.1:{port}", cluster_id="", token=TOKEN, node_id="x", timeout_s=0.2,
                   source_host=source_host)
