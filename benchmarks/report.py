@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks.labels import is_flush_bound
+from benchmarks.labels import is_flush_bound, variant_label
 from benchmarks.loadgen import Kind, System
 from benchmarks.records import LEADER, SPREAD, PointSummary
 
 BUDGET_POINT: Final = "put/leader/c16"
 BASE_LABEL: Final = "raftkv"
 """Plain raftkv: its defaults, auth off, plaintext between the nodes."""
-AUTH_TLS_LABEL: Final = "raftkv-auth-tls"
+AUTH_TLS_LABEL: Final = variant_label(None, auth_tls=True)
 AUTH_TLS_MIN_RATIO: Final = 0.9
 """The target: auth and peer TLS cost at most 10% of plain raftkv's throughput."""
 
