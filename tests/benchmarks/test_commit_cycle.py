@@ -13,7 +13,8 @@ from raftkv.core.messages import Message
 from raftkv.runtime.driver import RaftDriver
 
 
-def test_a_run_of_commits_that_replicated_is_measured_and_its_stores_removed(tmp_path: Path) -> None:
+def test_a_run_of_commits_that_replicated_is_measured_and_its_stores_removed(
+        tmp_path: Path) -> None:
     result = commit_cycle.measure(tmp_path, 4, 30, synced=False)
     assert (result.writes, result.commits, result.synced) == (4, 30, False)
     assert result.leader_us > 0 and result.follower_us > 0
