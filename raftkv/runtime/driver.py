@@ -252,7 +252,12 @@ class RaftDriver:
         self._recent: list[tuple[Entry, object] | None] = [None] * RECENT_RESULTS
         """The last RECENT_RESULTS applied entries and their results, by index modulo."""
         self._reads: dict[int, tuple[float, Completion]] = {}
-        self._next_read_id = 1
+        self._next_read_id = rng.getrandbits(52)
+        """Read ids start at a random value each run, as forward ids do: a follower's reads go
+        to the leader by id, and the leader may answer them after this node restarted (the
+        answer queued while the link was down). With ids restarting at 1, an answer for the
+        previous run's read served a new read of the same id at an old read index: a stale
+        read (found by the fault tests, seed 107, secure, kills)."""
         self._soft = SoftState(core.role, core.leader, core.term)
         self._members = core.membership
         self._applied_membership = core.membership

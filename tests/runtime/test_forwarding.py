@@ -35,8 +35,11 @@ from raftkv.core.snapshots import checksum_of
 from raftkv.kv.commands import JSONValue, LeaseGrant, Put, encode_command
 from raftkv.kv.state_machine import KVStateMachine, LeaseGrantResult, PutResult
 from raftkv.metrics import NodeMetrics
+from raftkv.ports import RaftStorage, SnapshotStore
 from raftkv.runtime import forwarding
+from raftkv.runtime.boot import load_boot_state
 from raftkv.runtime.driver import (
+    BASE_MEMBERSHIP,
     CONF_CHANGE_WAIT_S,
     HOUSEKEEPING_TICKS,
     LINK_DRAIN_TICKS,
@@ -111,17 +114,30 @@ class Outbox:
 
 
 class Node:
+    driver: RaftDriver
+
     def __init__(self, node_id: str, net: Net, seed: int,
-                 members: Mapping[str, str] = MEMBERS) -> None:
-        core, storage, snapshots = new_member(Config(node_id, election_timeout_ticks=1000),
-                                              members, seed=seed)
+                 members: Mapping[str, str] = MEMBERS,
+                 restart_of: Node | None = None) -> None:
+        """A new member, or (`restart_of`) the next run of that node on its stores: its core
+        booted from them and its state machine rebuilt by re-applying the committed log,
+        as raftkv.runtime.startup does."""
+        config = Config(node_id, election_timeout_ticks=1000)
+        storage: RaftStorage
+        snapshots: SnapshotStore
+        if restart_of is None:
+            core, storage, snapshots = new_member(config, members, seed=seed)
+        else:
+            storage, snapshots = restart_of.driver.storage, restart_of.driver.snapshots
+            boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
+            core = RaftNode(config, boot, random.Random(seed))
         self.id = node_id
         self.frames = Outbox(node_id, net)
         self.driver = RaftDriver(
             core=core, storage=storage, snapshots=snapshots, state_machine=KVStateMachine(),
             frames=self.frames, addresses=members, snapshot_policy=SnapshotPolicy(),
             rng=random.Random(seed), metrics=NodeMetrics(), post=lambda callback: callback(),
-            clock=net.clock)
+            clock=net.clock, boot_commit=core.log.commit)
         self.forwarder = Forwarder(self.driver, self.frames, random.Random(seed),
                                    clock=net.clock)
         self.driver.forwarder = self.forwarder
