@@ -958,10 +958,15 @@ class RaftDriver:
             self.metrics.leader_changes.inc()
             if prev.leader is not None and prev.leader not in core.membership.members:
                 self.sync_peers()  # the link to a removed leader was kept only while it led
-            # (from no leader to one: only a node's wait for its own removal is left)
-            if self.forwarder is not None and (prev.leader is not None
-                                               or self.forwarder.waiting):
-                self.forwarder.leader_changed()
+        # A new leader, or the same one in a new term (it restarted, or stepped down, and was
+        # elected again: seen here with no turn between): what was forwarded to it before
+        # may never be answered. (From no leader to one: only a node's wait for its own
+        # removal is left.)
+        new_leader = ss.leader != prev.leader or (ss.term != prev.term
+                                                  and prev.leader is not None)
+        if new_leader and self.forwarder is not None and (prev.leader is not None
+                                                          or self.forwarder.waiting):
+            self.forwarder.leader_changed()
         for listener in self.state_listeners:
             listener(ss)
 

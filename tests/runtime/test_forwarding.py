@@ -423,6 +423,39 @@ def test_a_leader_change_fails_forwarded_writes_as_outcome_unknown(net: Net) -> 
     assert [f.to for f in net.sent_of(FrameKind.FORWARD, frm="n2")][-1] == "n3"
 
 
+def test_the_leader_re_elected_after_a_restart_fails_what_its_previous_run_was_forwarded(
+        net: Net) -> None:
+    """The leader restarts and is elected again: the follower sees the same leader in a new
+    term, with no turn between (the vote request and the first append came together). What
+    it forwarded to the previous run is never answered: it fails at once, as on any leader
+    change, not after FORWARD_TIMEOUT_S (a lease keepalive waiting that long could cost its
+    lease). Found by a helper's review: only a new leader id failed the forwards."""
+    n1, n2 = net.nodes["n1"], net.nodes["n2"]
+    write, keepalive = Done(), Done()
+    n2.driver.propose(put("a", 1), write)
+    n2.driver.lease_keepalive(5, net.clock() + 5, keepalive)
+    n2.turn()
+    net.deliver()
+    n1.turn()  # n1 takes them in, then dies: what it sent is lost
+    net.in_flight.clear()
+
+    for follower in (n2, net.nodes["n3"]):  # an election timeout without the leader
+        for _ in range(follower.core.config.election_timeout_ticks):
+            follower.core.tick()
+        assert follower.core.role is Role.FOLLOWER
+    restarted = Node("n1", net, seed=11, restart_of=n1)
+    net.nodes["n1"] = restarted
+    restarted.core.campaign()
+    net.settle(keep=lambda f: f.to == "n2")  # n3 elects it; n2 hears nothing yet
+    assert restarted.core.role is Role.LEADER
+    net.deliver(keep=lambda f: f.to != "n2")  # the vote request and the append, together
+    n2.turn()
+
+    assert (n2.core.term, n2.driver.leader) == (restarted.core.term, "n1")
+    assert isinstance(write.error, OutcomeUnknownError)
+    assert isinstance(keepalive.error, NoLeaderError)
+
+
 def test_a_leader_change_fails_forwarded_lease_reads_and_keepalives_as_retry(net: Net) -> None:
     """A lease read or keepalive is not a write: 'outcome unknown, retry with the same
     Idempotency-Key' made no sense for it (found by a helper's leader kills: 63 such 504s).
