@@ -37,9 +37,7 @@ from raftkv.kv.state_machine import KVStateMachine, LeaseGrantResult, PutResult
 from raftkv.metrics import NodeMetrics
 from raftkv.ports import RaftStorage, SnapshotStore
 from raftkv.runtime import forwarding
-from raftkv.runtime.boot import load_boot_state
 from raftkv.runtime.driver import (
-    BASE_MEMBERSHIP,
     CONF_CHANGE_WAIT_S,
     HOUSEKEEPING_TICKS,
     LINK_DRAIN_TICKS,
@@ -55,7 +53,7 @@ from raftkv.service import (
 )
 from snapshots.policy import SnapshotPolicy
 from tests.support.completions import Done
-from tests.support.drivers import new_member
+from tests.support.drivers import new_member, restarted_member
 from tests.support.single_node import FakeClock
 
 MEMBERS = {"n1": "127.0.0.1:1", "n2": "127.0.0.1:2", "n3": "127.0.0.1:3"}
@@ -119,22 +117,21 @@ class Node:
     def __init__(self, node_id: str, net: Net, seed: int,
                  members: Mapping[str, str] = MEMBERS,
                  restart_of: Node | None = None) -> None:
-        """A new member, or (`restart_of`) the next run of that node on its stores: its core
-        booted from them and its state machine rebuilt by re-applying the committed log,
-        as raftkv.runtime.startup does."""
+        """A new member, or (`restart_of`) the next run of that node on its stores
+        (tests.support.drivers.restarted_member)."""
         config = Config(node_id, election_timeout_ticks=1000)
         storage: RaftStorage
         snapshots: SnapshotStore
         if restart_of is None:
             core, storage, snapshots = new_member(config, members, seed=seed)
+            sm = KVStateMachine()
         else:
             storage, snapshots = restart_of.driver.storage, restart_of.driver.snapshots
-            boot, _ = load_boot_state(storage, snapshots, BASE_MEMBERSHIP)
-            core = RaftNode(config, boot, random.Random(seed))
+            core, sm = restarted_member(config, storage, snapshots, seed=seed)
         self.id = node_id
         self.frames = Outbox(node_id, net)
         self.driver = RaftDriver(
-            core=core, storage=storage, snapshots=snapshots, state_machine=KVStateMachine(),
+            core=core, storage=storage, snapshots=snapshots, state_machine=sm,
             frames=self.frames, addresses=members, snapshot_policy=SnapshotPolicy(),
             rng=random.Random(seed), metrics=NodeMetrics(), post=lambda callback: callback(),
             clock=net.clock, boot_commit=core.log.commit)
